@@ -1,0 +1,575 @@
+//! Reading the input data set: JSON Lines (one object per line) or a single JSON array, detected
+//! from the first byte. [`scan`] streams the file once, validates every record (naming file and
+//! line when one is bad), and returns an index of chunks as byte ranges, so nobody ever holds the
+//! whole data set in memory. [`ChunkReader`] re-reads one chunk's records from those ranges.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::de::IgnoredAny;
+use sha2::{Digest, Sha256};
+
+use crate::transform::parse_input;
+
+/// How the input file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    /// One JSON object per line.
+    JsonLines,
+    /// One JSON array of objects (may span many lines).
+    JsonArray,
+}
+
+/// One chunk: a byte range of the input holding `objects` valid records (and maybe some bad
+/// records, which are skipped when the chunk is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSpan {
+    /// Byte offset of the chunk's first record.
+    pub offset: u64,
+    /// Bytes up to the end of its last record.
+    pub len: u64,
+    /// Valid records in the chunk.
+    pub objects: u32,
+    /// 1-based line of the first record.
+    pub first_line: u64,
+}
+
+/// A record that cannot be processed, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord {
+    /// 1-based line where the record starts.
+    pub line: u64,
+    /// Byte offset where the record starts.
+    pub offset: u64,
+    /// What is wrong with it.
+    pub error: String,
+}
+
+/// The result of scanning an input file.
+#[derive(Debug, Clone)]
+pub struct InputIndex {
+    /// The file.
+    pub path: PathBuf,
+    /// Its layout.
+    pub format: InputFormat,
+    /// The chunk size used.
+    pub chunk_size: u32,
+    /// Chunks in input order; the last may be shorter.
+    pub chunks: Vec<ChunkSpan>,
+    /// Valid records.
+    pub objects: u64,
+    /// Invalid records, in input order.
+    pub bad: Vec<BadRecord>,
+    /// Whether the file starts with a UTF-8 byte-order mark (tolerated and skipped).
+    pub bom: bool,
+    /// Identifies this content chunked this way (see [`run_id`]).
+    pub run_id: String,
+}
+
+/// Why an input file cannot be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// The file cannot be opened or read.
+    #[error("cannot read input file {path}: {source}; check the path and its permissions")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file holds no data.
+    #[error("input file {0} is empty: generate data with `fetcher generate --objects N --output FILE`")]
+    Empty(PathBuf),
+    /// The file's structure is broken past recovery (for an array: a syntax error).
+    #[error("input file {path}, line {line}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// What is wrong.
+        message: String,
+    },
+    /// The chunk size is zero.
+    #[error("chunk size must be at least 1")]
+    ChunkSize,
+}
+
+/// The run id for content with hash `content_hash` cut into chunks of `chunk_size`: 16 hex
+/// digits. The same data chunked the same way always gets the same id, so a restarted fetcher,
+/// a re-run and `saver verify` all agree on it, and the sink keeps each run in its own directory.
+pub fn run_id(content_hash: &[u8; 32], chunk_size: u32) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(content_hash);
+    hasher.update(chunk_size.to_le_bytes());
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+struct ChunkBuilder {
+    chunk_size: u32,
+    chunks: Vec<ChunkSpan>,
+    current: Option<ChunkSpan>,
+    objects: u64,
+}
+
+impl ChunkBuilder {
+    fn push(&mut self, offset: u64, len: u64, line: u64) {
+        self.objects += 1;
+        let span = self.current.get_or_insert(ChunkSpan { offset, len: 0, objects: 0, first_line: line });
+        span.len = offset + len - span.offset;
+        span.objects += 1;
+        if span.objects == self.chunk_size {
+            self.chunks.extend(self.current.take());
+        }
+    }
+
+    fn finish(mut self) -> (Vec<ChunkSpan>, u64) {
+        self.chunks.extend(self.current.take());
+        (self.chunks, self.objects)
+    }
+}
+
+/// Scans `path` once: detects the format, validates every record, and cuts chunks of
+/// `chunk_size` valid records.
+pub fn scan(path: &Path, chunk_size: u32) -> Result<InputIndex, InputError> {
+    if chunk_size == 0 {
+        return Err(InputError::ChunkSize);
+    }
+    let io_err = |source| InputError::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io_err)?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let head = reader.fill_buf().map_err(io_err)?;
+    let bom = head.starts_with(BOM);
+    let first = head.iter().skip(if bom { BOM.len() } else { 0 }).find(|b| !is_ws(**b)).copied();
+    let format = match first {
+        None if head.is_empty() || head.iter().all(|b| is_ws(*b)) => return Err(InputError::Empty(path.to_path_buf())),
+        Some(b'[') => InputFormat::JsonArray,
+        _ => InputFormat::JsonLines,
+    };
+    let mut builder = ChunkBuilder { chunk_size, chunks: Vec::new(), current: None, objects: 0 };
+    let mut bad = Vec::new();
+    let mut hasher = Sha256::new();
+    match format {
+        InputFormat::JsonLines => scan_lines(path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
+        InputFormat::JsonArray => scan_array(path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
+    }
+    let (chunks, objects) = builder.finish();
+    if objects == 0 && bad.is_empty() {
+        return Err(InputError::Empty(path.to_path_buf()));
+    }
+    let content_hash: [u8; 32] = hasher.finalize().into();
+    Ok(InputIndex {
+        path: path.to_path_buf(),
+        format,
+        chunk_size,
+        chunks,
+        objects,
+        bad,
+        bom,
+        run_id: run_id(&content_hash, chunk_size),
+    })
+}
+
+fn scan_lines(
+    path: &Path,
+    mut reader: BufReader<File>,
+    bom: bool,
+    builder: &mut ChunkBuilder,
+    bad: &mut Vec<BadRecord>,
+    hasher: &mut Sha256,
+) -> Result<(), InputError> {
+    let mut line = Vec::with_capacity(4096);
+    let mut offset = 0u64;
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|source| InputError::Io { path: path.to_path_buf(), source })?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&line);
+        number += 1;
+        let skip_bom = if number == 1 && bom { BOM.len() } else { 0 };
+        let (start, record) = trim_record(&line[skip_bom..]);
+        if !record.is_empty() {
+            let record_offset = offset + (skip_bom + start) as u64;
+            match parse_input(record) {
+                Ok(_) => builder.push(record_offset, record.len() as u64, number),
+                Err(error) => {
+                    let error = if !line.ends_with(b"\n") && error.contains("EOF") {
+                        format!("truncated record at end of file ({error})")
+                    } else {
+                        error
+                    };
+                    bad.push(BadRecord { line: number, offset: record_offset, error });
+                }
+            }
+        }
+        offset += n as u64;
+    }
+}
+
+/// Trims whitespace around a line; returns the start of the record within it and the record.
+fn trim_record(line: &[u8]) -> (usize, &[u8]) {
+    let start = line.iter().position(|b| !is_ws(*b)).unwrap_or(line.len());
+    let end = line.iter().rposition(|b| !is_ws(*b)).map_or(start, |e| e + 1);
+    (start, &line[start..end])
+}
+
+/// A streaming walk over a JSON array's elements that keeps only a window of the file.
+struct ArrayWalker<'p, R> {
+    path: &'p Path,
+    reader: R,
+    buf: Vec<u8>,
+    pos: usize,
+    base: u64,
+    line: u64,
+    eof: bool,
+}
+
+impl<R: Read> ArrayWalker<'_, R> {
+    fn syntax(&self, line: u64, message: impl Into<String>) -> InputError {
+        InputError::Syntax { path: self.path.to_path_buf(), line, message: message.into() }
+    }
+
+    /// Reads more of the file; false at end of file.
+    fn fill(&mut self, hasher: &mut Sha256) -> Result<bool, InputError> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.pos > (1 << 20) {
+            self.buf.drain(..self.pos);
+            self.base += self.pos as u64;
+            self.pos = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + (256 << 10), 0);
+        let n = loop {
+            match self.reader.read(&mut self.buf[old..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(InputError::Io { path: self.path.to_path_buf(), source }),
+            }
+        };
+        self.buf.truncate(old + n);
+        hasher.update(&self.buf[old..]);
+        self.eof = n == 0;
+        Ok(n > 0)
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.line += self.buf[self.pos..self.pos + n].iter().filter(|b| **b == b'\n').count() as u64;
+        self.pos += n;
+    }
+
+    /// Skips whitespace; returns the next byte without consuming it, or None at end of file.
+    fn peek(&mut self, hasher: &mut Sha256) -> Result<Option<u8>, InputError> {
+        loop {
+            while self.pos < self.buf.len() {
+                let b = self.buf[self.pos];
+                if !is_ws(b) {
+                    return Ok(Some(b));
+                }
+                self.advance(1);
+            }
+            if !self.fill(hasher)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Parses the element at the cursor; returns its (offset, line, bytes range in buf).
+    fn element(&mut self, hasher: &mut Sha256) -> Result<(u64, u64, std::ops::Range<usize>), InputError> {
+        loop {
+            let slice = &self.buf[self.pos..];
+            let mut stream = serde_json::Deserializer::from_slice(slice).into_iter::<IgnoredAny>();
+            let parsed = stream.next();
+            let end = stream.byte_offset();
+            match parsed {
+                // A value that ends exactly at the window's edge may continue (a number).
+                Some(Ok(_)) if end < slice.len() || self.eof => {
+                    let range = self.pos..self.pos + end;
+                    return Ok((self.base + self.pos as u64, self.line, range));
+                }
+                Some(Err(e)) if !e.is_eof() => {
+                    return Err(self.syntax(self.line + e.line() as u64 - 1, format!("invalid JSON in the array: {e}")));
+                }
+                _ if self.eof => {
+                    return Err(self.syntax(self.line, "the array is truncated: the file ends inside an element"));
+                }
+                _ => {
+                    self.fill(hasher)?;
+                }
+            }
+        }
+    }
+}
+
+fn scan_array(
+    path: &Path,
+    reader: BufReader<File>,
+    bom: bool,
+    builder: &mut ChunkBuilder,
+    bad: &mut Vec<BadRecord>,
+    hasher: &mut Sha256,
+) -> Result<(), InputError> {
+    let mut walker = ArrayWalker { path, reader, buf: Vec::new(), pos: 0, base: 0, line: 1, eof: false };
+    walker.fill(hasher)?;
+    if bom {
+        walker.pos = BOM.len();
+    }
+    if walker.peek(hasher)? != Some(b'[') {
+        return Err(walker.syntax(walker.line, "expected `[` to open the array"));
+    }
+    walker.advance(1);
+    if walker.peek(hasher)? == Some(b']') {
+        walker.advance(1);
+    } else {
+        loop {
+            walker.peek(hasher)?;
+            let (offset, line, range) = walker.element(hasher)?;
+            let len = range.len();
+            match parse_input(&walker.buf[range]) {
+                Ok(_) => builder.push(offset, len as u64, line),
+                Err(error) => bad.push(BadRecord { line, offset, error }),
+            }
+            walker.advance(len);
+            match walker.peek(hasher)? {
+                Some(b',') => walker.advance(1),
+                Some(b']') => {
+                    walker.advance(1);
+                    break;
+                }
+                Some(other) => {
+                    return Err(walker.syntax(
+                        walker.line,
+                        format!("expected `,` or `]` after an element, found `{}`", other as char),
+                    ));
+                }
+                None => return Err(walker.syntax(walker.line, "the array is truncated: no closing `]`")),
+            }
+        }
+    }
+    match walker.peek(hasher)? {
+        None => Ok(()),
+        Some(_) => Err(walker.syntax(walker.line, "unexpected data after the closing `]`")),
+    }
+}
+
+/// Splits an in-memory run of array elements (`a , b , c`) into element ranges.
+fn split_array_elements(bytes: &[u8]) -> Result<Vec<std::ops::Range<usize>>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        while pos < bytes.len() && is_ws(bytes[pos]) {
+            pos += 1;
+        }
+        if pos >= bytes.len() {
+            return Ok(out);
+        }
+        let mut stream = serde_json::Deserializer::from_slice(&bytes[pos..]).into_iter::<IgnoredAny>();
+        match stream.next() {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Ok(out),
+        }
+        let end = pos + stream.byte_offset();
+        out.push(pos..end);
+        pos = end;
+        while pos < bytes.len() && is_ws(bytes[pos]) {
+            pos += 1;
+        }
+        if pos < bytes.len() {
+            if bytes[pos] != b',' {
+                return Err(format!("expected `,` between elements at byte {pos}"));
+            }
+            pos += 1;
+        }
+    }
+}
+
+/// Re-reads chunks from the input file by their byte ranges.
+#[derive(Debug)]
+pub struct ChunkReader {
+    file: File,
+    path: PathBuf,
+    format: InputFormat,
+    /// Offsets of bad records, sorted: skipped when a chunk is read.
+    bad_offsets: Vec<u64>,
+}
+
+impl ChunkReader {
+    /// Opens the file an index was made from.
+    pub fn open(index: &InputIndex) -> Result<Self, InputError> {
+        let file = File::open(&index.path).map_err(|source| InputError::Io { path: index.path.clone(), source })?;
+        let mut bad_offsets: Vec<u64> = index.bad.iter().map(|b| b.offset).collect();
+        bad_offsets.sort_unstable();
+        Ok(ChunkReader { file, path: index.path.clone(), format: index.format, bad_offsets })
+    }
+
+    /// The chunk's valid records, joined with commas (the body of a JSON array).
+    pub fn read(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        let mut raw = vec![0u8; span.len as usize];
+        self.file
+            .read_exact_at(&mut raw, span.offset)
+            .map_err(|source| InputError::Io { path: self.path.clone(), source })?;
+        let ranges: Vec<std::ops::Range<usize>> = match self.format {
+            InputFormat::JsonLines => {
+                let mut ranges = Vec::with_capacity(span.objects as usize);
+                let mut start = 0;
+                for line in raw.split(|b| *b == b'\n') {
+                    let (lead, record) = trim_record(line);
+                    if !record.is_empty() {
+                        ranges.push(start + lead..start + lead + record.len());
+                    }
+                    start += line.len() + 1;
+                }
+                ranges
+            }
+            InputFormat::JsonArray => split_array_elements(&raw).map_err(|message| InputError::Syntax {
+                path: self.path.clone(),
+                line: span.first_line,
+                message: format!("the file changed since it was scanned: {message}"),
+            })?,
+        };
+        let mut out = Vec::with_capacity(raw.len() + 1);
+        let mut taken = 0u32;
+        for range in ranges {
+            let offset = span.offset + range.start as u64;
+            if self.bad_offsets.binary_search(&offset).is_ok() {
+                continue;
+            }
+            if taken > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&raw[range]);
+            taken += 1;
+        }
+        if taken != span.objects {
+            return Err(InputError::Syntax {
+                path: self.path.clone(),
+                line: span.first_line,
+                message: format!(
+                    "the file changed since it was scanned: expected {} records in this chunk, found {taken}",
+                    span.objects
+                ),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn user(i: u32) -> String {
+        format!(r#"{{"uuid":"00000000-0000-4000-8000-{i:012}","fn":"F{i}","ln":"L{i}","friends":[]}}"#)
+    }
+
+    fn write(content: &[u8]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(content).expect("write");
+        file
+    }
+
+    fn records(index: &InputIndex) -> Vec<String> {
+        let reader = ChunkReader::open(index).expect("open");
+        index
+            .chunks
+            .iter()
+            .flat_map(|span| {
+                let body = reader.read(span).expect("read");
+                let wrapped = [b"[", &body[..], b"]"].concat();
+                let array: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&wrapped).expect("valid array");
+                array.into_iter().map(|r| r.get().to_string()).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn json_lines_are_cut_into_chunks_with_a_short_last_one() {
+        let text: String = (0..25).map(|i| user(i) + "\n").collect();
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 10).expect("scan");
+        assert_eq!(index.format, InputFormat::JsonLines);
+        assert_eq!(index.objects, 25);
+        assert_eq!(index.chunks.iter().map(|c| c.objects).collect::<Vec<_>>(), vec![10, 10, 5]);
+        assert_eq!(index.chunks[1].first_line, 11);
+        assert_eq!(records(&index), (0..25).map(user).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_json_array_gives_the_same_records_and_lines() {
+        let text = format!("[\n  {},\n  {} ,\n{}\n]\n", user(0), user(1), user(2));
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 2).expect("scan");
+        assert_eq!(index.format, InputFormat::JsonArray);
+        assert_eq!(index.objects, 3);
+        assert_eq!(index.chunks[1].first_line, 4);
+        assert_eq!(records(&index), (0..3).map(user).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn bad_lines_are_reported_by_line_and_skipped_when_reading() {
+        let text = format!("{}\nnot json\n{}\n{{\"uuid\":1}}\n\n{}\n{{\"uuid\":", user(0), user(1), user(2));
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 2).expect("scan");
+        assert_eq!(index.objects, 3);
+        let lines: Vec<u64> = index.bad.iter().map(|b| b.line).collect();
+        assert_eq!(lines, vec![2, 4, 7]);
+        assert!(index.bad[2].error.contains("truncated"), "{}", index.bad[2].error);
+        assert_eq!(records(&index), (0..3).map(user).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_bom_is_skipped() {
+        let text = format!("\u{feff}{}\n{}\n", user(0), user(1));
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 100).expect("scan");
+        assert!(index.bom);
+        assert!(index.bad.is_empty(), "{:?}", index.bad);
+        assert_eq!(records(&index), vec![user(0), user(1)]);
+    }
+
+    #[test]
+    fn empty_files_are_refused_by_name() {
+        let file = write(b"\n  \n");
+        let err = scan(file.path(), 100).unwrap_err();
+        assert!(matches!(err, InputError::Empty(_)));
+        assert!(err.to_string().contains(&file.path().display().to_string()));
+    }
+
+    #[test]
+    fn a_broken_array_names_the_line() {
+        let text = format!("[\n{},\n{{\"uuid\": nope}}\n]", user(0));
+        let file = write(text.as_bytes());
+        match scan(file.path(), 100).unwrap_err() {
+            InputError::Syntax { line, .. } => assert_eq!(line, 3),
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn run_id_depends_on_content_and_chunk_size() {
+        let a = write(format!("{}\n", user(0)).as_bytes());
+        let b = write(format!("{}\n", user(1)).as_bytes());
+        let id = |f: &tempfile::NamedTempFile, size| scan(f.path(), size).expect("scan").run_id;
+        assert_eq!(id(&a, 100), id(&a, 100));
+        assert_ne!(id(&a, 100), id(&b, 100));
+        assert_ne!(id(&a, 100), id(&a, 50));
+        assert!(crate::protocol::is_valid_run_id(&id(&a, 100)));
+    }
+}

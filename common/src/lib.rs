@@ -1,0 +1,15 @@
+//! What chunkmill's services share, and nothing else: the wire protocol, the transform (the
+//! mapper runs it, `saver verify` checks against it), the input reader (the fetcher chunks it,
+//! `saver verify` re-reads it), configuration shared by every binary, the NATS connection, logging,
+//! shutdown, and (behind the `test-support` feature) the integration-test harness.
+
+pub mod config;
+pub mod input;
+pub mod nats;
+pub mod protocol;
+pub mod shutdown;
+pub mod telemetry;
+pub mod transform;
+
+#[cfg(feature = "test-support")]
+pub mod harness;

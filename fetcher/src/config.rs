@@ -1,0 +1,104 @@
+//! The fetcher's command line: `fetcher --input FILE ...` runs a pipeline, `fetcher generate`
+//! writes a data set. Every flag is also an environment variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use common::config::{parse_duration, NatsArgs};
+
+use crate::generate::OutputFormat;
+
+/// chunkmill fetcher: reads the input, hands chunks to mappers that ask, and keeps the ledger
+/// until savers confirm every chunk.
+#[derive(Debug, Parser)]
+#[command(name = "fetcher", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    /// A helper command instead of running the pipeline.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Run settings.
+    #[command(flatten)]
+    pub run: Config,
+}
+
+/// Helper commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a deterministic data set of mock users.
+    Generate(GenerateArgs),
+}
+
+/// `fetcher generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Number of objects.
+    #[arg(long, default_value_t = 100_000)]
+    pub objects: u64,
+    /// Seed: the same seed gives a byte-identical file.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Output file.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Layout: JSON Lines or one JSON array.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: OutputFormat,
+}
+
+/// What to do with input records that are not valid user objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BadRecords {
+    /// Refuse to start and list them: nothing runs on data you did not expect.
+    Fail,
+    /// Leave them out, log each with its line, and report them in the run summary.
+    Skip,
+}
+
+/// Settings of a pipeline run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Input data: JSON Lines, or one JSON array.
+    #[arg(long, env = "FETCHER_INPUT", required = true)]
+    pub input: Option<PathBuf>,
+
+    /// Objects per chunk.
+    #[arg(long, env = "FETCHER_CHUNK_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk_size: u32,
+
+    /// How long a lease lasts without a heartbeat from its mapper (e.g. 500ms, 5s, 2m).
+    #[arg(long, env = "FETCHER_LEASE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub lease_timeout: Duration,
+
+    /// Failed attempts after which a chunk is dead-lettered instead of retried.
+    #[arg(long, env = "FETCHER_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub max_attempts: u32,
+
+    /// Exit 0 once every chunk is done (otherwise stay up and report the run complete).
+    #[arg(long, env = "FETCHER_EXIT_WHEN_DONE")]
+    pub exit_when_done: bool,
+
+    /// Invalid input records: `fail` (default: refuse to start, listing them) or `skip`.
+    #[arg(long, env = "FETCHER_BAD_RECORDS", value_enum, default_value = "fail")]
+    pub bad_records: BadRecords,
+
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+impl Config {
+    /// A configuration for `input` with defaults (tests and tools).
+    pub fn new(input: impl Into<PathBuf>, nats: NatsArgs) -> Self {
+        Config {
+            input: Some(input.into()),
+            chunk_size: 100,
+            lease_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            exit_when_done: true,
+            bad_records: BadRecords::Fail,
+            nats,
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The ledger: the state of every chunk of a run. Pure and synchronous (time is passed in), so
+//! its rules are unit-tested without NATS:
+//!
+//! - a chunk is `pending`, `leased` (to one mapper, with a lease id, a deadline and an attempt
+//!   number), `done` or `dead` (dead-lettered after too many failures);
+//! - only a pending chunk is leased; an expired or released lease makes it pending again;
+//! - only a saver's acknowledgement makes a chunk done, whatever lease the saved result came
+//!   with (results are deterministic, so a late result saves the same bytes); acknowledgements
+//!   for unknown chunks or with the wrong object count change nothing.
+//!
+//! Memory per chunk: the span in the fetcher (32 bytes) plus 8 bytes here; leases in flight
+//! cost about 100 bytes each.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use common::protocol::AckVerdict;
+use uuid::Uuid;
+
+/// The state of one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChunkState {
+    /// Waiting for a mapper.
+    Pending,
+    /// Handed to a mapper.
+    Leased,
+    /// Durably saved.
+    Done,
+    /// Given up on after `max_attempts` failures.
+    Dead,
+}
+
+/// A current lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Lease id.
+    pub id: Uuid,
+    /// The mapper holding it.
+    pub mapper: String,
+    /// When it expires unless extended.
+    pub deadline: Instant,
+    /// 1 for the chunk's first lease.
+    pub attempt: u32,
+}
+
+/// A lease just granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Chunk index.
+    pub chunk: u32,
+    /// Lease id.
+    pub lease: Uuid,
+    /// Attempt number.
+    pub attempt: u32,
+}
+
+/// What a release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The chunk is pending again.
+    Requeued,
+    /// The chunk failed `max_attempts` times and is dead-lettered.
+    DeadLettered,
+    /// The lease was not current: nothing changed.
+    NotCurrent,
+}
+
+/// Counters a person (and the metrics) care about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerStats {
+    /// Leases granted, first and repeated.
+    pub leases_granted: u64,
+    /// Leases granted for a chunk that had been leased before.
+    pub re_leases: u64,
+    /// Leases that ran out.
+    pub expiries: u64,
+    /// Leases handed back by mappers.
+    pub releases: u64,
+    /// Acks that completed a chunk.
+    pub acks_done: u64,
+    /// Of those, acks that came with a lease that was no longer current.
+    pub acks_late: u64,
+    /// Acks for chunks already done.
+    pub acks_duplicate: u64,
+    /// Acks for unknown chunks or with a wrong object count.
+    pub acks_unknown: u64,
+}
+
+/// The ledger of one run.
+#[derive(Debug)]
+pub struct Ledger {
+    state: Vec<ChunkState>,
+    objects: Vec<u32>,
+    attempts: Vec<u16>,
+    failures: Vec<u8>,
+    pending: VecDeque<u32>,
+    leases: HashMap<u32, Lease>,
+    done: u64,
+    dead: u64,
+    objects_done: u64,
+    stats: LedgerStats,
+}
+
+impl Ledger {
+    /// A ledger with every chunk pending; `objects[i]` is chunk i's object count.
+    pub fn new(objects: Vec<u32>) -> Self {
+        let n = objects.len();
+        Ledger {
+            state: vec![ChunkState::Pending; n],
+            attempts: vec![0; n],
+            failures: vec![0; n],
+            pending: (0..n as u32).collect(),
+            objects,
+            leases: HashMap::new(),
+            done: 0,
+            dead: 0,
+            objects_done: 0,
+            stats: LedgerStats::default(),
+        }
+    }
+
+    /// Number of chunks.
+    pub fn len(&self) -> usize {
+        self.state.len()
+    }
+
+    /// True for a run without chunks.
+    pub fn is_empty(&self) -> bool {
+        self.state.is_empty()
+    }
+
+    /// A chunk's state.
+    pub fn state(&self, chunk: u32) -> Option<ChunkState> {
+        self.state.get(chunk as usize).copied()
+    }
+
+    /// A chunk's current lease.
+    pub fn lease_of(&self, chunk: u32) -> Option<&Lease> {
+        self.leases.get(&chunk)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &LedgerStats {
+        &self.stats
+    }
+
+    /// Chunks done.
+    pub fn done(&self) -> u64 {
+        self.done
+    }
+
+    /// Chunks dead-lettered.
+    pub fn dead(&self) -> u64 {
+        self.dead
+    }
+
+    /// Objects in done chunks.
+    pub fn objects_done(&self) -> u64 {
+        self.objects_done
+    }
+
+    /// Leases in flight.
+    pub fn leased(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Chunks waiting for a mapper.
+    pub fn pending(&self) -> u64 {
+        self.state.len() as u64 - self.done - self.dead - self.leases.len() as u64
+    }
+
+    /// Every chunk is done or dead-lettered.
+    pub fn is_complete(&self) -> bool {
+        self.done + self.dead == self.state.len() as u64
+    }
+
+    /// Marks a chunk done without an ack (used when resuming from a durable record).
+    pub fn mark_done(&mut self, chunk: u32) {
+        if let Some(state) = self.state.get_mut(chunk as usize) {
+            if *state != ChunkState::Done {
+                if *state == ChunkState::Dead {
+                    self.dead -= 1;
+                }
+                *state = ChunkState::Done;
+                self.leases.remove(&chunk);
+                self.done += 1;
+                self.objects_done += u64::from(self.objects[chunk as usize]);
+            }
+        }
+    }
+
+    /// Leases the next pending chunk to `mapper` for `ttl`, if any.
+    pub fn lease(&mut self, mapper: &str, now: Instant, ttl: Duration) -> Option<Grant> {
+        while let Some(chunk) = self.pending.pop_front() {
+            if self.state[chunk as usize] != ChunkState::Pending {
+                continue; // done by a late ack while queued
+            }
+            let attempts = &mut self.attempts[chunk as usize];
+            *attempts = attempts.saturating_add(1);
+            let attempt = u32::from(*attempts);
+            if attempt > 1 {
+                self.stats.re_leases += 1;
+            }
+            self.stats.leases_granted += 1;
+            let id = Uuid::new_v4();
+            self.state[chunk as usize] = ChunkState::Leased;
+            self.leases.insert(chunk, Lease { id, mapper: mapper.to_string(), deadline: now + ttl, attempt });
+            return Some(Grant { chunk, lease: id, attempt });
+        }
+        None
+    }
+
+    /// Pushes a lease's deadline to `now + ttl`. False if the lease is not current.
+    pub fn extend(&mut self, chunk: u32, lease: Uuid, now: Instant, ttl: Duration) -> bool {
+        match self.leases.get_mut(&chunk) {
+            Some(current) if current.id == lease => {
+                current.deadline = now + ttl;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes a lease back. `failed` counts towards `max_attempts`; past it the chunk is dead.
+    pub fn release(&mut self, chunk: u32, lease: Uuid, failed: bool, max_attempts: u32) -> ReleaseOutcome {
+        if !matches!(self.leases.get(&chunk), Some(current) if current.id == lease) {
+            return ReleaseOutcome::NotCurrent;
+        }
+        self.leases.remove(&chunk);
+        self.stats.releases += 1;
+        if failed {
+            let failures = &mut self.failures[chunk as usize];
+            *failures = failures.saturating_add(1);
+            if u32::from(*failures) >= max_attempts {
+                self.state[chunk as usize] = ChunkState::Dead;
+                self.dead += 1;
+                return ReleaseOutcome::DeadLettered;
+            }
+        }
+        self.state[chunk as usize] = ChunkState::Pending;
+        self.pending.push_front(chunk);
+        ReleaseOutcome::Requeued
+    }
+
+    /// Dead-letters a chunk that can never be handed out (e.g. over max_payload).
+    pub fn dead_letter(&mut self, chunk: u32) {
+        if let Some(state) = self.state.get_mut(chunk as usize) {
+            if matches!(*state, ChunkState::Pending | ChunkState::Leased) {
+                *state = ChunkState::Dead;
+                self.leases.remove(&chunk);
+                self.dead += 1;
+            }
+        }
+    }
+
+    /// Records a saver's acknowledgement that `chunk` is saved with `objects` objects.
+    pub fn ack(&mut self, chunk: u64, lease: Uuid, objects: u64) -> AckVerdict {
+        let Some(index) = u32::try_from(chunk).ok().filter(|c| (*c as usize) < self.state.len()) else {
+            self.stats.acks_unknown += 1;
+            return AckVerdict::Unknown;
+        };
+        if u64::from(self.objects[index as usize]) != objects {
+            self.stats.acks_unknown += 1;
+            return AckVerdict::Unknown;
+        }
+        match self.state[index as usize] {
+            ChunkState::Done => {
+                self.stats.acks_duplicate += 1;
+                AckVerdict::AlreadyDone
+            }
+            _ => {
+                if !matches!(self.leases.get(&index), Some(current) if current.id == lease) {
+                    self.stats.acks_late += 1;
+                }
+                self.mark_done(index);
+                self.stats.acks_done += 1;
+                AckVerdict::Done
+            }
+        }
+    }
+
+    /// Returns leases past their deadline to pending (front of the queue, so they finish soon).
+    pub fn expire(&mut self, now: Instant) -> Vec<(u32, Lease)> {
+        let expired: Vec<u32> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(c, _)| *c).collect();
+        let mut out = Vec::with_capacity(expired.len());
+        for chunk in expired {
+            if let Some(lease) = self.leases.remove(&chunk) {
+                self.state[chunk as usize] = ChunkState::Pending;
+                self.pending.push_front(chunk);
+                self.stats.expiries += 1;
+                out.push((chunk, lease));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(5);
+
+    fn ledger(chunks: usize) -> Ledger {
+        Ledger::new(vec![100; chunks])
+    }
+
+    #[test]
+    fn leases_hand_out_each_pending_chunk_once() {
+        let mut l = ledger(3);
+        let now = Instant::now();
+        let chunks: Vec<u32> = (0..3).map(|_| l.lease("m", now, TTL).expect("pending").chunk).collect();
+        assert_eq!(chunks, vec![0, 1, 2]);
+        assert_eq!(l.lease("m", now, TTL), None);
+        assert_eq!(l.leased(), 3);
+        assert_eq!(l.stats().re_leases, 0);
+    }
+
+    #[test]
+    fn an_expired_lease_is_handed_out_again_with_the_next_attempt() {
+        let mut l = ledger(2);
+        let now = Instant::now();
+        let first = l.lease("a", now, TTL).expect("pending");
+        assert!(l.expire(now + TTL - Duration::from_millis(1)).is_empty());
+        let expired = l.expire(now + TTL);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].0, first.chunk);
+        let again = l.lease("b", now + TTL, TTL).expect("re-leased first");
+        assert_eq!(again.chunk, first.chunk);
+        assert_eq!(again.attempt, 2);
+        assert_ne!(again.lease, first.lease);
+        assert_eq!(l.stats().re_leases, 1);
+        assert_eq!(l.stats().expiries, 1);
+    }
+
+    #[test]
+    fn extending_keeps_a_slow_mapper_s_lease() {
+        let mut l = ledger(1);
+        let now = Instant::now();
+        let g = l.lease("slow", now, TTL).expect("pending");
+        assert!(l.extend(g.chunk, g.lease, now + Duration::from_secs(4), TTL));
+        assert!(l.expire(now + Duration::from_secs(8)).is_empty());
+        assert!(!l.extend(g.chunk, Uuid::new_v4(), now, TTL), "a forged lease id extends nothing");
+    }
+
+    #[test]
+    fn only_an_ack_makes_a_chunk_done() {
+        let mut l = ledger(2);
+        let now = Instant::now();
+        let g = l.lease("m", now, TTL).expect("pending");
+        assert_eq!(l.state(g.chunk), Some(ChunkState::Leased));
+        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100), AckVerdict::Done);
+        assert_eq!(l.state(g.chunk), Some(ChunkState::Done));
+        assert_eq!(l.objects_done(), 100);
+        assert!(!l.is_complete());
+        assert!(!l.extend(g.chunk, g.lease, now, TTL), "a done chunk's lease is gone");
+    }
+
+    #[test]
+    fn late_duplicate_and_unknown_acks_are_harmless_and_counted() {
+        let mut l = ledger(2);
+        let now = Instant::now();
+        let first = l.lease("a", now, TTL).expect("pending");
+        l.expire(now + TTL);
+        let second = l.lease("b", now + TTL, TTL).expect("re-leased");
+        // The first mapper's result was saved after all: a late ack still completes the chunk.
+        assert_eq!(l.ack(u64::from(first.chunk), first.lease, 100), AckVerdict::Done);
+        assert_eq!(l.stats().acks_late, 1);
+        // The second mapper's result then is a duplicate.
+        assert_eq!(l.ack(u64::from(second.chunk), second.lease, 100), AckVerdict::AlreadyDone);
+        assert_eq!(l.ack(99, Uuid::nil(), 100), AckVerdict::Unknown);
+        assert_eq!(l.ack(1, Uuid::nil(), 7), AckVerdict::Unknown, "wrong object count");
+        assert_eq!(l.stats().acks_duplicate, 1);
+        assert_eq!(l.stats().acks_unknown, 2);
+        assert_eq!(l.done(), 1);
+    }
+
+    #[test]
+    fn a_shutdown_release_requeues_at_once_and_failures_dead_letter() {
+        let mut l = ledger(1);
+        let now = Instant::now();
+        let g = l.lease("m", now, TTL).expect("pending");
+        assert_eq!(l.release(g.chunk, g.lease, false, 3), ReleaseOutcome::Requeued);
+        assert_eq!(l.release(g.chunk, g.lease, false, 3), ReleaseOutcome::NotCurrent);
+        for attempt in 1..=3 {
+            let g = l.lease("m", now, TTL).expect("pending again");
+            let outcome = l.release(g.chunk, g.lease, true, 3);
+            let expected = if attempt < 3 { ReleaseOutcome::Requeued } else { ReleaseOutcome::DeadLettered };
+            assert_eq!(outcome, expected);
+        }
+        assert_eq!(l.state(0), Some(ChunkState::Dead));
+        assert!(l.is_complete());
+        assert_eq!(l.lease("m", now, TTL), None);
+    }
+
+    #[test]
+    fn a_chunk_done_while_queued_is_not_leased_again() {
+        let mut l = ledger(2);
+        let now = Instant::now();
+        let g = l.lease("a", now, TTL).expect("pending");
+        l.expire(now + TTL);
+        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100), AckVerdict::Done);
+        let next = l.lease("b", now + TTL, TTL).expect("the other chunk");
+        assert_ne!(next.chunk, g.chunk);
+        assert_eq!(l.lease("b", now + TTL, TTL), None);
+    }
+}

@@ -1,0 +1,488 @@
+//! The fetcher: the one process that owns a run. It scans the input into chunks (byte ranges,
+//! never the objects themselves), keeps the [`ledger::Ledger`], hands a chunk to a mapper only
+//! when that mapper asks, takes leases back when their mapper goes silent, and marks a chunk done
+//! only when a saver acknowledges it as durably saved.
+//!
+//! Everything runs on one task that owns the ledger: requests are handled one at a time, so the
+//! ledger needs no lock and every decision sees the latest state.
+
+pub mod config;
+pub mod generate;
+pub mod ledger;
+pub mod progress;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, Message, Subject};
+use common::input::{ChunkReader, InputError, InputIndex};
+use common::nats::ConnectionState;
+use common::protocol::{
+    self, AckReply, AckRequest, ChunkLease, ExtendReply, ExtendRequest, ReleaseReason, ReleaseReply, ReleaseRequest,
+    Subjects, WorkReplyKind, WorkRequest, VERSION,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{BadRecords, Config};
+use ledger::{Ledger, LedgerStats, ReleaseOutcome};
+use progress::Progress;
+
+/// Longest a work request is held when nothing is pending (the mapper asks again after that).
+const MAX_WAIT: Duration = Duration::from_secs(5);
+/// How often leases and held requests are checked.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Why the fetcher stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum FetcherError {
+    /// No `--input`.
+    #[error("no input file: pass --input FILE or set FETCHER_INPUT")]
+    NoInput,
+    /// The input cannot be read.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// Invalid records under `--bad-records fail`.
+    #[error("input file {path} has {count} invalid record(s):\n{listing}\nfix them, or pass --bad-records skip to process the rest (the skipped ones are logged with their lines)")]
+    BadRecords {
+        /// The input file.
+        path: String,
+        /// How many.
+        count: usize,
+        /// The first few, one per line.
+        listing: String,
+    },
+    /// NATS connection set-up failed.
+    #[error(transparent)]
+    Connect(#[from] common::nats::ConnectError),
+    /// A subscription could not be made.
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        source: async_nats::SubscribeError,
+    },
+    /// The scan task died.
+    #[error("the input scan failed: {0}")]
+    Scan(String),
+}
+
+/// What a run did, returned when the fetcher stops.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Chunks in the run.
+    pub chunks: u64,
+    /// Valid input objects.
+    pub objects: u64,
+    /// Chunks done.
+    pub done: u64,
+    /// Chunks dead-lettered.
+    pub dead: u64,
+    /// Input records skipped as invalid.
+    pub bad_records: u64,
+    /// Ledger counters.
+    pub stats: LedgerStats,
+    /// Wall time from start (after the scan) to the end.
+    pub elapsed: Duration,
+    /// Every chunk done or dead-lettered.
+    pub complete: bool,
+}
+
+impl std::fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64().max(1e-6);
+        write!(
+            f,
+            "run {} {}: {}/{} chunks done, {} objects in {:.2}s ({:.0} objects/s), {} chunks dead-lettered, {} bad input records skipped, {} leases granted, {} re-leases, {} expiries, acks: {} done ({} late), {} duplicate, {} unknown",
+            self.run_id,
+            if self.complete { "complete" } else { "stopped" },
+            self.done,
+            self.chunks,
+            self.objects,
+            secs,
+            self.objects as f64 / secs,
+            self.dead,
+            self.bad_records,
+            self.stats.leases_granted,
+            self.stats.re_leases,
+            self.stats.expiries,
+            self.stats.acks_done,
+            self.stats.acks_late,
+            self.stats.acks_duplicate,
+            self.stats.acks_unknown,
+        )
+    }
+}
+
+/// Scans the input and applies the bad-records policy.
+pub async fn load_input(config: &Config) -> Result<InputIndex, FetcherError> {
+    let path = config.input.clone().ok_or(FetcherError::NoInput)?;
+    let chunk_size = config.chunk_size;
+    let index = tokio::task::spawn_blocking(move || common::input::scan(&path, chunk_size))
+        .await
+        .map_err(|e| FetcherError::Scan(e.to_string()))??;
+    if index.bom {
+        tracing::info!("input {} starts with a UTF-8 byte-order mark; skipped", index.path.display());
+    }
+    if !index.bad.is_empty() {
+        let listing: String = index
+            .bad
+            .iter()
+            .take(20)
+            .map(|b| format!("  line {}: {}\n", b.line, b.error))
+            .chain((index.bad.len() > 20).then(|| format!("  ... and {} more\n", index.bad.len() - 20)))
+            .collect();
+        match config.bad_records {
+            BadRecords::Fail => {
+                return Err(FetcherError::BadRecords {
+                    path: index.path.display().to_string(),
+                    count: index.bad.len(),
+                    listing: listing.trim_end().to_string(),
+                })
+            }
+            BadRecords::Skip => {
+                for bad in &index.bad {
+                    tracing::warn!(
+                        line = bad.line,
+                        "skipping invalid record in {}, line {}: {}",
+                        index.path.display(),
+                        bad.line,
+                        bad.error
+                    );
+                }
+            }
+        }
+    }
+    Ok(index)
+}
+
+/// Runs the fetcher until the run completes (with `exit_when_done`) or `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
+    let index = load_input(&config).await?;
+    tracing::info!(
+        run = %index.run_id,
+        "input {}: {} objects in {} chunks of up to {} ({} invalid records skipped)",
+        index.path.display(),
+        index.objects,
+        index.chunks.len(),
+        index.chunk_size,
+        index.bad.len()
+    );
+    let name = config.nats.instance_name("fetcher");
+    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}")).await?;
+    let fetcher = Fetcher::new(config, index, client, connection)?;
+    fetcher.serve(shutdown).await
+}
+
+struct Waiter {
+    reply: Subject,
+    mapper: String,
+    deadline: Instant,
+}
+
+struct Fetcher {
+    config: Config,
+    subjects: Subjects,
+    client: Client,
+    #[allow(dead_code)]
+    connection: Arc<ConnectionState>,
+    index: InputIndex,
+    reader: ChunkReader,
+    ledger: Ledger,
+    waiters: VecDeque<Waiter>,
+    progress: Progress,
+    completed_logged: bool,
+    malformed: u64,
+}
+
+impl Fetcher {
+    fn new(
+        config: Config,
+        index: InputIndex,
+        client: Client,
+        connection: Arc<ConnectionState>,
+    ) -> Result<Self, FetcherError> {
+        let reader = ChunkReader::open(&index)?;
+        let ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
+        Ok(Fetcher {
+            subjects: Subjects::new(&config.nats.subject_prefix),
+            progress: Progress::new(index.objects),
+            config,
+            client,
+            connection,
+            index,
+            reader,
+            ledger,
+            waiters: VecDeque::new(),
+            completed_logged: false,
+            malformed: 0,
+        })
+    }
+
+    async fn subscribe(&self, subject: &str) -> Result<async_nats::Subscriber, FetcherError> {
+        self.client
+            .subscribe(subject.to_string())
+            .await
+            .map_err(|source| FetcherError::Subscribe { subject: subject.to_string(), source })
+    }
+
+    async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
+        let mut work = self.subscribe(&self.subjects.work).await?;
+        let mut extend = self.subscribe(&self.subjects.extend).await?;
+        let mut release = self.subscribe(&self.subjects.release).await?;
+        let mut ack = self.subscribe(&self.subjects.ack).await?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(message) = ack.next() => self.on_ack(message).await,
+                Some(message) = extend.next() => self.on_extend(message).await,
+                Some(message) = release.next() => self.on_release(message).await,
+                Some(message) = work.next() => self.on_work(message).await,
+                _ = tick.tick() => self.on_tick().await,
+            }
+            if self.ledger.is_complete() {
+                self.on_complete().await;
+                if self.config.exit_when_done {
+                    break;
+                }
+            }
+        }
+        // Make sure the last replies (acks, "done") leave before we go.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        let summary = self.summary();
+        if !self.completed_logged {
+            tracing::info!("{summary}");
+        }
+        Ok(summary)
+    }
+
+    fn summary(&self) -> RunSummary {
+        RunSummary {
+            run_id: self.index.run_id.clone(),
+            chunks: self.ledger.len() as u64,
+            objects: self.index.objects,
+            done: self.ledger.done(),
+            dead: self.ledger.dead(),
+            bad_records: self.index.bad.len() as u64,
+            stats: self.ledger.stats().clone(),
+            elapsed: self.progress.elapsed(),
+            complete: self.ledger.is_complete(),
+        }
+    }
+
+    fn malformed(&mut self, message: &Message, error: &dyn std::fmt::Display) {
+        self.malformed += 1;
+        tracing::warn!(subject = %message.subject, "ignoring message on {}: {error}", message.subject);
+    }
+
+    async fn reply(&self, to: &Subject, body: bytes::Bytes) {
+        if let Err(e) = self.client.publish(to.clone(), body).await {
+            tracing::warn!("cannot reply on {to}: {e}");
+        }
+    }
+
+    async fn on_work(&mut self, message: Message) {
+        let request: WorkRequest = match protocol::decode(&message.payload) {
+            Ok(r) => r,
+            Err(e) => return self.malformed(&message, &e),
+        };
+        let Some(reply) = message.reply.clone() else {
+            return self.malformed(&message, &"work request without a reply subject");
+        };
+        if self.ledger.is_complete() {
+            return self.reply(&reply, protocol::encode_status_reply(WorkReplyKind::Done, 1000)).await;
+        }
+        let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
+        let waiter = Waiter { reply, mapper: request.mapper, deadline: Instant::now() + wait };
+        if !self.hand_out(&waiter).await {
+            if wait.is_zero() {
+                self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200)).await;
+            } else {
+                self.waiters.push_back(waiter);
+            }
+        }
+    }
+
+    /// Leases the next pending chunk to `waiter`; false if none is pending.
+    async fn hand_out(&mut self, waiter: &Waiter) -> bool {
+        let max_payload = common::nats::max_payload(&self.client);
+        loop {
+            let Some(grant) = self.ledger.lease(&waiter.mapper, Instant::now(), self.config.lease_timeout) else {
+                return false;
+            };
+            let span = self.index.chunks[grant.chunk as usize];
+            let objects = match self.reader.read(&span) {
+                Ok(objects) => objects,
+                Err(e) => {
+                    tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
+                    self.ledger.dead_letter(grant.chunk);
+                    continue;
+                }
+            };
+            let lease = ChunkLease {
+                run: self.index.run_id.clone(),
+                chunk: u64::from(grant.chunk),
+                lease: grant.lease,
+                attempt: grant.attempt,
+                lease_ms: self.config.lease_timeout.as_millis() as u64,
+                first_line: span.first_line,
+            };
+            let body = protocol::encode_chunk_reply(&lease, &objects);
+            if body.len() > max_payload {
+                tracing::error!(
+                    chunk = grant.chunk,
+                    "chunk {} (input line {}) is {} bytes, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it. Lower --chunk-size or raise max_payload",
+                    grant.chunk,
+                    span.first_line,
+                    body.len()
+                );
+                self.ledger.dead_letter(grant.chunk);
+                continue;
+            }
+            if grant.attempt > 1 {
+                tracing::info!(
+                    chunk = grant.chunk,
+                    attempt = grant.attempt,
+                    "re-leasing chunk {} to {} (attempt {})",
+                    grant.chunk,
+                    waiter.mapper,
+                    grant.attempt
+                );
+            }
+            self.reply(&waiter.reply, body.into()).await;
+            return true;
+        }
+    }
+
+    async fn on_extend(&mut self, message: Message) {
+        let request: ExtendRequest = match protocol::decode(&message.payload) {
+            Ok(r) => r,
+            Err(e) => return self.malformed(&message, &e),
+        };
+        let now = Instant::now();
+        let ttl = self.config.lease_timeout;
+        let valid = request
+            .leases
+            .iter()
+            .map(|l| u32::try_from(l.chunk).is_ok_and(|c| self.ledger.extend(c, l.lease, now, ttl)))
+            .collect();
+        if let Some(reply) = &message.reply {
+            let body = protocol::encode(&ExtendReply { v: VERSION, lease_ms: ttl.as_millis() as u64, valid });
+            self.reply(reply, body).await;
+        }
+    }
+
+    async fn on_release(&mut self, message: Message) {
+        let request: ReleaseRequest = match protocol::decode(&message.payload) {
+            Ok(r) => r,
+            Err(e) => return self.malformed(&message, &e),
+        };
+        let failed = request.reason == ReleaseReason::Failed;
+        let outcome = match u32::try_from(request.lease.chunk) {
+            Ok(chunk) => self.ledger.release(chunk, request.lease.lease, failed, self.config.max_attempts),
+            Err(_) => ReleaseOutcome::NotCurrent,
+        };
+        let chunk = request.lease.chunk;
+        let error = request.error.as_deref().unwrap_or("no reason given");
+        match outcome {
+            ReleaseOutcome::Requeued if failed => {
+                tracing::warn!(chunk, "chunk {chunk} failed on {}: {error}; it will be retried", request.mapper)
+            }
+            ReleaseOutcome::Requeued => {
+                tracing::info!(chunk, "chunk {chunk} handed back by {} (shutting down)", request.mapper)
+            }
+            ReleaseOutcome::DeadLettered => tracing::error!(
+                chunk,
+                "chunk {chunk} failed {} times, last on {}: {error}; dead-lettered",
+                self.config.max_attempts,
+                request.mapper
+            ),
+            ReleaseOutcome::NotCurrent => tracing::debug!(chunk, "release of a lease that is no longer current"),
+        }
+        if let Some(reply) = &message.reply {
+            let accepted = outcome != ReleaseOutcome::NotCurrent;
+            self.reply(reply, protocol::encode(&ReleaseReply { v: VERSION, accepted })).await;
+        }
+        self.serve_waiters().await;
+    }
+
+    async fn on_ack(&mut self, message: Message) {
+        let request: AckRequest = match protocol::decode(&message.payload) {
+            Ok(r) => r,
+            Err(e) => return self.malformed(&message, &e),
+        };
+        let verdicts = request
+            .acks
+            .iter()
+            .map(|ack| {
+                if ack.run != self.index.run_id {
+                    tracing::warn!(
+                        chunk = ack.chunk,
+                        "ack from {} for run {}, not this run ({})",
+                        request.saver,
+                        ack.run,
+                        self.index.run_id
+                    );
+                    self.ledger.ack(u64::MAX, ack.lease, ack.objects)
+                } else {
+                    self.ledger.ack(ack.chunk, ack.lease, ack.objects)
+                }
+            })
+            .collect();
+        if let Some(reply) = &message.reply {
+            self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        for (chunk, lease) in self.ledger.expire(now) {
+            tracing::warn!(
+                chunk,
+                "lease of chunk {chunk} (attempt {}) held by {} expired; it will be handed out again",
+                lease.attempt,
+                lease.mapper
+            );
+        }
+        self.serve_waiters().await;
+        while self.waiters.front().is_some_and(|w| w.deadline <= now) {
+            if let Some(waiter) = self.waiters.pop_front() {
+                self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0)).await;
+            }
+        }
+        if !self.ledger.is_complete() {
+            if let Some(line) = self.progress.line(&self.ledger, now, false) {
+                tracing::info!("{line}");
+            }
+        }
+    }
+
+    async fn serve_waiters(&mut self) {
+        while let Some(waiter) = self.waiters.pop_front() {
+            if !self.hand_out(&waiter).await {
+                self.waiters.push_front(waiter);
+                break;
+            }
+        }
+    }
+
+    async fn on_complete(&mut self) {
+        while let Some(waiter) = self.waiters.pop_front() {
+            self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Done, 1000)).await;
+        }
+        if !self.completed_logged {
+            self.completed_logged = true;
+            if let Some(line) = self.progress.line(&self.ledger, Instant::now(), true) {
+                tracing::info!("{line}");
+            }
+            tracing::info!(run = %self.index.run_id, "{}", self.summary());
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The saver: takes processed chunks from the `result` subject (in a queue group, so any replica
+//! may take any chunk), saves each durably and idempotently through its [`sink::Sink`], then
+//! acknowledges it to the fetcher, and only then tells the mapper it is saved.
+//!
+//! Acknowledgements are batched: while one ack request is in flight, newly saved chunks queue up
+//! and go together in the next, so the round trips per chunk fall as load rises.
+
+pub mod config;
+pub mod sink;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, Message};
+use common::protocol::{
+    self, Ack, AckReply, AckRequest, AckVerdict, ChunkResult, ResultReply, ResultStatus, Subjects, SAVER_QUEUE_GROUP,
+    VERSION,
+};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+use sink::{SaveOutcome, Sink, SinkError};
+
+/// Most acks in one request.
+const ACK_BATCH: usize = 256;
+
+/// Why the saver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SaverError {
+    /// The sink cannot be opened.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// NATS connection set-up failed.
+    #[error(transparent)]
+    Connect(#[from] common::nats::ConnectError),
+    /// The subscription could not be made.
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        source: async_nats::SubscribeError,
+    },
+}
+
+/// What the saver did, returned when it stops.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SaverSummary {
+    /// Chunks written.
+    pub saved: u64,
+    /// Chunks that were already saved.
+    pub duplicates: u64,
+}
+
+type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
+
+struct Shared {
+    client: Client,
+    sink: Sink,
+    acks: mpsc::Sender<AckSlot>,
+    saved: std::sync::atomic::AtomicU64,
+    duplicates: std::sync::atomic::AtomicU64,
+}
+
+/// Runs the saver until `shutdown`; in-flight chunks are finished before it returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSummary, SaverError> {
+    let out = config.out.clone();
+    let sink = tokio::task::spawn_blocking(move || sink::file::FileSink::open(out))
+        .await
+        .map_err(|e| SinkError::Io { action: "open", path: config.out.clone(), source: std::io::Error::other(e) })??;
+    let sink = Sink::File(sink);
+    let name = config.nats.instance_name("saver");
+    let (client, _connection) = common::nats::connect(&config.nats, &format!("chunkmill-saver {name}")).await?;
+    let subjects = Subjects::new(&config.nats.subject_prefix);
+    let mut results = client
+        .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())
+        .await
+        .map_err(|source| SaverError::Subscribe { subject: subjects.result.clone(), source })?;
+    tracing::info!("saver {name}: saving to {}", sink.describe());
+    let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
+    let acker = tokio::spawn(acker(client.clone(), subjects.ack.clone(), name.clone(), ack_queue));
+    let shared = Arc::new(Shared { client, sink, acks, saved: Default::default(), duplicates: Default::default() });
+    let limit = Arc::new(Semaphore::new(config.max_in_flight as usize));
+    let tracker = TaskTracker::new();
+    loop {
+        // Take a message only when a slot is free: back-pressure instead of unbounded tasks.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = limit.clone().acquire_owned() => permit,
+        };
+        let Ok(permit) = permit else { break };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = results.next() => message,
+        };
+        let Some(message) = message else { break };
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            handle(&shared, message).await;
+            drop(permit);
+        });
+    }
+    // Stop taking results (unsaved ones are resent by their mappers), finish the ones in hand.
+    let _ = results.unsubscribe().await;
+    tracker.close();
+    tracker.wait().await;
+    let summary = SaverSummary {
+        saved: shared.saved.load(std::sync::atomic::Ordering::Relaxed),
+        duplicates: shared.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    drop(shared);
+    let _ = acker.await;
+    tracing::info!("saver {name} stopped: {} chunks saved, {} duplicates absorbed", summary.saved, summary.duplicates);
+    Ok(summary)
+}
+
+async fn handle(shared: &Arc<Shared>, message: Message) {
+    let Some(reply_to) = message.reply.clone() else {
+        tracing::warn!(subject = %message.subject, "ignoring a result without a reply subject");
+        return;
+    };
+    let (status, error) = save_and_ack(shared, &message).await;
+    let reply = ResultReply { v: VERSION, status, error };
+    if let Err(e) = shared.client.publish(reply_to, protocol::encode(&reply)).await {
+        tracing::warn!("cannot answer the mapper ({e}); it will resend and the save is idempotent");
+    }
+}
+
+async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus, Option<String>) {
+    let payload = message.payload.clone();
+    let worker = shared.clone();
+    // Parse, check and write off the async threads: parsing 100 records and an fsync both block.
+    let saved = tokio::task::spawn_blocking(move || -> Result<(ChunkResult, SaveOutcome), (ResultStatus, String)> {
+        let result: ChunkResult = protocol::decode(&payload).map_err(|e| (ResultStatus::Rejected, e.to_string()))?;
+        result.validate().map_err(|e| (ResultStatus::Rejected, e.to_string()))?;
+        let outcome = worker.sink.save(&result).map_err(|e| (ResultStatus::Failed, e.to_string()))?;
+        Ok((result, outcome))
+    })
+    .await
+    .unwrap_or_else(|e| Err((ResultStatus::Failed, format!("the save task failed: {e}"))));
+    let (result, outcome) = match saved {
+        Ok(saved) => saved,
+        Err((status, error)) => {
+            match status {
+                ResultStatus::Rejected => tracing::warn!(subject = %message.subject, "rejecting a result: {error}"),
+                _ => tracing::error!("cannot save a result: {error}"),
+            }
+            return (status, Some(error));
+        }
+    };
+    let counter = match outcome {
+        SaveOutcome::Saved => &shared.saved,
+        SaveOutcome::Duplicate => &shared.duplicates,
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ack = Ack {
+        run: result.run.clone(),
+        chunk: result.chunk,
+        lease: result.lease,
+        attempt: result.attempt,
+        objects: result.objects(),
+        dead: result.dead.len() as u64,
+    };
+    let (tx, rx) = oneshot::channel();
+    if shared.acks.send((ack, tx)).await.is_err() {
+        return (ResultStatus::NotAcked, Some("the saver is stopping".into()));
+    }
+    match rx.await.ok().flatten() {
+        Some(AckVerdict::Unknown) => {
+            tracing::warn!(
+                chunk = result.chunk,
+                "the fetcher does not know chunk {} of run {} (another run?); saved anyway",
+                result.chunk,
+                result.run
+            );
+            (ResultStatus::Saved, None)
+        }
+        Some(_) => (ResultStatus::Saved, None),
+        None => (
+            ResultStatus::NotAcked,
+            Some(format!("chunk {} is saved but the fetcher did not confirm it", result.chunk)),
+        ),
+    }
+}
+
+/// Sends saved chunks to the fetcher in batches and hands each waiting task its verdict
+/// (`None`: the fetcher did not answer; the mapper will resend and we will ack again).
+async fn acker(client: Client, subject: String, saver: String, mut queue: mpsc::Receiver<AckSlot>) {
+    let mut warned = false;
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < ACK_BATCH {
+            match queue.try_recv() {
+                Ok(slot) => batch.push(slot),
+                Err(_) => break,
+            }
+        }
+        let (acks, waiters): (Vec<Ack>, Vec<_>) = batch.into_iter().unzip();
+        let body = protocol::encode(&AckRequest { v: VERSION, saver: saver.clone(), acks });
+        let mut verdicts = None;
+        for attempt in 0..3u32 {
+            let request = async_nats::Request::new().payload(body.clone()).timeout(Some(Duration::from_secs(5)));
+            match client.send_request(subject.clone(), request).await {
+                Ok(message) => match protocol::decode::<AckReply>(&message.payload) {
+                    Ok(reply) if reply.verdicts.len() == waiters.len() => {
+                        verdicts = Some(reply.verdicts);
+                        break;
+                    }
+                    Ok(_) => tracing::warn!("the fetcher's ack reply has the wrong number of verdicts; retrying"),
+                    Err(e) => tracing::warn!("unreadable ack reply: {e}; retrying"),
+                },
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!("acknowledging to the fetcher failed ({e}); retrying");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+        if verdicts.is_some() {
+            warned = false;
+        }
+        match verdicts {
+            Some(verdicts) => {
+                for (waiter, verdict) in waiters.into_iter().zip(verdicts) {
+                    let _ = waiter.send(Some(verdict));
+                }
+            }
+            None => {
+                for waiter in waiters {
+                    let _ = waiter.send(None);
+                }
+            }
+        }
+    }
+}

