@@ -45,14 +45,15 @@ export NATS_URL="nats://127.0.0.1:$port"
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
 
 echo "nats-server on $NATS_URL; logs of the other services in $work" >&2
-$BIN/saver --out "$OUT" >"$work/saver.log" 2>&1 &
+# Metrics: fetcher on :9101, saver on :9103, mapper i on :911i (all on 127.0.0.1).
+METRICS_ADDR=127.0.0.1:9103 $BIN/saver --out "$OUT" >"$work/saver.log" 2>&1 &
 pids+=($!)
 for i in $(seq "$MAPPERS"); do
-  $BIN/mapper "${rounds[@]}" --instance "mapper-$i" >"$work/mapper-$i.log" 2>&1 &
+  METRICS_ADDR=127.0.0.1:$((9110 + i)) $BIN/mapper "${rounds[@]}" --instance "mapper-$i" >"$work/mapper-$i.log" 2>&1 &
   pids+=($!)
 done
 start=$(date +%s%N)
-$BIN/fetcher --input "$DATA" --chunk-size "$CHUNK_SIZE" --exit-when-done
+METRICS_ADDR=127.0.0.1:9101 $BIN/fetcher --input "$DATA" --chunk-size "$CHUNK_SIZE" --exit-when-done
 end=$(date +%s%N)
 ms=$(( (end - start) / 1000000 ))
 printf 'wall time of the run: %d.%03d s (%s mappers, rounds: %s)\n' $((ms / 1000)) $((ms % 1000)) "$MAPPERS" "${ROUNDS:-default}"

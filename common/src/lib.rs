@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod input;
+pub mod metrics;
 pub mod nats;
 pub mod protocol;
 pub mod shutdown;

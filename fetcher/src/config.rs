@@ -83,6 +83,10 @@ pub struct Config {
     #[arg(long, env = "FETCHER_BAD_RECORDS", value_enum, default_value = "fail")]
     pub bad_records: BadRecords,
 
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
+    pub metrics_addr: String,
+
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -98,6 +102,7 @@ impl Config {
             max_attempts: 3,
             exit_when_done: true,
             bad_records: BadRecords::Fail,
+            metrics_addr: "127.0.0.1:0".into(),
             nats,
         }
     }

@@ -75,8 +75,10 @@ pub struct LedgerStats {
     pub re_leases: u64,
     /// Leases that ran out.
     pub expiries: u64,
-    /// Leases handed back by mappers.
-    pub releases: u64,
+    /// Leases handed back by mappers that are shutting down.
+    pub releases_shutdown: u64,
+    /// Leases handed back because processing failed.
+    pub releases_failed: u64,
     /// Acks that completed a chunk.
     pub acks_done: u64,
     /// Of those, acks that came with a lease that was no longer current.
@@ -228,7 +230,11 @@ impl Ledger {
             return ReleaseOutcome::NotCurrent;
         }
         self.leases.remove(&chunk);
-        self.stats.releases += 1;
+        if failed {
+            self.stats.releases_failed += 1;
+        } else {
+            self.stats.releases_shutdown += 1;
+        }
         if failed {
             let failures = &mut self.failures[chunk as usize];
             *failures = failures.saturating_add(1);

@@ -9,15 +9,16 @@
 pub mod config;
 pub mod generate;
 pub mod ledger;
+pub mod metrics;
 pub mod progress;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message, Subject};
 use common::input::{ChunkReader, InputError, InputIndex};
-use common::nats::ConnectionState;
 use common::protocol::{
     self, AckReply, AckRequest, ChunkLease, ExtendReply, ExtendRequest, ReleaseReason, ReleaseReply, ReleaseRequest,
     Subjects, WorkReplyKind, WorkRequest, VERSION,
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{BadRecords, Config};
 use ledger::{Ledger, LedgerStats, ReleaseOutcome};
+use metrics::FetcherMetrics;
 use progress::Progress;
 
 /// Longest a work request is held when nothing is pending (the mapper asks again after that).
@@ -56,6 +58,9 @@ pub enum FetcherError {
     /// NATS connection set-up failed.
     #[error(transparent)]
     Connect(#[from] common::nats::ConnectError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] common::metrics::ServeError),
     /// A subscription could not be made.
     #[error("cannot subscribe to {subject}: {source}")]
     Subscribe {
@@ -162,6 +167,16 @@ pub async fn load_input(config: &Config) -> Result<InputIndex, FetcherError> {
 
 /// Runs the fetcher until the run completes (with `exit_when_done`) or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
+    let name = config.nats.instance_name("fetcher");
+    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}")).await?;
+    let metrics = FetcherMetrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let endpoint = common::metrics::Endpoint {
+        metrics: metrics.common.clone(),
+        connection: connection.clone(),
+        ready: ready.clone(),
+    };
+    common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
     let index = load_input(&config).await?;
     tracing::info!(
         run = %index.run_id,
@@ -172,10 +187,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         index.chunk_size,
         index.bad.len()
     );
-    let name = config.nats.instance_name("fetcher");
-    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}")).await?;
-    let fetcher = Fetcher::new(config, index, client, connection)?;
-    fetcher.serve(shutdown).await
+    let fetcher = Fetcher::new(config, index, client, metrics)?;
+    fetcher.serve(shutdown, ready).await
 }
 
 struct Waiter {
@@ -188,24 +201,17 @@ struct Fetcher {
     config: Config,
     subjects: Subjects,
     client: Client,
-    #[allow(dead_code)]
-    connection: Arc<ConnectionState>,
+    metrics: FetcherMetrics,
     index: InputIndex,
     reader: ChunkReader,
     ledger: Ledger,
     waiters: VecDeque<Waiter>,
     progress: Progress,
     completed_logged: bool,
-    malformed: u64,
 }
 
 impl Fetcher {
-    fn new(
-        config: Config,
-        index: InputIndex,
-        client: Client,
-        connection: Arc<ConnectionState>,
-    ) -> Result<Self, FetcherError> {
+    fn new(config: Config, index: InputIndex, client: Client, metrics: FetcherMetrics) -> Result<Self, FetcherError> {
         let reader = ChunkReader::open(&index)?;
         let ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
         Ok(Fetcher {
@@ -213,13 +219,12 @@ impl Fetcher {
             progress: Progress::new(index.objects),
             config,
             client,
-            connection,
+            metrics,
             index,
             reader,
             ledger,
             waiters: VecDeque::new(),
             completed_logged: false,
-            malformed: 0,
         })
     }
 
@@ -230,11 +235,13 @@ impl Fetcher {
             .map_err(|source| FetcherError::Subscribe { subject: subject.to_string(), source })
     }
 
-    async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
+    async fn serve(mut self, shutdown: CancellationToken, ready: Arc<AtomicBool>) -> Result<RunSummary, FetcherError> {
         let mut work = self.subscribe(&self.subjects.work).await?;
         let mut extend = self.subscribe(&self.subjects.extend).await?;
         let mut release = self.subscribe(&self.subjects.release).await?;
         let mut ack = self.subscribe(&self.subjects.ack).await?;
+        self.metrics.start(self.index.objects);
+        ready.store(true, Ordering::Relaxed);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -278,7 +285,7 @@ impl Fetcher {
     }
 
     fn malformed(&mut self, message: &Message, error: &dyn std::fmt::Display) {
-        self.malformed += 1;
+        self.metrics.common.malformed(&message.subject);
         tracing::warn!(subject = %message.subject, "ignoring message on {}: {error}", message.subject);
     }
 
@@ -457,6 +464,8 @@ impl Fetcher {
                 self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0)).await;
             }
         }
+        let eta = self.progress.eta(&self.ledger, now);
+        self.metrics.sync(&self.ledger, eta);
         if !self.ledger.is_complete() {
             if let Some(line) = self.progress.line(&self.ledger, now, false) {
                 tracing::info!("{line}");
@@ -479,6 +488,8 @@ impl Fetcher {
         }
         if !self.completed_logged {
             self.completed_logged = true;
+            self.metrics.sync(&self.ledger, None);
+            self.metrics.complete();
             if let Some(line) = self.progress.line(&self.ledger, Instant::now(), true) {
                 tracing::info!("{line}");
             }

@@ -25,6 +25,13 @@ impl Progress {
         self.started.elapsed()
     }
 
+    /// Seconds to completion at the average rate so far, if anything is done yet.
+    pub fn eta(&self, ledger: &Ledger, now: Instant) -> Option<f64> {
+        let elapsed = now.duration_since(self.started).as_secs_f64();
+        let done = ledger.objects_done();
+        (done > 0 && elapsed > 0.0).then(|| self.total_objects.saturating_sub(done) as f64 * elapsed / done as f64)
+    }
+
     /// The progress line, if one is due (or `force`d, for the last one).
     pub fn line(&mut self, ledger: &Ledger, now: Instant, force: bool) -> Option<String> {
         let moved = ledger.done() + ledger.dead() != self.last_done;
@@ -44,8 +51,7 @@ impl Progress {
         let elapsed = now.duration_since(self.started).as_secs_f64().max(1e-3);
         let objects = ledger.objects_done();
         let rate = objects as f64 / elapsed;
-        let left = self.total_objects.saturating_sub(objects);
-        let eta = if rate > 0.0 { format!("{:.0}s", left as f64 / rate) } else { "?".into() };
+        let eta = self.eta(ledger, now).map_or_else(|| "?".to_string(), |eta| format!("{eta:.0}s"));
         let total = ledger.len().max(1);
         let stats = ledger.stats();
         Some(format!(

@@ -31,6 +31,10 @@ pub struct Config {
     #[arg(long, env = "MAPPER_EXIT_WHEN_DONE")]
     pub exit_when_done: bool,
 
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9102")]
+    pub metrics_addr: String,
+
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -45,6 +49,7 @@ impl Config {
             threads: 0,
             shutdown_grace: Duration::from_secs(20),
             exit_when_done: true,
+            metrics_addr: "127.0.0.1:0".into(),
             nats,
         }
     }

@@ -8,12 +8,13 @@
 //! and hand back (release) whatever is left, so the fetcher re-leases it at once.
 
 pub mod config;
+pub mod metrics;
 pub mod work;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, RequestErrorKind};
 use bytes::Bytes;
@@ -34,6 +35,9 @@ pub enum MapperError {
     /// NATS connection set-up failed.
     #[error(transparent)]
     Connect(#[from] common::nats::ConnectError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] common::metrics::ServeError),
     /// The rayon pool could not be built.
     #[error("cannot start {threads} transform threads: {source}")]
     Pool {
@@ -69,6 +73,7 @@ struct Shared {
     chunks: AtomicU64,
     objects: AtomicU64,
     given_back: AtomicU64,
+    metrics: metrics::MapperMetrics,
     /// Wakes the heartbeat when a lease is taken, so its first beat comes within a third of it.
     new_lease: tokio::sync::Notify,
     /// Cancelled when the run is over (exit-when-done) or the grace period ends.
@@ -89,7 +94,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
         .build()
         .map_err(|source| MapperError::Pool { threads, source })?;
     let name = config.nats.instance_name("mapper");
-    let (client, _connection) = common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}")).await?;
+    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}")).await?;
+    let metrics = metrics::MapperMetrics::new();
+    let endpoint = common::metrics::Endpoint {
+        metrics: metrics.common.clone(),
+        connection,
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
     tracing::info!(
         "mapper {name}: {} rounds, {} chunks at a time, {threads} transform threads",
         config.rounds,
@@ -106,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
         chunks: AtomicU64::new(0),
         objects: AtomicU64::new(0),
         given_back: AtomicU64::new(0),
+        metrics,
         new_lease: tokio::sync::Notify::new(),
         hard_stop: CancellationToken::new(),
     });
@@ -198,6 +211,7 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
         let reply: WorkReply = match protocol::decode(&message.payload) {
             Ok(reply) => reply,
             Err(e) => {
+                shared.metrics.common.malformed(&message.subject);
                 tracing::warn!(subject = %message.subject, "worker {id}: ignoring a work reply: {e}");
                 pause(Duration::from_secs(1), &shutdown).await;
                 continue;
@@ -229,19 +243,37 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
 async fn process(shared: &Arc<Shared>, lease: LeaseRef, payload: Bytes) {
     shared.held.lock().map(|mut h| h.insert(lease, true)).ok();
     shared.new_lease.notify_one();
+    shared.metrics.in_flight.inc();
     let (rounds, name) = (shared.rounds, shared.name.clone());
+    let started = Instant::now();
     let mapped = tokio::select! {
         mapped = on_rayon(&shared.pool, move || work::map_chunk(&payload, rounds, &name)) => mapped,
         _ = shared.hard_stop.cancelled() => Err("stopped before the transform finished".to_string()),
     };
+    let took = started.elapsed().as_secs_f64();
+    shared.metrics.busy.inc_by(took);
     let outcome = match mapped {
-        Ok((body, objects)) => deliver(shared, lease, Bytes::from(body), objects).await,
+        Ok(mapped) => {
+            shared.metrics.transform.observe(took);
+            if mapped.dead > 0 {
+                shared.metrics.failures.with_label_values(&["object"]).inc_by(mapped.dead);
+                tracing::warn!(
+                    chunk = lease.chunk,
+                    "chunk {}: {} objects could not be transformed; they go to the dead-letter record",
+                    lease.chunk,
+                    mapped.dead
+                );
+            }
+            deliver(shared, lease, Bytes::from(mapped.body), mapped.records).await
+        }
         Err(error) => Delivery::GiveBack(ReleaseReason::Failed, error),
     };
     match outcome {
         Delivery::Saved(objects) => {
             shared.chunks.fetch_add(1, Ordering::Relaxed);
             shared.objects.fetch_add(objects, Ordering::Relaxed);
+            shared.metrics.chunks.inc();
+            shared.metrics.objects.inc_by(objects);
         }
         Delivery::LeaseLost => {
             shared.given_back.fetch_add(1, Ordering::Relaxed);
@@ -254,12 +286,14 @@ async fn process(shared: &Arc<Shared>, lease: LeaseRef, payload: Bytes) {
         Delivery::GiveBack(reason, error) => {
             shared.given_back.fetch_add(1, Ordering::Relaxed);
             if reason == ReleaseReason::Failed {
+                shared.metrics.failures.with_label_values(&["chunk"]).inc();
                 tracing::error!(chunk = lease.chunk, "chunk {} failed: {error}", lease.chunk);
             }
             release(shared, lease, reason, error).await;
         }
     }
     shared.held.lock().map(|mut h| h.remove(&lease)).ok();
+    shared.metrics.in_flight.dec();
 }
 
 enum Delivery {

@@ -9,10 +9,20 @@ use common::protocol::{self, ChunkResult, DeadObject, WorkReply, VERSION};
 use common::transform::{parse_input, transform, MappedUser};
 use rayon::prelude::*;
 
+/// A transformed chunk, encoded for the saver.
+#[derive(Debug)]
+pub struct MappedChunk {
+    /// The encoded [`ChunkResult`].
+    pub body: Vec<u8>,
+    /// Records in it.
+    pub records: u64,
+    /// Objects dead-lettered in it.
+    pub dead: u64,
+}
+
 /// Transforms the chunk in `payload` (a work reply of type `chunk`) into an encoded
-/// [`ChunkResult`], with the number of records in it. Errors only when the payload itself is
-/// unusable.
-pub fn map_chunk(payload: &[u8], rounds: u32, mapper: &str) -> Result<(Vec<u8>, u64), String> {
+/// [`ChunkResult`]. Errors only when the payload itself is unusable.
+pub fn map_chunk(payload: &[u8], rounds: u32, mapper: &str) -> Result<MappedChunk, String> {
     let reply: WorkReply = protocol::decode(payload).map_err(|e| e.to_string())?;
     let lease = reply.lease.ok_or("work reply without a lease")?;
     let objects = reply.objects.ok_or("work reply without objects")?;
@@ -29,7 +39,7 @@ pub fn map_chunk(payload: &[u8], rounds: u32, mapper: &str) -> Result<(Vec<u8>, 
             Err(d) => dead.push(d),
         }
     }
-    let saved = records.len() as u64;
+    let (saved, failed) = (records.len() as u64, dead.len() as u64);
     let result = ChunkResult {
         v: VERSION,
         run: lease.run,
@@ -40,7 +50,8 @@ pub fn map_chunk(payload: &[u8], rounds: u32, mapper: &str) -> Result<(Vec<u8>, 
         records,
         dead,
     };
-    serde_json::to_vec(&result).map(|body| (body, saved)).map_err(|e| e.to_string())
+    let body = serde_json::to_vec(&result).map_err(|e| e.to_string())?;
+    Ok(MappedChunk { body, records: saved, dead: failed })
 }
 
 fn map_one(index: u32, raw: &[u8], rounds: u32) -> Result<MappedUser, DeadObject> {
@@ -85,8 +96,9 @@ mod tests {
     #[test]
     fn a_chunk_maps_to_a_result_with_the_lease_and_one_record_per_object() {
         let objects = br#"{"uuid":"6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Ada","ln":"Lovelace","friends":["a"]},{"uuid":"7f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Alan","ln":"Turing","friends":[]}"#;
-        let (bytes, saved) = map_chunk(&encode_chunk_reply(&lease(), objects), 1, "m1").expect("maps");
-        assert_eq!(saved, 2);
+        let mapped = map_chunk(&encode_chunk_reply(&lease(), objects), 1, "m1").expect("maps");
+        assert_eq!((mapped.records, mapped.dead), (2, 0));
+        let bytes = mapped.body;
         let result: ChunkResult = protocol::decode(&bytes).expect("valid result");
         assert_eq!((result.chunk, result.lease, result.attempt), (3, Uuid::from_u128(9), 1));
         assert_eq!(result.records.len(), 2);
@@ -98,7 +110,9 @@ mod tests {
     #[test]
     fn a_bad_object_is_dead_lettered_by_index_and_id_and_the_rest_is_mapped() {
         let objects = br#"{"uuid":"6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Ada","ln":"Lovelace","friends":[]},{"uuid":"not-a-uuid","fn":"X","ln":"Y","friends":[]},{"fn":7}"#;
-        let (bytes, _) = map_chunk(&encode_chunk_reply(&lease(), objects), 0, "m1").expect("maps");
+        let mapped = map_chunk(&encode_chunk_reply(&lease(), objects), 0, "m1").expect("maps");
+        assert_eq!((mapped.records, mapped.dead), (1, 2));
+        let bytes = mapped.body;
         let result: ChunkResult = protocol::decode(&bytes).expect("valid result");
         assert_eq!(result.records.len(), 1);
         assert_eq!(result.dead.len(), 2);

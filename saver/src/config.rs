@@ -56,6 +56,10 @@ pub struct Config {
     #[arg(long, env = "SAVER_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_in_flight: u32,
 
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9103")]
+    pub metrics_addr: String,
+
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -64,6 +68,6 @@ pub struct Config {
 impl Config {
     /// Defaults for `out` and `nats` (tests and tools).
     pub fn new(out: impl Into<PathBuf>, nats: NatsArgs) -> Self {
-        Config { out: out.into(), max_in_flight: 64, nats }
+        Config { out: out.into(), max_in_flight: 64, metrics_addr: "127.0.0.1:0".into(), nats }
     }
 }

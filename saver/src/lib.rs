@@ -6,6 +6,7 @@
 //! and go together in the next, so the round trips per chunk fall as load rises.
 
 pub mod config;
+pub mod metrics;
 pub mod sink;
 pub mod verify;
 
@@ -37,6 +38,9 @@ pub enum SaverError {
     /// NATS connection set-up failed.
     #[error(transparent)]
     Connect(#[from] common::nats::ConnectError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] common::metrics::ServeError),
     /// The subscription could not be made.
     #[error("cannot subscribe to {subject}: {source}")]
     Subscribe {
@@ -64,6 +68,7 @@ struct Shared {
     acks: mpsc::Sender<AckSlot>,
     saved: std::sync::atomic::AtomicU64,
     duplicates: std::sync::atomic::AtomicU64,
+    metrics: metrics::SaverMetrics,
 }
 
 /// Runs the saver until `shutdown`; in-flight chunks are finished before it returns.
@@ -74,16 +79,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         .map_err(|e| SinkError::Io { action: "open", path: config.out.clone(), source: std::io::Error::other(e) })??;
     let sink = Sink::File(sink);
     let name = config.nats.instance_name("saver");
-    let (client, _connection) = common::nats::connect(&config.nats, &format!("chunkmill-saver {name}")).await?;
+    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-saver {name}")).await?;
+    let metrics = metrics::SaverMetrics::new();
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let endpoint = common::metrics::Endpoint { metrics: metrics.common.clone(), connection, ready: ready.clone() };
+    common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
     let subjects = Subjects::new(&config.nats.subject_prefix);
     let mut results = client
         .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())
         .await
         .map_err(|source| SaverError::Subscribe { subject: subjects.result.clone(), source })?;
     tracing::info!("saver {name}: saving to {}", sink.describe());
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
     let acker = tokio::spawn(acker(client.clone(), subjects.ack.clone(), name.clone(), ack_queue));
-    let shared = Arc::new(Shared { client, sink, acks, saved: Default::default(), duplicates: Default::default() });
+    let shared =
+        Arc::new(Shared { client, sink, acks, saved: Default::default(), duplicates: Default::default(), metrics });
     let limit = Arc::new(Semaphore::new(config.max_in_flight as usize));
     let tracker = TaskTracker::new();
     loop {
@@ -123,7 +134,9 @@ async fn handle(shared: &Arc<Shared>, message: Message) {
         tracing::warn!(subject = %message.subject, "ignoring a result without a reply subject");
         return;
     };
+    shared.metrics.in_flight.inc();
     let (status, error) = save_and_ack(shared, &message).await;
+    shared.metrics.in_flight.dec();
     let reply = ResultReply { v: VERSION, status, error };
     if let Err(e) = shared.client.publish(reply_to, protocol::encode(&reply)).await {
         tracing::warn!("cannot answer the mapper ({e}); it will resend and the save is idempotent");
@@ -137,7 +150,9 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
     let saved = tokio::task::spawn_blocking(move || -> Result<(ChunkResult, SaveOutcome), (ResultStatus, String)> {
         let result: ChunkResult = protocol::decode(&payload).map_err(|e| (ResultStatus::Rejected, e.to_string()))?;
         result.validate().map_err(|e| (ResultStatus::Rejected, e.to_string()))?;
+        let started = std::time::Instant::now();
         let outcome = worker.sink.save(&result).map_err(|e| (ResultStatus::Failed, e.to_string()))?;
+        worker.metrics.write.observe(started.elapsed().as_secs_f64());
         Ok((result, outcome))
     })
     .await
@@ -146,17 +161,29 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
         Ok(saved) => saved,
         Err((status, error)) => {
             match status {
-                ResultStatus::Rejected => tracing::warn!(subject = %message.subject, "rejecting a result: {error}"),
-                _ => tracing::error!("cannot save a result: {error}"),
+                ResultStatus::Rejected => {
+                    shared.metrics.common.malformed(&message.subject);
+                    tracing::warn!(subject = %message.subject, "rejecting a result: {error}")
+                }
+                _ => {
+                    shared.metrics.failures.inc();
+                    tracing::error!("cannot save a result: {error}")
+                }
             }
             return (status, Some(error));
         }
     };
-    let counter = match outcome {
-        SaveOutcome::Saved => &shared.saved,
-        SaveOutcome::Duplicate => &shared.duplicates,
-    };
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match outcome {
+        SaveOutcome::Saved => {
+            shared.saved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.metrics.chunks.inc();
+            shared.metrics.objects.inc_by(result.records.len() as u64);
+        }
+        SaveOutcome::Duplicate => {
+            shared.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.metrics.duplicates.inc();
+        }
+    }
     let ack = Ack {
         run: result.run.clone(),
         chunk: result.chunk,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::harness::{bin, NatsServer, Service};
+use common::harness::{bin, free_port, NatsServer, Service};
 
 /// A test's pipeline.
 pub struct Pipeline {
@@ -43,10 +43,17 @@ impl Pipeline {
     }
 
     fn spawn(&self, name: &str, binary: &str, args: &[String]) -> Service {
-        let env = self.env();
+        self.spawn_with_metrics(name, binary, args).0
+    }
+
+    /// Starts a service with its metrics endpoint on a free port; returns it and the port.
+    pub fn spawn_with_metrics(&self, name: &str, binary: &str, args: &[String]) -> (Service, u16) {
+        let port = free_port();
+        let mut env = self.env();
+        env.push(("METRICS_ADDR", format!("127.0.0.1:{port}")));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Service::spawn(name, binary, &args, &env, self.logs())
+        (Service::spawn(name, binary, &args, &env, self.logs()), port)
     }
 
     /// A fetcher over the input with `--exit-when-done` and extra flags.

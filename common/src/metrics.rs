@@ -1,0 +1,218 @@
+//! The metrics and health endpoint every service serves on one port (`--metrics-addr`):
+//! `/metrics` (Prometheus text format), `/healthz` (the process is alive) and `/readyz` (connected
+//! to NATS and able to work). Also the metrics all services share: build info, malformed messages
+//! by subject, and the NATS connection's state.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+use crate::nats::ConnectionState;
+
+/// The version and commit this binary was built from.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Short git commit, or `unknown`.
+pub const COMMIT: &str = env!("CHUNKMILL_GIT_COMMIT");
+
+/// Metrics every service has, in the service's registry.
+#[derive(Clone)]
+pub struct CommonMetrics {
+    /// The service's registry: add service metrics here.
+    pub registry: Registry,
+    malformed: IntCounterVec,
+    connected: IntGauge,
+    reconnects: IntCounter,
+    slow_consumers: IntCounter,
+    seen_connects: Arc<AtomicU64>,
+    seen_slow: Arc<AtomicU64>,
+}
+
+/// Registers a metric, panicking only on a programming error (a duplicate or invalid name),
+/// which the unit tests catch.
+pub fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    #[allow(clippy::expect_used)]
+    registry.register(Box::new(metric.clone())).expect("metric names are unique and valid");
+    metric
+}
+
+impl CommonMetrics {
+    /// A registry for `service` with the shared metrics and the process metrics.
+    #[allow(clippy::expect_used)]
+    pub fn new(service: &str) -> Self {
+        let registry = Registry::new();
+        let info = IntGauge::with_opts(
+            Opts::new("chunkmill_build_info", "Build information; always 1")
+                .const_label("service", service)
+                .const_label("version", VERSION)
+                .const_label("commit", COMMIT),
+        )
+        .expect("valid metric");
+        register(&registry, info).set(1);
+        let malformed = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("chunkmill_malformed_messages_total", "Messages ignored as malformed or unknown, by subject"),
+                &["subject"],
+            )
+            .expect("valid metric"),
+        );
+        let connected = register(
+            &registry,
+            IntGauge::new("chunkmill_nats_connected", "1 while connected to NATS").expect("valid metric"),
+        );
+        let reconnects = register(
+            &registry,
+            IntCounter::new("chunkmill_nats_reconnects_total", "Reconnections to NATS after the first connection")
+                .expect("valid metric"),
+        );
+        let slow_consumers = register(
+            &registry,
+            IntCounter::new(
+                "chunkmill_nats_slow_consumer_events_total",
+                "NATS slow-consumer events: messages dropped by the client",
+            )
+            .expect("valid metric"),
+        );
+        #[cfg(target_os = "linux")]
+        {
+            let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        }
+        CommonMetrics {
+            registry,
+            malformed,
+            connected,
+            reconnects,
+            slow_consumers,
+            seen_connects: Arc::default(),
+            seen_slow: Arc::default(),
+        }
+    }
+
+    /// Counts a malformed or unknown message on `subject`.
+    pub fn malformed(&self, subject: &str) {
+        self.malformed.with_label_values(&[subject]).inc();
+    }
+
+    /// Copies the connection's state into the metrics (called before each scrape).
+    pub fn refresh(&self, connection: &ConnectionState) {
+        self.connected.set(i64::from(connection.is_connected()));
+        let connects = connection.connects();
+        let before = self.seen_connects.swap(connects, Ordering::Relaxed);
+        // The first connection is not a reconnection.
+        self.reconnects.inc_by(connects.saturating_sub(1).saturating_sub(before.saturating_sub(1)));
+        let slow = connection.slow_consumers();
+        let before = self.seen_slow.swap(slow, Ordering::Relaxed);
+        self.slow_consumers.inc_by(slow.saturating_sub(before));
+    }
+}
+
+/// What the endpoint needs from its service.
+pub struct Endpoint {
+    /// Metrics to serve.
+    pub metrics: CommonMetrics,
+    /// The NATS connection's state (readiness requires a connection).
+    pub connection: Arc<ConnectionState>,
+    /// The service's own readiness (e.g. "input scanned and subscribed").
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}; choose another --metrics-addr (METRICS_ADDR), or 127.0.0.1:0 for any free port")]
+pub struct ServeError {
+    addr: String,
+    source: std::io::Error,
+}
+
+/// Binds `addr` and serves the endpoint until `shutdown`; returns the bound address.
+pub async fn serve(addr: &str, endpoint: Endpoint, shutdown: CancellationToken) -> Result<SocketAddr, ServeError> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError { addr: addr.to_string(), source })?;
+    let local = listener.local_addr().map_err(|source| ServeError { addr: addr.to_string(), source })?;
+    tracing::info!("serving /metrics, /healthz and /readyz on http://{local}");
+    let endpoint = Arc::new(endpoint);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("metrics endpoint: accept failed: {e}");
+                        continue;
+                    }
+                },
+            };
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let endpoint = endpoint.clone();
+                    async move { Ok::<_, Infallible>(respond(&endpoint, &request)) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn respond<B>(endpoint: &Endpoint, request: &Request<B>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+    };
+    match request.uri().path() {
+        "/metrics" => {
+            endpoint.metrics.refresh(&endpoint.connection);
+            let mut body = Vec::new();
+            let encoder = TextEncoder::new();
+            match encoder.encode(&endpoint.metrics.registry.gather(), &mut body) {
+                Ok(()) => {
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    if let Ok(value) = encoder.format_type().parse() {
+                        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+                    }
+                    response
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let connected = endpoint.connection.is_connected();
+            let ready = endpoint.ready.load(Ordering::Relaxed);
+            match (connected, ready) {
+                (true, true) => text(StatusCode::OK, "ready\n".into()),
+                (false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n".into()),
+                (true, false) => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_metrics_render_as_prometheus_text() {
+        let metrics = CommonMetrics::new("test");
+        metrics.malformed("chunkmill.work");
+        let mut body = Vec::new();
+        TextEncoder::new().encode(&metrics.registry.gather(), &mut body).expect("encodes");
+        let text = String::from_utf8(body).expect("utf-8");
+        assert!(text.contains("chunkmill_malformed_messages_total{subject=\"chunkmill.work\"} 1"), "{text}");
+        assert!(text.contains("chunkmill_build_info{"), "{text}");
+        assert!(text.contains("chunkmill_nats_connected 0"), "{text}");
+    }
+}

@@ -1,0 +1,148 @@
+//! The fetcher's metrics, synced from the ledger on every tick (the ledger lives in one task;
+//! the scrape handler never touches it).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::metrics::{register, CommonMetrics};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+use crate::ledger::{Ledger, LedgerStats};
+
+/// The fetcher's metrics.
+pub struct FetcherMetrics {
+    /// Shared metrics and the registry.
+    pub common: CommonMetrics,
+    chunks: IntGaugeVec,
+    run_objects: IntGauge,
+    run_objects_done: IntGauge,
+    objects_done: IntCounter,
+    eta: Gauge,
+    leases: IntCounter,
+    expiries: IntCounter,
+    re_leases: IntCounter,
+    releases: IntCounterVec,
+    acks: IntCounterVec,
+    started: Gauge,
+    completed: Gauge,
+    seen: LedgerStats,
+    seen_objects: u64,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl FetcherMetrics {
+    /// Registers the fetcher's metrics.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let common = CommonMetrics::new("fetcher");
+        let r = &common.registry;
+        let counter = |name: &str, help: &str| register(r, IntCounter::new(name, help).expect("valid metric"));
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            register(r, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+        };
+        let metrics = FetcherMetrics {
+            chunks: register(
+                r,
+                IntGaugeVec::new(Opts::new("chunkmill_fetcher_chunks", "Chunks of the run by state"), &["state"])
+                    .expect("valid metric"),
+            ),
+            run_objects: register(
+                r,
+                IntGauge::new("chunkmill_fetcher_run_objects", "Valid objects in the run").expect("valid metric"),
+            ),
+            run_objects_done: register(
+                r,
+                IntGauge::new("chunkmill_fetcher_run_objects_done", "Objects of the run durably saved")
+                    .expect("valid metric"),
+            ),
+            objects_done: counter("chunkmill_fetcher_objects_done_total", "Objects acknowledged as saved"),
+            eta: register(
+                r,
+                Gauge::new("chunkmill_fetcher_eta_seconds", "Estimated seconds to completion at the current rate")
+                    .expect("valid metric"),
+            ),
+            leases: counter("chunkmill_fetcher_leases_granted_total", "Leases granted"),
+            expiries: counter("chunkmill_fetcher_lease_expiries_total", "Leases that expired"),
+            re_leases: counter("chunkmill_fetcher_re_leases_total", "Leases granted for chunks leased before"),
+            releases: counter_vec("chunkmill_fetcher_releases_total", "Leases handed back by mappers", "reason"),
+            acks: counter_vec("chunkmill_fetcher_acks_total", "Saver acknowledgements by verdict", "verdict"),
+            started: register(
+                r,
+                Gauge::new("chunkmill_fetcher_run_start_timestamp_seconds", "When the run started (Unix time)")
+                    .expect("valid metric"),
+            ),
+            completed: register(
+                r,
+                Gauge::new(
+                    "chunkmill_fetcher_run_complete_timestamp_seconds",
+                    "When the run completed (Unix time), 0 until then",
+                )
+                .expect("valid metric"),
+            ),
+            common,
+            seen: LedgerStats::default(),
+            seen_objects: 0,
+        };
+        // Make every labelled series exist from the start, so dashboards show 0, not "no data".
+        for state in ["pending", "leased", "done", "dead_lettered"] {
+            metrics.chunks.with_label_values(&[state]);
+        }
+        for reason in ["shutdown", "failed"] {
+            metrics.releases.with_label_values(&[reason]);
+        }
+        for verdict in ["done", "late", "duplicate", "unknown"] {
+            metrics.acks.with_label_values(&[verdict]);
+        }
+        metrics
+    }
+
+    /// Marks the run started with `objects` objects.
+    pub fn start(&self, objects: u64) {
+        self.started.set(unix_now());
+        self.run_objects.set(objects as i64);
+    }
+
+    /// Marks the run complete.
+    pub fn complete(&self) {
+        if self.completed.get() == 0.0 {
+            self.completed.set(unix_now());
+        }
+        self.eta.set(0.0);
+    }
+
+    /// Copies the ledger's state; `eta` in seconds if known.
+    pub fn sync(&mut self, ledger: &Ledger, eta: Option<f64>) {
+        self.chunks.with_label_values(&["pending"]).set(ledger.pending() as i64);
+        self.chunks.with_label_values(&["leased"]).set(ledger.leased() as i64);
+        self.chunks.with_label_values(&["done"]).set(ledger.done() as i64);
+        self.chunks.with_label_values(&["dead_lettered"]).set(ledger.dead() as i64);
+        self.run_objects_done.set(ledger.objects_done() as i64);
+        self.objects_done.inc_by(ledger.objects_done().saturating_sub(self.seen_objects));
+        self.seen_objects = ledger.objects_done();
+        if let Some(eta) = eta {
+            self.eta.set(eta);
+        }
+        let now = ledger.stats();
+        let was = &self.seen;
+        self.leases.inc_by(now.leases_granted - was.leases_granted);
+        self.expiries.inc_by(now.expiries - was.expiries);
+        self.re_leases.inc_by(now.re_leases - was.re_leases);
+        self.releases.with_label_values(&["shutdown"]).inc_by(now.releases_shutdown - was.releases_shutdown);
+        self.releases.with_label_values(&["failed"]).inc_by(now.releases_failed - was.releases_failed);
+        self.acks
+            .with_label_values(&["done"])
+            .inc_by((now.acks_done - now.acks_late).saturating_sub(was.acks_done - was.acks_late));
+        self.acks.with_label_values(&["late"]).inc_by(now.acks_late - was.acks_late);
+        self.acks.with_label_values(&["duplicate"]).inc_by(now.acks_duplicate - was.acks_duplicate);
+        self.acks.with_label_values(&["unknown"]).inc_by(now.acks_unknown - was.acks_unknown);
+        self.seen = now.clone();
+    }
+}
+
+impl Default for FetcherMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

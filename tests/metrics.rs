@@ -1,0 +1,123 @@
+//! The services' /metrics, /healthz and /readyz, scraped while and after a real pipeline runs.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use common::harness::{http_get, metric_value};
+use support::Pipeline;
+
+fn scrape(port: u16) -> String {
+    let (status, body) = http_get(port, "/metrics").expect("scrape /metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Checks the exposition is well-formed Prometheus text: every sample line is
+/// `name{labels} value`, every sampled metric has a TYPE line, and the values are numbers.
+fn assert_prometheus_text(text: &str) {
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let name = parts.next().expect("name");
+            let kind = parts.next().expect("kind");
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value), "bad value: {line}");
+        let name = series.split('{').next().expect("name");
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name: {line}");
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        assert!(typed.contains(name) || typed.contains(family), "no TYPE for {name}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "bad labels: {line}");
+        }
+    }
+}
+
+#[test]
+fn metrics_parse_and_count_a_whole_run() {
+    let p = Pipeline::new(5_000, 0);
+    let (_saver, saver_port) = p.spawn_with_metrics(
+        "saver",
+        "saver",
+        &["--out".into(), p.out.display().to_string(), "--instance".into(), "saver-1".into()],
+    );
+    let (_mapper, mapper_port) = p.spawn_with_metrics(
+        "mapper",
+        "mapper",
+        &["--rounds".into(), "0".into(), "--instance".into(), "mapper-1".into()],
+    );
+    // Deployment mode: the fetcher stays up after the run, so its final metrics can be read.
+    let (_fetcher, fetcher_port) =
+        p.spawn_with_metrics("fetcher", "fetcher", &["--input".into(), p.input.display().to_string()]);
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let fetcher = loop {
+        if let Ok((200, text)) = http_get(fetcher_port, "/metrics") {
+            if metric_value(&text, "chunkmill_fetcher_chunks{state=\"done\"}") == Some(50.0) {
+                break text;
+            }
+        }
+        assert!(Instant::now() < deadline, "the run did not complete within 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_prometheus_text(&fetcher);
+    assert_eq!(metric_value(&fetcher, "chunkmill_fetcher_run_objects"), Some(5000.0));
+    assert_eq!(metric_value(&fetcher, "chunkmill_fetcher_run_objects_done"), Some(5000.0));
+    assert_eq!(metric_value(&fetcher, "chunkmill_fetcher_chunks{state=\"pending\"}"), Some(0.0));
+    assert_eq!(metric_value(&fetcher, "chunkmill_fetcher_leases_granted_total"), Some(50.0));
+    assert_eq!(metric_value(&fetcher, "chunkmill_fetcher_acks_total{verdict=\"done\"}"), Some(50.0));
+    assert!(metric_value(&fetcher, "chunkmill_fetcher_run_complete_timestamp_seconds").unwrap_or(0.0) > 0.0);
+    assert_eq!(metric_value(&fetcher, "chunkmill_nats_connected"), Some(1.0));
+
+    let saver = scrape(saver_port);
+    assert_prometheus_text(&saver);
+    assert_eq!(metric_value(&saver, "chunkmill_saver_chunks_saved_total"), Some(50.0));
+    assert_eq!(metric_value(&saver, "chunkmill_saver_objects_saved_total"), Some(5000.0));
+    assert_eq!(metric_value(&saver, "chunkmill_saver_write_duration_seconds_count"), Some(50.0));
+
+    let mapper = scrape(mapper_port);
+    assert_prometheus_text(&mapper);
+    assert_eq!(metric_value(&mapper, "chunkmill_mapper_chunks_processed_total"), Some(50.0));
+    assert_eq!(metric_value(&mapper, "chunkmill_mapper_objects_processed_total"), Some(5000.0));
+    assert_eq!(metric_value(&mapper, "chunkmill_mapper_transform_duration_seconds_count"), Some(50.0));
+    assert!(mapper.contains("chunkmill_build_info{commit="), "{mapper}");
+
+    for port in [fetcher_port, saver_port, mapper_port] {
+        assert_eq!(http_get(port, "/healthz").expect("healthz").0, 200);
+        assert_eq!(http_get(port, "/readyz").expect("readyz").0, 200);
+    }
+}
+
+#[test]
+fn readiness_follows_the_nats_connection() {
+    let mut p = Pipeline::new(100, 0);
+    let (_mapper, port) = p.spawn_with_metrics("mapper", "mapper", &["--rounds".into(), "0".into()]);
+    let wait_status = |want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((status, _)) = http_get(port, "/readyz") {
+                if status == want {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "/readyz never answered {want}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_status(200);
+    p.nats.stop();
+    wait_status(503);
+    assert_eq!(http_get(port, "/healthz").expect("healthz").0, 200, "alive while NATS is down");
+    p.nats.restart();
+    wait_status(200);
+    let text = scrape(port);
+    assert!(metric_value(&text, "chunkmill_nats_reconnects_total").unwrap_or(0.0) >= 1.0, "{text}");
+}
