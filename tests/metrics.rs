@@ -55,8 +55,11 @@ fn metrics_parse_and_count_a_whole_run() {
         &["--rounds".into(), "0".into(), "--instance".into(), "mapper-1".into()],
     );
     // Deployment mode: the fetcher stays up after the run, so its final metrics can be read.
-    let (_fetcher, fetcher_port) =
-        p.spawn_with_metrics("fetcher", "fetcher", &["--input".into(), p.input.display().to_string()]);
+    let (_fetcher, fetcher_port) = p.spawn_with_metrics(
+        "fetcher",
+        "fetcher",
+        &["--input".into(), p.input.display().to_string(), "--state-dir".into(), p.state_dir().display().to_string()],
+    );
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let fetcher = loop {

@@ -83,6 +83,11 @@ pub struct Config {
     #[arg(long, env = "FETCHER_BAD_RECORDS", value_enum, default_value = "fail")]
     pub bad_records: BadRecords,
 
+    /// Directory of the durable ledger (a PersistentVolume in Kubernetes): a restarted fetcher
+    /// resumes from it, and its lock keeps a second fetcher out.
+    #[arg(long, env = "FETCHER_STATE_DIR", default_value = "state")]
+    pub state_dir: PathBuf,
+
     /// Address of the /metrics, /healthz and /readyz endpoint.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
     pub metrics_addr: String,
@@ -103,6 +108,7 @@ impl Config {
             exit_when_done: true,
             bad_records: BadRecords::Fail,
             metrics_addr: "127.0.0.1:0".into(),
+            state_dir: PathBuf::from("state"),
             nats,
         }
     }

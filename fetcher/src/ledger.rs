@@ -87,6 +87,8 @@ pub struct LedgerStats {
     pub acks_duplicate: u64,
     /// Acks for unknown chunks or with a wrong object count.
     pub acks_unknown: u64,
+    /// Objects the mappers could not transform (dead-lettered inside otherwise saved chunks).
+    pub objects_dead: u64,
 }
 
 /// The ledger of one run.
@@ -260,8 +262,9 @@ impl Ledger {
         }
     }
 
-    /// Records a saver's acknowledgement that `chunk` is saved with `objects` objects.
-    pub fn ack(&mut self, chunk: u64, lease: Uuid, objects: u64) -> AckVerdict {
+    /// Records a saver's acknowledgement that `chunk` is saved with `objects` objects, `dead` of
+    /// them dead-lettered.
+    pub fn ack(&mut self, chunk: u64, lease: Uuid, objects: u64, dead: u64) -> AckVerdict {
         let Some(index) = u32::try_from(chunk).ok().filter(|c| (*c as usize) < self.state.len()) else {
             self.stats.acks_unknown += 1;
             return AckVerdict::Unknown;
@@ -281,6 +284,7 @@ impl Ledger {
                 }
                 self.mark_done(index);
                 self.stats.acks_done += 1;
+                self.stats.objects_dead += dead.min(objects);
                 AckVerdict::Done
             }
         }
@@ -356,7 +360,7 @@ mod tests {
         let now = Instant::now();
         let g = l.lease("m", now, TTL).expect("pending");
         assert_eq!(l.state(g.chunk), Some(ChunkState::Leased));
-        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100), AckVerdict::Done);
+        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100, 0), AckVerdict::Done);
         assert_eq!(l.state(g.chunk), Some(ChunkState::Done));
         assert_eq!(l.objects_done(), 100);
         assert!(!l.is_complete());
@@ -371,12 +375,12 @@ mod tests {
         l.expire(now + TTL);
         let second = l.lease("b", now + TTL, TTL).expect("re-leased");
         // The first mapper's result was saved after all: a late ack still completes the chunk.
-        assert_eq!(l.ack(u64::from(first.chunk), first.lease, 100), AckVerdict::Done);
+        assert_eq!(l.ack(u64::from(first.chunk), first.lease, 100, 0), AckVerdict::Done);
         assert_eq!(l.stats().acks_late, 1);
         // The second mapper's result then is a duplicate.
-        assert_eq!(l.ack(u64::from(second.chunk), second.lease, 100), AckVerdict::AlreadyDone);
-        assert_eq!(l.ack(99, Uuid::nil(), 100), AckVerdict::Unknown);
-        assert_eq!(l.ack(1, Uuid::nil(), 7), AckVerdict::Unknown, "wrong object count");
+        assert_eq!(l.ack(u64::from(second.chunk), second.lease, 100, 0), AckVerdict::AlreadyDone);
+        assert_eq!(l.ack(99, Uuid::nil(), 100, 0), AckVerdict::Unknown);
+        assert_eq!(l.ack(1, Uuid::nil(), 7, 0), AckVerdict::Unknown, "wrong object count");
         assert_eq!(l.stats().acks_duplicate, 1);
         assert_eq!(l.stats().acks_unknown, 2);
         assert_eq!(l.done(), 1);
@@ -406,7 +410,7 @@ mod tests {
         let now = Instant::now();
         let g = l.lease("a", now, TTL).expect("pending");
         l.expire(now + TTL);
-        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100), AckVerdict::Done);
+        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100, 0), AckVerdict::Done);
         let next = l.lease("b", now + TTL, TTL).expect("the other chunk");
         assert_ne!(next.chunk, g.chunk);
         assert_eq!(l.lease("b", now + TTL, TTL), None);

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod ledger;
 pub mod metrics;
 pub mod progress;
+pub mod store;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,8 +21,8 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, Message, Subject};
 use common::input::{ChunkReader, InputError, InputIndex};
 use common::protocol::{
-    self, AckReply, AckRequest, ChunkLease, ExtendReply, ExtendRequest, ReleaseReason, ReleaseReply, ReleaseRequest,
-    Subjects, WorkReplyKind, WorkRequest, VERSION,
+    self, AckReply, AckRequest, AckVerdict, ChunkLease, ExtendReply, ExtendRequest, ReleaseReason, ReleaseReply,
+    ReleaseRequest, Subjects, WorkReplyKind, WorkRequest, VERSION,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,7 @@ pub use config::{BadRecords, Config};
 use ledger::{Ledger, LedgerStats, ReleaseOutcome};
 use metrics::FetcherMetrics;
 use progress::Progress;
+use store::{Entry, FileStore};
 
 /// Longest a work request is held when nothing is pending (the mapper asks again after that).
 const MAX_WAIT: Duration = Duration::from_secs(5);
@@ -61,6 +63,9 @@ pub enum FetcherError {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] common::metrics::ServeError),
+    /// The durable ledger cannot be used.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     /// A subscription could not be made.
     #[error("cannot subscribe to {subject}: {source}")]
     Subscribe {
@@ -102,7 +107,7 @@ impl std::fmt::Display for RunSummary {
         let secs = self.elapsed.as_secs_f64().max(1e-6);
         write!(
             f,
-            "run {} {}: {}/{} chunks done, {} objects in {:.2}s ({:.0} objects/s), {} chunks dead-lettered, {} bad input records skipped, {} leases granted, {} re-leases, {} expiries, acks: {} done ({} late), {} duplicate, {} unknown",
+            "run {} {}: {}/{} chunks done, {} objects in {:.2}s ({:.0} objects/s), {} chunks dead-lettered, {} objects dead-lettered, {} bad input records skipped, {} leases granted, {} re-leases, {} expiries, acks: {} done ({} late), {} duplicate, {} unknown",
             self.run_id,
             if self.complete { "complete" } else { "stopped" },
             self.done,
@@ -111,6 +116,7 @@ impl std::fmt::Display for RunSummary {
             secs,
             self.objects as f64 / secs,
             self.dead,
+            self.stats.objects_dead,
             self.bad_records,
             self.stats.leases_granted,
             self.stats.re_leases,
@@ -187,7 +193,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         index.chunk_size,
         index.bad.len()
     );
-    let fetcher = Fetcher::new(config, index, client, metrics)?;
+    let (store, recovered) = FileStore::open(&config.state_dir, &index.run_id)?;
+    let fetcher = Fetcher::new(config, index, client, metrics, store, recovered)?;
     fetcher.serve(shutdown, ready).await
 }
 
@@ -202,6 +209,7 @@ struct Fetcher {
     subjects: Subjects,
     client: Client,
     metrics: FetcherMetrics,
+    store: FileStore,
     index: InputIndex,
     reader: ChunkReader,
     ledger: Ledger,
@@ -211,15 +219,56 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    fn new(config: Config, index: InputIndex, client: Client, metrics: FetcherMetrics) -> Result<Self, FetcherError> {
+    fn new(
+        config: Config,
+        index: InputIndex,
+        client: Client,
+        metrics: FetcherMetrics,
+        store: FileStore,
+        recovered: store::Recovered,
+    ) -> Result<Self, FetcherError> {
         let reader = ChunkReader::open(&index)?;
-        let ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
+        let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
+        let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
+        for chunk in &recovered.done {
+            ledger.mark_done(*chunk);
+        }
+        for chunk in &recovered.dead {
+            ledger.dead_letter(*chunk);
+        }
+        if fresh {
+            for bad in &index.bad {
+                let record = serde_json::json!({
+                    "kind": "bad_record", "run": index.run_id, "input": index.path.display().to_string(),
+                    "line": bad.line, "error": bad.error,
+                });
+                store.dead_letter(&record)?;
+            }
+            if !index.bad.is_empty() {
+                tracing::warn!(
+                    "{} invalid input records listed in {}",
+                    index.bad.len(),
+                    store.dead_letter_path().display()
+                );
+            }
+        } else {
+            tracing::info!(
+                run = %index.run_id,
+                "resuming run {} from {}: {} chunks already done, {} dead-lettered, {} to go",
+                index.run_id,
+                config.state_dir.display(),
+                ledger.done(),
+                ledger.dead(),
+                ledger.pending()
+            );
+        }
         Ok(Fetcher {
             subjects: Subjects::new(&config.nats.subject_prefix),
             progress: Progress::new(index.objects),
             config,
             client,
             metrics,
+            store,
             index,
             reader,
             ledger,
@@ -329,7 +378,7 @@ impl Fetcher {
                 Ok(objects) => objects,
                 Err(e) => {
                     tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
-                    self.ledger.dead_letter(grant.chunk);
+                    self.dead_letter(grant.chunk, &e.to_string());
                     continue;
                 }
             };
@@ -350,7 +399,9 @@ impl Fetcher {
                     span.first_line,
                     body.len()
                 );
-                self.ledger.dead_letter(grant.chunk);
+                let error =
+                    format!("chunk is {} bytes, over the NATS server's max_payload of {max_payload} bytes", body.len());
+                self.dead_letter(grant.chunk, &error);
                 continue;
             }
             if grant.attempt > 1 {
@@ -405,12 +456,15 @@ impl Fetcher {
             ReleaseOutcome::Requeued => {
                 tracing::info!(chunk, "chunk {chunk} handed back by {} (shutting down)", request.mapper)
             }
-            ReleaseOutcome::DeadLettered => tracing::error!(
-                chunk,
-                "chunk {chunk} failed {} times, last on {}: {error}; dead-lettered",
-                self.config.max_attempts,
-                request.mapper
-            ),
+            ReleaseOutcome::DeadLettered => {
+                tracing::error!(
+                    chunk,
+                    "chunk {chunk} failed {} times, last on {}: {error}; dead-lettered",
+                    self.config.max_attempts,
+                    request.mapper
+                );
+                self.record_dead(chunk as u32, error);
+            }
             ReleaseOutcome::NotCurrent => tracing::debug!(chunk, "release of a lease that is no longer current"),
         }
         if let Some(reply) = &message.reply {
@@ -425,7 +479,7 @@ impl Fetcher {
             Ok(r) => r,
             Err(e) => return self.malformed(&message, &e),
         };
-        let verdicts = request
+        let verdicts: Vec<AckVerdict> = request
             .acks
             .iter()
             .map(|ack| {
@@ -437,14 +491,57 @@ impl Fetcher {
                         ack.run,
                         self.index.run_id
                     );
-                    self.ledger.ack(u64::MAX, ack.lease, ack.objects)
+                    self.ledger.ack(u64::MAX, ack.lease, ack.objects, ack.dead)
                 } else {
-                    self.ledger.ack(ack.chunk, ack.lease, ack.objects)
+                    self.ledger.ack(ack.chunk, ack.lease, ack.objects, ack.dead)
                 }
             })
             .collect();
+        let done: Vec<Entry> = request
+            .acks
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, verdict)| **verdict == AckVerdict::Done)
+            .map(|(ack, _)| Entry::Done(ack.chunk as u32))
+            .collect();
+        // Durable before the saver hears "done": a restart must not hand these out again.
+        if let Err(e) = self.store.record(&done) {
+            tracing::error!("{e}; not answering the ack, the saver will resend it");
+            return;
+        }
         if let Some(reply) = &message.reply {
             self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
+        }
+    }
+
+    /// Dead-letters a chunk that can never be handed out.
+    fn dead_letter(&mut self, chunk: u32, error: &str) {
+        self.ledger.dead_letter(chunk);
+        self.record_dead(chunk, error);
+    }
+
+    /// Records a dead-lettered chunk durably, with its object ids for people.
+    fn record_dead(&mut self, chunk: u32, error: &str) {
+        let span = self.index.chunks[chunk as usize];
+        let ids: Vec<String> = self
+            .reader
+            .read(&span)
+            .ok()
+            .and_then(|body| {
+                #[derive(serde::Deserialize)]
+                struct Id {
+                    uuid: Option<String>,
+                }
+                serde_json::from_slice::<Vec<Id>>(&[b"[", &body[..], b"]"].concat()).ok()
+            })
+            .map(|ids| ids.into_iter().filter_map(|i| i.uuid).collect())
+            .unwrap_or_default();
+        let record = serde_json::json!({
+            "kind": "chunk", "run": self.index.run_id, "chunk": chunk, "first_line": span.first_line,
+            "objects": span.objects, "ids": ids, "error": error,
+        });
+        if let Err(e) = self.store.record(&[Entry::Dead(chunk)]).and_then(|()| self.store.dead_letter(&record)) {
+            tracing::error!("{e}");
         }
     }
 

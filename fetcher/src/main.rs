@@ -32,6 +32,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let shutdown = common::shutdown::on_signals();
         fetcher::run(cli.run, shutdown).await
     })?;
-    // A completed run with dead-lettered chunks is not a clean success: say so in the status.
-    Ok(if summary.complete && summary.dead > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    // A completed run with dead-lettered chunks or objects (or skipped input records) is not a
+    // clean success: say so in the exit status.
+    let lost = summary.dead + summary.stats.objects_dead + summary.bad_records;
+    Ok(if summary.complete && lost > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
 }

@@ -247,13 +247,15 @@ async fn process(shared: &Arc<Shared>, lease: LeaseRef, payload: Bytes) {
     let (rounds, name) = (shared.rounds, shared.name.clone());
     let started = Instant::now();
     let mapped = tokio::select! {
-        mapped = on_rayon(&shared.pool, move || work::map_chunk(&payload, rounds, &name)) => mapped,
-        _ = shared.hard_stop.cancelled() => Err("stopped before the transform finished".to_string()),
+        mapped = on_rayon(&shared.pool, move || work::map_chunk(&payload, rounds, &name)) => Some(mapped),
+        _ = shared.hard_stop.cancelled() => None,
     };
     let took = started.elapsed().as_secs_f64();
     shared.metrics.busy.inc_by(took);
     let outcome = match mapped {
-        Ok(mapped) => {
+        // The grace period ended mid-transform: not the chunk's fault, hand it back as such.
+        None => Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down mid-transform".into()),
+        Some(Ok(mapped)) => {
             shared.metrics.transform.observe(took);
             if mapped.dead > 0 {
                 shared.metrics.failures.with_label_values(&["object"]).inc_by(mapped.dead);
@@ -266,7 +268,7 @@ async fn process(shared: &Arc<Shared>, lease: LeaseRef, payload: Bytes) {
             }
             deliver(shared, lease, Bytes::from(mapped.body), mapped.records).await
         }
-        Err(error) => Delivery::GiveBack(ReleaseReason::Failed, error),
+        Some(Err(error)) => Delivery::GiveBack(ReleaseReason::Failed, error),
     };
     match outcome {
         Delivery::Saved(objects) => {

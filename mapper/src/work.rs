@@ -54,8 +54,22 @@ pub fn map_chunk(payload: &[u8], rounds: u32, mapper: &str) -> Result<MappedChun
     Ok(MappedChunk { body, records: saved, dead: failed })
 }
 
+/// Fault injection for tests: the transform panics on the object with this id
+/// (`CHUNKMILL_TEST_PANIC_ID`), standing in for a poison object. Unset in production.
+fn poison_id() -> Option<&'static str> {
+    static POISON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    POISON.get_or_init(|| std::env::var("CHUNKMILL_TEST_PANIC_ID").ok().filter(|s| !s.is_empty())).as_deref()
+}
+
 fn map_one(index: u32, raw: &[u8], rounds: u32) -> Result<MappedUser, DeadObject> {
-    let outcome = catch_unwind(AssertUnwindSafe(|| parse_input(raw).map(|user| transform(&user, rounds))));
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        parse_input(raw).map(|user| {
+            if poison_id() == Some(user.uuid.as_ref()) {
+                panic!("poison object {} (CHUNKMILL_TEST_PANIC_ID)", user.uuid);
+            }
+            transform(&user, rounds)
+        })
+    }));
     let error = match outcome {
         Ok(Ok(record)) => return Ok(record),
         Ok(Err(e)) => e,

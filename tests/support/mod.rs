@@ -34,6 +34,11 @@ impl Pipeline {
         Pipeline { nats: NatsServer::start(), input, out, rounds, dir }
     }
 
+    /// The fetcher's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     pub fn logs(&self) -> &Path {
         self.dir.path()
     }
@@ -48,9 +53,21 @@ impl Pipeline {
 
     /// Starts a service with its metrics endpoint on a free port; returns it and the port.
     pub fn spawn_with_metrics(&self, name: &str, binary: &str, args: &[String]) -> (Service, u16) {
+        self.spawn_with_env(name, binary, args, &[])
+    }
+
+    /// Starts a service with extra environment variables and its metrics on a free port.
+    pub fn spawn_with_env(
+        &self,
+        name: &str,
+        binary: &str,
+        args: &[String],
+        extra: &[(&'static str, &str)],
+    ) -> (Service, u16) {
         let port = free_port();
         let mut env = self.env();
         env.push(("METRICS_ADDR", format!("127.0.0.1:{port}")));
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         (Service::spawn(name, binary, &args, &env, self.logs()), port)
@@ -58,22 +75,47 @@ impl Pipeline {
 
     /// A fetcher over the input with `--exit-when-done` and extra flags.
     pub fn fetcher(&self, extra: &[&str]) -> Service {
-        let mut args = vec!["--input".to_string(), self.input.display().to_string(), "--exit-when-done".into()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        self.spawn("fetcher", "fetcher", &args)
+        let mut args = vec!["--exit-when-done"];
+        args.extend_from_slice(extra);
+        self.fetcher_named("fetcher", &args).0
     }
 
-    /// A mapper named `name` at the pipeline's rounds, with extra flags.
+    /// A fetcher (Deployment mode unless `extra` says `--exit-when-done`) with its metrics port.
+    pub fn fetcher_named(&self, name: &str, extra: &[&str]) -> (Service, u16) {
+        let mut args = vec![
+            "--input".to_string(),
+            self.input.display().to_string(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_with_metrics(name, "fetcher", &args)
+    }
+
+    /// A mapper named `name` at the pipeline's rounds (unless `extra` sets `--rounds`).
     pub fn mapper(&self, name: &str, extra: &[&str]) -> Service {
-        let mut args = vec!["--rounds".to_string(), self.rounds.to_string(), "--instance".into(), name.into()];
+        let mut args = vec!["--instance".to_string(), name.into()];
+        if !extra.contains(&"--rounds") {
+            args.extend(["--rounds".to_string(), self.rounds.to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(name, "mapper", &args)
     }
 
     /// A saver writing to the pipeline's sink.
     pub fn saver(&self, name: &str) -> Service {
+        self.saver_with_metrics(name).0
+    }
+
+    /// A saver with its metrics port.
+    pub fn saver_with_metrics(&self, name: &str) -> (Service, u16) {
         let args = vec!["--out".to_string(), self.out.display().to_string(), "--instance".into(), name.into()];
-        self.spawn(name, "saver", &args)
+        self.spawn_with_metrics(name, "saver", &args)
+    }
+
+    /// The run id of the pipeline's input at chunk size 100.
+    pub fn run_id(&self) -> String {
+        common::input::scan(&self.input, 100).expect("scan input").run_id
     }
 
     /// Runs `saver verify`; returns (success, its report line).
@@ -113,6 +155,23 @@ impl Pipeline {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Reads `series` from the service's /metrics on `port` (None while it does not answer).
+pub fn metric(port: u16, series: &str) -> Option<f64> {
+    match common::harness::http_get(port, "/metrics") {
+        Ok((200, text)) => common::harness::metric_value(&text, series),
+        _ => None,
+    }
+}
+
+/// Waits until `condition` holds, polling every 20 ms, up to `timeout`; panics with `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,0 +1,194 @@
+//! Fault tolerance end to end: each test breaks one thing the way production does (SIGKILL,
+//! SIGSTOP, SIGTERM, a NATS restart, an unwritable sink, poison input) and checks that the run
+//! still ends with every object saved exactly once.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{finish, metric, summary_number, wait_until, Pipeline};
+
+const LONG: Duration = Duration::from_secs(180);
+
+fn done_chunks(port: u16) -> f64 {
+    metric(port, "chunkmill_fetcher_chunks{state=\"done\"}").unwrap_or(-1.0)
+}
+
+#[test]
+fn a_fetcher_killed_mid_run_resumes_without_handing_out_saved_chunks() {
+    let p = Pipeline::new(20_000, 300);
+    let _saver = p.saver("saver-1");
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let (mut first, _) = p.fetcher_named("fetcher-1", &["--exit-when-done"]);
+    p.wait_saved(40, LONG);
+    first.kill();
+    let ledger = std::fs::read_to_string(p.state_dir().join(format!("{}.ledger", p.run_id()))).expect("ledger file");
+    let recorded = ledger.lines().filter(|l| l.starts_with("d ")).count() as u64;
+    assert!((1..200).contains(&recorded), "killed at a useless moment: {recorded} chunks recorded");
+    let (mut second, _) = p.fetcher_named("fetcher-2", &["--exit-when-done"]);
+    finish(&mut second, LONG);
+    let log = second.log();
+    assert!(log.contains(&format!("{recorded} chunks already done")), "{log}");
+    // Chunks recorded as done are never handed out again; only the rest are leased.
+    let granted = summary_number(&log, "leases granted");
+    assert!(granted <= 200 - recorded + 4, "{granted} leases for {} remaining chunks", 200 - recorded);
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn a_second_fetcher_on_the_same_state_refuses_to_start() {
+    let p = Pipeline::new(1_000, 0);
+    let (_first, port) = p.fetcher_named("fetcher-1", &[]);
+    wait_until("the first fetcher to be ready", LONG, || metric(port, "chunkmill_nats_connected") == Some(1.0));
+    let (mut second, _) = p.fetcher_named("fetcher-2", &[]);
+    let code = second.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "the second fetcher should fail fast:\n{}", second.log());
+    assert!(second.log().contains("another fetcher is running"), "{}", second.log());
+}
+
+#[test]
+fn a_nats_restart_mid_run_is_survived_by_every_service() {
+    let mut p = Pipeline::new(20_000, 300);
+    let saver = p.saver("saver-1");
+    let m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let mut fetcher = p.fetcher(&["--lease-timeout", "2s"]);
+    p.wait_saved(30, LONG);
+    p.nats.stop();
+    for service in [&fetcher, &saver, &m1] {
+        service.wait_for_log("disconnected from NATS", Duration::from_secs(30));
+    }
+    assert_eq!(fetcher.wait_exit(Duration::from_millis(200)), None, "the fetcher must wait for NATS, not exit");
+    p.nats.restart();
+    finish(&mut fetcher, LONG);
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+    assert!(report.contains("20000 expected, 20000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+}
+
+#[test]
+fn a_mapper_paused_past_its_lease_sends_a_harmless_stale_result() {
+    let p = Pipeline::new(1_000, 0);
+    let (saver, saver_port) = p.saver_with_metrics("saver-1");
+    let (_fetcher, port) = p.fetcher_named("fetcher", &["--lease-timeout", "500ms"]);
+    // A mapper slow enough to be caught holding a lease: one thread, many rounds.
+    let paused = p.mapper("paused", &["--rounds", "20000", "--threads", "1", "--concurrency", "1"]);
+    wait_until("the paused mapper to hold a lease", LONG, || {
+        metric(port, "chunkmill_fetcher_chunks{state=\"leased\"}") == Some(1.0)
+    });
+    paused.signal("STOP");
+    // The rest of the run, including the paused mapper's chunk, is done by another mapper. Its
+    // rounds match the paused one's, so a stale result is byte-identical, as in production.
+    let _healthy = p.mapper("healthy", &["--rounds", "20000"]);
+    wait_until("every chunk done", LONG, || done_chunks(port) == 10.0);
+    assert!(metric(port, "chunkmill_fetcher_lease_expiries_total").unwrap_or(0.0) >= 1.0);
+    paused.signal("CONT");
+    // The paused mapper either learns its lease is gone and drops the result, or sends it and
+    // the saver absorbs it as a duplicate: both are fine; an error or a second copy is not.
+    wait_until("the stale result to be dropped or absorbed", LONG, || {
+        paused.log().contains("no longer ours")
+            || metric(saver_port, "chunkmill_saver_duplicate_saves_total") >= Some(1.0)
+    });
+    assert!(!saver.log().contains("ERROR"), "{}", saver.log());
+    let output = std::process::Command::new(common::harness::bin("saver"))
+        .args(["verify", "--rounds", "20000", "--input"])
+        .arg(&p.input)
+        .arg("--out")
+        .arg(&p.out)
+        .output()
+        .expect("verify");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && report.contains("0 duplicated"), "{report}");
+}
+
+#[test]
+fn sigterm_makes_a_mapper_hand_its_chunk_back_at_once() {
+    let p = Pipeline::new(1_000, 0);
+    // A lease far longer than the test: the chunk can only come back by a release.
+    let (_fetcher, port) = p.fetcher_named("fetcher", &["--lease-timeout", "10m"]);
+    let mut mapper = p.mapper(
+        "mapper",
+        &["--rounds", "2000000", "--threads", "1", "--concurrency", "1", "--shutdown-grace", "500ms"],
+    );
+    wait_until("the mapper to hold a lease", LONG, || {
+        metric(port, "chunkmill_fetcher_chunks{state=\"leased\"}") == Some(1.0)
+    });
+    mapper.signal("TERM");
+    assert_eq!(mapper.wait_exit(Duration::from_secs(10)), Some(0), "{}", mapper.log());
+    wait_until("the chunk to be pending again", Duration::from_secs(5), || {
+        metric(port, "chunkmill_fetcher_chunks{state=\"leased\"}") == Some(0.0)
+    });
+    assert_eq!(metric(port, "chunkmill_fetcher_releases_total{reason=\"shutdown\"}"), Some(1.0));
+    assert_eq!(metric(port, "chunkmill_fetcher_lease_expiries_total"), Some(0.0));
+}
+
+#[test]
+fn a_saver_that_cannot_write_acknowledges_nothing_and_recovers() {
+    let p = Pipeline::new(1_000, 0);
+    // A file where the run's directory must go: every write fails until it is removed.
+    std::fs::create_dir_all(&p.out).expect("out dir");
+    let blocker = p.out.join(p.run_id());
+    std::fs::write(&blocker, b"not a directory").expect("blocker");
+    let saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let (mut fetcher, port) = p.fetcher_named("fetcher", &["--exit-when-done"]);
+    saver.wait_for_log("cannot save a result", LONG);
+    assert!(saver.log().contains(&blocker.display().to_string()), "the error names the path:\n{}", saver.log());
+    assert_eq!(done_chunks(port), 0.0, "nothing may be done while nothing is saved");
+    std::fs::remove_file(&blocker).expect("unblock");
+    finish(&mut fetcher, LONG);
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn bad_input_is_refused_by_default_and_skipped_on_request() {
+    let p = Pipeline::new(500, 0);
+    let mut text = std::fs::read_to_string(&p.input).expect("input");
+    text.push_str("{\"uuid\": \"not-a-uuid\", \"fn\": \"A\", \"ln\": \"B\", \"friends\": []}\n");
+    text.push_str("{\"truncated\": \n");
+    std::fs::write(&p.input, text).expect("write input");
+
+    let (mut refused, _) = p.fetcher_named("fetcher-refused", &["--exit-when-done"]);
+    assert_eq!(refused.wait_exit(Duration::from_secs(30)), Some(1));
+    let log = refused.log();
+    assert!(log.contains("line 501") && log.contains("line 502") && log.contains("--bad-records skip"), "{log}");
+
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let (mut skipping, _) = p.fetcher_named("fetcher", &["--exit-when-done", "--bad-records", "skip"]);
+    // Exit status 3: complete, but some input was left out.
+    assert_eq!(skipping.wait_exit(LONG), Some(3), "{}", skipping.log());
+    let dead = std::fs::read_to_string(p.state_dir().join(format!("{}.dead-letter.jsonl", p.run_id())))
+        .expect("dead-letter file");
+    assert_eq!(dead.lines().count(), 2, "{dead}");
+    assert!(dead.contains("\"line\":501") && dead.contains("\"line\":502"), "{dead}");
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("500 found") && report.contains("2 invalid input records"), "{report}");
+}
+
+#[test]
+fn a_poison_object_is_dead_lettered_by_name_and_the_run_completes() {
+    let p = Pipeline::new(300, 0);
+    let first_line = std::fs::read_to_string(&p.input).expect("input").lines().nth(150).expect("line").to_string();
+    let poison: serde_json::Value = serde_json::from_str(&first_line).expect("json");
+    let poison_id = poison["uuid"].as_str().expect("uuid").to_string();
+    let _saver = p.saver("saver-1");
+    let (mapper, _) = p.spawn_with_env(
+        "mapper-1",
+        "mapper",
+        &["--rounds".into(), "0".into()],
+        &[("CHUNKMILL_TEST_PANIC_ID", poison_id.as_str())],
+    );
+    let mut fetcher = p.fetcher(&[]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete with a dead letter:\n{}", fetcher.log());
+    assert_eq!(summary_number(&fetcher.log(), "objects dead-lettered"), 1);
+    let dead_file = p.out.join(p.run_id()).join("chunk-00000001.dead.jsonl");
+    let dead = std::fs::read_to_string(&dead_file).expect("dead-letter record");
+    assert!(dead.contains(&poison_id) && dead.contains("panicked"), "{dead}");
+    assert!(mapper.log().contains("could not be transformed"), "{}", mapper.log());
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("299 found") && report.contains("1 dead-lettered"), "{report}");
+}
