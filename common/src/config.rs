@@ -1,6 +1,7 @@
 //! Command-line and environment settings shared by every service. Each binary flattens
 //! [`NatsArgs`] into its own clap struct, so `--nats-url` and `NATS_URL` mean the same everywhere.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -19,12 +20,61 @@ pub struct NatsArgs {
     /// A name for this process in logs and in the fetcher's ledger (default: host name and pid).
     #[arg(long, env = "CHUNKMILL_INSTANCE")]
     pub instance: Option<String>,
+
+    /// NATS credentials file (.creds: JWT and NKey seed).
+    #[arg(long, env = "NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+
+    /// NATS user name (with --nats-password-file or NATS_PASSWORD).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// File holding the NATS password (a mounted Secret).
+    #[arg(long, env = "NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<PathBuf>,
+
+    /// NATS password (prefer --nats-password-file: environment variables are easy to leak).
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+
+    /// File holding the NATS authentication token.
+    #[arg(long, env = "NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+
+    /// File holding an NKey seed to authenticate with.
+    #[arg(long, env = "NATS_NKEY_FILE")]
+    pub nats_nkey_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify the NATS server with; implies TLS.
+    #[arg(long, env = "NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS, with --nats-tls-key-file.
+    #[arg(long, env = "NATS_TLS_CERT_FILE", requires = "nats_tls_key_file")]
+    pub nats_tls_cert_file: Option<PathBuf>,
+
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, env = "NATS_TLS_KEY_FILE", requires = "nats_tls_cert_file")]
+    pub nats_tls_key_file: Option<PathBuf>,
 }
 
 impl NatsArgs {
     /// Settings for a test or a tool talking to `url` with the default prefix.
     pub fn for_url(url: impl Into<String>) -> Self {
-        NatsArgs { url: url.into(), subject_prefix: "chunkmill".into(), instance: None }
+        NatsArgs {
+            url: url.into(),
+            subject_prefix: "chunkmill".into(),
+            instance: None,
+            nats_creds_file: None,
+            nats_user: None,
+            nats_password_file: None,
+            nats_password: None,
+            nats_token_file: None,
+            nats_nkey_file: None,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
+        }
     }
 
     /// The name this process gives itself: `--instance`, else `<hostname>-<pid>`.

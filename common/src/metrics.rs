@@ -30,7 +30,7 @@ pub struct CommonMetrics {
     connected: IntGauge,
     reconnects: IntCounter,
     slow_consumers: IntCounter,
-    seen_connects: Arc<AtomicU64>,
+    seen_reconnects: Arc<AtomicU64>,
     seen_slow: Arc<AtomicU64>,
 }
 
@@ -90,8 +90,16 @@ impl CommonMetrics {
             connected,
             reconnects,
             slow_consumers,
-            seen_connects: Arc::default(),
+            seen_reconnects: Arc::default(),
             seen_slow: Arc::default(),
+        }
+    }
+
+    /// Makes the malformed-message series for `subjects` exist at 0, so dashboards show 0
+    /// rather than "no data" until something malformed arrives.
+    pub fn watch_subjects(&self, subjects: &[&str]) {
+        for subject in subjects {
+            self.malformed.with_label_values(&[subject]);
         }
     }
 
@@ -103,10 +111,9 @@ impl CommonMetrics {
     /// Copies the connection's state into the metrics (called before each scrape).
     pub fn refresh(&self, connection: &ConnectionState) {
         self.connected.set(i64::from(connection.is_connected()));
-        let connects = connection.connects();
-        let before = self.seen_connects.swap(connects, Ordering::Relaxed);
-        // The first connection is not a reconnection.
-        self.reconnects.inc_by(connects.saturating_sub(1).saturating_sub(before.saturating_sub(1)));
+        let reconnects = connection.reconnects();
+        let before = self.seen_reconnects.swap(reconnects, Ordering::Relaxed);
+        self.reconnects.inc_by(reconnects.saturating_sub(before));
         let slow = connection.slow_consumers();
         let before = self.seen_slow.swap(slow, Ordering::Relaxed);
         self.slow_consumers.inc_by(slow.saturating_sub(before));

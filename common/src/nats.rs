@@ -1,12 +1,14 @@
 //! The NATS connection every service opens: named, reconnecting forever, and reporting its state
 //! (connected, reconnects, slow-consumer events) to logs and to [`ConnectionState`], which the
-//! readiness probe and metrics read.
+//! readiness probe and metrics read. Connecting waits for an unreachable server but fails at once
+//! on bad credentials or TLS.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsArgs;
 
@@ -14,7 +16,8 @@ use crate::config::NatsArgs;
 #[derive(Debug, Default)]
 pub struct ConnectionState {
     connected: AtomicBool,
-    connects: AtomicU64,
+    lost: AtomicBool,
+    reconnects: AtomicU64,
     slow_consumers: AtomicU64,
 }
 
@@ -23,9 +26,9 @@ impl ConnectionState {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
-    /// Successful (re)connections since start.
-    pub fn connects(&self) -> u64 {
-        self.connects.load(Ordering::Relaxed)
+    /// Reconnections after a lost connection, since start.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
     /// Slow-consumer events (messages dropped by the client) since start.
     pub fn slow_consumers(&self) -> u64 {
@@ -33,30 +36,77 @@ impl ConnectionState {
     }
 }
 
-/// Why the connection could not be set up.
+/// Why the connection could not be set up. Authentication and TLS problems are reported at
+/// once; an unreachable server is waited for instead.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to NATS at {url}: {source}; check NATS_URL and that nats-server is running")]
-pub struct ConnectError {
-    url: String,
-    #[source]
-    source: async_nats::ConnectError,
+pub enum ConnectError {
+    /// The server refused us or TLS failed: retrying cannot help.
+    #[error("NATS at {url} refused the connection: {source}; check the credentials (NATS_USER, NATS_PASSWORD_FILE, NATS_TOKEN_FILE, NATS_NKEY_FILE, NATS_CREDS_FILE) and TLS settings (NATS_TLS_*)")]
+    Refused {
+        /// The server URL.
+        url: String,
+        /// The client's error.
+        source: async_nats::ConnectError,
+    },
+    /// A credential or certificate file could not be read.
+    #[error("cannot read {what} {path}: {source}")]
+    File {
+        /// What the file is for.
+        what: &'static str,
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Shutdown was requested while waiting for NATS.
+    #[error("stopped while waiting for NATS at {0}")]
+    Cancelled(String),
 }
 
-/// Connects to NATS. The connection is made in the background and retried forever, so a service
-/// may start before nats-server and survives its restarts; requests made meanwhile time out and
-/// are retried by their callers.
-pub async fn connect(args: &NatsArgs, name: &str) -> Result<(Client, Arc<ConnectionState>), ConnectError> {
-    let state = Arc::new(ConnectionState::default());
+fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, ConnectError> {
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).map_err(|source| ConnectError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+async fn options(args: &NatsArgs, name: &str, state: &Arc<ConnectionState>) -> Result<ConnectOptions, ConnectError> {
     let events = state.clone();
     let url = args.url.clone();
-    let options = ConnectOptions::new()
+    let mut options = match &args.nats_creds_file {
+        Some(path) => ConnectOptions::new().credentials_file(path).await.map_err(|source| ConnectError::File {
+            what: "NATS credentials file",
+            path: path.clone(),
+            source,
+        })?,
+        None => ConnectOptions::new(),
+    };
+    if let Some(user) = &args.nats_user {
+        let password = match (&args.nats_password_file, &args.nats_password) {
+            (Some(path), _) => read_secret("NATS password file", path)?,
+            (None, Some(password)) => password.clone(),
+            (None, None) => String::new(),
+        };
+        options = options.user_and_password(user.clone(), password);
+    }
+    if let Some(path) = &args.nats_token_file {
+        options = options.token(read_secret("NATS token file", path)?);
+    }
+    if let Some(path) = &args.nats_nkey_file {
+        options = options.nkey(read_secret("NATS NKey seed file", path)?);
+    }
+    if let Some(ca) = &args.nats_tls_ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&args.nats_tls_cert_file, &args.nats_tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+    }
+    Ok(options
         .name(name)
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100u64 << attempts.min(4) as u32).min(2000))
-        })
+        .reconnect_delay_callback(|attempts| Duration::from_millis((100u64 << attempts.min(4) as u32).min(2000)))
         .event_callback(move |event| {
             let state = events.clone();
             let url = url.clone();
@@ -64,11 +114,14 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<(Client, Arc<Connect
                 match event {
                     Event::Connected => {
                         state.connected.store(true, Ordering::Relaxed);
-                        state.connects.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!("connected to NATS at {url}");
+                        if state.lost.swap(false, Ordering::Relaxed) {
+                            state.reconnects.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!("reconnected to NATS at {url}");
+                        }
                     }
                     Event::Disconnected => {
                         state.connected.store(false, Ordering::Relaxed);
+                        state.lost.store(true, Ordering::Relaxed);
                         tracing::warn!("disconnected from NATS at {url}; reconnecting, work is kept meanwhile");
                     }
                     Event::SlowConsumer(sid) => {
@@ -83,10 +136,47 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<(Client, Arc<Connect
                     other => tracing::warn!("NATS: {other}"),
                 }
             }
-        });
-    let client =
-        options.connect(args.url.as_str()).await.map_err(|source| ConnectError { url: args.url.clone(), source })?;
-    Ok((client, state))
+        }))
+}
+
+/// Connects to NATS, reporting into `state`. An unreachable server is waited for (logged, retried
+/// with backoff) so a service may start before nats-server; once connected, the client reconnects
+/// by itself forever. Bad credentials or TLS fail at once with a clear error instead of a hang.
+pub async fn connect(
+    args: &NatsArgs,
+    name: &str,
+    state: &Arc<ConnectionState>,
+    shutdown: &CancellationToken,
+) -> Result<Client, ConnectError> {
+    let mut delay = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        let attempt = options(args, name, state).await?.connect(args.url.as_str()).await;
+        let error = match attempt {
+            Ok(client) => {
+                state.connected.store(true, Ordering::Relaxed);
+                tracing::info!("connected to NATS at {}", args.url);
+                return Ok(client);
+            }
+            Err(error) => error,
+        };
+        match error.kind() {
+            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Tls => {
+                return Err(ConnectError::Refused { url: args.url.clone(), source: error });
+            }
+            _ => {
+                if !warned {
+                    tracing::warn!("waiting for NATS at {}: {error}", args.url);
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(ConnectError::Cancelled(args.url.clone())),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// The server's max_payload, or NATS's default (1 MiB) while not yet connected.

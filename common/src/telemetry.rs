@@ -1,6 +1,8 @@
 //! Logging set-up: human-readable lines by default, JSON with `LOG_FORMAT=json`, level from
 //! `RUST_LOG` (default `info`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber. Call once, first thing in `main`.
@@ -11,6 +13,7 @@ pub fn init_logging() {
     if json {
         builder.json().flatten_event(true).init();
     } else {
-        builder.with_target(false).init();
+        // Colours only on a terminal: `kubectl logs` and files get plain text.
+        builder.with_target(false).with_ansi(std::io::stderr().is_terminal()).init();
     }
 }

@@ -174,7 +174,7 @@ pub async fn load_input(config: &Config) -> Result<InputIndex, FetcherError> {
 /// Runs the fetcher until the run completes (with `exit_when_done`) or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
     let name = config.nats.instance_name("fetcher");
-    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}")).await?;
+    let connection = Arc::new(common::nats::ConnectionState::default());
     let metrics = FetcherMetrics::new();
     let ready = Arc::new(AtomicBool::new(false));
     let endpoint = common::metrics::Endpoint {
@@ -183,6 +183,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         ready: ready.clone(),
     };
     common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
+    let client =
+        common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}"), &connection, &shutdown).await?;
     let index = load_input(&config).await?;
     tracing::info!(
         run = %index.run_id,
@@ -290,6 +292,8 @@ impl Fetcher {
         let mut release = self.subscribe(&self.subjects.release).await?;
         let mut ack = self.subscribe(&self.subjects.ack).await?;
         self.metrics.start(self.index.objects);
+        let subjects = &self.subjects;
+        self.metrics.common.watch_subjects(&[&subjects.work, &subjects.extend, &subjects.release, &subjects.ack]);
         ready.store(true, Ordering::Relaxed);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -94,14 +94,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
         .build()
         .map_err(|source| MapperError::Pool { threads, source })?;
     let name = config.nats.instance_name("mapper");
-    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}")).await?;
+    let connection = Arc::new(common::nats::ConnectionState::default());
     let metrics = metrics::MapperMetrics::new();
+    let subjects = Subjects::new(&config.nats.subject_prefix);
+    metrics.common.watch_subjects(&[&subjects.work]);
     let endpoint = common::metrics::Endpoint {
         metrics: metrics.common.clone(),
-        connection,
+        connection: connection.clone(),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
+    let client =
+        common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}"), &connection, &shutdown).await?;
     tracing::info!(
         "mapper {name}: {} rounds, {} chunks at a time, {threads} transform threads",
         config.rounds,
@@ -109,7 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
     );
     let shared = Arc::new(Shared {
         client,
-        subjects: Subjects::new(&config.nats.subject_prefix),
+        subjects,
         name,
         rounds: config.rounds,
         pool,
@@ -178,11 +182,13 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
     while !shutdown.is_cancelled() && !shared.hard_stop.is_cancelled() {
         let asked =
             async_nats::Request::new().payload(request.clone()).timeout(Some(WORK_WAIT + Duration::from_secs(3)));
+        let waiting = Instant::now();
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = shared.hard_stop.cancelled() => break,
             reply = shared.client.send_request(shared.subjects.work.clone(), asked) => reply,
         };
+        shared.metrics.idle.inc_by(waiting.elapsed().as_secs_f64());
         let message = match message {
             Ok(message) => {
                 if warned {

@@ -79,17 +79,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         .map_err(|e| SinkError::Io { action: "open", path: config.out.clone(), source: std::io::Error::other(e) })??;
     let sink = Sink::File(sink);
     let name = config.nats.instance_name("saver");
-    let (client, connection) = common::nats::connect(&config.nats, &format!("chunkmill-saver {name}")).await?;
+    let connection = Arc::new(common::nats::ConnectionState::default());
     let metrics = metrics::SaverMetrics::new();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let endpoint = common::metrics::Endpoint { metrics: metrics.common.clone(), connection, ready: ready.clone() };
+    let endpoint = common::metrics::Endpoint {
+        metrics: metrics.common.clone(),
+        connection: connection.clone(),
+        ready: ready.clone(),
+    };
     common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
+    let client =
+        common::nats::connect(&config.nats, &format!("chunkmill-saver {name}"), &connection, &shutdown).await?;
     let subjects = Subjects::new(&config.nats.subject_prefix);
     let mut results = client
         .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())
         .await
         .map_err(|source| SaverError::Subscribe { subject: subjects.result.clone(), source })?;
     tracing::info!("saver {name}: saving to {}", sink.describe());
+    metrics.common.watch_subjects(&[&subjects.result]);
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
     let acker = tokio::spawn(acker(client.clone(), subjects.ack.clone(), name.clone(), ack_queue));
@@ -198,13 +205,15 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
     }
     match rx.await.ok().flatten() {
         Some(AckVerdict::Unknown) => {
-            tracing::warn!(
-                chunk = result.chunk,
-                "the fetcher does not know chunk {} of run {} (another run?); saved anyway",
-                result.chunk,
-                result.run
+            // Saved, but the fetcher cannot count it (another run, or a wrong object count from a
+            // buggy mapper): refuse, so the mapper gives the lease back as failed and a chunk that
+            // can never complete ends dead-lettered instead of looping.
+            let error = format!(
+                "the fetcher does not accept chunk {} of run {} (another run, or a wrong object count)",
+                result.chunk, result.run
             );
-            (ResultStatus::Saved, None)
+            tracing::warn!(chunk = result.chunk, "{error}");
+            (ResultStatus::Rejected, Some(error))
         }
         Some(_) => (ResultStatus::Saved, None),
         None => (
