@@ -22,3 +22,17 @@ ensure_nats_server() {
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
+
+# Make sure a Prometheus server binary is on PATH (Debian's package).
+ensure_prometheus() {
+  command -v prometheus >/dev/null 2>&1 && return 0
+  echo "prometheus not found: installing it (apt-get install prometheus)" >&2
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
+  else
+    sudo apt-get update -qq >&2 && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
+  fi
+  # The package starts a system service we do not need (and that would hold port 9090).
+  (systemctl stop prometheus 2>/dev/null || service prometheus stop 2>/dev/null || pkill -x prometheus) >/dev/null 2>&1 || true
+  command -v prometheus >/dev/null 2>&1
+}

