@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{finish, metric, summary_number, wait_until, Pipeline};
+use support::{finish, metric, summary_number, wait_ready, wait_until, Pipeline};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -41,7 +41,7 @@ fn a_fetcher_killed_mid_run_resumes_without_handing_out_saved_chunks() {
 fn a_second_fetcher_on_the_same_state_refuses_to_start() {
     let p = Pipeline::new(1_000, 0);
     let (_first, port) = p.fetcher_named("fetcher-1", &[]);
-    wait_until("the first fetcher to be ready", LONG, || metric(port, "chunkmill_nats_connected") == Some(1.0));
+    wait_ready(port);
     let (mut second, _) = p.fetcher_named("fetcher-2", &[]);
     let code = second.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(1), "the second fetcher should fail fast:\n{}", second.log());

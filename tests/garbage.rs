@@ -8,16 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::protocol::{self, Ack, AckReply, AckRequest, AckVerdict, Subjects, VERSION};
-use support::{metric, wait_until, Pipeline};
+use support::{metric, wait_ready, wait_until, Pipeline};
 
 #[test]
 fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
     let p = Pipeline::new(2_000, 0);
     let (saver, saver_port) = p.saver_with_metrics("saver-1");
     let (fetcher, fetcher_port) = p.fetcher_named("fetcher", &[]);
-    wait_until("the fetcher to be ready", Duration::from_secs(60), || {
-        metric(fetcher_port, "chunkmill_nats_connected") == Some(1.0)
-    });
+    wait_ready(fetcher_port);
     let subjects = Subjects::new("chunkmill");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let url = p.nats.url();

@@ -1,10 +1,13 @@
 //! NATS authentication: the right credentials work, wrong or missing ones fail fast with a clear
 //! error (not a hang), and secrets never show in logs or `--help`.
 
+mod support;
+
 use std::process::Command;
 use std::time::Duration;
 
-use common::harness::{bin, free_port, http_get, NatsServer, Service};
+use common::harness::{bin, free_port, NatsServer, Service};
+use support::wait_ready;
 
 fn mapper(nats: &NatsServer, dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> (Service, u16) {
     let port = free_port();
@@ -13,14 +16,6 @@ fn mapper(nats: &NatsServer, dir: &std::path::Path, name: &str, env: &[(&str, &s
     let mut all = vec![("NATS_URL", url.as_str()), ("METRICS_ADDR", metrics.as_str())];
     all.extend_from_slice(env);
     (Service::spawn(name, "mapper", &["--rounds", "0"], &all, dir), port)
-}
-
-fn wait_ready(port: u16) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !matches!(http_get(port, "/readyz"), Ok((200, _))) {
-        assert!(std::time::Instant::now() < deadline, "not ready within 30 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -131,6 +131,8 @@ pub struct Service {
     pub name: String,
     child: Option<Child>,
     log: PathBuf,
+    /// The exit code, once the process exited by itself.
+    exited: Option<Option<i32>>,
 }
 
 impl Service {
@@ -147,7 +149,7 @@ impl Service {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
-        Service { name: name.to_string(), child: Some(child), log }
+        Service { name: name.to_string(), child: Some(child), log, exited: None }
     }
 
     /// The OS process id.
@@ -164,18 +166,28 @@ impl Service {
     /// Kills with SIGKILL and reaps.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A process that had already exited keeps its own exit code.
+            if let Ok(Some(status)) = child.try_wait() {
+                self.exited = Some(status.code());
+                return;
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Waits for the process to exit by itself, up to `timeout`; returns its exit code.
+    /// Waits for the process to exit by itself, up to `timeout`; returns its exit code (None if
+    /// it is still running, was killed, or died by a signal). Asking again returns the same code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        if let Some(code) = self.exited {
+            return code;
+        }
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut()?;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
+                self.exited = Some(status.code());
                 return status.code();
             }
             if Instant::now() > deadline {

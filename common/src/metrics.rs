@@ -138,6 +138,21 @@ pub struct ServeError {
     source: std::io::Error,
 }
 
+/// Starts the endpoint for a service before it connects (so liveness holds while NATS is away):
+/// returns the connection state to hand to [`crate::nats::connect`] and the readiness flag the
+/// service raises once it can work.
+pub async fn start(
+    addr: &str,
+    metrics: &CommonMetrics,
+    shutdown: &CancellationToken,
+) -> Result<(Arc<ConnectionState>, Arc<std::sync::atomic::AtomicBool>), ServeError> {
+    let connection = Arc::new(ConnectionState::default());
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let endpoint = Endpoint { metrics: metrics.clone(), connection: connection.clone(), ready: ready.clone() };
+    serve(addr, endpoint, shutdown.child_token()).await?;
+    Ok((connection, ready))
+}
+
 /// Binds `addr` and serves the endpoint until `shutdown`; returns the bound address.
 pub async fn serve(addr: &str, endpoint: Endpoint, shutdown: CancellationToken) -> Result<SocketAddr, ServeError> {
     let listener =

@@ -78,11 +78,13 @@ const LAST_NAMES: &[&str] = &[
 pub const BLOCK: usize = 100;
 
 /// splitmix64: tiny, fast, and its output never changes with a dependency upgrade, which is what
-/// "same seed, byte-identical file" needs.
-struct SplitMix64(u64);
+/// "same seed, byte-identical file" needs. Also the chaos test's fault schedule.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -90,7 +92,8 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }

@@ -174,15 +174,8 @@ pub async fn load_input(config: &Config) -> Result<InputIndex, FetcherError> {
 /// Runs the fetcher until the run completes (with `exit_when_done`) or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
     let name = config.nats.instance_name("fetcher");
-    let connection = Arc::new(common::nats::ConnectionState::default());
     let metrics = FetcherMetrics::new();
-    let ready = Arc::new(AtomicBool::new(false));
-    let endpoint = common::metrics::Endpoint {
-        metrics: metrics.common.clone(),
-        connection: connection.clone(),
-        ready: ready.clone(),
-    };
-    common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
+    let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
     let client =
         common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}"), &connection, &shutdown).await?;
     let index = load_input(&config).await?;

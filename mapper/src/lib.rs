@@ -94,16 +94,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
         .build()
         .map_err(|source| MapperError::Pool { threads, source })?;
     let name = config.nats.instance_name("mapper");
-    let connection = Arc::new(common::nats::ConnectionState::default());
     let metrics = metrics::MapperMetrics::new();
     let subjects = Subjects::new(&config.nats.subject_prefix);
     metrics.common.watch_subjects(&[&subjects.work]);
-    let endpoint = common::metrics::Endpoint {
-        metrics: metrics.common.clone(),
-        connection: connection.clone(),
-        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    };
-    common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
+    let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let client =
         common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}"), &connection, &shutdown).await?;
     tracing::info!(

@@ -79,15 +79,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         .map_err(|e| SinkError::Io { action: "open", path: config.out.clone(), source: std::io::Error::other(e) })??;
     let sink = Sink::File(sink);
     let name = config.nats.instance_name("saver");
-    let connection = Arc::new(common::nats::ConnectionState::default());
     let metrics = metrics::SaverMetrics::new();
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let endpoint = common::metrics::Endpoint {
-        metrics: metrics.common.clone(),
-        connection: connection.clone(),
-        ready: ready.clone(),
-    };
-    common::metrics::serve(&config.metrics_addr, endpoint, shutdown.child_token()).await?;
+    let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
     let client =
         common::nats::connect(&config.nats, &format!("chunkmill-saver {name}"), &connection, &shutdown).await?;
     let subjects = Subjects::new(&config.nats.subject_prefix);

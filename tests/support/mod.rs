@@ -175,6 +175,13 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// Waits until the service on `port` answers /readyz with 200 (subscribed and able to work).
+pub fn wait_ready(port: u16) {
+    wait_until("the service to be ready", Duration::from_secs(60), || {
+        matches!(common::harness::http_get(port, "/readyz"), Ok((200, _)))
+    });
+}
+
 /// Waits for the fetcher to finish the run; panics with its log if it does not exit 0.
 pub fn finish(fetcher: &mut Service, timeout: Duration) {
     let code = fetcher.wait_exit(timeout);
