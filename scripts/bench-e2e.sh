@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: the real binaries (release) around a real nats-server over the
+# 100 000-object data set, at --rounds 0 and the default rounds, with 1, 2 and 4 mapper
+# processes, side by side with the in-process ideal (same transform, same data, rayon on all
+# cores in one process, no NATS, no files between steps). Durability stays on (fsync).
+#
+#   ./scripts/bench-e2e.sh                  # the full table
+#   ROUNDS_LIST="0" MAPPERS_LIST="2" ./scripts/bench-e2e.sh
+#
+# Columns: wall time of the run (fetcher start to exit, input scan included), objects/s, the
+# ideal's time, efficiency = ideal / pipeline, re-leases (chunks handed out more than once),
+# duplicate saves absorbed, and peak RSS (VmHWM) of each service.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ROUNDS_LIST=${ROUNDS_LIST:-"0 3000"}
+MAPPERS_LIST=${MAPPERS_LIST:-"1 2 4"}
+OBJECTS=${OBJECTS:-100000}
+DATA=${DATA:-data/users.jsonl}
+CONCURRENCY=${CONCURRENCY:-}
+
+ensure_nats_server
+cargo build --release --workspace --bins --examples --quiet
+BIN=target/release
+[ -s "$DATA" ] || $BIN/fetcher generate --objects "$OBJECTS" --output "$DATA" >/dev/null
+objects=$(wc -l < "$DATA")
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT INT TERM
+
+port=$(free_port)
+nats-server -a 127.0.0.1 -p "$port" >"$work/nats.log" 2>&1 &
+pids+=($!)
+export NATS_URL="nats://127.0.0.1:$port" METRICS_ADDR=127.0.0.1:0
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+
+hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD)"
+printf '| rounds | mappers | pipeline s | objects/s | ideal s | efficiency | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
+printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+for rounds in $ROUNDS_LIST; do
+  ideal=$($BIN/examples/ideal "$DATA" "$rounds" "$(nproc)" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
+  for mappers in $MAPPERS_LIST; do
+    rm -rf "$work/out" "$work/state"
+    $BIN/saver --out "$work/out" >"$work/saver.log" 2>&1 &
+    saver=$!
+    mpids=()
+    for i in $(seq "$mappers"); do
+      $BIN/mapper --rounds "$rounds" ${CONCURRENCY:+--concurrency "$CONCURRENCY"} >"$work/mapper-$i.log" 2>&1 &
+      mpids+=($!)
+    done
+    # Start timing once everyone is connected.
+    for log in "$work/saver.log" "$work"/mapper-*.log; do
+      for _ in $(seq 200); do grep -q "connected to NATS" "$log" && break; sleep 0.02; done
+    done
+    start=$(now_ms)
+    $BIN/fetcher --input "$DATA" --state-dir "$work/state" --exit-when-done >"$work/fetcher.log" 2>&1 &
+    fetcher=$!
+    fetcher_mb=0
+    while kill -0 "$fetcher" 2>/dev/null; do fetcher_mb=$(hwm "$fetcher"); sleep 0.02; done
+    wait "$fetcher" || { echo "fetcher failed:"; tail "$work/fetcher.log"; exit 1; }
+    ms=$(( $(now_ms) - start ))
+    saver_mb=$(hwm "$saver")
+    mapper_mb=0
+    for pid in "${mpids[@]}"; do
+      mb=$(hwm "$pid"); awk -v a="$mb" -v b="$mapper_mb" 'BEGIN{exit !(a>b)}' && mapper_mb=$mb
+    done
+    kill "${mpids[@]}" "$saver" 2>/dev/null; wait "${mpids[@]}" "$saver" 2>/dev/null || true
+    summary=$(grep "chunks done" "$work/fetcher.log" | tail -1)
+    releases=$(echo "$summary" | sed -n 's/.* \([0-9]*\) re-leases.*/\1/p')
+    dups=$(grep -o "[0-9]* duplicates absorbed" "$work/saver.log" | cut -d' ' -f1)
+    secs=$(awk -v ms="$ms" 'BEGIN{printf "%.3f", ms/1000}')
+    printf '| %s | %s | %s | %.0f | %s | %.1f%% | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" \
+      "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$ideal" \
+      "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "${releases:-?}" "${dups:-?}" \
+      "$fetcher_mb" "$mapper_mb" "$saver_mb"
+  done
+done
