@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
+/// How long to wait for a saver's answer before resending a result.
+const RESULT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a work request may be held by the fetcher when nothing is pending.
 const WORK_WAIT: Duration = Duration::from_secs(2);
 
@@ -314,7 +317,8 @@ async fn deliver(shared: &Arc<Shared>, lease: LeaseRef, body: Bytes, objects: u6
         if shared.held.lock().map(|h| h.get(&lease) == Some(&false)).unwrap_or(false) {
             return Delivery::LeaseLost;
         }
-        let request = async_nats::Request::new().payload(body.clone()).timeout(Some(Duration::from_secs(30)));
+        // Short: a saver that died holding the request never answers, and resending is safe.
+        let request = async_nats::Request::new().payload(body.clone()).timeout(Some(RESULT_TIMEOUT));
         let reply = tokio::select! {
             _ = shared.hard_stop.cancelled() => return Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down".into()),
             reply = shared.client.send_request(shared.subjects.result.clone(), request) => reply,
