@@ -55,8 +55,8 @@ for rounds in $ROUNDS_LIST; do
       mpids+=($!)
     done
     # Start timing once everyone is connected.
-    for log in "$work/saver.log" "$work"/mapper-*.log; do
-      for _ in $(seq 200); do grep -q "connected to NATS" "$log" && break; sleep 0.02; done
+    for log in "$work/saver.log" $(for i in $(seq "$mappers"); do echo "$work/mapper-$i.log"; done); do
+      for _ in $(seq 500); do grep -qs "connected to NATS" "$log" && break; sleep 0.01; done
     done
     start=$(now_ms)
     $BIN/fetcher --input "$DATA" --state-dir "$work/state" --exit-when-done >"$work/fetcher.log" 2>&1 &
