@@ -3,6 +3,8 @@
 //! `saver verify` re-reads it), configuration shared by every binary, the NATS connection, logging,
 //! shutdown, and (behind the `test-support` feature) the integration-test harness.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod input;
 pub mod metrics;

@@ -106,7 +106,12 @@ async fn options(args: &NatsArgs, name: &str, state: &Arc<ConnectionState>) -> R
         .name(name)
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
-        .reconnect_delay_callback(|attempts| Duration::from_millis((100u64 << attempts.min(4) as u32).min(2000)))
+        // async-nats counts the very first attempt as 1: no delay for it (it cost every start
+        // 200 ms), then 100 ms doubling to 2 s.
+        .reconnect_delay_callback(|attempts| match attempts {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_millis((100u64 << (n - 2).min(5)).min(2000)),
+        })
         .event_callback(move |event| {
             let state = events.clone();
             let url = url.clone();

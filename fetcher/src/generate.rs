@@ -84,7 +84,7 @@ pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -94,7 +94,7 @@ impl SplitMix64 {
 
     /// A number in `0..n` (`n` > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -129,8 +129,8 @@ pub fn write_users(objects: u64, seed: u64, format: OutputFormat, out: &mut impl
         let ids: Vec<String> = (0..size)
             .map(|_| {
                 let mut bytes = [0u8; 16];
-                bytes[..8].copy_from_slice(&rng.next().to_le_bytes());
-                bytes[8..].copy_from_slice(&rng.next().to_le_bytes());
+                bytes[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+                bytes[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
                 uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
             })
             .collect();

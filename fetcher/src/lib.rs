@@ -6,6 +6,8 @@
 //! Everything runs on one task that owns the ledger: requests are handled one at a time, so the
 //! ledger needs no lock and every decision sees the latest state.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod generate;
 pub mod ledger;
@@ -259,7 +261,7 @@ impl Fetcher {
         }
         Ok(Fetcher {
             subjects: Subjects::new(&config.nats.subject_prefix),
-            progress: Progress::new(index.objects),
+            progress: Progress::new(index.objects).with_bar_on_terminal(index.chunks.len() as u64),
             config,
             client,
             metrics,
@@ -309,6 +311,7 @@ impl Fetcher {
         }
         // Make sure the last replies (acks, "done") leave before we go.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        self.progress.finish();
         let summary = self.summary();
         if !self.completed_logged {
             tracing::info!("{summary}");
@@ -587,6 +590,7 @@ impl Fetcher {
             if let Some(line) = self.progress.line(&self.ledger, Instant::now(), true) {
                 tracing::info!("{line}");
             }
+            self.progress.finish();
             tracing::info!(run = %self.index.run_id, "{}", self.summary());
         }
     }

@@ -1,7 +1,11 @@
 //! The progress line a person watches with `kubectl logs -f`: at most one a second, only when
-//! something moved (or every 30 s while nothing does), and the summary at the end.
+//! something moved (or every 30 s while nothing does), and the summary at the end. On a terminal
+//! (a local run) a progress bar replaces the lines.
 
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ledger::Ledger;
 
@@ -12,12 +16,37 @@ pub struct Progress {
     total_objects: u64,
     last_line: Option<Instant>,
     last_done: u64,
+    bar: Option<ProgressBar>,
 }
 
 impl Progress {
     /// Starts the clock.
     pub fn new(total_objects: u64) -> Self {
-        Progress { started: Instant::now(), total_objects, last_line: None, last_done: u64::MAX }
+        Progress { started: Instant::now(), total_objects, last_line: None, last_done: u64::MAX, bar: None }
+    }
+
+    /// Shows a progress bar over `chunks` instead of progress lines when stderr is a terminal and
+    /// logs are for people (not `LOG_FORMAT=json`).
+    pub fn with_bar_on_terminal(mut self, chunks: u64) -> Self {
+        let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+        if std::io::stderr().is_terminal() && !json {
+            let bar = ProgressBar::new(chunks);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} chunks ({percent}%) {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.enable_steady_tick(Duration::from_millis(200));
+            self.bar = Some(bar);
+        }
+        self
+    }
+
+    /// Removes the bar (before the summary is logged).
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
     }
 
     /// Time since start.
@@ -54,6 +83,15 @@ impl Progress {
         let eta = self.eta(ledger, now).map_or_else(|| "?".to_string(), |eta| format!("{eta:.0}s"));
         let total = ledger.len().max(1);
         let stats = ledger.stats();
+        if let Some(bar) = &self.bar {
+            bar.set_position(ledger.done() + ledger.dead());
+            bar.set_message(format!(
+                "{objects} objects, {rate:.0}/s, ETA {eta}, {} leased, {} re-leased",
+                ledger.leased(),
+                stats.re_leases
+            ));
+            return None;
+        }
         Some(format!(
             "progress {}/{} chunks ({:.1}%), {} objects, {:.0} objects/s, ETA {eta}, {} leased, {} re-leased, {} dead-lettered",
             ledger.done(),

@@ -7,6 +7,8 @@
 //! On shutdown the workers stop asking for work, finish what they hold within the grace period,
 //! and hand back (release) whatever is left, so the fetcher re-leases it at once.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod metrics;
 pub mod work;

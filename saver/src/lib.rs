@@ -5,6 +5,8 @@
 //! Acknowledgements are batched: while one ack request is in flight, newly saved chunks queue up
 //! and go together in the next, so the round trips per chunk fall as load rises.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod metrics;
 pub mod sink;
@@ -61,10 +63,14 @@ pub struct SaverSummary {
 }
 
 type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
+type WriteSlot = (Arc<ChunkResult>, oneshot::Sender<Result<SaveOutcome, String>>);
+
+/// Most chunks saved with one round of syncs.
+const WRITE_BATCH: usize = 128;
 
 struct Shared {
     client: Client,
-    sink: Sink,
+    writes: mpsc::Sender<WriteSlot>,
     acks: mpsc::Sender<AckSlot>,
     saved: std::sync::atomic::AtomicU64,
     duplicates: std::sync::atomic::AtomicU64,
@@ -93,8 +99,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
     let acker = tokio::spawn(acker(client.clone(), subjects.ack.clone(), name.clone(), ack_queue));
+    let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
+    let writer = tokio::spawn(writer(Arc::new(sink), write_queue, metrics.clone()));
     let shared =
-        Arc::new(Shared { client, sink, acks, saved: Default::default(), duplicates: Default::default(), metrics });
+        Arc::new(Shared { client, writes, acks, saved: Default::default(), duplicates: Default::default(), metrics });
     let limit = Arc::new(Semaphore::new(config.max_in_flight as usize));
     let tracker = TaskTracker::new();
     loop {
@@ -124,6 +132,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         duplicates: shared.duplicates.load(std::sync::atomic::Ordering::Relaxed),
     };
     drop(shared);
+    let _ = writer.await;
     let _ = acker.await;
     tracing::info!("saver {name} stopped: {} chunks saved, {} duplicates absorbed", summary.saved, summary.duplicates);
     Ok(summary)
@@ -145,18 +154,29 @@ async fn handle(shared: &Arc<Shared>, message: Message) {
 
 async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus, Option<String>) {
     let payload = message.payload.clone();
-    let worker = shared.clone();
-    // Parse, check and write off the async threads: parsing 100 records and an fsync both block.
-    let saved = tokio::task::spawn_blocking(move || -> Result<(ChunkResult, SaveOutcome), (ResultStatus, String)> {
-        let result: ChunkResult = protocol::decode(&payload).map_err(|e| (ResultStatus::Rejected, e.to_string()))?;
-        result.validate().map_err(|e| (ResultStatus::Rejected, e.to_string()))?;
-        let started = std::time::Instant::now();
-        let outcome = worker.sink.save(&result).map_err(|e| (ResultStatus::Failed, e.to_string()))?;
-        worker.metrics.write.observe(started.elapsed().as_secs_f64());
-        Ok((result, outcome))
+    // Parse and check off the async threads (100 records); then queue for the group-commit writer.
+    let decoded = tokio::task::spawn_blocking(move || -> Result<ChunkResult, String> {
+        let result: ChunkResult = protocol::decode(&payload).map_err(|e| e.to_string())?;
+        result.validate().map_err(|e| e.to_string())?;
+        Ok(result)
     })
     .await
-    .unwrap_or_else(|e| Err((ResultStatus::Failed, format!("the save task failed: {e}"))));
+    .unwrap_or_else(|e| Err(format!("the decode task failed: {e}")));
+    let saved = match decoded {
+        Err(error) => Err((ResultStatus::Rejected, error)),
+        Ok(result) => {
+            let result = Arc::new(result);
+            let (tx, rx) = oneshot::channel();
+            if shared.writes.send((result.clone(), tx)).await.is_err() {
+                return (ResultStatus::NotAcked, Some("the saver is stopping".into()));
+            }
+            match rx.await {
+                Ok(Ok(outcome)) => Ok((result, outcome)),
+                Ok(Err(error)) => Err((ResultStatus::Failed, error)),
+                Err(_) => Err((ResultStatus::Failed, "the writer stopped".to_string())),
+            }
+        }
+    };
     let (result, outcome) = match saved {
         Ok(saved) => saved,
         Err((status, error)) => {
@@ -213,6 +233,44 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
             ResultStatus::NotAcked,
             Some(format!("chunk {} is saved but the fetcher did not confirm it", result.chunk)),
         ),
+    }
+}
+
+/// Saves queued results in batches: while one batch is being made durable, the next gathers, so
+/// the syncs per chunk fall as load rises (group commit).
+async fn writer(sink: Arc<Sink>, mut queue: mpsc::Receiver<WriteSlot>, metrics: metrics::SaverMetrics) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match queue.try_recv() {
+                Ok(slot) => batch.push(slot),
+                Err(_) => break,
+            }
+        }
+        let (results, waiters): (Vec<Arc<ChunkResult>>, Vec<_>) = batch.into_iter().unzip();
+        let sink = sink.clone();
+        let started = std::time::Instant::now();
+        let outcomes = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&ChunkResult> = results.iter().map(|r| r.as_ref()).collect();
+            sink.save_batch(&refs)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            (0..waiters.len())
+                .map(|_| {
+                    Err(SinkError::Io {
+                        action: "save",
+                        path: std::path::PathBuf::new(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })
+                .collect()
+        });
+        let took = started.elapsed().as_secs_f64();
+        for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+            metrics.write.observe(took);
+            let _ = waiter.send(outcome.map_err(|e| e.to_string()));
+        }
     }
 }
 

@@ -79,6 +79,101 @@ impl FileSink {
         Ok(dir)
     }
 
+    /// Saves several chunks with one round of syncs (group commit): every file is written, then
+    /// all are fsynced together (the kernel folds concurrent fsyncs into few journal commits),
+    /// then linked into place, then each directory is fsynced once. A chunk's name still appears
+    /// only after its data is durable. One outcome per result, in order.
+    pub fn save_batch(&self, results: &[&ChunkResult]) -> Vec<Result<SaveOutcome, SinkError>> {
+        struct Pending {
+            index: usize,
+            dir: PathBuf,
+            files: Vec<(PathBuf, PathBuf, File)>,
+        }
+        let mut outcomes: Vec<Option<Result<SaveOutcome, SinkError>>> = (0..results.len()).map(|_| None).collect();
+        let mut pending = Vec::new();
+        for (index, result) in results.iter().enumerate() {
+            let prepared = (|| {
+                let dir = self.run_dir(&result.run)?;
+                let target = dir.join(chunk_file_name(result.chunk));
+                if target.exists() {
+                    return Ok(None);
+                }
+                let mut files = Vec::with_capacity(2);
+                if !result.dead.is_empty() {
+                    let dead = dir.join(dead_file_name(result.chunk));
+                    if !dead.exists() {
+                        let (tmp, file) = write_tmp(&dir, &dead, &result.dead)?;
+                        files.push((tmp, dead, file));
+                    }
+                }
+                let (tmp, file) = write_tmp(&dir, &target, &result.records)?;
+                files.push((tmp, target, file));
+                Ok(Some(Pending { index, dir, files }))
+            })();
+            match prepared {
+                Ok(Some(p)) => pending.push(p),
+                Ok(None) => outcomes[index] = Some(Ok(SaveOutcome::Duplicate)),
+                Err(e) => outcomes[index] = Some(Err(e)),
+            }
+        }
+        // Make every file's data durable, concurrently.
+        let synced: Vec<Result<(), SinkError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pending
+                .iter()
+                .map(|p| {
+                    scope.spawn(move || {
+                        p.files.iter().try_for_each(|(tmp, _, file)| file.sync_all().map_err(io("fsync", tmp)))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SinkError::Io {
+                            action: "fsync",
+                            path: PathBuf::new(),
+                            source: std::io::Error::other("panic"),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (p, synced) in pending.into_iter().zip(synced) {
+            let outcome = synced.and_then(|()| {
+                let mut outcome = SaveOutcome::Saved;
+                for (tmp, target, _) in &p.files {
+                    outcome = link_into_place(tmp, target)?;
+                }
+                Ok(outcome)
+            });
+            for (tmp, _, _) in &p.files {
+                let _ = fs::remove_file(tmp);
+            }
+            if outcome.is_ok() && !dirs.contains(&p.dir) {
+                dirs.push(p.dir.clone());
+            }
+            outcomes[p.index] = Some(outcome);
+        }
+        // The names are durable once their directories are.
+        for dir in &dirs {
+            if let Err(e) = sync_dir(dir) {
+                let message = e.to_string();
+                for (outcome, result) in outcomes.iter_mut().zip(results) {
+                    if matches!(outcome, Some(Ok(SaveOutcome::Saved))) && self.root.join(&result.run) == *dir {
+                        *outcome = Some(Err(SinkError::Io {
+                            action: "fsync directory",
+                            path: dir.clone(),
+                            source: std::io::Error::other(message.clone()),
+                        }));
+                    }
+                }
+            }
+        }
+        outcomes.into_iter().map(|o| o.unwrap_or(Ok(SaveOutcome::Duplicate))).collect()
+    }
+
     /// Saves a chunk (the result must have passed `validate`, which vets the run id).
     pub fn save(&self, result: &ChunkResult) -> Result<SaveOutcome, SinkError> {
         let dir = self.run_dir(&result.run)?;
@@ -98,9 +193,8 @@ impl FileSink {
     }
 }
 
-/// Writes `lines` as JSON Lines to `target` through a temporary file; `Duplicate` if `target`
-/// appeared meanwhile.
-fn write_atomically<T: Serialize>(dir: &Path, target: &Path, lines: &[T]) -> Result<SaveOutcome, SinkError> {
+/// Writes `lines` as JSON Lines to a temporary file beside `target`, not yet synced.
+fn write_tmp<T: Serialize>(dir: &Path, target: &Path, lines: &[T]) -> Result<(PathBuf, File), SinkError> {
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
     let written = (|| {
@@ -114,18 +208,31 @@ fn write_atomically<T: Serialize>(dir: &Path, target: &Path, lines: &[T]) -> Res
             })?;
             out.write_all(b"\n").map_err(io("write", &tmp))?;
         }
-        let file = out.into_inner().map_err(|e| SinkError::Io {
-            action: "write",
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(io("fsync", &tmp))
+        out.into_inner().map_err(|e| SinkError::Io { action: "write", path: tmp.clone(), source: e.into_error() })
     })();
-    let outcome = written.and_then(|()| match fs::hard_link(&tmp, target) {
+    match written {
+        Ok(file) => Ok((tmp, file)),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Links a durable temporary file to its final name; `Duplicate` if the name exists already.
+fn link_into_place(tmp: &Path, target: &Path) -> Result<SaveOutcome, SinkError> {
+    match fs::hard_link(tmp, target) {
         Ok(()) => Ok(SaveOutcome::Saved),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(SaveOutcome::Duplicate),
         Err(e) => Err(SinkError::Io { action: "link into place", path: target.to_path_buf(), source: e }),
-    });
+    }
+}
+
+/// Writes `lines` as JSON Lines to `target` through a temporary file; `Duplicate` if `target`
+/// appeared meanwhile.
+fn write_atomically<T: Serialize>(dir: &Path, target: &Path, lines: &[T]) -> Result<SaveOutcome, SinkError> {
+    let (tmp, file) = write_tmp(dir, target, lines)?;
+    let outcome = file.sync_all().map_err(io("fsync", &tmp)).and_then(|()| link_into_place(&tmp, target));
     let _ = fs::remove_file(&tmp);
     outcome
 }
@@ -168,6 +275,23 @@ mod tests {
         assert_eq!(first.id, "id-0");
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("0123456789abcdef")).expect("list").flatten().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file stays behind");
+    }
+
+    #[test]
+    fn a_batch_saves_each_chunk_once_and_reports_duplicates_in_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sink = FileSink::open(dir.path()).expect("open");
+        sink.save(&result(2, 1)).expect("save");
+        let (a, b, c) = (result(1, 3), result(2, 1), result(3, 2));
+        let outcomes: Vec<SaveOutcome> =
+            sink.save_batch(&[&a, &b, &c, &a]).into_iter().map(|o| o.expect("saved")).collect();
+        assert_eq!(
+            outcomes,
+            vec![SaveOutcome::Saved, SaveOutcome::Duplicate, SaveOutcome::Saved, SaveOutcome::Duplicate]
+        );
+        let run = dir.path().join("0123456789abcdef");
+        assert_eq!(fs::read_to_string(run.join(chunk_file_name(3))).expect("chunk 3").lines().count(), 2);
+        assert_eq!(fs::read_dir(&run).expect("list").count(), 3, "three chunk files, no temporary file");
     }
 
     #[test]

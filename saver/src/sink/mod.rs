@@ -47,6 +47,13 @@ impl Sink {
         }
     }
 
+    /// Saves several chunks with one round of syncs; one outcome per result, in order.
+    pub fn save_batch(&self, results: &[&ChunkResult]) -> Vec<Result<SaveOutcome, SinkError>> {
+        match self {
+            Sink::File(sink) => sink.save_batch(results),
+        }
+    }
+
     /// Where it writes, for logs.
     pub fn describe(&self) -> String {
         match self {
