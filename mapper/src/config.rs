@@ -16,7 +16,7 @@ pub struct Config {
     pub rounds: u32,
 
     /// Chunks held at once: one is transformed while others travel, so the cores never wait.
-    #[arg(long, env = "MAPPER_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "MAPPER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
 
     /// Transform threads (0: one per core).
@@ -45,7 +45,7 @@ impl Config {
     pub fn new(nats: NatsArgs) -> Self {
         Config {
             rounds: DEFAULT_ROUNDS,
-            concurrency: 2,
+            concurrency: 4,
             threads: 0,
             shutdown_grace: Duration::from_secs(20),
             exit_when_done: true,
