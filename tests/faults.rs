@@ -192,3 +192,23 @@ fn a_poison_object_is_dead_lettered_by_name_and_the_run_completes() {
     let (ok, report) = p.verify();
     assert!(ok && report.contains("299 found") && report.contains("1 dead-lettered"), "{report}");
 }
+
+#[test]
+fn a_chunk_over_max_payload_is_dead_lettered_by_name_not_a_timeout() {
+    // A server whose max_payload (8 KiB) is below a 100-object chunk (about 32 KB).
+    let conf = tempfile::NamedTempFile::new().expect("conf file");
+    std::fs::write(conf.path(), "max_payload: 8192\n").expect("write conf");
+    let mut p = Pipeline::new(300, 0);
+    p.nats = common::harness::NatsServer::start_with(&["-c", conf.path().to_str().expect("path")]);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let (mut fetcher, _) = p.fetcher_named("fetcher", &["--exit-when-done"]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete, with dead letters:\n{}", fetcher.log());
+    let log = fetcher.log();
+    assert!(log.contains("chunk 0") && log.contains("max_payload of 8192 bytes"), "{log}");
+    assert_eq!(summary_number(&log, "chunks dead-lettered"), 3, "{log}");
+    let dead =
+        std::fs::read_to_string(p.state_dir().join(format!("{}.dead-letter.jsonl", p.run_id()))).expect("dead letters");
+    assert_eq!(dead.lines().count(), 3, "{dead}");
+    assert!(dead.contains("\"chunk\":2") && dead.contains("max_payload"), "{dead}");
+}

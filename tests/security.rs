@@ -83,3 +83,106 @@ fn help_never_shows_a_password_from_the_environment() {
     assert!(text.contains("NATS_PASSWORD"), "{text}");
     assert!(!text.contains("hunter2-secret"), "{text}");
 }
+
+/// Runs `openssl` with `args` in `dir`, panicking with its output on failure.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let output = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+    assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext file");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=chunkmill-test-ca",
+        ],
+    );
+    for name in ["server", "client"] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "1",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    }
+}
+
+#[test]
+fn mutual_tls_with_our_ca_works_and_a_client_without_it_fails_fast() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    make_certificates(certs.path());
+    let path = |name: &str| certs.path().join(name).display().to_string();
+    let nats = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &path("server.pem"),
+        "--tlskey",
+        &path("server.key"),
+        "--tlsverify",
+        "--tlscacert",
+        &path("ca.pem"),
+    ]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let (_ok, port) = mapper(
+        &nats,
+        dir.path(),
+        "ok",
+        &[
+            ("NATS_TLS_CA_FILE", ca.as_str()),
+            ("NATS_TLS_CERT_FILE", cert.as_str()),
+            ("NATS_TLS_KEY_FILE", key.as_str()),
+        ],
+    );
+    wait_ready(port);
+    // Trusts the server but shows no client certificate: the server refuses it.
+    let (mut no_cert, _) = mapper(&nats, dir.path(), "no-cert", &[("NATS_TLS_CA_FILE", ca.as_str())]);
+    assert_eq!(no_cert.wait_exit(Duration::from_secs(15)), Some(1), "{}", no_cert.log());
+    // Does not know our CA: the server's certificate is not trusted.
+    let (mut no_ca, _) = mapper(&nats, dir.path(), "no-ca", &[]);
+    assert_eq!(no_ca.wait_exit(Duration::from_secs(15)), Some(1), "{}", no_ca.log());
+    assert!(no_ca.log().contains("refused the connection"), "{}", no_ca.log());
+}

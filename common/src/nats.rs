@@ -144,6 +144,11 @@ async fn options(args: &NatsArgs, name: &str, state: &Arc<ConnectionState>) -> R
         }))
 }
 
+fn is_tls_alert(error: &async_nats::ConnectError) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("fatal alert") || text.contains("invalid peer certificate") || text.contains("certificate")
+}
+
 /// Connects to NATS, reporting into `state`. An unreachable server is waited for (logged, retried
 /// with backoff) so a service may start before nats-server; once connected, the client reconnects
 /// by itself forever. Bad credentials or TLS fail at once with a clear error instead of a hang.
@@ -167,6 +172,11 @@ pub async fn connect(
         };
         match error.kind() {
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Tls => {
+                return Err(ConnectError::Refused { url: args.url.clone(), source: error });
+            }
+            // A TLS alert from the server (e.g. "certificate required") reaches us as an I/O
+            // error; retrying cannot fix it, so it is refused like any other TLS failure.
+            ConnectErrorKind::Io if is_tls_alert(&error) => {
                 return Err(ConnectError::Refused { url: args.url.clone(), source: error });
             }
             _ => {
