@@ -212,3 +212,37 @@ fn a_chunk_over_max_payload_is_dead_lettered_by_name_not_a_timeout() {
     assert_eq!(dead.lines().count(), 3, "{dead}");
     assert!(dead.contains("\"chunk\":2") && dead.contains("max_payload"), "{dead}");
 }
+
+#[test]
+fn the_jetstream_ledger_resumes_a_killed_fetcher_and_locks_out_a_second_one() {
+    let p = Pipeline::new(20_000, 300);
+    let _saver = p.saver("saver-1");
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let kv = ["--exit-when-done", "--ledger", "kv", "--instance"];
+    let (mut first, _) = p.fetcher_named("fetcher-1", &[&kv[..], &["fetcher-main"]].concat());
+    p.wait_saved(40, LONG);
+    let (mut intruder, _) = p.fetcher_named("intruder", &[&kv[..], &["another-fetcher"]].concat());
+    assert_eq!(intruder.wait_exit(Duration::from_secs(30)), Some(1), "{}", intruder.log());
+    assert!(
+        intruder.log().contains("another fetcher is running") && intruder.log().contains("fetcher-main"),
+        "{}",
+        intruder.log()
+    );
+    first.kill();
+    // The same instance (a restarted pod with a stable name) takes the lock over at once.
+    let (mut second, _) = p.fetcher_named("fetcher-2", &[&kv[..], &["fetcher-main"]].concat());
+    finish(&mut second, LONG);
+    let log = second.log();
+    let resumed: u64 = log
+        .split(" chunks already done")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the second fetcher did not resume:\n{log}"));
+    assert!(resumed >= 1, "{log}");
+    let granted = summary_number(&log, "leases granted");
+    assert!(granted <= 200 - resumed + 4, "{granted} leases for {} remaining chunks", 200 - resumed);
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+}

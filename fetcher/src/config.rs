@@ -56,6 +56,15 @@ pub enum BadRecords {
     Skip,
 }
 
+/// Where the durable ledger lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LedgerKind {
+    /// An fsynced log in --state-dir (a PersistentVolume in Kubernetes).
+    File,
+    /// A NATS JetStream key-value bucket (--kv-bucket): no volume needed.
+    Kv,
+}
+
 /// Settings of a pipeline run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -88,6 +97,14 @@ pub struct Config {
     #[arg(long, env = "FETCHER_STATE_DIR", default_value = "state")]
     pub state_dir: PathBuf,
 
+    /// Where the durable ledger lives: `file` (in --state-dir) or `kv` (JetStream key-value).
+    #[arg(long, env = "FETCHER_LEDGER", value_enum, default_value = "file")]
+    pub ledger: LedgerKind,
+
+    /// The JetStream key-value bucket of `--ledger kv` (its lock is in `<bucket>-lock`).
+    #[arg(long, env = "FETCHER_KV_BUCKET", default_value = "chunkmill-ledger")]
+    pub kv_bucket: String,
+
     /// Address of the /metrics, /healthz and /readyz endpoint.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
     pub metrics_addr: String,
@@ -109,6 +126,8 @@ impl Config {
             bad_records: BadRecords::Fail,
             metrics_addr: "127.0.0.1:0".into(),
             state_dir: PathBuf::from("state"),
+            ledger: LedgerKind::File,
+            kv_bucket: "chunkmill-ledger".into(),
             nats,
         }
     }

@@ -33,7 +33,7 @@ pub use config::{BadRecords, Config};
 use ledger::{Ledger, LedgerStats, ReleaseOutcome};
 use metrics::FetcherMetrics;
 use progress::Progress;
-use store::{Entry, FileStore};
+use store::{Entry, FileStore, KvStore, LedgerStore};
 
 /// Longest a work request is held when nothing is pending (the mapper asks again after that).
 const MAX_WAIT: Duration = Duration::from_secs(5);
@@ -190,8 +190,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         index.chunk_size,
         index.bad.len()
     );
-    let (store, recovered) = FileStore::open(&config.state_dir, &index.run_id)?;
+    let (store, recovered) = match config.ledger {
+        config::LedgerKind::File => {
+            let (store, recovered) = FileStore::open(&config.state_dir, &index.run_id)?;
+            (LedgerStore::File(store), recovered)
+        }
+        config::LedgerKind::Kv => {
+            let (store, recovered) = KvStore::open(&client, &config.kv_bucket, &index.run_id, &name).await?;
+            (LedgerStore::Kv(Box::new(store)), recovered)
+        }
+    };
+    let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
     let fetcher = Fetcher::new(config, index, client, metrics, store, recovered)?;
+    if fresh {
+        fetcher.record_bad_records().await?;
+    }
     fetcher.serve(shutdown, ready).await
 }
 
@@ -206,7 +219,7 @@ struct Fetcher {
     subjects: Subjects,
     client: Client,
     metrics: FetcherMetrics,
-    store: FileStore,
+    store: LedgerStore,
     index: InputIndex,
     reader: ChunkReader,
     ledger: Ledger,
@@ -221,7 +234,7 @@ impl Fetcher {
         index: InputIndex,
         client: Client,
         metrics: FetcherMetrics,
-        store: FileStore,
+        store: LedgerStore,
         recovered: store::Recovered,
     ) -> Result<Self, FetcherError> {
         let reader = ChunkReader::open(&index)?;
@@ -233,27 +246,15 @@ impl Fetcher {
         for chunk in &recovered.dead {
             ledger.dead_letter(*chunk);
         }
-        if fresh {
-            for bad in &index.bad {
-                let record = serde_json::json!({
-                    "kind": "bad_record", "run": index.run_id, "input": index.path.display().to_string(),
-                    "line": bad.line, "error": bad.error,
-                });
-                store.dead_letter(&record)?;
-            }
-            if !index.bad.is_empty() {
-                tracing::warn!(
-                    "{} invalid input records listed in {}",
-                    index.bad.len(),
-                    store.dead_letter_path().display()
-                );
-            }
-        } else {
+        if !fresh {
             tracing::info!(
                 run = %index.run_id,
                 "resuming run {} from {}: {} chunks already done, {} dead-lettered, {} to go",
                 index.run_id,
-                config.state_dir.display(),
+                match config.ledger {
+                    config::LedgerKind::File => config.state_dir.display().to_string(),
+                    config::LedgerKind::Kv => format!("JetStream bucket {}", config.kv_bucket),
+                },
                 ledger.done(),
                 ledger.dead(),
                 ledger.pending()
@@ -272,6 +273,21 @@ impl Fetcher {
             waiters: VecDeque::new(),
             completed_logged: false,
         })
+    }
+
+    /// Lists a fresh run's skipped input records in the dead-letter record.
+    async fn record_bad_records(&self) -> Result<(), FetcherError> {
+        for bad in &self.index.bad {
+            let record = serde_json::json!({
+                "kind": "bad_record", "run": self.index.run_id, "input": self.index.path.display().to_string(),
+                "line": bad.line, "error": bad.error,
+            });
+            self.store.dead_letter(&record).await?;
+        }
+        if !self.index.bad.is_empty() {
+            tracing::warn!("{} invalid input records listed in {}", self.index.bad.len(), self.store.dead_letters());
+        }
+        Ok(())
     }
 
     async fn subscribe(&self, subject: &str) -> Result<async_nats::Subscriber, FetcherError> {
@@ -378,7 +394,7 @@ impl Fetcher {
                 Ok(objects) => objects,
                 Err(e) => {
                     tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
-                    self.dead_letter(grant.chunk, &e.to_string());
+                    self.dead_letter(grant.chunk, &e.to_string()).await;
                     continue;
                 }
             };
@@ -401,7 +417,7 @@ impl Fetcher {
                 );
                 let error =
                     format!("chunk is {} bytes, over the NATS server's max_payload of {max_payload} bytes", body.len());
-                self.dead_letter(grant.chunk, &error);
+                self.dead_letter(grant.chunk, &error).await;
                 continue;
             }
             if grant.attempt > 1 {
@@ -463,7 +479,7 @@ impl Fetcher {
                     self.config.max_attempts,
                     request.mapper
                 );
-                self.record_dead(chunk as u32, error);
+                self.record_dead(chunk as u32, error).await;
             }
             ReleaseOutcome::NotCurrent => tracing::debug!(chunk, "release of a lease that is no longer current"),
         }
@@ -505,7 +521,7 @@ impl Fetcher {
             .map(|(ack, _)| Entry::Done(ack.chunk as u32))
             .collect();
         // Durable before the saver hears "done": a restart must not hand these out again.
-        if let Err(e) = self.store.record(&done) {
+        if let Err(e) = self.store.record(&done).await {
             tracing::error!("{e}; not answering the ack, the saver will resend it");
             return;
         }
@@ -515,13 +531,13 @@ impl Fetcher {
     }
 
     /// Dead-letters a chunk that can never be handed out.
-    fn dead_letter(&mut self, chunk: u32, error: &str) {
+    async fn dead_letter(&mut self, chunk: u32, error: &str) {
         self.ledger.dead_letter(chunk);
-        self.record_dead(chunk, error);
+        self.record_dead(chunk, error).await;
     }
 
     /// Records a dead-lettered chunk durably, with its object ids for people.
-    fn record_dead(&mut self, chunk: u32, error: &str) {
+    async fn record_dead(&mut self, chunk: u32, error: &str) {
         let span = self.index.chunks[chunk as usize];
         let ids: Vec<String> = self
             .reader
@@ -540,7 +556,11 @@ impl Fetcher {
             "kind": "chunk", "run": self.index.run_id, "chunk": chunk, "first_line": span.first_line,
             "objects": span.objects, "ids": ids, "error": error,
         });
-        if let Err(e) = self.store.record(&[Entry::Dead(chunk)]).and_then(|()| self.store.dead_letter(&record)) {
+        let recorded = match self.store.record(&[Entry::Dead(chunk)]).await {
+            Ok(()) => self.store.dead_letter(&record).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
             tracing::error!("{e}");
         }
     }

@@ -161,6 +161,189 @@ fn read_log(path: &Path) -> Result<Recovered, StoreError> {
     Ok(recovered)
 }
 
+/// The JetStream key-value store: the ledger in NATS, for Kubernetes without volumes. Each
+/// durable change is one put of a batch key (`<run>.b.<id>` = `d17,d18,x3`), acknowledged by
+/// JetStream before the fetcher answers the saver; dead-letter records are `<run>.dl.<id>`. The
+/// single-fetcher lock is the key `fetcher` in the bucket `<bucket>-lock`, whose entries expire
+/// after [`KV_LOCK_TTL`]; the holder refreshes it every third of that. A fetcher with the same
+/// instance name as the holder (a restart) takes it over at once; any other waits for it to
+/// expire. Note: JetStream acknowledges before it fsyncs unless the server sets
+/// `sync_interval: always` (deploy/nats/values.yaml explains).
+pub struct KvStore {
+    kv: async_nats::jetstream::kv::Store,
+    run: String,
+    refresh: tokio::task::JoinHandle<()>,
+}
+
+/// How long the KV lock outlives its last refresh.
+pub const KV_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+fn kv_error(action: &'static str, bucket: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        action,
+        path: PathBuf::from(format!("JetStream bucket {bucket}")),
+        source: std::io::Error::other(format!("{e} (is JetStream enabled on the server? nats-server -js)")),
+    }
+}
+
+async fn bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    max_age: std::time::Duration,
+) -> Result<async_nats::jetstream::kv::Store, StoreError> {
+    if let Ok(kv) = js.get_key_value(name).await {
+        return Ok(kv);
+    }
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: name.to_string(),
+        history: 1,
+        max_age,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| kv_error("create", name, e))
+}
+
+impl KvStore {
+    /// Takes the lock and reads the run's entries from bucket `name`.
+    pub async fn open(
+        client: &async_nats::Client,
+        name: &str,
+        run: &str,
+        owner: &str,
+    ) -> Result<(Self, Recovered), StoreError> {
+        use futures::StreamExt;
+        let js = async_nats::jetstream::new(client.clone());
+        let kv = bucket(&js, name, std::time::Duration::ZERO).await?;
+        let lock_name = format!("{name}-lock");
+        let lock = bucket(&js, &lock_name, KV_LOCK_TTL).await?;
+        let mut revision = match lock.create("fetcher", owner.to_string().into()).await {
+            Ok(revision) => revision,
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                let entry = lock.entry("fetcher").await.map_err(|e| kv_error("read", &lock_name, e))?;
+                let holder = entry.as_ref().map(|e| String::from_utf8_lossy(&e.value).to_string()).unwrap_or_default();
+                match entry {
+                    Some(entry) if holder == owner => lock
+                        .update("fetcher", owner.to_string().into(), entry.revision)
+                        .await
+                        .map_err(|e| kv_error("take over", &lock_name, e))?,
+                    _ => {
+                        return Err(StoreError::Locked {
+                            dir: PathBuf::from(format!("JetStream bucket {lock_name}")),
+                            holder: format!(
+                                "held by {holder}; if that fetcher died, its lock expires within {} s",
+                                KV_LOCK_TTL.as_secs()
+                            ),
+                        })
+                    }
+                }
+            }
+            Err(e) => return Err(kv_error("lock", &lock_name, e)),
+        };
+        let owner_name = owner.to_string();
+        let refresh = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(KV_LOCK_TTL / 3).await;
+                match lock.update("fetcher", owner_name.clone().into(), revision).await {
+                    Ok(next) => revision = next,
+                    Err(e) => tracing::error!(
+                        "cannot refresh the fetcher lock in {lock_name}: {e}; another fetcher may take over"
+                    ),
+                }
+            }
+        });
+        let mut recovered = Recovered::default();
+        let batch_prefix = format!("{run}.b.");
+        let mut keys = kv.keys().await.map_err(|e| kv_error("list", name, e))?;
+        let mut batch_keys = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| kv_error("list", name, e))?;
+            if key.starts_with(&batch_prefix) {
+                batch_keys.push(key);
+            }
+        }
+        for key in batch_keys {
+            let Some(value) = kv.get(&key).await.map_err(|e| kv_error("read", name, e))? else { continue };
+            for item in String::from_utf8_lossy(&value).split(',') {
+                match (item.get(..1), item.get(1..).and_then(|c| c.parse::<u32>().ok())) {
+                    (Some("d"), Some(chunk)) => recovered.done.push(chunk),
+                    (Some("x"), Some(chunk)) => recovered.dead.push(chunk),
+                    _ => tracing::warn!("ledger bucket {name}: ignoring {item:?} in {key}"),
+                }
+            }
+        }
+        Ok((KvStore { kv, run: run.to_string(), refresh }, recovered))
+    }
+
+    async fn record(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let value: Vec<String> = entries
+            .iter()
+            .map(|e| match e {
+                Entry::Done(chunk) => format!("d{chunk}"),
+                Entry::Dead(chunk) => format!("x{chunk}"),
+            })
+            .collect();
+        let key = format!("{}.b.{}", self.run, uuid::Uuid::new_v4().simple());
+        self.kv
+            .put(key, value.join(",").into())
+            .await
+            .map(|_| ())
+            .map_err(|e| kv_error("write", self.kv.name.as_str(), e))
+    }
+
+    async fn dead_letter(&self, record: &serde_json::Value) -> Result<(), StoreError> {
+        let key = format!("{}.dl.{}", self.run, uuid::Uuid::new_v4().simple());
+        self.kv
+            .put(key, record.to_string().into())
+            .await
+            .map(|_| ())
+            .map_err(|e| kv_error("write", self.kv.name.as_str(), e))
+    }
+}
+
+impl Drop for KvStore {
+    fn drop(&mut self) {
+        self.refresh.abort();
+    }
+}
+
+/// The ledger store chosen by `--ledger`.
+pub enum LedgerStore {
+    /// A file in `--state-dir`.
+    File(FileStore),
+    /// A JetStream key-value bucket.
+    Kv(Box<KvStore>),
+}
+
+impl LedgerStore {
+    /// Makes `entries` durable before returning.
+    pub async fn record(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        match self {
+            LedgerStore::File(store) => store.record(entries),
+            LedgerStore::Kv(store) => store.record(entries).await,
+        }
+    }
+
+    /// Adds a record for people to the dead-letter list.
+    pub async fn dead_letter(&self, record: &serde_json::Value) -> Result<(), StoreError> {
+        match self {
+            LedgerStore::File(store) => store.dead_letter(record),
+            LedgerStore::Kv(store) => store.dead_letter(record).await,
+        }
+    }
+
+    /// Where dead-letter records go, for logs.
+    pub fn dead_letters(&self) -> String {
+        match self {
+            LedgerStore::File(store) => store.dead_letter_path().display().to_string(),
+            LedgerStore::Kv(store) => format!("JetStream bucket {}, keys {}.dl.*", store.kv.name, store.run),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

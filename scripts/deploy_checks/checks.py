@@ -43,17 +43,7 @@ STANDARD_ENV = {"RUST_LOG", "LOG_FORMAT", "HOSTNAME"}
 # --help yet. While a name is missing from a binary's --help it is reported as SKIP (not PASS);
 # once it appears it is checked like any other. Anything else missing from --help FAILS.
 PENDING_ENV = {
-    "METRICS_ADDR",
-    "FETCHER_STATE_DIR",
-    "FETCHER_LEDGER",
-    "NATS_CREDS_FILE",
-    "NATS_USER",
-    "NATS_PASSWORD_FILE",
-    "NATS_TOKEN_FILE",
-    "NATS_NKEY_FILE",
-    "NATS_TLS_CA_FILE",
-    "NATS_TLS_CERT_FILE",
-    "NATS_TLS_KEY_FILE",
+    # The PostgreSQL sink (issue 8) is not built yet; its example Secret already names it.
     "SAVER_SINK",
 }
 
