@@ -30,6 +30,9 @@ if [ ! -s "$DATA" ]; then
 fi
 
 work=$(mktemp -d)
+# Every local run starts from scratch: a fresh ledger and an empty sink. (A run is identified by
+# the input and chunk size, not by the rounds; reusing them across ROUNDS would keep old results.)
+rm -rf "$OUT"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -53,7 +56,8 @@ for i in $(seq "$MAPPERS"); do
   pids+=($!)
 done
 start=$(date +%s%N)
-METRICS_ADDR=127.0.0.1:9101 $BIN/fetcher --input "$DATA" --chunk-size "$CHUNK_SIZE" --exit-when-done
+METRICS_ADDR=127.0.0.1:9101 $BIN/fetcher --input "$DATA" --chunk-size "$CHUNK_SIZE" --exit-when-done \
+  --state-dir "$work/state"
 end=$(date +%s%N)
 ms=$(( (end - start) / 1000000 ))
 printf 'wall time of the run: %d.%03d s (%s mappers, rounds: %s)\n' $((ms / 1000)) $((ms % 1000)) "$MAPPERS" "${ROUNDS:-default}"
