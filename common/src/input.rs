@@ -119,9 +119,30 @@ struct ChunkBuilder {
     chunks: Vec<ChunkSpan>,
     current: Option<ChunkSpan>,
     objects: u64,
+    /// uuid → line of its first occurrence, for duplicate detection. Held only during the scan
+    /// (about 40 bytes per object), dropped with the builder.
+    seen: std::collections::HashMap<u128, u64>,
 }
 
 impl ChunkBuilder {
+    /// Accepts a valid record unless its uuid was seen before (then it is a bad record).
+    fn accept(
+        &mut self,
+        user: &crate::transform::InputUser<'_>,
+        offset: u64,
+        len: u64,
+        line: u64,
+    ) -> Result<(), String> {
+        if let Ok(id) = uuid::Uuid::try_parse(&user.uuid) {
+            if let Some(first) = self.seen.insert(id.as_u128(), line) {
+                self.seen.insert(id.as_u128(), first);
+                return Err(format!("duplicate uuid {} (first on line {first})", user.uuid));
+            }
+        }
+        self.push(offset, len, line);
+        Ok(())
+    }
+
     fn push(&mut self, offset: u64, len: u64, line: u64) {
         self.objects += 1;
         let span = self.current.get_or_insert(ChunkSpan { offset, len: 0, objects: 0, first_line: line });
@@ -155,7 +176,8 @@ pub fn scan(path: &Path, chunk_size: u32) -> Result<InputIndex, InputError> {
         Some(b'[') => InputFormat::JsonArray,
         _ => InputFormat::JsonLines,
     };
-    let mut builder = ChunkBuilder { chunk_size, chunks: Vec::new(), current: None, objects: 0 };
+    let mut builder =
+        ChunkBuilder { chunk_size, chunks: Vec::new(), current: None, objects: 0, seen: Default::default() };
     let mut bad = Vec::new();
     let mut hasher = Sha256::new();
     match format {
@@ -204,8 +226,9 @@ fn scan_lines(
         let (start, record) = trim_record(&line[skip_bom..]);
         if !record.is_empty() {
             let record_offset = offset + (skip_bom + start) as u64;
-            match parse_input(record) {
-                Ok(_) => builder.push(record_offset, record.len() as u64, number),
+            match parse_input(record).and_then(|user| builder.accept(&user, record_offset, record.len() as u64, number))
+            {
+                Ok(()) => {}
                 Err(error) => {
                     let error = if !line.ends_with(b"\n") && error.contains("EOF") {
                         format!("truncated record at end of file ({error})")
@@ -340,8 +363,8 @@ fn scan_array(
             walker.peek(hasher)?;
             let (offset, line, range) = walker.element(hasher)?;
             let len = range.len();
-            match parse_input(&walker.buf[range]) {
-                Ok(_) => builder.push(offset, len as u64, line),
+            match parse_input(&walker.buf[range]).and_then(|user| builder.accept(&user, offset, len as u64, line)) {
+                Ok(()) => {}
                 Err(error) => bad.push(BadRecord { line, offset, error }),
             }
             walker.advance(len);
@@ -532,6 +555,37 @@ mod tests {
         assert_eq!(lines, vec![2, 4, 7]);
         assert!(index.bad[2].error.contains("truncated"), "{}", index.bad[2].error);
         assert_eq!(records(&index), (0..3).map(user).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn duplicate_uuids_invalid_utf8_deep_nesting_and_huge_numbers_are_bad_records_by_line() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let mut text = Vec::new();
+        text.extend_from_slice(format!("{}\n", user(0)).as_bytes());
+        text.extend_from_slice(format!("{}\n", user(0)).as_bytes()); // line 2: duplicate
+        text.extend_from_slice(
+            b"{\"uuid\":\"00000000-0000-4000-8000-000000000009\",\"fn\":\"\xff\xfe\",\"ln\":\"B\",\"friends\":[]}\n",
+        );
+        text.extend_from_slice(format!("{{\"uuid\":\"00000000-0000-4000-8000-000000000008\",\"fn\":\"A\",\"ln\":\"B\",\"friends\":[],\"x\":{deep}}}\n").as_bytes());
+        text.extend_from_slice(b"{\"uuid\":\"00000000-0000-4000-8000-000000000007\",\"fn\":\"A\",\"ln\":\"B\",\"friends\":[],\"n\":123456789012345678901234567890}\n");
+        text.extend_from_slice(
+            b"{\"uuid\":\"00000000-0000-4000-8000-000000000006\",\"fn\":\"A\",\"ln\":7,\"friends\":[]}\n",
+        );
+        text.extend_from_slice(format!("{}\n", user(1)).as_bytes());
+        let file = write(&text);
+        let index = scan(file.path(), 100).expect("scan");
+        let lines: Vec<u64> = index.bad.iter().map(|b| b.line).collect();
+        assert_eq!(lines, vec![2, 3, 6], "{:?}", index.bad);
+        assert!(
+            index.bad[0].error.contains("duplicate uuid") && index.bad[0].error.contains("line 1"),
+            "{:?}",
+            index.bad[0]
+        );
+        assert!(index.bad[1].error.contains("unicode"), "{:?}", index.bad[1]);
+        // Nesting 100 000 deep and a number past 64 bits, both in a field the transform ignores:
+        // valid JSON, skipped without recursion (no stack overflow), so the records are kept.
+        assert_eq!(index.objects, 4, "{:?}", index.bad);
+        assert_eq!(records(&index).len(), 4);
     }
 
     #[test]
