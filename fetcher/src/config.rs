@@ -97,6 +97,12 @@ pub struct Config {
     #[arg(long, env = "FETCHER_STATE_DIR", default_value = "state")]
     pub state_dir: PathBuf,
 
+    /// Skip the duplicate-uuid check of the input scan. The check holds every uuid in memory
+    /// during the scan (about 70 bytes per object); skip it only for very large inputs whose ids
+    /// are known to be unique.
+    #[arg(long, env = "FETCHER_NO_DUPLICATE_CHECK")]
+    pub no_duplicate_check: bool,
+
     /// Where the durable ledger lives: `file` (in --state-dir) or `kv` (JetStream key-value).
     #[arg(long, env = "FETCHER_LEDGER", value_enum, default_value = "file")]
     pub ledger: LedgerKind,
@@ -127,6 +133,7 @@ impl Config {
             metrics_addr: "127.0.0.1:0".into(),
             state_dir: PathBuf::from("state"),
             ledger: LedgerKind::File,
+            no_duplicate_check: false,
             kv_bucket: "chunkmill-ledger".into(),
             nats,
         }

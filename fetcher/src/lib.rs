@@ -135,7 +135,8 @@ impl std::fmt::Display for RunSummary {
 pub async fn load_input(config: &Config) -> Result<InputIndex, FetcherError> {
     let path = config.input.clone().ok_or(FetcherError::NoInput)?;
     let chunk_size = config.chunk_size;
-    let index = tokio::task::spawn_blocking(move || common::input::scan(&path, chunk_size))
+    let check_duplicates = !config.no_duplicate_check;
+    let index = tokio::task::spawn_blocking(move || common::input::scan_with(&path, chunk_size, check_duplicates))
         .await
         .map_err(|e| FetcherError::Scan(e.to_string()))??;
     if index.bom {
