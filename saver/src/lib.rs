@@ -2,8 +2,9 @@
 //! may take any chunk), saves each durably and idempotently through its [`sink::Sink`], then
 //! acknowledges it to the fetcher, and only then tells the mapper it is saved.
 //!
-//! Acknowledgements are batched: while one ack request is in flight, newly saved chunks queue up
-//! and go together in the next, so the round trips per chunk fall as load rises.
+//! Writes and acknowledgements are batched (group commit): while one batch is being made durable
+//! or acknowledged, newly arrived chunks queue up and go together in the next, so the syncs and
+//! round trips per chunk fall as load rises.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
