@@ -79,3 +79,34 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
     let (ok, report) = p.verify();
     assert!(ok && report.contains("2000 found"), "{report}");
 }
+
+#[test]
+fn a_flood_past_a_subscription_buffer_is_counted_and_logged_and_no_work_is_lost() {
+    let p = Pipeline::new(5_000, 0);
+    let (fetcher, fetcher_port) = p.fetcher_named("fetcher", &[]);
+    wait_ready(fetcher_port);
+    let subjects = Subjects::new("chunkmill");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let url = p.nats.url();
+    // 300 000 garbage messages, far past the client's 65 536-message subscription buffer, faster
+    // than the fetcher can log and count them.
+    runtime.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect");
+        for _ in 0..300_000 {
+            client.publish(subjects.extend.clone(), Bytes::from_static(b"x")).await.expect("publish");
+        }
+        client.flush().await.expect("flush");
+    });
+    wait_until("the slow-consumer event to be counted", Duration::from_secs(60), || {
+        metric(fetcher_port, "chunkmill_nats_slow_consumer_events_total").unwrap_or(0.0) >= 1.0
+    });
+    assert!(fetcher.log().contains("NATS slow consumer"), "the event is logged too:\n{}", fetcher.log().len());
+    // Real work still gets through: mappers' requests that were dropped are retried.
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    wait_until("the run to complete", Duration::from_secs(120), || {
+        metric(fetcher_port, "chunkmill_fetcher_chunks{state=\"done\"}") == Some(50.0)
+    });
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("5000 found"), "{report}");
+}

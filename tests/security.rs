@@ -186,3 +186,24 @@ fn mutual_tls_with_our_ca_works_and_a_client_without_it_fails_fast() {
     assert_eq!(no_ca.wait_exit(Duration::from_secs(15)), Some(1), "{}", no_ca.log());
     assert!(no_ca.log().contains("refused the connection"), "{}", no_ca.log());
 }
+
+#[test]
+fn an_nkey_seed_from_a_file_works_and_another_key_fails_fast() {
+    let user = nkeys::KeyPair::new_user();
+    let stranger = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, format!("authorization {{ users = [ {{ nkey: {} }} ] }}\n", user.public_key()))
+        .expect("conf");
+    let nats = NatsServer::start_with(&["-c", conf.to_str().expect("path")]);
+    let good = dir.path().join("user.nk");
+    let bad = dir.path().join("stranger.nk");
+    std::fs::write(&good, user.seed().expect("seed")).expect("seed file");
+    std::fs::write(&bad, stranger.seed().expect("seed")).expect("seed file");
+    let (_ok, port) = mapper(&nats, dir.path(), "ok", &[("NATS_NKEY_FILE", good.to_str().expect("path"))]);
+    wait_ready(port);
+    let (mut refused, _) = mapper(&nats, dir.path(), "refused", &[("NATS_NKEY_FILE", bad.to_str().expect("path"))]);
+    assert_eq!(refused.wait_exit(Duration::from_secs(15)), Some(1), "{}", refused.log());
+    let seed = stranger.seed().expect("seed");
+    assert!(!refused.log().contains(&seed), "the seed leaked into the log");
+}
