@@ -27,8 +27,7 @@ fn main() {
             .chunks
             .par_iter()
             .map(|span| {
-                let body = reader.read(span).expect("read chunk");
-                let wrapped = [b"[", &body[..], b"]"].concat();
+                let wrapped = reader.read_array(span).expect("read chunk");
                 let raws: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&wrapped).expect("array");
                 let records: Vec<_> = raws
                     .par_iter()

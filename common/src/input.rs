@@ -455,8 +455,24 @@ impl ChunkReader {
         Ok(ChunkReader { file, path: index.path.clone(), format: index.format, bad_offsets })
     }
 
-    /// The chunk's valid records, joined with commas (the body of a JSON array).
+    /// The chunk's valid records, joined with commas (the body of a JSON array, as the fetcher
+    /// forwards it).
     pub fn read(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        let mut out = Vec::with_capacity(span.len as usize + 2);
+        self.read_into(span, &mut out)?;
+        Ok(out)
+    }
+
+    /// The chunk's valid records as one JSON array, for code that parses them.
+    pub fn read_array(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        let mut out = Vec::with_capacity(span.len as usize + 2);
+        out.push(b'[');
+        self.read_into(span, &mut out)?;
+        out.push(b']');
+        Ok(out)
+    }
+
+    fn read_into(&self, span: &ChunkSpan, out: &mut Vec<u8>) -> Result<(), InputError> {
         let mut raw = vec![0u8; span.len as usize];
         self.file
             .read_exact_at(&mut raw, span.offset)
@@ -480,7 +496,6 @@ impl ChunkReader {
                 message: format!("the file changed since it was scanned: {message}"),
             })?,
         };
-        let mut out = Vec::with_capacity(raw.len() + 1);
         let mut taken = 0u32;
         for range in ranges {
             let offset = span.offset + range.start as u64;
@@ -503,7 +518,7 @@ impl ChunkReader {
                 ),
             });
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -528,8 +543,7 @@ mod tests {
             .chunks
             .iter()
             .flat_map(|span| {
-                let body = reader.read(span).expect("read");
-                let wrapped = [b"[", &body[..], b"]"].concat();
+                let wrapped = reader.read_array(span).expect("read");
                 let array: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&wrapped).expect("valid array");
                 array.into_iter().map(|r| r.get().to_string()).collect::<Vec<_>>()
             })

@@ -542,14 +542,14 @@ impl Fetcher {
         let span = self.index.chunks[chunk as usize];
         let ids: Vec<String> = self
             .reader
-            .read(&span)
+            .read_array(&span)
             .ok()
-            .and_then(|body| {
+            .and_then(|array| {
                 #[derive(serde::Deserialize)]
                 struct Id {
                     uuid: Option<String>,
                 }
-                serde_json::from_slice::<Vec<Id>>(&[b"[", &body[..], b"]"].concat()).ok()
+                serde_json::from_slice::<Vec<Id>>(&array).ok()
             })
             .map(|ids| ids.into_iter().filter_map(|i| i.uuid).collect())
             .unwrap_or_default();

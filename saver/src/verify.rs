@@ -111,8 +111,7 @@ pub fn verify(input: &Path, out: &Path, rounds: u32, chunk_size: u32) -> Result<
         .chunks
         .par_iter()
         .map(|span| -> Result<Vec<(String, u64)>, InputError> {
-            let body = reader.read(span)?;
-            let wrapped = [b"[", &body[..], b"]"].concat();
+            let wrapped = reader.read_array(span)?;
             let raws: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&wrapped).unwrap_or_default();
             Ok(raws
                 .iter()
