@@ -23,16 +23,30 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# apt-get install, as root or through sudo.
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
 # Make sure a Prometheus server binary is on PATH (Debian's package).
 ensure_prometheus() {
   command -v prometheus >/dev/null 2>&1 && return 0
   echo "prometheus not found: installing it (apt-get install prometheus)" >&2
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
-  else
-    sudo apt-get update -qq >&2 && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
-  fi
+  apt_install prometheus
   # The package starts a system service we do not need (and that would hold port 9090).
   (systemctl stop prometheus 2>/dev/null || service prometheus stop 2>/dev/null || pkill -x prometheus) >/dev/null 2>&1 || true
   command -v prometheus >/dev/null 2>&1
+}
+
+# Make sure PostgreSQL's server binaries (initdb, postgres, pg_isready) and psql are installed:
+# the PostgreSQL tests start a server of their own per test (tests/support/postgres.rs).
+ensure_postgres() {
+  if { [ -n "${PG_BIN_DIR:-}" ] && [ -x "$PG_BIN_DIR/initdb" ]; } || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    command -v psql >/dev/null 2>&1 && return 0
+  fi
+  echo "PostgreSQL not found: installing it (apt-get install postgresql)" >&2
+  apt_install postgresql postgresql-client
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 }

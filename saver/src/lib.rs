@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
+use config::SinkChoice;
 use sink::{SaveOutcome, Sink, SinkError};
 
 /// Most acks in one request.
@@ -64,7 +65,7 @@ pub struct SaverSummary {
 }
 
 type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
-type WriteSlot = (Arc<ChunkResult>, oneshot::Sender<Result<SaveOutcome, String>>);
+type WriteSlot = (Arc<ChunkResult>, oneshot::Sender<Result<SaveOutcome, SinkError>>);
 
 /// Most chunks saved with one round of syncs.
 const WRITE_BATCH: usize = 128;
@@ -80,14 +81,13 @@ struct Shared {
 
 /// Runs the saver until `shutdown`; in-flight chunks are finished before it returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSummary, SaverError> {
-    let out = config.out.clone();
-    let sink = tokio::task::spawn_blocking(move || sink::file::FileSink::open(out))
-        .await
-        .map_err(|e| SinkError::Io { action: "open", path: config.out.clone(), source: std::io::Error::other(e) })??;
-    let sink = Sink::File(sink);
     let name = config.nats.instance_name("saver");
     let metrics = metrics::SaverMetrics::new();
+    // Health first, so a probe sees a live process while it waits for its database.
     let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
+    let Some(sink) = open_sink(&config, &name, &shutdown).await? else {
+        return Ok(SaverSummary::default());
+    };
     let client =
         common::nats::connect(&config.nats, &format!("chunkmill-saver {name}"), &connection, &shutdown).await?;
     let subjects = Subjects::new(&config.nats.subject_prefix);
@@ -101,7 +101,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
     let acker = tokio::spawn(acker(client.clone(), subjects.ack.clone(), name.clone(), ack_queue));
     let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
-    let writer = tokio::spawn(writer(Arc::new(sink), write_queue, metrics.clone()));
+    let writer = tokio::spawn(writer(sink, write_queue, metrics.clone()));
     let shared =
         Arc::new(Shared { client, writes, acks, saved: Default::default(), duplicates: Default::default(), metrics });
     let limit = Arc::new(Semaphore::new(config.max_in_flight as usize));
@@ -173,7 +173,9 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
             }
             match rx.await {
                 Ok(Ok(outcome)) => Ok((result, outcome)),
-                Ok(Err(error)) => Err((ResultStatus::Failed, error)),
+                // Never savable here: refuse, so the chunk ends dead-lettered instead of looping.
+                Ok(Err(error @ SinkError::Invalid(_))) => Err((ResultStatus::Rejected, error.to_string())),
+                Ok(Err(error)) => Err((ResultStatus::Failed, error.to_string())),
                 Err(_) => Err((ResultStatus::Failed, "the writer stopped".to_string())),
             }
         }
@@ -237,10 +239,40 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
     }
 }
 
+/// Opens the configured sink; `None` if shut down while waiting for a database.
+async fn open_sink(config: &Config, name: &str, shutdown: &CancellationToken) -> Result<Option<Sink>, SaverError> {
+    match &config.sink.sink {
+        None | Some(SinkChoice::File) => {
+            let out = config.out.clone();
+            let sink = tokio::task::spawn_blocking(move || sink::file::FileSink::open(out)).await.map_err(|e| {
+                SinkError::Io { action: "open", path: config.out.clone(), source: std::io::Error::other(e) }
+            })??;
+            Ok(Some(Sink::File(Arc::new(sink))))
+        }
+        Some(SinkChoice::Unknown) => Err(SinkError::Config(config::UNKNOWN_SINK.into()).into()),
+        Some(SinkChoice::Postgres(url)) => {
+            let password = config.sink.password().map_err(|e| SinkError::Config(e.to_string()))?;
+            let options = sink::postgres::PgOptions {
+                url: url.clone(),
+                password,
+                pool_size: config.pg_pool as usize,
+                saver: name.to_string(),
+            };
+            Ok(sink::postgres::PgSink::connect(options, shutdown).await?.map(Sink::Postgres))
+        }
+    }
+}
+
 /// Saves queued results in batches: while one batch is being made durable, the next gathers, so
-/// the syncs per chunk fall as load rises (group commit).
-async fn writer(sink: Arc<Sink>, mut queue: mpsc::Receiver<WriteSlot>, metrics: metrics::SaverMetrics) {
-    while let Some(first) = queue.recv().await {
+/// the syncs or commits per chunk fall as load rises (group commit). A database sink commits
+/// several batches at once, one per pooled connection.
+async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: metrics::SaverMetrics) {
+    let slots = Arc::new(Semaphore::new(sink.parallel_batches()));
+    let tracker = TaskTracker::new();
+    loop {
+        // Wait for a free slot before gathering, so the batch takes everything that queued meanwhile.
+        let Ok(slot) = slots.clone().acquire_owned().await else { break };
+        let Some(first) = queue.recv().await else { break };
         let mut batch = vec![first];
         while batch.len() < WRITE_BATCH {
             match queue.try_recv() {
@@ -250,29 +282,20 @@ async fn writer(sink: Arc<Sink>, mut queue: mpsc::Receiver<WriteSlot>, metrics: 
         }
         let (results, waiters): (Vec<Arc<ChunkResult>>, Vec<_>) = batch.into_iter().unzip();
         let sink = sink.clone();
-        let started = std::time::Instant::now();
-        let outcomes = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&ChunkResult> = results.iter().map(|r| r.as_ref()).collect();
-            sink.save_batch(&refs)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            (0..waiters.len())
-                .map(|_| {
-                    Err(SinkError::Io {
-                        action: "save",
-                        path: std::path::PathBuf::new(),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })
-                .collect()
+        let metrics = metrics.clone();
+        tracker.spawn(async move {
+            let started = std::time::Instant::now();
+            let outcomes = sink.save_batch(results).await;
+            let took = started.elapsed().as_secs_f64();
+            for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+                metrics.write.observe(took);
+                let _ = waiter.send(outcome);
+            }
+            drop(slot);
         });
-        let took = started.elapsed().as_secs_f64();
-        for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
-            metrics.write.observe(took);
-            let _ = waiter.send(outcome.map_err(|e| e.to_string()));
-        }
     }
+    tracker.close();
+    tracker.wait().await;
 }
 
 /// Sends saved chunks to the fetcher in batches and hands each waiting task its verdict

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use saver::config::{Cli, Command};
+use saver::config::{Cli, Command, SinkChoice};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,8 +21,18 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(Command::Verify(args)) = cli.command {
-        let report = saver::verify::verify(&args.input, &args.out, args.rounds, args.chunk_size)
-            .with_context(|| format!("cannot verify {} against {}", args.out.display(), args.input.display()))?;
+        let report = match &args.sink.sink {
+            Some(SinkChoice::Postgres(url)) => {
+                let password = args.sink.password()?;
+                saver::verify::verify_postgres(&args.input, url, password.as_deref(), args.rounds, args.chunk_size)
+                    .with_context(|| format!("cannot verify the database against {}", args.input.display()))?
+            }
+            Some(SinkChoice::Unknown) => anyhow::bail!(saver::config::UNKNOWN_SINK),
+            None | Some(SinkChoice::File) => {
+                saver::verify::verify(&args.input, &args.out, args.rounds, args.chunk_size)
+                    .with_context(|| format!("cannot verify {} against {}", args.out.display(), args.input.display()))?
+            }
+        };
         println!("{report}");
         return Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -118,17 +120,35 @@ impl Pipeline {
         common::input::scan(&self.input, 100).expect("scan input").run_id
     }
 
-    /// Runs `saver verify`; returns (success, its report line).
+    /// Runs `saver verify` on the file sink; returns (success, its report line).
     pub fn verify(&self) -> (bool, String) {
+        self.verify_with(&["--out".to_string(), self.out.display().to_string()], &[])
+    }
+
+    /// Runs `saver verify` on database `db`; returns (success, its report line).
+    pub fn verify_postgres(&self, db: &postgres::PgServer) -> (bool, String) {
+        let password = db.password_file().display().to_string();
+        self.verify_with(&["--sink".to_string(), db.url()], &[("SAVER_PG_PASSWORD_FILE", &password)])
+    }
+
+    fn verify_with(&self, sink: &[String], env: &[(&str, &str)]) -> (bool, String) {
         let output = Command::new(bin("saver"))
             .args(["verify", "--rounds", &self.rounds.to_string(), "--input"])
             .arg(&self.input)
-            .arg("--out")
-            .arg(&self.out)
+            .args(sink)
+            .envs(env.iter().copied())
             .output()
             .expect("run saver verify");
         let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
         (output.status.success(), text)
+    }
+
+    /// A saver writing to PostgreSQL `db`, its password from a file (as from a Secret); with its
+    /// metrics port.
+    pub fn saver_postgres(&self, name: &str, db: &postgres::PgServer) -> (Service, u16) {
+        let args = vec!["--sink".to_string(), db.url(), "--instance".into(), name.into()];
+        let password = db.password_file().display().to_string();
+        self.spawn_with_env(name, "saver", &args, &[("SAVER_PG_PASSWORD_FILE", &password)])
     }
 
     /// Chunk files in the sink so far.

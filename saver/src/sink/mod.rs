@@ -3,8 +3,10 @@
 //! a chunk is either fully present or absent, and saving it again changes nothing.
 
 pub mod file;
+pub mod postgres;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use common::protocol::ChunkResult;
 
@@ -30,34 +32,78 @@ pub enum SinkError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A database operation failed.
+    #[error("PostgreSQL {target}: cannot {action}: {detail}; {hint}")]
+    Postgres {
+        /// The database, without password.
+        target: String,
+        /// What was being done.
+        action: &'static str,
+        /// The server's or the client's message.
+        detail: String,
+        /// What the user can do.
+        hint: &'static str,
+    },
+    /// The sink's configuration is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The result can never be saved by this sink (the saver rejects it rather than retrying).
+    #[error("{0}")]
+    Invalid(String),
 }
 
-/// The configured sink.
-#[derive(Debug)]
+/// The configured sink. Cheap to clone.
+#[derive(Debug, Clone)]
 pub enum Sink {
     /// One JSON Lines file per chunk under a directory.
-    File(file::FileSink),
+    File(Arc<file::FileSink>),
+    /// Rows in PostgreSQL tables.
+    Postgres(postgres::PgSink),
 }
 
 impl Sink {
-    /// Saves one chunk durably; blocking (call from a blocking thread).
-    pub fn save(&self, result: &ChunkResult) -> Result<SaveOutcome, SinkError> {
+    /// Saves several chunks together (one round of syncs, or one transaction); one outcome per
+    /// result, in order. `Saved` means durable.
+    pub async fn save_batch(&self, results: Vec<Arc<ChunkResult>>) -> Vec<Result<SaveOutcome, SinkError>> {
         match self {
-            Sink::File(sink) => sink.save(result),
+            Sink::File(sink) => {
+                let sink = sink.clone();
+                let count = results.len();
+                tokio::task::spawn_blocking(move || {
+                    let refs: Vec<&ChunkResult> = results.iter().map(|r| r.as_ref()).collect();
+                    sink.save_batch(&refs)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    (0..count)
+                        .map(|_| {
+                            Err(SinkError::Io {
+                                action: "save",
+                                path: PathBuf::from("(the save task)"),
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                        })
+                        .collect()
+                })
+            }
+            Sink::Postgres(sink) => sink.save_batch(&results).await,
         }
     }
 
-    /// Saves several chunks with one round of syncs; one outcome per result, in order.
-    pub fn save_batch(&self, results: &[&ChunkResult]) -> Vec<Result<SaveOutcome, SinkError>> {
+    /// Batches worth saving at once: the file sink folds everything into one round of syncs;
+    /// the database commits one batch per pooled connection.
+    pub fn parallel_batches(&self) -> usize {
         match self {
-            Sink::File(sink) => sink.save_batch(results),
+            Sink::File(_) => 1,
+            Sink::Postgres(sink) => sink.connections(),
         }
     }
 
-    /// Where it writes, for logs.
+    /// Where it writes, for logs (never a password).
     pub fn describe(&self) -> String {
         match self {
             Sink::File(sink) => format!("directory {}", sink.root().display()),
+            Sink::Postgres(sink) => format!("PostgreSQL {}", sink.target()),
         }
     }
 }

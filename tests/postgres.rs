@@ -1,0 +1,171 @@
+//! The PostgreSQL sink against a real PostgreSQL server per test (see support/postgres.rs): a
+//! full run, savers and mappers killed, the database crashing mid-run, concurrent savers on the
+//! same chunks, and a wrong password. Each ends with `saver verify` reading the database.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::protocol::{ChunkResult, VERSION};
+use common::transform::MappedUser;
+use saver::sink::postgres::{PgOptions, PgSink};
+use saver::sink::SaveOutcome;
+use support::postgres::{PgServer, PG_PASSWORD};
+use support::{finish, metric, wait_ready, wait_until, Pipeline};
+
+#[test]
+fn a_run_into_postgres_has_one_row_per_object_and_verify_reads_it_back() {
+    let db = PgServer::start();
+    let p = Pipeline::new(20_000, 0);
+    let (saver, _) = p.saver_postgres("saver-1", &db);
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, Duration::from_secs(240));
+    let (ok, report) = p.verify_postgres(&db);
+    assert!(ok, "{report}");
+    assert!(report.contains("20000 expected, 20000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+    assert!(report.contains("0 mismatched chunk records"), "{report}");
+    let run = p.run_id();
+    assert_eq!(db.count(&format!("SELECT count(*) FROM chunkmill_objects WHERE run = '{run}'")), 20_000);
+    assert_eq!(db.count(&format!("SELECT count(DISTINCT id) FROM chunkmill_objects WHERE run = '{run}'")), 20_000);
+    assert_eq!(db.count(&format!("SELECT count(*) FROM chunkmill_chunks WHERE run = '{run}'")), 200);
+    assert_eq!(db.count(&format!("SELECT sum(objects) FROM chunkmill_chunks WHERE run = '{run}'")), 20_000);
+    let log = saver.log();
+    assert!(log.contains("saving to PostgreSQL postgres://chunkmill@127.0.0.1"), "{log}");
+    assert!(!log.contains(PG_PASSWORD), "the password reached the saver's log:\n{log}");
+    assert!(!report.contains(PG_PASSWORD), "the password reached verify's output:\n{report}");
+}
+
+#[test]
+fn two_savers_with_a_mapper_and_a_saver_killed_mid_run_save_each_object_once() {
+    let db = PgServer::start();
+    let p = Pipeline::new(20_000, 300);
+    let (mut saver1, port1) = p.saver_postgres("saver-1", &db);
+    let (_saver2, port2) = p.saver_postgres("saver-2", &db);
+    // Ready means the schema is in place and the saver is subscribed.
+    wait_ready(port1);
+    let mut m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let mut fetcher = p.fetcher(&["--lease-timeout", "1s"]);
+    let chunks = "SELECT count(*) FROM chunkmill_chunks";
+    wait_until("30 chunks saved", Duration::from_secs(120), || db.count(chunks) >= 30);
+    m1.kill();
+    saver1.kill();
+    let before_restart = db.count(chunks);
+    let _saver3 = p.saver_postgres("saver-3", &db);
+    let _m3 = p.mapper("mapper-3", &[]);
+    finish(&mut fetcher, Duration::from_secs(240));
+    assert!(before_restart < 200, "the kills happened after the run was over ({before_restart} chunks saved)");
+    let (ok, report) = p.verify_postgres(&db);
+    assert!(ok, "{report}");
+    assert!(report.contains("20000 expected, 20000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+    // Both first savers took chunks: the queue group spread the work, so they wrote concurrently.
+    assert!(db.count("SELECT count(*) FROM chunkmill_chunks WHERE saver = 'saver-1'") > 0);
+    assert!(db.count("SELECT count(*) FROM chunkmill_chunks WHERE saver = 'saver-2'") > 0);
+    assert!(metric(port2, "chunkmill_saver_chunks_saved_total").unwrap_or(0.0) > 0.0);
+}
+
+#[test]
+fn postgres_crashing_mid_run_acknowledges_nothing_unsaved_and_the_run_completes() {
+    let mut db = PgServer::start();
+    let p = Pipeline::new(20_000, 300);
+    let (saver, port) = p.saver_postgres("saver-1", &db);
+    wait_ready(port);
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    let chunks = "SELECT count(*) FROM chunkmill_chunks";
+    wait_until("30 chunks saved", Duration::from_secs(120), || db.count(chunks) >= 30);
+    db.crash();
+    // Down long enough that the saver must fail saves (and answer the mappers so), not just
+    // find its pooled connections closed.
+    saver.wait_for_log("cannot save a result: PostgreSQL", Duration::from_secs(60));
+    db.start_again();
+    let before_restart = db.count(chunks);
+    finish(&mut fetcher, Duration::from_secs(240));
+    assert!(before_restart < 200, "the crash happened after the run was over ({before_restart} chunks saved)");
+    let (ok, report) = p.verify_postgres(&db);
+    assert!(ok, "{report}");
+    assert!(report.contains("20000 expected, 20000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+}
+
+#[test]
+fn a_wrong_password_stops_the_saver_with_a_hint_and_without_the_secret() {
+    let db = PgServer::start();
+    let p = Pipeline::new(10, 0);
+    let args = vec!["--sink".to_string(), db.url()];
+    let secret = "wrong-secret-5b1e";
+    let (mut saver, _) = p.spawn_with_env("saver-bad", "saver", &args, &[("SAVER_PG_PASSWORD", secret)]);
+    let code = saver.wait_exit(Duration::from_secs(60));
+    let log = saver.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("28P01") && log.contains("SAVER_PG_PASSWORD_FILE"), "{log}");
+    assert!(!log.contains(secret), "the password reached the log:\n{log}");
+}
+
+fn result(chunk: u64) -> Arc<ChunkResult> {
+    Arc::new(ChunkResult {
+        v: VERSION,
+        run: "00000000000000aa".into(),
+        chunk,
+        lease: uuid::Uuid::new_v4(),
+        attempt: 1,
+        mapper: "m".into(),
+        records: (0..10)
+            .map(|i| MappedUser { id: format!("{chunk}-{i}"), name: "A B".into(), friends: i, digest: String::new() })
+            .collect(),
+        dead: vec![],
+    })
+}
+
+#[test]
+fn concurrent_savers_in_opposite_orders_never_deadlock_and_save_each_chunk_once() {
+    let db = PgServer::start();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let outcomes: Vec<Vec<SaveOutcome>> = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        let barrier = Arc::new(tokio::sync::Barrier::new(6));
+        for saver in 0..6u64 {
+            let options = PgOptions {
+                url: db.url(),
+                password: Some(PG_PASSWORD.into()),
+                pool_size: 2,
+                saver: format!("saver-{saver}"),
+            };
+            let sink = PgSink::connect(options, &Default::default()).await.expect("connect").expect("not stopped");
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                // Every saver writes all 1000 chunks, in the same batches of 100 at the same time;
+                // half list each batch upwards, half downwards: without one lock order inside
+                // the sink, opposite batches would deadlock.
+                let chunks: Vec<u64> = (0..1000).collect();
+                let mut outcomes = Vec::new();
+                for batch in chunks.chunks(100) {
+                    barrier.wait().await;
+                    let mut results: Vec<Arc<ChunkResult>> = batch.iter().map(|&c| result(c)).collect();
+                    if saver % 2 == 1 {
+                        results.reverse();
+                    }
+                    for outcome in sink.save_batch(&results).await {
+                        outcomes.push(outcome.expect("saved without error"));
+                    }
+                }
+                outcomes
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.push(task.await.expect("task"));
+        }
+        all
+    });
+    let saved = outcomes.iter().flatten().filter(|o| **o == SaveOutcome::Saved).count();
+    let duplicates = outcomes.iter().flatten().filter(|o| **o == SaveOutcome::Duplicate).count();
+    assert_eq!(saved, 1000, "each chunk saved exactly once");
+    assert_eq!(duplicates, 5 * 1000, "every other save is a duplicate");
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_objects"), 10_000);
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 1000);
+    assert!(!db.log().contains("deadlock detected"), "PostgreSQL saw a deadlock:\n{}", db.log());
+}
