@@ -1,11 +1,12 @@
-//! What chunkmill's services share, and nothing else: the wire protocol, the transform (the
-//! mapper runs it, `saver verify` checks against it), the input reader (the fetcher chunks it,
+//! What chunkmill's services share, and nothing else: the wire protocol and the pipeline events,
+//! the transform (the mapper runs it, `saver verify` checks against it), the input reader (the fetcher chunks it,
 //! `saver verify` re-reads it), configuration shared by every binary, the NATS connection, logging,
 //! shutdown, and (behind the `test-support` feature) the integration-test harness.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
+pub mod events;
 pub mod input;
 pub mod metrics;
 pub mod nats;

@@ -30,6 +30,9 @@ pub struct Subjects {
     pub result: String,
     /// saver → fetcher, request/reply: "these chunks are durably saved".
     pub ack: String,
+    /// fetcher → JetStream → broadcaster: pipeline events are published on `<events>.<kind>`
+    /// (see [`crate::events`]).
+    pub events: String,
 }
 
 impl Subjects {
@@ -41,6 +44,7 @@ impl Subjects {
             release: format!("{prefix}.release"),
             result: format!("{prefix}.result"),
             ack: format!("{prefix}.ack"),
+            events: format!("{prefix}.events"),
         }
     }
 }

@@ -65,6 +65,16 @@ pub enum LedgerKind {
     Kv,
 }
 
+/// Whether the fetcher publishes pipeline events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Events {
+    /// Publish run started, milestones, dead letters, completion and resumes to JetStream
+    /// (`<prefix>.events.<kind>`) for the broadcaster; dropped quietly if there is no stream.
+    On,
+    /// Publish nothing.
+    Off,
+}
+
 /// Settings of a pipeline run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -111,6 +121,10 @@ pub struct Config {
     #[arg(long, env = "FETCHER_KV_BUCKET", default_value = "chunkmill-ledger")]
     pub kv_bucket: String,
 
+    /// Pipeline events for the broadcaster (docs/PROTOCOL.md §11): `on` or `off`.
+    #[arg(long, env = "FETCHER_EVENTS", value_enum, default_value = "on")]
+    pub events: Events,
+
     /// Address of the /metrics, /healthz and /readyz endpoint.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
     pub metrics_addr: String,
@@ -135,6 +149,7 @@ impl Config {
             ledger: LedgerKind::File,
             no_duplicate_check: false,
             kv_bucket: "chunkmill-ledger".into(),
+            events: Events::On,
             nats,
         }
     }

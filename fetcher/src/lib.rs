@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
+pub mod events;
 pub mod generate;
 pub mod ledger;
 pub mod metrics;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message, Subject};
+use common::events::{Event, EventBody};
 use common::input::{ChunkReader, InputError, InputIndex};
 use common::protocol::{
     self, AckReply, AckRequest, AckVerdict, ChunkLease, ExtendReply, ExtendRequest, ReleaseReason, ReleaseReply,
@@ -30,6 +32,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{BadRecords, Config};
+use events::Publisher;
 use ledger::{Ledger, LedgerStats, ReleaseOutcome};
 use metrics::FetcherMetrics;
 use progress::Progress;
@@ -202,10 +205,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         }
     };
     let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
-    let fetcher = Fetcher::new(config, index, client, metrics, store, recovered)?;
+    let events = match config.events {
+        config::Events::On => Publisher::start(client.clone(), config.nats.subject_prefix.clone()),
+        config::Events::Off => Publisher::off(),
+    };
+    let mut fetcher = Fetcher::new(config, index, client, metrics, store, recovered, events)?;
     if fresh {
         fetcher.record_bad_records().await?;
     }
+    fetcher.announce(fresh, &name);
     fetcher.serve(shutdown, ready).await
 }
 
@@ -227,6 +235,21 @@ struct Fetcher {
     waiters: VecDeque<Waiter>,
     progress: Progress,
     completed_logged: bool,
+    events: Publisher,
+    /// The highest progress milestone (percent) already passed, so none is announced twice, also
+    /// across a restart (it starts from the resumed state).
+    milestone: u32,
+    /// The run was complete before this fetcher started: its completion was announced before.
+    complete_at_start: bool,
+}
+
+/// The progress milestone (0, 10, ... 90) that `finished` of `total` chunks has passed; 100 % is
+/// not a milestone (the run's completion is announced instead).
+fn milestone(finished: u64, total: u64) -> u32 {
+    if total == 0 {
+        return 0;
+    }
+    ((finished * 100 / total) as u32 / 10 * 10).min(90)
 }
 
 impl Fetcher {
@@ -237,6 +260,7 @@ impl Fetcher {
         metrics: FetcherMetrics,
         store: LedgerStore,
         recovered: store::Recovered,
+        events: Publisher,
     ) -> Result<Self, FetcherError> {
         let reader = ChunkReader::open(&index)?;
         let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
@@ -261,7 +285,11 @@ impl Fetcher {
                 ledger.pending()
             );
         }
+        let finished = ledger.done() + ledger.dead();
         Ok(Fetcher {
+            milestone: milestone(finished, ledger.len() as u64),
+            complete_at_start: ledger.is_complete(),
+            events,
             subjects: Subjects::new(&config.nats.subject_prefix),
             progress: Progress::new(index.objects).with_bar_on_terminal(index.chunks.len() as u64),
             config,
@@ -289,6 +317,48 @@ impl Fetcher {
             tracing::warn!("{} invalid input records listed in {}", self.index.bad.len(), self.store.dead_letters());
         }
         Ok(())
+    }
+
+    /// Announces a fresh run as `started`, or an unfinished one picked up again as `resumed`.
+    fn announce(&mut self, fresh: bool, instance: &str) {
+        let run = &self.index.run_id;
+        let body = if fresh {
+            EventBody::Started {
+                objects: self.index.objects,
+                chunks: self.ledger.len() as u64,
+                chunk_size: self.index.chunk_size,
+            }
+        } else if !self.ledger.is_complete() {
+            EventBody::Resumed {
+                chunks: self.ledger.len() as u64,
+                chunks_done: self.ledger.done(),
+                chunks_dead: self.ledger.dead(),
+                instance: instance.to_string(),
+            }
+        } else {
+            return;
+        };
+        self.events.emit(Event::new(run, body));
+    }
+
+    /// Announces the highest milestone passed since the last one, if any (several passed at once,
+    /// as in a small run, give one message, not a burst).
+    fn check_milestone(&mut self) {
+        let total = self.ledger.len() as u64;
+        let finished = self.ledger.done() + self.ledger.dead();
+        let now = milestone(finished, total);
+        if now > self.milestone && finished < total {
+            self.milestone = now;
+            let body = EventBody::Progress {
+                percent: now,
+                chunks_done: finished,
+                chunks: total,
+                objects_done: self.ledger.objects_done(),
+                objects: self.index.objects,
+                elapsed_ms: self.progress.elapsed().as_millis() as u64,
+            };
+            self.events.emit(Event::new(&self.index.run_id, body));
+        }
     }
 
     async fn subscribe(&self, subject: &str) -> Result<async_nats::Subscriber, FetcherError> {
@@ -319,6 +389,7 @@ impl Fetcher {
                 Some(message) = work.next() => self.on_work(message).await,
                 _ = tick.tick() => self.on_tick().await,
             }
+            self.check_milestone();
             if self.ledger.is_complete() {
                 self.on_complete().await;
                 if self.config.exit_when_done {
@@ -328,6 +399,8 @@ impl Fetcher {
         }
         // Make sure the last replies (acks, "done") leave before we go.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        // Pipeline events still queued get a short grace (the completion is usually among them).
+        std::mem::replace(&mut self.events, Publisher::off()).close(Duration::from_secs(2)).await;
         self.progress.finish();
         let summary = self.summary();
         if !self.completed_logged {
@@ -564,6 +637,13 @@ impl Fetcher {
         if let Err(e) = recorded {
             tracing::error!("{e}");
         }
+        let body = EventBody::ChunkDead {
+            chunk: u64::from(chunk),
+            reason: error.to_string(),
+            first_line: span.first_line,
+            objects: u64::from(span.objects),
+        };
+        self.events.emit(Event::new(&self.index.run_id, body));
     }
 
     async fn on_tick(&mut self) {
@@ -612,7 +692,35 @@ impl Fetcher {
                 tracing::info!("{line}");
             }
             self.progress.finish();
-            tracing::info!(run = %self.index.run_id, "{}", self.summary());
+            let summary = self.summary();
+            tracing::info!(run = %self.index.run_id, "{summary}");
+            if !self.complete_at_start {
+                let body = EventBody::Completed {
+                    chunks: summary.chunks,
+                    objects: summary.objects,
+                    duration_ms: summary.elapsed.as_millis() as u64,
+                    dead_chunks: summary.dead,
+                    dead_objects: summary.stats.objects_dead,
+                    bad_records: summary.bad_records,
+                };
+                self.events.emit(Event::new(&self.index.run_id, body));
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::milestone;
+
+    #[test]
+    fn milestones_are_tens_below_a_hundred() {
+        assert_eq!(milestone(0, 200), 0);
+        assert_eq!(milestone(19, 200), 0);
+        assert_eq!(milestone(20, 200), 10);
+        assert_eq!(milestone(199, 200), 90);
+        assert_eq!(milestone(200, 200), 90, "100 % is the completion, not a milestone");
+        assert_eq!(milestone(1, 3), 30, "a small run jumps straight to the highest milestone passed");
+        assert_eq!(milestone(0, 0), 0);
     }
 }
