@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# chunkmill: ONE image holding the three binaries (fetcher, mapper, saver) in /usr/local/bin.
+# chunkmill: ONE image holding the four binaries (fetcher, mapper, saver, broadcaster) in
+# /usr/local/bin.
 #
 #   docker build -t ghcr.io/chunkmill/chunkmill:0.1.0 \
 #     --build-arg CHUNKMILL_GIT_COMMIT="$(git rev-parse --short=12 HEAD)" .
@@ -9,7 +10,7 @@
 # Why one image and not three: the binaries share one workspace, one Cargo.lock and almost all
 # their code (`common`), so they are built by ONE `cargo build` anyway; one image means one build,
 # one push, one tag to roll out, and a fetcher, mappers and savers that can never run mismatched
-# protocol versions. The three binaries add a few MB to each image at most, and a node that runs
+# protocol versions. The binaries add a few MB to each image at most, and a node that runs
 # several services pulls the layers once. Kubernetes and compose pick the service with `command`.
 #
 # The image name below is what deploy/ and compose.yaml use; scripts/check-deploy.sh checks that
@@ -38,18 +39,19 @@ COPY . .
 RUN --mount=type=cache,id=chunkmill-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=chunkmill-cargo-git,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,id=chunkmill-target,target=/src/target,sharing=locked \
-    cargo build --release --locked -p fetcher -p mapper -p saver --bins \
+    cargo build --release --locked -p fetcher -p mapper -p saver -p broadcaster --bins \
  && install -D -m 0755 -t /out/usr/local/bin \
         target/release/fetcher target/release/mapper target/release/saver \
+        target/release/broadcaster \
  && install -d -m 0755 -o 65532 -g 65532 /out-dirs/data /out-dirs/out /out-dirs/state
 
 ############################ runtime ############################
-# distroless/cc: glibc, libgcc, CA certificates (for NATS over TLS), tzdata, and nothing else: no
+# distroless/cc: glibc, libgcc, CA certificates (for NATS over TLS and the chat APIs), tzdata, and nothing else: no
 # shell, no package manager. The :nonroot tag runs as uid/gid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 
 LABEL org.opencontainers.image.title="chunkmill" \
-      org.opencontainers.image.description="chunkmill pipeline: fetcher, mapper and saver binaries" \
+      org.opencontainers.image.description="chunkmill pipeline: fetcher, mapper, saver and broadcaster binaries" \
       org.opencontainers.image.source="https://github.com/chunkmill/chunkmill" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0" \
       org.opencontainers.image.version="0.1.0" \
@@ -64,8 +66,10 @@ COPY --from=builder --chown=65532:65532 /out-dirs/ /
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 USER 65532:65532
 
-# The metrics/health ports (--metrics-addr defaults): fetcher 9101, mapper 9102, saver 9103.
-EXPOSE 9101 9102 9103
+# The metrics/health ports (--metrics-addr defaults): fetcher 9101, mapper 9102, saver 9103,
+# broadcaster 9104.
+EXPOSE 9101 9102 9103 9104
 
-# No ENTRYPOINT: the service is the command (`fetcher`, `mapper`, `saver`; all on PATH).
+# No ENTRYPOINT: the service is the command (`fetcher`, `mapper`, `saver`, `broadcaster`; all on
+# PATH).
 CMD ["fetcher", "--help"]

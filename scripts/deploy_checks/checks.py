@@ -34,7 +34,11 @@ import yaml
 # The repository (override for testing the checks on a modified copy: CHECK_DEPLOY_ROOT=...).
 ROOT = Path(os.environ.get("CHECK_DEPLOY_ROOT") or Path(__file__).resolve().parents[2])
 DEPLOY = ROOT / "deploy"
-BINARIES = ("fetcher", "mapper", "saver")
+BINARIES = ("fetcher", "mapper", "saver", "broadcaster")
+
+# Secrets the broadcaster reads; manifests must give them as files (the ..._FILE variables from
+# a mounted Secret), never as values: env values show in `kubectl describe` and the API.
+SECRET_VALUE_ENV = {"BROADCASTER_WEBHOOK_URL", "BROADCASTER_TELEGRAM_TOKEN", "NATS_PASSWORD"}
 
 # Variables every service reads that are not clap flags (so not in --help).
 STANDARD_ENV = {"RUST_LOG", "LOG_FORMAT", "HOSTNAME"}
@@ -470,6 +474,9 @@ def check_env(m: Manifests, b: Binaries, r: Result, pending: Result) -> None:
         known = b.env_names(binary, sub)
         flags_argv: list[str] = []
         for name, value, where in env_of(c, m, r):
+            if name in SECRET_VALUE_ENV:
+                r.fail(f"{c.source}: {name} (from {where}) puts a secret in the environment; mount the Secret "
+                       f"and set {name}_FILE instead")
             if name in known:
                 o = known[name]
                 if value is not None and o["takes_value"]:
@@ -649,7 +656,7 @@ def check_images(m: Manifests, b: Binaries, r: Result) -> None:
             r.fail(f"{c.source}: image {c.spec.get('image')!r}, expected {image} (Dockerfile LABEL io.chunkmill.image)")
         cmd = c.spec.get("command") or []
         if not cmd:
-            r.fail(f"{c.source}: no command: the image has three binaries, name one")
+            r.fail(f"{c.source}: no command: the image has several binaries, name one")
         elif cmd[0] not in {f"/usr/local/bin/{x}" for x in installed}:
             r.fail(f"{c.source}: command {cmd[0]!r} is not a binary the image installs in /usr/local/bin")
     for f in [DEPLOY / "base" / "kustomization.yaml", *sorted((DEPLOY / "overlays").glob("*/kustomization.yaml"))]:
@@ -872,7 +879,7 @@ def check_nats_values(m: Manifests, r: Result) -> None:
     walk(values, [])
     get = lambda *ks: (lambda d: [d := (d or {}).get(k) for k in ks][-1])(values)  # noqa: E731
     if get("config", "jetstream", "enabled") is not True:
-        r.fail("deploy/nats/values.yaml: config.jetstream.enabled must be true (the kv ledger)")
+        r.fail("deploy/nats/values.yaml: config.jetstream.enabled must be true (the kv ledger, the broadcaster)")
     if get("promExporter", "enabled") is not True or get("promExporter", "port") != 7777:
         r.fail("deploy/nats/values.yaml: promExporter must be enabled on port 7777 (the NATS dashboard)")
     if get("config", "monitor", "enabled") is False:
