@@ -26,6 +26,8 @@ pub enum Reply {
 /// One request as received.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// When it arrived.
+    pub at: std::time::Instant,
     /// Request path (with the query, if any).
     pub path: String,
     /// Content-Type header.
@@ -129,7 +131,7 @@ async fn answer(request: Request<hyper::body::Incoming>, state: &Mutex<State>) -
     let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     let mut state = state.lock().expect("receiver state");
     let n = state.requests.len();
-    let mut received = Received { path, content_type, body, reply: Reply::Ok };
+    let mut received = Received { at: std::time::Instant::now(), path, content_type, body, reply: Reply::Ok };
     let reply = (state.script)(n, &received.text());
     received.reply = reply;
     state.requests.push(received);
@@ -142,8 +144,10 @@ async fn answer(request: Request<hyper::body::Incoming>, state: &Mutex<State>) -
             ),
             Some(s),
         ),
+        // Echoes the path, as some APIs do: a webhook's secret path must not reach the logs.
         Reply::Status(code) => {
-            (code, format!(r#"{{"ok":false,"error_code":{code},"description":"scripted failure"}}"#), None)
+            let path = &state.requests[n].path;
+            (code, format!(r#"{{"ok":false,"error_code":{code},"description":"scripted failure at {path}"}}"#), None)
         }
     };
     let mut response = Response::new(Full::new(Bytes::from(text)));
