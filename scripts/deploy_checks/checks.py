@@ -36,9 +36,9 @@ ROOT = Path(os.environ.get("CHECK_DEPLOY_ROOT") or Path(__file__).resolve().pare
 DEPLOY = ROOT / "deploy"
 BINARIES = ("fetcher", "mapper", "saver", "broadcaster")
 
-# Secrets the broadcaster reads; manifests must give them as files (the ..._FILE variables from
+# Secrets the services read; manifests must give them as files (the ..._FILE variables from
 # a mounted Secret), never as values: env values show in `kubectl describe` and the API.
-SECRET_VALUE_ENV = {"BROADCASTER_WEBHOOK_URL", "BROADCASTER_TELEGRAM_TOKEN", "NATS_PASSWORD"}
+SECRET_VALUE_ENV = {"BROADCASTER_WEBHOOK_URL", "BROADCASTER_TELEGRAM_TOKEN", "NATS_PASSWORD", "SAVER_PG_PASSWORD"}
 
 # Variables every service reads that are not clap flags (so not in --help).
 STANDARD_ENV = {"RUST_LOG", "LOG_FORMAT", "HOSTNAME"}
