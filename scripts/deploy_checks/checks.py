@@ -35,6 +35,8 @@ import yaml
 ROOT = Path(os.environ.get("CHECK_DEPLOY_ROOT") or Path(__file__).resolve().parents[2])
 DEPLOY = ROOT / "deploy"
 BINARIES = ("fetcher", "mapper", "saver", "broadcaster")
+# Every render of the pipeline runs these; the broadcaster is an optional component.
+PIPELINE = ("fetcher", "mapper", "saver")
 
 # Secrets the services read; manifests must give them as files (the ..._FILE variables from
 # a mounted Secret), never as values: env values show in `kubectl describe` and the API.
@@ -726,7 +728,7 @@ def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
     for rnd in m.app_renders():
         objs = rnd.objects
         by = {(o["kind"], o["metadata"].get("name")): o for o in objs}
-        dep = {n: by.get(("Deployment", n)) for n in BINARIES}
+        dep = {n: by.get(("Deployment", n)) for n in PIPELINE}
         for n, d in dep.items():
             if d is None:
                 r.fail(f"{rnd.name}: no Deployment/{n}")
