@@ -33,6 +33,21 @@ fn broadcaster(nats_url: &str, logs: &Path, name: &str, env: &[(&str, &str)], ex
 }
 
 /// A distinct event per `n`: its chunk number makes its message text unique.
+/// `n` broadcasters `bcast-0`.. on the pipeline's NATS, ready: they have created the event
+/// stream, which a fetcher started before them would not find.
+fn ready_broadcasters(p: &Pipeline, n: usize, env: &[(&'static str, &str)]) -> Vec<(Service, u16)> {
+    let replicas: Vec<(Service, u16)> = (0..n)
+        .map(|i| {
+            let name = format!("bcast-{i}");
+            p.spawn_with_env(&name, "broadcaster", &["--instance".to_string(), name.clone()], env)
+        })
+        .collect();
+    for (_, port) in &replicas {
+        wait_ready(*port);
+    }
+    replicas
+}
+
 fn dead_event(n: u64) -> Event {
     Event::new(
         RUN,
@@ -351,17 +366,7 @@ fn a_full_run_with_six_broadcasters_tells_the_runs_story_once_and_in_order() {
     let chat = Receiver::start();
     let url = chat.url("/services/T1/B1/X");
     let env = [("BROADCASTER_TARGET", "slack"), ("BROADCASTER_WEBHOOK_URL", url.as_str())];
-    let replicas: Vec<(Service, u16)> = (0..6)
-        .map(|i| {
-            let name = format!("bcast-{i}");
-            let args = vec!["--instance".to_string(), name.clone()];
-            p.spawn_with_env(&name, "broadcaster", &args, &env)
-        })
-        .collect();
-    // The broadcasters create the event stream; a fetcher started before would find none.
-    for (_, port) in &replicas {
-        wait_ready(*port);
-    }
+    let _replicas = ready_broadcasters(&p, 6, &env);
     let _saver = p.saver("saver-1");
     let _mapper = p.mapper("mapper-1", &[]);
     let mut fetcher = p.fetcher(&[]);
@@ -398,15 +403,7 @@ fn a_fetcher_restarted_mid_run_is_announced_as_resumed_and_repeats_no_milestone(
     let chat = Receiver::start();
     let url = chat.url("/hook");
     let env = [("BROADCASTER_TARGET", "generic"), ("BROADCASTER_WEBHOOK_URL", url.as_str())];
-    let replicas: Vec<(Service, u16)> = (0..3)
-        .map(|i| {
-            let name = format!("bcast-{i}");
-            p.spawn_with_env(&name, "broadcaster", &["--instance".to_string(), name.clone()], &env)
-        })
-        .collect();
-    for (_, port) in &replicas {
-        wait_ready(*port);
-    }
+    let _replicas = ready_broadcasters(&p, 3, &env);
     let _saver = p.saver("saver-1");
     let _m1 = p.mapper("mapper-1", &[]);
     let _m2 = p.mapper("mapper-2", &[]);
