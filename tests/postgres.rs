@@ -169,3 +169,26 @@ fn concurrent_savers_in_opposite_orders_never_deadlock_and_save_each_chunk_once(
     assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 1000);
     assert!(!db.log().contains("deadlock detected"), "PostgreSQL saw a deadlock:\n{}", db.log());
 }
+
+#[test]
+fn an_object_id_already_saved_by_another_chunk_keeps_its_first_row_and_the_chunk_still_saves() {
+    // Only possible when the fetcher skipped its duplicate-id check: the fast COPY path meets a
+    // unique violation, and the batch is saved again with INSERT .. ON CONFLICT DO NOTHING.
+    let db = PgServer::start();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let outcomes = runtime.block_on(async {
+        let options = PgOptions { url: db.url(), password: Some(PG_PASSWORD.into()), pool_size: 1, saver: "s".into() };
+        let sink = PgSink::connect(options, &Default::default()).await.expect("connect").expect("not stopped");
+        let first = result(1);
+        let mut second = (*result(2)).clone();
+        second.records[0].id = first.records[0].id.clone();
+        second.records[0].name = "Second Copy".into();
+        let mut outcomes = sink.save_batch(&[first]).await;
+        outcomes.extend(sink.save_batch(&[Arc::new(second)]).await);
+        outcomes.into_iter().map(|o| o.expect("saved")).collect::<Vec<_>>()
+    });
+    assert_eq!(outcomes, vec![SaveOutcome::Saved, SaveOutcome::Saved]);
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_objects"), 19);
+    assert_eq!(db.query("SELECT name FROM chunkmill_objects WHERE id = '1-0'"), "A B", "the first row stays");
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 2);
+}

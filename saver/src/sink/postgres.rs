@@ -5,8 +5,9 @@
 //! `chunkmill_chunks` rows with `ON CONFLICT DO NOTHING RETURNING`: the rows returned are the
 //! chunks this transaction owns; the others were saved before (or by a concurrent saver, whose
 //! commit this insert waited for), so they are duplicates and nothing of theirs is written. Only
-//! the claimed chunks' objects are inserted, in the same transaction, so a chunk row exists if and
-//! only if all its objects do. The caller acknowledges a chunk only after the commit returned.
+//! the claimed chunks' objects are written, in the same transaction (binary COPY; on a repeated
+//! id, possible only without the fetcher's duplicate check, the batch is redone with
+//! `INSERT .. ON CONFLICT DO NOTHING`), so a chunk row exists if and only if all its objects do. The caller acknowledges a chunk only after the commit returned.
 //!
 //! Concurrent savers cannot deadlock on each other: every batch claims its chunks in one order,
 //! `(run, chunk)`, and a claim is the first row lock a transaction takes, so two transactions wait
@@ -20,7 +21,9 @@ use std::time::Duration;
 
 use common::protocol::ChunkResult;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
@@ -305,11 +308,16 @@ impl PgSink {
         });
         let batch: Vec<&ChunkResult> = order.iter().map(|&i| results[i].as_ref()).collect();
         let mut attempt = 0;
+        let mut copy = true;
         let written = loop {
-            match self.write(&batch).await {
+            match self.write(&batch, copy).await {
                 Err(failure) if failure.conflict() && attempt < CONFLICT_RETRIES => {
                     attempt += 1;
                     tracing::debug!("retrying a batch after: {}", failure.detail);
+                }
+                Err(failure) if copy && failure.code.as_ref() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    copy = false;
+                    tracing::debug!("an object id is already saved; inserting one by one: {}", failure.detail);
                 }
                 other => break other,
             }
@@ -337,7 +345,7 @@ impl PgSink {
 
     /// One transaction: claim the chunks, write the claimed ones' objects, commit. Returns the
     /// claimed chunks.
-    async fn write(&self, batch: &[&ChunkResult]) -> Result<HashSet<(String, u64)>, Failure> {
+    async fn write(&self, batch: &[&ChunkResult], copy: bool) -> Result<HashSet<(String, u64)>, Failure> {
         if batch.is_empty() {
             return Ok(HashSet::new());
         }
@@ -365,7 +373,28 @@ impl PgSink {
         let mine: Vec<&ChunkResult> =
             batch.iter().copied().filter(|r| claimed.contains(&(r.run.clone(), r.chunk))).collect();
         let total: usize = mine.iter().map(|r| r.records.len()).sum();
-        if total > 0 {
+        if total > 0 && copy {
+            // COPY is the fast path, but it has no ON CONFLICT: a repeated id aborts the
+            // transaction with a unique violation, and the caller retries with the INSERT path.
+            let sink = tx
+                .copy_in("COPY chunkmill_objects (run, id, chunk, name, friends, digest) FROM STDIN BINARY")
+                .await
+                .map_err(|e| Failure::new("start copying objects", &e))?;
+            let types = [Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT];
+            let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
+            for result in &mine {
+                let chunk = result.chunk as i64;
+                for record in &result.records {
+                    let friends = record.friends as i64;
+                    writer
+                        .as_mut()
+                        .write(&[&result.run, &record.id, &chunk, &record.name, &friends, &record.digest])
+                        .await
+                        .map_err(|e| Failure::new("copy objects", &e))?;
+                }
+            }
+            writer.as_mut().finish().await.map_err(|e| Failure::new("copy objects", &e))?;
+        } else if total > 0 {
             let insert = tx.prepare_cached(OBJECTS).await.map_err(|e| Failure::new("prepare the object insert", &e))?;
             let mut runs = Vec::with_capacity(total);
             let mut ids = Vec::with_capacity(total);
