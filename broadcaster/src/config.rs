@@ -163,7 +163,7 @@ fn secret(
 }
 
 fn read_secret_file(path: &Path, var: &'static str) -> Result<Secret, ConfigError> {
-    std::fs::read_to_string(path).map(|s| Secret(s.trim().to_string())).map_err(|source| ConfigError::File {
+    common::config::read_secret_file(path).map(Secret).map_err(|source| ConfigError::File {
         var,
         path: path.to_path_buf(),
         source,

@@ -91,6 +91,13 @@ impl NatsArgs {
     }
 }
 
+/// Reads a secret from a file (typically a mounted Kubernetes Secret): its content without the
+/// surrounding whitespace, such as the newline that `echo` and editors add. Every service reads
+/// its password, token and webhook files through this, so they agree on what a secret file holds.
+pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path).map(|s| s.trim().to_string())
+}
+
 /// Parses durations such as `500ms`, `5s`, `2m` or `1h 30m` for clap.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())

@@ -64,7 +64,7 @@ pub enum ConnectError {
 }
 
 fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, ConnectError> {
-    std::fs::read_to_string(path).map(|s| s.trim().to_string()).map_err(|source| ConnectError::File {
+    crate::config::read_secret_file(path).map_err(|source| ConnectError::File {
         what,
         path: path.to_path_buf(),
         source,

@@ -174,12 +174,12 @@ pub struct PasswordFileError {
 }
 
 impl SinkArgs {
-    /// The password to use, if any: the file's first line, else `--pg-password`.
+    /// The password to use, if any: the file's (trimmed, as every secret file), else `--pg-password`.
     pub fn password(&self) -> Result<Option<String>, PasswordFileError> {
         if let Some(path) = &self.pg_password_file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| PasswordFileError { path: path.clone(), source })?;
-            return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
+            return common::config::read_secret_file(path)
+                .map(Some)
+                .map_err(|source| PasswordFileError { path: path.clone(), source });
         }
         Ok(self.pg_password.clone())
     }
@@ -206,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn the_password_file_wins_and_keeps_only_its_first_line() {
+    fn the_password_file_wins_without_its_trailing_newline() {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("password");
         std::fs::write(&file, "from-file\n").expect("write");
