@@ -309,7 +309,7 @@ impl PgSink {
         let batch: Vec<&ChunkResult> = order.iter().map(|&i| results[i].as_ref()).collect();
         let mut attempt = 0;
         let mut copy = true;
-        let written = loop {
+        let claimed = loop {
             match self.write(&batch, copy).await {
                 Err(failure) if failure.conflict() && attempt < CONFLICT_RETRIES => {
                     attempt += 1;
@@ -317,12 +317,11 @@ impl PgSink {
                 }
                 Err(failure) if copy && failure.code.as_ref() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     copy = false;
-                    tracing::debug!("an object id is already saved; inserting one by one: {}", failure.detail);
+                    tracing::debug!("an object id is already saved; redoing the batch with INSERT: {}", failure.detail);
                 }
                 other => break other,
             }
         };
-        let claimed: Result<HashSet<(String, u64)>, Failure> = written;
         for (i, result) in results.iter().enumerate() {
             if outcomes[i].is_some() {
                 continue;
