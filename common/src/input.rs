@@ -11,7 +11,14 @@ use std::path::{Path, PathBuf};
 use serde::de::IgnoredAny;
 use sha2::{Digest, Sha256};
 
-use crate::transform::parse_input;
+use crate::transform::{parse_input, InputUser};
+
+/// Checks one input record: strict JSON first (every byte, also of fields the transform ignores,
+/// see [`crate::json`]), then the transform's own rules.
+fn parse_record(bytes: &[u8]) -> Result<InputUser<'_>, String> {
+    crate::json::check_object(bytes).map_err(|e| e.to_string())?;
+    parse_input(bytes)
+}
 
 /// How the input file is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,13 +134,7 @@ struct ChunkBuilder {
 
 impl ChunkBuilder {
     /// Accepts a valid record unless its uuid was seen before (then it is a bad record).
-    fn accept(
-        &mut self,
-        user: &crate::transform::InputUser<'_>,
-        offset: u64,
-        len: u64,
-        line: u64,
-    ) -> Result<(), String> {
+    fn accept(&mut self, user: &InputUser<'_>, offset: u64, len: u64, line: u64) -> Result<(), String> {
         if let Some(id) = self.check_duplicates.then(|| uuid::Uuid::try_parse(&user.uuid).ok()).flatten() {
             if let Some(first) = self.seen.insert(id.as_u128(), line) {
                 self.seen.insert(id.as_u128(), first);
@@ -240,7 +241,8 @@ fn scan_lines(
         let (start, record) = trim_record(&line[skip_bom..]);
         if !record.is_empty() {
             let record_offset = offset + (skip_bom + start) as u64;
-            match parse_input(record).and_then(|user| builder.accept(&user, record_offset, record.len() as u64, number))
+            match parse_record(record)
+                .and_then(|user| builder.accept(&user, record_offset, record.len() as u64, number))
             {
                 Ok(()) => {}
                 Err(error) => {
@@ -377,7 +379,7 @@ fn scan_array(
             walker.peek(hasher)?;
             let (offset, line, range) = walker.element(hasher)?;
             let len = range.len();
-            match parse_input(&walker.buf[range]).and_then(|user| builder.accept(&user, offset, len as u64, line)) {
+            match parse_record(&walker.buf[range]).and_then(|user| builder.accept(&user, offset, len as u64, line)) {
                 Ok(()) => {}
                 Err(error) => bad.push(BadRecord { line, offset, error }),
             }
@@ -502,6 +504,18 @@ impl ChunkReader {
             if self.bad_offsets.binary_search(&offset).is_ok() {
                 continue;
             }
+            // The scan checked every byte; a record that is no longer UTF-8 was rewritten since,
+            // and must not reach a mapper (it could not decode the chunk at all).
+            if let Err(e) = std::str::from_utf8(&raw[range.clone()]) {
+                return Err(InputError::Syntax {
+                    path: self.path.clone(),
+                    line: span.first_line,
+                    message: format!(
+                        "the file changed since it was scanned: invalid UTF-8 at byte {}",
+                        offset + e.valid_up_to() as u64
+                    ),
+                });
+            }
             if taken > 0 {
                 out.push(b',');
             }
@@ -609,11 +623,45 @@ mod tests {
             "{:?}",
             index.bad[0]
         );
-        assert!(index.bad[1].error.contains("unicode"), "{:?}", index.bad[1]);
+        assert!(index.bad[1].error.contains("invalid UTF-8"), "{:?}", index.bad[1]);
         // Nesting 100 000 deep and a number past 64 bits, both in a field the transform ignores:
         // valid JSON, skipped without recursion (no stack overflow), so the records are kept.
         assert_eq!(index.objects, 4, "{:?}", index.bad);
         assert_eq!(records(&index).len(), 4);
+    }
+
+    #[test]
+    fn a_raw_invalid_byte_in_a_field_no_transform_reads_is_a_bad_record() {
+        let mut text: Vec<u8> = (0..299).flat_map(|i| (user(i) + "\n").into_bytes()).collect();
+        text.extend_from_slice(b"{\"uuid\":\"0badc0de-0000-4000-8000-000000000001\",\"fn\":\"P\",\"ln\":\"Q\",\"friends\":[],\"note\":\"\xff\"}\n");
+        for format in ["jsonl", "array"] {
+            let content = if format == "array" {
+                let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+                [b"[".to_vec(), lines.join(&b",\n"[..]), b"]".to_vec()].concat()
+            } else {
+                text.clone()
+            };
+            let file = write(&content);
+            let index = scan(file.path(), 100).expect("scan");
+            assert_eq!(index.objects, 299, "{format}");
+            assert_eq!(index.bad.len(), 1, "{format}: {:?}", index.bad);
+            assert_eq!(index.bad[0].line, 300, "{format}");
+            assert!(index.bad[0].error.contains("invalid UTF-8"), "{format}: {}", index.bad[0].error);
+            assert_eq!(records(&index).len(), 299, "{format}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_rewritten_with_invalid_bytes_after_the_scan_is_refused_when_read() {
+        let text: String = (0..3).map(|i| user(i) + "\n").collect();
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 100).expect("scan");
+        let mut bytes = text.into_bytes();
+        let at = bytes.iter().position(|b| *b == b'F').expect("a first name");
+        bytes[at] = 0xFF;
+        std::fs::write(file.path(), &bytes).expect("rewrite");
+        let err = ChunkReader::open(&index).expect("open").read(&index.chunks[0]).unwrap_err().to_string();
+        assert!(err.contains("changed since it was scanned") && err.contains("UTF-8"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod events;
 pub mod input;
+pub mod json;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;

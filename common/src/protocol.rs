@@ -143,6 +143,35 @@ pub struct WorkReply<'a> {
     pub objects: Option<Vec<&'a RawValue>>,
 }
 
+/// Only the lease of a `chunk` reply, read without its objects: a mapper that cannot decode a
+/// chunk (bytes that are not UTF-8, say) still learns which lease to give back as failed, so the
+/// fetcher's `--max-attempts` can dead-letter the chunk instead of re-leasing it forever.
+pub fn decode_lease_only(payload: &[u8]) -> Option<ChunkLease> {
+    // No `flatten` here: serde buffers the fields a flattened struct does not know, `objects`
+    // included, as strings, which is exactly what fails on bytes that are not UTF-8.
+    #[derive(Deserialize)]
+    struct Head {
+        v: u32,
+        #[serde(rename = "type")]
+        kind: WorkReplyKind,
+        run: String,
+        chunk: u64,
+        lease: Uuid,
+        attempt: u32,
+        lease_ms: u64,
+        first_line: u64,
+    }
+    let h: Head = serde_json::from_slice(payload).ok()?;
+    (h.v == VERSION && h.kind == WorkReplyKind::Chunk).then_some(ChunkLease {
+        run: h.run,
+        chunk: h.chunk,
+        lease: h.lease,
+        attempt: h.attempt,
+        lease_ms: h.lease_ms,
+        first_line: h.first_line,
+    })
+}
+
 #[derive(Serialize)]
 struct WorkReplyHead<'a> {
     v: u32,
@@ -398,6 +427,14 @@ mod tests {
         let objects = reply.objects.expect("objects");
         assert_eq!(objects.len(), 2);
         assert_eq!(objects[1].get(), r#"{"x":1}"#);
+    }
+
+    #[test]
+    fn the_lease_of_a_chunk_with_undecodable_objects_can_still_be_read() {
+        let bytes = encode_chunk_reply(&lease(), b"{\"note\":\"\xff\"}");
+        assert!(decode::<WorkReply>(&bytes).is_err(), "the objects are not UTF-8");
+        assert_eq!(decode_lease_only(&bytes), Some(lease()));
+        assert_eq!(decode_lease_only(&encode_status_reply(WorkReplyKind::Idle, 0)), None);
     }
 
     #[test]

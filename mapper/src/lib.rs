@@ -218,6 +218,17 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
             Ok(reply) => reply,
             Err(e) => {
                 shared.metrics.common.malformed(&message.subject);
+                // A chunk we cannot read is leased to us all the same: give it back as failed, so
+                // the fetcher counts it towards --max-attempts instead of re-leasing it forever.
+                if let Some(lease) = protocol::decode_lease_only(&message.payload) {
+                    let held = LeaseRef { chunk: lease.chunk, lease: lease.lease };
+                    let error = format!("the mapper cannot decode chunk {}: {e}", lease.chunk);
+                    tracing::error!(chunk = lease.chunk, "worker {id}: {error}; handing it back as failed");
+                    shared.metrics.failures.with_label_values(&["chunk"]).inc();
+                    shared.given_back.fetch_add(1, Ordering::Relaxed);
+                    release(&shared, held, ReleaseReason::Failed, error).await;
+                    continue;
+                }
                 tracing::warn!(subject = %message.subject, "worker {id}: ignoring a work reply: {e}");
                 pause(Duration::from_secs(1), &shutdown).await;
                 continue;

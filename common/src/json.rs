@@ -1,0 +1,144 @@
+//! Strict JSON: the one definition of "a valid record" that every stage agrees on. RFC 8259
+//! text in UTF-8, one value, and no escape that cannot become a Unicode string (a lone UTF-16
+//! surrogate such as `"\ud800"` is grammatical but no Rust, Go or Java string can hold it).
+//!
+//! serde_json alone is not enough for this: when it skips a value it does not need (an unknown
+//! field), it checks the grammar but neither the UTF-8 of the skipped strings nor their escapes,
+//! so a raw 0xFF byte in an ignored field passed the fetcher's scan and then broke every mapper
+//! that had to read the whole chunk.
+
+use serde::de::IgnoredAny;
+
+/// Why some bytes are not one strict JSON value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// Not UTF-8.
+    #[error("invalid UTF-8 at byte {offset} of the record (byte 0x{byte:02X}); JSON text must be UTF-8")]
+    Utf8 {
+        /// Offset of the first bad byte within the record.
+        offset: usize,
+        /// The byte.
+        byte: u8,
+    },
+    /// Not JSON, or more than one value.
+    #[error("{0}")]
+    Syntax(String),
+    /// A `\u` escape that names half of a UTF-16 surrogate pair without its other half.
+    #[error(
+        "a lone UTF-16 surrogate escape (\\u{code:04x}) at byte {offset} of the record; it cannot be a Unicode string"
+    )]
+    LoneSurrogate {
+        /// The escaped code unit.
+        code: u16,
+        /// Offset of its backslash.
+        offset: usize,
+    },
+    /// Valid JSON, but not an object where an object is required.
+    #[error("expected a JSON object, found {0}")]
+    NotAnObject(&'static str),
+}
+
+/// Checks that `bytes` are exactly one strict JSON value (surrounding whitespace allowed).
+pub fn check_value(bytes: &[u8]) -> Result<(), JsonError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let offset = e.valid_up_to();
+        JsonError::Utf8 { offset, byte: bytes.get(offset).copied().unwrap_or(0) }
+    })?;
+    serde_json::from_str::<IgnoredAny>(text).map_err(|e| JsonError::Syntax(e.to_string()))?;
+    // Escapes are rare in practice: only walk the strings when there is a backslash at all.
+    if memchr_backslash(bytes) {
+        check_escapes(bytes)?;
+    }
+    Ok(())
+}
+
+/// [`check_value`], and the value must be an object: what a record is.
+pub fn check_object(bytes: &[u8]) -> Result<(), JsonError> {
+    check_value(bytes)?;
+    match bytes.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n')) {
+        Some(b'{') => Ok(()),
+        Some(b'[') => Err(JsonError::NotAnObject("an array")),
+        Some(b'"') => Err(JsonError::NotAnObject("a string")),
+        Some(b't' | b'f') => Err(JsonError::NotAnObject("a boolean")),
+        Some(b'n') => Err(JsonError::NotAnObject("null")),
+        _ => Err(JsonError::NotAnObject("a number")),
+    }
+}
+
+fn memchr_backslash(bytes: &[u8]) -> bool {
+    bytes.contains(&b'\\')
+}
+
+/// The four hex digits at `at`, if there are four.
+fn hex4(bytes: &[u8], at: usize) -> Option<u16> {
+    let digits = std::str::from_utf8(bytes.get(at..at + 4)?).ok()?;
+    u16::from_str_radix(digits, 16).ok()
+}
+
+/// Walks the strings of grammatically valid JSON and checks every `\u` surrogate is paired.
+fn check_escapes(bytes: &[u8]) -> Result<(), JsonError> {
+    let mut in_string = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        match (in_string, bytes[i]) {
+            (false, b'"') => in_string = true,
+            (true, b'"') => in_string = false,
+            (true, b'\\') => {
+                let start = i;
+                if bytes.get(i + 1) == Some(&b'u') {
+                    let code = hex4(bytes, i + 2).unwrap_or(0);
+                    i += 6;
+                    if (0xD800..0xDC00).contains(&code) {
+                        let low = (bytes.get(i) == Some(&b'\\') && bytes.get(i + 1) == Some(&b'u'))
+                            .then(|| hex4(bytes, i + 2))
+                            .flatten();
+                        match low {
+                            Some(low) if (0xDC00..0xE000).contains(&low) => i += 6,
+                            _ => return Err(JsonError::LoneSurrogate { code, offset: start }),
+                        }
+                    } else if (0xDC00..0xE000).contains(&code) {
+                        return Err(JsonError::LoneSurrogate { code, offset: start });
+                    }
+                    continue;
+                }
+                i += 2;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_invalid_byte_in_any_field_is_refused_with_its_offset() {
+        let record = b"{\"uuid\":\"0badc0de\",\"note\":\"\xff\"}";
+        let err = check_object(record).unwrap_err();
+        assert_eq!(err, JsonError::Utf8 { offset: 27, byte: 0xFF });
+        assert!(err.to_string().contains("0xFF"), "{err}");
+    }
+
+    #[test]
+    fn lone_surrogates_are_refused_and_pairs_and_escaped_backslashes_are_not() {
+        assert!(matches!(check_object(br#"{"a":"\ud800"}"#), Err(JsonError::LoneSurrogate { code: 0xd800, .. })));
+        assert!(matches!(check_object(br#"{"a":"x\udc00"}"#), Err(JsonError::LoneSurrogate { code: 0xdc00, .. })));
+        assert!(matches!(check_object(br#"{"a":"\ud800\u0041"}"#), Err(JsonError::LoneSurrogate { .. })));
+        assert_eq!(check_object(br#"{"a":"\ud83d\ude00 \u00e9 \\ud800 \"\\"}"#), Ok(()));
+        assert_eq!(check_object(br#"{"\\":"\\u","b":"\u0000"}"#), Ok(()));
+    }
+
+    #[test]
+    fn grammar_and_shape_errors_are_reported() {
+        assert!(matches!(check_object(br#"{"a":01}"#), Err(JsonError::Syntax(_))));
+        assert!(matches!(check_object(b"{\"a\":\"x\x01\"}"), Err(JsonError::Syntax(_))));
+        assert!(matches!(check_object(br#"{"a":1} {"b":2}"#), Err(JsonError::Syntax(_))));
+        assert_eq!(check_object(b"[1]"), Err(JsonError::NotAnObject("an array")));
+        assert_eq!(check_object(b"  7 "), Err(JsonError::NotAnObject("a number")));
+        assert_eq!(check_value(b" [1, \"\xc3\xa9\"] "), Ok(()));
+    }
+}
