@@ -82,3 +82,50 @@ fn a_chunk_the_mapper_cannot_decode_is_handed_back_as_failed() {
     assert!(error.contains("cannot decode chunk 7"), "{error}");
     assert!(mapper.log().contains("handing it back as failed"), "{}", mapper.log());
 }
+
+/// Plays a mapper that forges results: every object of every chunk "dead", without its id. The
+/// saver and the fetcher take them (they cannot know the input); verify must not.
+#[test]
+fn verify_does_not_count_dead_entries_that_name_no_object_of_their_chunk() {
+    let p = Pipeline::new(500, 0);
+    let _saver = p.saver("saver-1");
+    // Deployment mode: the fetcher stays up and answers `done` once the run is complete.
+    let (fetcher, port) = p.fetcher_named("fetcher", &[]);
+    support::wait_ready(port);
+    let subjects = Subjects::new("chunkmill");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(p.nats.url()).await.expect("connect");
+        let ask = protocol::encode(&WorkRequest { v: 1, mapper: "forger".into(), wait_ms: 1000 });
+        loop {
+            let reply = client.request(subjects.work.clone(), ask.clone()).await.expect("work reply");
+            let work: protocol::WorkReply = protocol::decode(&reply.payload).expect("decodes");
+            let (Some(lease), Some(objects)) = (work.lease, work.objects) else {
+                if work.kind == protocol::WorkReplyKind::Done {
+                    break;
+                }
+                continue;
+            };
+            let forged = protocol::ChunkResult {
+                v: 1,
+                run: lease.run,
+                chunk: lease.chunk,
+                lease: lease.lease,
+                attempt: lease.attempt,
+                mapper: "forger".into(),
+                records: vec![],
+                dead: (0..objects.len() as u32)
+                    .map(|index| protocol::DeadObject { index, id: None, error: "forged".into() })
+                    .collect(),
+            };
+            let saved = client.request(subjects.result.clone(), protocol::encode(&forged)).await.expect("saved");
+            let saved: protocol::ResultReply = protocol::decode(&saved.payload).expect("decodes");
+            assert_eq!(saved.status, protocol::ResultStatus::Saved, "{saved:?}");
+        }
+    });
+    assert!(fetcher.log().contains("complete: 5/5 chunks done"), "{}", fetcher.log());
+    let (ok, report) = p.verify();
+    assert!(!ok, "{report}");
+    assert!(report.contains("500 expected, 0 found, 500 missing"), "{report}");
+    assert!(report.contains("0 dead-lettered") && report.contains("500 unmatched dead-letter entries"), "{report}");
+}

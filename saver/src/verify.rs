@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
-use common::input::{scan, ChunkReader, InputError};
+use common::input::{scan, ChunkReader, InputError, InputIndex};
 use common::protocol::DeadObject;
 use common::transform::{parse_input, transform, MappedUser};
 use rayon::prelude::*;
@@ -41,6 +41,9 @@ pub struct VerifyReport {
     pub bad_input: u64,
     /// Chunk records whose object count differs from the rows saved under them (database only).
     pub mismatched_chunks: u64,
+    /// Dead-letter entries that name no object of their chunk (by index and id), or one already
+    /// saved or dead-lettered: they account for nothing.
+    pub unmatched_dead: u64,
 }
 
 impl VerifyReport {
@@ -51,6 +54,7 @@ impl VerifyReport {
             && self.wrong == 0
             && self.unexpected == 0
             && self.mismatched_chunks == 0
+            && self.unmatched_dead == 0
     }
 }
 
@@ -58,7 +62,7 @@ impl std::fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "verify {}: {} expected, {} found, {} missing, {} duplicated, {} wrong, {} unexpected, {} dead-lettered, {} invalid input records, {} mismatched chunk records: {}",
+            "verify {}: {} expected, {} found, {} missing, {} duplicated, {} wrong, {} unexpected, {} dead-lettered, {} invalid input records, {} mismatched chunk records, {} unmatched dead-letter entries: {}",
             self.location,
             self.expected,
             self.found,
@@ -69,6 +73,7 @@ impl std::fmt::Display for VerifyReport {
             self.dead_lettered,
             self.bad_input,
             self.mismatched_chunks,
+            self.unmatched_dead,
             if self.ok() { "OK" } else { "FAILED" }
         )
     }
@@ -103,11 +108,16 @@ pub enum VerifyError {
     },
 }
 
-#[derive(Default)]
+/// One input object as verify expects it in the sink.
 struct Expected {
-    hash: u64,
-    count: u32,
+    /// Its `uuid`, when readable (dead-letter entries must name it).
+    id: Option<String>,
+    /// The hash of its transform; `None` if it cannot be transformed (only a dead entry fits).
+    hash: Option<u64>,
+    /// Times found as a record.
     seen: u32,
+    /// Counted as dead-lettered (at most once).
+    dead: bool,
 }
 
 fn hash_of(record: &MappedUser) -> u64 {
@@ -116,10 +126,15 @@ fn hash_of(record: &MappedUser) -> u64 {
     hasher.finish()
 }
 
-/// Tallies a sink's records against the transform of the input.
+/// Tallies a sink's records against the transform of the input, object by object: every input
+/// object is expected, whatever happens to it on the way (a chunk verify cannot read or parse
+/// stays expected, so it shows as missing, never as nothing), and a dead-letter entry counts only
+/// if it names an object of its own chunk by index and id.
 struct Checker {
-    expected: HashMap<String, Expected>,
-    dead_ids: Vec<String>,
+    /// Per chunk, its objects in input order.
+    chunks: Vec<Vec<Expected>>,
+    /// id -> (chunk, index), to place a record.
+    by_id: HashMap<String, (usize, usize)>,
     report: VerifyReport,
 }
 
@@ -128,67 +143,98 @@ impl Checker {
     fn new(input: &Path, rounds: u32, chunk_size: u32) -> Result<(Self, String), VerifyError> {
         let index = scan(input, chunk_size)?;
         let reader = ChunkReader::open(&index)?;
-        let mapped: Vec<Vec<(String, u64)>> = index
+        Ok((Self::from_index(&index, &reader, rounds), index.run_id.clone()))
+    }
+
+    fn from_index(index: &InputIndex, reader: &ChunkReader, rounds: u32) -> Self {
+        let chunks: Vec<Vec<Expected>> = index
             .chunks
             .par_iter()
-            .map(|span| -> Result<Vec<(String, u64)>, InputError> {
-                let wrapped = reader.read_array(span)?;
-                let raws: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&wrapped).unwrap_or_default();
-                Ok(raws
+            .map(|span| {
+                let unreadable = || (0..span.objects).map(|_| Expected { id: None, hash: None, seen: 0, dead: false });
+                let Ok(wrapped) = reader.read_array(span) else { return unreadable().collect() };
+                let Ok(raws) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&wrapped) else {
+                    return unreadable().collect();
+                };
+                let mut objects: Vec<Expected> = raws
                     .iter()
-                    .filter_map(|raw| parse_input(raw.get().as_bytes()).ok())
-                    .map(|user| {
-                        let record = transform(&user, rounds);
-                        let hash = hash_of(&record);
-                        (record.id, hash)
+                    .map(|raw| match parse_input(raw.get().as_bytes()) {
+                        Ok(user) => {
+                            let record = transform(&user, rounds);
+                            Expected { hash: Some(hash_of(&record)), id: Some(record.id), seen: 0, dead: false }
+                        }
+                        Err(_) => Expected { id: uuid_of(raw.get()), hash: None, seen: 0, dead: false },
                     })
-                    .collect())
+                    .collect();
+                // Never fewer than the scan counted: what cannot be read is still expected.
+                objects.extend(unreadable().skip(objects.len()));
+                objects
             })
-            .collect::<Result<_, _>>()?;
-        let mut expected: HashMap<String, Expected> = HashMap::with_capacity(index.objects as usize);
-        for (id, hash) in mapped.into_iter().flatten() {
-            let entry = expected.entry(id).or_default();
-            entry.hash = hash;
-            entry.count += 1;
+            .collect();
+        let mut by_id = HashMap::with_capacity(index.objects as usize);
+        for (c, objects) in chunks.iter().enumerate() {
+            for (i, object) in objects.iter().enumerate() {
+                if let Some(id) = &object.id {
+                    by_id.entry(id.clone()).or_insert((c, i));
+                }
+            }
         }
         let report = VerifyReport { expected: index.objects, bad_input: index.bad.len() as u64, ..Default::default() };
-        Ok((Checker { expected, dead_ids: Vec::new(), report }, index.run_id))
+        Checker { chunks, by_id, report }
     }
 
     fn record(&mut self, record: &MappedUser) {
         self.report.found += 1;
-        match self.expected.get_mut(&record.id) {
-            None => self.report.unexpected += 1,
-            Some(entry) => {
-                entry.seen += 1;
-                if entry.seen > entry.count {
-                    self.report.duplicated += 1;
-                }
-                if entry.hash != hash_of(record) {
-                    self.report.wrong += 1;
-                }
-            }
+        let Some(&(c, i)) = self.by_id.get(&record.id) else {
+            self.report.unexpected += 1;
+            return;
+        };
+        let entry = &mut self.chunks[c][i];
+        entry.seen += 1;
+        if entry.seen > 1 || entry.dead {
+            self.report.duplicated += 1;
+        }
+        if entry.hash != Some(hash_of(record)) {
+            self.report.wrong += 1;
         }
     }
 
-    fn dead(&mut self, id: Option<String>) {
-        self.report.dead_lettered += 1;
-        self.dead_ids.extend(id);
+    /// A dead-letter entry saved under `chunk`: it counts if it names one of that chunk's
+    /// objects by index and by the object's id, once.
+    fn dead(&mut self, chunk: u64, dead: &DeadObject) {
+        let entry = usize::try_from(chunk)
+            .ok()
+            .and_then(|c| self.chunks.get_mut(c))
+            .and_then(|objects| objects.get_mut(dead.index as usize))
+            .filter(|entry| entry.id == dead.id && !entry.dead && entry.seen == 0);
+        match entry {
+            Some(entry) => {
+                entry.dead = true;
+                self.report.dead_lettered += 1;
+            }
+            None => self.report.unmatched_dead += 1,
+        }
     }
 
     fn finish(mut self, location: String) -> VerifyReport {
-        for id in &self.dead_ids {
-            if let Some(entry) = self.expected.get_mut(id) {
-                entry.seen += 1;
-            }
-        }
-        // Dead-lettered objects without a readable id cannot be matched; they still are not missing.
-        let unmatched_dead = self.report.dead_lettered - self.dead_ids.len() as u64;
-        let missing: u64 = self.expected.values().map(|e| u64::from(e.count.saturating_sub(e.seen))).sum();
-        self.report.missing = missing.saturating_sub(unmatched_dead);
+        self.report.missing = self.chunks.iter().flatten().filter(|e| e.seen == 0 && !e.dead).count() as u64;
         self.report.location = location;
         self.report
     }
+}
+
+/// The `uuid` of an object that the transform refuses, if it has a string one.
+fn uuid_of(raw: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        uuid: String,
+    }
+    serde_json::from_str::<IdOnly>(raw).ok().map(|u| u.uuid)
+}
+
+/// The chunk index in a sink file name `chunk-<digits>[.dead].jsonl`.
+fn chunk_of(name: &str) -> Option<u64> {
+    name.strip_prefix("chunk-")?.split('.').next()?.parse().ok()
 }
 
 /// Verifies the sink directory `out` against `input`.
@@ -207,6 +253,7 @@ pub fn verify(input: &Path, out: &Path, rounds: u32, chunk_size: u32) -> Result<
         }
         let text = fs::read_to_string(&path).map_err(|source| VerifyError::Sink { path: path.clone(), source })?;
         let dead = name.ends_with(".dead.jsonl");
+        let chunk = chunk_of(&name).unwrap_or(u64::MAX);
         for (i, line) in text.lines().enumerate() {
             let corrupt = |error: serde_json::Error| VerifyError::Corrupt {
                 path: path.clone(),
@@ -215,7 +262,7 @@ pub fn verify(input: &Path, out: &Path, rounds: u32, chunk_size: u32) -> Result<
             };
             if dead {
                 let object: DeadObject = serde_json::from_str(line).map_err(corrupt)?;
-                checker.dead(object.id);
+                checker.dead(chunk, &object);
             } else {
                 let record: MappedUser = serde_json::from_str(line).map_err(corrupt)?;
                 checker.record(&record);
@@ -265,11 +312,19 @@ pub fn verify_postgres(
             checker.record(&record);
         }
         for row in client
-            .query("SELECT id FROM chunkmill_dead_objects WHERE run = $1", &[&run_id])
+            .query("SELECT chunk, idx, id, error FROM chunkmill_dead_objects WHERE run = $1", &[&run_id])
             .await
             .map_err(|e| db("read chunkmill_dead_objects", e))?
         {
-            checker.dead(row.try_get(0).map_err(|e| db("read chunkmill_dead_objects", e))?);
+            let read = |e| db("read chunkmill_dead_objects", e);
+            let chunk: i64 = row.try_get(0).map_err(read)?;
+            let index: i32 = row.try_get(1).map_err(read)?;
+            let dead = DeadObject {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                id: row.try_get(2).map_err(read)?,
+                error: row.try_get(3).map_err(read)?,
+            };
+            checker.dead(u64::try_from(chunk).unwrap_or(u64::MAX), &dead);
         }
         // A chunk record promises its rows; rows without a record, or a record with a different
         // count, break the one-transaction-per-chunk invariant.
@@ -295,4 +350,74 @@ pub fn verify_postgres(
         let _ = connection.await;
         Ok(checker.finish(format!("{target} run {run_id}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn user(i: u32) -> String {
+        format!(r#"{{"uuid":"00000000-0000-4000-8000-{i:012}","fn":"F{i}","ln":"L{i}","friends":[]}}"#)
+    }
+
+    fn input(n: u32) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for i in 0..n {
+            writeln!(file, "{}", user(i)).expect("write");
+        }
+        file
+    }
+
+    #[test]
+    fn a_chunk_verify_cannot_read_is_still_expected_and_so_missing() {
+        let file = input(30);
+        let index = scan(file.path(), 10).expect("scan");
+        // Rewrite one record of chunk 1 in place, after the scan: that chunk can no longer be read.
+        let mut bytes = std::fs::read(file.path()).expect("read");
+        let at = bytes.windows(3).position(|w| w == b"F15").expect("record 15");
+        bytes[at] = 0xFF;
+        std::fs::write(file.path(), &bytes).expect("rewrite");
+        let reader = ChunkReader::open(&index).expect("open");
+        let report = Checker::from_index(&index, &reader, 0).finish("test".into());
+        assert_eq!((report.expected, report.found, report.missing), (30, 0, 30), "{report}");
+        assert!(!report.ok());
+    }
+
+    #[test]
+    fn dead_entries_count_only_when_they_name_an_object_of_their_chunk() {
+        let file = input(20);
+        let out = tempfile::tempdir().expect("out");
+        let run = scan(file.path(), 10).expect("scan").run_id;
+        let dir = out.path().join(&run);
+        std::fs::create_dir_all(&dir).expect("run dir");
+        // Chunk 0: a forged result listing every object as dead without its id (saved empty).
+        std::fs::write(dir.join("chunk-00000000.jsonl"), "").expect("chunk 0");
+        let forged: String = (0..10).map(|i| format!("{{\"index\":{i},\"id\":null,\"error\":\"forged\"}}\n")).collect();
+        std::fs::write(dir.join("chunk-00000000.dead.jsonl"), forged).expect("dead 0");
+        // Chunk 1: object 3 honestly dead-lettered by id; a repeat of it, an index past the chunk,
+        // and another chunk's id do not count.
+        let records: String = (10..20)
+            .filter(|i| *i != 13)
+            .map(|i| {
+                let text = user(i);
+                let user = parse_input(text.as_bytes()).expect("valid");
+                serde_json::to_string(&transform(&user, 0)).expect("json") + "\n"
+            })
+            .collect();
+        std::fs::write(dir.join("chunk-00000001.jsonl"), records).expect("chunk 1");
+        let id = |i: u32| format!("00000000-0000-4000-8000-{i:012}");
+        let dead = [(3, id(13)), (3, id(13)), (10, id(13)), (4, id(2))]
+            .iter()
+            .map(|(index, id)| format!("{{\"index\":{index},\"id\":\"{id}\",\"error\":\"x\"}}\n"))
+            .collect::<String>();
+        std::fs::write(dir.join("chunk-00000001.dead.jsonl"), dead).expect("dead 1");
+        let report = verify(file.path(), out.path(), 0, 10).expect("verify");
+        assert_eq!(report.expected, 20, "{report}");
+        assert_eq!(report.found, 9, "{report}");
+        assert_eq!(report.dead_lettered, 1, "{report}");
+        assert_eq!(report.missing, 10, "{report}");
+        assert_eq!(report.unmatched_dead, 13, "{report}");
+        assert!(!report.ok(), "{report}");
+    }
 }
