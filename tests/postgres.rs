@@ -192,3 +192,39 @@ fn an_object_id_already_saved_by_another_chunk_keeps_its_first_row_and_the_chunk
     assert_eq!(db.query("SELECT name FROM chunkmill_objects WHERE id = '1-0'"), "A B", "the first row stays");
     assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 2);
 }
+
+/// The report's reproduction (`"fn":"a\u0000b"`: valid JSON, but PostgreSQL text cannot hold a
+/// NUL) and a value a CHECK constraint refuses: each such object is dead-lettered with the
+/// database's reason, the rest of its chunk and every neighbour in its batch are saved, and the
+/// run completes instead of answering `failed` forever.
+#[test]
+fn a_value_the_database_refuses_dead_letters_that_object_and_saves_the_rest() {
+    let db = PgServer::start();
+    let p = Pipeline::new(300, 0);
+    let text = std::fs::read_to_string(&p.input).expect("input");
+    let mut lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).expect("generated records are JSON")).collect();
+    lines[150]["fn"] = "a\u{0}b".into();
+    lines[20]["fn"] = "Refused-By-Check".into();
+    let nul_id = lines[150]["uuid"].as_str().expect("uuid").to_string();
+    let checked_id = lines[20]["uuid"].as_str().expect("uuid").to_string();
+    let rewritten: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    assert!(rewritten.contains("a\\u0000b"), "the record carries the escape, as in the report");
+    std::fs::write(&p.input, rewritten).expect("write input");
+
+    let (_saver, port) = p.saver_postgres("saver-1", &db);
+    wait_ready(port);
+    db.query("ALTER TABLE chunkmill_objects ADD CONSTRAINT no_refused CHECK (name NOT LIKE 'Refused-By-Check%')");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    assert_eq!(fetcher.wait_exit(Duration::from_secs(120)), Some(3), "{}", fetcher.log());
+    let (ok, report) = p.verify_postgres(&db);
+    assert!(ok, "{report}");
+    assert!(report.contains("300 expected, 298 found, 0 missing") && report.contains("2 dead-lettered"), "{report}");
+    let reason = |id: &str| db.query(&format!("SELECT error FROM chunkmill_dead_objects WHERE id = '{id}'"));
+    assert!(reason(&nul_id).contains("22021"), "{}", reason(&nul_id));
+    assert!(reason(&checked_id).contains("no_refused"), "{}", reason(&checked_id));
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 3);
+    assert_eq!(db.count("SELECT sum(objects) FROM chunkmill_chunks"), 298);
+    assert_eq!(db.count("SELECT sum(dead) FROM chunkmill_chunks"), 2);
+}

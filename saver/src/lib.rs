@@ -196,11 +196,25 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
             return (status, Some(error));
         }
     };
+    let mut dead = result.dead.len() as u64;
     match outcome {
-        SaveOutcome::Saved => {
+        SaveOutcome::Saved | SaveOutcome::SavedRefusing(_) => {
+            let refused = match outcome {
+                SaveOutcome::SavedRefusing(n) => n,
+                _ => 0,
+            };
+            if refused > 0 {
+                tracing::warn!(
+                    chunk = result.chunk,
+                    "chunk {} of run {}: the sink refused {refused} object(s); they are dead-lettered with its reason",
+                    result.chunk,
+                    result.run
+                );
+                dead += refused;
+            }
             shared.saved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             shared.metrics.chunks.inc();
-            shared.metrics.objects.inc_by(result.records.len() as u64);
+            shared.metrics.objects.inc_by((result.records.len() as u64).saturating_sub(refused));
         }
         SaveOutcome::Duplicate => {
             shared.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -213,7 +227,7 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
         lease: result.lease,
         attempt: result.attempt,
         objects: result.objects(),
-        dead: result.dead.len() as u64,
+        dead,
     };
     let (tx, rx) = oneshot::channel();
     if shared.acks.send((ack, tx)).await.is_err() {

@@ -15,6 +15,10 @@ use common::protocol::ChunkResult;
 pub enum SaveOutcome {
     /// Written now.
     Saved,
+    /// Written now, except for this many objects the sink can never store (PostgreSQL refused
+    /// their values): those are dead-lettered in the sink with the database's reason instead, so
+    /// one bad value cannot stall its chunk, or its neighbours, forever.
+    SavedRefusing(u64),
     /// Already there (a duplicate or late result): nothing written.
     Duplicate,
 }

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::protocol::ChunkResult;
+use common::protocol::{ChunkResult, DeadObject};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
@@ -169,7 +169,45 @@ impl Failure {
     fn conflict(&self) -> bool {
         matches!(&self.code, Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE)
     }
+
+    /// The database refuses a value: a data exception (class 22, e.g. 22021 for a NUL
+    /// character in text) or a constraint the schema's owner added. Retrying cannot help; the
+    /// object that carries it must be set aside.
+    fn refuses_value(&self) -> bool {
+        matches!(&self.code, Some(c) if c.code().starts_with("22")
+            || *c == SqlState::CHECK_VIOLATION
+            || *c == SqlState::NOT_NULL_VIOLATION)
+    }
+
+    /// The server is gone or going: every chunk of the batch would fail alone the same way.
+    fn connection_lost(&self) -> bool {
+        match &self.code {
+            None => true,
+            Some(c) => {
+                c.code().starts_with("08")
+                    || *c == SqlState::ADMIN_SHUTDOWN
+                    || *c == SqlState::CRASH_SHUTDOWN
+                    || *c == SqlState::CANNOT_CONNECT_NOW
+            }
+        }
+    }
 }
+
+/// Text PostgreSQL can hold: `text` refuses the NUL character, so a dead-letter reason or id
+/// that carries one is stored with it escaped.
+fn pg_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\\u0000"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+const OBJECT: &str =
+    "INSERT INTO chunkmill_objects (run, id, chunk, name, friends, digest) VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (run, id) DO NOTHING";
+
+const RECOUNT: &str = "UPDATE chunkmill_chunks SET objects = $3, dead = $4 WHERE run = $1 AND chunk = $2";
 
 /// The server's message with its SQLSTATE, or the client error with its causes: tokio-postgres
 /// displays a server error only as "db error".
@@ -291,7 +329,10 @@ impl PgSink {
     }
 
     /// Saves chunks in one transaction; one outcome per result, in order. Nothing is `Saved`
-    /// before the commit returned.
+    /// before the commit returned. A batch the database refuses for a reason other than a lost
+    /// connection is retried chunk by chunk, so one chunk cannot hold its neighbours hostage; a
+    /// chunk refused alone for a value it cannot store is saved without the objects carrying it
+    /// (see [`PgSink::salvage`]).
     pub async fn save_batch(&self, results: &[Arc<ChunkResult>]) -> Vec<Result<SaveOutcome, SinkError>> {
         let mut outcomes: Vec<Option<Result<SaveOutcome, SinkError>>> = (0..results.len()).map(|_| None).collect();
         // Refuse what the schema cannot hold, alone, so it cannot fail the rest of the batch.
@@ -307,10 +348,54 @@ impl PgSink {
             results[*later].run == results[*first].run && results[*later].chunk == results[*first].chunk
         });
         let batch: Vec<&ChunkResult> = order.iter().map(|&i| results[i].as_ref()).collect();
+        let mut per_chunk: Vec<(usize, Result<SaveOutcome, Failure>)> = Vec::with_capacity(order.len());
+        match self.write_retrying(&batch).await {
+            Ok(claimed) => {
+                for (&i, result) in order.iter().zip(&batch) {
+                    per_chunk.push((i, Ok(claimed_outcome(&claimed, result))));
+                }
+            }
+            Err(failure) if failure.connection_lost() => {
+                for &i in &order {
+                    per_chunk.push((i, Err(failure.clone())));
+                }
+            }
+            Err(failure) => {
+                if batch.len() > 1 {
+                    tracing::warn!(
+                        "PostgreSQL refused a batch of {} chunks ({}); saving them one by one",
+                        batch.len(),
+                        failure.detail
+                    );
+                }
+                for (&i, result) in order.iter().zip(&batch) {
+                    per_chunk.push((i, self.save_one(result).await));
+                }
+            }
+        }
+        for (i, outcome) in per_chunk {
+            outcomes[i] = Some(outcome.map_err(|failure| failure.into_error(&self.target)));
+        }
+        // A later copy of a chunk in the same batch is a duplicate of the first.
+        outcomes.into_iter().map(|o| o.unwrap_or(Ok(SaveOutcome::Duplicate))).collect()
+    }
+
+    /// One chunk in its own transaction; salvaged if the database refuses one of its values.
+    async fn save_one(&self, result: &ChunkResult) -> Result<SaveOutcome, Failure> {
+        match self.write_retrying(&[result]).await {
+            Ok(claimed) => Ok(claimed_outcome(&claimed, result)),
+            Err(failure) if failure.refuses_value() => self.salvage(result).await,
+            Err(failure) => Err(failure),
+        }
+    }
+
+    /// [`PgSink::write`], retried after deadlocks and serialisation failures, and redone with
+    /// INSERT when COPY meets an id that is already saved.
+    async fn write_retrying(&self, batch: &[&ChunkResult]) -> Result<HashSet<(String, u64)>, Failure> {
         let mut attempt = 0;
         let mut copy = true;
-        let claimed = loop {
-            match self.write(&batch, copy).await {
+        loop {
+            match self.write(batch, copy).await {
                 Err(failure) if failure.conflict() && attempt < CONFLICT_RETRIES => {
                     attempt += 1;
                     tracing::debug!("retrying a batch after: {}", failure.detail);
@@ -319,37 +404,71 @@ impl PgSink {
                     copy = false;
                     tracing::debug!("an object id is already saved; redoing the batch with INSERT: {}", failure.detail);
                 }
-                other => break other,
+                other => return other,
             }
-        };
-        for (i, result) in results.iter().enumerate() {
-            if outcomes[i].is_some() {
-                continue;
-            }
-            outcomes[i] = Some(match &claimed {
-                Ok(claimed) => {
-                    // The first copy of a chunk in `order` claimed it; any other copy is a duplicate.
-                    let first = order.contains(&i);
-                    if first && claimed.contains(&(result.run.clone(), result.chunk)) {
-                        Ok(SaveOutcome::Saved)
-                    } else {
-                        Ok(SaveOutcome::Duplicate)
-                    }
-                }
-                Err(failure) => Err(failure.clone().into_error(&self.target)),
-            });
         }
-        outcomes.into_iter().map(|o| o.unwrap_or(Ok(SaveOutcome::Duplicate))).collect()
     }
 
-    /// One transaction: claim the chunks, write the claimed ones' objects, commit. Returns the
-    /// claimed chunks.
-    async fn write(&self, batch: &[&ChunkResult], copy: bool) -> Result<HashSet<(String, u64)>, Failure> {
-        if batch.is_empty() {
-            return Ok(HashSet::new());
-        }
+    /// Saves one chunk whose objects the database refused as a whole: each object is inserted
+    /// under its own savepoint, and those the database refuses are dead-lettered in
+    /// `chunkmill_dead_objects` with its message, in the same transaction as the rest. The chunk
+    /// record counts what was written. Deterministic: any saver would refuse the same objects.
+    async fn salvage(&self, result: &ChunkResult) -> Result<SaveOutcome, Failure> {
         let mut client = self.pool.get().await.map_err(|e| pool_failure("connect", e))?;
-        let tx = client.transaction().await.map_err(|e| Failure::new("begin a transaction", &e))?;
+        let mut tx = client.transaction().await.map_err(|e| Failure::new("begin a transaction", &e))?;
+        if self.claim(&tx, &[result]).await?.is_empty() {
+            return Ok(SaveOutcome::Duplicate);
+        }
+        let insert = tx.prepare_cached(OBJECT).await.map_err(|e| Failure::new("prepare the object insert", &e))?;
+        let dead_at: HashSet<u32> = result.dead.iter().map(|d| d.index).collect();
+        let indexes = (0u32..).filter(|i| !dead_at.contains(i));
+        let mut refused = Vec::new();
+        let chunk = result.chunk as i64;
+        for (record, index) in result.records.iter().zip(indexes) {
+            let savepoint = tx.savepoint("object").await.map_err(|e| Failure::new("set a savepoint", &e))?;
+            let friends = record.friends as i64;
+            let row: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&result.run, &record.id, &chunk, &record.name, &friends, &record.digest];
+            match savepoint.execute(&insert, &row).await {
+                Ok(_) => savepoint.commit().await.map_err(|e| Failure::new("release a savepoint", &e))?,
+                Err(e) => {
+                    let failure = Failure::new("insert an object", &e);
+                    if !failure.refuses_value() {
+                        return Err(failure);
+                    }
+                    savepoint.rollback().await.map_err(|e| Failure::new("roll back a savepoint", &e))?;
+                    tracing::warn!(
+                        chunk = result.chunk,
+                        "chunk {} of run {}: PostgreSQL cannot store object {index} ({}): {}; dead-lettering it",
+                        result.chunk,
+                        result.run,
+                        record.id,
+                        failure.detail
+                    );
+                    refused.push(DeadObject {
+                        index,
+                        id: Some(record.id.clone()),
+                        error: format!("PostgreSQL cannot store this object: {}", failure.detail),
+                    });
+                }
+            }
+        }
+        let dead: Vec<DeadObject> = result.dead.iter().cloned().chain(refused.iter().cloned()).collect();
+        self.insert_dead(&tx, &result.run, result.chunk, &dead).await?;
+        let counts: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&result.run, &chunk, &((result.records.len() - refused.len()) as i32), &(dead.len() as i32)];
+        tx.execute(RECOUNT, &counts).await.map_err(|e| Failure::new("count the chunk's rows", &e))?;
+        tx.commit().await.map_err(|e| Failure::new("commit", &e))?;
+        Ok(if refused.is_empty() { SaveOutcome::Saved } else { SaveOutcome::SavedRefusing(refused.len() as u64) })
+    }
+
+    /// Claims `batch`'s chunks (inserts their `chunkmill_chunks` rows unless present): the ones
+    /// returned belong to this transaction, the others are duplicates.
+    async fn claim(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        batch: &[&ChunkResult],
+    ) -> Result<HashSet<(String, u64)>, Failure> {
         let claim = tx.prepare_cached(CLAIM).await.map_err(|e| Failure::new("prepare the chunk claim", &e))?;
         let runs: Vec<&str> = batch.iter().map(|r| r.run.as_str()).collect();
         let chunks: Vec<i64> = batch.iter().map(|r| r.chunk as i64).collect();
@@ -357,7 +476,7 @@ impl PgSink {
         let dead: Vec<i32> = batch.iter().map(|r| r.dead.len() as i32).collect();
         let leases: Vec<uuid::Uuid> = batch.iter().map(|r| r.lease).collect();
         let attempts: Vec<i32> = batch.iter().map(|r| r.attempt as i32).collect();
-        let mappers: Vec<&str> = batch.iter().map(|r| r.mapper.as_str()).collect();
+        let mappers: Vec<std::borrow::Cow<'_, str>> = batch.iter().map(|r| pg_text(&r.mapper)).collect();
         let savers: Vec<&str> = vec![&self.saver; batch.len()];
         let rows = tx
             .query(&claim, &[&runs, &chunks, &objects, &dead, &leases, &attempts, &mappers, &savers])
@@ -369,6 +488,41 @@ impl PgSink {
             let chunk: i64 = row.try_get(1).map_err(|e| Failure::new("read a claimed chunk", &e))?;
             claimed.insert((run, chunk as u64));
         }
+        Ok(claimed)
+    }
+
+    /// Inserts a chunk's dead-lettered objects.
+    async fn insert_dead(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        run: &str,
+        chunk: u64,
+        dead: &[DeadObject],
+    ) -> Result<(), Failure> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let insert = tx.prepare_cached(DEAD).await.map_err(|e| Failure::new("prepare the dead-letter insert", &e))?;
+        let runs = vec![run; dead.len()];
+        let chunks = vec![chunk as i64; dead.len()];
+        let indexes: Vec<i32> = dead.iter().map(|d| d.index as i32).collect();
+        let ids: Vec<Option<std::borrow::Cow<'_, str>>> = dead.iter().map(|d| d.id.as_deref().map(pg_text)).collect();
+        let errors: Vec<std::borrow::Cow<'_, str>> = dead.iter().map(|d| pg_text(&d.error)).collect();
+        tx.execute(&insert, &[&runs, &chunks, &indexes, &ids, &errors])
+            .await
+            .map_err(|e| Failure::new("insert dead-lettered objects", &e))?;
+        Ok(())
+    }
+
+    /// One transaction: claim the chunks, write the claimed ones' objects, commit. Returns the
+    /// claimed chunks.
+    async fn write(&self, batch: &[&ChunkResult], copy: bool) -> Result<HashSet<(String, u64)>, Failure> {
+        if batch.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut client = self.pool.get().await.map_err(|e| pool_failure("connect", e))?;
+        let tx = client.transaction().await.map_err(|e| Failure::new("begin a transaction", &e))?;
+        let claimed = self.claim(&tx, batch).await?;
         let mine: Vec<&ChunkResult> =
             batch.iter().copied().filter(|r| claimed.contains(&(r.run.clone(), r.chunk))).collect();
         let total: usize = mine.iter().map(|r| r.records.len()).sum();
@@ -424,25 +578,20 @@ impl PgSink {
                 );
             }
         }
-        if mine.iter().any(|r| !r.dead.is_empty()) {
-            let insert =
-                tx.prepare_cached(DEAD).await.map_err(|e| Failure::new("prepare the dead-letter insert", &e))?;
-            let (mut runs, mut chunks, mut indexes, mut ids, mut errors) = (vec![], vec![], vec![], vec![], vec![]);
-            for result in &mine {
-                for dead in &result.dead {
-                    runs.push(result.run.as_str());
-                    chunks.push(result.chunk as i64);
-                    indexes.push(dead.index as i32);
-                    ids.push(dead.id.as_deref());
-                    errors.push(dead.error.as_str());
-                }
-            }
-            tx.execute(&insert, &[&runs, &chunks, &indexes, &ids, &errors])
-                .await
-                .map_err(|e| Failure::new("insert dead-lettered objects", &e))?;
+        for result in &mine {
+            self.insert_dead(&tx, &result.run, result.chunk, &result.dead).await?;
         }
         tx.commit().await.map_err(|e| Failure::new("commit", &e))?;
         Ok(claimed)
+    }
+}
+
+/// Saved or duplicate, for a chunk of a committed batch.
+fn claimed_outcome(claimed: &HashSet<(String, u64)>, result: &ChunkResult) -> SaveOutcome {
+    if claimed.contains(&(result.run.clone(), result.chunk)) {
+        SaveOutcome::Saved
+    } else {
+        SaveOutcome::Duplicate
     }
 }
 
