@@ -129,3 +129,55 @@ fn verify_does_not_count_dead_entries_that_name_no_object_of_their_chunk() {
     assert!(report.contains("500 expected, 0 found, 500 missing"), "{report}");
     assert!(report.contains("0 dead-lettered") && report.contains("500 unmatched dead-letter entries"), "{report}");
 }
+
+/// The report: a full --state-dir made `Ledger::ack` mark chunks done in memory while their
+/// record failed; the saver's resend then got `already_done`, the run "completed" with a 0-byte
+/// ledger, and a restart handed every chunk out again. The state directory here is a small tmpfs
+/// filled mid-run.
+#[test]
+fn a_full_state_disk_answers_no_ack_until_space_is_back_and_loses_nothing() {
+    let p = Pipeline::new(30_000, 1000);
+    let state = support::Tmpfs::mount(p.state_dir(), 256);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &["--threads", "1", "--concurrency", "2"]);
+    let (mut fetcher, port) = p.fetcher_named("fetcher", &["--chunk-size", "10"]);
+    let done = || support::metric(port, "chunkmill_fetcher_chunks{state=\"done\"}").unwrap_or(-1.0);
+    let errors = || support::metric(port, "chunkmill_fetcher_store_write_errors_total").unwrap_or(0.0);
+    support::wait_until("30 chunks done", LONG, || done() >= 30.0);
+    let filler = state.fill();
+    // The ledger's last page still has room for a few hundred entries; then writes fail.
+    support::wait_until("a failed ledger write", LONG, || errors() >= 1.0);
+    let run = common::input::scan(&p.input, 10).expect("scan").run_id;
+    let ledger_path = p.state_dir().join(format!("{run}.ledger"));
+    let recorded =
+        || std::fs::read_to_string(&ledger_path).expect("ledger").lines().filter(|l| l.starts_with("d ")).count();
+    let log = fetcher.log();
+    assert!(log.contains("No space left on device") && log.contains("not answering acks"), "{log}");
+    assert_eq!(support::metric(port, "chunkmill_fetcher_store_ok"), Some(0.0));
+    assert!(matches!(common::harness::http_get(port, "/readyz"), Ok((503, _))), "not ready while the disk is full");
+    // Savers resend; writes keep failing (small batches may still fit the last page), and no
+    // chunk is done in memory that is not on disk: read the count first, then the file.
+    support::wait_until("more failed ledger writes", LONG, || errors() >= 3.0);
+    let (in_memory, on_disk) = (done(), recorded());
+    assert!(in_memory as usize <= on_disk, "{in_memory} chunks done, {on_disk} recorded");
+    assert!(in_memory < 3000.0, "the run went on as if the disk had room");
+    assert_eq!(log.matches("No space left on device").count(), 1, "one clear line, not one per ack:\n{log}");
+
+    std::fs::remove_file(filler).expect("free the space");
+    support::wait_until("the run to complete", LONG, || done() == 3000.0);
+    assert_eq!(support::metric(port, "chunkmill_fetcher_store_ok"), Some(1.0));
+    support::wait_ready(port);
+    assert!(fetcher.log().contains("the ledger store works again"), "{}", fetcher.log());
+    fetcher.kill();
+
+    // Every chunk is on disk: a restarted fetcher finds the run complete and leases nothing.
+    let ledger = std::fs::read_to_string(&ledger_path).expect("ledger");
+    let distinct: std::collections::BTreeSet<&str> = ledger.lines().filter(|l| l.starts_with("d ")).collect();
+    assert_eq!(distinct.len(), 3000, "the ledger holds every chunk");
+    let (mut again, _) = p.fetcher_named("fetcher-again", &["--chunk-size", "10", "--exit-when-done"]);
+    assert_eq!(again.wait_exit(LONG), Some(0), "{}", again.log());
+    assert!(again.log().contains("3000 chunks already done"), "{}", again.log());
+    assert_eq!(support::summary_number(&again.log(), "leases granted"), 0);
+    let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
+    assert!(ok && report.contains("30000 found, 0 missing, 0 duplicated"), "{report}");
+}

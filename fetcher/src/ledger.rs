@@ -29,6 +29,10 @@ pub enum ChunkState {
     Done,
     /// Given up on after `max_attempts` failures.
     Dead,
+    /// Being given up on: decided, but not yet recorded durably. Not handed out, not complete;
+    /// [`Ledger::dead_letter`] finishes it once the record is written (a full disk must not
+    /// turn a decision into a state that a restart forgets).
+    Dying,
 }
 
 /// A current lease.
@@ -60,7 +64,8 @@ pub struct Grant {
 pub enum ReleaseOutcome {
     /// The chunk is pending again.
     Requeued,
-    /// The chunk failed `max_attempts` times and is dead-lettered.
+    /// The chunk failed `max_attempts` times: it is [`ChunkState::Dying`] until its dead letter
+    /// is recorded and [`Ledger::dead_letter`] is called.
     DeadLettered,
     /// The lease was not current: nothing changed.
     NotCurrent,
@@ -102,6 +107,7 @@ pub struct Ledger {
     leases: HashMap<u32, Lease>,
     done: u64,
     dead: u64,
+    dying: u64,
     objects_done: u64,
     stats: LedgerStats,
 }
@@ -119,6 +125,7 @@ impl Ledger {
             leases: HashMap::new(),
             done: 0,
             dead: 0,
+            dying: 0,
             objects_done: 0,
             stats: LedgerStats::default(),
         }
@@ -169,9 +176,14 @@ impl Ledger {
         self.leases.len()
     }
 
+    /// Chunks decided dead whose record is not written yet.
+    pub fn dying(&self) -> u64 {
+        self.dying
+    }
+
     /// Chunks waiting for a mapper.
     pub fn pending(&self) -> u64 {
-        self.state.len() as u64 - self.done - self.dead - self.leases.len() as u64
+        self.state.len() as u64 - self.done - self.dead - self.dying - self.leases.len() as u64
     }
 
     /// Every chunk is done or dead-lettered.
@@ -183,8 +195,10 @@ impl Ledger {
     pub fn mark_done(&mut self, chunk: u32) {
         if let Some(state) = self.state.get_mut(chunk as usize) {
             if *state != ChunkState::Done {
-                if *state == ChunkState::Dead {
-                    self.dead -= 1;
+                match *state {
+                    ChunkState::Dead => self.dead -= 1,
+                    ChunkState::Dying => self.dying -= 1,
+                    _ => {}
                 }
                 *state = ChunkState::Done;
                 self.leases.remove(&chunk);
@@ -241,8 +255,8 @@ impl Ledger {
             let failures = &mut self.failures[chunk as usize];
             *failures = failures.saturating_add(1);
             if u32::from(*failures) >= max_attempts {
-                self.state[chunk as usize] = ChunkState::Dead;
-                self.dead += 1;
+                self.state[chunk as usize] = ChunkState::Dying;
+                self.dying += 1;
                 return ReleaseOutcome::DeadLettered;
             }
         }
@@ -251,19 +265,51 @@ impl Ledger {
         ReleaseOutcome::Requeued
     }
 
-    /// Dead-letters a chunk that can never be handed out (e.g. over max_payload).
-    pub fn dead_letter(&mut self, chunk: u32) {
+    /// Gives up on a chunk that can never be handed out (unreadable, over max_payload): it is
+    /// [`ChunkState::Dying`] until its record is written and [`Ledger::dead_letter`] called.
+    pub fn give_up(&mut self, chunk: u32) {
         if let Some(state) = self.state.get_mut(chunk as usize) {
             if matches!(*state, ChunkState::Pending | ChunkState::Leased) {
-                *state = ChunkState::Dead;
+                *state = ChunkState::Dying;
                 self.leases.remove(&chunk);
-                self.dead += 1;
+                self.dying += 1;
             }
         }
     }
 
+    /// Marks a chunk dead-lettered: once its record is durable (from [`ChunkState::Dying`]), or
+    /// when resuming from the durable record.
+    pub fn dead_letter(&mut self, chunk: u32) {
+        if let Some(state) = self.state.get_mut(chunk as usize) {
+            match *state {
+                ChunkState::Pending | ChunkState::Leased => {}
+                ChunkState::Dying => self.dying -= 1,
+                ChunkState::Done | ChunkState::Dead => return,
+            }
+            *state = ChunkState::Dead;
+            self.leases.remove(&chunk);
+            self.dead += 1;
+        }
+    }
+
+    /// What [`Ledger::ack`] would answer, without changing anything: the fetcher records the
+    /// chunks that would become done durably first, and only then applies the acks.
+    pub fn check_ack(&self, chunk: u64, objects: u64) -> AckVerdict {
+        let Some(index) = u32::try_from(chunk).ok().filter(|c| (*c as usize) < self.state.len()) else {
+            return AckVerdict::Unknown;
+        };
+        if u64::from(self.objects[index as usize]) != objects {
+            return AckVerdict::Unknown;
+        }
+        match self.state[index as usize] {
+            ChunkState::Done => AckVerdict::AlreadyDone,
+            _ => AckVerdict::Done,
+        }
+    }
+
     /// Records a saver's acknowledgement that `chunk` is saved with `objects` objects, `dead` of
-    /// them dead-lettered.
+    /// them dead-lettered. The caller makes a `Done` durable before calling this (see
+    /// [`Ledger::check_ack`]): nothing is done in memory that a restart would forget.
     pub fn ack(&mut self, chunk: u64, lease: Uuid, objects: u64, dead: u64) -> AckVerdict {
         let Some(index) = u32::try_from(chunk).ok().filter(|c| (*c as usize) < self.state.len()) else {
             self.stats.acks_unknown += 1;
@@ -399,9 +445,38 @@ mod tests {
             let expected = if attempt < 3 { ReleaseOutcome::Requeued } else { ReleaseOutcome::DeadLettered };
             assert_eq!(outcome, expected);
         }
+        assert_eq!(l.state(0), Some(ChunkState::Dying), "decided, not yet recorded");
+        assert!(!l.is_complete(), "a run is not complete on a decision a restart would forget");
+        assert_eq!(l.lease("m", now, TTL), None, "nor is the chunk handed out again");
+        l.dead_letter(0);
         assert_eq!(l.state(0), Some(ChunkState::Dead));
         assert!(l.is_complete());
         assert_eq!(l.lease("m", now, TTL), None);
+    }
+
+    #[test]
+    fn checking_an_ack_changes_nothing_until_it_is_applied() {
+        let mut l = ledger(2);
+        let now = Instant::now();
+        let g = l.lease("m", now, TTL).expect("pending");
+        assert_eq!(l.check_ack(u64::from(g.chunk), 100), AckVerdict::Done);
+        assert_eq!(l.check_ack(u64::from(g.chunk), 7), AckVerdict::Unknown);
+        assert_eq!(l.check_ack(99, 100), AckVerdict::Unknown);
+        assert_eq!(l.state(g.chunk), Some(ChunkState::Leased), "a check is not an ack");
+        assert_eq!((l.done(), l.stats().acks_done), (0, 0));
+        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100, 0), AckVerdict::Done);
+        assert_eq!(l.check_ack(u64::from(g.chunk), 100), AckVerdict::AlreadyDone);
+    }
+
+    #[test]
+    fn a_chunk_given_up_on_is_dying_until_recorded() {
+        let mut l = ledger(2);
+        let now = Instant::now();
+        let g = l.lease("m", now, TTL).expect("pending");
+        l.give_up(g.chunk);
+        assert_eq!((l.state(g.chunk), l.leased(), l.pending(), l.dying()), (Some(ChunkState::Dying), 0, 1, 1));
+        l.dead_letter(g.chunk);
+        assert_eq!((l.dead(), l.dying()), (1, 0));
     }
 
     #[test]

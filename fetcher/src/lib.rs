@@ -209,12 +209,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         config::Events::On => Publisher::start(client.clone(), config.nats.subject_prefix.clone()),
         config::Events::Off => Publisher::off(),
     };
-    let mut fetcher = Fetcher::new(config, index, client, metrics, store, recovered, events)?;
+    let io = Io { client, metrics, events, ready };
+    let mut fetcher = Fetcher::new(config, index, io, store, recovered)?;
     if fresh {
         fetcher.record_bad_records().await?;
     }
     fetcher.announce(fresh, &name);
-    fetcher.serve(shutdown, ready).await
+    fetcher.serve(shutdown).await
+}
+
+/// What the fetcher talks through: NATS, its metrics, the events queue and its readiness flag.
+struct Io {
+    client: Client,
+    metrics: FetcherMetrics,
+    events: Publisher,
+    ready: Arc<AtomicBool>,
 }
 
 struct Waiter {
@@ -241,6 +250,63 @@ struct Fetcher {
     milestone: u32,
     /// The run was complete before this fetcher started: its completion was announced before.
     complete_at_start: bool,
+    /// Chunks given up on whose dead letter is not durable yet (the store failed): retried
+    /// every tick, and only then dead.
+    dying: Vec<(u32, String)>,
+    /// Dead-letter records for people that could not be written yet: retried every tick.
+    unwritten_records: VecDeque<serde_json::Value>,
+    /// Whether the durable store works, for readiness, a metric and one log line per outage.
+    health: StoreHealth,
+}
+
+/// Tracks failures of the durable store. While it fails, the fetcher answers no ack (the savers
+/// resend), reports not-ready, and says so once, then every 30 s with a count; it resumes by
+/// itself when a write succeeds again (space freed, say).
+struct StoreHealth {
+    ready: Arc<AtomicBool>,
+    failing_since: Option<Instant>,
+    failures: u64,
+    last_reminder: Instant,
+}
+
+impl StoreHealth {
+    fn failed(&mut self, error: &store::StoreError, metrics: &FetcherMetrics, what: &str) {
+        metrics.store_failed();
+        self.failures += 1;
+        self.ready.store(false, Ordering::Relaxed);
+        let now = Instant::now();
+        match self.failing_since {
+            None => {
+                self.failing_since = Some(now);
+                self.last_reminder = now;
+                tracing::error!(
+                    "{error}; {what}. The fetcher reports not-ready and resumes by itself once the store can be written (free space in --state-dir, or bring JetStream back)"
+                );
+            }
+            Some(since) if now.duration_since(self.last_reminder) >= Duration::from_secs(30) => {
+                self.last_reminder = now;
+                tracing::error!(
+                    "the ledger store still fails ({} failed writes in {:.0} s): {error}",
+                    self.failures,
+                    now.duration_since(since).as_secs_f64()
+                );
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn succeeded(&mut self, metrics: &FetcherMetrics) {
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(
+                "the ledger store works again after {} failed writes in {:.1} s; serving acks again",
+                self.failures,
+                since.elapsed().as_secs_f64()
+            );
+            self.failures = 0;
+            metrics.store_recovered();
+            self.ready.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The progress milestone (0, 10, ... 90) that `finished` of `total` chunks has passed; 100 % is
@@ -256,12 +322,11 @@ impl Fetcher {
     fn new(
         config: Config,
         index: InputIndex,
-        client: Client,
-        metrics: FetcherMetrics,
+        io: Io,
         store: LedgerStore,
         recovered: store::Recovered,
-        events: Publisher,
     ) -> Result<Self, FetcherError> {
+        let Io { client, metrics, events, ready } = io;
         let reader = ChunkReader::open(&index)?;
         let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
         let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
@@ -301,6 +366,9 @@ impl Fetcher {
             ledger,
             waiters: VecDeque::new(),
             completed_logged: false,
+            dying: Vec::new(),
+            unwritten_records: VecDeque::new(),
+            health: StoreHealth { ready, failing_since: None, failures: 0, last_reminder: Instant::now() },
         })
     }
 
@@ -368,7 +436,7 @@ impl Fetcher {
             .map_err(|source| FetcherError::Subscribe { subject: subject.to_string(), source })
     }
 
-    async fn serve(mut self, shutdown: CancellationToken, ready: Arc<AtomicBool>) -> Result<RunSummary, FetcherError> {
+    async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
         let mut work = self.subscribe(&self.subjects.work).await?;
         let mut extend = self.subscribe(&self.subjects.extend).await?;
         let mut release = self.subscribe(&self.subjects.release).await?;
@@ -376,7 +444,7 @@ impl Fetcher {
         self.metrics.start(self.index.objects);
         let subjects = &self.subjects;
         self.metrics.common.watch_subjects(&[&subjects.work, &subjects.extend, &subjects.release, &subjects.ack]);
-        ready.store(true, Ordering::Relaxed);
+        self.health.ready.store(true, Ordering::Relaxed);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -569,6 +637,25 @@ impl Fetcher {
             Ok(r) => r,
             Err(e) => return self.malformed(&message, &e),
         };
+        // First what would become done, then make that durable, and only then change the ledger
+        // and answer: a chunk is never done in memory before it is done on disk. If the write
+        // fails nothing changes and nothing is answered; the saver resends the ack.
+        let mut done: Vec<Entry> = Vec::new();
+        for ack in &request.acks {
+            if ack.run == self.index.run_id && self.ledger.check_ack(ack.chunk, ack.objects) == AckVerdict::Done {
+                let entry = Entry::Done(ack.chunk as u32);
+                if !done.contains(&entry) {
+                    done.push(entry);
+                }
+            }
+        }
+        if let Err(e) = self.store.record(&done).await {
+            self.health.failed(&e, &self.metrics, "not answering acks until it can; the savers resend them");
+            return;
+        }
+        if !done.is_empty() {
+            self.health.succeeded(&self.metrics);
+        }
         let verdicts: Vec<AckVerdict> = request
             .acks
             .iter()
@@ -587,18 +674,6 @@ impl Fetcher {
                 }
             })
             .collect();
-        let done: Vec<Entry> = request
-            .acks
-            .iter()
-            .zip(&verdicts)
-            .filter(|(_, verdict)| **verdict == AckVerdict::Done)
-            .map(|(ack, _)| Entry::Done(ack.chunk as u32))
-            .collect();
-        // Durable before the saver hears "done": a restart must not hand these out again.
-        if let Err(e) = self.store.record(&done).await {
-            tracing::error!("{e}; not answering the ack, the saver will resend it");
-            return;
-        }
         if let Some(reply) = &message.reply {
             self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
         }
@@ -606,12 +681,20 @@ impl Fetcher {
 
     /// Dead-letters a chunk that can never be handed out.
     async fn dead_letter(&mut self, chunk: u32, error: &str) {
-        self.ledger.dead_letter(chunk);
+        self.ledger.give_up(chunk);
         self.record_dead(chunk, error).await;
     }
 
-    /// Records a dead-lettered chunk durably, with its object ids for people.
+    /// Records a chunk the ledger gave up on ([`ledger::ChunkState::Dying`]) durably, then
+    /// marks it dead; if the store fails, the chunk stays dying and is retried every tick.
     async fn record_dead(&mut self, chunk: u32, error: &str) {
+        if let Err(e) = self.store.record(&[Entry::Dead(chunk)]).await {
+            self.health.failed(&e, &self.metrics, "a dead-lettered chunk waits to be recorded");
+            self.dying.push((chunk, error.to_string()));
+            return;
+        }
+        self.health.succeeded(&self.metrics);
+        self.ledger.dead_letter(chunk);
         let span = self.index.chunks[chunk as usize];
         let ids: Vec<String> = self
             .reader
@@ -630,13 +713,8 @@ impl Fetcher {
             "kind": "chunk", "run": self.index.run_id, "chunk": chunk, "first_line": span.first_line,
             "objects": span.objects, "ids": ids, "error": error,
         });
-        let recorded = match self.store.record(&[Entry::Dead(chunk)]).await {
-            Ok(()) => self.store.dead_letter(&record).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = recorded {
-            tracing::error!("{e}");
-        }
+        self.unwritten_records.push_back(record);
+        self.write_records().await;
         let body = EventBody::ChunkDead {
             chunk: u64::from(chunk),
             reason: error.to_string(),
@@ -646,7 +724,29 @@ impl Fetcher {
         self.events.emit(Event::new(&self.index.run_id, body));
     }
 
+    /// Writes the queued dead-letter records for people, oldest first, until one fails.
+    async fn write_records(&mut self) {
+        while let Some(record) = self.unwritten_records.front() {
+            if let Err(e) = self.store.dead_letter(record).await {
+                self.health.failed(&e, &self.metrics, "dead-letter records wait to be written");
+                return;
+            }
+            self.unwritten_records.pop_front();
+        }
+    }
+
+    /// Retries what a failing store could not take.
+    async fn retry_store(&mut self) {
+        for (chunk, error) in std::mem::take(&mut self.dying) {
+            self.record_dead(chunk, &error).await;
+        }
+        self.write_records().await;
+    }
+
     async fn on_tick(&mut self) {
+        if !self.dying.is_empty() || !self.unwritten_records.is_empty() {
+            self.retry_store().await;
+        }
         let now = Instant::now();
         for (chunk, lease) in self.ledger.expire(now) {
             tracing::warn!(

@@ -24,6 +24,8 @@ pub struct FetcherMetrics {
     acks: IntCounterVec,
     started: Gauge,
     completed: Gauge,
+    store_errors: IntCounter,
+    store_ok: IntGauge,
     seen: LedgerStats,
     seen_objects: u64,
 }
@@ -81,11 +83,24 @@ impl FetcherMetrics {
                 )
                 .expect("valid metric"),
             ),
+            store_errors: counter(
+                "chunkmill_fetcher_store_write_errors_total",
+                "Writes to the durable ledger that failed (a full disk, JetStream unavailable)",
+            ),
+            store_ok: register(
+                r,
+                IntGauge::new(
+                    "chunkmill_fetcher_store_ok",
+                    "1 while the durable ledger can be written, 0 while it fails",
+                )
+                .expect("valid metric"),
+            ),
             common,
             seen: LedgerStats::default(),
             seen_objects: 0,
         };
         // Make every labelled series exist from the start, so dashboards show 0, not "no data".
+        metrics.store_ok.set(1);
         for state in ["pending", "leased", "done", "dead_lettered"] {
             metrics.chunks.with_label_values(&[state]);
         }
@@ -102,6 +117,17 @@ impl FetcherMetrics {
     pub fn start(&self, objects: u64) {
         self.started.set(unix_now());
         self.run_objects.set(objects as i64);
+    }
+
+    /// Counts a failed write to the durable ledger.
+    pub fn store_failed(&self) {
+        self.store_errors.inc();
+        self.store_ok.set(0);
+    }
+
+    /// The durable ledger can be written again.
+    pub fn store_recovered(&self) {
+        self.store_ok.set(1);
     }
 
     /// Marks the run complete.

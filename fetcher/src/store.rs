@@ -62,6 +62,9 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 pub struct FileStore {
     log: File,
     log_path: PathBuf,
+    /// Bytes of the log known to be durable: a failed append is cut back to this, so a torn
+    /// entry written before a full disk said no cannot glue itself to the next one.
+    durable_len: u64,
     dead_letter: PathBuf,
     /// Held for the process's lifetime: the OS releases it when the process dies, even by SIGKILL.
     _lock: File,
@@ -92,9 +95,10 @@ impl FileStore {
         let log_path = dir.join(format!("{run}.ledger"));
         let recovered = read_log(&log_path)?;
         let log = OpenOptions::new().create(true).append(true).open(&log_path).map_err(io("open", &log_path))?;
+        let durable_len = log.metadata().map_err(io("read the size of", &log_path))?.len();
         File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory", dir))?;
         let dead_letter = dir.join(format!("{run}.dead-letter.jsonl"));
-        Ok((FileStore { log, log_path, dead_letter, _lock: lock }, recovered))
+        Ok((FileStore { log, log_path, durable_len, dead_letter, _lock: lock }, recovered))
     }
 
     /// Appends `entries` and makes them durable before returning.
@@ -109,8 +113,23 @@ impl FileStore {
                 Entry::Dead(chunk) => text.push_str(&format!("x {chunk}\n")),
             }
         }
-        self.log.write_all(text.as_bytes()).map_err(io("append to", &self.log_path))?;
-        self.log.sync_data().map_err(io("fsync", &self.log_path))
+        let written = self
+            .log
+            .write_all(text.as_bytes())
+            .map_err(io("append to", &self.log_path))
+            .and_then(|()| self.log.sync_data().map_err(io("fsync", &self.log_path)));
+        match written {
+            Ok(()) => {
+                self.durable_len += text.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Whatever part of the entries reached the file is not acknowledged: cut it off
+                // (after a failed fsync the page cache is not to be trusted either).
+                let _ = self.log.set_len(self.durable_len);
+                Err(e)
+            }
+        }
     }
 
     /// Appends one JSON record to the run's dead-letter file (for people; made durable).

@@ -125,6 +125,13 @@ impl Pipeline {
         self.verify_with(&["--out".to_string(), self.out.display().to_string()], &[])
     }
 
+    /// Runs `saver verify` on the file sink with extra flags (e.g. `--chunk-size 10`).
+    pub fn verify_with_flags(&self, flags: &[&str]) -> (bool, String) {
+        let mut args = vec!["--out".to_string(), self.out.display().to_string()];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        self.verify_with(&args, &[])
+    }
+
     /// Runs `saver verify` on database `db`; returns (success, its report line).
     pub fn verify_postgres(&self, db: &postgres::PgServer) -> (bool, String) {
         let password = db.password_file().display().to_string();
@@ -217,4 +224,54 @@ pub fn summary_number(log: &str, label: &str) -> u64 {
         .next()
         .and_then(|n| n.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
         .unwrap_or_else(|| panic!("no number before `{label}` in: {line}"))
+}
+
+/// A tmpfs of `size_kib` mounted at a new directory, unmounted on drop: a disk that really fills
+/// up (ENOSPC), for the disk-full tests. Needs root (CAP_SYS_ADMIN), as CI has.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: PathBuf, size_kib: u32) -> Self {
+        std::fs::create_dir_all(&path).expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k,mode=0755"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {}: this test fills a real disk and needs root (CAP_SYS_ADMIN)",
+            path.display()
+        );
+        Tmpfs { path }
+    }
+
+    /// Writes a file until the disk is full; returns its path (remove it to free the space).
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler file");
+        let block = vec![0u8; 4096];
+        loop {
+            match file.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc_enospc()) => break,
+                Err(e) => panic!("filling {}: {e}", self.path.display()),
+            }
+        }
+        filler
+    }
+}
+
+fn libc_enospc() -> i32 {
+    28 // ENOSPC on Linux
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
 }
