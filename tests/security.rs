@@ -75,6 +75,54 @@ fn a_token_from_a_file_works_and_a_wrong_one_fails_fast() {
     assert!(!refused.log().contains("tok-nope"), "{}", refused.log());
 }
 
+/// Issue 15, item 5: `NATS_URL=nats://user:pw@host:4222` was printed verbatim by `--help` and in
+/// connection errors, and its credentials were not used at all.
+#[test]
+fn credentials_in_nats_url_authenticate_and_are_never_printed() {
+    let nats = NatsServer::start_with(&["--user", "chunk", "--pass", "s3cret-pw"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = nats.port();
+    let start = |name: &str, url: String| {
+        let metrics = free_port();
+        let addr = format!("127.0.0.1:{metrics}");
+        let env = [("NATS_URL", url.as_str()), ("METRICS_ADDR", addr.as_str())];
+        (Service::spawn(name, "mapper", &["--rounds", "0"], &env, dir.path()), metrics)
+    };
+    let (ok, metrics) = start("ok", format!("nats://chunk:s3cret-pw@127.0.0.1:{port}"));
+    wait_ready(metrics);
+    assert!(ok.log().contains(&format!("nats://chunk:<redacted>@127.0.0.1:{port}")), "{}", ok.log());
+    assert!(!ok.log().contains("s3cret-pw"), "{}", ok.log());
+
+    let (mut refused, _) = start("refused", format!("nats://chunk:wrong-pw-in-url@127.0.0.1:{port}"));
+    assert_eq!(refused.wait_exit(Duration::from_secs(15)), Some(1), "{}", refused.log());
+    assert!(refused.log().contains("refused the connection"), "{}", refused.log());
+    assert!(!refused.log().contains("wrong-pw-in-url"), "the password leaked into the log:\n{}", refused.log());
+
+    for binary in ["fetcher", "mapper", "saver", "broadcaster"] {
+        let output = Command::new(bin(binary))
+            .arg("--help")
+            .env("NATS_URL", "nats://chunk:hunter2-in-url@nats.example:4222")
+            .output()
+            .expect("help");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("NATS_URL"), "{binary}: {text}");
+        assert!(!text.contains("hunter2-in-url"), "{binary} --help shows the URL's password:\n{text}");
+    }
+}
+
+#[test]
+fn a_token_in_nats_url_authenticates() {
+    let nats = NatsServer::start_with(&["--auth", "tok-in-url-1"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let metrics = free_port();
+    let url = format!("nats://tok-in-url-1@127.0.0.1:{}", nats.port());
+    let addr = format!("127.0.0.1:{metrics}");
+    let service =
+        Service::spawn("ok", "mapper", &["--rounds", "0"], &[("NATS_URL", &url), ("METRICS_ADDR", &addr)], dir.path());
+    wait_ready(metrics);
+    assert!(!service.log().contains("tok-in-url-1"), "{}", service.log());
+}
+
 #[test]
 fn help_never_shows_a_password_from_the_environment() {
     let output =

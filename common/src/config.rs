@@ -9,8 +9,10 @@ use clap::Args;
 /// How to reach NATS and which subjects to use.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL(s), comma-separated; `nats://USER:PASSWORD@HOST:PORT` and
+    /// `nats://TOKEN@HOST:PORT` authenticate as in other NATS clients (prefer the *_FILE settings:
+    /// a URL is easy to leak). Never printed with its credentials.
+    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222", hide_env_values = true)]
     pub url: String,
 
     /// Prefix of every subject the pipeline uses, so several pipelines can share one NATS.

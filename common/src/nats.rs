@@ -61,6 +61,97 @@ pub enum ConnectError {
     /// Shutdown was requested while waiting for NATS.
     #[error("stopped while waiting for NATS at {0}")]
     Cancelled(String),
+    /// `NATS_URL` does not parse (its text is not shown: it may hold a password).
+    #[error("NATS_URL (--nats-url): URL number {position} is not a NATS URL; write nats://HOST:PORT, nats://USER:PASSWORD@HOST:PORT or nats://TOKEN@HOST:PORT (its text is not shown: it may hold a password)")]
+    Url {
+        /// 1-based position in the comma-separated list.
+        position: usize,
+    },
+}
+
+/// `NATS_URL` split into what async-nats connects to and what may be printed. async-nats parses
+/// `user:password@` in a URL but does not send it (0.51), so credentials in the URL are taken out
+/// here and passed as options, the way other NATS clients read them: `USER:PASSWORD@` is a user
+/// and password, a lone `TOKEN@` is a token.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The server URLs without credentials.
+    servers: Vec<async_nats::ServerAddr>,
+    /// For logs and errors: the URLs with the user name at most.
+    display: String,
+    user: Option<(String, String)>,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// Percent-decoding for the user-info part of a URL (`%40` is `@`).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(byte) = text.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Endpoint {
+    /// Parses comma-separated NATS URLs. The error never repeats a URL (it may hold a password).
+    pub fn parse(urls: &str) -> Result<Self, ConnectError> {
+        let mut servers = Vec::new();
+        let mut shown = Vec::new();
+        let (mut user, mut token) = (None, None);
+        for (n, text) in urls.split(',').map(str::trim).filter(|t| !t.is_empty()).enumerate() {
+            let with_scheme = if text.contains("://") { text.to_string() } else { format!("nats://{text}") };
+            let addr: async_nats::ServerAddr =
+                with_scheme.parse().map_err(|_| ConnectError::Url { position: n + 1 })?;
+            let mut url = addr.clone().into_inner();
+            match (addr.username(), addr.password()) {
+                (Some(name), Some(password)) => {
+                    user.get_or_insert_with(|| (percent_decode(name), percent_decode(password)));
+                }
+                (Some(secret), None) => {
+                    token.get_or_insert_with(|| percent_decode(secret));
+                }
+                _ => {}
+            }
+            let _ = url.set_password(None);
+            let _ = url.set_username("");
+            let bare: async_nats::ServerAddr =
+                url.as_str().parse().map_err(|_| ConnectError::Url { position: n + 1 })?;
+            let name = match (addr.username(), addr.password()) {
+                (Some(name), Some(_)) => format!("{name}:<redacted>@"),
+                (Some(_), None) => "<token>@".to_string(),
+                _ => String::new(),
+            };
+            let host = if bare.host().contains(':') { format!("[{}]", bare.host()) } else { bare.host().to_string() };
+            shown.push(format!("{}://{name}{host}:{}", bare.scheme(), bare.port()));
+            servers.push(bare);
+        }
+        if servers.is_empty() {
+            return Err(ConnectError::Url { position: 1 });
+        }
+        Ok(Endpoint { servers, display: shown.join(","), user, token })
+    }
 }
 
 fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, ConnectError> {
@@ -71,9 +162,14 @@ fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, Con
     })
 }
 
-async fn options(args: &NatsArgs, name: &str, state: &Arc<ConnectionState>) -> Result<ConnectOptions, ConnectError> {
+async fn options(
+    args: &NatsArgs,
+    endpoint: &Endpoint,
+    name: &str,
+    state: &Arc<ConnectionState>,
+) -> Result<ConnectOptions, ConnectError> {
     let events = state.clone();
-    let url = args.url.clone();
+    let url = endpoint.display.clone();
     let mut options = match &args.nats_creds_file {
         Some(path) => ConnectOptions::new().credentials_file(path).await.map_err(|source| ConnectError::File {
             what: "NATS credentials file",
@@ -82,6 +178,13 @@ async fn options(args: &NatsArgs, name: &str, state: &Arc<ConnectionState>) -> R
         })?,
         None => ConnectOptions::new(),
     };
+    // Credentials from the URL first; explicit settings below override them.
+    if let Some((user, password)) = &endpoint.user {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &endpoint.token {
+        options = options.token(token.clone());
+    }
     if let Some(user) = &args.nats_user {
         let password = match (&args.nats_password_file, &args.nats_password) {
             (Some(path), _) => read_secret("NATS password file", path)?,
@@ -158,36 +261,38 @@ pub async fn connect(
     state: &Arc<ConnectionState>,
     shutdown: &CancellationToken,
 ) -> Result<Client, ConnectError> {
+    let endpoint = Endpoint::parse(&args.url)?;
+    let url = endpoint.display.clone();
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        let attempt = options(args, name, state).await?.connect(args.url.as_str()).await;
+        let attempt = options(args, &endpoint, name, state).await?.connect(endpoint.servers.clone()).await;
         let error = match attempt {
             Ok(client) => {
                 state.connected.store(true, Ordering::Relaxed);
-                tracing::info!("connected to NATS at {}", args.url);
+                tracing::info!("connected to NATS at {url}");
                 return Ok(client);
             }
             Err(error) => error,
         };
         match error.kind() {
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Tls => {
-                return Err(ConnectError::Refused { url: args.url.clone(), source: error });
+                return Err(ConnectError::Refused { url: url.clone(), source: error });
             }
             // A TLS alert from the server (e.g. "certificate required") reaches us as an I/O
             // error; retrying cannot fix it, so it is refused like any other TLS failure.
             ConnectErrorKind::Io if is_tls_alert(&error) => {
-                return Err(ConnectError::Refused { url: args.url.clone(), source: error });
+                return Err(ConnectError::Refused { url: url.clone(), source: error });
             }
             _ => {
                 if !warned {
-                    tracing::warn!("waiting for NATS at {}: {error}", args.url);
+                    tracing::warn!("waiting for NATS at {url}: {error}");
                     warned = true;
                 }
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Err(ConnectError::Cancelled(args.url.clone())),
+            _ = shutdown.cancelled() => return Err(ConnectError::Cancelled(url.clone())),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(2));
@@ -199,5 +304,30 @@ pub fn max_payload(client: &Client) -> usize {
     match client.server_info().max_payload {
         0 => 1 << 20,
         n => n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_the_url_are_taken_out_and_never_shown() {
+        let e = Endpoint::parse("nats://chunk:s3cr%40t@127.0.0.1:4223, nats://[::1]:4224").expect("parses");
+        assert_eq!(e.user, Some(("chunk".to_string(), "s3cr@t".to_string())));
+        assert_eq!(e.token, None);
+        assert_eq!(e.to_string(), "nats://chunk:<redacted>@127.0.0.1:4223,nats://[::1]:4224");
+        assert!(e.servers.iter().all(|s| !s.has_user_pass()), "{:?}", e.servers);
+        assert!(!format!("{e:?}").contains("s3cr"));
+        let t = Endpoint::parse("tls://tok-123@nats.example:4222").expect("parses");
+        assert_eq!(t.token.as_deref(), Some("tok-123"));
+        assert_eq!(t.to_string(), "tls://<token>@nats.example:4222");
+        assert_eq!(Endpoint::parse("127.0.0.1:4222").expect("no scheme").to_string(), "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn an_unparsable_url_is_refused_without_echoing_it() {
+        let err = Endpoint::parse("nats://u:hunter2@[::1").unwrap_err().to_string();
+        assert!(err.contains("URL number 1") && !err.contains("hunter2"), "{err}");
     }
 }
