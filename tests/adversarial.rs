@@ -181,3 +181,110 @@ fn a_full_state_disk_answers_no_ack_until_space_is_back_and_loses_nothing() {
     let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
     assert!(ok && report.contains("30000 found, 0 missing, 0 duplicated"), "{report}");
 }
+
+/// Issue 15, item 6: 1 000 held work requests with 500 kB mapper names took the fetcher to
+/// 502 MiB (its Kubernetes limit is 256 Mi). Names are bounded, and so are held requests.
+#[test]
+fn oversized_names_and_a_flood_of_held_requests_are_refused_and_memory_stays_bounded() {
+    let p = Pipeline::new(1_000, 0);
+    let (fetcher, port) = p.fetcher_named("fetcher", &[]);
+    support::wait_ready(port);
+    let subjects = Subjects::new("chunkmill");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let idle_replies = runtime.block_on(async {
+        let client = async_nats::connect(p.nats.url()).await.expect("connect");
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(format!("{inbox}.>")).await.expect("subscribe");
+        let huge = protocol::encode(&WorkRequest { v: 1, mapper: "m".repeat(500_000), wait_ms: 5000 });
+        for i in 0..1000 {
+            client
+                .publish_with_reply(subjects.work.clone(), format!("{inbox}.huge.{i}"), huge.clone())
+                .await
+                .expect("publish");
+        }
+        let valid = protocol::encode(&WorkRequest { v: 1, mapper: "many".into(), wait_ms: 5000 });
+        for i in 0..3000 {
+            client
+                .publish_with_reply(subjects.work.clone(), format!("{inbox}.ok.{i}"), valid.clone())
+                .await
+                .expect("publish");
+        }
+        client.flush().await.expect("flush");
+        // 10 requests get the run's 10 chunks, 1 024 are held: the rest are answered idle at once.
+        let mut idle = 0;
+        while idle < 3000 - 10 - 1024 {
+            let reply =
+                tokio::time::timeout(Duration::from_secs(30), replies.next()).await.expect("replies").expect("message");
+            assert!(reply.subject.contains(".ok."), "an oversized request was answered: {}", reply.subject);
+            let reply: protocol::WorkReply = protocol::decode(&reply.payload).expect("decodes");
+            if reply.kind == protocol::WorkReplyKind::Idle {
+                idle += 1;
+            }
+        }
+        idle
+    });
+    assert_eq!(idle_replies, 3000 - 10 - 1024);
+    support::wait_until("the oversized requests counted", LONG, || {
+        support::metric(port, "chunkmill_malformed_messages_total{subject=\"chunkmill.work\"}") == Some(1000.0)
+    });
+    let refused = support::metric(port, "chunkmill_fetcher_refused_requests_total{reason=\"held_requests_full\"}");
+    assert_eq!(refused, Some((3000 - 10 - 1024) as f64));
+    let rss = support::metric(port, "process_resident_memory_bytes").expect("rss");
+    assert!(rss < 64.0 * 1024.0 * 1024.0, "the fetcher holds {} MiB", rss / 1048576.0);
+    let log = fetcher.log();
+    assert!(log.contains("over the 4096 bytes"), "{log}");
+    assert!(log.len() < 16 << 10, "a flood makes a few lines, not {} bytes of log", log.len());
+}
+
+/// Issue 15, item 7: a newline in a mapper's name or reason forged whole fetcher log lines, a
+/// malformed-message warning quoted up to 200 kB, and a 20 s garbage flood wrote 221 MB of log.
+#[test]
+fn network_text_cannot_forge_log_lines_and_a_garbage_flood_logs_a_few_lines() {
+    let p = Pipeline::new(1_000, 0);
+    let (fetcher, port) = p.fetcher_named("fetcher", &[]);
+    support::wait_ready(port);
+    let subjects = Subjects::new("chunkmill");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(p.nats.url()).await.expect("connect");
+        let name = "m1\nFORGED INFO fetcher: run complete".to_string();
+        let ask = protocol::encode(&WorkRequest { v: 1, mapper: name.clone(), wait_ms: 0 });
+        let reply = client.request(subjects.work.clone(), ask).await.expect("work");
+        let lease = protocol::decode::<protocol::WorkReply>(&reply.payload).expect("decodes").lease.expect("a chunk");
+        let release = ReleaseRequest {
+            v: 1,
+            mapper: name,
+            lease: protocol::LeaseRef { chunk: lease.chunk, lease: lease.lease },
+            reason: ReleaseReason::Failed,
+            error: Some("boom\nFORGED ERROR fetcher: disk on fire".into()),
+        };
+        client.request(subjects.release.clone(), protocol::encode(&release)).await.expect("release");
+        // A malformed message whose error quotes a 200 kB string, then a flood of garbage.
+        let quoted = format!("{{\"v\":1,\"mapper\":\"m\",\"wait_ms\":\"{}\"}}", "x".repeat(3000));
+        for subject in [&subjects.work, &subjects.extend, &subjects.release, &subjects.ack] {
+            client.publish(subject.clone(), Bytes::from(quoted.clone())).await.expect("publish");
+            for _ in 0..20_000 {
+                client
+                    .publish(subject.clone(), Bytes::from_static(b"{\"v\":1,\"nonsense\":\n1}"))
+                    .await
+                    .expect("publish");
+            }
+        }
+        client.flush().await.expect("flush");
+    });
+    support::wait_until("the flood counted", LONG, || {
+        let series = "chunkmill_malformed_messages_total{subject=\"chunkmill.ack\"}";
+        support::metric(port, series).unwrap_or(0.0) >= 20_001.0
+    });
+    let log = fetcher.log();
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "a peer forged a log line:\n{log}");
+    assert!(log.contains("m1\\nFORGED INFO") && log.contains("boom\\nFORGED ERROR"), "{log}");
+    assert!(!log.contains(&"x".repeat(300)), "a warning quoted the payload at length:\n{log}");
+    assert!(log.len() < 16 << 10, "{} bytes of log for a flood of 80 000 messages", log.len());
+    // The fetcher still works: the run completes.
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    support::wait_until("the run to complete", LONG, || {
+        support::metric(port, "chunkmill_fetcher_chunks{state=\"done\"}") == Some(10.0)
+    });
+}

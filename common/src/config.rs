@@ -19,8 +19,9 @@ pub struct NatsArgs {
     #[arg(long, env = "CHUNKMILL_SUBJECT_PREFIX", default_value = "chunkmill")]
     pub subject_prefix: String,
 
-    /// A name for this process in logs and in the fetcher's ledger (default: host name and pid).
-    #[arg(long, env = "CHUNKMILL_INSTANCE")]
+    /// A name for this process in logs and in the fetcher's ledger (default: host name and pid);
+    /// at most 256 bytes, no control characters.
+    #[arg(long, env = "CHUNKMILL_INSTANCE", value_parser = parse_instance)]
     pub instance: Option<String>,
 
     /// NATS credentials file (.creds: JWT and NKey seed).
@@ -98,6 +99,17 @@ impl NatsArgs {
 /// its password, token and webhook files through this, so they agree on what a secret file holds.
 pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
     std::fs::read_to_string(path).map(|s| s.trim().to_string())
+}
+
+/// An instance name as peers accept it (see `protocol::MAX_NAME`).
+fn parse_instance(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > crate::protocol::MAX_NAME {
+        return Err(format!("an instance name has 1 to {} bytes", crate::protocol::MAX_NAME));
+    }
+    if text.chars().any(char::is_control) {
+        return Err("an instance name cannot hold control characters".into());
+    }
+    Ok(text.to_string())
 }
 
 /// Parses durations such as `500ms`, `5s`, `2m` or `1h 30m` for clap.

@@ -14,6 +14,7 @@ pub mod nats;
 pub mod protocol;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod transform;
 
 #[cfg(feature = "test-support")]

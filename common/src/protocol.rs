@@ -61,6 +61,76 @@ pub enum ProtocolError {
     /// Well-formed but breaks a rule of the protocol.
     #[error("invalid message: {0}")]
     Invalid(String),
+    /// Larger than any message of its kind can be: refused before it is parsed.
+    #[error("a {kind} of {bytes} bytes is over the {max} bytes such a message can be")]
+    TooLarge {
+        /// Which message.
+        kind: &'static str,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// The longest instance name (of a mapper or saver) a message may carry, in bytes.
+pub const MAX_NAME: usize = 256;
+/// The longest free-text reason (a release's error, a dead object's error), in bytes.
+pub const MAX_REASON: usize = 4096;
+/// The longest object id in a dead-letter entry, in bytes.
+pub const MAX_ID: usize = 1024;
+/// The most leases one extend request may list, and acks one ack request may carry.
+pub const MAX_ITEMS: usize = 1024;
+
+/// Limits on what a message of this type may carry, checked by [`decode_bounded`] so that no
+/// peer can make a service hold unbounded strings (1 000 held work requests with 500 kB names
+/// once took the fetcher to 502 MiB).
+pub trait Bounded {
+    /// What the message is called in errors.
+    const KIND: &'static str;
+    /// Its largest possible encoding, checked before parsing.
+    const MAX_BYTES: usize;
+    /// The field limits.
+    fn check_bounds(&self) -> Result<(), ProtocolError>;
+}
+
+fn bounded(what: &str, value: &str, max: usize) -> Result<(), ProtocolError> {
+    if value.len() > max {
+        return Err(ProtocolError::Invalid(format!("{what} is {} bytes, over the limit of {max}", value.len())));
+    }
+    Ok(())
+}
+
+fn bounded_items(what: &str, count: usize) -> Result<(), ProtocolError> {
+    if count > MAX_ITEMS {
+        return Err(ProtocolError::Invalid(format!("{count} {what}, over the limit of {MAX_ITEMS} per message")));
+    }
+    Ok(())
+}
+
+/// [`decode`], refusing a message larger than its type allows before parsing it, and one whose
+/// fields are over their limits after.
+pub fn decode_bounded<'a, T: Deserialize<'a> + Bounded>(payload: &'a [u8]) -> Result<T, ProtocolError> {
+    if payload.len() > T::MAX_BYTES {
+        return Err(ProtocolError::TooLarge { kind: T::KIND, bytes: payload.len(), max: T::MAX_BYTES });
+    }
+    let message: T = decode(payload)?;
+    message.check_bounds()?;
+    Ok(message)
+}
+
+/// Cuts `text` to at most `max` bytes at a character boundary: what a sender does with its own
+/// free text so that a receiver's limit never refuses an honest message.
+pub fn truncate_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 #[derive(Deserialize)]
@@ -397,6 +467,56 @@ pub struct AckReply {
     pub verdicts: Vec<AckVerdict>,
 }
 
+impl Bounded for WorkRequest {
+    const KIND: &'static str = "work request";
+    const MAX_BYTES: usize = 4 << 10;
+    fn check_bounds(&self) -> Result<(), ProtocolError> {
+        bounded("the mapper name", &self.mapper, MAX_NAME)
+    }
+}
+
+impl Bounded for ExtendRequest {
+    const KIND: &'static str = "extend request";
+    const MAX_BYTES: usize = 256 << 10;
+    fn check_bounds(&self) -> Result<(), ProtocolError> {
+        bounded("the mapper name", &self.mapper, MAX_NAME)?;
+        bounded_items("leases", self.leases.len())
+    }
+}
+
+impl Bounded for ReleaseRequest {
+    const KIND: &'static str = "release request";
+    const MAX_BYTES: usize = 16 << 10;
+    fn check_bounds(&self) -> Result<(), ProtocolError> {
+        bounded("the mapper name", &self.mapper, MAX_NAME)?;
+        bounded("the error", self.error.as_deref().unwrap_or_default(), MAX_REASON)
+    }
+}
+
+impl Bounded for AckRequest {
+    const KIND: &'static str = "ack request";
+    const MAX_BYTES: usize = 512 << 10;
+    fn check_bounds(&self) -> Result<(), ProtocolError> {
+        bounded("the saver name", &self.saver, MAX_NAME)?;
+        bounded_items("acks", self.acks.len())?;
+        self.acks.iter().try_for_each(|ack| bounded("a run id", &ack.run, 64))
+    }
+}
+
+impl Bounded for ChunkResult {
+    const KIND: &'static str = "chunk result";
+    // Bounded by the server's max_payload; nothing a result holds is kept past its save.
+    const MAX_BYTES: usize = usize::MAX;
+    fn check_bounds(&self) -> Result<(), ProtocolError> {
+        bounded("the mapper name", &self.mapper, MAX_NAME)?;
+        for dead in &self.dead {
+            bounded("a dead object's error", &dead.error, MAX_REASON)?;
+            bounded("a dead object's id", dead.id.as_deref().unwrap_or_default(), MAX_ID)?;
+        }
+        Ok(())
+    }
+}
+
 /// A run id is 16 lowercase hex digits (it names a directory in the file sink).
 pub fn is_valid_run_id(run: &str) -> bool {
     run.len() == 16 && run.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -457,6 +577,24 @@ mod tests {
         for garbage in [&b"\xff\xfe"[..], b"", b"[]", b"{\"v\":1}", b"{\"v\":\"1\"}"] {
             assert!(decode::<AckRequest>(garbage).is_err());
         }
+    }
+
+    #[test]
+    fn oversized_messages_and_fields_are_refused() {
+        let name = "m".repeat(MAX_NAME + 1);
+        let body = encode(&WorkRequest { v: VERSION, mapper: name, wait_ms: 0 });
+        assert!(matches!(decode_bounded::<WorkRequest>(&body), Err(ProtocolError::Invalid(_))));
+        let huge = encode(&WorkRequest { v: VERSION, mapper: "m".repeat(500_000), wait_ms: 0 });
+        let err = decode_bounded::<WorkRequest>(&huge).unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge { .. }), "{err}");
+        let leases = vec![LeaseRef { chunk: 1, lease: Uuid::nil() }; MAX_ITEMS + 1];
+        let body = encode(&ExtendRequest { v: VERSION, mapper: "m".into(), leases });
+        assert!(decode_bounded::<ExtendRequest>(&body).is_err());
+        assert!(
+            decode_bounded::<WorkRequest>(&encode(&WorkRequest { v: VERSION, mapper: "m".into(), wait_ms: 5 })).is_ok()
+        );
+        assert_eq!(truncate_to("ab€cd".into(), 5), "ab…");
+        assert_eq!(truncate_to("abc".into(), 5), "abc");
     }
 
     #[test]

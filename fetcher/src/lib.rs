@@ -28,6 +28,7 @@ use common::protocol::{
     self, AckReply, AckRequest, AckVerdict, ChunkLease, ExtendReply, ExtendRequest, ReleaseReason, ReleaseReply,
     ReleaseRequest, Subjects, WorkReplyKind, WorkRequest, VERSION,
 };
+use common::text::{escaped, held_back, RateLimit};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +43,11 @@ use store::{Entry, FileStore, KvStore, LedgerStore};
 const MAX_WAIT: Duration = Duration::from_secs(5);
 /// How often leases and held requests are checked.
 const TICK: Duration = Duration::from_millis(50);
+/// Most work requests held at once (long polls); more are answered `idle` at once. Far above any
+/// real fleet (each mapper holds one), it bounds what a flood of requests can make us keep.
+const MAX_HELD: usize = 1024;
+/// Repeated warnings about what peers send: one line per kind per interval, with a count.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why the fetcher stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +263,8 @@ struct Fetcher {
     unwritten_records: VecDeque<serde_json::Value>,
     /// Whether the durable store works, for readiness, a metric and one log line per outage.
     health: StoreHealth,
+    /// Rate limit for warnings about what peers send.
+    warnings: RateLimit,
 }
 
 /// Tracks failures of the durable store. While it fails, the fetcher answers no ack (the savers
@@ -369,6 +377,7 @@ impl Fetcher {
             dying: Vec::new(),
             unwritten_records: VecDeque::new(),
             health: StoreHealth { ready, failing_since: None, failures: 0, last_reminder: Instant::now() },
+            warnings: RateLimit::new(WARN_INTERVAL),
         })
     }
 
@@ -493,7 +502,23 @@ impl Fetcher {
 
     fn malformed(&mut self, message: &Message, error: &dyn std::fmt::Display) {
         self.metrics.common.malformed(&message.subject);
-        tracing::warn!(subject = %message.subject, "ignoring message on {}: {error}", message.subject);
+        if let Some(held) = self.warnings.allow(&message.subject, Instant::now()) {
+            let error = error.to_string();
+            tracing::warn!(
+                subject = %message.subject,
+                "ignoring message on {}: {}{}",
+                message.subject,
+                escaped(&error),
+                held_back(held, WARN_INTERVAL)
+            );
+        }
+    }
+
+    /// A warning about a peer, rate-limited per `key`.
+    fn warn_peer(&mut self, key: &str, line: impl FnOnce() -> String) {
+        if let Some(held) = self.warnings.allow(key, Instant::now()) {
+            tracing::warn!("{}{}", line(), held_back(held, WARN_INTERVAL));
+        }
     }
 
     async fn reply(&self, to: &Subject, body: bytes::Bytes) {
@@ -503,7 +528,7 @@ impl Fetcher {
     }
 
     async fn on_work(&mut self, message: Message) {
-        let request: WorkRequest = match protocol::decode(&message.payload) {
+        let request: WorkRequest = match protocol::decode_bounded(&message.payload) {
             Ok(r) => r,
             Err(e) => return self.malformed(&message, &e),
         };
@@ -517,6 +542,12 @@ impl Fetcher {
         let waiter = Waiter { reply, mapper: request.mapper, deadline: Instant::now() + wait };
         if !self.hand_out(&waiter).await {
             if wait.is_zero() {
+                self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200)).await;
+            } else if self.waiters.len() >= MAX_HELD {
+                self.metrics.refused("held_requests_full");
+                self.warn_peer("held_requests_full", || {
+                    format!("{MAX_HELD} work requests are held already; answering idle at once (a flood, or a fleet far larger than expected)")
+                });
                 self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200)).await;
             } else {
                 self.waiters.push_back(waiter);
@@ -568,7 +599,7 @@ impl Fetcher {
                     attempt = grant.attempt,
                     "re-leasing chunk {} to {} (attempt {})",
                     grant.chunk,
-                    waiter.mapper,
+                    escaped(&waiter.mapper),
                     grant.attempt
                 );
             }
@@ -578,7 +609,7 @@ impl Fetcher {
     }
 
     async fn on_extend(&mut self, message: Message) {
-        let request: ExtendRequest = match protocol::decode(&message.payload) {
+        let request: ExtendRequest = match protocol::decode_bounded(&message.payload) {
             Ok(r) => r,
             Err(e) => return self.malformed(&message, &e),
         };
@@ -596,7 +627,7 @@ impl Fetcher {
     }
 
     async fn on_release(&mut self, message: Message) {
-        let request: ReleaseRequest = match protocol::decode(&message.payload) {
+        let request: ReleaseRequest = match protocol::decode_bounded(&message.payload) {
             Ok(r) => r,
             Err(e) => return self.malformed(&message, &e),
         };
@@ -607,19 +638,20 @@ impl Fetcher {
         };
         let chunk = request.lease.chunk;
         let error = request.error.as_deref().unwrap_or("no reason given");
+        let mapper = escaped(&request.mapper);
         match outcome {
             ReleaseOutcome::Requeued if failed => {
-                tracing::warn!(chunk, "chunk {chunk} failed on {}: {error}; it will be retried", request.mapper)
+                tracing::warn!(chunk, "chunk {chunk} failed on {mapper}: {}; it will be retried", escaped(error))
             }
             ReleaseOutcome::Requeued => {
-                tracing::info!(chunk, "chunk {chunk} handed back by {} (shutting down)", request.mapper)
+                tracing::info!(chunk, "chunk {chunk} handed back by {mapper} (shutting down)")
             }
             ReleaseOutcome::DeadLettered => {
                 tracing::error!(
                     chunk,
-                    "chunk {chunk} failed {} times, last on {}: {error}; dead-lettered",
+                    "chunk {chunk} failed {} times, last on {mapper}: {}; dead-lettered",
                     self.config.max_attempts,
-                    request.mapper
+                    escaped(error)
                 );
                 self.record_dead(chunk as u32, error).await;
             }
@@ -633,7 +665,7 @@ impl Fetcher {
     }
 
     async fn on_ack(&mut self, message: Message) {
-        let request: AckRequest = match protocol::decode(&message.payload) {
+        let request: AckRequest = match protocol::decode_bounded(&message.payload) {
             Ok(r) => r,
             Err(e) => return self.malformed(&message, &e),
         };
@@ -661,13 +693,14 @@ impl Fetcher {
             .iter()
             .map(|ack| {
                 if ack.run != self.index.run_id {
-                    tracing::warn!(
-                        chunk = ack.chunk,
-                        "ack from {} for run {}, not this run ({})",
-                        request.saver,
-                        ack.run,
-                        self.index.run_id
-                    );
+                    let (saver, run, ours) = (escaped(&request.saver), escaped(&ack.run), &self.index.run_id);
+                    if let Some(held) = self.warnings.allow("ack_other_run", Instant::now()) {
+                        tracing::warn!(
+                            chunk = ack.chunk,
+                            "ack from {saver} for run {run}, not this run ({ours}){}",
+                            held_back(held, WARN_INTERVAL)
+                        );
+                    }
                     self.ledger.ack(u64::MAX, ack.lease, ack.objects, ack.dead)
                 } else {
                     self.ledger.ack(ack.chunk, ack.lease, ack.objects, ack.dead)
@@ -753,7 +786,7 @@ impl Fetcher {
                 chunk,
                 "lease of chunk {chunk} (attempt {}) held by {} expired; it will be handed out again",
                 lease.attempt,
-                lease.mapper
+                escaped(&lease.mapper)
             );
         }
         self.serve_waiters().await;

@@ -26,6 +26,7 @@ pub struct FetcherMetrics {
     completed: Gauge,
     store_errors: IntCounter,
     store_ok: IntGauge,
+    refused: IntCounterVec,
     seen: LedgerStats,
     seen_objects: u64,
 }
@@ -95,12 +96,18 @@ impl FetcherMetrics {
                 )
                 .expect("valid metric"),
             ),
+            refused: counter_vec(
+                "chunkmill_fetcher_refused_requests_total",
+                "Well-formed requests refused to protect the fetcher, by reason",
+                "reason",
+            ),
             common,
             seen: LedgerStats::default(),
             seen_objects: 0,
         };
         // Make every labelled series exist from the start, so dashboards show 0, not "no data".
         metrics.store_ok.set(1);
+        metrics.refused.with_label_values(&["held_requests_full"]);
         for state in ["pending", "leased", "done", "dead_lettered"] {
             metrics.chunks.with_label_values(&[state]);
         }
@@ -117,6 +124,11 @@ impl FetcherMetrics {
     pub fn start(&self, objects: u64) {
         self.started.set(unix_now());
         self.run_objects.set(objects as i64);
+    }
+
+    /// Counts a request refused for `reason`.
+    pub fn refused(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
     }
 
     /// Counts a failed write to the durable ledger.

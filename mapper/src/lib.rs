@@ -229,7 +229,11 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
                     release(&shared, held, ReleaseReason::Failed, error).await;
                     continue;
                 }
-                tracing::warn!(subject = %message.subject, "worker {id}: ignoring a work reply: {e}");
+                tracing::warn!(
+                    subject = %message.subject,
+                    "worker {id}: ignoring a work reply: {}",
+                    common::text::escaped(&e.to_string())
+                );
                 pause(Duration::from_secs(1), &shutdown).await;
                 continue;
             }
@@ -342,11 +346,11 @@ async fn deliver(shared: &Arc<Shared>, lease: LeaseRef, body: Bytes, objects: u6
                 Ok(ResultReply { status: ResultStatus::Rejected, error, .. }) => {
                     return Delivery::GiveBack(
                         ReleaseReason::Failed,
-                        format!("the saver rejected the result: {}", error.unwrap_or_default()),
+                        format!("the saver rejected the result: {}", common::text::escaped(&error.unwrap_or_default())),
                     );
                 }
                 Ok(ResultReply { status, error, .. }) => {
-                    format!("saver answered {status:?}: {}", error.unwrap_or_default())
+                    format!("saver answered {status:?}: {}", common::text::escaped(&error.unwrap_or_default()))
                 }
                 Err(e) => format!("unreadable saver reply: {e}"),
             },
@@ -378,7 +382,7 @@ async fn release(shared: &Arc<Shared>, lease: LeaseRef, reason: ReleaseReason, e
         mapper: shared.name.clone(),
         lease,
         reason,
-        error: Some(error),
+        error: Some(protocol::truncate_to(error, protocol::MAX_REASON)),
     });
     let request = async_nats::Request::new().payload(body).timeout(Some(Duration::from_secs(2)));
     if let Err(e) = shared.client.send_request(shared.subjects.release.clone(), request).await {

@@ -86,8 +86,8 @@ fn map_one(index: u32, raw: &[u8], rounds: u32) -> Result<MappedUser, DeadObject
     struct IdOnly {
         uuid: String,
     }
-    let id = serde_json::from_slice::<IdOnly>(raw).ok().map(|u| u.uuid);
-    Err(DeadObject { index, id, error })
+    let id = serde_json::from_slice::<IdOnly>(raw).ok().map(|u| u.uuid).filter(|id| id.len() <= protocol::MAX_ID);
+    Err(DeadObject { index, id, error: protocol::truncate_to(error, protocol::MAX_REASON) })
 }
 
 #[cfg(test)]

@@ -67,10 +67,25 @@ pub struct SaverSummary {
 type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
 type WriteSlot = (Arc<ChunkResult>, oneshot::Sender<Result<SaveOutcome, SinkError>>);
 
+/// Repeated warnings about what mappers send are logged once per this interval, with a count.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Shared {
+    /// Logs `line` at warn unless a line of this `key` was logged within [`WARN_INTERVAL`].
+    fn warn_peer(&self, key: &str, line: impl FnOnce() -> String) {
+        let allowed = self.warnings.lock().ok().and_then(|mut w| w.allow(key, std::time::Instant::now()));
+        if let Some(held) = allowed {
+            tracing::warn!("{}{}", line(), common::text::held_back(held, WARN_INTERVAL));
+        }
+    }
+}
+
 /// Most chunks saved with one round of syncs.
 const WRITE_BATCH: usize = 128;
 
 struct Shared {
+    /// Warnings about what mappers send: one line per kind per interval, with a count.
+    warnings: std::sync::Mutex<common::text::RateLimit>,
     client: Client,
     writes: mpsc::Sender<WriteSlot>,
     acks: mpsc::Sender<AckSlot>,
@@ -102,8 +117,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     let acker = tokio::spawn(acker(client.clone(), subjects.ack.clone(), name.clone(), ack_queue));
     let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
     let writer = tokio::spawn(writer(sink, write_queue, metrics.clone()));
-    let shared =
-        Arc::new(Shared { client, writes, acks, saved: Default::default(), duplicates: Default::default(), metrics });
+    let shared = Arc::new(Shared {
+        warnings: std::sync::Mutex::new(common::text::RateLimit::new(WARN_INTERVAL)),
+        client,
+        writes,
+        acks,
+        saved: Default::default(),
+        duplicates: Default::default(),
+        metrics,
+    });
     let limit = Arc::new(Semaphore::new(config.max_in_flight as usize));
     let tracker = TaskTracker::new();
     loop {
@@ -141,12 +163,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
 
 async fn handle(shared: &Arc<Shared>, message: Message) {
     let Some(reply_to) = message.reply.clone() else {
-        tracing::warn!(subject = %message.subject, "ignoring a result without a reply subject");
+        shared.warn_peer("no_reply", || format!("ignoring a result without a reply subject on {}", message.subject));
         return;
     };
     shared.metrics.in_flight.inc();
     let (status, error) = save_and_ack(shared, &message).await;
     shared.metrics.in_flight.dec();
+    let error = error.map(|e| protocol::truncate_to(e, protocol::MAX_REASON));
     let reply = ResultReply { v: VERSION, status, error };
     if let Err(e) = shared.client.publish(reply_to, protocol::encode(&reply)).await {
         tracing::warn!("cannot answer the mapper ({e}); it will resend and the save is idempotent");
@@ -157,7 +180,7 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
     let payload = message.payload.clone();
     // Parse and check off the async threads (100 records); then queue for the group-commit writer.
     let decoded = tokio::task::spawn_blocking(move || -> Result<ChunkResult, String> {
-        let result: ChunkResult = protocol::decode(&payload).map_err(|e| e.to_string())?;
+        let result: ChunkResult = protocol::decode_bounded(&payload).map_err(|e| e.to_string())?;
         result.validate().map_err(|e| e.to_string())?;
         Ok(result)
     })
@@ -186,7 +209,9 @@ async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus,
             match status {
                 ResultStatus::Rejected => {
                     shared.metrics.common.malformed(&message.subject);
-                    tracing::warn!(subject = %message.subject, "rejecting a result: {error}")
+                    shared.warn_peer(&message.subject, || {
+                        format!("rejecting a result on {}: {}", message.subject, common::text::escaped(&error))
+                    })
                 }
                 _ => {
                     shared.metrics.failures.inc();
