@@ -246,3 +246,81 @@ fn the_jetstream_ledger_resumes_a_killed_fetcher_and_locks_out_a_second_one() {
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
 }
+
+/// Issue 18, item 2, as reproduced: fetcher A with `--ledger kv`; nats-server stopped for 20 s
+/// (past the lock's 15 s TTL) and restarted. A used to log "wrong last sequence: 0" every 5 s,
+/// stay ready and serve, and a second fetcher took the lock and served too.
+#[test]
+fn after_a_nats_outage_longer_than_the_kv_lock_ttl_only_one_fetcher_serves() {
+    let mut p = Pipeline::new(20_000, 300);
+    let kv = ["--ledger", "kv", "--instance"];
+    let (a, port_a) = p.fetcher_named("fetcher-a", &[&kv[..], &["fetcher-a"]].concat());
+    wait_ready(port_a);
+    p.nats.stop();
+    a.wait_for_log("disconnected from NATS", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(20)); // the outage itself
+    p.nats.restart();
+    a.wait_for_log("took it again and serves on", Duration::from_secs(30));
+    wait_ready(port_a);
+    let (mut b, _) = p.fetcher_named("fetcher-b", &[&kv[..], &["fetcher-b"]].concat());
+    assert_eq!(b.wait_exit(Duration::from_secs(30)), Some(1), "a second fetcher serves:\n{}", b.log());
+    assert!(b.log().contains("another fetcher is running") && b.log().contains("fetcher-a"), "{}", b.log());
+    assert!(!a.log().contains("wrong last sequence"), "{}", a.log());
+    // A still serves the run, alone.
+    let _saver = p.saver("saver-1");
+    let _m1 = p.mapper("mapper-1", &[]);
+    wait_until("the run to complete", LONG, || done_chunks(port_a) == 200.0);
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+}
+
+/// The other way a lock lapses: fetcher A is cut off from NATS (a partition) while the server
+/// and everyone else are fine. Once A's lock expires a second fetcher B takes it; when A comes
+/// back it must see B's lock and exit, never serve beside it.
+#[test]
+fn a_fetcher_cut_off_past_its_kv_lock_ttl_stops_when_another_holds_the_lock() {
+    let p = Pipeline::new(20_000, 300);
+    let proxy = common::harness::TcpProxy::start(p.nats.port());
+    let args = |name: &str| {
+        vec![
+            "--input".to_string(),
+            p.input.display().to_string(),
+            "--ledger".into(),
+            "kv".into(),
+            "--lock-ttl".into(),
+            "2s".into(),
+            "--instance".into(),
+            name.into(),
+        ]
+    };
+    let (a, port_a) = p.spawn_with_env("fetcher-a", "fetcher", &args("fetcher-a"), &[("NATS_URL", &proxy.url())]);
+    wait_ready(port_a);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    wait_until("some chunks done", LONG, || done_chunks(port_a) >= 10.0);
+    proxy.cut();
+    a.wait_for_log("disconnected from NATS", Duration::from_secs(30));
+    // Wait for the lock to expire on the server, then start B, which takes it.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(p.nats.url()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let lock = js.get_key_value("chunkmill-ledger-lock").await.expect("lock bucket");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while lock.get("fetcher").await.expect("read the lock").is_some() {
+            assert!(std::time::Instant::now() < deadline, "the lock did not expire");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let (mut b, port_b) = p.spawn_with_metrics("fetcher-b", "fetcher", &args("fetcher-b"));
+    wait_ready(port_b);
+    proxy.restore();
+    let mut a = a;
+    assert_eq!(a.wait_exit(Duration::from_secs(30)), Some(1), "A serves beside B:\n{}", a.log());
+    assert!(a.log().contains("now held by fetcher-b"), "{}", a.log());
+    // B finishes the run.
+    wait_until("the run to complete", LONG, || done_chunks(port_b) == 200.0);
+    assert_eq!(b.wait_exit(Duration::from_millis(100)), None, "B keeps serving");
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+}

@@ -244,3 +244,107 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
     })
 }
+
+/// A TCP proxy on 127.0.0.1 in front of a port, which a test can cut (every connection closed,
+/// new ones refused) and restore on the same port: a network partition between one client and
+/// its server, while other clients still reach the server directly.
+pub struct TcpProxy {
+    port: u16,
+    target: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    generation: std::sync::atomic::AtomicU64,
+    sockets: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding a free port to `target`.
+    pub fn start(target: u16) -> Self {
+        let proxy = TcpProxy { port: free_port(), target, state: Default::default() };
+        proxy.listen();
+        proxy
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `nats://127.0.0.1:PORT` through the proxy.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn listen(&self) {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("bind the proxy port");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let state = self.state.clone();
+        let generation = state.generation.load(Ordering::SeqCst);
+        let target = self.target;
+        std::thread::spawn(move || loop {
+            if state.cut.load(Ordering::SeqCst) || state.generation.load(Ordering::SeqCst) != generation {
+                return; // drops the listener: connections are refused while cut
+            }
+            match listener.accept() {
+                Ok((client, _)) => {
+                    let _ = client.set_nonblocking(false);
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                    if let Ok(mut sockets) = state.sockets.lock() {
+                        sockets.extend(client.try_clone().ok());
+                        sockets.extend(server.try_clone().ok());
+                    }
+                    for (mut from, mut to) in
+                        [(client.try_clone().expect("clone"), server.try_clone().expect("clone")), (server, client)]
+                    {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        });
+    }
+
+    /// Closes every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.state.cut.store(true, Ordering::SeqCst);
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut sockets) = self.state.sockets.lock() {
+            for socket in sockets.drain(..) {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        // Wait until the listener is gone, so the port refuses connections.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Accepts connections again, on the same port.
+    pub fn restore(&self) {
+        self.state.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.listen())) {
+                Ok(()) => return,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}

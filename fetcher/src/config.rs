@@ -9,6 +9,14 @@ use common::config::{parse_duration, NatsArgs};
 
 use crate::generate::OutputFormat;
 
+fn parse_lock_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_secs(1) {
+        return Err("the lock TTL is at least 1s (it is refreshed every third of it)".into());
+    }
+    Ok(ttl)
+}
+
 /// chunkmill fetcher: reads the input, hands chunks to mappers that ask, and keeps the ledger
 /// until savers confirm every chunk.
 #[derive(Debug, Parser)]
@@ -121,6 +129,12 @@ pub struct Config {
     #[arg(long, env = "FETCHER_KV_BUCKET", default_value = "chunkmill-ledger")]
     pub kv_bucket: String,
 
+    /// With `--ledger kv`: how long the single-fetcher lock outlives its last refresh (it is
+    /// refreshed every third of this). A fetcher that cannot refresh it for this long stops
+    /// serving until it holds it again; another fetcher can take it over after this long.
+    #[arg(long, env = "FETCHER_LOCK_TTL", default_value = "15s", value_parser = parse_lock_ttl)]
+    pub lock_ttl: Duration,
+
     /// Pipeline events for the broadcaster (docs/PROTOCOL.md §11): `on` or `off`.
     #[arg(long, env = "FETCHER_EVENTS", value_enum, default_value = "on")]
     pub events: Events,
@@ -149,6 +163,7 @@ impl Config {
             ledger: LedgerKind::File,
             no_duplicate_check: false,
             kv_bucket: "chunkmill-ledger".into(),
+            lock_ttl: crate::store::KV_LOCK_TTL,
             events: Events::On,
             nats,
         }

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod events;
 pub mod generate;
+pub mod kv_lock;
 pub mod ledger;
 pub mod metrics;
 pub mod progress;
@@ -88,6 +89,9 @@ pub enum FetcherError {
     /// The scan task died.
     #[error("the input scan failed: {0}")]
     Scan(String),
+    /// The single-fetcher lock went to another fetcher (`--ledger kv`).
+    #[error("{0}")]
+    LockLost(String),
 }
 
 /// What a run did, returned when the fetcher stops.
@@ -206,7 +210,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
             (LedgerStore::File(store), recovered)
         }
         config::LedgerKind::Kv => {
-            let (store, recovered) = KvStore::open(&client, &config.kv_bucket, &index.run_id, &name).await?;
+            let (store, recovered) =
+                KvStore::open(&client, &config.kv_bucket, &index.run_id, &name, config.lock_ttl).await?;
             (LedgerStore::Kv(Box::new(store)), recovered)
         }
     };
@@ -265,6 +270,11 @@ struct Fetcher {
     health: StoreHealth,
     /// Rate limit for warnings about what peers send.
     warnings: RateLimit,
+    /// The single-fetcher lock, when it can be lost (`--ledger kv`): while it is not known to be
+    /// held, nothing is answered.
+    lock: Option<Arc<kv_lock::LockStatus>>,
+    /// Messages dropped because the lock was not held, for one log line per lapse.
+    unserved: u64,
 }
 
 /// Tracks failures of the durable store. While it fails, the fetcher answers no ack (the savers
@@ -312,7 +322,6 @@ impl StoreHealth {
             );
             self.failures = 0;
             metrics.store_recovered();
-            self.ready.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -368,7 +377,6 @@ impl Fetcher {
             config,
             client,
             metrics,
-            store,
             index,
             reader,
             ledger,
@@ -378,6 +386,9 @@ impl Fetcher {
             unwritten_records: VecDeque::new(),
             health: StoreHealth { ready, failing_since: None, failures: 0, last_reminder: Instant::now() },
             warnings: RateLimit::new(WARN_INTERVAL),
+            lock: store.lock(),
+            unserved: 0,
+            store,
         })
     }
 
@@ -456,14 +467,19 @@ impl Fetcher {
         self.health.ready.store(true, Ordering::Relaxed);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lost = self.lock.as_ref().map(|lock| lock.lost().clone()).unwrap_or_default();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(message) = ack.next() => self.on_ack(message).await,
-                Some(message) = extend.next() => self.on_extend(message).await,
-                Some(message) = release.next() => self.on_release(message).await,
-                Some(message) = work.next() => self.on_work(message).await,
+                _ = lost.cancelled() => {
+                    let why = self.lock.as_ref().map(|lock| lock.why()).unwrap_or_default();
+                    return Err(FetcherError::LockLost(why));
+                }
+                Some(message) = ack.next() => if self.serving() { self.on_ack(message).await },
+                Some(message) = extend.next() => if self.serving() { self.on_extend(message).await },
+                Some(message) = release.next() => if self.serving() { self.on_release(message).await },
+                Some(message) = work.next() => if self.serving() { self.on_work(message).await },
                 _ = tick.tick() => self.on_tick().await,
             }
             self.check_milestone();
@@ -776,7 +792,32 @@ impl Fetcher {
         self.write_records().await;
     }
 
+    /// Whether to answer requests now: always with a file lock; with `--ledger kv` only while the
+    /// lock is known to be held (another fetcher may take an expired one). What is not answered
+    /// is asked again by its sender.
+    fn serving(&mut self) -> bool {
+        let held = self.lock.as_ref().is_none_or(|lock| lock.held(Instant::now()));
+        if !held {
+            if self.unserved == 0 {
+                tracing::warn!(
+                    "not serving: the fetcher lock is not refreshed (NATS or JetStream unreachable); requests wait until it is held again"
+                );
+            }
+            self.unserved += 1;
+            self.health.ready.store(false, Ordering::Relaxed);
+        } else if self.unserved > 0 {
+            tracing::info!("the fetcher lock is held again; serving ({} requests were left unanswered)", self.unserved);
+            self.unserved = 0;
+        }
+        held
+    }
+
     async fn on_tick(&mut self) {
+        let serving = self.serving();
+        self.health.ready.store(serving && self.health.failing_since.is_none(), Ordering::Relaxed);
+        if !serving {
+            return;
+        }
         if !self.dying.is_empty() || !self.unwritten_records.is_empty() {
             self.retry_store().await;
         }

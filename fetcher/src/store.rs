@@ -183,18 +183,15 @@ fn read_log(path: &Path) -> Result<Recovered, StoreError> {
 /// The JetStream key-value store: the ledger in NATS, for Kubernetes without volumes. Each
 /// durable change is one put of a batch key (`<run>.b.<id>` = `d17,d18,x3`), acknowledged by
 /// JetStream before the fetcher answers the saver; dead-letter records are `<run>.dl.<id>`. The
-/// single-fetcher lock is the key `fetcher` in the bucket `<bucket>-lock`, whose entries expire
-/// after [`KV_LOCK_TTL`]; the holder refreshes it every third of that. A fetcher with the same
-/// instance name as the holder (a restart) takes it over at once; any other waits for it to
-/// expire. Note: JetStream acknowledges before it fsyncs unless the server sets
-/// `sync_interval: always` (deploy/nats/values.yaml explains).
+/// single-fetcher lock is [`crate::kv_lock`]. Note: JetStream acknowledges before it fsyncs
+/// unless the server sets `sync_interval: always` (deploy/nats/values.yaml explains).
 pub struct KvStore {
     kv: async_nats::jetstream::kv::Store,
     run: String,
-    refresh: tokio::task::JoinHandle<()>,
+    lock: crate::kv_lock::LockKeeper,
 }
 
-/// How long the KV lock outlives its last refresh.
+/// How long the KV lock outlives its last refresh, by default (`--lock-ttl`).
 pub const KV_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn kv_error(action: &'static str, bucket: &str, e: impl std::fmt::Display) -> StoreError {
@@ -211,9 +208,12 @@ async fn bucket(
     max_age: std::time::Duration,
 ) -> Result<async_nats::jetstream::kv::Store, StoreError> {
     if let Ok(kv) = js.get_key_value(name).await {
-        return Ok(kv);
+        if max_age.is_zero() || kv.status().await.is_ok_and(|s| s.max_age() == max_age) {
+            return Ok(kv);
+        }
     }
-    js.create_key_value(async_nats::jetstream::kv::Config {
+    // Also when it exists with another max_age (the lock's TTL was changed): set it.
+    js.create_or_update_key_value(async_nats::jetstream::kv::Config {
         bucket: name.to_string(),
         history: 1,
         max_age,
@@ -224,53 +224,33 @@ async fn bucket(
 }
 
 impl KvStore {
-    /// Takes the lock and reads the run's entries from bucket `name`.
+    /// Takes the lock (entries expiring after `lock_ttl`) and reads the run's entries from
+    /// bucket `name`.
     pub async fn open(
         client: &async_nats::Client,
         name: &str,
         run: &str,
         owner: &str,
+        lock_ttl: std::time::Duration,
     ) -> Result<(Self, Recovered), StoreError> {
         use futures::StreamExt;
         let js = async_nats::jetstream::new(client.clone());
         let kv = bucket(&js, name, std::time::Duration::ZERO).await?;
         let lock_name = format!("{name}-lock");
-        let lock = bucket(&js, &lock_name, KV_LOCK_TTL).await?;
-        let mut revision = match lock.create("fetcher", owner.to_string().into()).await {
-            Ok(revision) => revision,
-            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
-                let entry = lock.entry("fetcher").await.map_err(|e| kv_error("read", &lock_name, e))?;
-                let holder = entry.as_ref().map(|e| String::from_utf8_lossy(&e.value).to_string()).unwrap_or_default();
-                match entry {
-                    Some(entry) if holder == owner => lock
-                        .update("fetcher", owner.to_string().into(), entry.revision)
-                        .await
-                        .map_err(|e| kv_error("take over", &lock_name, e))?,
-                    _ => {
-                        return Err(StoreError::Locked {
-                            dir: PathBuf::from(format!("JetStream bucket {lock_name}")),
-                            holder: format!(
-                                "held by {holder}; if that fetcher died, its lock expires within {} s",
-                                KV_LOCK_TTL.as_secs()
-                            ),
-                        })
-                    }
-                }
-            }
-            Err(e) => return Err(kv_error("lock", &lock_name, e)),
-        };
-        let owner_name = owner.to_string();
-        let refresh = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(KV_LOCK_TTL / 3).await;
-                match lock.update("fetcher", owner_name.clone().into(), revision).await {
-                    Ok(next) => revision = next,
-                    Err(e) => tracing::error!(
-                        "cannot refresh the fetcher lock in {lock_name}: {e}; another fetcher may take over"
+        let lock_bucket = bucket(&js, &lock_name, lock_ttl).await?;
+        let lock = match crate::kv_lock::take(lock_bucket, lock_name.clone(), owner, lock_ttl).await {
+            Ok(lock) => lock,
+            Err(crate::kv_lock::TakeError::Held { holder }) => {
+                return Err(StoreError::Locked {
+                    dir: PathBuf::from(format!("JetStream bucket {lock_name}")),
+                    holder: format!(
+                        "held by {holder}; if that fetcher died, its lock expires within {} s",
+                        lock_ttl.as_secs_f64()
                     ),
-                }
+                })
             }
-        });
+            Err(crate::kv_lock::TakeError::JetStream(e)) => return Err(kv_error("lock", &lock_name, e)),
+        };
         let mut recovered = Recovered::default();
         let batch_prefix = format!("{run}.b.");
         let mut keys = kv.keys().await.map_err(|e| kv_error("list", name, e))?;
@@ -291,7 +271,7 @@ impl KvStore {
                 }
             }
         }
-        Ok((KvStore { kv, run: run.to_string(), refresh }, recovered))
+        Ok((KvStore { kv, run: run.to_string(), lock }, recovered))
     }
 
     async fn record(&self, entries: &[Entry]) -> Result<(), StoreError> {
@@ -323,12 +303,6 @@ impl KvStore {
     }
 }
 
-impl Drop for KvStore {
-    fn drop(&mut self) {
-        self.refresh.abort();
-    }
-}
-
 /// The ledger store chosen by `--ledger`.
 pub enum LedgerStore {
     /// A file in `--state-dir`.
@@ -351,6 +325,15 @@ impl LedgerStore {
         match self {
             LedgerStore::File(store) => store.dead_letter(record),
             LedgerStore::Kv(store) => store.dead_letter(record).await,
+        }
+    }
+
+    /// The single-fetcher lock's status when it can be lost (`--ledger kv`); a file lock is
+    /// held as long as the process lives.
+    pub fn lock(&self) -> Option<std::sync::Arc<crate::kv_lock::LockStatus>> {
+        match self {
+            LedgerStore::File(_) => None,
+            LedgerStore::Kv(store) => Some(store.lock.status()),
         }
     }
 

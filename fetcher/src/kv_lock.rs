@@ -1,0 +1,254 @@
+//! The single-fetcher lock of `--ledger kv`: the key `fetcher` in the JetStream key-value bucket
+//! `<bucket>-lock`, whose entries expire `--lock-ttl` after their last write. The holder rewrites
+//! it every third of that, each time with the revision it last wrote (compare-and-set).
+//!
+//! The value is `<instance> #<incarnation>`: a restarted fetcher with the same instance name (a
+//! pod restarted in place) takes the lock over at once, but a refresh succeeds only for the very
+//! process that wrote it, so an old process that was cut off cannot mistake a successor of the
+//! same name for itself.
+//!
+//! What a refresh that fails means is decided by reading the lock again ([`LockKeeper`]):
+//! - our own value (an earlier write whose answer was lost): carry on with its revision;
+//! - no value (it expired while NATS was unreachable for longer than the TTL): create it again;
+//!   if nobody wrote the bucket in between (the new revision is the next one), carry on, else
+//!   another fetcher may have held it and advanced the ledger meanwhile, so stop;
+//! - another fetcher's value: stop at once.
+//!
+//! While the lock is not known to be held (its last successful write is older than the TTL),
+//! [`LockStatus::held`] is false and the fetcher answers nothing and reports not-ready; a lost
+//! lock cancels [`LockStatus::lost`] and the fetcher exits. So two fetchers never serve at once:
+//! the other can take the key only after it expired on the server, which is after our deadline.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store};
+use tokio_util::sync::CancellationToken;
+
+/// The key of the lock in its bucket.
+const KEY: &str = "fetcher";
+
+/// What the serving loop needs to know about the lock.
+#[derive(Debug)]
+pub struct LockStatus {
+    held_until: Mutex<Instant>,
+    lost: CancellationToken,
+    why: Mutex<String>,
+}
+
+impl LockStatus {
+    /// True while the last successful write of the lock is younger than its TTL.
+    pub fn held(&self, now: Instant) -> bool {
+        !self.lost.is_cancelled() && self.held_until.lock().map(|until| now < *until).unwrap_or(false)
+    }
+
+    /// Cancelled when the lock is lost for good.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// Why it was lost.
+    pub fn why(&self) -> String {
+        self.why.lock().map(|w| w.clone()).unwrap_or_default()
+    }
+
+    fn refreshed(&self, until: Instant) {
+        if let Ok(mut held) = self.held_until.lock() {
+            *held = until;
+        }
+    }
+
+    fn lose(&self, why: String) {
+        tracing::error!("{why}");
+        if let Ok(mut w) = self.why.lock() {
+            *w = why;
+        }
+        self.lost.cancel();
+    }
+}
+
+/// Why the lock could not be taken.
+#[derive(Debug)]
+pub enum TakeError {
+    /// Another fetcher holds it.
+    Held {
+        /// Its instance name.
+        holder: String,
+    },
+    /// JetStream did not answer as expected.
+    JetStream(String),
+}
+
+/// The value a process writes: its instance name and this process's incarnation.
+fn value(owner: &str, incarnation: &str) -> String {
+    format!("{owner} #{incarnation}")
+}
+
+/// The instance name in a lock value.
+fn instance_of(value: &str) -> &str {
+    value.rsplit_once(" #").map_or(value, |(instance, _)| instance)
+}
+
+/// Takes the lock as `owner` (see the module docs) and keeps it in a background task until the
+/// returned keeper is dropped.
+pub async fn take(lock: Store, bucket: String, owner: &str, ttl: Duration) -> Result<LockKeeper, TakeError> {
+    let mine = value(owner, &uuid::Uuid::new_v4().simple().to_string());
+    let sent = Instant::now();
+    let js = |e: &dyn std::fmt::Display| TakeError::JetStream(e.to_string());
+    let revision = match lock.create(KEY, mine.clone().into()).await {
+        Ok(revision) => revision,
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+            let entry = lock.entry(KEY).await.map_err(|e| js(&e))?;
+            let holder = entry.as_ref().map(|e| String::from_utf8_lossy(&e.value).to_string()).unwrap_or_default();
+            match entry {
+                Some(entry) if instance_of(&holder) == owner => {
+                    lock.update(KEY, mine.clone().into(), entry.revision).await.map_err(|e| js(&e))?
+                }
+                _ => return Err(TakeError::Held { holder: instance_of(&holder).to_string() }),
+            }
+        }
+        Err(e) => return Err(js(&e)),
+    };
+    let status = Arc::new(LockStatus {
+        held_until: Mutex::new(sent + ttl),
+        lost: CancellationToken::new(),
+        why: Mutex::new(String::new()),
+    });
+    let keeper = Keeper { lock, bucket, mine, revision, ttl, status: status.clone() };
+    let task = tokio::spawn(keeper.run());
+    Ok(LockKeeper { status, task })
+}
+
+/// Keeps the lock while it lives; the lock itself expires by its TTL once this is dropped.
+pub struct LockKeeper {
+    status: Arc<LockStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LockKeeper {
+    /// The lock's status, for the serving loop.
+    pub fn status(&self) -> Arc<LockStatus> {
+        self.status.clone()
+    }
+}
+
+impl Drop for LockKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Keeper {
+    lock: Store,
+    bucket: String,
+    mine: String,
+    revision: u64,
+    ttl: Duration,
+    status: Arc<LockStatus>,
+}
+
+/// What reading the lock again after a failed refresh found.
+enum Found {
+    /// Our value, at this revision: carry on.
+    Ours(u64),
+    /// It had expired; we created it again at this revision, the next one.
+    Retaken(u64),
+    /// Lost: stop.
+    Lost(String),
+    /// NATS or JetStream did not answer: try again soon.
+    Unreachable(String),
+}
+
+impl Keeper {
+    async fn run(mut self) {
+        let mut period = self.ttl / 3;
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(period).await;
+            let sent = Instant::now();
+            let found = match self.lock.update(KEY, self.mine.clone().into(), self.revision).await {
+                Ok(revision) => Found::Ours(revision),
+                Err(e) => self.reread(&e.to_string()).await,
+            };
+            match found {
+                Found::Ours(revision) | Found::Retaken(revision) => {
+                    if matches!(found, Found::Retaken(_)) {
+                        tracing::warn!(
+                            "the fetcher lock in {} had expired (NATS was unreachable for longer than --lock-ttl, {:?}); nobody took it meanwhile, so this fetcher took it again and serves on",
+                            self.bucket,
+                            self.ttl
+                        );
+                    } else if failing {
+                        tracing::info!("the fetcher lock in {} is refreshed again", self.bucket);
+                    }
+                    self.revision = revision;
+                    self.status.refreshed(sent + self.ttl);
+                    failing = false;
+                    period = self.ttl / 3;
+                }
+                Found::Lost(why) => {
+                    self.status.lose(why);
+                    return;
+                }
+                Found::Unreachable(e) => {
+                    if !failing {
+                        tracing::warn!(
+                            "cannot refresh the fetcher lock in {} ({e}); if it stays so for {:?}, this fetcher stops serving until it holds the lock again",
+                            self.bucket,
+                            self.ttl
+                        );
+                        failing = true;
+                    }
+                    period = Duration::from_millis(500).min(self.ttl / 3);
+                }
+            }
+        }
+    }
+
+    /// Reads the lock after a refresh failed with `error` (see the module docs).
+    async fn reread(&self, error: &str) -> Found {
+        for _ in 0..3 {
+            let entry = match self.lock.entry(KEY).await {
+                Ok(entry) => entry,
+                Err(e) => return Found::Unreachable(format!("{error}; reading it: {e}")),
+            };
+            match entry {
+                Some(entry) if entry.operation == Operation::Put => {
+                    let holder = String::from_utf8_lossy(&entry.value).to_string();
+                    if holder == self.mine {
+                        return Found::Ours(entry.revision);
+                    }
+                    return Found::Lost(format!(
+                        "the fetcher lock in {} is now held by {}: another fetcher serves this pipeline; this one stops",
+                        self.bucket,
+                        instance_of(&holder)
+                    ));
+                }
+                _ => match self.lock.create(KEY, self.mine.clone().into()).await {
+                    Ok(revision) if revision == self.revision + 1 => return Found::Retaken(revision),
+                    Ok(_) => {
+                        return Found::Lost(format!(
+                            "the fetcher lock in {} expired and was written by someone else before this fetcher could take it again; another fetcher may have advanced the ledger meanwhile, so this one stops (a restart re-reads the ledger)",
+                            self.bucket
+                        ))
+                    }
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                    Err(e) => return Found::Unreachable(format!("{error}; taking it again: {e}")),
+                },
+            }
+        }
+        Found::Unreachable(format!("{error}; the lock kept changing while being read"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_instance_name_is_read_back_from_a_value() {
+        assert_eq!(instance_of(&value("fetcher-0", "abc")), "fetcher-0");
+        assert_eq!(instance_of("old-style-owner"), "old-style-owner");
+        assert_eq!(instance_of(&value("a #b", "c")), "a #b");
+    }
+}
