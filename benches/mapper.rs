@@ -1,54 +1,77 @@
-//! Mapper throughput in objects/s: one chunk reply in, one encoded result out (parse, transform,
-//! serialise), single-threaded and on a rayon pool of all cores, at `--rounds 0` (pure overhead)
-//! and at the default rounds.
+//! Mapper throughput in objects/s for each built-in transform: one leased chunk through
+//! `mapper::work::map_chunk` (transform every object, encode the result), on one thread and on a
+//! rayon pool of all cores. digest at rounds 0 (pure overhead) and at the default rounds, on the
+//! users data; jq and a command (the shipped Python example) on orders.
 
 use std::hint::black_box;
 
-use chunkmill::common::protocol::{encode_chunk_reply, ChunkLease};
-use chunkmill::common::transform::DEFAULT_ROUNDS;
-use chunkmill::fetcher::generate::{write_users, OutputFormat};
+use chunkmill::fetcher::generate::{write_orders, write_users, OutputFormat};
+use chunkmill::mapper::jobs::Built;
 use chunkmill::mapper::work::map_chunk;
+use common::protocol::{ChunkHead, ResultHead};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use transform::{JobArgs, Registry};
 
-/// `chunks` work replies of 100 generated users each, as the fetcher sends them.
-pub fn chunk_replies(chunks: usize) -> Vec<Vec<u8>> {
-    let mut data = Vec::new();
-    write_users(chunks as u64 * 100, 1, OutputFormat::Jsonl, &mut data).expect("in memory");
-    let lines: Vec<&[u8]> = data.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
-    lines
-        .chunks(100)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let lease = ChunkLease {
-                run: "0123456789abcdef".into(),
-                chunk: i as u64,
-                lease: uuid::Uuid::from_u128(i as u128),
-                attempt: 1,
-                lease_ms: 5000,
-                first_line: 1 + 100 * i as u64,
-            };
-            encode_chunk_reply(&lease, &chunk.join(&b","[..]))
-        })
-        .collect()
+/// `chunks` chunks of 100 objects, each object its JSON bytes.
+fn chunks(data: &[u8]) -> Vec<Vec<Vec<u8>>> {
+    let lines: Vec<Vec<u8>> = data.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+    lines.chunks(100).map(<[Vec<u8>]>::to_vec).collect()
+}
+
+fn built(args: JobArgs, registry: &Registry) -> Built {
+    let job = args.job().expect("job");
+    Built { transform: registry.build(&job.transform).expect("builds"), job }
 }
 
 fn mapper(c: &mut Criterion) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
     let all = rayon::ThreadPoolBuilder::new().num_threads(cores).build().expect("pool");
+    let (mut users, mut orders) = (Vec::new(), Vec::new());
+    write_users(2000, 1, OutputFormat::Jsonl, &mut users).expect("in memory");
+    write_orders(2000, 1, OutputFormat::Jsonl, &mut orders).expect("in memory");
+    let command = format!("enrich=python3 {}/examples/commands/enrich.py", env!("CARGO_MANIFEST_DIR"));
+    let registry = Registry::builtin().with_command(command.parse().expect("command"));
+    let jq = ".items | map(.qty * .price) | add | {total: ., big: (. > 20000)}";
+    let command_job =
+        JobArgs { transform: "command".into(), command_name: Some("enrich".into()), ..Default::default() };
+    let cases: Vec<(String, JobArgs, &[u8], usize)> = vec![
+        ("digest rounds 0".into(), JobArgs::digest(0), &users, 20),
+        ("digest rounds 3000".into(), JobArgs::digest(3000), &users, 2),
+        ("jq".into(), JobArgs::jq(jq), &orders, 20),
+        ("command (enrich.py)".into(), command_job, &orders, 5),
+    ];
+    let head = |chunk: usize| ChunkHead {
+        chunk: chunk as u64,
+        lease: uuid::Uuid::from_u128(chunk as u128),
+        attempt: 1,
+        first_line: 1 + 100 * chunk as u64,
+        lines: None,
+        skip: vec![],
+        probe: false,
+    };
+    let result = ResultHead {
+        run: "0123456789abcdef".into(),
+        job: "00000000000000aa".into(),
+        chunk: 0,
+        lease: uuid::Uuid::nil(),
+        attempt: 1,
+        mapper: "bench".into(),
+    };
     let mut group = c.benchmark_group("mapper");
-    for (rounds, chunks) in [(0u32, 20usize), (DEFAULT_ROUNDS, 2)] {
-        let replies = chunk_replies(chunks);
-        group.throughput(Throughput::Elements(chunks as u64 * 100));
-        if rounds > 0 {
-            group.sample_size(10);
-        }
+    for (name, args, data, count) in cases {
+        let built = built(args, &registry);
+        let data = chunks(data);
+        let data = &data[..count.min(data.len())];
+        group.throughput(Throughput::Elements(data.iter().map(|c| c.len() as u64).sum()));
+        group.sample_size(10);
         for (label, pool) in [("1 thread", &single), (&*format!("{cores} threads"), &all)] {
-            group.bench_with_input(BenchmarkId::new(format!("rounds {rounds}"), label), &replies, |b, replies| {
+            group.bench_with_input(BenchmarkId::new(&name, label), &data, |b, data| {
                 b.iter(|| {
                     pool.install(|| {
-                        for reply in replies {
-                            black_box(map_chunk(reply, rounds, "bench").expect("maps"));
+                        for (i, chunk) in data.iter().enumerate() {
+                            let inputs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+                            black_box(map_chunk(&inputs, &head(i), &result, &built));
                         }
                     })
                 })

@@ -8,8 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use chunkmill::common::protocol::{ChunkResult, VERSION};
-use chunkmill::common::transform::MappedUser;
+use chunkmill::saver::decoded::Decoded;
 use chunkmill::saver::sink::file::FileSink;
 use chunkmill::saver::sink::postgres::{PgOptions, PgSink};
 use chunkmill::saver::sink::{SaveOutcome, Sink};
@@ -22,38 +21,47 @@ mod postgres;
 const CHUNKS: u64 = 128;
 const OBJECTS: u64 = 100;
 
-fn batch(next: &AtomicU64) -> Vec<Arc<ChunkResult>> {
+fn batch(next: &AtomicU64) -> Vec<Arc<Decoded>> {
     (0..CHUNKS)
         .map(|_| {
             let chunk = next.fetch_add(1, Ordering::Relaxed);
-            Arc::new(ChunkResult {
-                v: VERSION,
+            let head = common::protocol::ResultHead {
                 run: "00000000000000be".into(),
+                job: "00000000000000bb".into(),
                 chunk,
                 lease: uuid::Uuid::new_v4(),
                 attempt: 1,
                 mapper: "bench".into(),
-                records: (0..OBJECTS)
-                    .map(|i| MappedUser {
-                        id: uuid::Uuid::new_v4().to_string(),
-                        name: format!("First{i} Last{chunk}"),
-                        friends: i % 50,
-                        digest: format!("{:064x}", u128::from(chunk) << 64 | u128::from(i)),
-                    })
-                    .collect(),
-                dead: vec![],
-            })
+            };
+            let ids: Vec<Option<String>> = (0..OBJECTS).map(|_| Some(uuid::Uuid::new_v4().to_string())).collect();
+            let values: Vec<String> = (0..OBJECTS)
+                .map(|i| {
+                    format!(
+                        r#"{{"id":"{}","name":"First{i} Last{chunk}","friends":{},"digest":"{:064x}"}}"#,
+                        ids[i as usize].as_deref().unwrap_or_default(),
+                        i % 50,
+                        u128::from(chunk) << 64 | u128::from(i)
+                    )
+                })
+                .collect();
+            let body = common::protocol::encode_result(
+                &head,
+                values.iter().map(|v| std::iter::once(v.as_bytes())),
+                Some(&ids),
+                &[],
+            );
+            Arc::new(Decoded::decode(body.into()).expect("valid"))
         })
         .collect()
 }
 
 /// `parallel` new batches, made outside the timed part.
-fn batches(next: &AtomicU64, parallel: usize) -> Vec<Vec<Arc<ChunkResult>>> {
+fn batches(next: &AtomicU64, parallel: usize) -> Vec<Vec<Arc<Decoded>>> {
     (0..parallel).map(|_| batch(next)).collect()
 }
 
 /// Saves the batches at once (the saver runs one batch per pooled connection).
-fn save(runtime: &tokio::runtime::Runtime, sink: &Sink, batches: Vec<Vec<Arc<ChunkResult>>>) {
+fn save(runtime: &tokio::runtime::Runtime, sink: &Sink, batches: Vec<Vec<Arc<Decoded>>>) {
     runtime.block_on(async {
         let saves: Vec<_> = batches
             .into_iter()

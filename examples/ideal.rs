@@ -1,26 +1,50 @@
-//! The in-process ideal the end-to-end benchmark compares the pipeline with: the same transform
-//! over the same input, on a rayon pool of `--threads` threads in one process, with no NATS and
-//! no files between steps (parse, transform, serialise, discard). Prints the wall time.
+//! The in-process ideal the end-to-end benchmark compares the pipeline with: the same scan and
+//! the same job over the same input, on a rayon pool of `--threads` threads in one process, with
+//! no NATS and no files between steps (scan, read, transform, discard). Prints the wall time.
 //!
-//!   cargo run --release --example ideal -- data/users.jsonl 3000 [threads]
+//!   cargo run --release --example ideal -- --input data/users.jsonl --rounds 3000 [--threads 2]
+//!   cargo run --release --example ideal -- --input data/orders.jsonl --transform jq --filter '.items | length'
 
 use std::time::Instant;
 
-use chunkmill::common::input::{scan, ChunkReader};
-use chunkmill::common::transform::{parse_input, transform};
+use chunkmill::common::input::{scan, ChunkReader, ScanOptions};
+use clap::Parser;
 use rayon::prelude::*;
 
+/// The in-process ideal of a job.
+#[derive(Parser)]
+struct Args {
+    /// The input.
+    #[arg(long)]
+    input: std::path::PathBuf,
+    /// The job, as the fetcher takes it.
+    #[command(flatten)]
+    job: transform::JobArgs,
+    /// Objects per chunk.
+    #[arg(long, default_value_t = 100)]
+    chunk_size: u32,
+    /// Transform threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let input = args.next().expect("usage: ideal INPUT ROUNDS [THREADS]");
-    let rounds: u32 = args.next().and_then(|r| r.parse().ok()).expect("ROUNDS");
-    let threads: usize = args
-        .next()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let args = Args::parse();
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        args.threads
+    };
+    let job = args.job.job().expect("job flags");
+    let transform = transform::Registry::builtin().build(&job.transform).expect("a transform this binary can run");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
     let started = Instant::now();
-    let index = scan(std::path::Path::new(&input), 100).expect("scan input");
+    let fingerprint = job.fingerprint();
+    let check = |record: &[u8]| transform.check(record);
+    let id_field = job.id_field.clone();
+    let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.extract(record));
+    let options = ScanOptions { check: Some(&check), id: Some(&id), job: &fingerprint };
+    let index = scan(&args.input, args.chunk_size, &options).expect("scan input");
     let reader = ChunkReader::open(&index).expect("open input");
     let bytes: usize = pool.install(|| {
         index
@@ -29,18 +53,20 @@ fn main() {
             .map(|span| {
                 let wrapped = reader.read_array(span).expect("read chunk");
                 let raws: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&wrapped).expect("array");
-                let records: Vec<_> = raws
-                    .par_iter()
-                    .map(|raw| transform(&parse_input(raw.get().as_bytes()).expect("valid"), rounds))
-                    .collect();
-                serde_json::to_vec(&records).expect("encode").len()
+                let inputs: Vec<&[u8]> = raws.iter().map(|r| r.get().as_bytes()).collect();
+                transform
+                    .apply_chunk(&inputs)
+                    .iter()
+                    .map(|outcome| outcome.as_ref().map_or(0, |o| o.iter().map(<[u8]>::len).sum::<usize>()))
+                    .sum::<usize>()
             })
             .sum()
     });
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "ideal: {} objects, rounds {rounds}, {threads} threads: {secs:.3} s ({:.0} objects/s, {bytes} bytes out)",
+        "ideal: {} objects, {}, {threads} threads: {secs:.3} s ({:.0} objects/s, {bytes} bytes out)",
         index.objects,
+        job.describe(),
         index.objects as f64 / secs
     );
 }

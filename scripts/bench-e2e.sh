@@ -44,14 +44,14 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 printf '| rounds | mappers | pipeline s | objects/s | ideal s | efficiency | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
 printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for rounds in $ROUNDS_LIST; do
-  ideal=$($BIN/examples/ideal "$DATA" "$rounds" "$(nproc)" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
+  ideal=$($BIN/examples/ideal --input "$DATA" --rounds "$rounds" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
   for mappers in $MAPPERS_LIST; do
     rm -rf "$work/out" "$work/state"
     $BIN/saver --out "$work/out" >"$work/saver.log" 2>&1 &
     saver=$!
     mpids=()
     for i in $(seq "$mappers"); do
-      $BIN/mapper --rounds "$rounds" ${CONCURRENCY:+--concurrency "$CONCURRENCY"} >"$work/mapper-$i.log" 2>&1 &
+      $BIN/mapper ${CONCURRENCY:+--concurrency "$CONCURRENCY"} >"$work/mapper-$i.log" 2>&1 &
       mpids+=($!)
     done
     # Start timing once everyone is connected.
@@ -59,7 +59,7 @@ for rounds in $ROUNDS_LIST; do
       for _ in $(seq 500); do grep -qs "connected to NATS" "$log" && break; sleep 0.01; done
     done
     start=$(now_ms)
-    $BIN/fetcher --input "$DATA" --state-dir "$work/state" --exit-when-done >"$work/fetcher.log" 2>&1 &
+    $BIN/fetcher --input "$DATA" --rounds "$rounds" --state-dir "$work/state" --exit-when-done >"$work/fetcher.log" 2>&1 &
     fetcher=$!
     fetcher_mb=0
     while kill -0 "$fetcher" 2>/dev/null; do fetcher_mb=$(hwm "$fetcher"); sleep 0.02; done

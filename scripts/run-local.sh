@@ -5,8 +5,9 @@
 #   ./scripts/run-local.sh                 # 100 000 objects, default rounds, 2 mappers
 #   ROUNDS=0 MAPPERS=4 ./scripts/run-local.sh
 #
-# Settings (environment): OBJECTS (100000), ROUNDS (mapper default), MAPPERS (2),
-# CHUNK_SIZE (100), DATA (data/users.jsonl), OUT (out/).
+# Settings (environment): OBJECTS (100000), ROUNDS (the fetcher's default), MAPPERS (2),
+# CHUNK_SIZE (100), DATA (data/users.jsonl), OUT (out/). JOB holds other job flags for the
+# fetcher and verify, e.g. JOB="--transform jq --filter .items" DATA=data/orders.jsonl KIND=orders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -21,17 +22,20 @@ ensure_nats_server
 echo "building release binaries..." >&2
 cargo build --release --workspace --bins --quiet
 BIN=target/release
-# Mapper and verify share the default rounds; pass ROUNDS only when set.
-rounds=()
-[ -n "${ROUNDS:-}" ] && rounds=(--rounds "$ROUNDS")
+# The job is the fetcher's (mappers learn it); verify takes the same flags.
+job=()
+[ -n "${ROUNDS:-}" ] && job=(--rounds "$ROUNDS")
+# shellcheck disable=SC2206 # JOB is word-split on purpose: it holds flags.
+[ -n "${JOB:-}" ] && job+=(${JOB})
+KIND=${KIND:-users}
 
 if [ ! -s "$DATA" ]; then
-  $BIN/fetcher generate --objects "$OBJECTS" --output "$DATA"
+  $BIN/fetcher generate --kind "$KIND" --objects "$OBJECTS" --output "$DATA"
 fi
 
 work=$(mktemp -d)
-# Every local run starts from scratch: a fresh ledger and an empty sink. (A run is identified by
-# the input and chunk size, not by the rounds; reusing them across ROUNDS would keep old results.)
+# Every local run starts from scratch: a fresh ledger and an empty sink, so its wall time is the
+# whole job's. (A run is identified by the input, the chunk size and the job.)
 rm -rf "$OUT"
 pids=()
 cleanup() {
@@ -52,13 +56,14 @@ echo "nats-server on $NATS_URL; logs of the other services in $work" >&2
 METRICS_ADDR=127.0.0.1:9103 $BIN/saver --out "$OUT" >"$work/saver.log" 2>&1 &
 pids+=($!)
 for i in $(seq "$MAPPERS"); do
-  METRICS_ADDR=127.0.0.1:$((9110 + i)) $BIN/mapper "${rounds[@]}" --instance "mapper-$i" >"$work/mapper-$i.log" 2>&1 &
+  METRICS_ADDR=127.0.0.1:$((9110 + i)) $BIN/mapper --instance "mapper-$i" \
+    --command "enrich=python3 examples/commands/enrich.py" >"$work/mapper-$i.log" 2>&1 &
   pids+=($!)
 done
 start=$(date +%s%N)
 METRICS_ADDR=127.0.0.1:9101 $BIN/fetcher --input "$DATA" --chunk-size "$CHUNK_SIZE" --exit-when-done \
-  --state-dir "$work/state"
+  --state-dir "$work/state" "${job[@]}"
 end=$(date +%s%N)
 ms=$(( (end - start) / 1000000 ))
-printf 'wall time of the run: %d.%03d s (%s mappers, rounds: %s)\n' $((ms / 1000)) $((ms % 1000)) "$MAPPERS" "${ROUNDS:-default}"
-$BIN/saver verify --input "$DATA" --out "$OUT" "${rounds[@]}" --chunk-size "$CHUNK_SIZE"
+printf 'wall time of the run: %d.%03d s (%s mappers, job: %s)\n' $((ms / 1000)) $((ms % 1000)) "$MAPPERS" "${job[*]:-default}"
+$BIN/saver verify --input "$DATA" --out "$OUT" "${job[@]}" --chunk-size "$CHUNK_SIZE"

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::protocol::{self, ChunkLease, ReleaseReason, ReleaseRequest, Subjects, WorkRequest};
+use common::protocol::{self, ChunkHead, ChunksHead, ReleaseReason, ReleaseRequest, Subjects, WorkRequest};
 use futures::StreamExt;
 use support::Pipeline;
 
@@ -50,13 +50,14 @@ fn a_chunk_the_mapper_cannot_decode_is_handed_back_as_failed() {
     let subjects = Subjects::new("chunkmill");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let url = p.nats.url();
-    let lease = ChunkLease {
-        run: "0123456789abcdef".into(),
+    let lease = ChunkHead {
         chunk: 7,
         lease: uuid::Uuid::new_v4(),
         attempt: 1,
-        lease_ms: 5000,
         first_line: 701,
+        lines: None,
+        skip: vec![],
+        probe: false,
     };
     let (client, mut work, mut releases) = runtime.block_on(async {
         let client = async_nats::connect(url).await.expect("connect");
@@ -70,8 +71,9 @@ fn a_chunk_the_mapper_cannot_decode_is_handed_back_as_failed() {
         let request = tokio::time::timeout(LONG, work.next()).await.expect("a work request").expect("message");
         let asked: WorkRequest = protocol::decode(&request.payload).expect("a work request decodes");
         assert_eq!(asked.mapper, "mapper-1");
-        let objects = RAW_FF_RECORD.strip_suffix(b"\n").expect("record");
-        let body = protocol::encode_chunk_reply(&lease, objects);
+        let objects = RAW_FF_RECORD.strip_suffix(b"\n").expect("record").to_vec();
+        let head = ChunksHead { run: "0123456789abcdef", job: "00000000000000aa", lease_ms: 5000 };
+        let body = protocol::encode_chunks_reply(&head, &[(lease.clone(), objects)]);
         client.publish(request.reply.expect("reply subject"), Bytes::from(body)).await.expect("reply");
         let message = tokio::time::timeout(LONG, releases.next()).await.expect("a release").expect("message");
         protocol::decode(&message.payload).expect("a release decodes")
@@ -96,29 +98,34 @@ fn verify_does_not_count_dead_entries_that_name_no_object_of_their_chunk() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let client = async_nats::connect(p.nats.url()).await.expect("connect");
-        let ask = protocol::encode(&WorkRequest { v: 1, mapper: "forger".into(), wait_ms: 1000 });
+        let ask = support::work_request("forger", 1);
         loop {
             let reply = client.request(subjects.work.clone(), ask.clone()).await.expect("work reply");
             let work: protocol::WorkReply = protocol::decode(&reply.payload).expect("decodes");
-            let (Some(lease), Some(objects)) = (work.lease, work.objects) else {
-                if work.kind == protocol::WorkReplyKind::Done {
-                    break;
-                }
-                continue;
-            };
-            let forged = protocol::ChunkResult {
-                v: 1,
-                run: lease.run,
-                chunk: lease.chunk,
-                lease: lease.lease,
-                attempt: lease.attempt,
+            if work.kind == protocol::WorkReplyKind::Done {
+                break;
+            }
+            let Some(chunk) = work.chunks.first() else { continue };
+            let head = protocol::ResultHead {
+                run: work.run.clone().expect("run"),
+                job: work.job.clone().expect("job"),
+                chunk: chunk.head.chunk,
+                lease: chunk.head.lease,
+                attempt: chunk.head.attempt,
                 mapper: "forger".into(),
-                records: vec![],
-                dead: (0..objects.len() as u32)
-                    .map(|index| protocol::DeadObject { index, id: None, error: "forged".into() })
-                    .collect(),
             };
-            let saved = client.request(subjects.result.clone(), protocol::encode(&forged)).await.expect("saved");
+            let n = chunk.objects.len() as u32;
+            let dead: Vec<protocol::DeadObject> = (0..n)
+                .map(|index| protocol::DeadObject {
+                    index,
+                    id: None,
+                    cause: protocol::Cause::Transform,
+                    error: "forged".into(),
+                    line: None,
+                })
+                .collect();
+            let forged = protocol::encode_result(&head, (0..n).map(|_| std::iter::empty::<&[u8]>()), None, &dead);
+            let saved = client.request(subjects.result.clone(), forged.into()).await.expect("saved");
             let saved: protocol::ResultReply = protocol::decode(&saved.payload).expect("decodes");
             assert_eq!(saved.status, protocol::ResultStatus::Saved, "{saved:?}");
         }
@@ -147,7 +154,7 @@ fn a_full_state_disk_answers_no_ack_until_space_is_back_and_loses_nothing() {
     let filler = state.fill();
     // The ledger's last page still has room for a few hundred entries; then writes fail.
     support::wait_until("a failed ledger write", LONG, || errors() >= 1.0);
-    let run = common::input::scan(&p.input, 10).expect("scan").run_id;
+    let run = p.run_id_at(10);
     let ledger_path = p.state_dir().join(format!("{run}.ledger"));
     let recorded =
         || std::fs::read_to_string(&ledger_path).expect("ledger").lines().filter(|l| l.starts_with("d ")).count();
@@ -195,14 +202,14 @@ fn oversized_names_and_a_flood_of_held_requests_are_refused_and_memory_stays_bou
         let client = async_nats::connect(p.nats.url()).await.expect("connect");
         let inbox = client.new_inbox();
         let mut replies = client.subscribe(format!("{inbox}.>")).await.expect("subscribe");
-        let huge = protocol::encode(&WorkRequest { v: 1, mapper: "m".repeat(500_000), wait_ms: 5000 });
+        let huge = support::work_request(&"m".repeat(500_000), 1);
         for i in 0..1000 {
             client
                 .publish_with_reply(subjects.work.clone(), format!("{inbox}.huge.{i}"), huge.clone())
                 .await
                 .expect("publish");
         }
-        let valid = protocol::encode(&WorkRequest { v: 1, mapper: "many".into(), wait_ms: 5000 });
+        let valid = support::work_request("many", 1);
         for i in 0..3000 {
             client
                 .publish_with_reply(subjects.work.clone(), format!("{inbox}.ok.{i}"), valid.clone())
@@ -232,7 +239,7 @@ fn oversized_names_and_a_flood_of_held_requests_are_refused_and_memory_stays_bou
     let rss = support::metric(port, "process_resident_memory_bytes").expect("rss");
     assert!(rss < 64.0 * 1024.0 * 1024.0, "the fetcher holds {} MiB", rss / 1048576.0);
     let log = fetcher.log();
-    assert!(log.contains("over the 4096 bytes"), "{log}");
+    assert!(log.contains("over the 65536 bytes"), "{log}");
     assert!(log.len() < 16 << 10, "a flood makes a few lines, not {} bytes of log", log.len());
 }
 
@@ -248,11 +255,18 @@ fn network_text_cannot_forge_log_lines_and_a_garbage_flood_logs_a_few_lines() {
     runtime.block_on(async {
         let client = async_nats::connect(p.nats.url()).await.expect("connect");
         let name = "m1\nFORGED INFO fetcher: run complete".to_string();
-        let ask = protocol::encode(&WorkRequest { v: 1, mapper: name.clone(), wait_ms: 0 });
+        let ask = protocol::encode(&WorkRequest {
+            v: 2,
+            mapper: name.clone(),
+            wait_ms: 0,
+            max: 1,
+            can: vec!["digest".into()],
+        });
         let reply = client.request(subjects.work.clone(), ask).await.expect("work");
-        let lease = protocol::decode::<protocol::WorkReply>(&reply.payload).expect("decodes").lease.expect("a chunk");
+        let work = protocol::decode::<protocol::WorkReply>(&reply.payload).expect("decodes");
+        let lease = work.chunks.first().expect("a chunk").head.clone();
         let release = ReleaseRequest {
-            v: 1,
+            v: protocol::VERSION,
             mapper: name,
             lease: protocol::LeaseRef { chunk: lease.chunk, lease: lease.lease },
             reason: ReleaseReason::Failed,
@@ -260,12 +274,12 @@ fn network_text_cannot_forge_log_lines_and_a_garbage_flood_logs_a_few_lines() {
         };
         client.request(subjects.release.clone(), protocol::encode(&release)).await.expect("release");
         // A malformed message whose error quotes a 200 kB string, then a flood of garbage.
-        let quoted = format!("{{\"v\":1,\"mapper\":\"m\",\"wait_ms\":\"{}\"}}", "x".repeat(3000));
+        let quoted = format!("{{\"v\":2,\"mapper\":\"m\",\"wait_ms\":\"{}\"}}", "x".repeat(3000));
         for subject in [&subjects.work, &subjects.extend, &subjects.release, &subjects.ack] {
             client.publish(subject.clone(), Bytes::from(quoted.clone())).await.expect("publish");
             for _ in 0..20_000 {
                 client
-                    .publish(subject.clone(), Bytes::from_static(b"{\"v\":1,\"nonsense\":\n1}"))
+                    .publish(subject.clone(), Bytes::from_static(b"{\"v\":2,\"nonsense\":\n1}"))
                     .await
                     .expect("publish");
             }

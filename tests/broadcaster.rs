@@ -129,7 +129,10 @@ fn each_target_posts_the_body_its_api_documents_and_never_shows_its_secret() {
     for (_, port) in &services {
         wait_ready(*port);
     }
-    let event = Event::new(RUN, EventBody::Started { objects: 100_000, chunks: 1_000, chunk_size: 100 });
+    let event = Event::new(
+        RUN,
+        EventBody::Started { objects: 100_000, chunks: 1_000, chunk_size: 100, transform: String::new() },
+    );
     let text = broadcaster::message::render(&event);
     assert_eq!(text, "Run 0123… started: 100 000 objects in 1 000 chunks of up to 100");
     runtime().block_on(async {
@@ -378,7 +381,10 @@ fn a_full_run_with_six_broadcasters_tells_the_runs_story_once_and_in_order() {
     println!("the chat shows:\n  {}", texts.join("\n  "));
     assert_no_duplicates(&texts);
     let run = &p.run_id()[..4];
-    assert_eq!(texts[0], format!("Run {run}… started: 3 000 objects in 30 chunks of up to 100"));
+    assert_eq!(
+        texts[0],
+        format!("Run {run}… started: 3 000 objects in 30 chunks of up to 100, through digest (0 rounds)")
+    );
     let last = texts.last().expect("messages");
     assert!(last.starts_with(&format!("Run {run}… finished: 3 000 objects in ")), "{last}");
     assert!(last.ends_with(", 0 dead-lettered"), "{last}");

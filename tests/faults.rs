@@ -70,18 +70,18 @@ fn a_nats_restart_mid_run_is_survived_by_every_service() {
 
 #[test]
 fn a_mapper_paused_past_its_lease_sends_a_harmless_stale_result() {
-    let p = Pipeline::new(1_000, 0);
+    let p = Pipeline::new(1_000, 20_000);
     let (saver, saver_port) = p.saver_with_metrics("saver-1");
     let (_fetcher, port) = p.fetcher_named("fetcher", &["--lease-timeout", "500ms"]);
     // A mapper slow enough to be caught holding a lease: one thread, many rounds.
-    let paused = p.mapper("paused", &["--rounds", "20000", "--threads", "1", "--concurrency", "1"]);
+    let paused = p.mapper("paused", &["--threads", "1", "--concurrency", "1"]);
     wait_until("the paused mapper to hold a lease", LONG, || {
         metric(port, "chunkmill_fetcher_chunks{state=\"leased\"}") == Some(1.0)
     });
     paused.signal("STOP");
-    // The rest of the run, including the paused mapper's chunk, is done by another mapper. Its
-    // rounds match the paused one's, so a stale result is byte-identical, as in production.
-    let _healthy = p.mapper("healthy", &["--rounds", "20000"]);
+    // The rest of the run, including the paused mapper's chunk, is done by another mapper. Both
+    // run the fetcher's job, so a stale result is byte-identical, as in production.
+    let _healthy = p.mapper("healthy", &[]);
     wait_until("every chunk done", LONG, || done_chunks(port) == 10.0);
     assert!(metric(port, "chunkmill_fetcher_lease_expiries_total").unwrap_or(0.0) >= 1.0);
     paused.signal("CONT");
@@ -92,26 +92,16 @@ fn a_mapper_paused_past_its_lease_sends_a_harmless_stale_result() {
             || metric(saver_port, "chunkmill_saver_duplicate_saves_total") >= Some(1.0)
     });
     assert!(!saver.log().contains("ERROR"), "{}", saver.log());
-    let output = std::process::Command::new(common::harness::bin("saver"))
-        .args(["verify", "--rounds", "20000", "--input"])
-        .arg(&p.input)
-        .arg("--out")
-        .arg(&p.out)
-        .output()
-        .expect("verify");
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success() && report.contains("0 duplicated"), "{report}");
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("0 duplicated"), "{report}");
 }
 
 #[test]
 fn sigterm_makes_a_mapper_hand_its_chunk_back_at_once() {
-    let p = Pipeline::new(1_000, 0);
+    let p = Pipeline::new(1_000, 2_000_000);
     // A lease far longer than the test: the chunk can only come back by a release.
     let (_fetcher, port) = p.fetcher_named("fetcher", &["--lease-timeout", "10m"]);
-    let mut mapper = p.mapper(
-        "mapper",
-        &["--rounds", "2000000", "--threads", "1", "--concurrency", "1", "--shutdown-grace", "500ms"],
-    );
+    let mut mapper = p.mapper("mapper", &["--threads", "1", "--concurrency", "1", "--shutdown-grace", "500ms"]);
     wait_until("the mapper to hold a lease", LONG, || {
         metric(port, "chunkmill_fetcher_chunks{state=\"leased\"}") == Some(1.0)
     });
@@ -176,12 +166,7 @@ fn a_poison_object_is_dead_lettered_by_name_and_the_run_completes() {
     let poison: serde_json::Value = serde_json::from_str(&first_line).expect("json");
     let poison_id = poison["uuid"].as_str().expect("uuid").to_string();
     let _saver = p.saver("saver-1");
-    let (mapper, _) = p.spawn_with_env(
-        "mapper-1",
-        "mapper",
-        &["--rounds".into(), "0".into()],
-        &[("CHUNKMILL_TEST_PANIC_ID", poison_id.as_str())],
-    );
+    let (mapper, _) = p.spawn_with_env("mapper-1", "mapper", &[], &[("CHUNKMILL_TEST_PANIC_ID", poison_id.as_str())]);
     let mut fetcher = p.fetcher(&[]);
     assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete with a dead letter:\n{}", fetcher.log());
     assert_eq!(summary_number(&fetcher.log(), "objects dead-lettered"), 1);
@@ -282,7 +267,7 @@ fn a_fetcher_cut_off_past_its_kv_lock_ttl_stops_when_another_holds_the_lock() {
     let p = Pipeline::new(20_000, 300);
     let proxy = common::harness::TcpProxy::start(p.nats.port());
     let args = |name: &str| {
-        vec![
+        let mut args = vec![
             "--input".to_string(),
             p.input.display().to_string(),
             "--ledger".into(),
@@ -291,7 +276,9 @@ fn a_fetcher_cut_off_past_its_kv_lock_ttl_stops_when_another_holds_the_lock() {
             "2s".into(),
             "--instance".into(),
             name.into(),
-        ]
+        ];
+        args.extend(p.job.iter().cloned());
+        args
     };
     let (a, port_a) = p.spawn_with_env("fetcher-a", "fetcher", &args("fetcher-a"), &[("NATS_URL", &proxy.url())]);
     wait_ready(port_a);

@@ -22,7 +22,7 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
     let run = p.run_id();
     let forged_verdicts = runtime.block_on(async {
         let client = async_nats::connect(url).await.expect("connect");
-        let garbage: [&[u8]; 4] = [b"\xff\x00\x13garbage", b"{\"v\":99}", b"[1,2,3]", b"{\"v\":1,\"nonsense\":true}"];
+        let garbage: [&[u8]; 4] = [b"\xff\x00\x13garbage", b"{\"v\":99}", b"[1,2,3]", b"{\"v\":2,\"nonsense\":true}"];
         for subject in [&subjects.work, &subjects.extend, &subjects.release, &subjects.ack, &subjects.result] {
             for payload in garbage {
                 // Requests where the protocol expects them, so a saver has someone to refuse.
@@ -36,6 +36,7 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
         let forged = AckRequest {
             v: VERSION,
             saver: "forger".into(),
+            sink: "dir-forged".into(),
             acks: vec![
                 Ack {
                     run: run.clone(),
@@ -44,8 +45,17 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
                     attempt: 1,
                     objects: 100,
                     dead: 0,
+                    outputs: 100,
                 },
-                Ack { run: run.clone(), chunk: 3, lease: uuid::Uuid::new_v4(), attempt: 1, objects: 7, dead: 0 },
+                Ack {
+                    run: run.clone(),
+                    chunk: 3,
+                    lease: uuid::Uuid::new_v4(),
+                    attempt: 1,
+                    objects: 7,
+                    dead: 0,
+                    outputs: 7,
+                },
                 Ack {
                     run: "0000000000000000".into(),
                     chunk: 4,
@@ -53,6 +63,7 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
                     attempt: 1,
                     objects: 100,
                     dead: 0,
+                    outputs: 100,
                 },
             ],
         };

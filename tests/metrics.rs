@@ -49,16 +49,19 @@ fn metrics_parse_and_count_a_whole_run() {
         "saver",
         &["--out".into(), p.out.display().to_string(), "--instance".into(), "saver-1".into()],
     );
-    let (_mapper, mapper_port) = p.spawn_with_metrics(
-        "mapper",
-        "mapper",
-        &["--rounds".into(), "0".into(), "--instance".into(), "mapper-1".into()],
-    );
+    let (_mapper, mapper_port) = p.spawn_with_metrics("mapper", "mapper", &["--instance".into(), "mapper-1".into()]);
     // Deployment mode: the fetcher stays up after the run, so its final metrics can be read.
     let (_fetcher, fetcher_port) = p.spawn_with_metrics(
         "fetcher",
         "fetcher",
-        &["--input".into(), p.input.display().to_string(), "--state-dir".into(), p.state_dir().display().to_string()],
+        &[
+            "--input".into(),
+            p.input.display().to_string(),
+            "--state-dir".into(),
+            p.state_dir().display().to_string(),
+            "--rounds".into(),
+            "0".into(),
+        ],
     );
 
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -102,7 +105,7 @@ fn metrics_parse_and_count_a_whole_run() {
 #[test]
 fn readiness_follows_the_nats_connection() {
     let mut p = Pipeline::new(100, 0);
-    let (_mapper, port) = p.spawn_with_metrics("mapper", "mapper", &["--rounds".into(), "0".into()]);
+    let (_mapper, port) = p.spawn_with_metrics("mapper", "mapper", &[]);
     let wait_status = |want: u16| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -7,8 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::protocol::{ChunkResult, VERSION};
-use common::transform::MappedUser;
+use common::protocol::ResultHead;
+use saver::decoded::Decoded;
 use saver::sink::postgres::{PgOptions, PgSink};
 use saver::sink::SaveOutcome;
 use support::postgres::{PgServer, PG_PASSWORD};
@@ -28,8 +28,10 @@ fn a_run_into_postgres_has_one_row_per_object_and_verify_reads_it_back() {
     assert!(report.contains("20000 expected, 20000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
     assert!(report.contains("0 mismatched chunk records"), "{report}");
     let run = p.run_id();
-    assert_eq!(db.count(&format!("SELECT count(*) FROM chunkmill_objects WHERE run = '{run}'")), 20_000);
-    assert_eq!(db.count(&format!("SELECT count(DISTINCT id) FROM chunkmill_objects WHERE run = '{run}'")), 20_000);
+    assert_eq!(db.count(&format!("SELECT count(*) FROM chunkmill_outputs WHERE run = '{run}'")), 20_000);
+    assert_eq!(db.count(&format!("SELECT count(DISTINCT id) FROM chunkmill_outputs WHERE run = '{run}'")), 20_000);
+    let digest = db.query(&format!("SELECT doc->>'digest' FROM chunkmill_outputs WHERE run = '{run}' LIMIT 1"));
+    assert_eq!(digest, "", "rounds 0: the documents are the digest job's records");
     assert_eq!(db.count(&format!("SELECT count(*) FROM chunkmill_chunks WHERE run = '{run}'")), 200);
     assert_eq!(db.count(&format!("SELECT sum(objects) FROM chunkmill_chunks WHERE run = '{run}'")), 20_000);
     let log = saver.log();
@@ -105,19 +107,26 @@ fn a_wrong_password_stops_the_saver_with_a_hint_and_without_the_secret() {
     assert!(!log.contains(secret), "the password reached the log:\n{log}");
 }
 
-fn result(chunk: u64) -> Arc<ChunkResult> {
-    Arc::new(ChunkResult {
-        v: VERSION,
+/// A result of 10 objects with one value each, ids `<chunk>-<i>` (or `ids` given).
+fn result_with_ids(chunk: u64, ids: &[String], name: &str) -> Arc<Decoded> {
+    let head = ResultHead {
         run: "00000000000000aa".into(),
+        job: "00000000000000bb".into(),
         chunk,
         lease: uuid::Uuid::new_v4(),
         attempt: 1,
         mapper: "m".into(),
-        records: (0..10)
-            .map(|i| MappedUser { id: format!("{chunk}-{i}"), name: "A B".into(), friends: i, digest: String::new() })
-            .collect(),
-        dead: vec![],
-    })
+    };
+    let values: Vec<String> = ids.iter().map(|id| format!("{{\"id\":\"{id}\",\"name\":\"{name}\"}}")).collect();
+    let ids: Vec<Option<String>> = ids.iter().cloned().map(Some).collect();
+    let body =
+        common::protocol::encode_result(&head, values.iter().map(|v| std::iter::once(v.as_bytes())), Some(&ids), &[]);
+    Arc::new(Decoded::decode(body.into()).expect("a valid result"))
+}
+
+fn result(chunk: u64) -> Arc<Decoded> {
+    let ids: Vec<String> = (0..10).map(|i| format!("{chunk}-{i}")).collect();
+    result_with_ids(chunk, &ids, "A B")
 }
 
 #[test]
@@ -144,7 +153,7 @@ fn concurrent_savers_in_opposite_orders_never_deadlock_and_save_each_chunk_once(
                 let mut outcomes = Vec::new();
                 for batch in chunks.chunks(100) {
                     barrier.wait().await;
-                    let mut results: Vec<Arc<ChunkResult>> = batch.iter().map(|&c| result(c)).collect();
+                    let mut results: Vec<Arc<Decoded>> = batch.iter().map(|&c| result(c)).collect();
                     if saver % 2 == 1 {
                         results.reverse();
                     }
@@ -165,7 +174,7 @@ fn concurrent_savers_in_opposite_orders_never_deadlock_and_save_each_chunk_once(
     let duplicates = outcomes.iter().flatten().filter(|o| **o == SaveOutcome::Duplicate).count();
     assert_eq!(saved, 1000, "each chunk saved exactly once");
     assert_eq!(duplicates, 5 * 1000, "every other save is a duplicate");
-    assert_eq!(db.count("SELECT count(*) FROM chunkmill_objects"), 10_000);
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_outputs"), 10_000);
     assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 1000);
     assert!(!db.log().contains("deadlock detected"), "PostgreSQL saw a deadlock:\n{}", db.log());
 }
@@ -180,16 +189,16 @@ fn an_object_id_already_saved_by_another_chunk_keeps_its_first_row_and_the_chunk
         let options = PgOptions { url: db.url(), password: Some(PG_PASSWORD.into()), pool_size: 1, saver: "s".into() };
         let sink = PgSink::connect(options, &Default::default()).await.expect("connect").expect("not stopped");
         let first = result(1);
-        let mut second = (*result(2)).clone();
-        second.records[0].id = first.records[0].id.clone();
-        second.records[0].name = "Second Copy".into();
+        let mut ids: Vec<String> = (0..10).map(|i| format!("2-{i}")).collect();
+        ids[0] = "1-0".into();
+        let second = result_with_ids(2, &ids, "Second Copy");
         let mut outcomes = sink.save_batch(&[first]).await;
-        outcomes.extend(sink.save_batch(&[Arc::new(second)]).await);
+        outcomes.extend(sink.save_batch(&[second]).await);
         outcomes.into_iter().map(|o| o.expect("saved")).collect::<Vec<_>>()
     });
     assert_eq!(outcomes, vec![SaveOutcome::Saved, SaveOutcome::Saved]);
-    assert_eq!(db.count("SELECT count(*) FROM chunkmill_objects"), 19);
-    assert_eq!(db.query("SELECT name FROM chunkmill_objects WHERE id = '1-0'"), "A B", "the first row stays");
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_outputs"), 19);
+    assert_eq!(db.query("SELECT doc->>'name' FROM chunkmill_outputs WHERE id = '1-0'"), "A B", "the first row stays");
     assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 2);
 }
 
@@ -214,7 +223,9 @@ fn a_value_the_database_refuses_dead_letters_that_object_and_saves_the_rest() {
 
     let (_saver, port) = p.saver_postgres("saver-1", &db);
     wait_ready(port);
-    db.query("ALTER TABLE chunkmill_objects ADD CONSTRAINT no_refused CHECK (name NOT LIKE 'Refused-By-Check%')");
+    db.query(
+        "ALTER TABLE chunkmill_outputs ADD CONSTRAINT no_refused CHECK (doc->>'name' NOT LIKE 'Refused-By-Check%')",
+    );
     let _mapper = p.mapper("mapper-1", &[]);
     let mut fetcher = p.fetcher(&[]);
     assert_eq!(fetcher.wait_exit(Duration::from_secs(120)), Some(3), "{}", fetcher.log());
@@ -222,9 +233,9 @@ fn a_value_the_database_refuses_dead_letters_that_object_and_saves_the_rest() {
     assert!(ok, "{report}");
     assert!(report.contains("300 expected, 298 found, 0 missing") && report.contains("2 dead-lettered"), "{report}");
     let reason = |id: &str| db.query(&format!("SELECT error FROM chunkmill_dead_objects WHERE id = '{id}'"));
-    assert!(reason(&nul_id).contains("22021"), "{}", reason(&nul_id));
+    assert!(reason(&nul_id).contains("SQLSTATE 22"), "{}", reason(&nul_id));
     assert!(reason(&checked_id).contains("no_refused"), "{}", reason(&checked_id));
     assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 3);
-    assert_eq!(db.count("SELECT sum(objects) FROM chunkmill_chunks"), 298);
+    assert_eq!(db.count("SELECT sum(outputs) FROM chunkmill_chunks"), 298);
     assert_eq!(db.count("SELECT sum(dead) FROM chunkmill_chunks"), 2);
 }

@@ -15,7 +15,7 @@ fn mapper(nats: &NatsServer, dir: &std::path::Path, name: &str, env: &[(&str, &s
     let url = nats.url();
     let mut all = vec![("NATS_URL", url.as_str()), ("METRICS_ADDR", metrics.as_str())];
     all.extend_from_slice(env);
-    (Service::spawn(name, "mapper", &["--rounds", "0"], &all, dir), port)
+    (Service::spawn(name, "mapper", &[], &all, dir), port)
 }
 
 #[test]
@@ -86,7 +86,7 @@ fn credentials_in_nats_url_authenticate_and_are_never_printed() {
         let metrics = free_port();
         let addr = format!("127.0.0.1:{metrics}");
         let env = [("NATS_URL", url.as_str()), ("METRICS_ADDR", addr.as_str())];
-        (Service::spawn(name, "mapper", &["--rounds", "0"], &env, dir.path()), metrics)
+        (Service::spawn(name, "mapper", &[], &env, dir.path()), metrics)
     };
     let (ok, metrics) = start("ok", format!("nats://chunk:s3cret-pw@127.0.0.1:{port}"));
     wait_ready(metrics);
@@ -117,8 +117,7 @@ fn a_token_in_nats_url_authenticates() {
     let metrics = free_port();
     let url = format!("nats://tok-in-url-1@127.0.0.1:{}", nats.port());
     let addr = format!("127.0.0.1:{metrics}");
-    let service =
-        Service::spawn("ok", "mapper", &["--rounds", "0"], &[("NATS_URL", &url), ("METRICS_ADDR", &addr)], dir.path());
+    let service = Service::spawn("ok", "mapper", &[], &[("NATS_URL", &url), ("METRICS_ADDR", &addr)], dir.path());
     wait_ready(metrics);
     assert!(!service.log().contains("tok-in-url-1"), "{}", service.log());
 }

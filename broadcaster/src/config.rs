@@ -43,7 +43,7 @@ impl std::str::FromStr for Secret {
 /// chunkmill broadcaster: sends the fetcher's pipeline events (run started, every 10 %, dead
 /// letters, completed, resumed) to a chat, each event at most once however many replicas run.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "broadcaster", version)]
+#[command(name = "broadcaster", version = common::metrics::LONG_VERSION)]
 pub struct Config {
     /// Where messages go: `generic` (POST {"user","message"}), `slack`, `discord` or `telegram`.
     #[arg(long, env = "BROADCASTER_TARGET", value_enum)]

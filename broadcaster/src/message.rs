@@ -8,13 +8,14 @@ use common::events::{Event, EventBody};
 pub fn render(event: &Event) -> String {
     let run = short_run(&event.run);
     match &event.body {
-        EventBody::Started { objects, chunks, chunk_size } => format!(
-            "Run {run} started: {} {} in {} {} of up to {}",
+        EventBody::Started { objects, chunks, chunk_size, transform } => format!(
+            "Run {run} started: {} {} in {} {} of up to {}{}",
             number(*objects),
             plural(*objects, "object", "objects"),
             number(*chunks),
             plural(*chunks, "chunk", "chunks"),
-            number(u64::from(*chunk_size))
+            number(u64::from(*chunk_size)),
+            if transform.is_empty() { String::new() } else { format!(", through {transform}") }
         ),
         EventBody::Progress { percent, chunks_done, chunks, objects_done, objects, elapsed_ms } => format!(
             "Run {run} is {percent} % done: {} of {} chunks, {} of {} objects saved, {} in",
@@ -157,8 +158,11 @@ mod tests {
 
     #[test]
     fn every_kind_reads_as_a_sentence() {
-        let started = event(EventBody::Started { objects: 100_000, chunks: 1000, chunk_size: 100 });
+        let started =
+            event(EventBody::Started { objects: 100_000, chunks: 1000, chunk_size: 100, transform: String::new() });
         assert_eq!(render(&started), "Run 3f2c… started: 100 000 objects in 1 000 chunks of up to 100");
+        let started = event(EventBody::Started { objects: 1, chunks: 1, chunk_size: 100, transform: "jq '.a'".into() });
+        assert_eq!(render(&started), "Run 3f2c… started: 1 object in 1 chunk of up to 100, through jq '.a'");
         let progress = event(EventBody::Progress {
             percent: 30,
             chunks_done: 300,

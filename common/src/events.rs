@@ -11,7 +11,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{ProtocolError, VERSION};
+use crate::protocol::ProtocolError;
+
+/// The version of the event format (docs/PROTOCOL.md §11). Events are off the data path and
+/// versioned apart from it: protocol 2 of the data path left them unchanged.
+pub const VERSION: u32 = 1;
 
 /// The JetStream stream the broadcaster creates for events (subjects `<prefix>.events.>`).
 pub const DEFAULT_STREAM: &str = "CHUNKMILL_EVENTS";
@@ -44,6 +48,10 @@ pub enum EventBody {
         chunks: u64,
         /// Objects per chunk.
         chunk_size: u32,
+        /// The job in a few words (`digest (3000 rounds)`, `jq '.a'`); empty from an older
+        /// fetcher.
+        #[serde(default)]
+        transform: String,
     },
     /// The run passed a milestone (10, 20, ... 90 % of its chunks done or dead-lettered).
     Progress {
@@ -144,9 +152,17 @@ pub fn events_wildcard(prefix: &str) -> String {
     format!("{prefix}.events.>")
 }
 
-/// Decodes an event, checking the version first; never panics.
+/// Decodes an event, checking its version; never panics.
 pub fn decode(payload: &[u8]) -> Result<Event, ProtocolError> {
-    let event: Event = crate::protocol::decode(payload)?;
+    #[derive(serde::Deserialize)]
+    struct VersionOnly {
+        v: u32,
+    }
+    let version: VersionOnly = serde_json::from_slice(payload)?;
+    if version.v != VERSION {
+        return Err(ProtocolError::Version(version.v));
+    }
+    let event: Event = serde_json::from_slice(payload)?;
     if event.id.is_empty() || event.id.len() > 512 {
         return Err(ProtocolError::Invalid(format!("event id of {} bytes (1 to 512 allowed)", event.id.len())));
     }

@@ -11,13 +11,31 @@ use std::path::{Path, PathBuf};
 use serde::de::IgnoredAny;
 use sha2::{Digest, Sha256};
 
-use crate::transform::{parse_input, InputUser};
+/// A job's own check of a record: `Err` says what is wrong with it.
+pub type RecordCheck<'a> = dyn Fn(&[u8]) -> Result<(), String> + Sync + 'a;
+/// A record's id, if it has one.
+pub type RecordId<'a> = dyn Fn(&[u8]) -> Option<String> + Sync + 'a;
+
+/// What the scan checks beyond strict JSON, and what names the run. The job's own rules come in
+/// as functions so that this module needs to know nothing about transforms.
+#[derive(Clone, Copy, Default)]
+pub struct ScanOptions<'a> {
+    /// The transform's own check of a record (the digest's users schema), if it has one.
+    pub check: Option<&'a RecordCheck<'a>>,
+    /// A record's id (the job's `--id-field`), for the duplicate check; `None` skips the check.
+    pub id: Option<&'a RecordId<'a>>,
+    /// The job's fingerprint, part of the run id.
+    pub job: &'a str,
+}
 
 /// Checks one input record: strict JSON first (every byte, also of fields the transform ignores,
-/// see [`crate::json`]), then the transform's own rules.
-fn parse_record(bytes: &[u8]) -> Result<InputUser<'_>, String> {
+/// see [`crate::json`]), then the job's own rules.
+fn check_record(bytes: &[u8], options: &ScanOptions<'_>) -> Result<(), String> {
     crate::json::check_object(bytes).map_err(|e| e.to_string())?;
-    parse_input(bytes)
+    match options.check {
+        Some(check) => check(bytes),
+        None => Ok(()),
+    }
 }
 
 /// How the input file is laid out.
@@ -71,8 +89,10 @@ pub struct InputIndex {
     pub bad: Vec<BadRecord>,
     /// Whether the file starts with a UTF-8 byte-order mark (tolerated and skipped).
     pub bom: bool,
-    /// Identifies this content chunked this way (see [`run_id`]).
+    /// Identifies this content chunked this way by this job (see [`run_id`]).
     pub run_id: String,
+    /// SHA-256 of the whole input, hex: the input's identity apart from the job.
+    pub content: String,
 }
 
 /// Why an input file cannot be read at all.
@@ -104,13 +124,15 @@ pub enum InputError {
     ChunkSize,
 }
 
-/// The run id for content with hash `content_hash` cut into chunks of `chunk_size`: 16 hex
-/// digits. The same data chunked the same way always gets the same id, so a restarted fetcher,
-/// a re-run and `saver verify` all agree on it, and the sink keeps each run in its own directory.
-pub fn run_id(content_hash: &[u8; 32], chunk_size: u32) -> String {
+/// The run id for content with hash `content_hash` cut into chunks of `chunk_size` by the job
+/// with fingerprint `job`: 16 hex digits. The same data chunked the same way by the same job
+/// always gets the same id, so a restarted fetcher, a re-run and `saver verify` all agree on it,
+/// and the sink keeps each run in its own place; another transform is another run.
+pub fn run_id(content_hash: &[u8; 32], chunk_size: u32, job: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(content_hash);
     hasher.update(chunk_size.to_le_bytes());
+    hasher.update(job.as_bytes());
     let digest = hasher.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -121,27 +143,34 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
-struct ChunkBuilder {
+struct ChunkBuilder<'a> {
     chunk_size: u32,
     chunks: Vec<ChunkSpan>,
     current: Option<ChunkSpan>,
     objects: u64,
-    /// uuid → line of its first occurrence, for duplicate detection. Held only during the scan
-    /// (about 70 bytes per object), dropped with the builder.
+    /// Hash of each id seen -> line of its first occurrence, for the duplicate check. 128-bit
+    /// hashes, not the ids: held only during the scan and dropped with the builder.
     seen: std::collections::HashMap<u128, u64>,
-    check_duplicates: bool,
+    options: ScanOptions<'a>,
 }
 
-impl ChunkBuilder {
-    /// Accepts a valid record unless its uuid was seen before (then it is a bad record).
-    fn accept(&mut self, user: &InputUser<'_>, offset: u64, len: u64, line: u64) -> Result<(), String> {
-        if let Some(id) = self.check_duplicates.then(|| uuid::Uuid::try_parse(&user.uuid).ok()).flatten() {
-            if let Some(first) = self.seen.insert(id.as_u128(), line) {
-                self.seen.insert(id.as_u128(), first);
-                return Err(format!("duplicate uuid {} (first on line {first})", user.uuid));
+fn id_hash(id: &str) -> u128 {
+    let digest = Sha256::digest(id.as_bytes());
+    u128::from_le_bytes(digest[..16].try_into().unwrap_or_default())
+}
+
+impl ChunkBuilder<'_> {
+    /// Checks a record and accepts it, unless it is bad or its id was seen before.
+    fn accept(&mut self, record: &[u8], offset: u64, line: u64) -> Result<(), String> {
+        check_record(record, &self.options)?;
+        if let Some(id) = self.options.id.and_then(|id| id(record)) {
+            let hash = id_hash(&id);
+            if let Some(first) = self.seen.insert(hash, line) {
+                self.seen.insert(hash, first);
+                return Err(format!("duplicate id {} (first on line {first})", crate::text::escaped(&id)));
             }
         }
-        self.push(offset, len, line);
+        self.push(offset, record.len() as u64, line);
         Ok(())
     }
 
@@ -161,16 +190,9 @@ impl ChunkBuilder {
     }
 }
 
-/// Scans `path` once: detects the format, validates every record (duplicate uuids included), and
-/// cuts chunks of `chunk_size` valid records.
-pub fn scan(path: &Path, chunk_size: u32) -> Result<InputIndex, InputError> {
-    scan_with(path, chunk_size, true)
-}
-
-/// [`scan`], choosing whether to look for duplicate uuids: the check holds a map of every uuid
-/// during the scan (about 70 bytes per object, freed after it), which a very large input whose
-/// ids are known to be unique can skip.
-pub fn scan_with(path: &Path, chunk_size: u32, check_duplicates: bool) -> Result<InputIndex, InputError> {
+/// Scans `path` once with `options`: detects the format, validates every record (strict JSON,
+/// the job's check, duplicate ids), and cuts chunks of `chunk_size` valid records.
+pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<InputIndex, InputError> {
     if chunk_size == 0 {
         return Err(InputError::ChunkSize);
     }
@@ -191,7 +213,7 @@ pub fn scan_with(path: &Path, chunk_size: u32, check_duplicates: bool) -> Result
         current: None,
         objects: 0,
         seen: Default::default(),
-        check_duplicates,
+        options: *options,
     };
     let mut bad = Vec::new();
     let mut hasher = Sha256::new();
@@ -212,7 +234,8 @@ pub fn scan_with(path: &Path, chunk_size: u32, check_duplicates: bool) -> Result
         objects,
         bad,
         bom,
-        run_id: run_id(&content_hash, chunk_size),
+        run_id: run_id(&content_hash, chunk_size, options.job),
+        content: content_hash.iter().map(|b| format!("{b:02x}")).collect(),
     })
 }
 
@@ -220,7 +243,7 @@ fn scan_lines(
     path: &Path,
     mut reader: BufReader<File>,
     bom: bool,
-    builder: &mut ChunkBuilder,
+    builder: &mut ChunkBuilder<'_>,
     bad: &mut Vec<BadRecord>,
     hasher: &mut Sha256,
 ) -> Result<(), InputError> {
@@ -241,9 +264,7 @@ fn scan_lines(
         let (start, record) = trim_record(&line[skip_bom..]);
         if !record.is_empty() {
             let record_offset = offset + (skip_bom + start) as u64;
-            match parse_record(record)
-                .and_then(|user| builder.accept(&user, record_offset, record.len() as u64, number))
-            {
+            match builder.accept(record, record_offset, number) {
                 Ok(()) => {}
                 Err(error) => {
                     let error = if !line.ends_with(b"\n") && error.contains("EOF") {
@@ -359,7 +380,7 @@ fn scan_array(
     path: &Path,
     reader: BufReader<File>,
     bom: bool,
-    builder: &mut ChunkBuilder,
+    builder: &mut ChunkBuilder<'_>,
     bad: &mut Vec<BadRecord>,
     hasher: &mut Sha256,
 ) -> Result<(), InputError> {
@@ -379,7 +400,7 @@ fn scan_array(
             walker.peek(hasher)?;
             let (offset, line, range) = walker.element(hasher)?;
             let len = range.len();
-            match parse_record(&walker.buf[range]).and_then(|user| builder.accept(&user, offset, len as u64, line)) {
+            match builder.accept(&walker.buf[range], offset, line) {
                 Ok(()) => {}
                 Err(error) => bad.push(BadRecord { line, offset, error }),
             }
@@ -460,9 +481,16 @@ impl ChunkReader {
     /// The chunk's valid records, joined with commas (the body of a JSON array, as the fetcher
     /// forwards it).
     pub fn read(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        Ok(self.read_with_lines(span)?.0)
+    }
+
+    /// [`ChunkReader::read`], and each record's input line when they are not consecutive from
+    /// the chunk's first line (blank lines, skipped records, a pretty-printed array).
+    pub fn read_with_lines(&self, span: &ChunkSpan) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
         let mut out = Vec::with_capacity(span.len as usize + 2);
-        self.read_into(span, &mut out)?;
-        Ok(out)
+        let lines = self.read_into(span, &mut out)?;
+        let consecutive = lines.iter().enumerate().all(|(i, line)| *line == span.first_line + i as u64);
+        Ok((out, (!consecutive).then_some(lines)))
     }
 
     /// The chunk's valid records as one JSON array, for code that parses them.
@@ -474,7 +502,8 @@ impl ChunkReader {
         Ok(out)
     }
 
-    fn read_into(&self, span: &ChunkSpan, out: &mut Vec<u8>) -> Result<(), InputError> {
+    /// Appends the chunk's records, comma-separated, to `out`; returns each record's line.
+    fn read_into(&self, span: &ChunkSpan, out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
         let mut raw = vec![0u8; span.len as usize];
         self.file
             .read_exact_at(&mut raw, span.offset)
@@ -499,11 +528,16 @@ impl ChunkReader {
             })?,
         };
         let mut taken = 0u32;
+        let mut lines = Vec::with_capacity(span.objects as usize);
+        let (mut line, mut counted) = (span.first_line, 0usize);
         for range in ranges {
             let offset = span.offset + range.start as u64;
+            line += raw[counted..range.start].iter().filter(|b| **b == b'\n').count() as u64;
+            counted = range.start;
             if self.bad_offsets.binary_search(&offset).is_ok() {
                 continue;
             }
+            lines.push(line);
             // The scan checked every byte; a record that is no longer UTF-8 was rewritten since,
             // and must not reach a mapper (it could not decode the chunk at all).
             if let Err(e) = std::str::from_utf8(&raw[range.clone()]) {
@@ -532,7 +566,7 @@ impl ChunkReader {
                 ),
             });
         }
-        Ok(())
+        Ok(lines)
     }
 }
 
@@ -540,6 +574,36 @@ impl ChunkReader {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// The users schema, as the digest job checks it (the real one lives in the transform crate).
+    fn users_check(record: &[u8]) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct User {
+            uuid: String,
+            #[serde(rename = "fn")]
+            first: String,
+            #[serde(rename = "ln")]
+            last: String,
+            friends: Vec<String>,
+        }
+        let user: User = serde_json::from_slice(record).map_err(|e| e.to_string())?;
+        uuid::Uuid::try_parse(&user.uuid).map(|_| ()).map_err(|e| format!("field `uuid` is not a UUID: {e}"))
+    }
+
+    fn uuid_of(record: &[u8]) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Id {
+            uuid: String,
+        }
+        serde_json::from_slice::<Id>(record).ok().map(|i| i.uuid)
+    }
+
+    const USERS: ScanOptions<'static> = ScanOptions { check: Some(&users_check), id: Some(&uuid_of), job: "users" };
+
+    fn scan(path: &Path, chunk_size: u32) -> Result<InputIndex, InputError> {
+        super::scan(path, chunk_size, &USERS)
+    }
 
     fn user(i: u32) -> String {
         format!(r#"{{"uuid":"00000000-0000-4000-8000-{i:012}","fn":"F{i}","ln":"L{i}","friends":[]}}"#)
@@ -619,7 +683,7 @@ mod tests {
         let lines: Vec<u64> = index.bad.iter().map(|b| b.line).collect();
         assert_eq!(lines, vec![2, 3, 6], "{:?}", index.bad);
         assert!(
-            index.bad[0].error.contains("duplicate uuid") && index.bad[0].error.contains("line 1"),
+            index.bad[0].error.contains("duplicate id") && index.bad[0].error.contains("line 1"),
             "{:?}",
             index.bad[0]
         );
@@ -665,6 +729,23 @@ mod tests {
     }
 
     #[test]
+    fn records_come_with_their_lines_when_they_are_not_consecutive() {
+        let text = format!("{}\n\n{}\nnot json\n{}\n", user(0), user(1), user(2));
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 10).expect("scan");
+        let reader = ChunkReader::open(&index).expect("open");
+        let (_, lines) = reader.read_with_lines(&index.chunks[0]).expect("read");
+        assert_eq!(lines, Some(vec![1, 3, 5]));
+        let dense = write(format!("{}\n{}\n", user(0), user(1)).as_bytes());
+        let index = scan(dense.path(), 10).expect("scan");
+        assert_eq!(ChunkReader::open(&index).expect("open").read_with_lines(&index.chunks[0]).expect("read").1, None);
+        let array = write(format!("[\n  {},\n\n  {}\n]", user(0), user(1)).as_bytes());
+        let index = scan(array.path(), 10).expect("scan");
+        let lines = ChunkReader::open(&index).expect("open").read_with_lines(&index.chunks[0]).expect("read").1;
+        assert_eq!(lines, Some(vec![2, 4]));
+    }
+
+    #[test]
     fn a_bom_is_skipped() {
         let text = format!("\u{feff}{}\n{}\n", user(0), user(1));
         let file = write(text.as_bytes());
@@ -693,13 +774,25 @@ mod tests {
     }
 
     #[test]
-    fn run_id_depends_on_content_and_chunk_size() {
+    fn run_id_depends_on_content_chunk_size_and_job() {
         let a = write(format!("{}\n", user(0)).as_bytes());
         let b = write(format!("{}\n", user(1)).as_bytes());
         let id = |f: &tempfile::NamedTempFile, size| scan(f.path(), size).expect("scan").run_id;
         assert_eq!(id(&a, 100), id(&a, 100));
         assert_ne!(id(&a, 100), id(&b, 100));
         assert_ne!(id(&a, 100), id(&a, 50));
+        let other_job = ScanOptions { job: "another job", ..USERS };
+        assert_ne!(super::scan(a.path(), 100, &other_job).expect("scan").run_id, id(&a, 100));
         assert!(crate::protocol::is_valid_run_id(&id(&a, 100)));
+    }
+
+    #[test]
+    fn any_json_object_is_a_record_without_a_job_check() {
+        let file = write(b"{\"a\":1}\n{\"b\":[true,null]}\n[1]\n\"text\"\n{\"a\":1}\n");
+        let index = super::scan(file.path(), 10, &ScanOptions::default()).expect("scan");
+        assert_eq!(index.objects, 3, "{:?}", index.bad);
+        let lines: Vec<u64> = index.bad.iter().map(|b| b.line).collect();
+        assert_eq!(lines, vec![3, 4]);
+        assert!(index.bad[0].error.contains("expected a JSON object"), "{:?}", index.bad);
     }
 }

@@ -65,6 +65,59 @@ pub fn check_object(bytes: &[u8]) -> Result<(), JsonError> {
     }
 }
 
+/// `json` (one valid JSON value) without the whitespace outside its strings, so that it fits on
+/// one line: a JSON Lines record, a line to a command, a line of the file sink. Borrowed when
+/// there was nothing to remove (the usual case: compact JSON).
+pub fn compact(json: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let trimmed = {
+        let start = json.iter().position(|b| !is_ws(*b)).unwrap_or(json.len());
+        let end = json.iter().rposition(|b| !is_ws(*b)).map_or(start, |e| e + 1);
+        &json[start..end]
+    };
+    // Where the first whitespace outside a string is, if anywhere: usually nowhere.
+    let (mut in_string, mut escaped) = (false, false);
+    let mut first = None;
+    for (i, &b) in trimmed.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if is_ws(b) {
+            first = Some(i);
+            break;
+        }
+    }
+    let Some(first) = first else { return std::borrow::Cow::Borrowed(trimmed) };
+    let mut out = Vec::with_capacity(trimmed.len());
+    out.extend_from_slice(&trimmed[..first]);
+    for &b in &trimmed[first..] {
+        if in_string {
+            out.push(b);
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+            out.push(b);
+        } else if !is_ws(b) {
+            out.push(b);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
 fn memchr_backslash(bytes: &[u8]) -> bool {
     bytes.contains(&b'\\')
 }
@@ -130,6 +183,13 @@ mod tests {
         assert!(matches!(check_object(br#"{"a":"\ud800\u0041"}"#), Err(JsonError::LoneSurrogate { .. })));
         assert_eq!(check_object(br#"{"a":"\ud83d\ude00 \u00e9 \\ud800 \"\\"}"#), Ok(()));
         assert_eq!(check_object(br#"{"\\":"\\u","b":"\u0000"}"#), Ok(()));
+    }
+
+    #[test]
+    fn compacting_removes_whitespace_outside_strings_only() {
+        assert_eq!(&*compact(b" {\"a b\": [1, \"x \\\" y\"],\n \"c\":\t2} "), b"{\"a b\":[1,\"x \\\" y\"],\"c\":2}");
+        assert!(matches!(compact(b"{\"a\":1}"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(compact(b"{\"name\":\"Ada Lovelace\"}"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

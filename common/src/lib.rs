@@ -1,6 +1,5 @@
 //! What chunkmill's services share, and nothing else: the wire protocol and the pipeline events,
-//! the transform (the mapper runs it, `saver verify` checks against it), the input reader (the fetcher chunks it,
-//! `saver verify` re-reads it), configuration shared by every binary, the NATS connection, logging,
+//! strict JSON, the input reader (the fetcher chunks it, `saver verify` re-reads it), configuration shared by every binary, the NATS connection, logging,
 //! shutdown, and (behind the `test-support` feature) the integration-test harness.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -15,7 +14,6 @@ pub mod protocol;
 pub mod shutdown;
 pub mod telemetry;
 pub mod text;
-pub mod transform;
 
 #[cfg(feature = "test-support")]
 pub mod harness;

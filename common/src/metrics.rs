@@ -20,6 +20,9 @@ use crate::nats::ConnectionState;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Short git commit, or `unknown`.
 pub const COMMIT: &str = env!("CHUNKMILL_GIT_COMMIT");
+/// What every binary's `--version` prints after its name: `0.2.0 (commit 1a2b3c4d5e6f, protocol 2)`.
+pub const LONG_VERSION: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CHUNKMILL_GIT_COMMIT"), ", protocol 2)");
 
 /// Metrics every service has, in the service's registry.
 #[derive(Clone)]

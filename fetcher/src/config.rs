@@ -20,7 +20,7 @@ fn parse_lock_ttl(text: &str) -> Result<Duration, String> {
 /// chunkmill fetcher: reads the input, hands chunks to mappers that ask, and keeps the ledger
 /// until savers confirm every chunk.
 #[derive(Debug, Parser)]
-#[command(name = "fetcher", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(name = "fetcher", version = common::metrics::LONG_VERSION, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     /// A helper command instead of running the pipeline.
     #[command(subcommand)]
@@ -34,13 +34,16 @@ pub struct Cli {
 /// Helper commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Write a deterministic data set of mock users.
+    /// Write a deterministic data set (mock users, or shop orders).
     Generate(GenerateArgs),
 }
 
 /// `fetcher generate`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
+    /// What to generate: `users` (the digest job's data) or `orders` (for jq and command jobs).
+    #[arg(long, value_enum, default_value = "users")]
+    pub kind: crate::generate::Kind,
     /// Number of objects.
     #[arg(long, default_value_t = 100_000)]
     pub objects: u64,
@@ -55,7 +58,8 @@ pub struct GenerateArgs {
     pub format: OutputFormat,
 }
 
-/// What to do with input records that are not valid user objects.
+/// What to do with input records that are not valid (not strict JSON objects, refused by the
+/// job's own check such as the digest's users schema, or a repeated id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BadRecords {
     /// Refuse to start and list them: nothing runs on data you did not expect.
@@ -90,6 +94,16 @@ pub struct Config {
     #[arg(long, env = "FETCHER_INPUT", required = true)]
     pub input: Option<PathBuf>,
 
+    /// The job: what each object becomes.
+    #[command(flatten)]
+    pub job: transform::JobArgs,
+
+    /// Start this run although the state directory holds an unfinished run of the same input
+    /// with another job (by default the fetcher refuses: a changed flag, or a restart with
+    /// another configuration, would otherwise leave the old run half done).
+    #[arg(long, env = "FETCHER_NEW_RUN")]
+    pub new_run: bool,
+
     /// Objects per chunk.
     #[arg(long, env = "FETCHER_CHUNK_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: u32,
@@ -115,8 +129,8 @@ pub struct Config {
     #[arg(long, env = "FETCHER_STATE_DIR", default_value = "state")]
     pub state_dir: PathBuf,
 
-    /// Skip the duplicate-uuid check of the input scan. The check holds every uuid in memory
-    /// during the scan (about 70 bytes per object); skip it only for very large inputs whose ids
+    /// Skip the duplicate-id check of the input scan (ids at --id-field). The check holds a
+    /// 16-byte hash of every id during the scan; skip it only for very large inputs whose ids
     /// are known to be unique.
     #[arg(long, env = "FETCHER_NO_DUPLICATE_CHECK")]
     pub no_duplicate_check: bool,
@@ -153,6 +167,8 @@ impl Config {
     pub fn new(input: impl Into<PathBuf>, nats: NatsArgs) -> Self {
         Config {
             input: Some(input.into()),
+            job: transform::JobArgs::default(),
+            new_run: false,
             chunk_size: 100,
             lease_timeout: Duration::from_secs(5),
             max_attempts: 3,

@@ -1,13 +1,14 @@
-//! The data generator: the course's mock users, deterministically. Same seed, same bytes.
-//! Friendships are symmetric and only between users of the same 100-object block, each pair
-//! with probability 3/50, as the course's mock API does.
+//! The data generator, deterministic (same seed, same bytes): the course's mock users
+//! (`--kind users`; friendships are symmetric and only between users of the same 100-object
+//! block, each pair with probability 3/50, as the course's mock API does), or shop orders
+//! (`--kind orders`: a data set that is not users, for jq and command jobs).
 
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use common::transform::InputUser;
+use transform::digest::InputUser;
 
 const FIRST_NAMES: &[&str] = &[
     "Ada",
@@ -107,14 +108,81 @@ pub enum OutputFormat {
     Array,
 }
 
-/// Writes `objects` users generated from `seed` to `output`.
-pub fn generate(objects: u64, seed: u64, format: OutputFormat, output: &Path) -> std::io::Result<()> {
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
+/// What to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// The course's users (`uuid`, `fn`, `ln`, `friends`): the digest job's data.
+    Users,
+    /// Shop orders (`order_id`, `customer`, `items` with `sku`, `qty`, `price`, `created`).
+    Orders,
+}
+
+/// Writes `objects` objects of `kind` generated from `seed` to `output`: into a temporary file
+/// beside it, fsynced, then renamed, so a generator killed half-way never leaves a shorter file
+/// behind that would look like a new data set.
+pub fn generate(kind: Kind, objects: u64, seed: u64, format: OutputFormat, output: &Path) -> std::io::Result<()> {
+    let dir = match output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => {
+            std::fs::create_dir_all(parent)?;
+            parent.to_path_buf()
+        }
+        None => std::path::PathBuf::from("."),
+    };
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        match kind {
+            Kind::Users => write_users(objects, seed, format, &mut out)?,
+            Kind::Orders => write_orders(objects, seed, format, &mut out)?,
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, output)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(output)?);
-    write_users(objects, seed, format, &mut out)?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    written
+}
+
+const SKUS: &[&str] = &["kb-101", "ms-202", "mn-303", "hd-404", "ssd-505", "cbl-606", "cam-707", "mic-808"];
+
+/// Writes shop orders: 1 to 5 items each, prices in cents, a customer id, a creation time.
+pub fn write_orders(objects: u64, seed: u64, format: OutputFormat, out: &mut impl Write) -> std::io::Result<()> {
+    let mut rng = SplitMix64(seed);
+    if format == OutputFormat::Array {
+        out.write_all(b"[\n")?;
+    }
+    for n in 0..objects {
+        let items: Vec<serde_json::Value> = (0..1 + rng.below(5))
+            .map(|_| {
+                serde_json::json!({
+                    "sku": SKUS[rng.below(SKUS.len() as u64) as usize],
+                    "qty": 1 + rng.below(4),
+                    "price": 199 + rng.below(20_000),
+                })
+            })
+            .collect();
+        let country = ["FI", "SE", "DE", "FR", "JP"][rng.below(5) as usize];
+        let order = serde_json::json!({
+            "order_id": format!("o-{seed}-{n:09}"),
+            "customer": {"id": format!("c-{:06}", rng.below(50_000)), "country": country},
+            "items": items,
+            "created": 1_764_000_000 + n * 7,
+        });
+        if format == OutputFormat::Array && n > 0 {
+            out.write_all(b",\n")?;
+        }
+        serde_json::to_writer(&mut *out, &order)?;
+        if format == OutputFormat::Jsonl {
+            out.write_all(b"\n")?;
+        }
+    }
+    if format == OutputFormat::Array {
+        out.write_all(b"\n]\n")?;
+    }
+    Ok(())
 }
 
 /// Writes the users to any writer (the file generator and the benchmarks use it).
@@ -206,6 +274,30 @@ mod tests {
         let friendships = pairs / 2;
         assert!((2600..3350).contains(&friendships), "{friendships} friendships");
         assert!(parsed.iter().all(|u| u.check().is_ok()));
+    }
+
+    #[test]
+    fn orders_are_objects_with_unique_ids_and_items() {
+        let mut out = Vec::new();
+        write_orders(500, 2, OutputFormat::Jsonl, &mut out).expect("in memory");
+        let orders: Vec<serde_json::Value> = out
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("valid"))
+            .collect();
+        let ids: std::collections::HashSet<&str> = orders.iter().map(|o| o["order_id"].as_str().expect("id")).collect();
+        assert_eq!(ids.len(), 500);
+        assert!(orders.iter().all(|o| (1..=5).contains(&o["items"].as_array().expect("items").len())));
+    }
+
+    #[test]
+    fn a_generated_file_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let output = dir.path().join("users.jsonl");
+        generate(Kind::Users, 300, 1, OutputFormat::Jsonl, &output).expect("generate");
+        assert_eq!(std::fs::read(&output).expect("file"), users(300, 1));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("list").flatten().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file stays behind");
     }
 
     #[test]

@@ -208,6 +208,18 @@ impl Ledger {
         }
     }
 
+    /// The chunk [`Ledger::lease`] would hand out next, if any (without leasing it): the
+    /// fetcher sizes a reply before it leases.
+    pub fn next_pending(&mut self) -> Option<u32> {
+        while let Some(&chunk) = self.pending.front() {
+            if self.state[chunk as usize] == ChunkState::Pending {
+                return Some(chunk);
+            }
+            self.pending.pop_front(); // done by a late ack, or given up on, while queued
+        }
+        None
+    }
+
     /// Leases the next pending chunk to `mapper` for `ttl`, if any.
     pub fn lease(&mut self, mapper: &str, now: Instant, ttl: Duration) -> Option<Grant> {
         while let Some(chunk) = self.pending.pop_front() {
@@ -294,7 +306,7 @@ impl Ledger {
 
     /// What [`Ledger::ack`] would answer, without changing anything: the fetcher records the
     /// chunks that would become done durably first, and only then applies the acks.
-    pub fn check_ack(&self, chunk: u64, objects: u64) -> AckVerdict {
+    pub fn check_ack(&self, chunk: u64, objects: u64, dead: u64) -> AckVerdict {
         let Some(index) = u32::try_from(chunk).ok().filter(|c| (*c as usize) < self.state.len()) else {
             return AckVerdict::Unknown;
         };
@@ -303,6 +315,7 @@ impl Ledger {
         }
         match self.state[index as usize] {
             ChunkState::Done => AckVerdict::AlreadyDone,
+            ChunkState::Dead if dead >= objects => AckVerdict::AlreadyDone,
             _ => AckVerdict::Done,
         }
     }
@@ -324,6 +337,8 @@ impl Ledger {
                 self.stats.acks_duplicate += 1;
                 AckVerdict::AlreadyDone
             }
+            // The sink's record of a dead-lettered chunk (every object dead): it stays dead.
+            ChunkState::Dead if dead >= objects => AckVerdict::AlreadyDone,
             _ => {
                 if !matches!(self.leases.get(&index), Some(current) if current.id == lease) {
                     self.stats.acks_late += 1;
@@ -459,13 +474,27 @@ mod tests {
         let mut l = ledger(2);
         let now = Instant::now();
         let g = l.lease("m", now, TTL).expect("pending");
-        assert_eq!(l.check_ack(u64::from(g.chunk), 100), AckVerdict::Done);
-        assert_eq!(l.check_ack(u64::from(g.chunk), 7), AckVerdict::Unknown);
-        assert_eq!(l.check_ack(99, 100), AckVerdict::Unknown);
+        assert_eq!(l.check_ack(u64::from(g.chunk), 100, 0), AckVerdict::Done);
+        assert_eq!(l.check_ack(u64::from(g.chunk), 7, 0), AckVerdict::Unknown);
+        assert_eq!(l.check_ack(99, 100, 0), AckVerdict::Unknown);
         assert_eq!(l.state(g.chunk), Some(ChunkState::Leased), "a check is not an ack");
         assert_eq!((l.done(), l.stats().acks_done), (0, 0));
         assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100, 0), AckVerdict::Done);
-        assert_eq!(l.check_ack(u64::from(g.chunk), 100), AckVerdict::AlreadyDone);
+        assert_eq!(l.check_ack(u64::from(g.chunk), 100, 0), AckVerdict::AlreadyDone);
+    }
+
+    #[test]
+    fn the_sinks_record_of_a_dead_chunk_leaves_it_dead_and_saved_data_makes_it_done() {
+        let mut l = ledger(2);
+        l.give_up(0);
+        l.dead_letter(0);
+        l.give_up(1);
+        l.dead_letter(1);
+        assert_eq!(l.check_ack(0, 100, 100), AckVerdict::AlreadyDone);
+        assert_eq!(l.ack(0, Uuid::nil(), 100, 100), AckVerdict::AlreadyDone);
+        assert_eq!(l.state(0), Some(ChunkState::Dead));
+        assert_eq!(l.ack(1, Uuid::nil(), 100, 3), AckVerdict::Done, "a late result was saved after all");
+        assert_eq!((l.done(), l.dead()), (1, 1));
     }
 
     #[test]

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(Command::Generate(args)) = cli.command {
-        fetcher::generate::generate(args.objects, args.seed, args.format, &args.output)
+        fetcher::generate::generate(args.kind, args.objects, args.seed, args.format, &args.output)
             .with_context(|| format!("cannot write {}", args.output.display()))?;
         println!("wrote {} objects to {}", args.objects, args.output.display());
         return Ok(ExitCode::SUCCESS);

@@ -27,6 +27,7 @@ pub struct FetcherMetrics {
     store_errors: IntCounter,
     store_ok: IntGauge,
     refused: IntCounterVec,
+    mappers: IntGaugeVec,
     seen: LedgerStats,
     seen_objects: u64,
 }
@@ -101,13 +102,29 @@ impl FetcherMetrics {
                 "Well-formed requests refused to protect the fetcher, by reason",
                 "reason",
             ),
+            mappers: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "chunkmill_fetcher_mappers_asking",
+                        "Mappers that asked for work in the last 10 s, by whether they can run the run's job",
+                    ),
+                    &["able"],
+                )
+                .expect("valid metric"),
+            ),
             common,
             seen: LedgerStats::default(),
             seen_objects: 0,
         };
         // Make every labelled series exist from the start, so dashboards show 0, not "no data".
         metrics.store_ok.set(1);
-        metrics.refused.with_label_values(&["held_requests_full"]);
+        for reason in ["held_requests_full", "protocol_v1", "wrong_sink"] {
+            metrics.refused.with_label_values(&[reason]);
+        }
+        for able in ["true", "false"] {
+            metrics.mappers.with_label_values(&[able]);
+        }
         for state in ["pending", "leased", "done", "dead_lettered"] {
             metrics.chunks.with_label_values(&[state]);
         }
@@ -124,6 +141,12 @@ impl FetcherMetrics {
     pub fn start(&self, objects: u64) {
         self.started.set(unix_now());
         self.run_objects.set(objects as i64);
+    }
+
+    /// Mappers asking for work: able to run the job, and not.
+    pub fn mappers(&self, able: usize, unable: usize) {
+        self.mappers.with_label_values(&["true"]).set(able as i64);
+        self.mappers.with_label_values(&["false"]).set(unable as i64);
     }
 
     /// Counts a request refused for `reason`.

@@ -9,6 +9,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ledger::Ledger;
 
+/// The progress milestone (0, 10, ... 90) that `finished` of `total` chunks has passed; 100 % is
+/// not a milestone (the run's completion is announced instead).
+pub fn milestone(finished: u64, total: u64) -> u32 {
+    if total == 0 {
+        return 0;
+    }
+    ((finished * 100 / total) as u32 / 10 * 10).min(90)
+}
+
 /// Remembers what was last reported, to rate-limit and to compute rates.
 #[derive(Debug)]
 pub struct Progress {
@@ -61,8 +70,9 @@ impl Progress {
         (done > 0 && elapsed > 0.0).then(|| self.total_objects.saturating_sub(done) as f64 * elapsed / done as f64)
     }
 
-    /// The progress line, if one is due (or `force`d, for the last one).
-    pub fn line(&mut self, ledger: &Ledger, now: Instant, force: bool) -> Option<String> {
+    /// The progress line, if one is due (or `force`d, for the last one); `note` is appended
+    /// (e.g. that the mappers asking cannot run the job).
+    pub fn line(&mut self, ledger: &Ledger, now: Instant, force: bool, note: Option<&str>) -> Option<String> {
         let moved = ledger.done() + ledger.dead() != self.last_done;
         let due = match self.last_line {
             _ if force => true,
@@ -83,17 +93,18 @@ impl Progress {
         let eta = self.eta(ledger, now).map_or_else(|| "?".to_string(), |eta| format!("{eta:.0}s"));
         let total = ledger.len().max(1);
         let stats = ledger.stats();
+        let note = note.map(|n| format!("; {n}")).unwrap_or_default();
         if let Some(bar) = &self.bar {
             bar.set_position(ledger.done() + ledger.dead());
             bar.set_message(format!(
-                "{objects} objects, {rate:.0}/s, ETA {eta}, {} leased, {} re-leased",
+                "{objects} objects, {rate:.0}/s, ETA {eta}, {} leased, {} re-leased{note}",
                 ledger.leased(),
                 stats.re_leases
             ));
             return None;
         }
         Some(format!(
-            "progress {}/{} chunks ({:.1}%), {} objects, {:.0} objects/s, ETA {eta}, {} leased, {} re-leased, {} dead-lettered",
+            "progress {}/{} chunks ({:.1}%), {} objects, {:.0} objects/s, ETA {eta}, {} leased, {} re-leased, {} dead-lettered{note}",
             ledger.done(),
             ledger.len(),
             100.0 * (ledger.done() + ledger.dead()) as f64 / total as f64,
@@ -103,5 +114,21 @@ impl Progress {
             stats.re_leases,
             ledger.dead(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::milestone;
+
+    #[test]
+    fn milestones_are_tens_below_a_hundred() {
+        assert_eq!(milestone(0, 200), 0);
+        assert_eq!(milestone(19, 200), 0);
+        assert_eq!(milestone(20, 200), 10);
+        assert_eq!(milestone(199, 200), 90);
+        assert_eq!(milestone(200, 200), 90, "100 % is the completion, not a milestone");
+        assert_eq!(milestone(1, 3), 30, "a small run jumps straight to the highest milestone passed");
+        assert_eq!(milestone(0, 0), 0);
     }
 }

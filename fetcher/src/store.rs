@@ -19,6 +19,81 @@ pub enum Entry {
     Done(u32),
     /// The chunk is dead-lettered.
     Dead(u32),
+    /// The run saves into the sink with this identity (recorded with its first ack).
+    Sink(String),
+}
+
+impl Entry {
+    /// The log's text of the entry (`d 17`, `x 3`, `s <id>`), without the line end.
+    fn text(&self, separator: &str) -> String {
+        match self {
+            Entry::Done(chunk) => format!("d{separator}{chunk}"),
+            Entry::Dead(chunk) => format!("x{separator}{chunk}"),
+            Entry::Sink(id) => format!("s{separator}{id}"),
+        }
+    }
+}
+
+/// What a run is, written once when the run starts (`<run>.job.json`, or the key `<run>.job`):
+/// so that a fetcher started on the same input with another job can see the unfinished run it
+/// would leave behind, and people can see what a ledger belongs to.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    /// Run id.
+    pub run: String,
+    /// The input, as given.
+    pub input: String,
+    /// SHA-256 of the input's content (hex).
+    pub content: String,
+    /// Objects per chunk.
+    pub chunk_size: u32,
+    /// Chunks in the run.
+    pub chunks: u64,
+    /// Valid objects.
+    pub objects: u64,
+    /// The job (transform and id field).
+    pub job: serde_json::Value,
+    /// The job in a few words.
+    pub describe: String,
+}
+
+/// Another run of the same input in the store, and how far it got.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtherRun {
+    /// Its record.
+    pub record: RunRecord,
+    /// Its chunks done or dead-lettered.
+    pub finished: u64,
+}
+
+/// Parses one ledger entry (`d17` / `d 17` forms), or `None`.
+fn parse_entry(text: &str) -> Option<Entry> {
+    let (kind, rest) = text.split_at_checked(1)?;
+    let rest = rest.trim();
+    match kind {
+        "d" => rest.parse().ok().map(Entry::Done),
+        "x" => rest.parse().ok().map(Entry::Dead),
+        "s" if !rest.is_empty() => Some(Entry::Sink(rest.to_string())),
+        _ => None,
+    }
+}
+
+impl Recovered {
+    fn add(&mut self, entry: Entry) {
+        match entry {
+            Entry::Done(chunk) => self.done.push(chunk),
+            Entry::Dead(chunk) => self.dead.push(chunk),
+            Entry::Sink(id) => {
+                self.sink.get_or_insert(id);
+            }
+        }
+    }
+
+    /// Distinct chunks done or dead-lettered.
+    pub fn finished(&self) -> u64 {
+        let all: std::collections::HashSet<u32> = self.done.iter().chain(&self.dead).copied().collect();
+        all.len() as u64
+    }
 }
 
 /// What a previous incarnation recorded.
@@ -28,6 +103,8 @@ pub struct Recovered {
     pub done: Vec<u32>,
     /// Chunks dead-lettered.
     pub dead: Vec<u32>,
+    /// The run's sink, once its first ack was recorded.
+    pub sink: Option<String>,
 }
 
 /// Why the store failed.
@@ -71,8 +148,10 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Takes the directory's lock and opens (or creates) the run's log, returning what it holds.
-    pub fn open(dir: &Path, run: &str) -> Result<(Self, Recovered), StoreError> {
+    /// Takes the directory's lock, records the run (`<run>.job.json`, once) and opens (or
+    /// creates) its log; returns what the log holds, and the other runs of the same input.
+    pub fn open(dir: &Path, record: &RunRecord) -> Result<(Self, Recovered, Vec<OtherRun>), StoreError> {
+        let run = record.run.as_str();
         fs::create_dir_all(dir).map_err(io("create directory", dir))?;
         let lock_path = dir.join("fetcher.lock");
         let mut lock = OpenOptions::new()
@@ -98,7 +177,9 @@ impl FileStore {
         let durable_len = log.metadata().map_err(io("read the size of", &log_path))?.len();
         File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory", dir))?;
         let dead_letter = dir.join(format!("{run}.dead-letter.jsonl"));
-        Ok((FileStore { log, log_path, durable_len, dead_letter, _lock: lock }, recovered))
+        let others = other_runs(dir, record)?;
+        write_record(dir, record)?;
+        Ok((FileStore { log, log_path, durable_len, dead_letter, _lock: lock }, recovered, others))
     }
 
     /// Appends `entries` and makes them durable before returning.
@@ -108,10 +189,8 @@ impl FileStore {
         }
         let mut text = String::with_capacity(entries.len() * 8);
         for entry in entries {
-            match entry {
-                Entry::Done(chunk) => text.push_str(&format!("d {chunk}\n")),
-                Entry::Dead(chunk) => text.push_str(&format!("x {chunk}\n")),
-            }
+            text.push_str(&entry.text(" "));
+            text.push('\n');
         }
         let written = self
             .log
@@ -149,6 +228,47 @@ impl FileStore {
     }
 }
 
+/// Writes `<run>.job.json` unless it exists: a temporary file, fsynced, renamed, directory
+/// fsynced.
+fn write_record(dir: &Path, record: &RunRecord) -> Result<(), StoreError> {
+    let path = dir.join(format!("{}.job.json", record.run));
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = dir.join(format!(".{}.job.json.tmp", record.run));
+    let text = serde_json::to_string_pretty(record).unwrap_or_default() + "\n";
+    (|| -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    })()
+    .map_err(io("write", &path))
+}
+
+/// The runs recorded in `dir` with the same input and chunk size as `ours` but another job.
+fn other_runs(dir: &Path, ours: &RunRecord) -> Result<Vec<OtherRun>, StoreError> {
+    let mut others = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io("list", dir))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(run) = name.strip_suffix(".job.json") else { continue };
+        if run == ours.run || run.starts_with('.') {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(entry.path()) else { continue };
+        let Ok(record) = serde_json::from_str::<RunRecord>(&text) else {
+            tracing::warn!("ignoring {}: not a run record", entry.path().display());
+            continue;
+        };
+        if record.content == ours.content && record.chunk_size == ours.chunk_size {
+            let finished = read_log(&dir.join(format!("{run}.ledger")))?.finished();
+            others.push(OtherRun { record, finished });
+        }
+    }
+    Ok(others)
+}
+
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .unwrap_or_else(|_| fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string())
@@ -170,11 +290,9 @@ fn read_log(path: &Path) -> Result<Recovered, StoreError> {
         if n == 0 || !line.ends_with('\n') {
             break;
         }
-        let mut parts = line.split_whitespace();
-        match (parts.next(), parts.next().and_then(|c| c.parse::<u32>().ok())) {
-            (Some("d"), Some(chunk)) => recovered.done.push(chunk),
-            (Some("x"), Some(chunk)) => recovered.dead.push(chunk),
-            _ => tracing::warn!("ledger {}: ignoring unreadable line {:?}", path.display(), line.trim_end()),
+        match parse_entry(line.trim_end()) {
+            Some(entry) => recovered.add(entry),
+            None => tracing::warn!("ledger {}: ignoring unreadable line {:?}", path.display(), line.trim_end()),
         }
     }
     Ok(recovered)
@@ -223,16 +341,38 @@ async fn bucket(
     .map_err(|e| kv_error("create", name, e))
 }
 
+/// The entries of `run` in the batch keys among `keys`.
+async fn read_batches(
+    kv: &async_nats::jetstream::kv::Store,
+    name: &str,
+    keys: &[String],
+    run: &str,
+) -> Result<Recovered, StoreError> {
+    let mut recovered = Recovered::default();
+    let prefix = format!("{run}.b.");
+    for key in keys.iter().filter(|k| k.starts_with(&prefix)) {
+        let Some(value) = kv.get(key).await.map_err(|e| kv_error("read", name, e))? else { continue };
+        for item in String::from_utf8_lossy(&value).split(',') {
+            match parse_entry(item) {
+                Some(entry) => recovered.add(entry),
+                None => tracing::warn!("ledger bucket {name}: ignoring {item:?} in {key}"),
+            }
+        }
+    }
+    Ok(recovered)
+}
+
 impl KvStore {
     /// Takes the lock (entries expiring after `lock_ttl`) and reads the run's entries from
     /// bucket `name`.
     pub async fn open(
         client: &async_nats::Client,
         name: &str,
-        run: &str,
+        record: &RunRecord,
         owner: &str,
         lock_ttl: std::time::Duration,
-    ) -> Result<(Self, Recovered), StoreError> {
+    ) -> Result<(Self, Recovered, Vec<OtherRun>), StoreError> {
+        let run = record.run.as_str();
         use futures::StreamExt;
         let js = async_nats::jetstream::new(client.clone());
         let kv = bucket(&js, name, std::time::Duration::ZERO).await?;
@@ -251,40 +391,38 @@ impl KvStore {
             }
             Err(crate::kv_lock::TakeError::JetStream(e)) => return Err(kv_error("lock", &lock_name, e)),
         };
-        let mut recovered = Recovered::default();
-        let batch_prefix = format!("{run}.b.");
         let mut keys = kv.keys().await.map_err(|e| kv_error("list", name, e))?;
-        let mut batch_keys = Vec::new();
+        let mut all = Vec::new();
         while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| kv_error("list", name, e))?;
-            if key.starts_with(&batch_prefix) {
-                batch_keys.push(key);
+            all.push(key.map_err(|e| kv_error("list", name, e))?);
+        }
+        let recovered = read_batches(&kv, name, &all, run).await?;
+        let mut others = Vec::new();
+        for key in all.iter().filter(|k| k.ends_with(".job")) {
+            let other = key.trim_end_matches(".job");
+            if other == run {
+                continue;
+            }
+            let Some(value) = kv.get(key).await.map_err(|e| kv_error("read", name, e))? else { continue };
+            let Ok(other_record) = serde_json::from_slice::<RunRecord>(&value) else { continue };
+            if other_record.content == record.content && other_record.chunk_size == record.chunk_size {
+                let finished = read_batches(&kv, name, &all, other).await?.finished();
+                others.push(OtherRun { record: other_record, finished });
             }
         }
-        for key in batch_keys {
-            let Some(value) = kv.get(&key).await.map_err(|e| kv_error("read", name, e))? else { continue };
-            for item in String::from_utf8_lossy(&value).split(',') {
-                match (item.get(..1), item.get(1..).and_then(|c| c.parse::<u32>().ok())) {
-                    (Some("d"), Some(chunk)) => recovered.done.push(chunk),
-                    (Some("x"), Some(chunk)) => recovered.dead.push(chunk),
-                    _ => tracing::warn!("ledger bucket {name}: ignoring {item:?} in {key}"),
-                }
-            }
+        let job_key = format!("{run}.job");
+        if !all.contains(&job_key) {
+            let value = serde_json::to_vec(record).unwrap_or_default();
+            kv.put(job_key, value.into()).await.map_err(|e| kv_error("write", name, e))?;
         }
-        Ok((KvStore { kv, run: run.to_string(), lock }, recovered))
+        Ok((KvStore { kv, run: run.to_string(), lock }, recovered, others))
     }
 
-    async fn record(&self, entries: &[Entry]) -> Result<(), StoreError> {
+    async fn record_entries(&self, entries: &[Entry]) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let value: Vec<String> = entries
-            .iter()
-            .map(|e| match e {
-                Entry::Done(chunk) => format!("d{chunk}"),
-                Entry::Dead(chunk) => format!("x{chunk}"),
-            })
-            .collect();
+        let value: Vec<String> = entries.iter().map(|e| e.text("")).collect();
         let key = format!("{}.b.{}", self.run, uuid::Uuid::new_v4().simple());
         self.kv
             .put(key, value.join(",").into())
@@ -316,7 +454,7 @@ impl LedgerStore {
     pub async fn record(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         match self {
             LedgerStore::File(store) => store.record(entries),
-            LedgerStore::Kv(store) => store.record(entries).await,
+            LedgerStore::Kv(store) => store.record_entries(entries).await,
         }
     }
 
@@ -346,29 +484,127 @@ impl LedgerStore {
     }
 }
 
+/// Tracks failures of the durable store. While it fails, the fetcher answers no ack (the savers
+/// resend), reports not-ready, and says so once, then every 30 s with a count; it resumes by
+/// itself when a write succeeds again (space freed, say).
+pub struct StoreHealth {
+    /// The service's readiness flag (`/readyz`).
+    pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failing_since: Option<std::time::Instant>,
+    failures: u64,
+    last_reminder: std::time::Instant,
+}
+
+impl StoreHealth {
+    /// Healthy, reporting through `ready`.
+    pub fn new(ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        StoreHealth { ready, failing_since: None, failures: 0, last_reminder: std::time::Instant::now() }
+    }
+
+    /// The last write succeeded.
+    pub fn ok(&self) -> bool {
+        self.failing_since.is_none()
+    }
+
+    /// A write failed with `error`; `what` says what waits for it.
+    pub fn failed(&mut self, error: &StoreError, metrics: &crate::metrics::FetcherMetrics, what: &str) {
+        metrics.store_failed();
+        self.failures += 1;
+        self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        match self.failing_since {
+            None => {
+                self.failing_since = Some(now);
+                self.last_reminder = now;
+                tracing::error!(
+                    "{error}; {what}. The fetcher reports not-ready and resumes by itself once the store can be written (free space in --state-dir, or bring JetStream back)"
+                );
+            }
+            Some(since) if now.duration_since(self.last_reminder) >= std::time::Duration::from_secs(30) => {
+                self.last_reminder = now;
+                tracing::error!(
+                    "the ledger store still fails ({} failed writes in {:.0} s): {error}",
+                    self.failures,
+                    now.duration_since(since).as_secs_f64()
+                );
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// A write succeeded.
+    pub fn succeeded(&mut self, metrics: &crate::metrics::FetcherMetrics) {
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(
+                "the ledger store works again after {} failed writes in {:.1} s; serving acks again",
+                self.failures,
+                since.elapsed().as_secs_f64()
+            );
+            self.failures = 0;
+            metrics.store_recovered();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(run: &str, content: &str) -> RunRecord {
+        RunRecord {
+            run: run.into(),
+            input: "in.jsonl".into(),
+            content: content.into(),
+            chunk_size: 100,
+            chunks: 3,
+            objects: 300,
+            job: serde_json::json!({"transform": {"kind": "digest", "rounds": 1}}),
+            describe: "digest (1 rounds)".into(),
+        }
+    }
+
+    #[test]
+    fn the_sink_is_recorded_and_other_runs_of_the_same_input_are_found_with_their_progress() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (mut store, _, _) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
+            store.record(&[Entry::Sink("sink-a".into()), Entry::Done(0), Entry::Done(1)]).expect("record");
+        }
+        let (_store, recovered, others) =
+            FileStore::open(dir.path(), &record("2222222222222222", "same")).expect("open");
+        assert_eq!(recovered, Recovered::default());
+        assert_eq!(others.len(), 1);
+        assert_eq!((others[0].record.run.as_str(), others[0].finished), ("1111111111111111", 2));
+        drop(_store);
+        let (_, again, others) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
+        assert_eq!(again.sink.as_deref(), Some("sink-a"));
+        assert_eq!(others[0].record.run, "2222222222222222");
+        let (_, _, none) = FileStore::open(dir.path(), &record("3333333333333333", "other input"))
+            .map(|(s, r, o)| (drop(s), r, o))
+            .expect("open");
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn recorded_entries_survive_a_reopen_and_a_torn_line_is_ignored() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
-            let (mut store, recovered) = FileStore::open(dir.path(), "0123456789abcdef").expect("open");
-            assert_eq!(recovered, Recovered::default());
+            let (mut store, recovered, others) =
+                FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("open");
+            assert_eq!((recovered, others), (Recovered::default(), vec![]));
             store.record(&[Entry::Done(3), Entry::Done(5), Entry::Dead(7)]).expect("record");
         }
         let mut log = OpenOptions::new().append(true).open(dir.path().join("0123456789abcdef.ledger")).expect("log");
         log.write_all(b"d 9").expect("torn write");
-        let (_store, recovered) = FileStore::open(dir.path(), "0123456789abcdef").expect("reopen");
-        assert_eq!(recovered, Recovered { done: vec![3, 5], dead: vec![7] });
+        let (_store, recovered, _) = FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("reopen");
+        assert_eq!(recovered, Recovered { done: vec![3, 5], dead: vec![7], sink: None });
     }
 
     #[test]
     fn a_second_fetcher_on_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (_first, _) = FileStore::open(dir.path(), "0123456789abcdef").expect("first");
-        let err = FileStore::open(dir.path(), "0123456789abcdef").unwrap_err();
+        let (_first, _, _) = FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("first");
+        let err = FileStore::open(dir.path(), &record("0123456789abcdef", "c")).unwrap_err();
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
     }

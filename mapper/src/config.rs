@@ -1,25 +1,39 @@
-//! The mapper's command line. Every flag is also an environment variable.
+//! The mapper's command line. Every flag is also an environment variable. The job (what each
+//! object becomes) is not here: the fetcher owns it and tells the mappers; a mapper only says
+//! which transforms it can run, and which programs its operator allows (`--command`).
 
 use std::time::Duration;
 
 use clap::Parser;
 use common::config::{parse_duration, NatsArgs};
-use common::transform::DEFAULT_ROUNDS;
+use transform::command::{CommandOptions, CommandSpec};
 
-/// chunkmill mapper: asks the fetcher for chunks, transforms them on all cores, sends the results
-/// to a saver, and asks again.
+/// chunkmill mapper: asks the fetcher for chunks of any job it can run, transforms them on all
+/// cores, sends the results to a saver, and asks again.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "mapper", version)]
+#[command(name = "mapper", version = common::metrics::LONG_VERSION)]
 pub struct Config {
-    /// SHA-256 rounds per object (0: no digest, pure pipeline overhead).
-    #[arg(long, env = "MAPPER_ROUNDS", default_value_t = DEFAULT_ROUNDS)]
-    pub rounds: u32,
+    /// A program this mapper may run for a job's `--transform command --command NAME`:
+    /// `NAME=PROGRAM [ARGS...]` (quotes group words). Repeat the flag for more; in the
+    /// environment, MAPPER_COMMANDS holds one per line. The fetcher can only name these.
+    #[arg(long = "command", env = "MAPPER_COMMANDS", value_delimiter = '\n', value_parser = parse_command)]
+    pub commands: Vec<CommandSpec>,
 
-    /// Chunks held at once: one is transformed while others travel, so the cores never wait.
-    #[arg(long, env = "MAPPER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Longest a command may take for one object before its child is restarted and the object
+    /// retried, then dead-lettered.
+    #[arg(long, env = "MAPPER_COMMAND_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub command_timeout: Duration,
+
+    /// Child processes per command (0: one per transform thread).
+    #[arg(long, env = "MAPPER_COMMAND_WORKERS", default_value_t = 0)]
+    pub command_workers: usize,
+
+    /// Chunks held at once (leased and not yet saved): a few transform while others wait in
+    /// hand or travel to a saver, so the cores never wait for a round trip.
+    #[arg(long, env = "MAPPER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
 
-    /// Transform threads (0: one per core).
+    /// Transform threads (0: the CPUs this process may use, cgroup quota included).
     #[arg(long, env = "MAPPER_THREADS", default_value_t = 0)]
     pub threads: usize,
 
@@ -40,17 +54,38 @@ pub struct Config {
     pub nats: NatsArgs,
 }
 
+fn parse_command(text: &str) -> Result<CommandSpec, String> {
+    text.parse()
+}
+
 impl Config {
     /// Defaults for `nats` (tests and tools).
     pub fn new(nats: NatsArgs) -> Self {
         Config {
-            rounds: DEFAULT_ROUNDS,
-            concurrency: 4,
+            commands: Vec::new(),
+            command_timeout: Duration::from_secs(30),
+            command_workers: 0,
+            concurrency: 8,
             threads: 0,
             shutdown_grace: Duration::from_secs(20),
             exit_when_done: true,
             metrics_addr: "127.0.0.1:0".into(),
             nats,
         }
+    }
+
+    /// Transform threads: `--threads`, else the CPUs this process may use.
+    pub fn transform_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        // Rust's count follows the cgroup CPU quota (a pod's limit), not the node's cores.
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+
+    /// How command children run.
+    pub fn command_options(&self) -> CommandOptions {
+        let workers = if self.command_workers == 0 { self.transform_threads() } else { self.command_workers };
+        CommandOptions { workers, timeout: self.command_timeout, ..CommandOptions::default() }
     }
 }

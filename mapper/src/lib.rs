@@ -1,15 +1,24 @@
-//! The mapper: a worker that pulls chunks. Each of `--concurrency` workers asks the fetcher for a
-//! chunk (which is how a mapper announces it is ready), transforms it on the rayon pool, sends the
-//! result to a saver and waits for the saver's word that it is saved and acknowledged, then asks
-//! again. A heartbeat task extends every lease the mapper holds, so a slow mapper is never
-//! mistaken for a dead one; a lease the fetcher no longer recognises is dropped.
+//! The mapper: a generic worker that pulls chunks of any job it can run. Three stages keep its
+//! cores busy without ever holding more than `--concurrency` chunks:
 //!
-//! On shutdown the workers stop asking for work, finish what they hold within the grace period,
-//! and hand back (release) whatever is left, so the fetcher re-leases it at once.
+//! - the **pump** asks the fetcher for as many chunks as it has room for, in one request (which
+//!   is how a mapper says it is ready, and what it can run);
+//! - **transformers** take them in order and run the job's transform on the rayon pool
+//!   ([`work`]), never on tokio's thread;
+//! - each result is **delivered** to a saver by its own task, resent until a saver answers
+//!   `saved`, while the pump and transformers go on.
+//!
+//! A heartbeat extends every held lease three times per lease period, so a slow mapper is never
+//! mistaken for a dead one; a lease the fetcher no longer recognises is dropped. The job itself
+//! comes from the fetcher ([`jobs`]), never from this mapper's flags.
+//!
+//! On shutdown the pump stops, the chunks in hand are finished within the grace period, and
+//! whatever is left is handed back (released), so the fetcher re-leases it at once.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
+pub mod jobs;
 pub mod metrics;
 pub mod work;
 
@@ -21,10 +30,14 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, RequestErrorKind};
 use bytes::Bytes;
 use common::protocol::{
-    self, ExtendReply, ExtendRequest, LeaseRef, ReleaseReason, ReleaseRequest, ResultReply, ResultStatus, Subjects,
-    WorkReply, WorkReplyKind, WorkRequest, VERSION,
+    self, ChunkHead, ExtendReply, ExtendRequest, LeaseRef, ReleaseReason, ReleaseRequest, ResultReply, ResultStatus,
+    Subjects, WorkReply, WorkReplyKind, WorkRequest, VERSION,
 };
+use common::text::escaped;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use transform::Registry;
 
 pub use config::Config;
 
@@ -33,6 +46,10 @@ const RESULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a work request may be held by the fetcher when nothing is pending.
 const WORK_WAIT: Duration = Duration::from_secs(2);
+
+/// Chunks transformed at once: one more than fits the pool, so the next chunk is decoded and
+/// queued while the pool works.
+const TRANSFORMERS: usize = 2;
 
 /// Why the mapper could not start.
 #[derive(Debug, thiserror::Error)]
@@ -64,40 +81,100 @@ pub struct MapperSummary {
     pub given_back: u64,
 }
 
-/// Leases this mapper holds; `false` once the fetcher says the lease is gone.
-type Held = Arc<Mutex<HashMap<LeaseRef, bool>>>;
+/// A lease this mapper holds.
+struct Held {
+    /// False once the fetcher said the lease is gone.
+    alive: bool,
+    /// When the fetcher last confirmed it (leased or extended): a lease not confirmed for a
+    /// whole lease period is surely expired there, and its result not worth resending.
+    confirmed: Instant,
+}
 
-struct Shared {
+/// What every stage shares.
+pub(crate) struct Shared {
     client: Client,
     subjects: Subjects,
     name: String,
-    rounds: u32,
     pool: rayon::ThreadPool,
-    held: Held,
+    jobs: jobs::Jobs,
+    held: Mutex<HashMap<LeaseRef, Held>>,
     lease_ms: AtomicU64,
     chunks: AtomicU64,
     objects: AtomicU64,
     given_back: AtomicU64,
     metrics: metrics::MapperMetrics,
-    /// Wakes the heartbeat when a lease is taken, so its first beat comes within a third of it.
+    /// Wakes the heartbeat when a lease is taken, so it can beat sooner (never later).
     new_lease: tokio::sync::Notify,
     /// Cancelled when the run is over (exit-when-done) or the grace period ends.
     hard_stop: CancellationToken,
 }
 
-/// Runs the mapper until `shutdown` (then drains within the grace period) or, with
-/// `exit_when_done`, until the fetcher reports the run complete.
+impl Shared {
+    fn hold(&self, lease: LeaseRef) {
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(lease, Held { alive: true, confirmed: Instant::now() });
+        }
+        self.metrics.in_flight.inc();
+        self.new_lease.notify_one();
+    }
+
+    fn drop_lease(&self, lease: &LeaseRef) {
+        let removed = self.held.lock().map(|mut held| held.remove(lease).is_some()).unwrap_or(false);
+        if removed {
+            self.metrics.in_flight.dec();
+        }
+    }
+
+    /// Whether the lease is still ours as far as we know: not refused by the fetcher, and
+    /// confirmed within the last lease period.
+    fn still_ours(&self, lease: &LeaseRef) -> bool {
+        let period = Duration::from_millis(self.lease_ms.load(Ordering::Relaxed));
+        let held = self.held.lock();
+        held.ok()
+            .and_then(|held| held.get(lease).map(|h| h.alive && h.confirmed.elapsed() < period + period / 2))
+            .unwrap_or(false)
+    }
+}
+
+/// A leased chunk waiting for a transformer, with the room it takes.
+pub(crate) struct InHand {
+    /// The work reply it came in.
+    payload: Bytes,
+    /// Where its objects are in that reply.
+    objects: Vec<std::ops::Range<usize>>,
+    /// Its lease.
+    head: ChunkHead,
+    /// Run and job fingerprint of the reply.
+    run: String,
+    job: String,
+    /// Its room in `--concurrency` (none for a chunk beyond what was asked for).
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Runs the stock mapper (built-in transforms and the `--command` programs) until `shutdown`
+/// (then drains within the grace period) or, with `exit_when_done`, until the fetcher reports
+/// the run complete.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSummary, MapperError> {
-    let threads = if config.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        config.threads
-    };
+    run_with(config, Registry::builtin(), shutdown).await
+}
+
+/// [`run`] with extra transforms: a user's own Rust transforms registered by name, e.g.
+/// `mapper::run_with(config, Registry::builtin().with("mine", make_mine), shutdown)`.
+pub async fn run_with(
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<MapperSummary, MapperError> {
+    let threads = config.transform_threads();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("transform-{i}"))
         .build()
         .map_err(|source| MapperError::Pool { threads, source })?;
+    let mut registry = registry.with_command_options(config.command_options());
+    for command in &config.commands {
+        registry = registry.with_command(command.clone());
+    }
     let name = config.nats.instance_name("mapper");
     let metrics = metrics::MapperMetrics::new();
     let subjects = Subjects::new(&config.nats.subject_prefix);
@@ -107,17 +184,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
     let client =
         common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}"), &connection, &shutdown).await?;
     tracing::info!(
-        "mapper {name}: {} rounds, {} chunks at a time, {threads} transform threads",
-        config.rounds,
+        "mapper {}: runs {}; {} chunks in hand at most, {threads} transform threads",
+        escaped(&name),
+        registry.capabilities().join(", "),
         config.concurrency
     );
     let shared = Arc::new(Shared {
+        jobs: jobs::Jobs::new(registry),
         client,
         subjects,
         name,
-        rounds: config.rounds,
         pool,
-        held: Arc::default(),
+        held: Mutex::default(),
         lease_ms: AtomicU64::new(5000),
         chunks: AtomicU64::new(0),
         objects: AtomicU64::new(0),
@@ -127,10 +205,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
         hard_stop: CancellationToken::new(),
     });
     let heartbeat = tokio::spawn(heartbeat(shared.clone()));
-    let exit_when_done = config.exit_when_done;
-    let mut workers = tokio::task::JoinSet::new();
-    for id in 0..config.concurrency {
-        workers.spawn(worker(shared.clone(), id, shutdown.clone(), exit_when_done));
+    let room = Arc::new(Semaphore::new(config.concurrency as usize));
+    let (queue, chunks) = mpsc::channel::<InHand>(config.concurrency as usize);
+    let chunks = Arc::new(tokio::sync::Mutex::new(chunks));
+    let deliveries = TaskTracker::new();
+    let mut stages = tokio::task::JoinSet::new();
+    stages.spawn(pump(shared.clone(), room.clone(), queue, shutdown.clone(), config.exit_when_done));
+    for _ in 0..TRANSFORMERS {
+        stages.spawn(transformer(shared.clone(), chunks.clone(), deliveries.clone()));
     }
     let grace = config.shutdown_grace;
     let hard_stop = shared.hard_stop.clone();
@@ -143,7 +225,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
             hard_stop.cancel();
         }
     });
-    while workers.join_next().await.is_some() {}
+    while stages.join_next().await.is_some() {}
+    deliveries.close();
+    deliveries.wait().await;
     timer.abort();
     shared.hard_stop.cancel();
     heartbeat.abort();
@@ -155,12 +239,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<MapperSu
     };
     tracing::info!(
         "mapper {} stopped: {} chunks, {} objects saved, {} given back",
-        shared.name,
+        escaped(&shared.name),
         summary.chunks,
         summary.objects,
         summary.given_back
     );
     Ok(summary)
+}
+
+/// A whole mapper binary that runs `registry`'s transforms: parses the command line (including
+/// `--command`), logs, and runs until SIGTERM/Ctrl-C. A user's binary with their own Rust
+/// transforms is `fn main() -> ExitCode { mapper::main_with(Registry::builtin().with("mine", ...)) }`.
+pub fn main_with(registry: Registry) -> std::process::ExitCode {
+    use clap::Parser;
+    let config = Config::parse();
+    common::telemetry::init_logging();
+    // One tokio thread for messaging; the cores belong to the rayon transform pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mapper: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = common::shutdown::on_signals();
+        run_with(config, registry, shutdown).await
+    });
+    match result {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("mapper: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Sleeps `duration` unless `token` is cancelled first; true if it slept in full.
@@ -171,17 +284,41 @@ async fn pause(duration: Duration, token: &CancellationToken) -> bool {
     }
 }
 
-async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_when_done: bool) {
-    let request = protocol::encode(&WorkRequest {
-        v: VERSION,
-        mapper: shared.name.clone(),
-        wait_ms: WORK_WAIT.as_millis() as u64,
-    });
+/// Asks for as many chunks as there is room for, and queues them for the transformers. Ends on
+/// shutdown (or, with `exit_when_done`, when the run is complete); the queue then closes.
+async fn pump(
+    shared: Arc<Shared>,
+    room: Arc<Semaphore>,
+    queue: mpsc::Sender<InHand>,
+    shutdown: CancellationToken,
+    exit_when_done: bool,
+) {
     let mut warned = false;
     let mut backoff = Duration::from_millis(100);
+    let mut told_why = String::new();
     while !shutdown.is_cancelled() && !shared.hard_stop.is_cancelled() {
-        let asked =
-            async_nats::Request::new().payload(request.clone()).timeout(Some(WORK_WAIT + Duration::from_secs(3)));
+        // Wait for room for one chunk, then take whatever else is free: one request for all.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.hard_stop.cancelled() => break,
+            permit = room.clone().acquire_owned() => permit,
+        };
+        let Ok(first) = first else { break };
+        let mut permits = vec![first];
+        while permits.len() < protocol::MAX_CHUNKS_PER_REPLY as usize {
+            match room.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        let body = protocol::encode(&WorkRequest {
+            v: VERSION,
+            mapper: shared.name.clone(),
+            wait_ms: WORK_WAIT.as_millis() as u64,
+            max: permits.len() as u32,
+            can: shared.jobs.capabilities(),
+        });
+        let asked = async_nats::Request::new().payload(body).timeout(Some(WORK_WAIT + Duration::from_secs(3)));
         let waiting = Instant::now();
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -192,7 +329,7 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
         let message = match message {
             Ok(message) => {
                 if warned {
-                    tracing::info!("worker {id}: the fetcher answers again");
+                    tracing::info!("the fetcher answers again");
                 }
                 warned = false;
                 backoff = Duration::from_millis(100);
@@ -201,14 +338,14 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
             Err(e) => {
                 if !warned {
                     match e.kind() {
-                        RequestErrorKind::NoResponders => tracing::warn!(
-                            "worker {id}: no fetcher is listening on {}; waiting for one",
-                            shared.subjects.work
-                        ),
-                        _ => tracing::warn!("worker {id}: asking for work failed ({e}); retrying"),
+                        RequestErrorKind::NoResponders => {
+                            tracing::warn!("no fetcher is listening on {}; waiting for one", shared.subjects.work)
+                        }
+                        _ => tracing::warn!("asking for work failed ({e}); retrying"),
                     }
                     warned = true;
                 }
+                drop(permits);
                 pause(backoff, &shutdown).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -218,146 +355,200 @@ async fn worker(shared: Arc<Shared>, id: u32, shutdown: CancellationToken, exit_
             Ok(reply) => reply,
             Err(e) => {
                 shared.metrics.common.malformed(&message.subject);
-                // A chunk we cannot read is leased to us all the same: give it back as failed, so
-                // the fetcher counts it towards --max-attempts instead of re-leasing it forever.
-                if let Some(lease) = protocol::decode_lease_only(&message.payload) {
-                    let held = LeaseRef { chunk: lease.chunk, lease: lease.lease };
-                    let error = format!("the mapper cannot decode chunk {}: {e}", lease.chunk);
-                    tracing::error!(chunk = lease.chunk, "worker {id}: {error}; handing it back as failed");
-                    shared.metrics.failures.with_label_values(&["chunk"]).inc();
-                    shared.given_back.fetch_add(1, Ordering::Relaxed);
-                    release(&shared, held, ReleaseReason::Failed, error).await;
+                // Chunks we cannot read are leased to us all the same: give them back as failed,
+                // so the fetcher counts them towards --max-attempts instead of re-leasing them
+                // forever.
+                if let Some(leases) = protocol::decode_leases_only(&message.payload) {
+                    for lease in leases {
+                        let error = format!("the mapper cannot decode chunk {}: {e}", lease.chunk);
+                        tracing::error!(chunk = lease.chunk, "{error}; handing it back as failed");
+                        shared.metrics.failures.with_label_values(&["chunk"]).inc();
+                        shared.given_back.fetch_add(1, Ordering::Relaxed);
+                        release(&shared, lease, ReleaseReason::Failed, error).await;
+                    }
                     continue;
                 }
-                tracing::warn!(
-                    subject = %message.subject,
-                    "worker {id}: ignoring a work reply: {}",
-                    common::text::escaped(&e.to_string())
-                );
+                tracing::warn!(subject = %message.subject, "ignoring a work reply: {}", escaped(&e.to_string()));
+                drop(permits);
                 pause(Duration::from_secs(1), &shutdown).await;
                 continue;
             }
         };
-        match (reply.kind, reply.lease) {
-            (WorkReplyKind::Chunk, Some(lease)) => {
-                let held = LeaseRef { chunk: lease.chunk, lease: lease.lease };
-                shared.lease_ms.store(lease.lease_ms.max(100), Ordering::Relaxed);
-                process(&shared, held, message.payload).await;
+        match reply.kind {
+            WorkReplyKind::Chunks => {
+                let lease_ms = reply.lease_ms.unwrap_or(5000).max(100);
+                shared.lease_ms.store(lease_ms, Ordering::Relaxed);
+                let (run, job) = (reply.run.unwrap_or_default(), reply.job.unwrap_or_default());
+                let mut leased = Vec::with_capacity(reply.chunks.len());
+                for chunk in reply.chunks {
+                    match work::object_ranges(&message.payload, &chunk.objects) {
+                        Some(objects) => leased.push((chunk.head, objects)),
+                        None => tracing::error!(chunk = chunk.head.chunk, "a chunk's objects are not in its reply"),
+                    }
+                }
+                for (head, objects) in leased {
+                    shared.hold(LeaseRef { chunk: head.chunk, lease: head.lease });
+                    // A fetcher sends at most what was asked for; more would be kept all the same.
+                    let permit = permits.pop();
+                    let in_hand = InHand {
+                        payload: message.payload.clone(),
+                        objects,
+                        head,
+                        run: run.clone(),
+                        job: job.clone(),
+                        permit,
+                    };
+                    if queue.send(in_hand).await.is_err() {
+                        break;
+                    }
+                }
             }
-            (WorkReplyKind::Done, _) if exit_when_done => {
-                tracing::info!("worker {id}: the fetcher reports the run complete");
+            WorkReplyKind::Done if exit_when_done => {
+                tracing::info!("the fetcher reports the run complete");
                 shared.hard_stop.cancel();
                 break;
             }
-            (WorkReplyKind::Chunk, None) => {
-                tracing::warn!("worker {id}: a chunk reply without a lease; ignored");
-            }
-            (_, _) => {
+            kind => {
+                drop(permits);
+                if let Some(why) = reply.reason.filter(|why| *why != told_why) {
+                    tracing::warn!("the fetcher has no work for this mapper: {}", escaped(&why));
+                    told_why = why;
+                }
                 let retry = Duration::from_millis(reply.retry_ms.unwrap_or(500).min(5000));
-                pause(retry, &shutdown).await;
+                if kind == WorkReplyKind::Idle || kind == WorkReplyKind::Done {
+                    pause(retry, &shutdown).await;
+                }
             }
         }
     }
 }
 
-/// Transforms a leased chunk and delivers its result; gives the lease back if it cannot.
-async fn process(shared: &Arc<Shared>, lease: LeaseRef, payload: Bytes) {
-    shared.held.lock().map(|mut h| h.insert(lease, true)).ok();
-    shared.new_lease.notify_one();
-    shared.metrics.in_flight.inc();
-    let (rounds, name) = (shared.rounds, shared.name.clone());
-    let started = Instant::now();
-    let mapped = tokio::select! {
-        mapped = on_rayon(&shared.pool, move || work::map_chunk(&payload, rounds, &name)) => Some(mapped),
-        _ = shared.hard_stop.cancelled() => None,
-    };
-    let took = started.elapsed().as_secs_f64();
-    shared.metrics.busy.inc_by(took);
-    let outcome = match mapped {
-        // The grace period ended mid-transform: not the chunk's fault, hand it back as such.
-        None => Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down mid-transform".into()),
-        Some(Ok(mapped)) => {
-            shared.metrics.transform.observe(took);
-            if mapped.dead > 0 {
-                shared.metrics.failures.with_label_values(&["object"]).inc_by(mapped.dead);
-                tracing::warn!(
-                    chunk = lease.chunk,
-                    "chunk {}: {} objects could not be transformed; they go to the dead-letter record",
-                    lease.chunk,
-                    mapped.dead
-                );
-            }
-            deliver(shared, lease, Bytes::from(mapped.body), mapped.records).await
+/// Takes chunks from the queue in order, transforms each on the rayon pool, and starts its
+/// delivery. After shutdown it hands back what is still queued.
+async fn transformer(
+    shared: Arc<Shared>,
+    chunks: Arc<tokio::sync::Mutex<mpsc::Receiver<InHand>>>,
+    deliveries: TaskTracker,
+) {
+    loop {
+        let next = chunks.lock().await.recv().await;
+        let Some(in_hand) = next else { return };
+        let lease = LeaseRef { chunk: in_hand.head.chunk, lease: in_hand.head.lease };
+        if shared.hard_stop.is_cancelled() {
+            give_back(&shared, lease, ReleaseReason::Shutdown, "shutting down before transforming it".into()).await;
+            continue;
         }
-        Some(Err(error)) => Delivery::GiveBack(ReleaseReason::Failed, error),
-    };
+        if !shared.still_ours(&lease) {
+            lost(&shared, lease);
+            continue;
+        }
+        match work::transform_chunk(&shared, in_hand).await {
+            work::Transformed::Deliver { body, objects, permit } => {
+                let shared = shared.clone();
+                deliveries.spawn(async move {
+                    let outcome = deliver(&shared, lease, body).await;
+                    finish(&shared, lease, objects, outcome).await;
+                    drop(permit);
+                });
+            }
+            work::Transformed::Probed(permit) => {
+                shared.drop_lease(&lease);
+                release(&shared, lease, ReleaseReason::Probed, "probe finished".into()).await;
+                drop(permit);
+            }
+            work::Transformed::GiveBack(reason, error, permit) => {
+                if reason == ReleaseReason::Failed {
+                    shared.metrics.failures.with_label_values(&["chunk"]).inc();
+                    tracing::error!(chunk = lease.chunk, "chunk {} failed: {}", lease.chunk, escaped(&error));
+                }
+                give_back(&shared, lease, reason, error).await;
+                drop(permit);
+            }
+        }
+    }
+}
+
+/// What became of a delivered result.
+enum Delivery {
+    Saved,
+    LeaseLost,
+    GiveBack(ReleaseReason, String),
+}
+
+async fn finish(shared: &Arc<Shared>, lease: LeaseRef, objects: u64, outcome: Delivery) {
     match outcome {
-        Delivery::Saved(objects) => {
+        Delivery::Saved => {
+            shared.drop_lease(&lease);
             shared.chunks.fetch_add(1, Ordering::Relaxed);
             shared.objects.fetch_add(objects, Ordering::Relaxed);
             shared.metrics.chunks.inc();
             shared.metrics.objects.inc_by(objects);
         }
-        Delivery::LeaseLost => {
-            shared.given_back.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                chunk = lease.chunk,
-                "lease of chunk {} is no longer ours; dropping its result",
-                lease.chunk
-            );
-        }
+        Delivery::LeaseLost => lost(shared, lease),
         Delivery::GiveBack(reason, error) => {
-            shared.given_back.fetch_add(1, Ordering::Relaxed);
             if reason == ReleaseReason::Failed {
                 shared.metrics.failures.with_label_values(&["chunk"]).inc();
-                tracing::error!(chunk = lease.chunk, "chunk {} failed: {error}", lease.chunk);
+                tracing::error!(chunk = lease.chunk, "chunk {} failed: {}", lease.chunk, escaped(&error));
             }
-            release(shared, lease, reason, error).await;
+            give_back(shared, lease, reason, error).await;
         }
     }
-    shared.held.lock().map(|mut h| h.remove(&lease)).ok();
-    shared.metrics.in_flight.dec();
 }
 
-enum Delivery {
-    Saved(u64),
-    LeaseLost,
-    GiveBack(ReleaseReason, String),
+fn lost(shared: &Arc<Shared>, lease: LeaseRef) {
+    shared.drop_lease(&lease);
+    shared.given_back.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(chunk = lease.chunk, "lease of chunk {} is no longer ours; dropping its result", lease.chunk);
 }
 
-/// Sends the result to a saver until one confirms it saved and acknowledged, the lease is lost,
-/// or the grace period ends. Resending is safe: savers save idempotently.
-async fn deliver(shared: &Arc<Shared>, lease: LeaseRef, body: Bytes, objects: u64) -> Delivery {
+async fn give_back(shared: &Arc<Shared>, lease: LeaseRef, reason: ReleaseReason, error: String) {
+    shared.drop_lease(&lease);
+    shared.given_back.fetch_add(1, Ordering::Relaxed);
+    release(shared, lease, reason, error).await;
+}
+
+/// Sends a result to a saver until one answers `saved`: resent after `failed`, `not_acked`, a
+/// timeout or no responders, with backoff, while the lease is still ours.
+async fn deliver(shared: &Arc<Shared>, lease: LeaseRef, body: Bytes) -> Delivery {
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        if shared.held.lock().map(|h| h.get(&lease) == Some(&false)).unwrap_or(false) {
+        // `valid: false` from the heartbeat may come before the saver's `saved` for the same
+        // chunk (the saver acks the fetcher first): the chunk is done or lost, stop resending.
+        if !shared.still_ours(&lease) {
             return Delivery::LeaseLost;
         }
-        // Short: a saver that died holding the request never answers, and resending is safe.
+        if shared.hard_stop.is_cancelled() {
+            return Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down".into());
+        }
         let request = async_nats::Request::new().payload(body.clone()).timeout(Some(RESULT_TIMEOUT));
         let reply = tokio::select! {
-            _ = shared.hard_stop.cancelled() => return Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down".into()),
             reply = shared.client.send_request(shared.subjects.result.clone(), request) => reply,
+            _ = shared.hard_stop.cancelled() => return Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down".into()),
         };
         let problem = match reply {
             Ok(message) => match protocol::decode::<ResultReply>(&message.payload) {
-                Ok(ResultReply { status: ResultStatus::Saved, .. }) => return Delivery::Saved(objects),
+                Ok(ResultReply { status: ResultStatus::Saved, .. }) => return Delivery::Saved,
                 Ok(ResultReply { status: ResultStatus::Rejected, error, .. }) => {
                     return Delivery::GiveBack(
                         ReleaseReason::Failed,
-                        format!("the saver rejected the result: {}", common::text::escaped(&error.unwrap_or_default())),
+                        format!("the saver rejected the result: {}", escaped(&error.unwrap_or_default())),
                     );
                 }
                 Ok(ResultReply { status, error, .. }) => {
-                    format!("saver answered {status:?}: {}", common::text::escaped(&error.unwrap_or_default()))
+                    format!("saver answered {status:?}: {}", escaped(&error.unwrap_or_default()))
                 }
                 Err(e) => format!("unreadable saver reply: {e}"),
             },
             Err(e) if e.kind() == RequestErrorKind::MaxPayloadExceeded => {
                 return Delivery::GiveBack(
                     ReleaseReason::Failed,
-                    format!("result of chunk {} is {} bytes, over the NATS server's max_payload ({} bytes); lower the fetcher's --chunk-size", lease.chunk, body.len(), common::nats::max_payload(&shared.client)),
+                    format!(
+                        "result of chunk {} is {} bytes, over the NATS server's max_payload ({} bytes); lower the fetcher's --chunk-size",
+                        lease.chunk,
+                        body.len(),
+                        common::nats::max_payload(&shared.client)
+                    ),
                 );
             }
             Err(e) if e.kind() == RequestErrorKind::NoResponders => {
@@ -394,39 +585,52 @@ async fn release(shared: &Arc<Shared>, lease: LeaseRef, reason: ReleaseReason, e
     }
 }
 
-/// Extends every held lease a few times per lease period.
+/// Extends every held lease at least every third of the lease period. A new lease can make the
+/// next beat come sooner (its period may be shorter), never later: leases arriving all the time
+/// must not starve the ones already held.
 async fn heartbeat(shared: Arc<Shared>) {
+    let period = |shared: &Shared| {
+        Duration::from_millis(shared.lease_ms.load(Ordering::Relaxed) / 3).max(Duration::from_millis(30))
+    };
+    let mut next = tokio::time::Instant::now() + period(&shared);
     loop {
-        let period = Duration::from_millis(shared.lease_ms.load(Ordering::Relaxed) / 3).max(Duration::from_millis(30));
         tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            // A new lease may be shorter than the last: start over with its period.
-            _ = shared.new_lease.notified() => continue,
+            _ = tokio::time::sleep_until(next) => {}
+            _ = shared.new_lease.notified() => {
+                next = next.min(tokio::time::Instant::now() + period(&shared));
+                continue;
+            }
         }
+        let beat = period(&shared);
+        next = tokio::time::Instant::now() + beat;
         let leases: Vec<LeaseRef> = match shared.held.lock() {
-            Ok(held) => held.iter().filter(|(_, alive)| **alive).map(|(l, _)| *l).collect(),
+            Ok(held) => held.iter().filter(|(_, h)| h.alive).map(|(l, _)| *l).take(protocol::MAX_ITEMS).collect(),
             Err(_) => continue,
         };
+        // Nothing held: nothing to say.
         if leases.is_empty() {
             continue;
         }
+        let sent = Instant::now();
         let body = protocol::encode(&ExtendRequest { v: VERSION, mapper: shared.name.clone(), leases: leases.clone() });
-        let request = async_nats::Request::new().payload(body).timeout(Some(period.max(Duration::from_millis(500))));
+        let request = async_nats::Request::new().payload(body).timeout(Some(beat.max(Duration::from_millis(500))));
         match shared.client.send_request(shared.subjects.extend.clone(), request).await {
             Ok(message) => match protocol::decode::<ExtendReply>(&message.payload) {
                 Ok(reply) => {
                     shared.lease_ms.store(reply.lease_ms.max(100), Ordering::Relaxed);
                     if let Ok(mut held) = shared.held.lock() {
                         for (lease, valid) in leases.iter().zip(reply.valid) {
-                            if !valid {
-                                if let Some(alive) = held.get_mut(lease) {
-                                    *alive = false;
+                            if let Some(h) = held.get_mut(lease) {
+                                if valid {
+                                    h.confirmed = sent;
+                                } else {
+                                    h.alive = false;
                                 }
                             }
                         }
                     }
                 }
-                Err(e) => tracing::warn!("ignoring an extend reply: {e}"),
+                Err(e) => tracing::warn!("ignoring an extend reply: {}", escaped(&e.to_string())),
             },
             Err(e) => tracing::debug!("extending leases failed ({e}); retrying next beat"),
         }

@@ -1,144 +1,285 @@
-//! The CPU side of the mapper: turn one chunk (the fetcher's reply) into the saver's message.
-//! Runs on the rayon pool, never on tokio's threads. Each object is transformed on its own and
-//! inside `catch_unwind`, so one poison object becomes a dead-letter entry naming it, not a
-//! crashed mapper or a lost chunk.
+//! The CPU side of the mapper: one leased chunk through the job's transform into the saver's
+//! message. Runs on the rayon pool, never on tokio's threads; one object's failure (a refusal, a
+//! panic, a command that dies on it) becomes that object's dead-letter entry, never a lost
+//! chunk or a crashed mapper.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
 
-use common::protocol::{self, ChunkResult, DeadObject, WorkReply, VERSION};
-use common::transform::{parse_input, transform, MappedUser};
-use rayon::prelude::*;
+use bytes::Bytes;
+use common::protocol::{self, Cause, ChunkHead, DeadObject, ReleaseReason, ResultHead};
+use tokio::sync::OwnedSemaphorePermit;
+use transform::{ObjectError, Outputs, Transform};
+
+use crate::jobs::{Built, Unusable};
+use crate::{on_rayon, InHand, Shared};
+
+/// What to do with a chunk once it went through the transform.
+pub(crate) enum Transformed {
+    /// Send this result to a saver.
+    Deliver {
+        /// The encoded result.
+        body: Bytes,
+        /// Input objects in it.
+        objects: u64,
+        /// Its room in `--concurrency`, held until the result is saved.
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    /// A probe lease ran to its end: release it as `probed`.
+    Probed(Option<OwnedSemaphorePermit>),
+    /// Hand the lease back.
+    GiveBack(ReleaseReason, String, Option<OwnedSemaphorePermit>),
+}
 
 /// A transformed chunk, encoded for the saver.
 #[derive(Debug)]
 pub struct MappedChunk {
-    /// The encoded [`ChunkResult`].
+    /// The encoded result.
     pub body: Vec<u8>,
-    /// Records in it.
-    pub records: u64,
-    /// Objects dead-lettered in it.
+    /// Input objects.
+    pub objects: u64,
+    /// Of those, dead-lettered.
     pub dead: u64,
 }
 
-/// Transforms the chunk in `payload` (a work reply of type `chunk`) into an encoded
-/// [`ChunkResult`]. Errors only when the payload itself is unusable.
-pub fn map_chunk(payload: &[u8], rounds: u32, mapper: &str) -> Result<MappedChunk, String> {
-    let reply: WorkReply = protocol::decode(payload).map_err(|e| e.to_string())?;
-    let lease = reply.lease.ok_or("work reply without a lease")?;
-    let objects = reply.objects.ok_or("work reply without objects")?;
-    let outcomes: Vec<Result<MappedUser, DeadObject>> = objects
-        .par_iter()
-        .enumerate()
-        .map(|(index, raw)| map_one(index as u32, raw.get().as_bytes(), rounds))
-        .collect();
-    let mut records = Vec::with_capacity(outcomes.len());
-    let mut dead = Vec::new();
-    for outcome in outcomes {
-        match outcome {
-            Ok(record) => records.push(record),
-            Err(d) => dead.push(d),
-        }
-    }
-    let (saved, failed) = (records.len() as u64, dead.len() as u64);
-    let result = ChunkResult {
-        v: VERSION,
-        run: lease.run,
-        chunk: lease.chunk,
-        lease: lease.lease,
-        attempt: lease.attempt,
-        mapper: mapper.to_string(),
-        records,
-        dead,
+/// Runs `in_hand` through its job on the rayon pool.
+pub(crate) async fn transform_chunk(shared: &Arc<Shared>, in_hand: InHand) -> Transformed {
+    let InHand { payload, objects, head, run, job, permit } = in_hand;
+    let built = match shared.jobs.get(&shared.client, &shared.subjects.job, &shared.name, &job).await {
+        Ok(built) => built,
+        // Not the chunk's fault, nor ours for good: hand it back to be leased again.
+        Err(Unusable::Unknown(e)) => return Transformed::GiveBack(ReleaseReason::Shutdown, e, permit),
+        Err(Unusable::CannotRun(e)) => return Transformed::GiveBack(ReleaseReason::CannotRun, e, permit),
     };
-    let body = serde_json::to_vec(&result).map_err(|e| e.to_string())?;
-    Ok(MappedChunk { body, records: saved, dead: failed })
-}
-
-/// Fault injection for tests: the transform panics on the object with this id
-/// (`CHUNKMILL_TEST_PANIC_ID`), standing in for a poison object. Unset in production.
-fn poison_id() -> Option<&'static str> {
-    static POISON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    POISON.get_or_init(|| std::env::var("CHUNKMILL_TEST_PANIC_ID").ok().filter(|s| !s.is_empty())).as_deref()
-}
-
-fn map_one(index: u32, raw: &[u8], rounds: u32) -> Result<MappedUser, DeadObject> {
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        parse_input(raw).map(|user| {
-            if poison_id() == Some(user.uuid.as_ref()) {
-                panic!("poison object {} (CHUNKMILL_TEST_PANIC_ID)", user.uuid);
+    let (probe, chunk) = (head.probe, head.chunk);
+    let result_head = ResultHead {
+        run,
+        job,
+        chunk: head.chunk,
+        lease: head.lease,
+        attempt: head.attempt,
+        mapper: shared.name.clone(),
+    };
+    let started = Instant::now();
+    let mapped = tokio::select! {
+        mapped = on_rayon(&shared.pool, move || {
+            let inputs: Vec<&[u8]> = objects.iter().map(|r| &payload[r.clone()]).collect();
+            Ok(map_chunk(&inputs, &head, &result_head, &built))
+        }) => Some(mapped),
+        _ = shared.hard_stop.cancelled() => None,
+    };
+    let took = started.elapsed().as_secs_f64();
+    shared.metrics.busy.inc_by(took);
+    match mapped {
+        // The grace period ended mid-transform: not the chunk's fault, hand it back as such.
+        None => Transformed::GiveBack(ReleaseReason::Shutdown, "shutting down mid-transform".into(), permit),
+        Some(Err(error)) => Transformed::GiveBack(ReleaseReason::Failed, error, permit),
+        Some(Ok(_)) if probe => Transformed::Probed(permit),
+        Some(Ok(mapped)) => {
+            shared.metrics.transform.observe(took);
+            if mapped.dead > 0 {
+                shared.metrics.failures.with_label_values(&["object"]).inc_by(mapped.dead);
+                tracing::warn!(
+                    chunk,
+                    "chunk {chunk}: {} objects could not be transformed; they go to the dead-letter record",
+                    mapped.dead
+                );
             }
-            transform(&user, rounds)
-        })
-    }));
-    let error = match outcome {
-        Ok(Ok(record)) => return Ok(record),
-        Ok(Err(e)) => e,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            format!("the transform panicked: {what}")
+            Transformed::Deliver { body: Bytes::from(mapped.body), objects: mapped.objects, permit }
         }
-    };
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        uuid: String,
     }
-    let id = serde_json::from_slice::<IdOnly>(raw).ok().map(|u| u.uuid).filter(|id| id.len() <= protocol::MAX_ID);
-    Err(DeadObject { index, id, error: protocol::truncate_to(error, protocol::MAX_REASON) })
+}
+
+/// Where each object of a decoded work reply's chunk lies in the reply's bytes: a transformer
+/// slices them from the reply instead of decoding it again.
+pub(crate) fn object_ranges(payload: &[u8], objects: &[&serde_json::value::RawValue]) -> Option<Vec<Range<usize>>> {
+    let base = payload.as_ptr() as usize;
+    objects
+        .iter()
+        .map(|raw| {
+            let start = (raw.get().as_ptr() as usize).checked_sub(base)?;
+            let end = start + raw.get().len();
+            (end <= payload.len()).then_some(start..end)
+        })
+        .collect()
+}
+
+/// Fault injection for tests, never set in production: the object whose bytes hold this id
+/// (`CHUNKMILL_TEST_PANIC_ID`) makes the transform panic, standing in for a poison object; the
+/// one with `CHUNKMILL_TEST_ABORT_ID` aborts the whole mapper, standing in for an object that
+/// kills every process that touches it (a segfault, an OOM).
+fn hook(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|s| !s.is_empty()).map(|id| format!("\"{id}\""))
+}
+
+fn hooks() -> &'static (Option<String>, Option<String>) {
+    static HOOKS: std::sync::OnceLock<(Option<String>, Option<String>)> = std::sync::OnceLock::new();
+    HOOKS.get_or_init(|| (hook("CHUNKMILL_TEST_PANIC_ID"), hook("CHUNKMILL_TEST_ABORT_ID")))
+}
+
+/// The transform with the test hooks in front: they fire on the object whose id (the job's id
+/// field) is the hook's, or, for a job without ids, that holds it anywhere.
+struct Hooked<'a> {
+    inner: &'a dyn Transform,
+    id_field: Option<&'a transform::IdField>,
+    panic_on: Option<&'a str>,
+    abort_on: Option<&'a str>,
+}
+
+impl Hooked<'_> {
+    fn holds(&self, input: &[u8], marker: &str) -> bool {
+        match self.id_field {
+            Some(field) => field.extract(input).is_some_and(|id| format!("\"{id}\"") == marker),
+            None => input.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        }
+    }
+}
+
+impl Transform for Hooked<'_> {
+    fn apply(&self, input: &[u8], out: &mut Outputs) -> Result<(), ObjectError> {
+        if self.abort_on.is_some_and(|m| self.holds(input, m)) {
+            eprintln!("aborting on a poison object (CHUNKMILL_TEST_ABORT_ID)");
+            std::process::abort();
+        }
+        if let Some(marker) = self.panic_on.filter(|m| self.holds(input, m)) {
+            panic!("poison object {} (CHUNKMILL_TEST_PANIC_ID)", marker.trim_matches('"'));
+        }
+        self.inner.apply(input, out)
+    }
+}
+
+/// Transforms one chunk's objects under `built` and encodes the result. Objects the fetcher
+/// said to skip are dead-lettered as `killed` without being run.
+pub fn map_chunk(inputs: &[&[u8]], head: &ChunkHead, result: &ResultHead, built: &Built) -> MappedChunk {
+    let skip: HashMap<u32, &str> = head.skip.iter().map(|s| (s.index, s.error.as_str())).collect();
+    let run: Vec<usize> = (0..inputs.len()).filter(|i| !skip.contains_key(&(*i as u32))).collect();
+    let run_inputs: Vec<&[u8]> = run.iter().map(|&i| inputs[i]).collect();
+    let (panic_on, abort_on) = hooks();
+    let outcomes = if panic_on.is_some() || abort_on.is_some() {
+        let hooked = Hooked {
+            inner: built.transform.as_ref(),
+            id_field: built.job.id_field.as_ref(),
+            panic_on: panic_on.as_deref(),
+            abort_on: abort_on.as_deref(),
+        };
+        hooked.apply_chunk(&run_inputs)
+    } else {
+        built.transform.apply_chunk(&run_inputs)
+    };
+    let mut per_object: Vec<Option<Result<Outputs, ObjectError>>> = (0..inputs.len()).map(|_| None).collect();
+    for (i, outcome) in run.into_iter().zip(outcomes) {
+        per_object[i] = Some(outcome);
+    }
+    let ids: Option<Vec<Option<String>>> =
+        built.job.id_field.as_ref().map(|field| inputs.iter().map(|input| field.extract(input)).collect());
+    let mut dead = Vec::new();
+    let empty = Outputs::default();
+    for (i, outcome) in per_object.iter().enumerate() {
+        let (cause, error) = match outcome {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => (e.cause, e.message.clone()),
+            None => (Cause::Killed, skip.get(&(i as u32)).map(|s| s.to_string()).unwrap_or_default()),
+        };
+        dead.push(DeadObject {
+            index: i as u32,
+            id: ids.as_ref().and_then(|ids| ids[i].clone()).filter(|id| id.len() <= protocol::MAX_ID),
+            cause,
+            error: protocol::truncate_to(error, protocol::MAX_REASON),
+            line: Some(head.line_of(i)),
+        });
+    }
+    let values = per_object.iter().map(|o| match o {
+        Some(Ok(outputs)) => outputs.iter(),
+        _ => empty.iter(),
+    });
+    let body = protocol::encode_result(result, values, ids.as_deref(), &dead);
+    MappedChunk { body, objects: inputs.len() as u64, dead: dead.len() as u64 }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::protocol::{encode_chunk_reply, ChunkLease};
+    use common::protocol::{ChunkResult, Skip};
+    use transform::{JobArgs, Registry};
     use uuid::Uuid;
 
-    fn lease() -> ChunkLease {
-        ChunkLease {
-            run: "0123456789abcdef".into(),
+    fn head() -> ChunkHead {
+        ChunkHead {
             chunk: 3,
             lease: Uuid::from_u128(9),
             attempt: 1,
-            lease_ms: 5000,
             first_line: 301,
+            lines: None,
+            skip: vec![],
+            probe: false,
         }
     }
 
-    #[test]
-    fn a_chunk_maps_to_a_result_with_the_lease_and_one_record_per_object() {
-        let objects = br#"{"uuid":"6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Ada","ln":"Lovelace","friends":["a"]},{"uuid":"7f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Alan","ln":"Turing","friends":[]}"#;
-        let mapped = map_chunk(&encode_chunk_reply(&lease(), objects), 1, "m1").expect("maps");
-        assert_eq!((mapped.records, mapped.dead), (2, 0));
-        let bytes = mapped.body;
-        let result: ChunkResult = protocol::decode(&bytes).expect("valid result");
-        assert_eq!((result.chunk, result.lease, result.attempt), (3, Uuid::from_u128(9), 1));
-        assert_eq!(result.records.len(), 2);
-        assert_eq!(result.records[1].name, "Alan Turing");
-        assert_eq!(result.records[0].digest, common::transform::digest(&result.records[0].id, "Ada Lovelace", 1));
-        assert!(result.dead.is_empty());
+    fn result_head() -> ResultHead {
+        ResultHead {
+            run: "0123456789abcdef".into(),
+            job: "00000000000000aa".into(),
+            chunk: 3,
+            lease: Uuid::from_u128(9),
+            attempt: 1,
+            mapper: "m1".into(),
+        }
+    }
+
+    fn built(args: JobArgs) -> Built {
+        let job = args.job().unwrap();
+        Built { transform: Registry::builtin().build(&job.transform).unwrap(), job }
     }
 
     #[test]
-    fn a_bad_object_is_dead_lettered_by_index_and_id_and_the_rest_is_mapped() {
-        let objects = br#"{"uuid":"6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Ada","ln":"Lovelace","friends":[]},{"uuid":"not-a-uuid","fn":"X","ln":"Y","friends":[]},{"fn":7}"#;
-        let mapped = map_chunk(&encode_chunk_reply(&lease(), objects), 0, "m1").expect("maps");
-        assert_eq!((mapped.records, mapped.dead), (1, 2));
-        let bytes = mapped.body;
-        let result: ChunkResult = protocol::decode(&bytes).expect("valid result");
-        assert_eq!(result.records.len(), 1);
+    fn a_chunk_maps_to_one_result_with_outputs_per_object_and_ids() {
+        let inputs: Vec<&[u8]> = vec![
+            br#"{"uuid":"6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Ada","ln":"Lovelace","friends":["a"]}"#,
+            br#"{"uuid":"7f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Alan","ln":"Turing","friends":[]}"#,
+        ];
+        let mapped = map_chunk(&inputs, &head(), &result_head(), &built(JobArgs::digest(1)));
+        assert_eq!((mapped.objects, mapped.dead), (2, 0));
+        let result: ChunkResult = protocol::decode(&mapped.body).unwrap();
+        assert_eq!(result.head, result_head());
+        assert_eq!(result.outputs.len(), 2);
+        let second: serde_json::Value = serde_json::from_str(result.outputs[1][0].get()).unwrap();
+        assert_eq!(second["name"], "Alan Turing");
+        assert!(result.validate().is_ok());
+        assert_eq!(result.ids.unwrap()[0].as_deref(), Some("6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11"));
+    }
+
+    #[test]
+    fn refused_and_skipped_objects_are_dead_lettered_by_index_cause_and_line() {
+        let inputs: Vec<&[u8]> = vec![
+            br#"{"uuid":"6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Ada","ln":"Lovelace","friends":[]}"#,
+            br#"{"uuid":"not-a-uuid","fn":"X","ln":"Y","friends":[]}"#,
+            br#"{"uuid":"8f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"K","ln":"L","friends":[]}"#,
+        ];
+        let mut head = head();
+        head.skip = vec![Skip { index: 2, error: "its mapper died 3 times".into() }];
+        let mapped = map_chunk(&inputs, &head, &result_head(), &built(JobArgs::digest(0)));
+        let result: ChunkResult = protocol::decode(&mapped.body).unwrap();
+        assert_eq!(result.outputs.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 0, 0]);
         assert_eq!(result.dead.len(), 2);
-        assert_eq!(result.dead[0].index, 1);
+        assert_eq!((result.dead[0].index, result.dead[0].cause, result.dead[0].line), (1, Cause::Transform, Some(302)));
         assert_eq!(result.dead[0].id.as_deref(), Some("not-a-uuid"));
-        assert!(result.dead[1].error.contains("expected a string"), "{}", result.dead[1].error);
-        assert_eq!(result.dead[1].id, None);
+        assert_eq!((result.dead[1].index, result.dead[1].cause), (2, Cause::Killed));
+        assert_eq!(result.dead[1].error, "its mapper died 3 times");
+        assert!(result.validate().is_ok());
     }
 
     #[test]
-    fn an_unusable_payload_is_an_error_not_a_panic() {
-        assert!(map_chunk(b"\x00garbage", 0, "m").is_err());
-        assert!(map_chunk(br#"{"v":1,"type":"idle"}"#, 0, "m").is_err());
+    fn object_ranges_point_into_the_reply() {
+        let payload = br#"{"objects":[{"a":1}, {"b":[2]}]}"#;
+        #[derive(serde::Deserialize)]
+        struct R<'a> {
+            #[serde(borrow)]
+            objects: Vec<&'a serde_json::value::RawValue>,
+        }
+        let r: R = serde_json::from_slice(payload).unwrap();
+        let ranges = object_ranges(payload, &r.objects).unwrap();
+        assert_eq!(&payload[ranges[1].clone()], br#"{"b":[2]}"#);
     }
 }

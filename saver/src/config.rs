@@ -5,12 +5,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use common::config::NatsArgs;
-use common::transform::DEFAULT_ROUNDS;
 
 /// chunkmill saver: saves processed chunks durably and idempotently, then acknowledges them to
 /// the fetcher.
 #[derive(Debug, Parser)]
-#[command(name = "saver", version, args_conflicts_with_subcommands = true)]
+#[command(name = "saver", version = common::metrics::LONG_VERSION, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// A helper command instead of saving.
     #[command(subcommand)]
@@ -24,7 +23,8 @@ pub struct Cli {
 /// Helper commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Compare a sink with the input it was made from: counts missing, duplicated and wrong objects.
+    /// Compare a sink with the input and job it was made from: recomputes the transform (digest,
+    /// jq, Rust) and compares every output value, or checks a command job for completeness.
     Verify(VerifyArgs),
 }
 
@@ -40,12 +40,26 @@ pub struct VerifyArgs {
     /// The sink to read (as the saver's --sink): a postgres:// URL reads the database instead of --out.
     #[command(flatten)]
     pub sink: SinkArgs,
-    /// The mappers' rounds.
-    #[arg(long, default_value_t = DEFAULT_ROUNDS)]
-    pub rounds: u32,
-    /// The fetcher's chunk size (it selects the run directory).
-    #[arg(long, default_value_t = 100)]
+    /// The run's job, with the same flags (and FETCHER_* variables) as the fetcher.
+    #[command(flatten)]
+    pub job: transform::JobArgs,
+    /// The fetcher's chunk size (part of the run id).
+    #[arg(long, env = "FETCHER_CHUNK_SIZE", default_value_t = 100)]
     pub chunk_size: u32,
+    /// For a command job: run the command too and compare its outputs (needs --recompute-with).
+    #[arg(long)]
+    pub recompute: bool,
+    /// For a command job with --recompute: the program, as a mapper registers it
+    /// (`NAME=PROGRAM [ARGS...]`).
+    #[arg(long, value_parser = parse_command)]
+    pub recompute_with: Vec<transform::command::CommandSpec>,
+    /// How many dead-lettered objects to list with their reasons.
+    #[arg(long, default_value_t = 10)]
+    pub show_dead: usize,
+}
+
+fn parse_command(text: &str) -> Result<transform::command::CommandSpec, String> {
+    text.parse()
 }
 
 /// Settings of a saver.

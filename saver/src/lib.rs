@@ -8,7 +8,9 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod batch;
 pub mod config;
+pub mod decoded;
 pub mod metrics;
 pub mod sink;
 pub mod verify;
@@ -17,10 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Message};
-use common::protocol::{
-    self, Ack, AckReply, AckRequest, AckVerdict, ChunkResult, ResultReply, ResultStatus, Subjects, SAVER_QUEUE_GROUP,
-    VERSION,
-};
+use batch::{AckSlot, AckerConfig, WriteSlot, ACK_BATCH, WRITE_BATCH};
+use common::protocol::{self, Ack, AckVerdict, ResultReply, ResultStatus, Subjects, SAVER_QUEUE_GROUP, VERSION};
+use decoded::Decoded;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -29,9 +30,6 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 use config::SinkChoice;
 use sink::{SaveOutcome, Sink, SinkError};
-
-/// Most acks in one request.
-const ACK_BATCH: usize = 256;
 
 /// Why the saver could not start.
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +62,6 @@ pub struct SaverSummary {
     pub duplicates: u64,
 }
 
-type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
-type WriteSlot = (Arc<ChunkResult>, oneshot::Sender<Result<SaveOutcome, SinkError>>);
-
 /// Repeated warnings about what mappers send are logged once per this interval, with a count.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -80,9 +75,6 @@ impl Shared {
     }
 }
 
-/// Most chunks saved with one round of syncs.
-const WRITE_BATCH: usize = 128;
-
 struct Shared {
     /// Warnings about what mappers send: one line per kind per interval, with a count.
     warnings: std::sync::Mutex<common::text::RateLimit>,
@@ -92,6 +84,10 @@ struct Shared {
     saved: std::sync::atomic::AtomicU64,
     duplicates: std::sync::atomic::AtomicU64,
     metrics: metrics::SaverMetrics,
+    /// This saver's sink.
+    sink_id: String,
+    /// Runs whose fetcher said they save into another sink: their results are refused unwritten.
+    refused_runs: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs the saver until `shutdown`; in-flight chunks are finished before it returns.
@@ -110,13 +106,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())
         .await
         .map_err(|source| SaverError::Subscribe { subject: subjects.result.clone(), source })?;
-    tracing::info!("saver {name}: saving to {}", sink.describe());
+    tracing::info!("saver {name}: saving to {} (sink {})", sink.describe(), sink.id());
+    let sink_id = sink.id().to_string();
     metrics.common.watch_subjects(&[&subjects.result]);
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
-    let acker = tokio::spawn(acker(client.clone(), subjects.ack.clone(), name.clone(), ack_queue));
+    let acker_config = AckerConfig {
+        client: client.clone(),
+        subject: subjects.ack.clone(),
+        saver: name.clone(),
+        sink: sink_id.clone(),
+    };
+    let acker = tokio::spawn(batch::acker(acker_config, ack_queue));
     let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
-    let writer = tokio::spawn(writer(sink, write_queue, metrics.clone()));
+    let writer = tokio::spawn(batch::writer(sink, write_queue, metrics.clone()));
     let shared = Arc::new(Shared {
         warnings: std::sync::Mutex::new(common::text::RateLimit::new(WARN_INTERVAL)),
         client,
@@ -125,6 +128,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         saved: Default::default(),
         duplicates: Default::default(),
         metrics,
+        sink_id,
+        refused_runs: Default::default(),
     });
     let limit = Arc::new(Semaphore::new(config.max_in_flight as usize));
     let tracker = TaskTracker::new();
@@ -161,120 +166,170 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     Ok(summary)
 }
 
+/// What became of one result, as its mapper is told.
+enum Outcome {
+    /// Saved (now or before) and the fetcher confirmed it.
+    Saved,
+    /// Saved, but the fetcher did not confirm it: resend later.
+    NotAcked(String),
+    /// Not saved (a sink error, or the fetcher refuses this sink): resend later.
+    Failed(String),
+    /// Never savable: do not resend.
+    Rejected(String),
+    /// From a mapper speaking protocol 1: told so in its own version.
+    OldProtocol,
+}
+
 async fn handle(shared: &Arc<Shared>, message: Message) {
     let Some(reply_to) = message.reply.clone() else {
         shared.warn_peer("no_reply", || format!("ignoring a result without a reply subject on {}", message.subject));
         return;
     };
     shared.metrics.in_flight.inc();
-    let (status, error) = save_and_ack(shared, &message).await;
+    let outcome = match decode(shared, &message) {
+        Ok(result) => match save(shared, result.clone()).await {
+            Ok((outcome, dead)) => ack(shared, &result, outcome, dead).await,
+            Err(outcome) => outcome,
+        },
+        Err(outcome) => outcome,
+    };
     shared.metrics.in_flight.dec();
-    let error = error.map(|e| protocol::truncate_to(e, protocol::MAX_REASON));
-    let reply = ResultReply { v: VERSION, status, error };
-    if let Err(e) = shared.client.publish(reply_to, protocol::encode(&reply)).await {
+    let body = match outcome {
+        Outcome::OldProtocol => protocol::encode(&serde_json::json!({
+            "v": 1, "status": "rejected",
+            "error": "this saver speaks chunkmill protocol version 2; upgrade the mapper",
+        })),
+        outcome => {
+            let (status, error) = match outcome {
+                Outcome::Saved => (ResultStatus::Saved, None),
+                Outcome::NotAcked(e) => (ResultStatus::NotAcked, Some(e)),
+                Outcome::Failed(e) => (ResultStatus::Failed, Some(e)),
+                Outcome::Rejected(e) => (ResultStatus::Rejected, Some(e)),
+                Outcome::OldProtocol => (ResultStatus::Rejected, None),
+            };
+            let error = error.map(|e| protocol::truncate_to(e, protocol::MAX_REASON));
+            protocol::encode(&ResultReply { v: VERSION, status, error })
+        }
+    };
+    if let Err(e) = shared.client.publish(reply_to, body).await {
         tracing::warn!("cannot answer the mapper ({e}); it will resend and the save is idempotent");
     }
 }
 
-async fn save_and_ack(shared: &Arc<Shared>, message: &Message) -> (ResultStatus, Option<String>) {
-    let payload = message.payload.clone();
-    // Parse and check off the async threads (100 records); then queue for the group-commit writer.
-    let decoded = tokio::task::spawn_blocking(move || -> Result<ChunkResult, String> {
-        let result: ChunkResult = protocol::decode_bounded(&payload).map_err(|e| e.to_string())?;
-        result.validate().map_err(|e| e.to_string())?;
-        Ok(result)
-    })
-    .await
-    .unwrap_or_else(|e| Err(format!("the decode task failed: {e}")));
-    let saved = match decoded {
-        Err(error) => Err((ResultStatus::Rejected, error)),
-        Ok(result) => {
-            let result = Arc::new(result);
-            let (tx, rx) = oneshot::channel();
-            if shared.writes.send((result.clone(), tx)).await.is_err() {
-                return (ResultStatus::NotAcked, Some("the saver is stopping".into()));
-            }
-            match rx.await {
-                Ok(Ok(outcome)) => Ok((result, outcome)),
-                // Never savable here: refuse, so the chunk ends dead-lettered instead of looping.
-                Ok(Err(error @ SinkError::Invalid(_))) => Err((ResultStatus::Rejected, error.to_string())),
-                Ok(Err(error)) => Err((ResultStatus::Failed, error.to_string())),
-                Err(_) => Err((ResultStatus::Failed, "the writer stopped".to_string())),
-            }
+/// Decodes and checks a result: what a saver must not take on trust.
+fn decode(shared: &Shared, message: &Message) -> Result<Arc<Decoded>, Outcome> {
+    match Decoded::decode(message.payload.clone()) {
+        Ok(decoded) => Ok(Arc::new(decoded)),
+        Err(common::protocol::ProtocolError::Version(1)) => {
+            shared.metrics.common.malformed(&message.subject);
+            shared.warn_peer("protocol_v1", || {
+                format!(
+                    "a mapper speaking protocol version 1 sent a result on {}; refused: upgrade it",
+                    message.subject
+                )
+            });
+            Err(Outcome::OldProtocol)
         }
-    };
-    let (result, outcome) = match saved {
-        Ok(saved) => saved,
-        Err((status, error)) => {
-            match status {
-                ResultStatus::Rejected => {
-                    shared.metrics.common.malformed(&message.subject);
-                    shared.warn_peer(&message.subject, || {
-                        format!("rejecting a result on {}: {}", message.subject, common::text::escaped(&error))
-                    })
-                }
-                _ => {
-                    shared.metrics.failures.inc();
-                    tracing::error!("cannot save a result: {error}")
-                }
-            }
-            return (status, Some(error));
+        Err(e) => {
+            shared.metrics.common.malformed(&message.subject);
+            let error = e.to_string();
+            shared.warn_peer(&message.subject, || {
+                format!("rejecting a result on {}: {}", message.subject, common::text::escaped(&error))
+            });
+            Err(Outcome::Rejected(error))
         }
+    }
+}
+
+/// Saves a result through the group-commit writer; on success, how many of its objects are
+/// dead-lettered in the sink (the mapper's, and any the sink refused).
+async fn save(shared: &Shared, result: Arc<Decoded>) -> Result<(SaveOutcome, u64), Outcome> {
+    // A run whose fetcher said it saves elsewhere: do not write a stray copy into this sink.
+    if shared.refused_runs.lock().map(|runs| runs.contains(&result.head.run)).unwrap_or(false) {
+        return Err(Outcome::Failed(format!(
+            "run {} saves into another sink than this saver's ({})",
+            result.head.run, shared.sink_id
+        )));
+    }
+    let (tx, rx) = oneshot::channel();
+    if shared.writes.send((result.clone(), tx)).await.is_err() {
+        return Err(Outcome::NotAcked("the saver is stopping".into()));
+    }
+    let saved = match rx.await {
+        Ok(Ok(outcome)) => outcome,
+        // Never savable here: refuse, so the chunk ends dead-lettered instead of looping.
+        Ok(Err(error @ SinkError::Invalid(_))) => return Err(Outcome::Rejected(error.to_string())),
+        Ok(Err(error)) => {
+            shared.metrics.failures.inc();
+            tracing::error!("cannot save a result: {error}");
+            return Err(Outcome::Failed(error.to_string()));
+        }
+        Err(_) => return Err(Outcome::Failed("the writer stopped".into())),
     };
     let mut dead = result.dead.len() as u64;
-    match outcome {
+    match saved {
         SaveOutcome::Saved | SaveOutcome::SavedRefusing(_) => {
-            let refused = match outcome {
-                SaveOutcome::SavedRefusing(n) => n,
-                _ => 0,
-            };
-            if refused > 0 {
+            if let SaveOutcome::SavedRefusing(refused) = saved {
                 tracing::warn!(
-                    chunk = result.chunk,
+                    chunk = result.head.chunk,
                     "chunk {} of run {}: the sink refused {refused} object(s); they are dead-lettered with its reason",
-                    result.chunk,
-                    result.run
+                    result.head.chunk,
+                    result.head.run
                 );
                 dead += refused;
             }
             shared.saved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             shared.metrics.chunks.inc();
-            shared.metrics.objects.inc_by((result.records.len() as u64).saturating_sub(refused));
+            shared.metrics.objects.inc_by(result.objects() as u64 - dead.min(result.objects() as u64));
         }
         SaveOutcome::Duplicate => {
             shared.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             shared.metrics.duplicates.inc();
         }
     }
+    Ok((saved, dead))
+}
+
+/// Acknowledges a saved chunk to the fetcher and turns its verdict into the mapper's answer.
+async fn ack(shared: &Shared, result: &Decoded, _saved: SaveOutcome, dead: u64) -> Outcome {
     let ack = Ack {
-        run: result.run.clone(),
-        chunk: result.chunk,
-        lease: result.lease,
-        attempt: result.attempt,
-        objects: result.objects(),
+        run: result.head.run.clone(),
+        chunk: result.head.chunk,
+        lease: result.head.lease,
+        attempt: result.head.attempt,
+        objects: result.objects() as u64,
         dead,
+        outputs: result.value_count() as u64,
     };
     let (tx, rx) = oneshot::channel();
     if shared.acks.send((ack, tx)).await.is_err() {
-        return (ResultStatus::NotAcked, Some("the saver is stopping".into()));
+        return Outcome::NotAcked("the saver is stopping".into());
     }
+    let (chunk, run) = (result.head.chunk, &result.head.run);
     match rx.await.ok().flatten() {
         Some(AckVerdict::Unknown) => {
             // Saved, but the fetcher cannot count it (another run, or a wrong object count from a
             // buggy mapper): refuse, so the mapper gives the lease back as failed and a chunk that
             // can never complete ends dead-lettered instead of looping.
             let error = format!(
-                "the fetcher does not accept chunk {} of run {} (another run, or a wrong object count)",
-                result.chunk, result.run
+                "the fetcher does not accept chunk {chunk} of run {run} (another run, or a wrong object count)"
             );
-            tracing::warn!(chunk = result.chunk, "{error}");
-            (ResultStatus::Rejected, Some(error))
+            tracing::warn!(chunk, "{error}");
+            Outcome::Rejected(error)
         }
-        Some(_) => (ResultStatus::Saved, None),
-        None => (
-            ResultStatus::NotAcked,
-            Some(format!("chunk {} is saved but the fetcher did not confirm it", result.chunk)),
-        ),
+        Some(AckVerdict::WrongSink) => {
+            if let Ok(mut runs) = shared.refused_runs.lock() {
+                if runs.len() < 1024 && runs.insert(run.clone()) {
+                    tracing::error!(
+                        "the fetcher says run {run} saves into another sink, not this saver's ({}): this saver takes no more of its results. Give every saver the same --out (a shared volume) or --sink",
+                        shared.sink_id
+                    );
+                }
+            }
+            Outcome::Failed(format!("run {run} saves into another sink than this saver's ({})", shared.sink_id))
+        }
+        Some(_) => Outcome::Saved,
+        None => Outcome::NotAcked(format!("chunk {chunk} is saved but the fetcher did not confirm it")),
     }
 }
 
@@ -283,9 +338,9 @@ async fn open_sink(config: &Config, name: &str, shutdown: &CancellationToken) ->
     match &config.sink.sink {
         None | Some(SinkChoice::File) => {
             let out = config.out.clone();
-            let sink = tokio::task::spawn_blocking(move || sink::file::FileSink::open(out)).await.map_err(|e| {
-                SinkError::Io { action: "open", path: config.out.clone(), source: std::io::Error::other(e) }
-            })??;
+            let sink = tokio::task::spawn_blocking(move || sink::file::FileSink::open(out))
+                .await
+                .map_err(|e| SinkError::Task(e.to_string()))??;
             Ok(Some(Sink::File(Arc::new(sink))))
         }
         Some(SinkChoice::Unknown) => Err(SinkError::Config(config::UNKNOWN_SINK.into()).into()),
@@ -298,94 +353,6 @@ async fn open_sink(config: &Config, name: &str, shutdown: &CancellationToken) ->
                 saver: name.to_string(),
             };
             Ok(sink::postgres::PgSink::connect(options, shutdown).await?.map(Sink::Postgres))
-        }
-    }
-}
-
-/// Saves queued results in batches: while one batch is being made durable, the next gathers, so
-/// the syncs or commits per chunk fall as load rises (group commit). A database sink commits
-/// several batches at once, one per pooled connection.
-async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: metrics::SaverMetrics) {
-    let slots = Arc::new(Semaphore::new(sink.parallel_batches()));
-    let tracker = TaskTracker::new();
-    loop {
-        // Wait for a free slot before gathering, so the batch takes everything that queued meanwhile.
-        let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let Some(first) = queue.recv().await else { break };
-        let mut batch = vec![first];
-        while batch.len() < WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(slot) => batch.push(slot),
-                Err(_) => break,
-            }
-        }
-        let (results, waiters): (Vec<Arc<ChunkResult>>, Vec<_>) = batch.into_iter().unzip();
-        let sink = sink.clone();
-        let metrics = metrics.clone();
-        tracker.spawn(async move {
-            let started = std::time::Instant::now();
-            let outcomes = sink.save_batch(results).await;
-            let took = started.elapsed().as_secs_f64();
-            for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
-                metrics.write.observe(took);
-                let _ = waiter.send(outcome);
-            }
-            drop(slot);
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
-}
-
-/// Sends saved chunks to the fetcher in batches and hands each waiting task its verdict
-/// (`None`: the fetcher did not answer; the mapper will resend and we will ack again).
-async fn acker(client: Client, subject: String, saver: String, mut queue: mpsc::Receiver<AckSlot>) {
-    let mut warned = false;
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < ACK_BATCH {
-            match queue.try_recv() {
-                Ok(slot) => batch.push(slot),
-                Err(_) => break,
-            }
-        }
-        let (acks, waiters): (Vec<Ack>, Vec<_>) = batch.into_iter().unzip();
-        let body = protocol::encode(&AckRequest { v: VERSION, saver: saver.clone(), acks });
-        let mut verdicts = None;
-        for attempt in 0..3u32 {
-            let request = async_nats::Request::new().payload(body.clone()).timeout(Some(Duration::from_secs(5)));
-            match client.send_request(subject.clone(), request).await {
-                Ok(message) => match protocol::decode::<AckReply>(&message.payload) {
-                    Ok(reply) if reply.verdicts.len() == waiters.len() => {
-                        verdicts = Some(reply.verdicts);
-                        break;
-                    }
-                    Ok(_) => tracing::warn!("the fetcher's ack reply has the wrong number of verdicts; retrying"),
-                    Err(e) => tracing::warn!("unreadable ack reply: {e}; retrying"),
-                },
-                Err(e) => {
-                    if !warned {
-                        tracing::warn!("acknowledging to the fetcher failed ({e}); retrying");
-                        warned = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-            }
-        }
-        if verdicts.is_some() {
-            warned = false;
-        }
-        match verdicts {
-            Some(verdicts) => {
-                for (waiter, verdict) in waiters.into_iter().zip(verdicts) {
-                    let _ = waiter.send(Some(verdict));
-                }
-            }
-            None => {
-                for waiter in waiters {
-                    let _ = waiter.send(None);
-                }
-            }
         }
     }
 }

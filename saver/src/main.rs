@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use saver::config::{Cli, Command, SinkChoice};
+use saver::config::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,18 +21,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(Command::Verify(args)) = cli.command {
-        let report = match &args.sink.sink {
-            Some(SinkChoice::Postgres(url)) => {
-                let password = args.sink.password()?;
-                saver::verify::verify_postgres(&args.input, url, password.as_deref(), args.rounds, args.chunk_size)
-                    .with_context(|| format!("cannot verify the database against {}", args.input.display()))?
-            }
-            Some(SinkChoice::Unknown) => anyhow::bail!(saver::config::UNKNOWN_SINK),
-            None | Some(SinkChoice::File) => {
-                saver::verify::verify(&args.input, &args.out, args.rounds, args.chunk_size)
-                    .with_context(|| format!("cannot verify {} against {}", args.out.display(), args.input.display()))?
-            }
-        };
+        let report = saver::verify::run(&args, transform::Registry::builtin())
+            .with_context(|| format!("cannot verify the sink against {}", args.input.display()))?;
         println!("{report}");
         return Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }

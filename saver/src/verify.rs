@@ -1,22 +1,25 @@
-//! `saver verify`: checks a sink (a directory or a PostgreSQL database) against its input. Every
-//! valid input object must be in the sink exactly once and equal to its transform; objects the
-//! mappers dead-lettered are counted apart. For a database it also checks that every chunk record
-//! matches the rows saved under it.
-//! It recomputes the transform (on all cores), so at default rounds it costs as much CPU as the
-//! run itself.
+//! `saver verify`: checks a sink (a directory or a PostgreSQL database) against its input and
+//! job, chunk by chunk and object by object. Every input object must be saved or dead-lettered,
+//! once. For a deterministic job (digest, jq, a Rust transform) it recomputes the transform
+//! through the same registry as the mappers and compares every output value, in order, per input
+//! object; for a command job, which may not be deterministic, it checks completeness (one output
+//! per object), or recomputes with `--recompute`. It costs as much CPU as the run's transform.
+//!
+//! The sink is the whole record: a dead-lettered chunk has its record there too (every object
+//! dead with cause `chunk`), so verify reads nothing of the fetcher's state.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use common::input::{scan, ChunkReader, ChunkSpan, InputError, ScanOptions};
+use common::protocol::{Cause, DeadObject};
 use futures::StreamExt;
-
-use common::input::{scan, ChunkReader, InputError, InputIndex};
-use common::protocol::DeadObject;
-use common::transform::{parse_input, transform, MappedUser};
 use rayon::prelude::*;
+use transform::{Job, ObjectError, Outputs, Registry, Transform};
+
+use crate::sink::file::{chunk_file_name, dead_file_name};
 
 /// The outcome of a verification.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,25 +28,33 @@ pub struct VerifyReport {
     pub location: String,
     /// Valid objects in the input.
     pub expected: u64,
-    /// Records found in the sink.
+    /// Objects whose outputs are in the sink.
     pub found: u64,
-    /// Input objects not in the sink (and not dead-lettered).
+    /// Input objects neither saved nor dead-lettered.
     pub missing: u64,
-    /// Extra copies of objects.
+    /// Objects saved more than once (as outputs and as dead, or under one id in two places).
     pub duplicated: u64,
-    /// Records whose content differs from the transform of their input.
+    /// Saved objects whose outputs differ from the transform's, and objects dead-lettered as
+    /// refused that the (deterministic) transform maps.
     pub wrong: u64,
-    /// Records whose id is not in the input.
+    /// Output values that belong to no input object (more lines than objects, a chunk past the
+    /// run).
     pub unexpected: u64,
-    /// Objects dead-lettered by mappers.
+    /// Objects dead-lettered, with a reason the sink records.
     pub dead_lettered: u64,
     /// Invalid input records (never sent).
     pub bad_input: u64,
-    /// Chunk records whose object count differs from the rows saved under them (database only).
+    /// Chunk records whose counts differ from the rows saved under them (database only).
     pub mismatched_chunks: u64,
     /// Dead-letter entries that name no object of their chunk (by index and id), or one already
     /// saved or dead-lettered: they account for nothing.
     pub unmatched_dead: u64,
+    /// Whether outputs were compared (a deterministic job, or `--recompute`), or only counted.
+    pub compared: bool,
+    /// The first dead-lettered objects, for people: `chunk N object I (line L): cause: reason`.
+    pub dead_examples: Vec<String>,
+    /// The first wrong objects, for people.
+    pub wrong_examples: Vec<String>,
 }
 
 impl VerifyReport {
@@ -56,13 +67,29 @@ impl VerifyReport {
             && self.mismatched_chunks == 0
             && self.unmatched_dead == 0
     }
+
+    fn add(&mut self, other: VerifyReport, examples: usize) {
+        self.found += other.found;
+        self.missing += other.missing;
+        self.duplicated += other.duplicated;
+        self.wrong += other.wrong;
+        self.unexpected += other.unexpected;
+        self.dead_lettered += other.dead_lettered;
+        self.unmatched_dead += other.unmatched_dead;
+        self.mismatched_chunks += other.mismatched_chunks;
+        for (mine, theirs) in
+            [(&mut self.dead_examples, other.dead_examples), (&mut self.wrong_examples, other.wrong_examples)]
+        {
+            mine.extend(theirs.into_iter().take(examples.saturating_sub(mine.len())));
+        }
+    }
 }
 
 impl std::fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "verify {}: {} expected, {} found, {} missing, {} duplicated, {} wrong, {} unexpected, {} dead-lettered, {} invalid input records, {} mismatched chunk records, {} unmatched dead-letter entries: {}",
+            "verify {}: {} expected, {} found, {} missing, {} duplicated, {} wrong, {} unexpected, {} dead-lettered, {} invalid input records, {} mismatched chunk records, {} unmatched dead-letter entries ({}): {}",
             self.location,
             self.expected,
             self.found,
@@ -74,8 +101,16 @@ impl std::fmt::Display for VerifyReport {
             self.bad_input,
             self.mismatched_chunks,
             self.unmatched_dead,
+            if self.compared { "outputs compared" } else { "completeness only" },
             if self.ok() { "OK" } else { "FAILED" }
-        )
+        )?;
+        for line in &self.wrong_examples {
+            write!(f, "\n  wrong: {line}")?;
+        }
+        for line in &self.dead_examples {
+            write!(f, "\n  dead-lettered: {line}")?;
+        }
+        Ok(())
     }
 }
 
@@ -85,6 +120,12 @@ pub enum VerifyError {
     /// The input cannot be read.
     #[error(transparent)]
     Input(#[from] InputError),
+    /// The job flags do not make a job.
+    #[error(transparent)]
+    Job(#[from] transform::spec::JobError),
+    /// The transform cannot be built here.
+    #[error("{0}")]
+    Transform(String),
     /// The sink cannot be read.
     #[error("cannot read {path}: {source}")]
     Sink {
@@ -96,8 +137,8 @@ pub enum VerifyError {
     /// The database cannot be read.
     #[error("{0}")]
     Database(String),
-    /// A sink file holds something that is not a record.
-    #[error("{path}, line {line}: not a mapped record: {error}")]
+    /// A sink file holds something that is not what the sink writes.
+    #[error("{path}, line {line}: {error}")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -108,182 +149,369 @@ pub enum VerifyError {
     },
 }
 
-/// One input object as verify expects it in the sink.
-struct Expected {
-    /// Its `uuid`, when readable (dead-letter entries must name it).
-    id: Option<String>,
-    /// The hash of its transform; `None` if it cannot be transformed (only a dead entry fits).
-    hash: Option<u64>,
-    /// Times found as a record.
-    seen: u32,
-    /// Counted as dead-lettered (at most once).
-    dead: bool,
+/// What to verify against.
+pub struct Expectation {
+    /// The job.
+    pub job: Job,
+    /// Its transform when verify can compute it (deterministic, or `--recompute`).
+    pub transform: Option<Arc<dyn Transform>>,
+    /// How many dead-lettered objects to list.
+    pub examples: usize,
 }
 
-fn hash_of(record: &MappedUser) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    record.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// Tallies a sink's records against the transform of the input, object by object: every input
-/// object is expected, whatever happens to it on the way (a chunk verify cannot read or parse
-/// stays expected, so it shows as missing, never as nothing), and a dead-letter entry counts only
-/// if it names an object of its own chunk by index and id.
-struct Checker {
-    /// Per chunk, its objects in input order.
-    chunks: Vec<Vec<Expected>>,
-    /// id -> (chunk, index), to place a record.
-    by_id: HashMap<String, (usize, usize)>,
-    report: VerifyReport,
-}
-
-impl Checker {
-    /// Scans the input and recomputes every object's transform; returns the run id too.
-    fn new(input: &Path, rounds: u32, chunk_size: u32) -> Result<(Self, String), VerifyError> {
-        let index = scan(input, chunk_size)?;
-        let reader = ChunkReader::open(&index)?;
-        Ok((Self::from_index(&index, &reader, rounds), index.run_id.clone()))
+impl Expectation {
+    /// The job of `args`, its transform built by `registry` when it is deterministic or
+    /// `recompute` asks for it.
+    pub fn new(
+        args: &transform::JobArgs,
+        registry: &Registry,
+        recompute: bool,
+        examples: usize,
+    ) -> Result<Self, VerifyError> {
+        let job = args.job()?;
+        let transform = if job.transform.deterministic() || recompute {
+            Some(registry.build(&job.transform).map_err(|e| {
+                VerifyError::Transform(format!(
+                    "cannot recompute {}: {e}; run verify from the binary that registers it, or (for a command job) drop --recompute to check completeness only",
+                    job.transform.describe()
+                ))
+            })?)
+        } else {
+            None
+        };
+        Ok(Expectation { job, transform, examples })
     }
+}
 
-    fn from_index(index: &InputIndex, reader: &ChunkReader, rounds: u32) -> Self {
-        let chunks: Vec<Vec<Expected>> = index
-            .chunks
-            .par_iter()
-            .map(|span| {
-                let unreadable = || (0..span.objects).map(|_| Expected { id: None, hash: None, seen: 0, dead: false });
-                let Ok(wrapped) = reader.read_array(span) else { return unreadable().collect() };
-                let Ok(raws) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&wrapped) else {
-                    return unreadable().collect();
+/// One chunk as the sink holds it.
+#[derive(Debug, Default)]
+struct Saved {
+    /// Its output values: a flat list (the file sink: lines in order) or by object and position
+    /// (the database).
+    values: SavedValues,
+    /// Its dead-letter entries.
+    dead: Vec<DeadObject>,
+}
+
+#[derive(Debug)]
+enum SavedValues {
+    Flat(Vec<Vec<u8>>),
+    ByObject(BTreeMap<u32, Vec<Vec<u8>>>),
+}
+
+impl Default for SavedValues {
+    fn default() -> Self {
+        SavedValues::Flat(Vec::new())
+    }
+}
+
+/// Whether two JSON values are equal: the same bytes, or the same value (another mapper may
+/// write keys in another order, or numbers another way).
+fn same_json(a: &[u8], b: &[u8]) -> bool {
+    a == b
+        || matches!(
+            (serde_json::from_slice::<serde_json::Value>(a), serde_json::from_slice::<serde_json::Value>(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// Checks one chunk: `inputs` (None when verify cannot read them), what the sink holds for it
+/// (None: not saved), against the job.
+fn check_chunk(
+    chunk: u64,
+    span: &ChunkSpan,
+    inputs: Option<&[&[u8]]>,
+    saved: Option<Saved>,
+    expectation: &Expectation,
+) -> VerifyReport {
+    let n = span.objects as usize;
+    let mut report = VerifyReport::default();
+    let Some(saved) = saved else {
+        report.missing = n as u64;
+        return report;
+    };
+    let ids: Vec<Option<String>> = match (inputs, &expectation.job.id_field) {
+        (Some(inputs), Some(field)) => inputs.iter().map(|i| field.extract(i)).collect(),
+        _ => vec![None; n],
+    };
+    let expected: Option<Vec<Result<Outputs, ObjectError>>> = match (inputs, &expectation.transform) {
+        (Some(inputs), Some(transform)) => Some(transform.apply_chunk(inputs)),
+        _ => None,
+    };
+    // Dead entries: by index and id, once each, within the chunk.
+    let mut dead: BTreeMap<u32, DeadObject> = BTreeMap::new();
+    for entry in saved.dead {
+        let i = entry.index as usize;
+        let names_it = i < n && (expectation.job.id_field.is_none() || entry.id == ids[i]);
+        if names_it && !dead.contains_key(&entry.index) {
+            dead.insert(entry.index, entry);
+        } else {
+            report.unmatched_dead += 1;
+        }
+    }
+    let line = |i: usize| span.first_line + i as u64;
+    let flat = matches!(saved.values, SavedValues::Flat(_));
+    let objects_values: BTreeMap<u32, Vec<Vec<u8>>> = match saved.values {
+        SavedValues::ByObject(map) => map,
+        SavedValues::Flat(lines) => {
+            // The file sink keeps a chunk's values in order: each object not dead-lettered takes
+            // as many as the transform gives it (one, for a command).
+            let mut lines = lines.into_iter();
+            let mut map = BTreeMap::new();
+            for i in 0..n {
+                if dead.contains_key(&(i as u32)) {
+                    continue;
+                }
+                let want = match &expected {
+                    Some(expected) => expected[i].as_ref().map_or(0, Outputs::len),
+                    None => 1,
                 };
-                let mut objects: Vec<Expected> = raws
-                    .iter()
-                    .map(|raw| match parse_input(raw.get().as_bytes()) {
-                        Ok(user) => {
-                            let record = transform(&user, rounds);
-                            Expected { hash: Some(hash_of(&record)), id: Some(record.id), seen: 0, dead: false }
-                        }
-                        Err(_) => Expected { id: uuid_of(raw.get()), hash: None, seen: 0, dead: false },
-                    })
-                    .collect();
-                // Never fewer than the scan counted: what cannot be read is still expected.
-                objects.extend(unreadable().skip(objects.len()));
-                objects
-            })
-            .collect();
-        let mut by_id = HashMap::with_capacity(index.objects as usize);
-        for (c, objects) in chunks.iter().enumerate() {
-            for (i, object) in objects.iter().enumerate() {
-                if let Some(id) = &object.id {
-                    by_id.entry(id.clone()).or_insert((c, i));
+                map.insert(i as u32, lines.by_ref().take(want).collect());
+            }
+            report.unexpected += lines.count() as u64;
+            map
+        }
+    };
+    finish_chunk(chunk, n, &ids, expected.as_deref(), dead, objects_values, flat, expectation, &mut report, line);
+    report
+}
+
+/// The part of [`check_chunk`] after the sink's values are placed by object.
+#[allow(clippy::too_many_arguments)]
+fn finish_chunk(
+    chunk: u64,
+    n: usize,
+    ids: &[Option<String>],
+    expected: Option<&[Result<Outputs, ObjectError>]>,
+    dead: BTreeMap<u32, DeadObject>,
+    mut values: BTreeMap<u32, Vec<Vec<u8>>>,
+    flat: bool,
+    expectation: &Expectation,
+    report: &mut VerifyReport,
+    line: impl Fn(usize) -> u64,
+) {
+    let examples = expectation.examples;
+    for i in 0..n {
+        let index = i as u32;
+        let saved = values.remove(&index);
+        if let Some(entry) = dead.get(&index) {
+            if saved.as_ref().is_some_and(|v| !v.is_empty()) {
+                report.duplicated += 1;
+            }
+            let maps_it = matches!(expected.map(|e| &e[i]), Some(Ok(_)));
+            if entry.cause == Cause::Transform && maps_it && expectation.job.transform.deterministic() {
+                report.wrong += 1;
+                if report.wrong_examples.len() < examples {
+                    report.wrong_examples.push(format!(
+                        "chunk {chunk} object {i} (line {}): dead-lettered as refused by the transform ({}), but the transform maps it",
+                        entry.line.unwrap_or_else(|| line(i)),
+                        common::text::escaped(&entry.error)
+                    ));
+                }
+                continue;
+            }
+            report.dead_lettered += 1;
+            if report.dead_examples.len() < examples {
+                let id = ids[i].as_deref().map(|id| format!(", id {}", common::text::escaped(id))).unwrap_or_default();
+                report.dead_examples.push(format!(
+                    "chunk {chunk} object {i} (line {}{id}): {}: {}",
+                    entry.line.unwrap_or_else(|| line(i)),
+                    serde_json::to_value(entry.cause)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    common::text::escaped(&entry.error)
+                ));
+            }
+            continue;
+        }
+        let saved = saved.unwrap_or_default();
+        match expected.map(|e| &e[i]) {
+            Some(Ok(outputs)) => {
+                let want: Vec<&[u8]> = outputs.iter().collect();
+                if want.len() == saved.len() && want.iter().zip(&saved).all(|(a, b)| same_json(a, b)) {
+                    report.found += 1;
+                } else if flat && saved.len() < want.len() {
+                    report.missing += 1;
+                } else {
+                    report.found += 1;
+                    report.wrong += 1;
+                    if report.wrong_examples.len() < examples {
+                        report.wrong_examples.push(format!(
+                            "chunk {chunk} object {i} (line {}): {} value(s) saved, the transform gives {}",
+                            line(i),
+                            saved.len(),
+                            want.len()
+                        ));
+                    }
                 }
             }
-        }
-        let report = VerifyReport { expected: index.objects, bad_input: index.bad.len() as u64, ..Default::default() };
-        Checker { chunks, by_id, report }
-    }
-
-    fn record(&mut self, record: &MappedUser) {
-        self.report.found += 1;
-        let Some(&(c, i)) = self.by_id.get(&record.id) else {
-            self.report.unexpected += 1;
-            return;
-        };
-        let entry = &mut self.chunks[c][i];
-        entry.seen += 1;
-        if entry.seen > 1 || entry.dead {
-            self.report.duplicated += 1;
-        }
-        if entry.hash != Some(hash_of(record)) {
-            self.report.wrong += 1;
-        }
-    }
-
-    /// A dead-letter entry saved under `chunk`: it counts if it names one of that chunk's
-    /// objects by index and by the object's id, once.
-    fn dead(&mut self, chunk: u64, dead: &DeadObject) {
-        let entry = usize::try_from(chunk)
-            .ok()
-            .and_then(|c| self.chunks.get_mut(c))
-            .and_then(|objects| objects.get_mut(dead.index as usize))
-            .filter(|entry| entry.id == dead.id && !entry.dead && entry.seen == 0);
-        match entry {
-            Some(entry) => {
-                entry.dead = true;
-                self.report.dead_lettered += 1;
+            Some(Err(error)) => {
+                // The transform refuses it, yet it is not dead-lettered.
+                report.found += u64::from(!saved.is_empty());
+                report.wrong += 1;
+                if report.wrong_examples.len() < examples {
+                    report.wrong_examples.push(format!(
+                        "chunk {chunk} object {i} (line {}): not dead-lettered, but the transform refuses it: {}",
+                        line(i),
+                        common::text::escaped(&error.message)
+                    ));
+                }
             }
-            None => self.report.unmatched_dead += 1,
+            // A command job without --recompute: one output, whatever it is.
+            None if saved.len() == 1 => report.found += 1,
+            None if saved.is_empty() => report.missing += 1,
+            None => {
+                report.found += 1;
+                report.duplicated += (saved.len() - 1) as u64;
+            }
         }
     }
-
-    fn finish(mut self, location: String) -> VerifyReport {
-        self.report.missing = self.chunks.iter().flatten().filter(|e| e.seen == 0 && !e.dead).count() as u64;
-        self.report.location = location;
-        self.report
-    }
+    // Values for objects past the chunk, from the database.
+    report.unexpected += values.values().map(|v| v.len() as u64).sum::<u64>();
 }
 
-/// The `uuid` of an object that the transform refuses, if it has a string one.
-fn uuid_of(raw: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        uuid: String,
-    }
-    serde_json::from_str::<IdOnly>(raw).ok().map(|u| u.uuid)
+/// The input, scanned as the fetcher scanned it, with its run id.
+struct Input {
+    index: common::input::InputIndex,
+    reader: ChunkReader,
 }
 
-/// The chunk index in a sink file name `chunk-<digits>[.dead].jsonl`.
-fn chunk_of(name: &str) -> Option<u64> {
-    name.strip_prefix("chunk-")?.split('.').next()?.parse().ok()
+fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Result<Input, VerifyError> {
+    let job = &expectation.job;
+    let check = |record: &[u8]| expectation.transform.as_ref().map_or(Ok(()), |t| t.check(record));
+    let fingerprint = job.fingerprint();
+    let options = ScanOptions { check: Some(&check), id: None, job: &fingerprint };
+    let index = scan(input, chunk_size, &options)?;
+    let reader = ChunkReader::open(&index)?;
+    Ok(Input { index, reader })
+}
+
+/// Reads chunk `span`'s input objects: (the array's bytes, where each object is in them), or
+/// `None` when they cannot be read (then the chunk's objects are still expected).
+fn read_inputs(reader: &ChunkReader, span: &ChunkSpan) -> Option<(Vec<u8>, Vec<std::ops::Range<usize>>)> {
+    let array = reader.read_array(span).ok()?;
+    let raws: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&array).ok()?;
+    let base = array.as_ptr() as usize;
+    let ranges = raws
+        .iter()
+        .map(|raw| {
+            let start = raw.get().as_ptr() as usize - base;
+            start..start + raw.get().len()
+        })
+        .collect::<Vec<_>>();
+    (ranges.len() == span.objects as usize).then_some((array, ranges))
+}
+
+/// Checks every chunk with `saved(chunk)` telling what the sink holds; in parallel.
+fn check_all(
+    input: &Input,
+    expectation: &Expectation,
+    saved: impl Fn(u64) -> Result<Option<Saved>, VerifyError> + Sync,
+    chunks: std::ops::Range<usize>,
+) -> Result<VerifyReport, VerifyError> {
+    let reports: Vec<VerifyReport> = chunks
+        .into_par_iter()
+        .map(|c| {
+            let span = input.index.chunks[c];
+            let inputs = read_inputs(&input.reader, &span);
+            let slices: Option<Vec<&[u8]>> =
+                inputs.as_ref().map(|(array, ranges)| ranges.iter().map(|r| &array[r.clone()]).collect());
+            Ok(check_chunk(c as u64, &span, slices.as_deref(), saved(c as u64)?, expectation))
+        })
+        .collect::<Result<_, VerifyError>>()?;
+    let mut total = VerifyReport::default();
+    for report in reports {
+        total.add(report, expectation.examples);
+    }
+    Ok(total)
+}
+
+fn base_report(input: &Input, expectation: &Expectation, location: String) -> VerifyReport {
+    VerifyReport {
+        location,
+        expected: input.index.objects,
+        bad_input: input.index.bad.len() as u64,
+        compared: expectation.transform.is_some(),
+        ..Default::default()
+    }
 }
 
 /// Verifies the sink directory `out` against `input`.
-pub fn verify(input: &Path, out: &Path, rounds: u32, chunk_size: u32) -> Result<VerifyReport, VerifyError> {
-    let (mut checker, run_id) = Checker::new(input, rounds, chunk_size)?;
-    let run_dir = out.join(&run_id);
-    let entries = match fs::read_dir(&run_dir) {
-        Ok(entries) => entries.flatten().map(|e| e.path()).collect::<Vec<_>>(),
+pub fn verify(
+    input: &Path,
+    out: &Path,
+    chunk_size: u32,
+    expectation: &Expectation,
+) -> Result<VerifyReport, VerifyError> {
+    let input = scan_input(input, chunk_size, expectation)?;
+    let run_dir = out.join(&input.index.run_id);
+    let names: Vec<String> = match fs::read_dir(&run_dir) {
+        Ok(entries) => entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(source) => return Err(VerifyError::Sink { path: run_dir, source }),
     };
-    for path in entries {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if !name.starts_with("chunk-") {
-            continue;
-        }
-        let text = fs::read_to_string(&path).map_err(|source| VerifyError::Sink { path: path.clone(), source })?;
-        let dead = name.ends_with(".dead.jsonl");
-        let chunk = chunk_of(&name).unwrap_or(u64::MAX);
-        for (i, line) in text.lines().enumerate() {
-            let corrupt = |error: serde_json::Error| VerifyError::Corrupt {
-                path: path.clone(),
-                line: i + 1,
-                error: error.to_string(),
-            };
-            if dead {
-                let object: DeadObject = serde_json::from_str(line).map_err(corrupt)?;
-                checker.dead(chunk, &object);
-            } else {
-                let record: MappedUser = serde_json::from_str(line).map_err(corrupt)?;
-                checker.record(&record);
-            }
+    let chunks = input.index.chunks.len();
+    let read_chunk = |chunk: u64| -> Result<Option<Saved>, VerifyError> {
+        let path = run_dir.join(chunk_file_name(chunk));
+        let text = match fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(VerifyError::Sink { path, source }),
+        };
+        let lines: Vec<Vec<u8>> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+        let dead_path = run_dir.join(dead_file_name(chunk));
+        let dead = match fs::read_to_string(&dead_path) {
+            Ok(text) => text
+                .lines()
+                .enumerate()
+                .map(|(i, line)| {
+                    serde_json::from_str::<DeadObject>(line).map_err(|e| VerifyError::Corrupt {
+                        path: dead_path.clone(),
+                        line: i + 1,
+                        error: format!("not a dead-letter entry: {e}"),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(VerifyError::Sink { path: dead_path, source }),
+        };
+        Ok(Some(Saved { values: SavedValues::Flat(lines), dead }))
+    };
+    let location = run_dir.display().to_string();
+    let mut report = base_report(&input, expectation, location);
+    report.add(check_all(&input, expectation, read_chunk, 0..chunks)?, expectation.examples);
+    // Chunk files past the run's chunks belong to no input object.
+    for name in &names {
+        let past = name
+            .strip_prefix("chunk-")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|c| c >= chunks as u64);
+        if past && !name.ends_with(".dead.jsonl") {
+            let text = fs::read(run_dir.join(name)).unwrap_or_default();
+            report.unexpected += text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64;
         }
     }
-    Ok(checker.finish(run_dir.display().to_string()))
+    Ok(report)
 }
 
-/// Verifies what a PostgreSQL sink saved for `input`'s run: its object rows, dead-letter rows and
-/// chunk records.
+/// Chunks read from the database at once: bounded memory for a run of any size.
+const PG_CHUNKS_PER_QUERY: usize = 200;
+
+/// Verifies what a PostgreSQL sink saved for `input`'s run: its output rows, dead-letter rows
+/// and chunk records.
 pub fn verify_postgres(
     input: &Path,
     url: &str,
     password: Option<&str>,
-    rounds: u32,
     chunk_size: u32,
+    expectation: &Expectation,
 ) -> Result<VerifyReport, VerifyError> {
     let config = crate::sink::postgres::parse(url, password).map_err(|e| VerifyError::Database(e.to_string()))?;
     let target = crate::sink::postgres::describe(&config);
-    let (mut checker, run_id) = Checker::new(input, rounds, chunk_size)?;
+    let input = scan_input(input, chunk_size, expectation)?;
+    let run_id = input.index.run_id.clone();
     let db = |action: &str, e: tokio_postgres::Error| {
         let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
         VerifyError::Database(format!("PostgreSQL {target}: cannot {action}: {detail}"))
@@ -292,132 +520,110 @@ pub fn verify_postgres(
         .enable_all()
         .build()
         .map_err(|e| VerifyError::Database(format!("cannot start an async runtime: {e}")))?;
+    let mut report = base_report(&input, expectation, format!("{target} run {run_id}"));
     runtime.block_on(async {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| db("connect", e))?;
         let connection = tokio::spawn(connection);
-        let rows = client
-            .query_raw("SELECT id, name, friends, digest FROM chunkmill_objects WHERE run = $1", [&run_id])
-            .await
-            .map_err(|e| db("read chunkmill_objects", e))?;
-        futures::pin_mut!(rows);
-        while let Some(row) = rows.next().await {
-            let row = row.map_err(|e| db("read chunkmill_objects", e))?;
-            let friends: i64 = row.try_get(2).map_err(|e| db("read chunkmill_objects", e))?;
-            let record = MappedUser {
-                id: row.try_get(0).map_err(|e| db("read chunkmill_objects", e))?,
-                name: row.try_get(1).map_err(|e| db("read chunkmill_objects", e))?,
-                friends: u64::try_from(friends).unwrap_or(u64::MAX),
-                digest: row.try_get(3).map_err(|e| db("read chunkmill_objects", e))?,
-            };
-            checker.record(&record);
+        let chunks = input.index.chunks.len();
+        let mut first = 0usize;
+        while first < chunks.max(1) {
+            let last = (first + PG_CHUNKS_PER_QUERY).min(chunks);
+            let mut saved: HashMap<u64, Saved> = HashMap::new();
+            let range = [&run_id as &(dyn tokio_postgres::types::ToSql + Sync), &(first as i64), &(last as i64)];
+            for row in client
+                .query("SELECT chunk FROM chunkmill_chunks WHERE run = $1 AND chunk >= $2 AND chunk < $3", &range)
+                .await
+                .map_err(|e| db("read chunkmill_chunks", e))?
+            {
+                let chunk: i64 = row.try_get(0).map_err(|e| db("read chunkmill_chunks", e))?;
+                saved.insert(chunk as u64, Saved { values: SavedValues::ByObject(BTreeMap::new()), dead: vec![] });
+            }
+            let rows = client
+                .query_raw(
+                    "SELECT chunk, idx, out, doc::text FROM chunkmill_outputs WHERE run = $1 AND chunk >= $2 AND chunk < $3 ORDER BY chunk, idx, out",
+                    range,
+                )
+                .await
+                .map_err(|e| db("read chunkmill_outputs", e))?;
+            futures::pin_mut!(rows);
+            while let Some(row) = rows.next().await {
+                let row = row.map_err(|e| db("read chunkmill_outputs", e))?;
+                let read = |e| db("read chunkmill_outputs", e);
+                let (chunk, idx): (i64, i32) = (row.try_get(0).map_err(read)?, row.try_get(1).map_err(read)?);
+                let doc: String = row.try_get(3).map_err(read)?;
+                match saved.get_mut(&(chunk as u64)).map(|s| &mut s.values) {
+                    Some(SavedValues::ByObject(map)) => map.entry(idx as u32).or_default().push(doc.into_bytes()),
+                    // Rows without a chunk record break the one-transaction-per-chunk invariant.
+                    _ => report.mismatched_chunks += 1,
+                }
+            }
+            for row in client
+                .query(
+                    "SELECT chunk, idx, id, error, cause, line FROM chunkmill_dead_objects WHERE run = $1 AND chunk >= $2 AND chunk < $3",
+                    &range,
+                )
+                .await
+                .map_err(|e| db("read chunkmill_dead_objects", e))?
+            {
+                let read = |e| db("read chunkmill_dead_objects", e);
+                let chunk: i64 = row.try_get(0).map_err(read)?;
+                let index: i32 = row.try_get(1).map_err(read)?;
+                let cause: String = row.try_get(4).map_err(read)?;
+                let line: Option<i64> = row.try_get(5).map_err(read)?;
+                let entry = DeadObject {
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    id: row.try_get(2).map_err(read)?,
+                    cause: serde_json::from_value(serde_json::Value::String(cause)).unwrap_or(Cause::Transform),
+                    error: row.try_get(3).map_err(read)?,
+                    line: line.and_then(|l| u64::try_from(l).ok()),
+                };
+                match saved.get_mut(&(chunk as u64)) {
+                    Some(s) => s.dead.push(entry),
+                    None => report.unmatched_dead += 1,
+                }
+            }
+            let saved = std::sync::Mutex::new(saved);
+            let take = |chunk: u64| Ok(saved.lock().ok().and_then(|mut s| s.remove(&chunk)));
+            let part = check_all(&input, expectation, take, first..last)?;
+            report.add(part, expectation.examples);
+            if last == chunks {
+                break;
+            }
+            first = last;
         }
-        for row in client
-            .query("SELECT chunk, idx, id, error FROM chunkmill_dead_objects WHERE run = $1", &[&run_id])
-            .await
-            .map_err(|e| db("read chunkmill_dead_objects", e))?
-        {
-            let read = |e| db("read chunkmill_dead_objects", e);
-            let chunk: i64 = row.try_get(0).map_err(read)?;
-            let index: i32 = row.try_get(1).map_err(read)?;
-            let dead = DeadObject {
-                index: u32::try_from(index).unwrap_or(u32::MAX),
-                id: row.try_get(2).map_err(read)?,
-                error: row.try_get(3).map_err(read)?,
-            };
-            checker.dead(u64::try_from(chunk).unwrap_or(u64::MAX), &dead);
-        }
-        // A chunk record promises its rows; rows without a record, or a record with a different
-        // count, break the one-transaction-per-chunk invariant.
+        // A chunk record promises its rows: one whose counts differ breaks the invariant.
         let mismatched: i64 = client
             .query_one(
-                "SELECT count(*) FROM (
-                   SELECT c.chunk FROM chunkmill_chunks c
-                   LEFT JOIN (SELECT chunk, count(*) AS n FROM chunkmill_objects WHERE run = $1 GROUP BY chunk) o
-                     USING (chunk)
-                   WHERE c.run = $1 AND c.objects <> coalesce(o.n, 0)
-                   UNION ALL
-                   SELECT DISTINCT o.chunk FROM chunkmill_objects o
-                   WHERE o.run = $1
-                     AND NOT EXISTS (SELECT 1 FROM chunkmill_chunks c WHERE c.run = o.run AND c.chunk = o.chunk)
-                 ) AS bad",
+                "SELECT count(*) FROM chunkmill_chunks c
+                 LEFT JOIN (SELECT chunk, count(*) AS n FROM chunkmill_outputs WHERE run = $1 GROUP BY chunk) o USING (chunk)
+                 WHERE c.run = $1 AND c.outputs <> coalesce(o.n, 0)",
                 &[&run_id],
             )
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|e| db("compare chunk records with rows", e))?;
-        checker.report.mismatched_chunks = u64::try_from(mismatched).unwrap_or(0);
+        report.mismatched_chunks += u64::try_from(mismatched).unwrap_or(0);
         drop(client);
         let _ = connection.await;
-        Ok(checker.finish(format!("{target} run {run_id}")))
+        Ok(report)
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    fn user(i: u32) -> String {
-        format!(r#"{{"uuid":"00000000-0000-4000-8000-{i:012}","fn":"F{i}","ln":"L{i}","friends":[]}}"#)
+/// The `verify` subcommand with `registry` (the stock saver's built-ins, or a user's binary with
+/// its Rust transforms): prints the report; true if it is OK.
+pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<VerifyReport, VerifyError> {
+    let mut registry = registry;
+    for command in &args.recompute_with {
+        registry = registry.with_command(command.clone());
     }
-
-    fn input(n: u32) -> tempfile::NamedTempFile {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        for i in 0..n {
-            writeln!(file, "{}", user(i)).expect("write");
+    let recompute = args.recompute || !args.recompute_with.is_empty();
+    let expectation = Expectation::new(&args.job, &registry, recompute, args.show_dead)?;
+    match &args.sink.sink {
+        Some(crate::config::SinkChoice::Postgres(url)) => {
+            let password = args.sink.password().map_err(|e| VerifyError::Database(e.to_string()))?;
+            verify_postgres(&args.input, url, password.as_deref(), args.chunk_size, &expectation)
         }
-        file
-    }
-
-    #[test]
-    fn a_chunk_verify_cannot_read_is_still_expected_and_so_missing() {
-        let file = input(30);
-        let index = scan(file.path(), 10).expect("scan");
-        // Rewrite one record of chunk 1 in place, after the scan: that chunk can no longer be read.
-        let mut bytes = std::fs::read(file.path()).expect("read");
-        let at = bytes.windows(3).position(|w| w == b"F15").expect("record 15");
-        bytes[at] = 0xFF;
-        std::fs::write(file.path(), &bytes).expect("rewrite");
-        let reader = ChunkReader::open(&index).expect("open");
-        let report = Checker::from_index(&index, &reader, 0).finish("test".into());
-        assert_eq!((report.expected, report.found, report.missing), (30, 0, 30), "{report}");
-        assert!(!report.ok());
-    }
-
-    #[test]
-    fn dead_entries_count_only_when_they_name_an_object_of_their_chunk() {
-        let file = input(20);
-        let out = tempfile::tempdir().expect("out");
-        let run = scan(file.path(), 10).expect("scan").run_id;
-        let dir = out.path().join(&run);
-        std::fs::create_dir_all(&dir).expect("run dir");
-        // Chunk 0: a forged result listing every object as dead without its id (saved empty).
-        std::fs::write(dir.join("chunk-00000000.jsonl"), "").expect("chunk 0");
-        let forged: String = (0..10).map(|i| format!("{{\"index\":{i},\"id\":null,\"error\":\"forged\"}}\n")).collect();
-        std::fs::write(dir.join("chunk-00000000.dead.jsonl"), forged).expect("dead 0");
-        // Chunk 1: object 3 honestly dead-lettered by id; a repeat of it, an index past the chunk,
-        // and another chunk's id do not count.
-        let records: String = (10..20)
-            .filter(|i| *i != 13)
-            .map(|i| {
-                let text = user(i);
-                let user = parse_input(text.as_bytes()).expect("valid");
-                serde_json::to_string(&transform(&user, 0)).expect("json") + "\n"
-            })
-            .collect();
-        std::fs::write(dir.join("chunk-00000001.jsonl"), records).expect("chunk 1");
-        let id = |i: u32| format!("00000000-0000-4000-8000-{i:012}");
-        let dead = [(3, id(13)), (3, id(13)), (10, id(13)), (4, id(2))]
-            .iter()
-            .map(|(index, id)| format!("{{\"index\":{index},\"id\":\"{id}\",\"error\":\"x\"}}\n"))
-            .collect::<String>();
-        std::fs::write(dir.join("chunk-00000001.dead.jsonl"), dead).expect("dead 1");
-        let report = verify(file.path(), out.path(), 0, 10).expect("verify");
-        assert_eq!(report.expected, 20, "{report}");
-        assert_eq!(report.found, 9, "{report}");
-        assert_eq!(report.dead_lettered, 1, "{report}");
-        assert_eq!(report.missing, 10, "{report}");
-        assert_eq!(report.unmatched_dead, 13, "{report}");
-        assert!(!report.ok(), "{report}");
+        Some(crate::config::SinkChoice::Unknown) => Err(VerifyError::Database(crate::config::UNKNOWN_SINK.into())),
+        None | Some(crate::config::SinkChoice::File) => verify(&args.input, &args.out, args.chunk_size, &expectation),
     }
 }

@@ -239,7 +239,9 @@ class Binaries:
         p = self.run(binary, ["--version"])
         if p.returncode != 0:
             raise RuntimeError(f"{binary} --version exited {p.returncode}")
-        return p.stdout.strip().split()[-1]
+        # `fetcher 0.1.0 (commit 1a2b3c, protocol 2)`: the version is the second word.
+        words = p.stdout.strip().split()
+        return words[1] if len(words) > 1 else words[-1]
 
     def parses(self, binary: str, args: list[str]) -> tuple[bool, str]:
         """Do `args` parse with the binary's own clap parser? `--version` (or `--help` for a
@@ -721,7 +723,8 @@ def flag(args: list[str], name: str) -> str | None:
 def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
     """Settings that must agree across files, and the deployment policy of the brief."""
     defaults = {
-        "MAPPER_ROUNDS": (b.env_names("mapper").get("MAPPER_ROUNDS") or {}).get("default"),
+        "FETCHER_ROUNDS": (b.env_names("fetcher").get("FETCHER_ROUNDS") or {}).get("default"),
+        "FETCHER_TRANSFORM": (b.env_names("fetcher").get("FETCHER_TRANSFORM") or {}).get("default"),
         "FETCHER_CHUNK_SIZE": (b.env_names("fetcher").get("FETCHER_CHUNK_SIZE") or {}).get("default"),
         "SAVER_OUT": (b.env_names("saver").get("SAVER_OUT") or {}).get("default"),
     }
@@ -777,7 +780,8 @@ def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
         want = {
             "input": env_value(cont["fetcher"], "FETCHER_INPUT"),
             "chunk": env_value(cont["fetcher"], "FETCHER_CHUNK_SIZE") or defaults["FETCHER_CHUNK_SIZE"],
-            "rounds": env_value(cont["mapper"], "MAPPER_ROUNDS") or defaults["MAPPER_ROUNDS"],
+            "rounds": env_value(cont["fetcher"], "FETCHER_ROUNDS") or defaults["FETCHER_ROUNDS"],
+            "transform": env_value(cont["fetcher"], "FETCHER_TRANSFORM") or defaults["FETCHER_TRANSFORM"],
             "out": env_value(cont["saver"], "SAVER_OUT") or defaults["SAVER_OUT"],
         }
         for fpath, jobs in m.extras:
@@ -794,7 +798,8 @@ def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
                         r.note(f"{where}: the saver writes to PostgreSQL; this file-sink Job does not apply "
                                f"(verify with --sink, deploy/README.md)")
                     elif args[:1] == ["verify"]:
-                        for fl, key in (("--input", "input"), ("--chunk-size", "chunk"), ("--rounds", "rounds"), ("--out", "out")):
+                        for fl, key in (("--input", "input"), ("--chunk-size", "chunk"), ("--transform", "transform"),
+                                        ("--rounds", "rounds"), ("--out", "out")):
                             if str(flag(args, fl)) != str(want[key]):
                                 r.fail(f"{where}: verify {fl} {flag(args, fl)} != the services' {want[key]}")
                     check_pod_policy(j, j["spec"]["template"]["spec"], rel(fpath), r)
@@ -805,7 +810,8 @@ def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
     if "verify" in svc:
         args = [interpolate_compose(a) for a in svc["verify"]["command"]]
         for fl, val in (("--input", env("fetcher", "FETCHER_INPUT")), ("--chunk-size", env("fetcher", "FETCHER_CHUNK_SIZE")),
-                        ("--rounds", env("mapper", "MAPPER_ROUNDS")), ("--out", env("saver", "SAVER_OUT"))):
+                        ("--transform", env("fetcher", "FETCHER_TRANSFORM")), ("--rounds", env("fetcher", "FETCHER_ROUNDS")),
+                        ("--out", env("saver", "SAVER_OUT"))):
             if val and flag(args, fl) != val:
                 r.fail(f"compose.yaml: verify {fl} {flag(args, fl)} != {val}")
     if "mapper" in svc:

@@ -387,7 +387,7 @@ def live(tmp_path_factory):
         procs.start("saver-1", [bins["saver"], "--out", tmp / "out", "--metrics-addr",
                                 addr["saver-1"], "--instance", "saver-1"], env)
         for m in ("mapper-1", "mapper-2"):
-            procs.start(m, [bins["mapper"], "--rounds", ROUNDS, "--metrics-addr", addr[m],
+            procs.start(m, [bins["mapper"], "--metrics-addr", addr[m],
                             "--instance", m], env)
         for inst in ("saver-1", "mapper-1", "mapper-2"):
             wait_for(f"{inst} to serve /metrics on {addr[inst]}", lambda a=addr[inst]: scrape(a),
@@ -399,7 +399,8 @@ def live(tmp_path_factory):
                  deadline, procs, cap=20)
         # No --exit-when-done: it stays up, as in Kubernetes, and keeps serving its metrics.
         procs.start("fetcher-1", [bins["fetcher"], "--input", data, "--chunk-size", CHUNK_SIZE,
-                                  "--metrics-addr", addr["fetcher-1"], "--instance", "fetcher-1"],
+                                  "--rounds", ROUNDS, "--metrics-addr", addr["fetcher-1"],
+                                  "--instance", "fetcher-1"],
                     env)
         wait_for(f"fetcher-1 to serve /metrics on {addr['fetcher-1']}",
                  lambda: scrape(addr["fetcher-1"]), deadline, procs, cap=30)

@@ -17,7 +17,8 @@ pub struct Pipeline {
     pub nats: NatsServer,
     pub input: PathBuf,
     pub out: PathBuf,
-    pub rounds: u32,
+    /// The job's flags, given to the fetcher and to `saver verify` (default: `--rounds N`).
+    pub job: Vec<String>,
 }
 
 impl Pipeline {
@@ -33,7 +34,35 @@ impl Pipeline {
             .expect("run fetcher generate");
         assert!(status.success(), "fetcher generate failed");
         let out = dir.path().join("out");
-        Pipeline { nats: NatsServer::start(), input, out, rounds, dir }
+        Pipeline { nats: NatsServer::start(), input, out, job: vec!["--rounds".into(), rounds.to_string()], dir }
+    }
+
+    /// Generates `objects` shop orders (seed 1) for a job given by `job` flags, and starts
+    /// nats-server.
+    pub fn orders(objects: u64, job: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let input = dir.path().join("orders.jsonl");
+        let status = Command::new(bin("fetcher"))
+            .args(["generate", "--kind", "orders", "--objects", &objects.to_string(), "--output"])
+            .arg(&input)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run fetcher generate");
+        assert!(status.success(), "fetcher generate failed");
+        let out = dir.path().join("out");
+        Pipeline { nats: NatsServer::start(), input, out, job: job.iter().map(|s| s.to_string()).collect(), dir }
+    }
+
+    /// The job these flags make.
+    pub fn job(&self) -> transform::Job {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            job: transform::JobArgs,
+        }
+        let args = std::iter::once("job".to_string()).chain(self.job.iter().cloned());
+        Flags::try_parse_from(args).expect("job flags").job.job().expect("a job")
     }
 
     /// The fetcher's state directory.
@@ -90,16 +119,14 @@ impl Pipeline {
             "--state-dir".into(),
             self.state_dir().display().to_string(),
         ];
+        args.extend(self.job.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn_with_metrics(name, "fetcher", &args)
     }
 
-    /// A mapper named `name` at the pipeline's rounds (unless `extra` sets `--rounds`).
+    /// A mapper named `name` (it learns the job from the fetcher).
     pub fn mapper(&self, name: &str, extra: &[&str]) -> Service {
         let mut args = vec!["--instance".to_string(), name.into()];
-        if !extra.contains(&"--rounds") {
-            args.extend(["--rounds".to_string(), self.rounds.to_string()]);
-        }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(name, "mapper", &args)
     }
@@ -115,9 +142,16 @@ impl Pipeline {
         self.spawn_with_metrics(name, "saver", &args)
     }
 
-    /// The run id of the pipeline's input at chunk size 100.
+    /// The run id of the pipeline's input and job at chunk size 100.
     pub fn run_id(&self) -> String {
-        common::input::scan(&self.input, 100).expect("scan input").run_id
+        self.run_id_at(100)
+    }
+
+    /// The run id of the pipeline's input and job at `chunk_size`.
+    pub fn run_id_at(&self, chunk_size: u32) -> String {
+        let fingerprint = self.job().fingerprint();
+        let options = common::input::ScanOptions { job: &fingerprint, ..Default::default() };
+        common::input::scan(&self.input, chunk_size, &options).expect("scan input").run_id
     }
 
     /// Runs `saver verify` on the file sink; returns (success, its report line).
@@ -140,8 +174,9 @@ impl Pipeline {
 
     fn verify_with(&self, sink: &[String], env: &[(&str, &str)]) -> (bool, String) {
         let output = Command::new(bin("saver"))
-            .args(["verify", "--rounds", &self.rounds.to_string(), "--input"])
+            .args(["verify", "--input"])
             .arg(&self.input)
+            .args(&self.job)
             .args(sink)
             .envs(env.iter().copied())
             .output()
@@ -274,4 +309,16 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
+}
+
+/// A work request as a mapper named `mapper` that runs the built-in transforms sends it, for
+/// tests that play a mapper.
+pub fn work_request(mapper: &str, max: u32) -> bytes::Bytes {
+    common::protocol::encode(&common::protocol::WorkRequest {
+        v: common::protocol::VERSION,
+        mapper: mapper.to_string(),
+        wait_ms: 5000,
+        max,
+        can: vec!["digest".into(), "jq".into()],
+    })
 }

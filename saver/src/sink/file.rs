@@ -1,9 +1,11 @@
-//! The file sink: `OUT/<run>/chunk-<8 digits>.jsonl`, one mapped object per line. A chunk is
+//! The file sink: `OUT/<run>/chunk-<8 digits>.jsonl`, one output value per line, in input order,
+//! exactly as the mapper sent it (compacted onto one line if it was not already). A chunk is
 //! written to a temporary file, fsynced, then hard-linked to its final name (which fails if the
 //! name exists, so two savers racing on one chunk cannot both count it) and the directory is
 //! fsynced. A crash leaves either the whole chunk or no chunk, plus at most a stray temporary
 //! file that is removed at the next start. Dead-lettered objects of a chunk go to
-//! `chunk-<8 digits>.dead.jsonl`, made durable before the chunk itself.
+//! `chunk-<8 digits>.dead.jsonl`, made durable before the chunk itself. The sink's identity
+//! (`OUT/.chunkmill-sink-id`, made once) tells the fetcher which sink a run saves into.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -11,15 +13,17 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use common::protocol::ChunkResult;
-use serde::Serialize;
-
 use super::{SaveOutcome, SinkError};
+use crate::decoded::Decoded;
+
+/// The file holding a sink directory's identity.
+pub const SINK_ID_FILE: &str = ".chunkmill-sink-id";
 
 /// A directory of chunk files.
 #[derive(Debug)]
 pub struct FileSink {
     root: PathBuf,
+    id: String,
     /// Run directories known to exist (and fsynced into their parent).
     runs: Mutex<HashSet<String>>,
 }
@@ -58,7 +62,13 @@ impl FileSink {
                 }
             }
         }
-        Ok(FileSink { root, runs: Mutex::new(HashSet::new()) })
+        let id = sink_id(&root)?;
+        Ok(FileSink { root, id, runs: Mutex::new(HashSet::new()) })
+    }
+
+    /// The sink's identity (made once, stored in the directory).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The directory.
@@ -83,7 +93,7 @@ impl FileSink {
     /// all are fsynced together (the kernel folds concurrent fsyncs into few journal commits),
     /// then linked into place, then each directory is fsynced once. A chunk's name still appears
     /// only after its data is durable. One outcome per result, in order.
-    pub fn save_batch(&self, results: &[&ChunkResult]) -> Vec<Result<SaveOutcome, SinkError>> {
+    pub fn save_batch(&self, results: &[&Decoded]) -> Vec<Result<SaveOutcome, SinkError>> {
         struct Pending {
             index: usize,
             dir: PathBuf,
@@ -93,20 +103,22 @@ impl FileSink {
         let mut pending = Vec::new();
         for (index, result) in results.iter().enumerate() {
             let prepared = (|| {
-                let dir = self.run_dir(&result.run)?;
-                let target = dir.join(chunk_file_name(result.chunk));
+                let dir = self.run_dir(&result.head.run)?;
+                let target = dir.join(chunk_file_name(result.head.chunk));
                 if target.exists() {
                     return Ok(None);
                 }
                 let mut files = Vec::with_capacity(2);
                 if !result.dead.is_empty() {
-                    let dead = dir.join(dead_file_name(result.chunk));
+                    let dead = dir.join(dead_file_name(result.head.chunk));
                     if !dead.exists() {
-                        let (tmp, file) = write_tmp(&dir, &dead, &result.dead)?;
+                        let lines: Vec<Vec<u8>> =
+                            result.dead.iter().map(|d| serde_json::to_vec(d).unwrap_or_default()).collect();
+                        let (tmp, file) = write_tmp(&dir, &dead, lines.iter().map(Vec::as_slice))?;
                         files.push((tmp, dead, file));
                     }
                 }
-                let (tmp, file) = write_tmp(&dir, &target, &result.records)?;
+                let (tmp, file) = write_tmp(&dir, &target, result.values().map(|(_, _, v)| v))?;
                 files.push((tmp, target, file));
                 Ok(Some(Pending { index, dir, files }))
             })();
@@ -161,7 +173,7 @@ impl FileSink {
             if let Err(e) = sync_dir(dir) {
                 let message = e.to_string();
                 for (outcome, result) in outcomes.iter_mut().zip(results) {
-                    if matches!(outcome, Some(Ok(SaveOutcome::Saved))) && self.root.join(&result.run) == *dir {
+                    if matches!(outcome, Some(Ok(SaveOutcome::Saved))) && self.root.join(&result.head.run) == *dir {
                         *outcome = Some(Err(SinkError::Io {
                             action: "fsync directory",
                             path: dir.clone(),
@@ -174,38 +186,46 @@ impl FileSink {
         outcomes.into_iter().map(|o| o.unwrap_or(Ok(SaveOutcome::Duplicate))).collect()
     }
 
-    /// Saves a chunk (the result must have passed `validate`, which vets the run id).
-    pub fn save(&self, result: &ChunkResult) -> Result<SaveOutcome, SinkError> {
-        let dir = self.run_dir(&result.run)?;
-        let target = dir.join(chunk_file_name(result.chunk));
-        if target.exists() {
-            return Ok(SaveOutcome::Duplicate);
-        }
-        if !result.dead.is_empty() {
-            let dead = dir.join(dead_file_name(result.chunk));
-            if !dead.exists() {
-                write_atomically(&dir, &dead, &result.dead)?;
-            }
-        }
-        let outcome = write_atomically(&dir, &target, &result.records)?;
-        sync_dir(&dir)?;
-        Ok(outcome)
+    /// Saves one chunk (the result must have passed `validate`, which vets the run id).
+    pub fn save(&self, result: &Decoded) -> Result<SaveOutcome, SinkError> {
+        self.save_batch(&[result]).pop().unwrap_or(Ok(SaveOutcome::Duplicate))
     }
 }
 
-/// Writes `lines` as JSON Lines to a temporary file beside `target`, not yet synced.
-fn write_tmp<T: Serialize>(dir: &Path, target: &Path, lines: &[T]) -> Result<(PathBuf, File), SinkError> {
+/// The sink directory's identity: read from [`SINK_ID_FILE`], or made and stored (fsynced)
+/// the first time.
+fn sink_id(root: &Path) -> Result<String, SinkError> {
+    let path = root.join(SINK_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("read", &path)(e)),
+    }
+    let id = format!("dir-{}", uuid::Uuid::new_v4().simple());
+    let (tmp, file) = write_tmp(root, &path, std::iter::once(id.as_bytes()))?;
+    file.sync_all().map_err(io("fsync", &tmp))?;
+    // Two savers starting together on a shared volume: the first link wins, both read it.
+    let _ = link_into_place(&tmp, &path);
+    let _ = fs::remove_file(&tmp);
+    sync_dir(root)?;
+    fs::read_to_string(&path).map(|id| id.trim().to_string()).map_err(io("read", &path))
+}
+
+/// Writes `lines` (each one JSON value) to a temporary file beside `target`, one per line, not
+/// yet synced. A value that spans lines is compacted onto one.
+fn write_tmp<'a>(
+    dir: &Path,
+    target: &Path,
+    lines: impl Iterator<Item = &'a [u8]>,
+) -> Result<(PathBuf, File), SinkError> {
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
     let written = (|| {
         let file = File::create(&tmp).map_err(io("create", &tmp))?;
         let mut out = BufWriter::with_capacity(64 << 10, file);
         for line in lines {
-            serde_json::to_writer(&mut out, line).map_err(|e| SinkError::Io {
-                action: "write",
-                path: tmp.clone(),
-                source: e.into(),
-            })?;
+            out.write_all(&common::json::compact(line)).map_err(io("write", &tmp))?;
             out.write_all(b"\n").map_err(io("write", &tmp))?;
         }
         out.into_inner().map_err(|e| SinkError::Io { action: "write", path: tmp.clone(), source: e.into_error() })
@@ -228,51 +248,40 @@ fn link_into_place(tmp: &Path, target: &Path) -> Result<SaveOutcome, SinkError> 
     }
 }
 
-/// Writes `lines` as JSON Lines to `target` through a temporary file; `Duplicate` if `target`
-/// appeared meanwhile.
-fn write_atomically<T: Serialize>(dir: &Path, target: &Path, lines: &[T]) -> Result<SaveOutcome, SinkError> {
-    let (tmp, file) = write_tmp(dir, target, lines)?;
-    let outcome = file.sync_all().map_err(io("fsync", &tmp)).and_then(|()| link_into_place(&tmp, target));
-    let _ = fs::remove_file(&tmp);
-    outcome
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::protocol::{DeadObject, VERSION};
-    use common::transform::MappedUser;
+    use bytes::Bytes;
+    use common::protocol::{self, Cause, DeadObject, ResultHead};
 
-    fn result(chunk: u64, n: usize) -> ChunkResult {
-        ChunkResult {
-            v: VERSION,
+    fn result(chunk: u64, n: usize, dead: &[u32]) -> Decoded {
+        let head = ResultHead {
             run: "0123456789abcdef".into(),
+            job: "00000000000000aa".into(),
             chunk,
             lease: uuid::Uuid::nil(),
             attempt: 1,
             mapper: "m".into(),
-            records: (0..n)
-                .map(|i| MappedUser {
-                    id: format!("id-{i}"),
-                    name: "A B".into(),
-                    friends: i as u64,
-                    digest: String::new(),
-                })
-                .collect(),
-            dead: vec![],
-        }
+        };
+        let values: Vec<String> = (0..n).map(|i| format!("{{\"id\":\"id-{i}\",\n \"n\":{i}}}")).collect();
+        let objects: Vec<Vec<&[u8]>> =
+            (0..n).map(|i| if dead.contains(&(i as u32)) { vec![] } else { vec![values[i].as_bytes()] }).collect();
+        let dead: Vec<DeadObject> = dead
+            .iter()
+            .map(|&index| DeadObject { index, id: None, cause: Cause::Transform, error: "bad".into(), line: Some(9) })
+            .collect();
+        let body = protocol::encode_result(&head, objects.iter().map(|o| o.iter().copied()), None, &dead);
+        Decoded::decode(Bytes::from(body)).expect("valid")
     }
 
     #[test]
     fn a_chunk_is_saved_once_and_again_is_a_duplicate() {
         let dir = tempfile::tempdir().expect("temp dir");
         let sink = FileSink::open(dir.path()).expect("open");
-        assert_eq!(sink.save(&result(4, 3)).expect("save"), SaveOutcome::Saved);
-        assert_eq!(sink.save(&result(4, 3)).expect("save again"), SaveOutcome::Duplicate);
+        assert_eq!(sink.save(&result(4, 3, &[])).expect("save"), SaveOutcome::Saved);
+        assert_eq!(sink.save(&result(4, 3, &[])).expect("save again"), SaveOutcome::Duplicate);
         let text = fs::read_to_string(dir.path().join("0123456789abcdef").join("chunk-00000004.jsonl")).expect("file");
-        assert_eq!(text.lines().count(), 3);
-        let first: MappedUser = serde_json::from_str(text.lines().next().expect("line")).expect("json");
-        assert_eq!(first.id, "id-0");
+        assert_eq!(text, "{\"id\":\"id-0\",\"n\":0}\n{\"id\":\"id-1\",\"n\":1}\n{\"id\":\"id-2\",\"n\":2}\n");
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("0123456789abcdef")).expect("list").flatten().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file stays behind");
     }
@@ -281,8 +290,8 @@ mod tests {
     fn a_batch_saves_each_chunk_once_and_reports_duplicates_in_order() {
         let dir = tempfile::tempdir().expect("temp dir");
         let sink = FileSink::open(dir.path()).expect("open");
-        sink.save(&result(2, 1)).expect("save");
-        let (a, b, c) = (result(1, 3), result(2, 1), result(3, 2));
+        sink.save(&result(2, 1, &[])).expect("save");
+        let (a, b, c) = (result(1, 3, &[]), result(2, 1, &[]), result(3, 2, &[]));
         let outcomes: Vec<SaveOutcome> =
             sink.save_batch(&[&a, &b, &c, &a]).into_iter().map(|o| o.expect("saved")).collect();
         assert_eq!(
@@ -298,11 +307,20 @@ mod tests {
     fn dead_objects_go_to_their_own_file() {
         let dir = tempfile::tempdir().expect("temp dir");
         let sink = FileSink::open(dir.path()).expect("open");
-        let mut r = result(1, 1);
-        r.dead.push(DeadObject { index: 1, id: Some("x".into()), error: "bad".into() });
-        sink.save(&r).expect("save");
+        sink.save(&result(1, 2, &[1])).expect("save");
         let dead = fs::read_to_string(dir.path().join("0123456789abcdef").join(dead_file_name(1))).expect("dead file");
-        assert!(dead.contains("\"bad\""));
+        let entry: DeadObject = serde_json::from_str(dead.trim()).expect("a dead object");
+        assert_eq!((entry.index, entry.cause, entry.line), (1, Cause::Transform, Some(9)));
+    }
+
+    #[test]
+    fn the_sink_keeps_one_identity() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = FileSink::open(dir.path()).expect("open").id().to_string();
+        assert!(first.starts_with("dir-"), "{first}");
+        assert_eq!(FileSink::open(dir.path()).expect("reopen").id(), first);
+        let other = tempfile::tempdir().expect("temp dir");
+        assert_ne!(FileSink::open(other.path()).expect("open").id(), first);
     }
 
     #[test]
@@ -311,7 +329,7 @@ mod tests {
         let sink = FileSink::open(dir.path()).expect("open");
         // A file where the run directory should be.
         fs::write(dir.path().join("0123456789abcdef"), b"").expect("block");
-        let err = sink.save(&result(1, 1)).unwrap_err().to_string();
+        let err = sink.save(&result(1, 1, &[])).unwrap_err().to_string();
         assert!(err.contains("0123456789abcdef"), "{err}");
     }
 

@@ -8,7 +8,7 @@ pub mod postgres;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::protocol::ChunkResult;
+use crate::decoded::Decoded;
 
 /// What saving a chunk did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,9 @@ pub enum SinkError {
     /// The result can never be saved by this sink (the saver rejects it rather than retrying).
     #[error("{0}")]
     Invalid(String),
+    /// The task saving the batch died (a panic): nothing of it is known to be saved.
+    #[error("the task saving a batch stopped: {0}; the mappers resend")]
+    Task(String),
 }
 
 /// The configured sink. Cheap to clone.
@@ -68,29 +71,28 @@ pub enum Sink {
 impl Sink {
     /// Saves several chunks together (one round of syncs, or one transaction); one outcome per
     /// result, in order. `Saved` means durable.
-    pub async fn save_batch(&self, results: Vec<Arc<ChunkResult>>) -> Vec<Result<SaveOutcome, SinkError>> {
+    pub async fn save_batch(&self, results: Vec<Arc<Decoded>>) -> Vec<Result<SaveOutcome, SinkError>> {
         match self {
             Sink::File(sink) => {
                 let sink = sink.clone();
                 let count = results.len();
+                // fsync blocks: the file sink saves on tokio's blocking pool.
                 tokio::task::spawn_blocking(move || {
-                    let refs: Vec<&ChunkResult> = results.iter().map(|r| r.as_ref()).collect();
+                    let refs: Vec<&Decoded> = results.iter().map(|r| r.as_ref()).collect();
                     sink.save_batch(&refs)
                 })
                 .await
-                .unwrap_or_else(|e| {
-                    (0..count)
-                        .map(|_| {
-                            Err(SinkError::Io {
-                                action: "save",
-                                path: PathBuf::from("(the save task)"),
-                                source: std::io::Error::other(e.to_string()),
-                            })
-                        })
-                        .collect()
-                })
+                .unwrap_or_else(|e| (0..count).map(|_| Err(SinkError::Task(e.to_string()))).collect())
             }
             Sink::Postgres(sink) => sink.save_batch(&results).await,
+        }
+    }
+
+    /// The sink's identity: which sink a run saves into.
+    pub fn id(&self) -> &str {
+        match self {
+            Sink::File(sink) => sink.id(),
+            Sink::Postgres(sink) => sink.id(),
         }
     }
 

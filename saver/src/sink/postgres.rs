@@ -1,17 +1,21 @@
-//! The PostgreSQL sink: one row per mapped object in `chunkmill_objects`, one row per saved chunk
-//! in `chunkmill_chunks` (schema in `schema.sql`, applied at start-up).
+//! The PostgreSQL sink: one `jsonb` row per output value in `chunkmill_outputs` (keyed by run,
+//! chunk, object and output position, with the object's id when the job has an id field), one
+//! row per saved chunk in `chunkmill_chunks`, one per dead object in `chunkmill_dead_objects`
+//! (schema in `schema.sql`, version 2, applied at start-up; a version-1 database is migrated by
+//! adding to it).
 //!
 //! A batch of chunks is saved in one transaction. It first *claims* its chunks by inserting their
 //! `chunkmill_chunks` rows with `ON CONFLICT DO NOTHING RETURNING`: the rows returned are the
 //! chunks this transaction owns; the others were saved before (or by a concurrent saver, whose
 //! commit this insert waited for), so they are duplicates and nothing of theirs is written. Only
-//! the claimed chunks' objects are written, in the same transaction (binary COPY; on a repeated
-//! id, possible only without the fetcher's duplicate check, the batch is redone with
-//! `INSERT .. ON CONFLICT DO NOTHING`), so a chunk row exists if and only if all its objects do. The caller acknowledges a chunk only after the commit returned.
+//! the claimed chunks' outputs are written, in the same transaction (binary COPY of the values as
+//! they arrived; on a repeated id, possible only without the fetcher's duplicate check, the batch
+//! is redone with `INSERT .. ON CONFLICT DO NOTHING`), so a chunk row exists if and only if all
+//! its outputs do. The caller acknowledges a chunk only after the commit returned.
 //!
 //! Concurrent savers cannot deadlock on each other: every batch claims its chunks in one order,
 //! `(run, chunk)`, and a claim is the first row lock a transaction takes, so two transactions wait
-//! for each other in one direction only. Object rows cannot conflict across chunks (the fetcher
+//! for each other in one direction only. Output rows cannot conflict across chunks (the fetcher
 //! refuses inputs with repeated ids). Deadlock and serialisation failures are retried anyway.
 
 use std::collections::HashSet;
@@ -19,15 +23,16 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::protocol::{ChunkResult, DeadObject};
+use common::protocol::{Cause, DeadObject};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{SaveOutcome, SinkError};
+use crate::decoded::Decoded;
 
 /// The schema the sink writes to; applied idempotently at start-up.
 pub const SCHEMA: &str = include_str!("schema.sql");
@@ -36,17 +41,25 @@ pub const SCHEMA: &str = include_str!("schema.sql");
 /// safe to run concurrently in PostgreSQL). The bytes spell "chunkmil".
 const SCHEMA_LOCK: i64 = 0x6368_756e_6b6d_696c;
 
-const CLAIM: &str = "INSERT INTO chunkmill_chunks (run, chunk, objects, dead, lease, attempt, mapper, saver) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int4[], $5::uuid[], $6::int4[], $7::text[], $8::text[]) \
+/// The schema version this saver writes (`chunkmill_schema`).
+const SCHEMA_VERSION: i32 = 2;
+
+const CLAIM: &str = "INSERT INTO chunkmill_chunks (run, chunk, objects, dead, outputs, lease, attempt, mapper, saver, job) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int4[], $5::int4[], $6::uuid[], $7::int4[], $8::text[], $9::text[], $10::text[]) \
      ON CONFLICT (run, chunk) DO NOTHING RETURNING run, chunk";
 
-const OBJECTS: &str = "INSERT INTO chunkmill_objects (run, id, chunk, name, friends, digest) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], $6::text[]) \
-     ON CONFLICT (run, id) DO NOTHING";
+const OUTPUTS: &str = "INSERT INTO chunkmill_outputs (run, chunk, idx, out, id, doc) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int4[], $5::text[], $6::jsonb[]) \
+     ON CONFLICT DO NOTHING";
 
-const DEAD: &str = "INSERT INTO chunkmill_dead_objects (run, chunk, idx, id, error) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::text[]) \
+const OUTPUT: &str = "INSERT INTO chunkmill_outputs (run, chunk, idx, out, id, doc) VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT DO NOTHING";
+
+const DEAD: &str = "INSERT INTO chunkmill_dead_objects (run, chunk, idx, id, error, cause, line) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
      ON CONFLICT (run, chunk, idx) DO NOTHING";
+
+const RECOUNT: &str = "UPDATE chunkmill_chunks SET dead = $3, outputs = $4 WHERE run = $1 AND chunk = $2";
 
 /// Transactions retried after a deadlock or serialisation failure before giving up on a batch.
 const CONFLICT_RETRIES: u32 = 3;
@@ -163,6 +176,7 @@ impl Failure {
                 || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
                 || *c == SqlState::INVALID_CATALOG_NAME
                 || *c == SqlState::INSUFFICIENT_PRIVILEGE
+                || *c == SqlState::FEATURE_NOT_SUPPORTED
         )
     }
 
@@ -202,12 +216,6 @@ fn pg_text(text: &str) -> std::borrow::Cow<'_, str> {
         std::borrow::Cow::Borrowed(text)
     }
 }
-
-const OBJECT: &str =
-    "INSERT INTO chunkmill_objects (run, id, chunk, name, friends, digest) VALUES ($1, $2, $3, $4, $5, $6) \
-     ON CONFLICT (run, id) DO NOTHING";
-
-const RECOUNT: &str = "UPDATE chunkmill_chunks SET objects = $3, dead = $4 WHERE run = $1 AND chunk = $2";
 
 /// The server's message with its SQLSTATE, or the client error with its causes: tokio-postgres
 /// displays a server error only as "db error".
@@ -255,11 +263,12 @@ pub struct PgSink {
     pool: Pool,
     target: Arc<str>,
     saver: Arc<str>,
+    id: Arc<str>,
 }
 
 impl std::fmt::Debug for PgSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgSink").field("target", &self.target).finish()
+        f.debug_struct("PgSink").field("target", &self.target).field("id", &self.id).finish()
     }
 }
 
@@ -278,20 +287,44 @@ fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, SinkError> 
         .map_err(|e| SinkError::Config(format!("cannot make a connection pool for {target}: {e}")))
 }
 
+/// A JSON value's text as a `jsonb` (or `json`) parameter or COPY field, without parsing it:
+/// the value was checked when the result was decoded, and PostgreSQL checks it again.
+#[derive(Debug, Clone, Copy)]
+struct RawJson<'a>(&'a [u8]);
+
+impl ToSql for RawJson<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.extend_from_slice(&[1]); // the jsonb wire format's version
+        }
+        out.extend_from_slice(self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+
+    to_sql_checked!();
+}
+
 impl PgSink {
     /// Connects and applies the schema, waiting (with backoff) for a database that is not up yet;
-    /// fails at once on a wrong password, a missing database or missing rights. `Ok(None)` if
-    /// `shutdown` came first.
+    /// fails at once on a wrong password, a missing database, missing rights or a schema made by
+    /// a newer chunkmill. `Ok(None)` if `shutdown` came first.
     pub async fn connect(options: PgOptions, shutdown: &CancellationToken) -> Result<Option<Self>, SinkError> {
         let config = parse(&options.url, options.password.as_deref())?;
         let target: Arc<str> = describe(&config).into();
         let pool = pool(config, options.pool_size)?;
-        let sink = PgSink { pool, target, saver: options.saver.into() };
+        let mut sink = PgSink { pool, target, saver: options.saver.into(), id: Arc::from("") };
         let mut delay = Duration::from_millis(200);
         let mut warned = false;
         loop {
             match sink.apply_schema().await {
-                Ok(()) => return Ok(Some(sink)),
+                Ok(id) => {
+                    sink.id = id.into();
+                    return Ok(Some(sink));
+                }
                 Err(failure) if !failure.transient() => return Err(failure.into_error(&sink.target)),
                 Err(failure) => {
                     if !warned {
@@ -313,19 +346,56 @@ impl PgSink {
         &self.target
     }
 
+    /// The sink's identity (the row of `chunkmill_sink`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Batches this sink commits at once (its connections).
     pub fn connections(&self) -> usize {
         self.pool.status().max_size
     }
 
-    async fn apply_schema(&self) -> Result<(), Failure> {
+    /// Applies the schema (migrating a version-1 database by adding to it) and returns the
+    /// sink's identity; refuses a database whose schema is newer than this saver's.
+    async fn apply_schema(&self) -> Result<String, Failure> {
         let mut client = self.pool.get().await.map_err(|e| pool_failure("connect", e))?;
         let tx = client.transaction().await.map_err(|e| Failure::new("begin a transaction", &e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .await
             .map_err(|e| Failure::new("lock the schema", &e))?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS chunkmill_schema (version integer NOT NULL, applied timestamptz NOT NULL DEFAULT now())")
+            .await
+            .map_err(|e| Failure::new("create the schema table", &e))?;
+        let newest: Option<i32> = tx
+            .query_one("SELECT max(version) FROM chunkmill_schema", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| Failure::new("read the schema version", &e))?;
+        if let Some(version) = newest.filter(|v| *v > SCHEMA_VERSION) {
+            return Err(Failure {
+                action: "use the database",
+                detail: format!(
+                    "its chunkmill schema is version {version}, made by a newer chunkmill; this saver knows version {SCHEMA_VERSION} and leaves it untouched"
+                ),
+                code: Some(SqlState::FEATURE_NOT_SUPPORTED),
+            });
+        }
         tx.batch_execute(SCHEMA).await.map_err(|e| Failure::new("create the tables", &e))?;
-        tx.commit().await.map_err(|e| Failure::new("commit the schema", &e))
+        let mine = format!("pg-{}", uuid::Uuid::new_v4().simple());
+        tx.execute(
+            "INSERT INTO chunkmill_sink (id) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM chunkmill_sink)",
+            &[&mine],
+        )
+        .await
+        .map_err(|e| Failure::new("record the sink's identity", &e))?;
+        let id: String = tx
+            .query_one("SELECT id FROM chunkmill_sink ORDER BY created, id LIMIT 1", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| Failure::new("read the sink's identity", &e))?;
+        tx.commit().await.map_err(|e| Failure::new("commit the schema", &e))?;
+        Ok(id)
     }
 
     /// Saves chunks in one transaction; one outcome per result, in order. Nothing is `Saved`
@@ -333,7 +403,7 @@ impl PgSink {
     /// connection is retried chunk by chunk, so one chunk cannot hold its neighbours hostage; a
     /// chunk refused alone for a value it cannot store is saved without the objects carrying it
     /// (see [`PgSink::salvage`]).
-    pub async fn save_batch(&self, results: &[Arc<ChunkResult>]) -> Vec<Result<SaveOutcome, SinkError>> {
+    pub async fn save_batch(&self, results: &[Arc<Decoded>]) -> Vec<Result<SaveOutcome, SinkError>> {
         let mut outcomes: Vec<Option<Result<SaveOutcome, SinkError>>> = (0..results.len()).map(|_| None).collect();
         // Refuse what the schema cannot hold, alone, so it cannot fail the rest of the batch.
         for (i, result) in results.iter().enumerate() {
@@ -342,12 +412,11 @@ impl PgSink {
             }
         }
         // One lock order for every transaction: no deadlock between savers.
+        let key = |r: &Decoded| (r.head.run.clone(), r.head.chunk);
         let mut order: Vec<usize> = (0..results.len()).filter(|&i| outcomes[i].is_none()).collect();
-        order.sort_by(|&a, &b| (&results[a].run, results[a].chunk).cmp(&(&results[b].run, results[b].chunk)));
-        order.dedup_by(|later, first| {
-            results[*later].run == results[*first].run && results[*later].chunk == results[*first].chunk
-        });
-        let batch: Vec<&ChunkResult> = order.iter().map(|&i| results[i].as_ref()).collect();
+        order.sort_by_key(|&i| key(&results[i]));
+        order.dedup_by(|later, first| key(&results[*later]) == key(&results[*first]));
+        let batch: Vec<&Decoded> = order.iter().map(|&i| results[i].as_ref()).collect();
         let mut per_chunk: Vec<(usize, Result<SaveOutcome, Failure>)> = Vec::with_capacity(order.len());
         match self.write_retrying(&batch).await {
             Ok(claimed) => {
@@ -381,7 +450,7 @@ impl PgSink {
     }
 
     /// One chunk in its own transaction; salvaged if the database refuses one of its values.
-    async fn save_one(&self, result: &ChunkResult) -> Result<SaveOutcome, Failure> {
+    async fn save_one(&self, result: &Decoded) -> Result<SaveOutcome, Failure> {
         match self.write_retrying(&[result]).await {
             Ok(claimed) => Ok(claimed_outcome(&claimed, result)),
             Err(failure) if failure.refuses_value() => self.salvage(result).await,
@@ -391,7 +460,7 @@ impl PgSink {
 
     /// [`PgSink::write`], retried after deadlocks and serialisation failures, and redone with
     /// INSERT when COPY meets an id that is already saved.
-    async fn write_retrying(&self, batch: &[&ChunkResult]) -> Result<HashSet<(String, u64)>, Failure> {
+    async fn write_retrying(&self, batch: &[&Decoded]) -> Result<HashSet<(String, u64)>, Failure> {
         let mut attempt = 0;
         let mut copy = true;
         loop {
@@ -402,61 +471,70 @@ impl PgSink {
                 }
                 Err(failure) if copy && failure.code.as_ref() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     copy = false;
-                    tracing::debug!("an object id is already saved; redoing the batch with INSERT: {}", failure.detail);
+                    tracing::debug!("an id is already saved; redoing the batch with INSERT: {}", failure.detail);
                 }
                 other => return other,
             }
         }
     }
 
-    /// Saves one chunk whose objects the database refused as a whole: each object is inserted
-    /// under its own savepoint, and those the database refuses are dead-lettered in
-    /// `chunkmill_dead_objects` with its message, in the same transaction as the rest. The chunk
-    /// record counts what was written. Deterministic: any saver would refuse the same objects.
-    async fn salvage(&self, result: &ChunkResult) -> Result<SaveOutcome, Failure> {
+    /// Saves one chunk whose values the database refused as a whole: each object's values are
+    /// inserted under a savepoint of their own, and the objects the database refuses are
+    /// dead-lettered in `chunkmill_dead_objects` with its message, in the same transaction as the
+    /// rest. The chunk record counts what was written. Deterministic: any saver would refuse the
+    /// same objects.
+    async fn salvage(&self, result: &Decoded) -> Result<SaveOutcome, Failure> {
         let mut client = self.pool.get().await.map_err(|e| pool_failure("connect", e))?;
         let mut tx = client.transaction().await.map_err(|e| Failure::new("begin a transaction", &e))?;
         if self.claim(&tx, &[result]).await?.is_empty() {
             return Ok(SaveOutcome::Duplicate);
         }
-        let insert = tx.prepare_cached(OBJECT).await.map_err(|e| Failure::new("prepare the object insert", &e))?;
+        let insert = tx.prepare_cached(OUTPUT).await.map_err(|e| Failure::new("prepare the output insert", &e))?;
         let dead_at: HashSet<u32> = result.dead.iter().map(|d| d.index).collect();
-        let indexes = (0u32..).filter(|i| !dead_at.contains(i));
         let mut refused = Vec::new();
-        let chunk = result.chunk as i64;
-        for (record, index) in result.records.iter().zip(indexes) {
+        let mut written = 0i32;
+        let (run, chunk) = (&result.head.run, result.head.chunk as i64);
+        for index in (0..result.objects()).filter(|i| !dead_at.contains(&(*i as u32))) {
             let savepoint = tx.savepoint("object").await.map_err(|e| Failure::new("set a savepoint", &e))?;
-            let friends = record.friends as i64;
-            let row: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&result.run, &record.id, &chunk, &record.name, &friends, &record.digest];
-            match savepoint.execute(&insert, &row).await {
-                Ok(_) => savepoint.commit().await.map_err(|e| Failure::new("release a savepoint", &e))?,
-                Err(e) => {
-                    let failure = Failure::new("insert an object", &e);
-                    if !failure.refuses_value() {
-                        return Err(failure);
-                    }
+            let id = result.id_of(index).map(pg_text);
+            let mut failed = None;
+            let mut values = 0;
+            for (out, value) in result.values_of(index).enumerate() {
+                let (idx, out) = (index as i32, out as i32);
+                let row: [&(dyn ToSql + Sync); 6] = [run, &chunk, &idx, &out, &id, &RawJson(value)];
+                if let Err(e) = savepoint.execute(&insert, &row).await {
+                    failed = Some(Failure::new("insert an output", &e));
+                    break;
+                }
+                values += 1;
+            }
+            match failed {
+                None => {
+                    savepoint.commit().await.map_err(|e| Failure::new("release a savepoint", &e))?;
+                    written += values;
+                }
+                Some(failure) if failure.refuses_value() => {
                     savepoint.rollback().await.map_err(|e| Failure::new("roll back a savepoint", &e))?;
                     tracing::warn!(
-                        chunk = result.chunk,
-                        "chunk {} of run {}: PostgreSQL cannot store object {index} ({}): {}; dead-lettering it",
-                        result.chunk,
-                        result.run,
-                        record.id,
+                        chunk = result.head.chunk,
+                        "chunk {} of run {run}: PostgreSQL cannot store object {index}: {}; dead-lettering it",
+                        result.head.chunk,
                         failure.detail
                     );
                     refused.push(DeadObject {
-                        index,
-                        id: Some(record.id.clone()),
+                        index: index as u32,
+                        id: result.id_of(index).map(str::to_string),
+                        cause: Cause::Sink,
                         error: format!("PostgreSQL cannot store this object: {}", failure.detail),
+                        line: None,
                     });
                 }
+                Some(failure) => return Err(failure),
             }
         }
         let dead: Vec<DeadObject> = result.dead.iter().cloned().chain(refused.iter().cloned()).collect();
-        self.insert_dead(&tx, &result.run, result.chunk, &dead).await?;
-        let counts: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&result.run, &chunk, &((result.records.len() - refused.len()) as i32), &(dead.len() as i32)];
+        self.insert_dead(&tx, run, result.head.chunk, &dead).await?;
+        let counts: [&(dyn ToSql + Sync); 4] = [run, &chunk, &(dead.len() as i32), &written];
         tx.execute(RECOUNT, &counts).await.map_err(|e| Failure::new("count the chunk's rows", &e))?;
         tx.commit().await.map_err(|e| Failure::new("commit", &e))?;
         Ok(if refused.is_empty() { SaveOutcome::Saved } else { SaveOutcome::SavedRefusing(refused.len() as u64) })
@@ -467,19 +545,21 @@ impl PgSink {
     async fn claim(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
-        batch: &[&ChunkResult],
+        batch: &[&Decoded],
     ) -> Result<HashSet<(String, u64)>, Failure> {
         let claim = tx.prepare_cached(CLAIM).await.map_err(|e| Failure::new("prepare the chunk claim", &e))?;
-        let runs: Vec<&str> = batch.iter().map(|r| r.run.as_str()).collect();
-        let chunks: Vec<i64> = batch.iter().map(|r| r.chunk as i64).collect();
-        let objects: Vec<i32> = batch.iter().map(|r| r.records.len() as i32).collect();
+        let runs: Vec<&str> = batch.iter().map(|r| r.head.run.as_str()).collect();
+        let chunks: Vec<i64> = batch.iter().map(|r| r.head.chunk as i64).collect();
+        let objects: Vec<i32> = batch.iter().map(|r| r.objects() as i32).collect();
         let dead: Vec<i32> = batch.iter().map(|r| r.dead.len() as i32).collect();
-        let leases: Vec<uuid::Uuid> = batch.iter().map(|r| r.lease).collect();
-        let attempts: Vec<i32> = batch.iter().map(|r| r.attempt as i32).collect();
-        let mappers: Vec<std::borrow::Cow<'_, str>> = batch.iter().map(|r| pg_text(&r.mapper)).collect();
+        let outputs: Vec<i32> = batch.iter().map(|r| r.value_count() as i32).collect();
+        let leases: Vec<uuid::Uuid> = batch.iter().map(|r| r.head.lease).collect();
+        let attempts: Vec<i32> = batch.iter().map(|r| r.head.attempt as i32).collect();
+        let mappers: Vec<std::borrow::Cow<'_, str>> = batch.iter().map(|r| pg_text(&r.head.mapper)).collect();
         let savers: Vec<&str> = vec![&self.saver; batch.len()];
+        let jobs: Vec<std::borrow::Cow<'_, str>> = batch.iter().map(|r| pg_text(&r.head.job)).collect();
         let rows = tx
-            .query(&claim, &[&runs, &chunks, &objects, &dead, &leases, &attempts, &mappers, &savers])
+            .query(&claim, &[&runs, &chunks, &objects, &dead, &outputs, &leases, &attempts, &mappers, &savers, &jobs])
             .await
             .map_err(|e| Failure::new("claim chunks", &e))?;
         let mut claimed = HashSet::with_capacity(rows.len());
@@ -508,87 +588,94 @@ impl PgSink {
         let indexes: Vec<i32> = dead.iter().map(|d| d.index as i32).collect();
         let ids: Vec<Option<std::borrow::Cow<'_, str>>> = dead.iter().map(|d| d.id.as_deref().map(pg_text)).collect();
         let errors: Vec<std::borrow::Cow<'_, str>> = dead.iter().map(|d| pg_text(&d.error)).collect();
-        tx.execute(&insert, &[&runs, &chunks, &indexes, &ids, &errors])
+        let causes: Vec<String> = dead.iter().map(|d| cause_name(d.cause)).collect();
+        let lines: Vec<Option<i64>> = dead.iter().map(|d| d.line.map(|l| l as i64)).collect();
+        tx.execute(&insert, &[&runs, &chunks, &indexes, &ids, &errors, &causes, &lines])
             .await
             .map_err(|e| Failure::new("insert dead-lettered objects", &e))?;
         Ok(())
     }
 
-    /// One transaction: claim the chunks, write the claimed ones' objects, commit. Returns the
-    /// claimed chunks.
-    async fn write(&self, batch: &[&ChunkResult], copy: bool) -> Result<HashSet<(String, u64)>, Failure> {
+    /// One transaction: claim the chunks, write the claimed ones' outputs and dead objects,
+    /// commit. Returns the claimed chunks.
+    async fn write(&self, batch: &[&Decoded], copy: bool) -> Result<HashSet<(String, u64)>, Failure> {
         if batch.is_empty() {
             return Ok(HashSet::new());
         }
         let mut client = self.pool.get().await.map_err(|e| pool_failure("connect", e))?;
         let tx = client.transaction().await.map_err(|e| Failure::new("begin a transaction", &e))?;
         let claimed = self.claim(&tx, batch).await?;
-        let mine: Vec<&ChunkResult> =
-            batch.iter().copied().filter(|r| claimed.contains(&(r.run.clone(), r.chunk))).collect();
-        let total: usize = mine.iter().map(|r| r.records.len()).sum();
+        let mine: Vec<&Decoded> =
+            batch.iter().copied().filter(|r| claimed.contains(&(r.head.run.clone(), r.head.chunk))).collect();
+        let total: usize = mine.iter().map(|r| r.value_count()).sum();
         if total > 0 && copy {
             // COPY is the fast path, but it has no ON CONFLICT: a repeated id aborts the
             // transaction with a unique violation, and the caller retries with the INSERT path.
             let sink = tx
-                .copy_in("COPY chunkmill_objects (run, id, chunk, name, friends, digest) FROM STDIN BINARY")
+                .copy_in("COPY chunkmill_outputs (run, chunk, idx, out, id, doc) FROM STDIN BINARY")
                 .await
-                .map_err(|e| Failure::new("start copying objects", &e))?;
-            let types = [Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::INT8, Type::TEXT];
+                .map_err(|e| Failure::new("start copying outputs", &e))?;
+            let types = [Type::TEXT, Type::INT8, Type::INT4, Type::INT4, Type::TEXT, Type::JSONB];
             let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
             for result in &mine {
-                let chunk = result.chunk as i64;
-                for record in &result.records {
-                    let friends = record.friends as i64;
-                    writer
-                        .as_mut()
-                        .write(&[&result.run, &record.id, &chunk, &record.name, &friends, &record.digest])
-                        .await
-                        .map_err(|e| Failure::new("copy objects", &e))?;
+                let chunk = result.head.chunk as i64;
+                for (index, out, value) in result.values() {
+                    let (idx, out) = (index as i32, out as i32);
+                    let id = result.id_of(index).map(pg_text);
+                    let row: [&(dyn ToSql + Sync); 6] = [&result.head.run, &chunk, &idx, &out, &id, &RawJson(value)];
+                    writer.as_mut().write(&row).await.map_err(|e| Failure::new("copy outputs", &e))?;
                 }
             }
-            writer.as_mut().finish().await.map_err(|e| Failure::new("copy objects", &e))?;
+            writer.as_mut().finish().await.map_err(|e| Failure::new("copy outputs", &e))?;
         } else if total > 0 {
-            let insert = tx.prepare_cached(OBJECTS).await.map_err(|e| Failure::new("prepare the object insert", &e))?;
-            let mut runs = Vec::with_capacity(total);
-            let mut ids = Vec::with_capacity(total);
-            let mut chunks = Vec::with_capacity(total);
-            let mut names = Vec::with_capacity(total);
-            let mut friends = Vec::with_capacity(total);
-            let mut digests = Vec::with_capacity(total);
+            let insert = tx.prepare_cached(OUTPUTS).await.map_err(|e| Failure::new("prepare the output insert", &e))?;
+            let (mut runs, mut chunks, mut idxs, mut outs, mut ids, mut docs) = (
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+            );
             for result in &mine {
-                for record in &result.records {
-                    runs.push(result.run.as_str());
-                    ids.push(record.id.as_str());
-                    chunks.push(result.chunk as i64);
-                    names.push(record.name.as_str());
-                    friends.push(record.friends as i64);
-                    digests.push(record.digest.as_str());
+                for (index, out, value) in result.values() {
+                    runs.push(result.head.run.as_str());
+                    chunks.push(result.head.chunk as i64);
+                    idxs.push(index as i32);
+                    outs.push(out as i32);
+                    ids.push(result.id_of(index).map(pg_text));
+                    docs.push(RawJson(value));
                 }
             }
             let inserted = tx
-                .execute(&insert, &[&runs, &ids, &chunks, &names, &friends, &digests])
+                .execute(&insert, &[&runs, &chunks, &idxs, &outs, &ids, &docs])
                 .await
-                .map_err(|e| Failure::new("insert objects", &e))?;
+                .map_err(|e| Failure::new("insert outputs", &e))?;
             if inserted < total as u64 {
                 // Only possible when the fetcher ran with --no-duplicate-check on an input with
-                // repeated ids: the first copy stays, `verify` reports the rest as missing.
+                // repeated ids: the first copy stays, `verify` reports the rest.
                 tracing::warn!(
-                    "{} of {total} objects were already saved under the same id by another chunk; kept the first copy",
+                    "{} of {total} outputs were already saved under the same id by another chunk; kept the first copy",
                     total as u64 - inserted
                 );
             }
         }
         for result in &mine {
-            self.insert_dead(&tx, &result.run, result.chunk, &result.dead).await?;
+            self.insert_dead(&tx, &result.head.run, result.head.chunk, &result.dead).await?;
         }
         tx.commit().await.map_err(|e| Failure::new("commit", &e))?;
         Ok(claimed)
     }
 }
 
+/// The protocol's name of a cause (`transform`, `crash`...), for the `cause` column.
+fn cause_name(cause: Cause) -> String {
+    serde_json::to_value(cause).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
 /// Saved or duplicate, for a chunk of a committed batch.
-fn claimed_outcome(claimed: &HashSet<(String, u64)>, result: &ChunkResult) -> SaveOutcome {
-    if claimed.contains(&(result.run.clone(), result.chunk)) {
+fn claimed_outcome(claimed: &HashSet<(String, u64)>, result: &Decoded) -> SaveOutcome {
+    if claimed.contains(&(result.head.run.clone(), result.head.chunk)) {
         SaveOutcome::Saved
     } else {
         SaveOutcome::Duplicate
@@ -596,25 +683,16 @@ fn claimed_outcome(claimed: &HashSet<(String, u64)>, result: &ChunkResult) -> Sa
 }
 
 /// Checks that a result fits the schema's integer columns (it has passed `validate`).
-fn representable(result: &ChunkResult) -> Result<(), String> {
+fn representable(result: &Decoded) -> Result<(), String> {
     let fits_i32 = |n: u64| i32::try_from(n).is_ok();
-    if i64::try_from(result.chunk).is_err()
-        || !fits_i32(result.records.len() as u64)
-        || !fits_i32(result.dead.len() as u64)
-        || !fits_i32(u64::from(result.attempt))
+    if i64::try_from(result.head.chunk).is_err()
+        || !fits_i32(result.objects() as u64)
+        || !fits_i32(result.value_count() as u64)
+        || !fits_i32(u64::from(result.head.attempt))
     {
-        return Err(format!("chunk {} of run {}: a count is too large for the database", result.chunk, result.run));
-    }
-    if let Some(record) = result.records.iter().find(|r| i64::try_from(r.friends).is_err()) {
         return Err(format!(
-            "chunk {} of run {}: object {} has {} friends, more than a bigint holds",
-            result.chunk, result.run, record.id, record.friends
-        ));
-    }
-    if let Some(dead) = result.dead.iter().find(|d| i32::try_from(d.index).is_err()) {
-        return Err(format!(
-            "chunk {} of run {}: dead object index {} is too large",
-            result.chunk, result.run, dead.index
+            "chunk {} of run {}: a count is too large for the database",
+            result.head.chunk, result.head.run
         ));
     }
     Ok(())
@@ -653,29 +731,15 @@ mod tests {
         let auth = Failure { action: "connect", detail: String::new(), code: Some(SqlState::INVALID_PASSWORD) };
         let down = Failure { action: "connect", detail: String::new(), code: None };
         let starting = Failure { action: "connect", detail: String::new(), code: Some(SqlState::CANNOT_CONNECT_NOW) };
-        assert!(!auth.transient());
+        let newer = Failure { action: "use", detail: String::new(), code: Some(SqlState::FEATURE_NOT_SUPPORTED) };
+        assert!(!auth.transient() && !newer.transient());
         assert!(down.transient() && starting.transient());
         assert!(auth.into_error("t").to_string().contains("SAVER_PG_PASSWORD_FILE"));
     }
 
     #[test]
-    fn unrepresentable_results_are_refused_by_name() {
-        let result = ChunkResult {
-            v: 1,
-            run: "0123456789abcdef".into(),
-            chunk: 7,
-            lease: uuid::Uuid::nil(),
-            attempt: 1,
-            mapper: "m".into(),
-            records: vec![common::transform::MappedUser {
-                id: "big".into(),
-                name: "A B".into(),
-                friends: u64::MAX,
-                digest: String::new(),
-            }],
-            dead: vec![],
-        };
-        let problem = representable(&result).unwrap_err();
-        assert!(problem.contains("chunk 7") && problem.contains("big"), "{problem}");
+    fn causes_are_stored_by_their_protocol_names() {
+        assert_eq!(cause_name(Cause::Transform), "transform");
+        assert_eq!(cause_name(Cause::Sink), "sink");
     }
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""A chunkmill command that misbehaves on demand, for testing how mappers cope.
+
+It echoes each object unchanged, except when the object's fault field (default `fault`, see
+--field) says otherwise:
+
+  "crash"       exit with status 3 without answering
+  "crash-once"  the same, but only the first time this exact line is seen (needs --state DIR,
+                where it leaves a marker file per line), so a retry succeeds
+  "hang"        sleep for an hour without answering
+  "garbage"     answer `not json`
+  "stderr"      write a line to stderr, then answer normally
+
+Usage: faulty.py [--field NAME] [--state DIR]
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+parser = argparse.ArgumentParser(description="echo JSON lines, misbehaving on demand")
+parser.add_argument("--field", default="fault", help="the field that names the fault")
+parser.add_argument("--state", help="directory for crash-once markers")
+args = parser.parse_args()
+
+for line in sys.stdin:
+    fault = json.loads(line).get(args.field)
+    if fault == "crash":
+        sys.exit(3)
+    if fault == "crash-once":
+        if not args.state:
+            sys.exit("faulty.py: crash-once needs --state DIR")
+        marker = os.path.join(args.state, hashlib.sha256(line.encode()).hexdigest())
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            sys.exit(3)
+    if fault == "hang":
+        time.sleep(3600)
+    if fault == "garbage":
+        print("not json", flush=True)
+        continue
+    if fault == "stderr":
+        print(f"faulty.py: asked to write to stderr by {line.strip()}", file=sys.stderr, flush=True)
+    print(line.strip(), flush=True)

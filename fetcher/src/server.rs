@@ -1,0 +1,933 @@
+//! The task that owns the ledger and answers every request about it: work (leases), job,
+//! extend, release and ack. Requests are handled one at a time, so the ledger needs no lock and
+//! every decision sees the latest state. Anything that must wait on the network (publishing
+//! events, saving dead-letter records into the sink) is handed to other tasks.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, Message, Subject};
+use common::events::{Event, EventBody};
+use common::input::{ChunkReader, InputIndex};
+use common::protocol::{
+    self, AckReply, AckRequest, AckVerdict, ChunkHead, ChunksHead, ExtendReply, ExtendRequest, JobReply, JobRequest,
+    ProtocolError, ReleaseReason, ReleaseReply, ReleaseRequest, ResultHead, ResultReply, ResultStatus, Subjects,
+    WorkReplyKind, WorkRequest, VERSION,
+};
+use common::text::{escaped, held_back, RateLimit};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use transform::Job;
+
+use crate::config::Config;
+use crate::events::Publisher;
+use crate::kv_lock::LockStatus;
+use crate::ledger::{Ledger, ReleaseOutcome};
+use crate::metrics::FetcherMetrics;
+use crate::progress::{milestone, Progress};
+use crate::store::{Entry, LedgerStore, Recovered, StoreHealth};
+use crate::{FetcherError, RunSummary};
+
+/// Longest a work request is held when nothing is pending (the mapper asks again after that).
+const MAX_WAIT: Duration = Duration::from_secs(5);
+/// How often leases and held requests are checked.
+const TICK: Duration = Duration::from_millis(50);
+/// Most work requests held at once (long polls); more are answered `idle` at once. Far above any
+/// real fleet (each mapper holds one), it bounds what a flood of requests can make us keep.
+const MAX_HELD: usize = 1024;
+/// Repeated warnings about what peers send: one line per kind per interval, with a count.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// A mapper counts as asking for work if it asked within this long.
+const ASKING: Duration = Duration::from_secs(10);
+/// Most mappers remembered (for "who is asking" and the status); the least recent go first.
+const MAX_MAPPERS: usize = 4096;
+/// How long a mapper that cannot run the job is told to wait before asking again.
+const CANNOT_RETRY_MS: u64 = 2000;
+
+/// What the fetcher talks through: NATS, its metrics, the events queue and its readiness flag.
+pub struct Io {
+    /// The NATS connection.
+    pub client: Client,
+    /// The fetcher's metrics.
+    pub metrics: FetcherMetrics,
+    /// Pipeline events.
+    pub events: Publisher,
+    /// Readiness (`/readyz`).
+    pub ready: Arc<AtomicBool>,
+}
+
+/// A held work request.
+struct Waiter {
+    reply: Subject,
+    mapper: String,
+    max: u32,
+    deadline: Instant,
+}
+
+/// What the fetcher knows about a mapper that asked for work.
+struct MapperSeen {
+    last: Instant,
+    able: bool,
+}
+
+/// The server of one run.
+pub struct Server {
+    config: Config,
+    job: Job,
+    fingerprint: String,
+    subjects: Subjects,
+    client: Client,
+    metrics: FetcherMetrics,
+    store: LedgerStore,
+    index: InputIndex,
+    reader: ChunkReader,
+    ledger: Ledger,
+    waiters: VecDeque<Waiter>,
+    progress: Progress,
+    completed_logged: bool,
+    events: Publisher,
+    /// The highest progress milestone (percent) already passed, so none is announced twice, also
+    /// across a restart (it starts from the resumed state).
+    milestone: u32,
+    /// The run was complete before this fetcher started: its completion was announced before.
+    complete_at_start: bool,
+    /// Chunks given up on whose dead letter is not durable yet (the store failed): retried
+    /// every tick, and only then dead.
+    dying: Vec<(u32, String)>,
+    /// Dead-letter records for people that could not be written yet: retried every tick.
+    unwritten_records: VecDeque<serde_json::Value>,
+    /// Whether the durable store works, for readiness, a metric and one log line per outage.
+    health: StoreHealth,
+    /// Rate limit for warnings about what peers send.
+    warnings: RateLimit,
+    /// The single-fetcher lock, when it can be lost (`--ledger kv`): while it is not known to be
+    /// held, nothing is answered.
+    lock: Option<Arc<LockStatus>>,
+    /// Messages dropped because the lock was not held, for one log line per lapse.
+    unserved: u64,
+    /// The sink this run saves into (its first ack records it); acks from another are refused.
+    sink: Option<String>,
+    /// Dead-lettered chunks whose record is not in the sink yet: the run completes once a saver
+    /// has saved each (see [`Server::send_marker`]).
+    unmarked: HashSet<u32>,
+    /// Mappers that asked for work, and whether they can run the job.
+    mappers: HashMap<String, MapperSeen>,
+    /// Mappers that said they cannot run this run's job (release reason `cannot_run`).
+    cannot_run: HashSet<String>,
+    /// Stops the dead-letter record senders.
+    markers: CancellationToken,
+}
+
+impl Server {
+    /// A server for `index` under `job`, resuming from `recovered`.
+    pub fn new(
+        config: Config,
+        job: Job,
+        index: InputIndex,
+        io: Io,
+        store: LedgerStore,
+        recovered: Recovered,
+    ) -> Result<Self, FetcherError> {
+        let Io { client, metrics, events, ready } = io;
+        let reader = ChunkReader::open(&index)?;
+        let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
+        let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
+        for chunk in &recovered.done {
+            ledger.mark_done(*chunk);
+        }
+        for chunk in &recovered.dead {
+            ledger.dead_letter(*chunk);
+        }
+        // Which dead chunks have their record in the sink is not in the ledger: send them all
+        // again (saving one twice is a duplicate).
+        let unmarked: HashSet<u32> = recovered
+            .dead
+            .iter()
+            .copied()
+            .filter(|c| ledger.state(*c) == Some(crate::ledger::ChunkState::Dead))
+            .collect();
+        if !fresh {
+            tracing::info!(
+                run = %index.run_id,
+                "resuming run {} from {}: {} chunks already done, {} dead-lettered, {} to go",
+                index.run_id,
+                match config.ledger {
+                    crate::config::LedgerKind::File => config.state_dir.display().to_string(),
+                    crate::config::LedgerKind::Kv => format!("JetStream bucket {}", config.kv_bucket),
+                },
+                ledger.done(),
+                ledger.dead(),
+                ledger.pending()
+            );
+        }
+        let finished = ledger.done() + ledger.dead();
+        Ok(Server {
+            milestone: milestone(finished, ledger.len() as u64),
+            complete_at_start: ledger.is_complete(),
+            fingerprint: job.fingerprint(),
+            job,
+            events,
+            subjects: Subjects::new(&config.nats.subject_prefix),
+            progress: Progress::new(index.objects).with_bar_on_terminal(index.chunks.len() as u64),
+            client,
+            metrics,
+            index,
+            reader,
+            ledger,
+            waiters: VecDeque::new(),
+            completed_logged: false,
+            dying: Vec::new(),
+            unwritten_records: VecDeque::new(),
+            health: StoreHealth::new(ready),
+            warnings: RateLimit::new(WARN_INTERVAL),
+            lock: store.lock(),
+            unserved: 0,
+            sink: recovered.sink,
+            unmarked,
+            mappers: HashMap::new(),
+            cannot_run: HashSet::new(),
+            markers: CancellationToken::new(),
+            store,
+            config,
+        })
+    }
+
+    /// Lists a fresh run's skipped input records in the dead-letter record.
+    pub async fn record_bad_records(&self) -> Result<(), FetcherError> {
+        for bad in &self.index.bad {
+            let record = serde_json::json!({
+                "kind": "bad_record", "run": self.index.run_id, "input": self.index.path.display().to_string(),
+                "line": bad.line, "error": bad.error,
+            });
+            self.store.dead_letter(&record).await?;
+        }
+        if !self.index.bad.is_empty() {
+            tracing::warn!("{} invalid input records listed in {}", self.index.bad.len(), self.store.dead_letters());
+        }
+        Ok(())
+    }
+
+    /// Announces a fresh run as `started`, or an unfinished one picked up again as `resumed`.
+    pub fn announce(&mut self, fresh: bool, instance: &str) {
+        let run = &self.index.run_id;
+        let body = if fresh {
+            EventBody::Started {
+                objects: self.index.objects,
+                chunks: self.ledger.len() as u64,
+                chunk_size: self.index.chunk_size,
+                transform: self.job.transform.describe(),
+            }
+        } else if !self.ledger.is_complete() {
+            EventBody::Resumed {
+                chunks: self.ledger.len() as u64,
+                chunks_done: self.ledger.done(),
+                chunks_dead: self.ledger.dead(),
+                instance: instance.to_string(),
+            }
+        } else {
+            return;
+        };
+        self.events.emit(Event::new(run, body));
+    }
+
+    /// Every chunk done or dead-lettered, and each dead one's record in the sink.
+    fn is_complete(&self) -> bool {
+        self.ledger.is_complete() && self.unmarked.is_empty()
+    }
+
+    /// Announces the highest milestone passed since the last one, if any (several passed at once,
+    /// as in a small run, give one message, not a burst).
+    fn check_milestone(&mut self) {
+        let total = self.ledger.len() as u64;
+        let finished = self.ledger.done() + self.ledger.dead();
+        let now = milestone(finished, total);
+        if now > self.milestone && finished < total {
+            self.milestone = now;
+            let body = EventBody::Progress {
+                percent: now,
+                chunks_done: finished,
+                chunks: total,
+                objects_done: self.ledger.objects_done(),
+                objects: self.index.objects,
+                elapsed_ms: self.progress.elapsed().as_millis() as u64,
+            };
+            self.events.emit(Event::new(&self.index.run_id, body));
+        }
+    }
+
+    async fn subscribe(&self, subject: &str) -> Result<async_nats::Subscriber, FetcherError> {
+        self.client
+            .subscribe(subject.to_string())
+            .await
+            .map_err(|source| FetcherError::Subscribe { subject: subject.to_string(), source })
+    }
+
+    /// Serves until the run is complete (with `--exit-when-done`) or `shutdown`.
+    pub async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
+        let mut work = self.subscribe(&self.subjects.work).await?;
+        let mut job = self.subscribe(&self.subjects.job).await?;
+        let mut extend = self.subscribe(&self.subjects.extend).await?;
+        let mut release = self.subscribe(&self.subjects.release).await?;
+        let mut ack = self.subscribe(&self.subjects.ack).await?;
+        self.metrics.start(self.index.objects);
+        let subjects = &self.subjects;
+        self.metrics.common.watch_subjects(&[
+            &subjects.work,
+            &subjects.job,
+            &subjects.extend,
+            &subjects.release,
+            &subjects.ack,
+        ]);
+        self.health.ready.store(true, Ordering::Relaxed);
+        for chunk in self.unmarked.clone() {
+            self.send_marker(chunk, "dead-lettered before this fetcher started (see the dead-letter record)".into());
+        }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lost = self.lock.as_ref().map(|lock| lock.lost().clone()).unwrap_or_default();
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = lost.cancelled() => {
+                    let why = self.lock.as_ref().map(|lock| lock.why()).unwrap_or_default();
+                    break Err(FetcherError::LockLost(why));
+                }
+                Some(message) = ack.next() => if self.serving() { self.on_ack(message).await },
+                Some(message) = extend.next() => if self.serving() { self.on_extend(message).await },
+                Some(message) = release.next() => if self.serving() { self.on_release(message).await },
+                Some(message) = job.next() => if self.serving() { self.on_job(message).await },
+                Some(message) = work.next() => if self.serving() { self.on_work(message).await },
+                _ = tick.tick() => self.on_tick().await,
+            }
+            self.check_milestone();
+            if self.is_complete() {
+                self.on_complete().await;
+                if self.config.exit_when_done {
+                    break Ok(());
+                }
+            }
+        };
+        self.markers.cancel();
+        // Make sure the last replies (acks, "done") leave before we go.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        // Pipeline events still queued get a short grace (the completion is usually among them).
+        std::mem::replace(&mut self.events, Publisher::off()).close(Duration::from_secs(2)).await;
+        self.progress.finish();
+        outcome?;
+        let summary = self.summary();
+        if !self.completed_logged {
+            tracing::info!("{summary}");
+        }
+        Ok(summary)
+    }
+
+    fn summary(&self) -> RunSummary {
+        RunSummary {
+            run_id: self.index.run_id.clone(),
+            chunks: self.ledger.len() as u64,
+            objects: self.index.objects,
+            done: self.ledger.done(),
+            dead: self.ledger.dead(),
+            bad_records: self.index.bad.len() as u64,
+            stats: self.ledger.stats().clone(),
+            elapsed: self.progress.elapsed(),
+            complete: self.is_complete(),
+        }
+    }
+
+    fn malformed(&mut self, message: &Message, error: &dyn std::fmt::Display) {
+        self.metrics.common.malformed(&message.subject);
+        if let Some(held) = self.warnings.allow(&message.subject, Instant::now()) {
+            let error = error.to_string();
+            tracing::warn!(
+                subject = %message.subject,
+                "ignoring message on {}: {}{}",
+                message.subject,
+                escaped(&error),
+                held_back(held, WARN_INTERVAL)
+            );
+        }
+    }
+
+    /// A warning about a peer, rate-limited per `key`.
+    fn warn_peer(&mut self, key: &str, line: impl FnOnce() -> String) {
+        if let Some(held) = self.warnings.allow(key, Instant::now()) {
+            tracing::warn!("{}{}", line(), held_back(held, WARN_INTERVAL));
+        }
+    }
+
+    async fn reply(&self, to: &Subject, body: bytes::Bytes) {
+        if let Err(e) = self.client.publish(to.clone(), body).await {
+            tracing::warn!("cannot reply on {to}: {e}");
+        }
+    }
+
+    /// Whether to answer requests now: always with a file lock; with `--ledger kv` only while the
+    /// lock is known to be held (another fetcher may take an expired one). What is not answered
+    /// is asked again by its sender.
+    fn serving(&mut self) -> bool {
+        let held = self.lock.as_ref().is_none_or(|lock| lock.held(Instant::now()));
+        if !held {
+            if self.unserved == 0 {
+                tracing::warn!(
+                    "not serving: the fetcher lock is not refreshed (NATS or JetStream unreachable); requests wait until it is held again"
+                );
+            }
+            self.unserved += 1;
+            self.health.ready.store(false, Ordering::Relaxed);
+        } else if self.unserved > 0 {
+            tracing::info!("the fetcher lock is held again; serving ({} requests were left unanswered)", self.unserved);
+            self.unserved = 0;
+        }
+        held
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // work
+
+    /// Remembers that `mapper` asked, and whether it can run the job; returns that.
+    fn saw_mapper(&mut self, mapper: &str, can: &[String]) -> bool {
+        let able = can.iter().any(|c| *c == self.job.transform.capability()) && !self.cannot_run.contains(mapper);
+        let now = Instant::now();
+        if self.mappers.len() >= MAX_MAPPERS && !self.mappers.contains_key(mapper) {
+            if let Some(oldest) = self.mappers.iter().min_by_key(|(_, m)| m.last).map(|(n, _)| n.clone()) {
+                self.mappers.remove(&oldest);
+            }
+        }
+        self.mappers.insert(mapper.to_string(), MapperSeen { last: now, able });
+        able
+    }
+
+    /// Mappers that asked recently: (able to run the job, unable).
+    fn asking(&self, now: Instant) -> (usize, usize) {
+        let recent = self.mappers.values().filter(|m| now.duration_since(m.last) < ASKING);
+        recent.fold((0, 0), |(able, unable), m| if m.able { (able + 1, unable) } else { (able, unable + 1) })
+    }
+
+    /// The progress line's note when mappers ask but none can run the job: never a silent hang.
+    fn nobody_can(&self, now: Instant) -> Option<String> {
+        match self.asking(now) {
+            (0, unable) if unable > 0 => Some(format!(
+                "{unable} mapper{} asking, none offers {}",
+                if unable == 1 { "" } else { "s" },
+                self.job.transform.describe()
+            )),
+            _ => None,
+        }
+    }
+
+    async fn on_work(&mut self, message: Message) {
+        let request: WorkRequest = match protocol::decode_bounded(&message.payload) {
+            Ok(r) => r,
+            Err(ProtocolError::Version(1)) => {
+                // An old mapper: it gets a refusal it understands, never a chunk it would map
+                // under rules this run does not follow.
+                self.metrics.refused("protocol_v1");
+                self.warn_peer("protocol_v1", || {
+                    format!(
+                        "a mapper speaking protocol version 1 asked for work on {}; it is told to wait: upgrade it",
+                        message.subject
+                    )
+                });
+                if let Some(reply) = &message.reply {
+                    self.reply(reply, protocol::encode_v1_refusal()).await;
+                }
+                return;
+            }
+            Err(e) => return self.malformed(&message, &e),
+        };
+        let Some(reply) = message.reply.clone() else {
+            return self.malformed(&message, &"work request without a reply subject");
+        };
+        if self.is_complete() {
+            return self.reply(&reply, protocol::encode_status_reply(WorkReplyKind::Done, 1000, None)).await;
+        }
+        if !self.saw_mapper(&request.mapper, &request.can) {
+            let why = if self.cannot_run.contains(&request.mapper) {
+                format!("this run needs {}, which this mapper said it cannot run", self.job.transform.capability())
+            } else {
+                format!(
+                    "this run needs {}, which this mapper does not offer (it offers: {})",
+                    self.job.transform.capability(),
+                    request.can.join(", ")
+                )
+            };
+            let body = protocol::encode_status_reply(WorkReplyKind::Idle, CANNOT_RETRY_MS, Some(&why));
+            return self.reply(&reply, body).await;
+        }
+        let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
+        let max = request.max.clamp(1, protocol::MAX_CHUNKS_PER_REPLY);
+        let waiter = Waiter { reply, mapper: request.mapper, max, deadline: Instant::now() + wait };
+        if !self.hand_out(&waiter).await {
+            if wait.is_zero() {
+                self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200, None)).await;
+            } else if self.waiters.len() >= MAX_HELD {
+                self.metrics.refused("held_requests_full");
+                self.warn_peer("held_requests_full", || {
+                    format!("{MAX_HELD} work requests are held already; answering idle at once (a flood, or a fleet far larger than expected)")
+                });
+                self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200, None)).await;
+            } else {
+                self.waiters.push_back(waiter);
+            }
+        }
+    }
+
+    /// Leases up to `waiter.max` pending chunks to it, in one reply kept under the server's
+    /// max_payload; false if none is pending.
+    async fn hand_out(&mut self, waiter: &Waiter) -> bool {
+        let max_payload = common::nats::max_payload(&self.client);
+        let lease_ms = self.config.lease_timeout.as_millis() as u64;
+        let run = self.index.run_id.clone();
+        let fingerprint = self.fingerprint.clone();
+        let head = ChunksHead { run: &run, job: &fingerprint, lease_ms };
+        let mut size = protocol::chunks_reply_overhead(&head);
+        let mut chunks: Vec<(ChunkHead, Vec<u8>)> = Vec::new();
+        while chunks.len() < waiter.max as usize {
+            let Some(next) = self.ledger.next_pending() else { break };
+            // The span's length bounds the chunk's bytes: stop before a chunk that may not fit.
+            let estimate = self.index.chunks[next as usize].len as usize + 512;
+            if !chunks.is_empty() && size + estimate > max_payload {
+                break;
+            }
+            let Some(grant) = self.ledger.lease(&waiter.mapper, Instant::now(), self.config.lease_timeout) else {
+                break;
+            };
+            let span = self.index.chunks[grant.chunk as usize];
+            let (objects, lines) = match self.reader.read_with_lines(&span) {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
+                    self.dead_letter(grant.chunk, &e.to_string()).await;
+                    continue;
+                }
+            };
+            let chunk = ChunkHead {
+                chunk: u64::from(grant.chunk),
+                lease: grant.lease,
+                attempt: grant.attempt,
+                first_line: span.first_line,
+                lines,
+                skip: vec![],
+                probe: false,
+            };
+            let entry = protocol::chunk_entry_size(&chunk, &objects);
+            if protocol::chunks_reply_overhead(&head) + entry > max_payload {
+                tracing::error!(
+                    chunk = grant.chunk,
+                    "chunk {} (input line {}) is {} bytes, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it. Lower --chunk-size or raise max_payload",
+                    grant.chunk,
+                    span.first_line,
+                    entry
+                );
+                let error =
+                    format!("chunk is {entry} bytes, over the NATS server's max_payload of {max_payload} bytes");
+                self.dead_letter(grant.chunk, &error).await;
+                continue;
+            }
+            if grant.attempt > 1 {
+                tracing::info!(
+                    chunk = grant.chunk,
+                    attempt = grant.attempt,
+                    "re-leasing chunk {} to {} (attempt {})",
+                    grant.chunk,
+                    escaped(&waiter.mapper),
+                    grant.attempt
+                );
+            }
+            size += entry;
+            chunks.push((chunk, objects));
+        }
+        if chunks.is_empty() {
+            return false;
+        }
+        let body = protocol::encode_chunks_reply(&head, &chunks);
+        self.reply(&waiter.reply, body.into()).await;
+        true
+    }
+
+    async fn serve_waiters(&mut self) {
+        while let Some(waiter) = self.waiters.pop_front() {
+            if !self.hand_out(&waiter).await {
+                self.waiters.push_front(waiter);
+                break;
+            }
+        }
+    }
+
+    async fn on_job(&mut self, message: Message) {
+        if let Err(e) = protocol::decode_bounded::<JobRequest>(&message.payload) {
+            return self.malformed(&message, &e);
+        }
+        let Some(reply) = &message.reply else { return };
+        let body = JobReply {
+            v: VERSION,
+            run: self.index.run_id.clone(),
+            job: self.fingerprint.clone(),
+            spec: serde_json::to_value(&self.job).unwrap_or_default(),
+            describe: self.job.describe(),
+        };
+        self.reply(reply, protocol::encode(&body)).await;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // leases
+
+    async fn on_extend(&mut self, message: Message) {
+        let request: ExtendRequest = match protocol::decode_bounded(&message.payload) {
+            Ok(r) => r,
+            Err(e) => return self.malformed(&message, &e),
+        };
+        let now = Instant::now();
+        let ttl = self.config.lease_timeout;
+        let valid = request
+            .leases
+            .iter()
+            .map(|l| u32::try_from(l.chunk).is_ok_and(|c| self.ledger.extend(c, l.lease, now, ttl)))
+            .collect();
+        if let Some(reply) = &message.reply {
+            let body = protocol::encode(&ExtendReply { v: VERSION, lease_ms: ttl.as_millis() as u64, valid });
+            self.reply(reply, body).await;
+        }
+    }
+
+    async fn on_release(&mut self, message: Message) {
+        let request: ReleaseRequest = match protocol::decode_bounded(&message.payload) {
+            Ok(r) => r,
+            Err(e) => return self.malformed(&message, &e),
+        };
+        let failed = request.reason == ReleaseReason::Failed;
+        let outcome = match u32::try_from(request.lease.chunk) {
+            Ok(chunk) => self.ledger.release(chunk, request.lease.lease, failed, self.config.max_attempts),
+            Err(_) => ReleaseOutcome::NotCurrent,
+        };
+        let chunk = request.lease.chunk;
+        let error = request.error.as_deref().unwrap_or("no reason given");
+        let mapper = escaped(&request.mapper);
+        match (outcome, request.reason) {
+            (ReleaseOutcome::Requeued, ReleaseReason::Failed) => {
+                tracing::warn!(chunk, "chunk {chunk} failed on {mapper}: {}; it will be retried", escaped(error))
+            }
+            (ReleaseOutcome::Requeued, ReleaseReason::CannotRun) => {
+                if self.cannot_run.len() < MAX_MAPPERS && self.cannot_run.insert(request.mapper.clone()) {
+                    tracing::error!(
+                        "mapper {mapper} cannot run this run's job ({}): {}; it gets no chunks of this run",
+                        self.job.transform.describe(),
+                        escaped(error)
+                    );
+                }
+            }
+            (ReleaseOutcome::Requeued, _) => {
+                tracing::info!(chunk, "chunk {chunk} handed back by {mapper} (shutting down)")
+            }
+            (ReleaseOutcome::DeadLettered, _) => {
+                tracing::error!(
+                    chunk,
+                    "chunk {chunk} failed {} times, last on {mapper}: {}; dead-lettered",
+                    self.config.max_attempts,
+                    escaped(error)
+                );
+                self.record_dead(chunk as u32, error).await;
+            }
+            (ReleaseOutcome::NotCurrent, _) => tracing::debug!(chunk, "release of a lease that is no longer current"),
+        }
+        if let Some(reply) = &message.reply {
+            let accepted = outcome != ReleaseOutcome::NotCurrent;
+            self.reply(reply, protocol::encode(&ReleaseReply { v: VERSION, accepted })).await;
+        }
+        self.serve_waiters().await;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // acks
+
+    async fn on_ack(&mut self, message: Message) {
+        let request: AckRequest = match protocol::decode_bounded(&message.payload) {
+            Ok(r) => r,
+            Err(e) => return self.malformed(&message, &e),
+        };
+        // One run, one sink: the first ack records which; acks from another sink (a saver with
+        // another --out, on another volume) are refused loudly.
+        let mut new_sink = None;
+        match &self.sink {
+            Some(sink) if *sink != request.sink => {
+                self.metrics.refused("wrong_sink");
+                let (saver, theirs, ours) = (escaped(&request.saver), escaped(&request.sink), sink.clone());
+                self.warn_peer("wrong_sink", || {
+                    format!(
+                        "saver {saver} saves into sink {theirs}, but this run saves into sink {ours}: its {} acks are refused. Give every saver the same --out (a shared volume) or --sink",
+                        request.acks.len()
+                    )
+                });
+                if let Some(reply) = &message.reply {
+                    let verdicts = vec![AckVerdict::WrongSink; request.acks.len()];
+                    self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
+                }
+                return;
+            }
+            Some(_) => {}
+            None if request.sink.is_empty() => return self.malformed(&message, &"an ack without a sink id"),
+            None => new_sink = Some(request.sink.clone()),
+        }
+        // First what would become done, then make that durable, and only then change the ledger
+        // and answer: a chunk is never done in memory before it is done on disk. If the write
+        // fails nothing changes and nothing is answered; the saver resends the ack.
+        let mut entries: Vec<Entry> = Vec::new();
+        for ack in &request.acks {
+            if ack.run == self.index.run_id
+                && self.ledger.check_ack(ack.chunk, ack.objects, ack.dead) == AckVerdict::Done
+            {
+                let entry = Entry::Done(ack.chunk as u32);
+                if !entries.contains(&entry) {
+                    entries.push(entry);
+                }
+            }
+        }
+        // The sink is recorded with the first chunk it completes, never by acks that complete
+        // nothing (a forged ack for an unknown chunk must not choose the run's sink).
+        let new_sink = new_sink.filter(|_| !entries.is_empty());
+        if let Some(sink) = &new_sink {
+            entries.insert(0, Entry::Sink(sink.clone()));
+        }
+        if let Err(e) = self.store.record(&entries).await {
+            self.health.failed(&e, &self.metrics, "not answering acks until it can; the savers resend them");
+            return;
+        }
+        if !entries.is_empty() {
+            self.health.succeeded(&self.metrics);
+        }
+        if let Some(sink) = new_sink {
+            tracing::info!("run {} saves into sink {}", self.index.run_id, escaped(&sink));
+            self.sink = Some(sink);
+        }
+        let mut verdicts = Vec::with_capacity(request.acks.len());
+        for ack in &request.acks {
+            if ack.run != self.index.run_id {
+                let (saver, run, ours) = (escaped(&request.saver), escaped(&ack.run), &self.index.run_id);
+                if let Some(held) = self.warnings.allow("ack_other_run", Instant::now()) {
+                    tracing::warn!(
+                        chunk = ack.chunk,
+                        "ack from {saver} for run {run}, not this run ({ours}){}",
+                        held_back(held, WARN_INTERVAL)
+                    );
+                }
+                verdicts.push(self.ledger.ack(u64::MAX, ack.lease, ack.objects, ack.dead));
+                continue;
+            }
+            verdicts.push(self.ledger.ack(ack.chunk, ack.lease, ack.objects, ack.dead));
+            if let Ok(chunk) = u32::try_from(ack.chunk) {
+                if verdicts.last() != Some(&AckVerdict::Unknown) {
+                    self.unmarked.remove(&chunk);
+                }
+            }
+        }
+        if let Some(reply) = &message.reply {
+            self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // dead letters
+
+    /// Dead-letters a chunk that can never be handed out.
+    async fn dead_letter(&mut self, chunk: u32, error: &str) {
+        self.ledger.give_up(chunk);
+        self.record_dead(chunk, error).await;
+    }
+
+    /// Records a chunk the ledger gave up on ([`crate::ledger::ChunkState::Dying`]) durably,
+    /// then marks it dead and sends its record to the sink; if the store fails, the chunk stays
+    /// dying and is retried every tick.
+    async fn record_dead(&mut self, chunk: u32, error: &str) {
+        if let Err(e) = self.store.record(&[Entry::Dead(chunk)]).await {
+            self.health.failed(&e, &self.metrics, "a dead-lettered chunk waits to be recorded");
+            self.dying.push((chunk, error.to_string()));
+            return;
+        }
+        self.health.succeeded(&self.metrics);
+        self.ledger.dead_letter(chunk);
+        let span = self.index.chunks[chunk as usize];
+        let ids: Vec<Option<String>> = self.chunk_ids(chunk);
+        let record = serde_json::json!({
+            "kind": "chunk", "run": self.index.run_id, "chunk": chunk, "first_line": span.first_line,
+            "objects": span.objects, "ids": ids.iter().flatten().collect::<Vec<_>>(), "error": error,
+        });
+        self.unwritten_records.push_back(record);
+        self.write_records().await;
+        self.unmarked.insert(chunk);
+        self.send_marker(chunk, error.to_string());
+        let body = EventBody::ChunkDead {
+            chunk: u64::from(chunk),
+            reason: error.to_string(),
+            first_line: span.first_line,
+            objects: u64::from(span.objects),
+        };
+        self.events.emit(Event::new(&self.index.run_id, body));
+    }
+
+    /// The ids of a chunk's objects (the job's id field), for its dead-letter records.
+    fn chunk_ids(&self, chunk: u32) -> Vec<Option<String>> {
+        let span = self.index.chunks[chunk as usize];
+        let Some(field) = &self.job.id_field else { return vec![None; span.objects as usize] };
+        self.reader
+            .read_array(&span)
+            .ok()
+            .and_then(|array| {
+                serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&array)
+                    .ok()
+                    .map(|raws| raws.iter().map(|raw| field.extract(raw.get().as_bytes())).collect::<Vec<_>>())
+            })
+            .unwrap_or_else(|| vec![None; span.objects as usize])
+    }
+
+    /// Saves the record of a dead-lettered chunk into the sink, so that the sink alone tells
+    /// what became of every object (`saver verify` reads nothing else): a result in which every
+    /// object is dead with cause `chunk`, sent like a mapper's, resent until a saver answers
+    /// `saved`. The ack that follows completes it (see [`Server::is_complete`]).
+    fn send_marker(&self, chunk: u32, error: String) {
+        let span = self.index.chunks[chunk as usize];
+        let ids = self.chunk_ids(chunk);
+        let head = ResultHead {
+            run: self.index.run_id.clone(),
+            job: self.fingerprint.clone(),
+            chunk: u64::from(chunk),
+            lease: uuid::Uuid::new_v4(),
+            attempt: 0,
+            mapper: format!("fetcher:{}", self.config.nats.instance_name("fetcher")),
+        };
+        let reason = protocol::truncate_to(format!("its chunk was dead-lettered: {error}"), 1024);
+        let with_ids = self.job.id_field.is_some().then_some(ids.as_slice());
+        let body = protocol::encode_chunk_dead(&head, span.objects, with_ids, &reason);
+        // Without ids if they make it too large for the server (they only help verify match).
+        let body = if body.len() > common::nats::max_payload(&self.client) {
+            protocol::encode_chunk_dead(&head, span.objects, None, &reason)
+        } else {
+            body
+        };
+        let client = self.client.clone();
+        let subject = self.subjects.result.clone();
+        let stop = self.markers.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let request =
+                    async_nats::Request::new().payload(body.clone().into()).timeout(Some(Duration::from_secs(5)));
+                let outcome = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    reply = client.send_request(subject.clone(), request) => reply,
+                };
+                match outcome.map(|m| protocol::decode::<ResultReply>(&m.payload)) {
+                    Ok(Ok(ResultReply { status: ResultStatus::Saved, .. })) => return,
+                    Ok(Ok(ResultReply { status: ResultStatus::Rejected, error, .. })) => {
+                        tracing::error!(
+                            chunk,
+                            "the sink refused the record of dead-lettered chunk {chunk}: {}",
+                            escaped(&error.unwrap_or_default())
+                        );
+                        return;
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    /// Writes the queued dead-letter records for people, oldest first, until one fails.
+    async fn write_records(&mut self) {
+        while let Some(record) = self.unwritten_records.front() {
+            if let Err(e) = self.store.dead_letter(record).await {
+                self.health.failed(&e, &self.metrics, "dead-letter records wait to be written");
+                return;
+            }
+            self.unwritten_records.pop_front();
+        }
+    }
+
+    /// Retries what a failing store could not take.
+    async fn retry_store(&mut self) {
+        for (chunk, error) in std::mem::take(&mut self.dying) {
+            self.record_dead(chunk, &error).await;
+        }
+        self.write_records().await;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // time
+
+    async fn on_tick(&mut self) {
+        let serving = self.serving();
+        self.health.ready.store(serving && self.health.ok(), Ordering::Relaxed);
+        if !serving {
+            return;
+        }
+        if !self.dying.is_empty() || !self.unwritten_records.is_empty() {
+            self.retry_store().await;
+        }
+        let now = Instant::now();
+        for (chunk, lease) in self.ledger.expire(now) {
+            tracing::warn!(
+                chunk,
+                "lease of chunk {chunk} (attempt {}) held by {} expired; it will be handed out again",
+                lease.attempt,
+                escaped(&lease.mapper)
+            );
+        }
+        self.serve_waiters().await;
+        while self.waiters.front().is_some_and(|w| w.deadline <= now) {
+            if let Some(waiter) = self.waiters.pop_front() {
+                self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0, None)).await;
+            }
+        }
+        let eta = self.progress.eta(&self.ledger, now);
+        self.metrics.sync(&self.ledger, eta);
+        let (able, unable) = self.asking(now);
+        self.metrics.mappers(able, unable);
+        if !self.ledger.is_complete() {
+            let note = self.nobody_can(now);
+            if let Some(note) = &note {
+                if self.warnings.allow("nobody_can", now).is_some() {
+                    tracing::warn!("{note}: start mappers that can run it (mapper --command NAME=PROGRAM, or a mapper binary with the Rust transform)");
+                }
+            }
+            if let Some(line) = self.progress.line(&self.ledger, now, false, note.as_deref()) {
+                tracing::info!("{line}");
+            }
+        }
+    }
+
+    async fn on_complete(&mut self) {
+        while let Some(waiter) = self.waiters.pop_front() {
+            self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Done, 1000, None)).await;
+        }
+        if !self.completed_logged {
+            self.completed_logged = true;
+            self.metrics.sync(&self.ledger, None);
+            self.metrics.complete();
+            if let Some(line) = self.progress.line(&self.ledger, Instant::now(), true, None) {
+                tracing::info!("{line}");
+            }
+            self.progress.finish();
+            let summary = self.summary();
+            tracing::info!(run = %self.index.run_id, "{summary}");
+            if !self.complete_at_start {
+                let body = EventBody::Completed {
+                    chunks: summary.chunks,
+                    objects: summary.objects,
+                    duration_ms: summary.elapsed.as_millis() as u64,
+                    dead_chunks: summary.dead,
+                    dead_objects: summary.stats.objects_dead,
+                    bad_records: summary.bad_records,
+                };
+                self.events.emit(Event::new(&self.index.run_id, body));
+            }
+        }
+    }
+}

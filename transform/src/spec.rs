@@ -1,0 +1,364 @@
+//! The job as data: what a run does to its objects ([`TransformSpec`]) and how its records are
+//! identified ([`IdField`]). The fetcher owns it and tells mappers; its [`Job::fingerprint`] is
+//! part of the run id, so changing the filter or the rounds makes a new run, and every result of
+//! a run comes from one spec. [`JobArgs`] is the command line for it, shared by `fetcher` and
+//! `saver verify` so both always mean the same job.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a run does to each object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TransformSpec {
+    /// The course's users data through SHA-256 iterated `rounds` times ([`crate::digest`]).
+    Digest {
+        /// SHA-256 rounds per object (0: no digest).
+        rounds: u32,
+    },
+    /// A jq program ([`crate::jq`]).
+    Jq {
+        /// The program's text.
+        filter: String,
+    },
+    /// A program the mappers' operators registered under `name` ([`crate::command`]).
+    Command {
+        /// The registered name.
+        name: String,
+    },
+    /// A Rust transform compiled into the mappers under `name` (`mapper::run_with`).
+    Custom {
+        /// The registered name.
+        name: String,
+        /// Its parameters (any JSON), passed to its factory.
+        #[serde(default)]
+        params: serde_json::Value,
+    },
+}
+
+impl TransformSpec {
+    /// What a mapper must offer to run this: `digest`, `jq`, `command:<name>` or `<name>`.
+    pub fn capability(&self) -> String {
+        match self {
+            TransformSpec::Digest { .. } => "digest".into(),
+            TransformSpec::Jq { .. } => "jq".into(),
+            TransformSpec::Command { name } => format!("command:{name}"),
+            TransformSpec::Custom { name, .. } => name.clone(),
+        }
+    }
+
+    /// For people: `digest (3000 rounds)`, `jq '.a | .b'`, `command resize`, `custom mine`.
+    pub fn describe(&self) -> String {
+        match self {
+            TransformSpec::Digest { rounds } => format!("digest ({rounds} rounds)"),
+            TransformSpec::Jq { filter } => {
+                let one_line: String = filter.split_whitespace().collect::<Vec<_>>().join(" ");
+                let shown = common::text::escaped_max(&one_line, 80);
+                format!("jq '{shown}'")
+            }
+            TransformSpec::Command { name } => format!("command {}", common::text::escaped(name)),
+            TransformSpec::Custom { name, .. } => format!("custom {}", common::text::escaped(name)),
+        }
+    }
+
+    /// Whether `saver verify` can recompute it (its outputs are a function of its input): all
+    /// but commands, which may not be deterministic; verify checks those for completeness.
+    pub fn deterministic(&self) -> bool {
+        !matches!(self, TransformSpec::Command { .. })
+    }
+}
+
+/// Where a record's id is: a path of object keys, `.order_id` or `.customer.id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IdField {
+    keys: Vec<String>,
+}
+
+impl TryFrom<String> for IdField {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<IdField> for String {
+    fn from(field: IdField) -> String {
+        field.to_string()
+    }
+}
+
+impl std::str::FromStr for IdField {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let path = text.trim();
+        let path = path.strip_prefix('.').unwrap_or(path);
+        let keys: Vec<String> = path.split('.').map(str::to_string).collect();
+        if keys.iter().any(|k| k.is_empty() || k.chars().any(|c| c.is_control() || c == '"')) {
+            return Err(format!(
+                "`{}` is not an id field: write a path of object keys such as .order_id or .customer.id",
+                common::text::escaped(text)
+            ));
+        }
+        Ok(IdField { keys })
+    }
+}
+
+impl std::fmt::Display for IdField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for key in &self.keys {
+            write!(f, ".{key}")?;
+        }
+        Ok(())
+    }
+}
+
+impl IdField {
+    /// The id of `record` (strict JSON of one object): a string as it is, a number or a boolean
+    /// as its JSON text; `None` when the path leads nowhere or to null, an array or an object.
+    pub fn extract(&self, record: &[u8]) -> Option<String> {
+        let mut value = record;
+        for key in &self.keys {
+            value = member(value, key)?;
+        }
+        let text = std::str::from_utf8(value).ok()?;
+        match text.as_bytes().first()? {
+            b'"' => serde_json::from_str::<String>(text).ok(),
+            b'{' | b'[' | b'n' => None,
+            _ => Some(text.to_string()),
+        }
+    }
+}
+
+/// The raw value of `key` in the JSON object `object`, borrowed from it, without building a map.
+fn member<'a>(object: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+    struct Find<'k>(&'k str);
+    impl<'de> Visitor<'de> for Find<'_> {
+        type Value = Option<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if found.is_none() && name == self.0 {
+                    found = Some(map.next_value::<&'de RawValue>()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(object);
+    let raw = de.deserialize_map(Find(key)).ok()??;
+    Some(raw.get().as_bytes())
+}
+
+/// A run's job: its transform and its record identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// What each object becomes.
+    pub transform: TransformSpec,
+    /// Where a record's id is, if it has one: the duplicate-id check of the scan and the
+    /// PostgreSQL sink use it. Without it a record's identity is its position.
+    #[serde(default)]
+    pub id_field: Option<IdField>,
+}
+
+impl Job {
+    /// 16 hex digits that name this job: SHA-256 of its canonical JSON (the struct's field
+    /// order, object keys of custom parameters sorted), so the same job always has the same
+    /// fingerprint and any change makes another.
+    pub fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&canonical);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// For people: the transform, and the id field if any.
+    pub fn describe(&self) -> String {
+        match &self.id_field {
+            Some(field) => format!("{}, ids at {field}", self.transform.describe()),
+            None => self.transform.describe(),
+        }
+    }
+}
+
+/// The job on the command line (`fetcher` and `saver verify` take the same flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// What to do to each object: `digest` (the users demo), `jq` (with --filter), `command`
+    /// (with --command: a program the mappers registered), or the name of a Rust transform
+    /// compiled into the mappers.
+    #[arg(long, env = "FETCHER_TRANSFORM", default_value = "digest")]
+    pub transform: String,
+
+    /// digest: SHA-256 rounds per object (0: no digest, pure pipeline overhead).
+    #[arg(long, env = "FETCHER_ROUNDS", default_value_t = crate::digest::DEFAULT_ROUNDS)]
+    pub rounds: u32,
+
+    /// jq: the program.
+    #[arg(long, env = "FETCHER_FILTER", conflicts_with = "filter_file")]
+    pub filter: Option<String>,
+
+    /// jq: a file holding the program (a ConfigMap on Kubernetes).
+    #[arg(long, env = "FETCHER_FILTER_FILE")]
+    pub filter_file: Option<PathBuf>,
+
+    /// command: the name under which the mappers registered the program (mapper --command
+    /// NAME=PROGRAM); the fetcher names a command, it never supplies one.
+    #[arg(long = "command", env = "FETCHER_COMMAND")]
+    pub command_name: Option<String>,
+
+    /// A Rust transform's parameters, as JSON.
+    #[arg(long, env = "FETCHER_TRANSFORM_PARAMS")]
+    pub transform_params: Option<String>,
+
+    /// The path of a record's id, e.g. .order_id: checked for duplicates by the scan, and the
+    /// key of the PostgreSQL sink's rows. The digest job uses .uuid unless told otherwise.
+    #[arg(long, env = "FETCHER_ID_FIELD")]
+    pub id_field: Option<String>,
+}
+
+impl Default for JobArgs {
+    fn default() -> Self {
+        JobArgs {
+            transform: "digest".into(),
+            rounds: crate::digest::DEFAULT_ROUNDS,
+            filter: None,
+            filter_file: None,
+            command_name: None,
+            transform_params: None,
+            id_field: None,
+        }
+    }
+}
+
+/// Why the job flags do not make a job.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A flag is missing or does not fit the transform.
+    #[error("{0}")]
+    Flags(String),
+    /// The filter file cannot be read.
+    #[error("cannot read the jq filter file {path}: {source}")]
+    FilterFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl JobArgs {
+    /// The digest job at `rounds` (tests and tools).
+    pub fn digest(rounds: u32) -> Self {
+        JobArgs { rounds, ..Default::default() }
+    }
+
+    /// A jq job (tests and tools).
+    pub fn jq(filter: &str) -> Self {
+        JobArgs { transform: "jq".into(), filter: Some(filter.into()), ..Default::default() }
+    }
+
+    /// The job these flags describe.
+    pub fn job(&self) -> Result<Job, JobError> {
+        let flags = |message: String| JobError::Flags(message);
+        let transform = match self.transform.as_str() {
+            "digest" => TransformSpec::Digest { rounds: self.rounds },
+            "jq" => {
+                let filter = match (&self.filter, &self.filter_file) {
+                    (Some(filter), _) => filter.clone(),
+                    (None, Some(path)) => std::fs::read_to_string(path)
+                        .map_err(|source| JobError::FilterFile { path: path.clone(), source })?,
+                    (None, None) => {
+                        return Err(flags(
+                            "--transform jq needs the program: --filter 'PROGRAM' or --filter-file FILE".into(),
+                        ))
+                    }
+                };
+                TransformSpec::Jq { filter }
+            }
+            "command" => {
+                let name = self.command_name.clone().ok_or_else(|| {
+                    flags("--transform command needs --command NAME, a program the mappers registered with mapper --command NAME=PROGRAM".into())
+                })?;
+                TransformSpec::Command { name }
+            }
+            "" => return Err(flags("--transform is empty".into())),
+            name => {
+                let params = match &self.transform_params {
+                    Some(text) => {
+                        serde_json::from_str(text).map_err(|e| flags(format!("--transform-params is not JSON: {e}")))?
+                    }
+                    None => serde_json::Value::Null,
+                };
+                TransformSpec::Custom { name: name.to_string(), params }
+            }
+        };
+        if (self.filter.is_some() || self.filter_file.is_some()) && !matches!(transform, TransformSpec::Jq { .. }) {
+            return Err(flags("--filter and --filter-file belong to --transform jq".into()));
+        }
+        if self.command_name.is_some() && !matches!(transform, TransformSpec::Command { .. }) {
+            return Err(flags("--command NAME belongs to --transform command".into()));
+        }
+        let id_field = match (&self.id_field, &transform) {
+            (Some(path), _) if path.is_empty() => None,
+            (Some(path), _) => Some(path.parse().map_err(flags)?),
+            (None, TransformSpec::Digest { .. }) => Some(IdField { keys: vec!["uuid".into()] }),
+            (None, _) => None,
+        };
+        Ok(Job { transform, id_field })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_change_of_the_job_changes_its_fingerprint() {
+        let digest = |rounds| JobArgs::digest(rounds).job().unwrap().fingerprint();
+        assert_eq!(digest(3000), digest(3000));
+        assert_ne!(digest(3000), digest(300));
+        let jq = |filter| JobArgs::jq(filter).job().unwrap().fingerprint();
+        assert_ne!(jq(".a"), jq(".b"));
+        assert_eq!(jq(".a").len(), 16);
+        let mut with_id = JobArgs::jq(".a");
+        with_id.id_field = Some(".id".into());
+        assert_ne!(with_id.job().unwrap().fingerprint(), jq(".a"));
+    }
+
+    #[test]
+    fn flags_make_the_documented_jobs_and_refuse_what_does_not_fit() {
+        let digest = JobArgs::default().job().unwrap();
+        assert_eq!(digest.transform, TransformSpec::Digest { rounds: 3000 });
+        assert_eq!(digest.id_field.unwrap().to_string(), ".uuid");
+        assert!(JobArgs { transform: "jq".into(), ..Default::default() }.job().is_err());
+        let command =
+            JobArgs { transform: "command".into(), command_name: Some("resize".into()), ..Default::default() };
+        assert_eq!(command.job().unwrap().transform.capability(), "command:resize");
+        let stray = JobArgs { filter: Some(".a".into()), ..Default::default() };
+        assert!(stray.job().unwrap_err().to_string().contains("--transform jq"));
+        let custom =
+            JobArgs { transform: "shout".into(), transform_params: Some("{\"x\":1}".into()), ..Default::default() };
+        assert_eq!(custom.job().unwrap().transform.capability(), "shout");
+    }
+
+    #[test]
+    fn ids_are_read_along_their_path() {
+        let field: IdField = ".customer.id".parse().unwrap();
+        assert_eq!(field.extract(br#"{"customer":{"id":"c-1","x":[1]},"id":9}"#).as_deref(), Some("c-1"));
+        assert_eq!(field.extract(br#"{"customer":{"id":42}}"#).as_deref(), Some("42"));
+        assert_eq!(field.extract(br#"{"customer":{"name":"x"}}"#), None);
+        assert_eq!(field.extract(br#"{"customer":{"id":null}}"#), None);
+        let plain: IdField = "order_id".parse().unwrap();
+        assert_eq!(plain.extract(br#"{"order_id":"o\u002d7"}"#).as_deref(), Some("o-7"));
+        assert!(".a..b".parse::<IdField>().is_err());
+    }
+}
