@@ -239,3 +239,33 @@ fn a_value_the_database_refuses_dead_letters_that_object_and_saves_the_rest() {
     assert_eq!(db.count("SELECT sum(outputs) FROM chunkmill_chunks"), 298);
     assert_eq!(db.count("SELECT sum(dead) FROM chunkmill_chunks"), 2);
 }
+
+/// A database made by version 1 keeps working (migrated by adding to it, its rows untouched);
+/// one made by a newer chunkmill is refused with a clear message, and left as it is.
+#[test]
+fn a_version_1_database_is_migrated_and_a_newer_one_is_refused_untouched() {
+    let db = PgServer::start();
+    db.query(include_str!("support/schema-v1.sql"));
+    db.query("INSERT INTO chunkmill_objects VALUES ('00000000000000aa', 'old-id', 0, 'Old Name', 1, '')");
+    let p = Pipeline::new(1_000, 0);
+    let (_saver, port) = p.saver_postgres("saver-1", &db);
+    wait_ready(port);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let (ok, report) = p.verify_postgres(&db);
+    assert!(ok && report.contains("1000 found"), "{report}");
+    assert_eq!(db.query("SELECT name FROM chunkmill_objects WHERE id = 'old-id'"), "Old Name", "v1 rows stay");
+    assert_eq!(db.count("SELECT max(version) FROM chunkmill_schema"), 2);
+
+    let newer = PgServer::start();
+    newer.query("CREATE TABLE chunkmill_schema (version integer NOT NULL, applied timestamptz NOT NULL DEFAULT now()); INSERT INTO chunkmill_schema (version) VALUES (3)");
+    let (mut refused, _) = p.saver_postgres("saver-2", &newer);
+    assert_eq!(refused.wait_exit(Duration::from_secs(60)), Some(1), "{}", refused.log());
+    assert!(
+        refused.log().contains("schema is version 3") && refused.log().contains("newer chunkmill"),
+        "{}",
+        refused.log()
+    );
+    assert_eq!(newer.count("SELECT count(*) FROM information_schema.tables WHERE table_name = 'chunkmill_outputs'"), 0);
+}

@@ -226,7 +226,9 @@ fn check_chunk(
 ) -> VerifyReport {
     let n = span.objects as usize;
     let mut report = VerifyReport::default();
-    let Some(saved) = saved else {
+    // Not saved, or its input cannot be read any more (the file changed since the scan): every
+    // object stays expected, so all of them are missing, never nothing.
+    let (Some(saved), Some(_)) = (saved, inputs) else {
         report.missing = n as u64;
         return report;
     };
@@ -625,5 +627,171 @@ pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<Verif
         }
         Some(crate::config::SinkChoice::Unknown) => Err(VerifyError::Database(crate::config::UNKNOWN_SINK.into())),
         None | Some(crate::config::SinkChoice::File) => verify(&args.input, &args.out, args.chunk_size, &expectation),
+    }
+}
+
+/// A whole `verify` command with `registry` (a user's binary with its own Rust transforms:
+/// `my-mapper verify --input ... --transform mine`): parses the arguments after `verify`, prints
+/// the report, exits 0 if it is OK, 1 if not, 2 if it could not verify.
+pub fn main_with(registry: Registry) -> std::process::ExitCode {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    #[command(name = "verify", version = common::metrics::LONG_VERSION)]
+    struct Args {
+        #[command(flatten)]
+        verify: crate::config::VerifyArgs,
+    }
+    let args = Args::parse_from(std::env::args().skip(1));
+    match run(&args.verify, registry) {
+        Ok(report) => {
+            println!("{report}");
+            if report.ok() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("verify: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn user(i: u32) -> String {
+        format!(r#"{{"uuid":"00000000-0000-4000-8000-{i:012}","fn":"F{i}","ln":"L{i}","friends":[]}}"#)
+    }
+
+    fn input(n: u32) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for i in 0..n {
+            writeln!(file, "{}", user(i)).expect("write");
+        }
+        file
+    }
+
+    fn digest() -> Expectation {
+        Expectation::new(&transform::JobArgs::digest(0), &Registry::builtin(), false, 10).expect("digest")
+    }
+
+    fn record(i: u32) -> String {
+        let text = user(i);
+        let mut out = Outputs::default();
+        transform::digest::DigestTransform { rounds: 0 }.apply(text.as_bytes(), &mut out).expect("maps");
+        let value = out.iter().next().expect("one").to_vec();
+        String::from_utf8(value).expect("utf-8")
+    }
+
+    fn run_dir(out: &Path, file: &tempfile::NamedTempFile, expectation: &Expectation) -> PathBuf {
+        let run = scan_input(file.path(), 10, expectation).expect("scan").index.run_id;
+        let dir = out.join(run);
+        fs::create_dir_all(&dir).expect("run dir");
+        dir
+    }
+
+    #[test]
+    fn a_chunk_verify_cannot_read_is_still_expected_and_so_missing() {
+        let file = input(30);
+        let expectation = digest();
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        for c in 0..3u32 {
+            let records: String = (c * 10..c * 10 + 10).map(|i| record(i) + "\n").collect();
+            fs::write(dir.join(chunk_file_name(u64::from(c))), records).expect("chunk");
+        }
+        let index = scan_input(file.path(), 10, &expectation).expect("scan");
+        // Rewrite one record of chunk 1 in place, after the scan: that chunk can no longer be read.
+        let mut bytes = fs::read(file.path()).expect("read");
+        let at = bytes.windows(3).position(|w| w == b"F15").expect("record 15");
+        bytes[at] = 0xFF;
+        fs::write(file.path(), &bytes).expect("rewrite");
+        let span = index.index.chunks[1];
+        let inputs = read_inputs(&index.reader, &span);
+        assert!(inputs.is_none(), "the chunk is unreadable now");
+        let saved = Saved { values: SavedValues::Flat(vec![b"{}".to_vec(); 10]), dead: vec![] };
+        let report = check_chunk(1, &span, None, Some(saved), &expectation);
+        assert_eq!((report.found, report.missing), (0, 10), "{report}");
+    }
+
+    #[test]
+    fn dead_entries_count_only_in_a_saved_chunk_by_index_and_id_and_forged_ones_fail() {
+        let file = input(30);
+        let expectation = digest();
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        let id = |i: u32| format!("00000000-0000-4000-8000-{i:012}");
+        let dead = |index: u32, id: Option<String>, cause: &str| {
+            format!(
+                r#"{{"index":{index},"id":{},"cause":"{cause}","error":"x"}}"#,
+                id.map_or("null".into(), |i| format!("\"{i}\""))
+            )
+        };
+        // Chunk 0: a forged result listing every object as dead without its id (saved empty).
+        fs::write(dir.join(chunk_file_name(0)), "").expect("chunk 0");
+        let forged: String = (0..10).map(|i| dead(i, None, "crash") + "\n").collect();
+        fs::write(dir.join(dead_file_name(0)), forged).expect("dead 0");
+        // Chunk 1: object 3 honestly dead-lettered (a crash); a repeat, an index past the chunk and
+        // another chunk's id do not count.
+        let records: String = (10..20).filter(|i| *i != 13).map(|i| record(i) + "\n").collect();
+        fs::write(dir.join(chunk_file_name(1)), records).expect("chunk 1");
+        let entries = [
+            dead(3, Some(id(13)), "crash"),
+            dead(3, Some(id(13)), "crash"),
+            dead(10, Some(id(13)), "crash"),
+            dead(4, Some(id(2)), "crash"),
+        ];
+        fs::write(dir.join(dead_file_name(1)), entries.join("\n") + "\n").expect("dead 1");
+        // Chunk 2: only a dead file (a crash between the two writes): the chunk is not saved.
+        fs::write(dir.join(dead_file_name(2)), dead(0, Some(id(20)), "crash") + "\n").expect("dead 2");
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        assert_eq!(report.expected, 30, "{report}");
+        assert_eq!((report.found, report.dead_lettered), (9, 1), "{report}");
+        assert_eq!(report.missing, 20, "{report}");
+        assert_eq!(report.unmatched_dead, 13, "{report}");
+        assert!(!report.ok(), "{report}");
+    }
+
+    #[test]
+    fn an_object_dead_lettered_as_refused_that_the_transform_maps_is_wrong() {
+        // A mapper that guessed the `urn:uuid:` prefix is case-sensitive and refused the object.
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(file, r#"{{"uuid":"URN:UUID:00000000-0000-4000-8000-000000000001","fn":"A","ln":"B","friends":[]}}"#)
+            .expect("write");
+        let expectation = digest();
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        fs::write(dir.join(chunk_file_name(0)), "").expect("chunk");
+        let entry = r#"{"index":0,"id":"URN:UUID:00000000-0000-4000-8000-000000000001","cause":"transform","error":"not a UUID"}"#;
+        fs::write(dir.join(dead_file_name(0)), format!("{entry}\n")).expect("dead");
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        assert_eq!((report.wrong, report.dead_lettered), (1, 0), "{report}");
+        assert!(report.to_string().contains("but the transform maps it"), "{report}");
+    }
+
+    #[test]
+    fn every_value_is_compared_in_order_per_object() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for n in [0, 2, 1] {
+            writeln!(file, "{{\"n\":{n}}}").expect("write");
+        }
+        let args = transform::JobArgs::jq("range(.n) | {i: .}");
+        let expectation = Expectation::new(&args, &Registry::builtin(), false, 10).expect("jq");
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        // The 0, 2 and 1 values of the three objects, in order; then with two values swapped.
+        fs::write(dir.join(chunk_file_name(0)), "{\"i\":0}\n{\"i\": 1}\n{\"i\":0}\n").expect("chunk");
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        assert!(report.ok() && report.found == 3 && report.compared, "{report}");
+        fs::write(dir.join(chunk_file_name(0)), "{\"i\":1}\n{\"i\":0}\n{\"i\":0}\n").expect("chunk");
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        assert_eq!(report.wrong, 1, "{report}");
+        fs::write(dir.join(chunk_file_name(0)), "{\"i\":0}\n{\"i\":1}\n{\"i\":0}\n{\"i\":9}\n").expect("chunk");
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        assert_eq!(report.unexpected, 1, "{report}");
     }
 }
