@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::protocol::{self, ChunkHead, ChunksHead, ReleaseReason, ReleaseRequest, Subjects, WorkRequest};
 use futures::StreamExt;
-use support::Pipeline;
+use support::{summary_number, Pipeline};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -301,4 +301,53 @@ fn network_text_cannot_forge_log_lines_and_a_garbage_flood_logs_a_few_lines() {
     support::wait_until("the run to complete", LONG, || {
         support::metric(port, "chunkmill_fetcher_chunks{state=\"done\"}") == Some(10.0)
     });
+}
+
+/// Issue 15: an object that kills every mapper that touches it (abort, OOM) never comes back
+/// as a failure, so its chunk used to be re-leased without end. The fetcher splits the chunk by
+/// probes until the object is alone, dead-letters only it ("its mapper died N times"), and the
+/// rest of the chunk is saved. The mappers here abort on that object (a test hook) and are
+/// restarted, as Kubernetes restarts a crashed pod.
+#[test]
+fn an_object_that_kills_every_mapper_is_found_alone_and_only_it_is_dead_lettered() {
+    let p = Pipeline::new(300, 0);
+    let text = std::fs::read_to_string(&p.input).expect("input");
+    let killer: serde_json::Value = serde_json::from_str(text.lines().nth(150).expect("line 151")).expect("json");
+    let killer_id = killer["uuid"].as_str().expect("uuid").to_string();
+    let _saver = p.saver("saver-1");
+    let mut fetcher = p.fetcher(&["--lease-timeout", "1s", "--max-attempts", "2"]);
+    let env = [("CHUNKMILL_TEST_ABORT_ID", killer_id.as_str())];
+    let start =
+        |n: usize| p.spawn_with_env(&format!("mapper-{n}"), "mapper", &["--instance".into(), format!("m-{n}")], &env).0;
+    let mut mappers = [start(0), start(1)];
+    let mut started = 2;
+    // Restart any mapper that died, until the run is over.
+    let code = loop {
+        if let Some(code) = fetcher.wait_exit(Duration::from_millis(50)) {
+            break Some(code);
+        }
+        for slot in mappers.iter_mut() {
+            if slot.wait_exit(Duration::ZERO).is_some() || !slot.log().is_empty() && slot.pid() == 0 {
+                *slot = start(started);
+                started += 1;
+            }
+        }
+        assert!(started < 60, "mappers keep dying: the search does not end\n{}", fetcher.log());
+    };
+    assert_eq!(code, Some(3), "complete, with one object dead-lettered:\n{}", fetcher.log());
+    assert!(started > 2, "the hook killed no mapper: the test proves nothing");
+    let log = fetcher.log();
+    assert!(log.contains("probing its objects") && log.contains("kills every mapper"), "{log}");
+    assert_eq!(summary_number(&log, "chunks dead-lettered"), 0, "{log}");
+    let dead = std::fs::read_to_string(p.out.join(p.run_id()).join("chunk-00000001.dead.jsonl")).expect("dead file");
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    let entry: serde_json::Value = serde_json::from_str(dead.trim()).expect("json");
+    assert_eq!((entry["index"].as_u64(), entry["id"].as_str()), (Some(50), Some(killer_id.as_str())));
+    assert_eq!(entry["cause"], "killed");
+    assert!(entry["error"].as_str().unwrap_or_default().contains("its mapper died 2 times"), "{entry}");
+    let (ok, report) = p.verify();
+    assert!(
+        ok && report.contains("300 expected, 299 found, 0 missing") && report.contains("1 dead-lettered"),
+        "{report}"
+    );
 }

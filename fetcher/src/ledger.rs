@@ -103,6 +103,9 @@ pub struct Ledger {
     objects: Vec<u32>,
     attempts: Vec<u16>,
     failures: Vec<u8>,
+    /// Leases of the chunk that expired (their mapper went silent, or died) since the count was
+    /// last reset: how the fetcher finds chunks that kill their mappers.
+    deaths: Vec<u8>,
     pending: VecDeque<u32>,
     leases: HashMap<u32, Lease>,
     done: u64,
@@ -120,6 +123,7 @@ impl Ledger {
             state: vec![ChunkState::Pending; n],
             attempts: vec![0; n],
             failures: vec![0; n],
+            deaths: vec![0; n],
             pending: (0..n as u32).collect(),
             objects,
             leases: HashMap::new(),
@@ -222,10 +226,29 @@ impl Ledger {
 
     /// Leases the next pending chunk to `mapper` for `ttl`, if any.
     pub fn lease(&mut self, mapper: &str, now: Instant, ttl: Duration) -> Option<Grant> {
-        while let Some(chunk) = self.pending.pop_front() {
-            if self.state[chunk as usize] != ChunkState::Pending {
-                continue; // done by a late ack while queued
+        self.lease_where(mapper, now, ttl, |_, _| true)
+    }
+
+    /// Leases the first pending chunk that `allowed(chunk, deaths)` accepts (the fetcher hands
+    /// a chunk suspected of killing its mappers only to a mapper that holds nothing else).
+    pub fn lease_where(
+        &mut self,
+        mapper: &str,
+        now: Instant,
+        ttl: Duration,
+        allowed: impl Fn(u32, u32) -> bool,
+    ) -> Option<Grant> {
+        // Drop what is no longer pending from the front (done by a late ack while queued).
+        while let Some(&front) = self.pending.front() {
+            if self.state[front as usize] == ChunkState::Pending {
+                break;
             }
+            self.pending.pop_front();
+        }
+        let position = self.pending.iter().position(|&c| {
+            self.state[c as usize] == ChunkState::Pending && allowed(c, u32::from(self.deaths[c as usize]))
+        })?;
+        if let Some(chunk) = self.pending.remove(position) {
             let attempts = &mut self.attempts[chunk as usize];
             *attempts = attempts.saturating_add(1);
             let attempt = u32::from(*attempts);
@@ -239,6 +262,23 @@ impl Ledger {
             return Some(Grant { chunk, lease: id, attempt });
         }
         None
+    }
+
+    /// Leases `mapper` holds now.
+    pub fn leases_of(&self, mapper: &str) -> usize {
+        self.leases.values().filter(|l| l.mapper == mapper).count()
+    }
+
+    /// Times the chunk's lease expired since [`Ledger::forgive`].
+    pub fn deaths(&self, chunk: u32) -> u32 {
+        self.deaths.get(chunk as usize).map_or(0, |d| u32::from(*d))
+    }
+
+    /// Forgets the chunk's expiries (the object that killed its mappers was found, or none).
+    pub fn forgive(&mut self, chunk: u32) {
+        if let Some(deaths) = self.deaths.get_mut(chunk as usize) {
+            *deaths = 0;
+        }
     }
 
     /// Pushes a lease's deadline to `now + ttl`. False if the lease is not current.
@@ -360,6 +400,8 @@ impl Ledger {
                 self.state[chunk as usize] = ChunkState::Pending;
                 self.pending.push_front(chunk);
                 self.stats.expiries += 1;
+                let deaths = &mut self.deaths[chunk as usize];
+                *deaths = deaths.saturating_add(1);
                 out.push((chunk, lease));
             }
         }
@@ -506,6 +548,24 @@ mod tests {
         assert_eq!((l.state(g.chunk), l.leased(), l.pending(), l.dying()), (Some(ChunkState::Dying), 0, 1, 1));
         l.dead_letter(g.chunk);
         assert_eq!((l.dead(), l.dying()), (1, 0));
+    }
+
+    #[test]
+    fn expiries_are_counted_per_chunk_and_a_chunk_can_be_leased_selectively() {
+        let mut l = ledger(3);
+        let now = Instant::now();
+        let g = l.lease("a", now, TTL).expect("pending");
+        l.lease("a", now, TTL).expect("pending");
+        assert_eq!(l.leases_of("a"), 2);
+        l.expire(now + TTL);
+        assert_eq!((l.deaths(g.chunk), l.deaths(1), l.deaths(2)), (1, 1, 0));
+        // Skip the suspects: chunk 2 is leased although 0 and 1 are ahead of it.
+        let next = l.lease_where("b", now + TTL, TTL, |_, deaths| deaths == 0).expect("an innocent chunk");
+        assert_eq!(next.chunk, 2);
+        l.forgive(g.chunk);
+        assert_eq!(l.deaths(g.chunk), 0);
+        let again = l.lease("b", now + TTL, TTL).expect("an expired chunk, from the front").chunk;
+        assert!(again < 2, "{again}");
     }
 
     #[test]

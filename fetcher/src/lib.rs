@@ -14,6 +14,7 @@ pub mod generate;
 pub mod kv_lock;
 pub mod ledger;
 pub mod metrics;
+pub mod poison;
 pub mod progress;
 pub mod server;
 pub mod store;

@@ -26,6 +26,7 @@ use crate::events::Publisher;
 use crate::kv_lock::LockStatus;
 use crate::ledger::{Ledger, ReleaseOutcome};
 use crate::metrics::FetcherMetrics;
+use crate::poison::{Suspects, Verdict};
 use crate::progress::{milestone, Progress};
 use crate::store::{Entry, LedgerStore, Recovered, StoreHealth};
 use crate::{FetcherError, RunSummary};
@@ -118,6 +119,8 @@ pub struct Server {
     cannot_run: HashSet<String>,
     /// Stops the dead-letter record senders.
     markers: CancellationToken,
+    /// Chunks whose leases keep expiring: the search for the object that kills their mappers.
+    suspects: Suspects,
 }
 
 impl Server {
@@ -189,6 +192,7 @@ impl Server {
             mappers: HashMap::new(),
             cannot_run: HashSet::new(),
             markers: CancellationToken::new(),
+            suspects: Suspects::new(config.max_attempts),
             store,
             config,
         })
@@ -493,10 +497,17 @@ impl Server {
             if !chunks.is_empty() && size + estimate > max_payload {
                 break;
             }
-            let Some(grant) = self.ledger.lease(&waiter.mapper, Instant::now(), self.config.lease_timeout) else {
-                break;
-            };
+            // A chunk suspected of killing its mappers goes alone to a mapper that holds nothing
+            // else, so that a death can be blamed on it (and a probe is a probe of one chunk).
+            let alone = chunks.is_empty() && self.ledger.leases_of(&waiter.mapper) == 0;
+            let suspects = &self.suspects;
+            let grant =
+                self.ledger.lease_where(&waiter.mapper, Instant::now(), self.config.lease_timeout, |c, deaths| {
+                    alone || (deaths == 0 && !suspects.searching(c))
+                });
+            let Some(grant) = grant else { break };
             let span = self.index.chunks[grant.chunk as usize];
+            let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
             let (objects, lines) = match self.reader.read_with_lines(&span) {
                 Ok(read) => read,
                 Err(e) => {
@@ -505,14 +516,15 @@ impl Server {
                     continue;
                 }
             };
+            let plan = self.suspects.plan(grant.chunk, span.objects, grant.lease);
             let chunk = ChunkHead {
                 chunk: u64::from(grant.chunk),
                 lease: grant.lease,
                 attempt: grant.attempt,
                 first_line: span.first_line,
                 lines,
-                skip: vec![],
-                probe: false,
+                skip: plan.skip,
+                probe: plan.probe,
             };
             let entry = protocol::chunk_entry_size(&chunk, &objects);
             if protocol::chunks_reply_overhead(&head) + entry > max_payload {
@@ -540,6 +552,9 @@ impl Server {
             }
             size += entry;
             chunks.push((chunk, objects));
+            if is_suspect {
+                break;
+            }
         }
         if chunks.is_empty() {
             return false;
@@ -620,6 +635,10 @@ impl Server {
                     );
                 }
             }
+            (ReleaseOutcome::Requeued, ReleaseReason::Probed) => {
+                let verdict = self.suspects.probed(chunk as u32, request.lease.lease);
+                self.act_on(chunk as u32, verdict).await;
+            }
             (ReleaseOutcome::Requeued, _) => {
                 tracing::info!(chunk, "chunk {chunk} handed back by {mapper} (shutting down)")
             }
@@ -639,6 +658,35 @@ impl Server {
             self.reply(reply, protocol::encode(&ReleaseReply { v: VERSION, accepted })).await;
         }
         self.serve_waiters().await;
+    }
+
+    /// Does what the search for an object that kills its mappers says.
+    async fn act_on(&mut self, chunk: u32, verdict: Verdict) {
+        match verdict {
+            Verdict::Nothing => {}
+            Verdict::Searching(candidates) => tracing::warn!(
+                chunk,
+                "chunk {chunk} keeps killing its mappers ({} leases expired): probing its objects to find the one that does, {candidates} candidates left",
+                self.ledger.deaths(chunk)
+            ),
+            Verdict::Found(index) => {
+                let line = self.index.chunks[chunk as usize].first_line + u64::from(index);
+                tracing::error!(
+                    chunk,
+                    "object {index} of chunk {chunk} (around input line {line}) kills every mapper that transforms it: it is dead-lettered, the rest of the chunk is leased again"
+                );
+                self.ledger.forgive(chunk);
+            }
+            Verdict::Forgive => {
+                tracing::info!(chunk, "no object of chunk {chunk} kills on its own: its lease expiries are forgiven");
+                self.ledger.forgive(chunk);
+            }
+            Verdict::GiveUp(reason) => {
+                tracing::error!(chunk, "chunk {chunk}: {reason}; dead-lettered");
+                self.suspects.settled(chunk);
+                self.dead_letter(chunk, &reason).await;
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -721,6 +769,7 @@ impl Server {
             if let Ok(chunk) = u32::try_from(ack.chunk) {
                 if verdicts.last() != Some(&AckVerdict::Unknown) {
                     self.unmarked.remove(&chunk);
+                    self.suspects.settled(chunk);
                 }
             }
         }
@@ -879,6 +928,9 @@ impl Server {
                 lease.attempt,
                 escaped(&lease.mapper)
             );
+            let (deaths, objects) = (self.ledger.deaths(chunk), self.index.chunks[chunk as usize].objects);
+            let verdict = self.suspects.expired(chunk, lease.id, deaths, objects);
+            self.act_on(chunk, verdict).await;
         }
         self.serve_waiters().await;
         while self.waiters.front().is_some_and(|w| w.deadline <= now) {
