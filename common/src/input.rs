@@ -128,11 +128,20 @@ pub enum InputError {
 /// with fingerprint `job`: 16 hex digits. The same data chunked the same way by the same job
 /// always gets the same id, so a restarted fetcher, a re-run and `saver verify` all agree on it,
 /// and the sink keeps each run in its own place; another transform is another run.
-pub fn run_id(content_hash: &[u8; 32], chunk_size: u32, job: &str) -> String {
+///
+/// `skipped` are the byte offsets of the records the scan left out: other records left out (the
+/// duplicate check on or off) cut other chunks, so that is another run too. None skipped adds
+/// nothing to the hash.
+pub fn run_id(content_hash: &[u8; 32], chunk_size: u32, job: &str, skipped: &[u64]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(content_hash);
     hasher.update(chunk_size.to_le_bytes());
     hasher.update(job.as_bytes());
+    let mut skipped = skipped.to_vec();
+    skipped.sort_unstable();
+    for offset in skipped {
+        hasher.update(offset.to_le_bytes());
+    }
     let digest = hasher.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -226,6 +235,7 @@ pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<I
         return Err(InputError::Empty(path.to_path_buf()));
     }
     let content_hash: [u8; 32] = hasher.finalize().into();
+    let skipped: Vec<u64> = bad.iter().map(|b| b.offset).collect();
     Ok(InputIndex {
         path: path.to_path_buf(),
         format,
@@ -234,7 +244,7 @@ pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<I
         objects,
         bad,
         bom,
-        run_id: run_id(&content_hash, chunk_size, options.job),
+        run_id: run_id(&content_hash, chunk_size, options.job, &skipped),
         content: content_hash.iter().map(|b| format!("{b:02x}")).collect(),
     })
 }

@@ -419,7 +419,7 @@ pub fn decode_leases_only(payload: &[u8]) -> Option<Vec<LeaseRef>> {
 // ---------------------------------------------------------------------------------------------
 // Job
 
-/// mapper or saver → fetcher on [`Subjects::job`]: the job of the current run.
+/// mapper → fetcher on [`Subjects::job`]: the job of the current run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobRequest {
     /// Protocol version.
@@ -840,6 +840,11 @@ impl Bounded for AckRequest {
     fn check_bounds(&self) -> Result<(), ProtocolError> {
         bounded("the saver name", &self.saver, MAX_NAME)?;
         bounded("the sink id", &self.sink, MAX_NAME)?;
+        // The fetcher writes the sink id into its ledger as a line of its own: only characters
+        // that cannot start another entry.
+        if !self.sink.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+            return Err(ProtocolError::Invalid("the sink id may hold only letters, digits, '.', '_' and '-'".into()));
+        }
         bounded_items("acks", self.acks.len())?;
         self.acks.iter().try_for_each(|ack| bounded("a run id", &ack.run, 64))
     }
@@ -1011,5 +1016,14 @@ mod tests {
         assert_eq!((ok.max, ok.can.len()), (1, 0), "defaults");
         assert_eq!(truncate_to("ab€cd".into(), 5), "ab…");
         assert_eq!(truncate_to("abc".into(), 5), "abc");
+    }
+
+    #[test]
+    fn a_sink_id_that_could_forge_a_ledger_line_is_refused() {
+        let ack = |sink: &str| encode(&AckRequest { v: VERSION, saver: "s".into(), sink: sink.into(), acks: vec![] });
+        assert!(decode_bounded::<AckRequest>(&ack("dir-0123abcdef.x_y")).is_ok());
+        for forged in ["a\nd 7", "a b", "ü", "a/b"] {
+            assert!(matches!(decode_bounded::<AckRequest>(&ack(forged)), Err(ProtocolError::Invalid(_))), "{forged:?}");
+        }
     }
 }

@@ -264,6 +264,23 @@ impl Ledger {
         None
     }
 
+    /// Takes back a lease that was never sent (its reply would have been too big): as if it
+    /// had not been granted, first in line again.
+    pub fn unlease(&mut self, chunk: u32, lease: Uuid) {
+        if !matches!(self.leases.get(&chunk), Some(current) if current.id == lease) {
+            return;
+        }
+        if let Some(taken) = self.leases.remove(&chunk) {
+            self.attempts[chunk as usize] = self.attempts[chunk as usize].saturating_sub(1);
+            self.stats.leases_granted = self.stats.leases_granted.saturating_sub(1);
+            if taken.attempt > 1 {
+                self.stats.re_leases = self.stats.re_leases.saturating_sub(1);
+            }
+            self.state[chunk as usize] = ChunkState::Pending;
+            self.pending.push_front(chunk);
+        }
+    }
+
     /// Leases `mapper` holds now.
     pub fn leases_of(&self, mapper: &str) -> usize {
         self.leases.values().filter(|l| l.mapper == mapper).count()
@@ -428,6 +445,20 @@ mod tests {
         assert_eq!(l.lease("m", now, TTL), None);
         assert_eq!(l.leased(), 3);
         assert_eq!(l.stats().re_leases, 0);
+    }
+
+    #[test]
+    fn a_lease_never_sent_is_taken_back_as_if_never_granted() {
+        let mut l = ledger(2);
+        let now = Instant::now();
+        let first = l.lease("m", now, TTL).expect("pending");
+        l.unlease(first.chunk, first.lease);
+        assert_eq!((l.leased(), l.pending(), l.stats().leases_granted), (0, 2, 0));
+        let again = l.lease("m", now, TTL).expect("pending");
+        assert_eq!((again.chunk, again.attempt), (first.chunk, 1));
+        // Another lease's id takes nothing back.
+        l.unlease(again.chunk, first.lease);
+        assert_eq!(l.leased(), 1);
     }
 
     #[test]

@@ -291,6 +291,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         }
     };
     check_other_runs(&config, &record, &others)?;
+    store.record_run(&record).await?;
     let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
     let events = match config.events {
         config::Events::On => Publisher::start(client.clone(), config.nats.subject_prefix.clone()),

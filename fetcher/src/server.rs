@@ -121,7 +121,13 @@ pub struct Server {
     markers: CancellationToken,
     /// Chunks whose leases keep expiring: the search for the object that kills their mappers.
     suspects: Suspects,
+    /// Dead chunks whose record the sink refused (it never will take it): the run must not wait
+    /// for them.
+    refused_markers: (RefusedMarkers, tokio::sync::mpsc::UnboundedReceiver<(u32, String)>),
 }
+
+/// Where marker tasks report a dead chunk whose record the sink refused, with its error.
+type RefusedMarkers = tokio::sync::mpsc::UnboundedSender<(u32, String)>;
 
 impl Server {
     /// A server for `index` under `job`, resuming from `recovered`.
@@ -193,6 +199,7 @@ impl Server {
             cannot_run: HashSet::new(),
             markers: CancellationToken::new(),
             suspects: Suspects::new(config.max_attempts),
+            refused_markers: tokio::sync::mpsc::unbounded_channel(),
             store,
             config,
         })
@@ -304,6 +311,14 @@ impl Server {
                 Some(message) = release.next() => if self.serving() { self.on_release(message).await },
                 Some(message) = job.next() => if self.serving() { self.on_job(message).await },
                 Some(message) = work.next() => if self.serving() { self.on_work(message).await },
+                Some((chunk, error)) = self.refused_markers.1.recv() => {
+                    tracing::error!(
+                        chunk,
+                        "the sink refused the record of dead-lettered chunk {chunk} ({}); the run does not wait for it, and verify will report its objects missing",
+                        escaped(&error)
+                    );
+                    self.unmarked.remove(&chunk);
+                }
                 _ = tick.tick() => self.on_tick().await,
             }
             self.check_milestone();
@@ -492,8 +507,10 @@ impl Server {
         let mut chunks: Vec<(ChunkHead, Vec<u8>)> = Vec::new();
         while chunks.len() < waiter.max as usize {
             let Some(next) = self.ledger.next_pending() else { break };
-            // The span's length bounds the chunk's bytes: stop before a chunk that may not fit.
-            let estimate = self.index.chunks[next as usize].len as usize + 512;
+            // Stop before a chunk that may not fit: its bytes are at most its span, plus its
+            // head (ids, and line numbers when they are not consecutive).
+            let next_span = self.index.chunks[next as usize];
+            let estimate = next_span.len as usize + 512 + 12 * next_span.objects as usize;
             if !chunks.is_empty() && size + estimate > max_payload {
                 break;
             }
@@ -527,6 +544,11 @@ impl Server {
                 probe: plan.probe,
             };
             let entry = protocol::chunk_entry_size(&chunk, &objects);
+            if !chunks.is_empty() && size + entry > max_payload {
+                // Fits alone, not with the others: it goes in the next reply.
+                self.ledger.unlease(grant.chunk, grant.lease);
+                break;
+            }
             if protocol::chunks_reply_overhead(&head) + entry > max_payload {
                 tracing::error!(
                     chunk = grant.chunk,
@@ -724,19 +746,28 @@ impl Server {
         // and answer: a chunk is never done in memory before it is done on disk. If the write
         // fails nothing changes and nothing is answered; the saver resends the ack.
         let mut entries: Vec<Entry> = Vec::new();
+        let mut settles_a_record = false;
         for ack in &request.acks {
-            if ack.run == self.index.run_id
-                && self.ledger.check_ack(ack.chunk, ack.objects, ack.dead) == AckVerdict::Done
-            {
-                let entry = Entry::Done(ack.chunk as u32);
-                if !entries.contains(&entry) {
-                    entries.push(entry);
+            if ack.run != self.index.run_id {
+                continue;
+            }
+            match self.ledger.check_ack(ack.chunk, ack.objects, ack.dead) {
+                AckVerdict::Done => {
+                    let entry = Entry::Done(ack.chunk as u32);
+                    if !entries.contains(&entry) {
+                        entries.push(entry);
+                    }
                 }
+                AckVerdict::AlreadyDone => {
+                    settles_a_record |= u32::try_from(ack.chunk).is_ok_and(|c| self.unmarked.contains(&c));
+                }
+                _ => {}
             }
         }
-        // The sink is recorded with the first chunk it completes, never by acks that complete
-        // nothing (a forged ack for an unknown chunk must not choose the run's sink).
-        let new_sink = new_sink.filter(|_| !entries.is_empty());
+        // The sink is recorded with the first ack that saves something of the run (a chunk, or a
+        // dead chunk's record), never by acks that save nothing (a forged ack for an unknown
+        // chunk must not choose the run's sink).
+        let new_sink = new_sink.filter(|_| !entries.is_empty() || settles_a_record);
         if let Some(sink) = &new_sink {
             entries.insert(0, Entry::Sink(sink.clone()));
         }
@@ -825,9 +856,11 @@ impl Server {
             .read_array(&span)
             .ok()
             .and_then(|array| {
-                serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&array)
-                    .ok()
-                    .map(|raws| raws.iter().map(|raw| field.extract(raw.get().as_bytes())).collect::<Vec<_>>())
+                serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&array).ok().map(|raws| {
+                    raws.iter()
+                        .map(|raw| field.extract(raw.get().as_bytes()).filter(|id| id.len() <= protocol::MAX_ID))
+                        .collect::<Vec<_>>()
+                })
             })
             .unwrap_or_else(|| vec![None; span.objects as usize])
     }
@@ -845,7 +878,10 @@ impl Server {
             chunk: u64::from(chunk),
             lease: uuid::Uuid::new_v4(),
             attempt: 0,
-            mapper: format!("fetcher:{}", self.config.nats.instance_name("fetcher")),
+            mapper: protocol::truncate_to(
+                format!("fetcher:{}", self.config.nats.instance_name("fetcher")),
+                protocol::MAX_NAME,
+            ),
         };
         let reason = protocol::truncate_to(format!("its chunk was dead-lettered: {error}"), 1024);
         let with_ids = self.job.id_field.is_some().then_some(ids.as_slice());
@@ -859,6 +895,7 @@ impl Server {
         let client = self.client.clone();
         let subject = self.subjects.result.clone();
         let stop = self.markers.clone();
+        let refused = self.refused_markers.0.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
@@ -871,11 +908,7 @@ impl Server {
                 match outcome.map(|m| protocol::decode::<ResultReply>(&m.payload)) {
                     Ok(Ok(ResultReply { status: ResultStatus::Saved, .. })) => return,
                     Ok(Ok(ResultReply { status: ResultStatus::Rejected, error, .. })) => {
-                        tracing::error!(
-                            chunk,
-                            "the sink refused the record of dead-lettered chunk {chunk}: {}",
-                            escaped(&error.unwrap_or_default())
-                        );
+                        let _ = refused.send((chunk, error.unwrap_or_default()));
                         return;
                     }
                     _ => {}

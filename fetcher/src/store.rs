@@ -143,13 +143,16 @@ pub struct FileStore {
     /// entry written before a full disk said no cannot glue itself to the next one.
     durable_len: u64,
     dead_letter: PathBuf,
+    dir: PathBuf,
     /// Held for the process's lifetime: the OS releases it when the process dies, even by SIGKILL.
     _lock: File,
 }
 
 impl FileStore {
-    /// Takes the directory's lock, records the run (`<run>.job.json`, once) and opens (or
-    /// creates) its log; returns what the log holds, and the other runs of the same input.
+    /// Takes the directory's lock and opens (or creates) the run's log; returns what the log
+    /// holds, and the other runs of the same input. The run is recorded (`<run>.job.json`) only
+    /// by [`LedgerStore::record_run`], once the caller has accepted it: a run refused for an
+    /// unfinished other one must not in turn block that one.
     pub fn open(dir: &Path, record: &RunRecord) -> Result<(Self, Recovered, Vec<OtherRun>), StoreError> {
         let run = record.run.as_str();
         fs::create_dir_all(dir).map_err(io("create directory", dir))?;
@@ -172,14 +175,32 @@ impl FileStore {
         let _ = lock.set_len(0);
         let _ = writeln!(lock, "pid {} on {}", std::process::id(), hostname());
         let log_path = dir.join(format!("{run}.ledger"));
-        let recovered = read_log(&log_path)?;
+        let (recovered, durable_len) = read_log(&log_path)?;
         let log = OpenOptions::new().create(true).append(true).open(&log_path).map_err(io("open", &log_path))?;
-        let durable_len = log.metadata().map_err(io("read the size of", &log_path))?.len();
+        let len = log.metadata().map_err(io("read the size of", &log_path))?.len();
+        if len > durable_len {
+            // A torn last entry (the process died mid-write, before its fsync answered): it was
+            // never acknowledged. Cut it off, or the next entry would be glued onto it and lost.
+            tracing::warn!(
+                "ledger {}: cutting off a torn last entry ({} bytes)",
+                log_path.display(),
+                len - durable_len
+            );
+            log.set_len(durable_len).map_err(io("truncate", &log_path))?;
+        }
         File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory", dir))?;
         let dead_letter = dir.join(format!("{run}.dead-letter.jsonl"));
         let others = other_runs(dir, record)?;
-        write_record(dir, record)?;
-        Ok((FileStore { log, log_path, durable_len, dead_letter, _lock: lock }, recovered, others))
+        Ok((
+            FileStore { log, log_path, durable_len, dead_letter, dir: dir.to_path_buf(), _lock: lock },
+            recovered,
+            others,
+        ))
+    }
+
+    /// Records the run in `<run>.job.json` unless it is recorded already.
+    pub fn record_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+        write_record(&self.dir, record)
     }
 
     /// Appends `entries` and makes them durable before returning.
@@ -262,7 +283,7 @@ fn other_runs(dir: &Path, ours: &RunRecord) -> Result<Vec<OtherRun>, StoreError>
             continue;
         };
         if record.content == ours.content && record.chunk_size == ours.chunk_size {
-            let finished = read_log(&dir.join(format!("{run}.ledger")))?.finished();
+            let finished = read_log(&dir.join(format!("{run}.ledger")))?.0.finished();
             others.push(OtherRun { record, finished });
         }
     }
@@ -275,27 +296,31 @@ fn hostname() -> String {
 }
 
 /// Reads a log; a torn last line (a crash mid-append) is ignored, as it was never acknowledged.
-fn read_log(path: &Path) -> Result<Recovered, StoreError> {
+/// Reads a ledger log: its entries, and the length of its complete lines (a torn last line,
+/// without its newline, is not an entry).
+fn read_log(path: &Path) -> Result<(Recovered, u64), StoreError> {
     let mut recovered = Recovered::default();
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(recovered),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((recovered, 0)),
         Err(e) => return Err(io("open", path)(e)),
     };
     let mut reader = BufReader::new(file);
     let mut line = String::new();
+    let mut complete = 0u64;
     loop {
         line.clear();
         let n = reader.read_line(&mut line).map_err(io("read", path))?;
         if n == 0 || !line.ends_with('\n') {
             break;
         }
+        complete += n as u64;
         match parse_entry(line.trim_end()) {
             Some(entry) => recovered.add(entry),
             None => tracing::warn!("ledger {}: ignoring unreadable line {:?}", path.display(), line.trim_end()),
         }
     }
-    Ok(recovered)
+    Ok((recovered, complete))
 }
 
 /// The JetStream key-value store: the ledger in NATS, for Kubernetes without volumes. Each
@@ -410,12 +435,18 @@ impl KvStore {
                 others.push(OtherRun { record: other_record, finished });
             }
         }
-        let job_key = format!("{run}.job");
-        if !all.contains(&job_key) {
-            let value = serde_json::to_vec(record).unwrap_or_default();
-            kv.put(job_key, value.into()).await.map_err(|e| kv_error("write", name, e))?;
-        }
         Ok((KvStore { kv, run: run.to_string(), lock }, recovered, others))
+    }
+
+    /// Writes `<run>.job` unless it exists.
+    async fn record_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let key = format!("{}.job", self.run);
+        let name = self.kv.name.as_str();
+        if self.kv.get(&key).await.map_err(|e| kv_error("read", name, e))?.is_some() {
+            return Ok(());
+        }
+        let value = serde_json::to_vec(record).unwrap_or_default();
+        self.kv.put(key, value.into()).await.map(|_| ()).map_err(|e| kv_error("write", name, e))
     }
 
     async fn record_entries(&self, entries: &[Entry]) -> Result<(), StoreError> {
@@ -450,6 +481,15 @@ pub enum LedgerStore {
 }
 
 impl LedgerStore {
+    /// Records the run (its job, for `fetcher status`, verify and the other-run check) unless
+    /// it is recorded already.
+    pub async fn record_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+        match self {
+            LedgerStore::File(store) => store.record_run(record),
+            LedgerStore::Kv(store) => store.record_run(record).await,
+        }
+    }
+
     /// Makes `entries` durable before returning.
     pub async fn record(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         match self {
@@ -568,16 +608,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let (mut store, _, _) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
+            store.record_run(&record("1111111111111111", "same")).expect("record run");
             store.record(&[Entry::Sink("sink-a".into()), Entry::Done(0), Entry::Done(1)]).expect("record");
         }
-        let (_store, recovered, others) =
+        let (store, recovered, others) =
             FileStore::open(dir.path(), &record("2222222222222222", "same")).expect("open");
         assert_eq!(recovered, Recovered::default());
         assert_eq!(others.len(), 1);
         assert_eq!((others[0].record.run.as_str(), others[0].finished), ("1111111111111111", 2));
-        drop(_store);
-        let (_, again, others) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
+        drop(store);
+        // Run 2 was opened but never recorded (the caller refused it): run 1 does not see it.
+        let (store, again, others) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
         assert_eq!(again.sink.as_deref(), Some("sink-a"));
+        assert!(others.is_empty(), "an unaccepted run blocks nobody: {others:?}");
+        drop(store);
+        let (store, _, _) = FileStore::open(dir.path(), &record("2222222222222222", "same")).expect("open");
+        store.record_run(&record("2222222222222222", "same")).expect("record run");
+        drop(store);
+        let (_, _, others) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
         assert_eq!(others[0].record.run, "2222222222222222");
         let (_, _, none) = FileStore::open(dir.path(), &record("3333333333333333", "other input"))
             .map(|(s, r, o)| (drop(s), r, o))
@@ -586,7 +634,7 @@ mod tests {
     }
 
     #[test]
-    fn recorded_entries_survive_a_reopen_and_a_torn_line_is_ignored() {
+    fn recorded_entries_survive_a_reopen_and_a_torn_line_is_cut_off() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let (mut store, recovered, others) =
@@ -596,8 +644,15 @@ mod tests {
         }
         let mut log = OpenOptions::new().append(true).open(dir.path().join("0123456789abcdef.ledger")).expect("log");
         log.write_all(b"d 9").expect("torn write");
+        {
+            let (mut store, recovered, _) =
+                FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("reopen");
+            assert_eq!(recovered, Recovered { done: vec![3, 5], dead: vec![7], sink: None });
+            // Appended after the torn entry, not glued onto it.
+            store.record(&[Entry::Done(11)]).expect("record");
+        }
         let (_store, recovered, _) = FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("reopen");
-        assert_eq!(recovered, Recovered { done: vec![3, 5], dead: vec![7], sink: None });
+        assert_eq!(recovered, Recovered { done: vec![3, 5, 11], dead: vec![7], sink: None });
     }
 
     #[test]

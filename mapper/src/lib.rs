@@ -85,8 +85,8 @@ pub struct MapperSummary {
 struct Held {
     /// False once the fetcher said the lease is gone.
     alive: bool,
-    /// When the fetcher last confirmed it (leased or extended): a lease not confirmed for a
-    /// whole lease period is surely expired there, and its result not worth resending.
+    /// When the fetcher last confirmed it (leased or extended): a lease not confirmed for one
+    /// and a half lease periods is surely expired there, and its result not worth resending.
     confirmed: Instant,
 }
 
@@ -320,10 +320,26 @@ async fn pump(
         });
         let asked = async_nats::Request::new().payload(body).timeout(Some(WORK_WAIT + Duration::from_secs(3)));
         let waiting = Instant::now();
+        let request = shared.client.send_request(shared.subjects.work.clone(), asked);
+        tokio::pin!(request);
         let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
             _ = shared.hard_stop.cancelled() => break,
-            reply = shared.client.send_request(shared.subjects.work.clone(), asked) => reply,
+            reply = &mut request => reply,
+            _ = shutdown.cancelled() => {
+                // The fetcher may already have leased chunks into this reply: wait for it (at
+                // most the wait asked for) and hand them straight back, rather than leave them
+                // to expire while nobody works on them.
+                tokio::select! {
+                    _ = shared.hard_stop.cancelled() => {}
+                    reply = &mut request => if let Some(leases) = reply.ok().and_then(|m| protocol::decode_leases_only(&m.payload)) {
+                        for lease in leases {
+                            shared.given_back.fetch_add(1, Ordering::Relaxed);
+                            release(&shared, lease, ReleaseReason::Shutdown, "shutting down".into()).await;
+                        }
+                    },
+                }
+                break;
+            }
         };
         shared.metrics.idle.inc_by(waiting.elapsed().as_secs_f64());
         let message = match message {
@@ -383,7 +399,16 @@ async fn pump(
                 for chunk in reply.chunks {
                     match work::object_ranges(&message.payload, &chunk.objects) {
                         Some(objects) => leased.push((chunk.head, objects)),
-                        None => tracing::error!(chunk = chunk.head.chunk, "a chunk's objects are not in its reply"),
+                        None => {
+                            // Leased to us all the same: hand it back as failed so that it counts
+                            // towards --max-attempts rather than waiting for its lease to expire.
+                            let lease = LeaseRef { chunk: chunk.head.chunk, lease: chunk.head.lease };
+                            let error = format!("chunk {}'s objects are not in the work reply", lease.chunk);
+                            tracing::error!(chunk = lease.chunk, "{error}; handing it back as failed");
+                            shared.metrics.failures.with_label_values(&["chunk"]).inc();
+                            shared.given_back.fetch_add(1, Ordering::Relaxed);
+                            release(&shared, lease, ReleaseReason::Failed, error).await;
+                        }
                     }
                 }
                 for (head, objects) in leased {
@@ -404,8 +429,8 @@ async fn pump(
                 }
             }
             WorkReplyKind::Done if exit_when_done => {
+                // Not a hard stop: results still being delivered finish normally.
                 tracing::info!("the fetcher reports the run complete");
-                shared.hard_stop.cancel();
                 break;
             }
             kind => {

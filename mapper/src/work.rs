@@ -172,8 +172,11 @@ pub fn map_chunk(inputs: &[&[u8]], head: &ChunkHead, result: &ResultHead, built:
     for (i, outcome) in run.into_iter().zip(outcomes) {
         per_object[i] = Some(outcome);
     }
-    let ids: Option<Vec<Option<String>>> =
-        built.job.id_field.as_ref().map(|field| inputs.iter().map(|input| field.extract(input)).collect());
+    // An id longer than the protocol allows is sent as null: the saver would refuse the whole
+    // result otherwise, and an object without a usable id is still saved by index.
+    let ids: Option<Vec<Option<String>>> = built.job.id_field.as_ref().map(|field| {
+        inputs.iter().map(|input| field.extract(input).filter(|id| id.len() <= protocol::MAX_ID)).collect()
+    });
     let mut dead = Vec::new();
     let empty = Outputs::default();
     for (i, outcome) in per_object.iter().enumerate() {
@@ -184,7 +187,7 @@ pub fn map_chunk(inputs: &[&[u8]], head: &ChunkHead, result: &ResultHead, built:
         };
         dead.push(DeadObject {
             index: i as u32,
-            id: ids.as_ref().and_then(|ids| ids[i].clone()).filter(|id| id.len() <= protocol::MAX_ID),
+            id: ids.as_ref().and_then(|ids| ids[i].clone()),
             cause,
             error: protocol::truncate_to(error, protocol::MAX_REASON),
             line: Some(head.line_of(i)),

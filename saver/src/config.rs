@@ -56,6 +56,10 @@ pub struct VerifyArgs {
     /// How many dead-lettered objects to list with their reasons.
     #[arg(long, default_value_t = 10)]
     pub show_dead: usize,
+    /// As the fetcher's --no-duplicate-check: scan without the duplicate-id check (a run
+    /// scanned without it cuts other chunks, so verify must scan the same way).
+    #[arg(long, env = "FETCHER_NO_DUPLICATE_CHECK")]
+    pub no_duplicate_check: bool,
 }
 
 fn parse_command(text: &str) -> Result<transform::command::CommandSpec, String> {

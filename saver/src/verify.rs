@@ -157,6 +157,9 @@ pub struct Expectation {
     pub transform: Option<Arc<dyn Transform>>,
     /// How many dead-lettered objects to list.
     pub examples: usize,
+    /// Whether the scan drops records whose id repeats an earlier one's, as the fetcher's scan
+    /// does unless --no-duplicate-check.
+    pub duplicate_check: bool,
 }
 
 impl Expectation {
@@ -179,7 +182,7 @@ impl Expectation {
         } else {
             None
         };
-        Ok(Expectation { job, transform, examples })
+        Ok(Expectation { job, transform, examples, duplicate_check: true })
     }
 }
 
@@ -221,6 +224,7 @@ fn check_chunk(
     chunk: u64,
     span: &ChunkSpan,
     inputs: Option<&[&[u8]]>,
+    lines: Option<&[u64]>,
     saved: Option<Saved>,
     expectation: &Expectation,
 ) -> VerifyReport {
@@ -232,8 +236,11 @@ fn check_chunk(
         report.missing = n as u64;
         return report;
     };
+    // As the mapper sends them: an id too long for the protocol is sent as null.
     let ids: Vec<Option<String>> = match (inputs, &expectation.job.id_field) {
-        (Some(inputs), Some(field)) => inputs.iter().map(|i| field.extract(i)).collect(),
+        (Some(inputs), Some(field)) => {
+            inputs.iter().map(|i| field.extract(i).filter(|id| id.len() <= common::protocol::MAX_ID)).collect()
+        }
         _ => vec![None; n],
     };
     let expected: Option<Vec<Result<Outputs, ObjectError>>> = match (inputs, &expectation.transform) {
@@ -244,14 +251,21 @@ fn check_chunk(
     let mut dead: BTreeMap<u32, DeadObject> = BTreeMap::new();
     for entry in saved.dead {
         let i = entry.index as usize;
-        let names_it = i < n && (expectation.job.id_field.is_none() || entry.id == ids[i]);
+        // A whole dead chunk's record may carry no ids (the fetcher could not read them): its
+        // entries are matched by index alone.
+        let names_it = i < n
+            && (expectation.job.id_field.is_none()
+                || entry.id == ids[i]
+                || (entry.cause == Cause::Chunk && entry.id.is_none()));
         if names_it && !dead.contains_key(&entry.index) {
             dead.insert(entry.index, entry);
         } else {
             report.unmatched_dead += 1;
         }
     }
-    let line = |i: usize| span.first_line + i as u64;
+    // Each object's line in the input: consecutive from the chunk's first unless the reader
+    // said otherwise (blank lines, skipped records, a pretty-printed array).
+    let line = |i: usize| lines.and_then(|lines| lines.get(i).copied()).unwrap_or(span.first_line + i as u64);
     let flat = matches!(saved.values, SavedValues::Flat(_));
     let objects_values: BTreeMap<u32, Vec<Vec<u8>>> = match saved.values {
         SavedValues::ByObject(map) => map,
@@ -383,7 +397,15 @@ fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Resul
     let job = &expectation.job;
     let check = |record: &[u8]| expectation.transform.as_ref().map_or(Ok(()), |t| t.check(record));
     let fingerprint = job.fingerprint();
-    let options = ScanOptions { check: Some(&check), id: None, job: &fingerprint };
+    // The same duplicate-id check as the fetcher's scan: it decides which records are expected
+    // and so where the chunks are cut.
+    let id_field = job.id_field.as_ref().filter(|_| expectation.duplicate_check);
+    let id = |record: &[u8]| id_field.and_then(|f| f.extract(record));
+    let options = ScanOptions {
+        check: Some(&check),
+        id: Some(&id).filter(|_| id_field.is_some()).map(|f| f as _),
+        job: &fingerprint,
+    };
     let index = scan(input, chunk_size, &options)?;
     let reader = ChunkReader::open(&index)?;
     Ok(Input { index, reader })
@@ -391,8 +413,17 @@ fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Resul
 
 /// Reads chunk `span`'s input objects: (the array's bytes, where each object is in them), or
 /// `None` when they cannot be read (then the chunk's objects are still expected).
-fn read_inputs(reader: &ChunkReader, span: &ChunkSpan) -> Option<(Vec<u8>, Vec<std::ops::Range<usize>>)> {
-    let array = reader.read_array(span).ok()?;
+/// Also each object's line, when they are not consecutive from the chunk's first.
+#[allow(clippy::type_complexity)]
+fn read_inputs(
+    reader: &ChunkReader,
+    span: &ChunkSpan,
+) -> Option<(Vec<u8>, Vec<std::ops::Range<usize>>, Option<Vec<u64>>)> {
+    let (body, lines) = reader.read_with_lines(span).ok()?;
+    let mut array = Vec::with_capacity(body.len() + 2);
+    array.push(b'[');
+    array.extend_from_slice(&body);
+    array.push(b']');
     let raws: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&array).ok()?;
     let base = array.as_ptr() as usize;
     let ranges = raws
@@ -402,7 +433,7 @@ fn read_inputs(reader: &ChunkReader, span: &ChunkSpan) -> Option<(Vec<u8>, Vec<s
             start..start + raw.get().len()
         })
         .collect::<Vec<_>>();
-    (ranges.len() == span.objects as usize).then_some((array, ranges))
+    (ranges.len() == span.objects as usize).then_some((array, ranges, lines))
 }
 
 /// Checks every chunk with `saved(chunk)` telling what the sink holds; in parallel.
@@ -418,8 +449,9 @@ fn check_all(
             let span = input.index.chunks[c];
             let inputs = read_inputs(&input.reader, &span);
             let slices: Option<Vec<&[u8]>> =
-                inputs.as_ref().map(|(array, ranges)| ranges.iter().map(|r| &array[r.clone()]).collect());
-            Ok(check_chunk(c as u64, &span, slices.as_deref(), saved(c as u64)?, expectation))
+                inputs.as_ref().map(|(array, ranges, _)| ranges.iter().map(|r| &array[r.clone()]).collect());
+            let lines = inputs.as_ref().and_then(|(_, _, lines)| lines.as_deref());
+            Ok(check_chunk(c as u64, &span, slices.as_deref(), lines, saved(c as u64)?, expectation))
         })
         .collect::<Result<_, VerifyError>>()?;
     let mut total = VerifyReport::default();
@@ -619,7 +651,8 @@ pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<Verif
         registry = registry.with_command(command.clone());
     }
     let recompute = args.recompute || !args.recompute_with.is_empty();
-    let expectation = Expectation::new(&args.job, &registry, recompute, args.show_dead)?;
+    let mut expectation = Expectation::new(&args.job, &registry, recompute, args.show_dead)?;
+    expectation.duplicate_check = !args.no_duplicate_check;
     match &args.sink.sink {
         Some(crate::config::SinkChoice::Postgres(url)) => {
             let password = args.sink.password().map_err(|e| VerifyError::Database(e.to_string()))?;
@@ -714,7 +747,7 @@ mod tests {
         let inputs = read_inputs(&index.reader, &span);
         assert!(inputs.is_none(), "the chunk is unreadable now");
         let saved = Saved { values: SavedValues::Flat(vec![b"{}".to_vec(); 10]), dead: vec![] };
-        let report = check_chunk(1, &span, None, Some(saved), &expectation);
+        let report = check_chunk(1, &span, None, None, Some(saved), &expectation);
         assert_eq!((report.found, report.missing), (0, 10), "{report}");
     }
 
@@ -771,6 +804,31 @@ mod tests {
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert_eq!((report.wrong, report.dead_lettered), (1, 0), "{report}");
         assert!(report.to_string().contains("but the transform maps it"), "{report}");
+    }
+
+    #[test]
+    fn records_with_a_repeated_id_are_not_expected_as_the_fetcher_skipped_them() {
+        // Record 5 repeats record 2's id: the fetcher's scan skips it, so chunk 0 is records
+        // 0-4 and 6-10 and chunk 1 is record 11.
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for i in 0..12 {
+            writeln!(file, "{}", user(if i == 5 { 2 } else { i })).expect("write");
+        }
+        let expectation = digest();
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        let chunk0: String = (0..11).filter(|i| *i != 5).map(|i| record(i) + "\n").collect();
+        fs::write(dir.join(chunk_file_name(0)), chunk0).expect("chunk 0");
+        fs::write(dir.join(chunk_file_name(1)), record(11) + "\n").expect("chunk 1");
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        assert!(report.ok(), "{report}");
+        assert_eq!((report.expected, report.found, report.bad_input), (11, 11, 1), "{report}");
+        // Scanned without the check, the input is another run (other chunks, so another run
+        // id): nothing of it is in the sink.
+        let unchecked = Expectation { duplicate_check: false, ..digest() };
+        let report = verify(file.path(), out.path(), 10, &unchecked).expect("verify");
+        assert_eq!((report.expected, report.missing), (12, 12), "{report}");
+        assert_ne!(report.location, verify(file.path(), out.path(), 10, &expectation).expect("verify").location);
     }
 
     #[test]

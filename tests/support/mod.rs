@@ -148,9 +148,19 @@ impl Pipeline {
     }
 
     /// The run id of the pipeline's input and job at `chunk_size`.
+    /// Scanned as the fetcher scans it (the job's check and the duplicate-id check decide which
+    /// records are skipped, which is part of the run id).
     pub fn run_id_at(&self, chunk_size: u32) -> String {
-        let fingerprint = self.job().fingerprint();
-        let options = common::input::ScanOptions { job: &fingerprint, ..Default::default() };
+        let job = self.job();
+        let fingerprint = job.fingerprint();
+        let transform = transform::Registry::builtin().build(&job.transform).ok();
+        let check = |record: &[u8]| transform.as_ref().map_or(Ok(()), |t| t.check(record));
+        let id = |record: &[u8]| job.id_field.as_ref().and_then(|f| f.extract(record));
+        let options = common::input::ScanOptions {
+            check: Some(&check),
+            id: Some(&id).filter(|_| job.id_field.is_some()).map(|f| f as _),
+            job: &fingerprint,
+        };
         common::input::scan(&self.input, chunk_size, &options).expect("scan input").run_id
     }
 
