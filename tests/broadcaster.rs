@@ -524,3 +524,26 @@ fn a_nats_restart_while_events_flow_doubles_nothing() {
     );
     assert!(missing.len() <= replicas.len(), "at most one event in doubt per replica: {missing:?}");
 }
+
+/// The per-role NATS users (deploy/nats/values.yaml) allow each role all it needs: the fetcher
+/// with its JetStream ledger and events, mappers, the saver and the broadcaster with its stream,
+/// consumer and claims run a whole run without one permissions violation.
+#[test]
+fn every_role_runs_within_its_nats_permissions_with_the_kv_ledger_and_the_broadcaster() {
+    let p = Pipeline::new(3_000, 0).with_role_users();
+    let chat = Receiver::start();
+    let url = chat.url("/services/T1/B1/X");
+    let env = [("BROADCASTER_TARGET", "slack"), ("BROADCASTER_WEBHOOK_URL", url.as_str())];
+    let _replicas = ready_broadcasters(&p, 1, &env);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&["--ledger", "kv"]);
+    finish(&mut fetcher, Duration::from_secs(60));
+    wait_until("the run's completion in the chat", Duration::from_secs(30), || {
+        chat.texts().iter().any(|t| t.contains(" finished: "))
+    });
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+    let log = p.nats.log();
+    assert!(!log.contains("Violation"), "a role lacks a permission:\n{log}");
+}

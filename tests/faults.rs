@@ -133,6 +133,37 @@ fn a_saver_that_cannot_write_acknowledges_nothing_and_recovers() {
     assert!(ok, "{report}");
 }
 
+/// Issue 15, "one run, one sink": two savers with different --out (separate volumes) once each
+/// got part of a run, the fetcher said complete, and each directory failed verify. Now the
+/// run's first saved chunk records its sink; the other saver's acks are refused loudly, it takes
+/// no more of the run, and every chunk ends in the first sink.
+#[test]
+fn a_saver_with_another_sink_is_refused_loudly_and_the_run_completes_in_one_sink() {
+    let p = Pipeline::new(3_000, 0);
+    let other = p.dir.path().join("other-out");
+    let args = |out: &std::path::Path, name: &str| {
+        vec!["--out".to_string(), out.display().to_string(), "--instance".into(), name.into()]
+    };
+    let (saver_a, _) = p.spawn_with_metrics("saver-a", "saver", &args(&p.out, "saver-a"));
+    let (saver_b, _) = p.spawn_with_metrics("saver-b", "saver", &args(&other, "saver-b"));
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, LONG);
+    let log = fetcher.log();
+    let (first, refused) =
+        if log.contains("saver saver-b saves into sink") { (&p.out, &saver_b) } else { (&other, &saver_a) };
+    assert!(log.contains("but this run saves into sink"), "the fetcher says which sink it refuses:\n{log}");
+    assert!(
+        refused.log().contains("saves into another sink, not this saver's"),
+        "the refused saver says why:\n{}",
+        refused.log()
+    );
+    let (ok, report) = p.verify_out(first);
+    assert!(ok && report.contains("3000 found, 0 missing"), "the run is whole in its sink: {report}");
+    let (ok, _) = p.verify_out(if first == &p.out { &other } else { &p.out });
+    assert!(!ok, "the other sink holds at most a stray part of the run");
+}
+
 #[test]
 fn bad_input_is_refused_by_default_and_skipped_on_request() {
     let p = Pipeline::new(500, 0);

@@ -254,3 +254,85 @@ fn an_nkey_seed_from_a_file_works_and_another_key_fails_fast() {
     let seed = stranger.seed().expect("seed");
     assert!(!refused.log().contains(&seed), "the seed leaked into the log");
 }
+
+/// Issue 15, "who may ack": with the per-role users of deploy/nats/values.yaml (rendered into
+/// deploy/nats/chunkmill-auth.conf) a mapper cannot acknowledge chunks nor take results: the
+/// server refuses both with a permissions violation, and the run completes with every object
+/// saved. Without the permissions the forged acks, sent before any saver runs, would complete
+/// the run at once with nothing saved, and verify would fail.
+#[test]
+fn a_mappers_forged_acks_are_refused_by_nats_permissions_and_the_run_completes() {
+    use common::protocol::{Ack, AckRequest, Subjects, VERSION};
+    let p = support::Pipeline::new(3_000, 0).with_role_users();
+    let (mut fetcher, fetcher_port) = p.fetcher_named("fetcher", &["--exit-when-done"]);
+    wait_ready(fetcher_port);
+    let subjects = Subjects::new("chunkmill");
+    let run = p.run_id();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let errors = runtime.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let client =
+            async_nats::ConnectOptions::with_user_and_password("mapper".into(), support::role_password("mapper"))
+                .event_callback(move |event| {
+                    let tx = tx.clone();
+                    async move {
+                        if let async_nats::Event::ServerError(e) = event {
+                            let _ = tx.send(e.to_string());
+                        }
+                    }
+                })
+                .connect(p.nats.url())
+                .await
+                .expect("the mapper user logs in");
+        // A valid-looking ack for every chunk of the run, with the right object counts.
+        let acks = (0..30)
+            .map(|chunk| Ack {
+                run: run.clone(),
+                chunk,
+                lease: uuid::Uuid::new_v4(),
+                attempt: 1,
+                objects: 100,
+                dead: 0,
+                outputs: 100,
+            })
+            .collect();
+        let forged = AckRequest { v: VERSION, saver: "forger".into(), sink: "dir-forged".into(), acks };
+        let asked =
+            async_nats::Request::new().payload(common::protocol::encode(&forged)).timeout(Some(Duration::from_secs(2)));
+        let answer = client.send_request(subjects.ack.clone(), asked).await;
+        assert!(answer.is_err(), "the fetcher answered a mapper's forged ack: {answer:?}");
+        // Nor may a mapper take results meant for the savers.
+        let _stolen = client.subscribe(subjects.result.clone()).await.expect("subscribe call");
+        client.flush().await.expect("flush");
+        let mut errors = Vec::new();
+        while errors.len() < 2 {
+            let next = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+            match next {
+                Ok(Some(error)) => errors.push(error),
+                _ => break,
+            }
+        }
+        errors
+    });
+    let all = errors.join("\n").to_lowercase();
+    assert!(
+        all.contains("permissions violation for publish to \"chunkmill.ack\""),
+        "no publish violation for the forged ack: {errors:?}"
+    );
+    assert!(
+        all.contains("permissions violation for subscription to \"chunkmill.result\""),
+        "no subscription violation for the stolen results: {errors:?}"
+    );
+    assert_eq!(
+        support::metric(fetcher_port, "chunkmill_fetcher_run_objects_done").unwrap_or(0.0),
+        0.0,
+        "no chunk may be done before a saver saved it"
+    );
+    let _mapper = p.mapper("mapper-1", &[]);
+    let _saver = p.saver("saver-1");
+    support::finish(&mut fetcher, Duration::from_secs(60));
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+    assert!(report.contains("3000 found, 0 missing, 0 duplicated"), "{report}");
+    assert!(p.nats.log().contains("Publish Violation"), "the server logs the refusal:\n{}", p.nats.log());
+}

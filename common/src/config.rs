@@ -40,6 +40,13 @@ pub struct NatsArgs {
     #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
 
+    /// Directory holding this service's NATS user as two files, `user` and `password` (a
+    /// mounted Secret with those keys, as deploy/secrets/nats-users.example.yaml). Used when both
+    /// are there; an absent or empty directory means no user (an optional Secret not created).
+    /// --nats-user overrides it.
+    #[arg(long, env = "NATS_USER_DIR")]
+    pub nats_user_dir: Option<PathBuf>,
+
     /// File holding the NATS authentication token.
     #[arg(long, env = "NATS_TOKEN_FILE")]
     pub nats_token_file: Option<PathBuf>,
@@ -72,6 +79,7 @@ impl NatsArgs {
             nats_user: None,
             nats_password_file: None,
             nats_password: None,
+            nats_user_dir: None,
             nats_token_file: None,
             nats_nkey_file: None,
             nats_tls_ca_file: None,

@@ -15,6 +15,7 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Finds a free TCP port on 127.0.0.1.
@@ -33,12 +34,19 @@ impl NatsServer {
 
     /// Like [`NatsServer::start`], with extra command-line arguments (e.g. `--config FILE`).
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_with_env(extra_args, &[])
+    }
+
+    /// Like [`NatsServer::start_with`], with environment variables for the server (a config
+    /// file's `$VARIABLES`, e.g. the role passwords of deploy/nats/chunkmill-auth.conf).
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
         let mut server = NatsServer {
             port: free_port(),
             dir,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         server.spawn();
         server
@@ -50,6 +58,7 @@ impl NatsServer {
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path().join("js"))
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -80,6 +89,11 @@ impl NatsServer {
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// What the server logged so far (e.g. its permissions violations).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
     /// The port it listens on (kept across restarts).

@@ -162,6 +162,27 @@ fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, Con
     })
 }
 
+/// The user in `dir` (files `user` and `password`), if it holds one.
+fn user_dir(dir: &std::path::Path) -> Result<Option<(String, String)>, ConnectError> {
+    let (user, password) = (dir.join("user"), dir.join("password"));
+    match (user.exists(), password.exists()) {
+        (false, false) => Ok(None),
+        (true, true) => {
+            Ok(Some((read_secret("NATS user file", &user)?, read_secret("NATS password file", &password)?)))
+        }
+        (true, false) => Err(missing_in_dir(password)),
+        (false, true) => Err(missing_in_dir(user)),
+    }
+}
+
+fn missing_in_dir(path: std::path::PathBuf) -> ConnectError {
+    ConnectError::File {
+        what: "NATS_USER_DIR file (the directory needs both `user` and `password`)",
+        path,
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    }
+}
+
 async fn options(
     args: &NatsArgs,
     endpoint: &Endpoint,
@@ -184,6 +205,11 @@ async fn options(
     }
     if let Some(token) = &endpoint.token {
         options = options.token(token.clone());
+    }
+    if let (None, Some(dir)) = (&args.nats_user, &args.nats_user_dir) {
+        if let Some((user, password)) = user_dir(dir)? {
+            options = options.user_and_password(user, password);
+        }
     }
     if let Some(user) = &args.nats_user {
         let password = match (&args.nats_password_file, &args.nats_password) {
@@ -329,5 +355,17 @@ mod tests {
     fn an_unparsable_url_is_refused_without_echoing_it() {
         let err = Endpoint::parse("nats://u:hunter2@[::1").unwrap_err().to_string();
         assert!(err.contains("URL number 1") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_user_directory_gives_the_user_when_full_nothing_when_empty_and_an_error_when_half() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert!(user_dir(&dir.path().join("absent")).expect("absent").is_none());
+        assert!(user_dir(dir.path()).expect("empty").is_none());
+        std::fs::write(dir.path().join("user"), "saver\n").expect("user");
+        let err = user_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("password") && err.contains("both"), "{err}");
+        std::fs::write(dir.path().join("password"), "pw-123\n").expect("password");
+        assert_eq!(user_dir(dir.path()).expect("full"), Some(("saver".into(), "pw-123".into())));
     }
 }

@@ -828,6 +828,9 @@ def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
                 if o.get("data"):
                     r.fail(f"{rel(fpath)}: use stringData with visible placeholders, not base64 data")
                 for k, v in (o.get("stringData") or {}).items():
+                    # A NATS user name is not secret (nats-users.example.yaml): it is the role.
+                    if k == "user" and o["metadata"]["name"] == f"chunkmill-nats-{v}":
+                        continue
                     if "REPLACE" not in str(v):
                         r.fail(f"{rel(fpath)}: Secret {o['metadata']['name']} key {k} does not look like a placeholder")
     for k in DEPLOY.rglob("kustomization.yaml"):
@@ -899,7 +902,26 @@ def check_nats_values(m: Manifests, r: Result) -> None:
                 if o.get("kind") == "PodMonitor" and "nats" in json.dumps(sel):
                     r.fail(f"deploy/nats/values.yaml enables the chart's PodMonitor and {x.name} has "
                            f"PodMonitor/{o['metadata']['name']} for NATS: every series scraped twice")
-    r.note(f"deploy/nats/values.yaml: every key is one of the chart's {len(known)} keys")
+    # The per-role users: the conf the tests run nats-server with is values.yaml's, rendered.
+    sys.path.insert(0, str(Path(__file__).parent))
+    import nats_auth  # noqa: E402
+
+    conf = DEPLOY / "nats" / "chunkmill-auth.conf"
+    if not conf.exists() or conf.read_text() != nats_auth.render(values):
+        r.fail(f"{rel(conf)} is not config.merge of deploy/nats/values.yaml as the chart renders it: "
+               "run python3 scripts/deploy_checks/nats_auth.py --write")
+    users = (get("config", "merge", "authorization", "users") or [])
+    env = get("container", "env") or {}
+    for u in users:
+        m_ = re.fullmatch(r"<<\s+\$(\w+)\s+>>", str(u.get("password", "")))
+        if not m_:
+            r.fail(f"deploy/nats/values.yaml: user {u.get('user')}'s password must be << $VARIABLE >> (from a Secret)")
+        elif m_.group(1) not in env:
+            r.fail(f"deploy/nats/values.yaml: user {u.get('user')}'s password ${m_.group(1)} is not in container.env")
+    if {u.get("user") for u in users} != {"fetcher", "mapper", "saver", "broadcaster"}:
+        r.fail("deploy/nats/values.yaml: config.merge.authorization.users must be the four roles")
+    r.note(f"deploy/nats/values.yaml: every key is one of the chart's {len(known)} keys; "
+           f"{len(users)} role users, rendered into {rel(conf)}")
 
 
 # --------------------------------------------------------------------------------------------

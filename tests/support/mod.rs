@@ -19,6 +19,13 @@ pub struct Pipeline {
     pub out: PathBuf,
     /// The job's flags, given to the fetcher and to `saver verify` (default: `--rounds N`).
     pub job: Vec<String>,
+    /// Whether the services log in as their role's NATS user ([`Pipeline::with_role_users`]).
+    pub role_users: bool,
+}
+
+/// The test password of a role's NATS user.
+pub fn role_password(role: &str) -> String {
+    format!("test-{role}-pw")
 }
 
 impl Pipeline {
@@ -34,7 +41,14 @@ impl Pipeline {
             .expect("run fetcher generate");
         assert!(status.success(), "fetcher generate failed");
         let out = dir.path().join("out");
-        Pipeline { nats: NatsServer::start(), input, out, job: vec!["--rounds".into(), rounds.to_string()], dir }
+        Pipeline {
+            nats: NatsServer::start(),
+            input,
+            out,
+            job: vec!["--rounds".into(), rounds.to_string()],
+            dir,
+            role_users: false,
+        }
     }
 
     /// Generates `objects` shop orders (seed 1) for a job given by `job` flags, and starts
@@ -50,7 +64,14 @@ impl Pipeline {
             .expect("run fetcher generate");
         assert!(status.success(), "fetcher generate failed");
         let out = dir.path().join("out");
-        Pipeline { nats: NatsServer::start(), input, out, job: job.iter().map(|s| s.to_string()).collect(), dir }
+        Pipeline {
+            nats: NatsServer::start(),
+            input,
+            out,
+            job: job.iter().map(|s| s.to_string()).collect(),
+            dir,
+            role_users: false,
+        }
     }
 
     /// The job these flags make.
@@ -74,8 +95,31 @@ impl Pipeline {
         self.dir.path()
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![("NATS_URL", self.nats.url())]
+    /// Swaps the nats-server for one run with deploy/nats/chunkmill-auth.conf (the per-role
+    /// users and permissions of the Helm values); every service then logs in as its role.
+    pub fn with_role_users(mut self) -> Self {
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats/chunkmill-auth.conf");
+        let passwords: Vec<(String, String)> = ["fetcher", "mapper", "saver", "broadcaster"]
+            .iter()
+            .map(|role| (format!("CHUNKMILL_{}_PASSWORD", role.to_uppercase()), role_password(role)))
+            .collect();
+        let env: Vec<(&str, &str)> = passwords.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.nats = NatsServer::start_with_env(&["--config", conf.to_str().expect("path")], &env);
+        self.role_users = true;
+        self
+    }
+
+    fn env(&self, binary: &str) -> Vec<(&'static str, String)> {
+        let mut env = vec![("NATS_URL", self.nats.url())];
+        if self.role_users {
+            // As Kubernetes mounts the role's Secret (NATS_USER_DIR).
+            let dir = self.dir.path().join(format!("nats-user-{binary}"));
+            std::fs::create_dir_all(&dir).expect("user dir");
+            std::fs::write(dir.join("user"), format!("{binary}\n")).expect("user file");
+            std::fs::write(dir.join("password"), role_password(binary)).expect("password file");
+            env.push(("NATS_USER_DIR", dir.display().to_string()));
+        }
+        env
     }
 
     fn spawn(&self, name: &str, binary: &str, args: &[String]) -> Service {
@@ -96,7 +140,7 @@ impl Pipeline {
         extra: &[(&'static str, &str)],
     ) -> (Service, u16) {
         let port = free_port();
-        let mut env = self.env();
+        let mut env = self.env(binary);
         env.push(("METRICS_ADDR", format!("127.0.0.1:{port}")));
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -174,6 +218,11 @@ impl Pipeline {
         let mut args = vec!["--out".to_string(), self.out.display().to_string()];
         args.extend(flags.iter().map(|f| f.to_string()));
         self.verify_with(&args, &[])
+    }
+
+    /// Runs `saver verify` on the file sink at `out` (another than the pipeline's).
+    pub fn verify_out(&self, out: &Path) -> (bool, String) {
+        self.verify_with(&["--out".to_string(), out.display().to_string()], &[])
     }
 
     /// Runs `saver verify` on database `db`; returns (success, its report line).
