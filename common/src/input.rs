@@ -26,6 +26,12 @@ pub struct ScanOptions<'a> {
     pub id: Option<&'a RecordId<'a>>,
     /// The job's fingerprint, part of the run id.
     pub job: &'a str,
+    /// Bytes of memory the duplicate-id check may hold before it spills to `spill_dir`
+    /// (0: [`DEFAULT_DUP_MEMORY`]).
+    pub dup_memory: usize,
+    /// Where the duplicate-id check spills past its memory (None: the system's temporary
+    /// directory). The fetcher uses its state directory.
+    pub spill_dir: Option<&'a Path>,
 }
 
 /// Checks one input record: strict JSON first (every byte, also of fields the transform ignores,
@@ -122,6 +128,9 @@ pub enum InputError {
     /// The chunk size is zero.
     #[error("chunk size must be at least 1")]
     ChunkSize,
+    /// The duplicate-id check could not spill to disk.
+    #[error(transparent)]
+    Spill(#[from] crate::dups::SpillError),
 }
 
 /// The run id for content with hash `content_hash` cut into chunks of `chunk_size` by the job
@@ -157,9 +166,11 @@ struct ChunkBuilder<'a> {
     chunks: Vec<ChunkSpan>,
     current: Option<ChunkSpan>,
     objects: u64,
-    /// Hash of each id seen -> line of its first occurrence, for the duplicate check. 128-bit
-    /// hashes, not the ids: held only during the scan and dropped with the builder.
-    seen: std::collections::HashMap<u128, u64>,
+    /// The duplicate-id check (in bounded memory, see [`crate::dups`]).
+    dups: crate::dups::DupCheck,
+    /// On a second pass: the duplicates the first found (offset -> line of the first
+    /// occurrence); the check itself is then off.
+    known: Option<&'a crate::dups::Known>,
     options: ScanOptions<'a>,
 }
 
@@ -168,19 +179,46 @@ fn id_hash(id: &str) -> u128 {
     u128::from_le_bytes(digest[..16].try_into().unwrap_or_default())
 }
 
+/// What the parallel pass learns of one record: `Err` if it is bad, else its id's hash if the
+/// duplicate check is on and it has an id.
+type Verdict = Result<Option<u128>, String>;
+
+/// Checks one record (strict JSON, the job's rules) and hashes its id: the part of accepting a
+/// record that needs no other record, so it runs on all cores.
+fn verdict(record: &[u8], options: &ScanOptions<'_>, dup_check: bool) -> Verdict {
+    check_record(record, options)?;
+    Ok(if dup_check { options.id.and_then(|id| id(record)).map(|id| id_hash(&id)) } else { None })
+}
+
 impl ChunkBuilder<'_> {
-    /// Checks a record and accepts it, unless it is bad or its id was seen before.
-    fn accept(&mut self, record: &[u8], offset: u64, line: u64) -> Result<(), String> {
-        check_record(record, &self.options)?;
-        if let Some(id) = self.options.id.and_then(|id| id(record)) {
-            let hash = id_hash(&id);
-            if let Some(first) = self.seen.insert(hash, line) {
-                self.seen.insert(hash, first);
-                return Err(format!("duplicate id {} (first on line {first})", crate::text::escaped(&id)));
-            }
+    /// Whether ids are checked for duplicates in this pass.
+    fn dup_check(&self) -> bool {
+        self.options.id.is_some() && self.known.is_none()
+    }
+
+    /// Accepts a record that passed its [`verdict`], unless its id was seen before.
+    fn admit(
+        &mut self,
+        record: &[u8],
+        verdict: Verdict,
+        offset: u64,
+        line: u64,
+    ) -> Result<Result<(), String>, InputError> {
+        let hash = match verdict {
+            Ok(hash) => hash,
+            Err(error) => return Ok(Err(error)),
+        };
+        let first = match (self.known, hash) {
+            (Some(known), _) => known.get(&offset).copied(),
+            (None, Some(hash)) => self.dups.insert(hash, offset, line)?,
+            (None, None) => None,
+        };
+        if let Some(first) = first {
+            let id = self.options.id.and_then(|id| id(record)).unwrap_or_default();
+            return Ok(Err(format!("duplicate id {} (first on line {first})", crate::text::escaped(&id))));
         }
         self.push(offset, record.len() as u64, line);
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn push(&mut self, offset: u64, len: u64, line: u64) {
@@ -193,15 +231,42 @@ impl ChunkBuilder<'_> {
         }
     }
 
-    fn finish(mut self) -> (Vec<ChunkSpan>, u64) {
+    fn finish(mut self) -> Result<(Vec<ChunkSpan>, u64, Option<crate::dups::Known>), InputError> {
         self.chunks.extend(self.current.take());
-        (self.chunks, self.objects)
+        let (known, late) = self.dups.finish()?;
+        Ok((self.chunks, self.objects, late.then_some(known)))
     }
 }
 
+/// The duplicate check's memory budget when the caller sets none.
+pub const DEFAULT_DUP_MEMORY: usize = 64 << 20;
+
 /// Scans `path` once with `options`: detects the format, validates every record (strict JSON,
 /// the job's check, duplicate ids), and cuts chunks of `chunk_size` valid records.
+///
+/// When the duplicate check spilled to disk and found duplicates only at the end, the file is
+/// scanned a second time with them known, so that the chunks are cut exactly as a scan that
+/// knew them at once would cut them (the same run, whatever the memory budget).
 pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<InputIndex, InputError> {
+    match scan_pass(path, chunk_size, options, None)? {
+        (index, None) => Ok(index),
+        (_, Some(known)) => {
+            tracing::info!(
+                "input {}: {} duplicate ids found after the scan (the check spilled to disk); scanning again to cut chunks around them",
+                path.display(),
+                known.len()
+            );
+            Ok(scan_pass(path, chunk_size, options, Some(&known))?.0)
+        }
+    }
+}
+
+fn scan_pass(
+    path: &Path,
+    chunk_size: u32,
+    options: &ScanOptions<'_>,
+    known: Option<&crate::dups::Known>,
+) -> Result<(InputIndex, Option<crate::dups::Known>), InputError> {
     if chunk_size == 0 {
         return Err(InputError::ChunkSize);
     }
@@ -216,12 +281,15 @@ pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<I
         Some(b'[') => InputFormat::JsonArray,
         _ => InputFormat::JsonLines,
     };
+    let budget = if options.dup_memory == 0 { DEFAULT_DUP_MEMORY } else { options.dup_memory };
+    let spill_dir = options.spill_dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
     let mut builder = ChunkBuilder {
         chunk_size,
         chunks: Vec::new(),
         current: None,
         objects: 0,
-        seen: Default::default(),
+        dups: crate::dups::DupCheck::new(budget, &spill_dir),
+        known,
         options: *options,
     };
     let mut bad = Vec::new();
@@ -230,13 +298,13 @@ pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<I
         InputFormat::JsonLines => scan_lines(path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
         InputFormat::JsonArray => scan_array(path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
     }
-    let (chunks, objects) = builder.finish();
+    let (chunks, objects, late) = builder.finish()?;
     if objects == 0 && bad.is_empty() {
         return Err(InputError::Empty(path.to_path_buf()));
     }
     let content_hash: [u8; 32] = hasher.finalize().into();
     let skipped: Vec<u64> = bad.iter().map(|b| b.offset).collect();
-    Ok(InputIndex {
+    let index = InputIndex {
         path: path.to_path_buf(),
         format,
         chunk_size,
@@ -246,47 +314,120 @@ pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<I
         bom,
         run_id: run_id(&content_hash, chunk_size, options.job, &skipped),
         content: content_hash.iter().map(|b| format!("{b:02x}")).collect(),
-    })
+    };
+    Ok((index, late))
 }
 
+/// Bytes of JSON Lines read, hashed and validated as one block: large enough that the block's
+/// records keep every core busy, small enough to stay a fixed cost in memory.
+const BLOCK: usize = 8 << 20;
+
+/// One line of a block: where it is, and where its record is within it (trimmed; empty for a
+/// blank line).
+struct Line {
+    start: usize,
+    end: usize,
+    record: std::ops::Range<usize>,
+}
+
+/// Splits a block into lines; the block's first line skips `skip` bytes (a byte-order mark).
+fn lines_of(block: &[u8], skip: usize) -> Vec<Line> {
+    let mut lines = Vec::with_capacity(block.len() / 256 + 1);
+    let mut start = 0;
+    while start < block.len() {
+        let end = memchr_newline(&block[start..]).map_or(block.len(), |i| start + i + 1);
+        let from = if start == 0 { skip.min(end) } else { start };
+        let (lead, record) = trim_record(&block[from..end]);
+        lines.push(Line { start, end, record: from + lead..from + lead + record.len() });
+        start = end;
+    }
+    lines
+}
+
+fn memchr_newline(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr(b'\n', bytes)
+}
+
+/// Scans JSON Lines in blocks: each block is hashed on one core while its records are checked
+/// on the others ([`verdict`], rayon), then its records are admitted in order (line numbers,
+/// duplicate ids, chunk cuts), which is cheap. The result is the same as a record-by-record
+/// scan, at the speed of all cores.
 fn scan_lines(
     path: &Path,
-    mut reader: BufReader<File>,
+    mut reader: impl Read,
     bom: bool,
     builder: &mut ChunkBuilder<'_>,
     bad: &mut Vec<BadRecord>,
     hasher: &mut Sha256,
 ) -> Result<(), InputError> {
-    let mut line = Vec::with_capacity(4096);
-    let mut offset = 0u64;
+    use rayon::prelude::*;
+    let mut buf: Vec<u8> = Vec::with_capacity(BLOCK);
+    let mut base = 0u64;
     let mut number = 0u64;
+    let mut want = BLOCK;
+    let mut eof = false;
+    let dup_check = builder.dup_check();
     loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|source| InputError::Io { path: path.to_path_buf(), source })?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&line);
-        number += 1;
-        let skip_bom = if number == 1 && bom { BOM.len() } else { 0 };
-        let (start, record) = trim_record(&line[skip_bom..]);
-        if !record.is_empty() {
-            let record_offset = offset + (skip_bom + start) as u64;
-            match builder.accept(record, record_offset, number) {
-                Ok(()) => {}
-                Err(error) => {
-                    let error = if !line.ends_with(b"\n") && error.contains("EOF") {
-                        format!("truncated record at end of file ({error})")
-                    } else {
-                        error
-                    };
-                    bad.push(BadRecord { line: number, offset: record_offset, error });
+        while buf.len() < want && !eof {
+            let old = buf.len();
+            buf.resize(want, 0);
+            match reader.read(&mut buf[old..]) {
+                Ok(n) => {
+                    buf.truncate(old + n);
+                    eof = n == 0;
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(old),
+                Err(source) => return Err(InputError::Io { path: path.to_path_buf(), source }),
             }
         }
-        offset += n as u64;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // The block ends after its last newline; the rest waits for the next read. A line
+        // longer than the block makes the block grow until the line fits.
+        let cut = match memchr::memrchr(b'\n', &buf) {
+            _ if eof => buf.len(),
+            Some(i) => i + 1,
+            None => {
+                want = buf.len() * 2;
+                continue;
+            }
+        };
+        want = BLOCK;
+        let block = &buf[..cut];
+        let skip = if base == 0 && bom { BOM.len() } else { 0 };
+        let options = builder.options;
+        let ((), (lines, verdicts)) = rayon::join(
+            || hasher.update(block),
+            || {
+                let lines = lines_of(block, skip);
+                let verdicts: Vec<Option<Verdict>> = lines
+                    .par_iter()
+                    .with_min_len(256)
+                    .map(|line| {
+                        let record = &block[line.record.clone()];
+                        (!record.is_empty()).then(|| verdict(record, &options, dup_check))
+                    })
+                    .collect();
+                (lines, verdicts)
+            },
+        );
+        for (line, verdict) in lines.iter().zip(verdicts) {
+            number += 1;
+            let Some(verdict) = verdict else { continue };
+            let record = &block[line.record.clone()];
+            let offset = base + line.record.start as u64;
+            if let Err(error) = builder.admit(record, verdict, offset, number)? {
+                let error = if block[line.start..line.end].last() != Some(&b'\n') && error.contains("EOF") {
+                    format!("truncated record at end of file ({error})")
+                } else {
+                    error
+                };
+                bad.push(BadRecord { line: number, offset, error });
+            }
+        }
+        buf.drain(..cut);
+        base += cut as u64;
     }
 }
 
@@ -410,9 +551,10 @@ fn scan_array(
             walker.peek(hasher)?;
             let (offset, line, range) = walker.element(hasher)?;
             let len = range.len();
-            match builder.accept(&walker.buf[range], offset, line) {
-                Ok(()) => {}
-                Err(error) => bad.push(BadRecord { line, offset, error }),
+            let record = &walker.buf[range];
+            let verdict = verdict(record, &builder.options, builder.dup_check());
+            if let Err(error) = builder.admit(record, verdict, offset, line)? {
+                bad.push(BadRecord { line, offset, error });
             }
             walker.advance(len);
             match walker.peek(hasher)? {
@@ -609,7 +751,8 @@ mod tests {
         serde_json::from_slice::<Id>(record).ok().map(|i| i.uuid)
     }
 
-    const USERS: ScanOptions<'static> = ScanOptions { check: Some(&users_check), id: Some(&uuid_of), job: "users" };
+    const USERS: ScanOptions<'static> =
+        ScanOptions { check: Some(&users_check), id: Some(&uuid_of), job: "users", dup_memory: 0, spill_dir: None };
 
     fn scan(path: &Path, chunk_size: u32) -> Result<InputIndex, InputError> {
         super::scan(path, chunk_size, &USERS)
@@ -671,6 +814,71 @@ mod tests {
         assert_eq!(lines, vec![2, 4, 7]);
         assert!(index.bad[2].error.contains("truncated"), "{}", index.bad[2].error);
         assert_eq!(records(&index), (0..3).map(user).collect::<Vec<_>>());
+    }
+
+    /// Chunks, bad records and run id: what a scan decides.
+    fn decided(index: &InputIndex) -> (Vec<ChunkSpan>, Vec<BadRecord>, u64, String) {
+        (index.chunks.clone(), index.bad.clone(), index.objects, index.run_id.clone())
+    }
+
+    #[test]
+    fn a_duplicate_check_that_spills_to_disk_cuts_the_same_chunks_as_one_in_memory() {
+        // Duplicates before and after the point where a 3-id budget spills, the array layout too.
+        let order = [0u32, 1, 0, 2, 3, 4, 1, 5, 6, 4, 7, 8, 9, 0, 10];
+        let lines: Vec<String> = order.iter().map(|i| user(*i)).collect();
+        let jsonl = write(format!("{}\n", lines.join("\n")).as_bytes());
+        let array = write(format!("[\n{}\n]\n", lines.join(",\n")).as_bytes());
+        let spill = tempfile::tempdir().expect("spill dir");
+        for file in [&jsonl, &array] {
+            let in_memory = scan(file.path(), 4).expect("scan");
+            let small = ScanOptions { dup_memory: 3 * 48, spill_dir: Some(spill.path()), ..USERS };
+            let spilled = super::scan(file.path(), 4, &small).expect("scan with a spill");
+            assert_eq!(decided(&spilled), decided(&in_memory));
+            let duplicates: Vec<u64> = in_memory.bad.iter().map(|b| b.line).collect();
+            let first = if file.path() == jsonl.path() { 1 } else { 2 };
+            assert_eq!(duplicates, [3, 7, 10, 14].map(|l| l + first - 1), "{:?}", in_memory.bad);
+            assert!(spilled.bad.iter().all(|b| b.error.contains("duplicate id")), "{:?}", spilled.bad);
+            assert_eq!(records(&spilled).len(), 11);
+        }
+        assert_eq!(std::fs::read_dir(spill.path()).expect("list").count(), 0, "the spill files are removed");
+    }
+
+    #[test]
+    fn records_across_scan_blocks_and_a_line_longer_than_a_block_are_read_whole() {
+        // More than two blocks, with a record longer than one block in the middle.
+        let long = format!(
+            r#"{{"uuid":"00000000-0000-4000-8000-999999999999","fn":"{}","ln":"L","friends":[]}}"#,
+            "x".repeat(BLOCK + 1000)
+        );
+        let mut text = String::new();
+        let mut n = 0u32;
+        while text.len() < BLOCK / 2 {
+            text.push_str(&user(n));
+            text.push('\n');
+            n += 1;
+        }
+        text.push_str(&long);
+        text.push_str("\r\n\n");
+        while text.len() < 2 * BLOCK + BLOCK / 2 {
+            text.push_str(&user(n));
+            text.push('\n');
+            n += 1;
+        }
+        text.push_str(&user(n)); // no final newline
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 1000).expect("scan");
+        assert!(index.bad.is_empty(), "{:?}", index.bad.first());
+        assert_eq!(index.objects, u64::from(n) + 2);
+        let all = records(&index);
+        assert_eq!(all.len() as u64, index.objects);
+        assert_eq!(all.iter().find(|r| r.len() > BLOCK).map(String::len), Some(long.len()));
+        assert_eq!(all.last(), Some(&user(n)));
+        // Line numbers count the blank line after the long record.
+        let last = index.chunks.last().expect("a chunk");
+        let lines_before: u64 = text[..last.offset as usize].matches('\n').count() as u64;
+        assert_eq!(last.first_line, lines_before + 1);
+        let sha = Sha256::digest(text.as_bytes());
+        assert_eq!(index.content, sha.iter().map(|b| format!("{b:02x}")).collect::<String>());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
+pub mod dups;
 pub mod events;
 pub mod input;
 pub mod json;

@@ -129,11 +129,16 @@ pub struct Config {
     #[arg(long, env = "FETCHER_STATE_DIR", default_value = "state")]
     pub state_dir: PathBuf,
 
-    /// Skip the duplicate-id check of the input scan (ids at --id-field). The check holds a
-    /// 16-byte hash of every id during the scan; skip it only for very large inputs whose ids
-    /// are known to be unique.
+    /// Skip the duplicate-id check of the input scan (ids at --id-field), e.g. for ids known
+    /// to be unique: it saves the check's memory (see --duplicate-check-memory) or its spill.
     #[arg(long, env = "FETCHER_NO_DUPLICATE_CHECK")]
     pub no_duplicate_check: bool,
+
+    /// MiB of memory the duplicate-id check may use (about 48 bytes an object); past it the
+    /// check spills its hashes to --state-dir (32 bytes an object) and finds the duplicates
+    /// after the scan, so a large input fits a small memory limit.
+    #[arg(long, env = "FETCHER_DUPLICATE_CHECK_MEMORY", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1048576))]
+    pub duplicate_check_memory: u64,
 
     /// Where the durable ledger lives: `file` (in --state-dir) or `kv` (JetStream key-value).
     #[arg(long, env = "FETCHER_LEDGER", value_enum, default_value = "file")]
@@ -178,6 +183,7 @@ impl Config {
             state_dir: PathBuf::from("state"),
             ledger: LedgerKind::File,
             no_duplicate_check: false,
+            duplicate_check_memory: 64,
             kv_bucket: "chunkmill-ledger".into(),
             lock_ttl: crate::store::KV_LOCK_TTL,
             events: Events::On,

@@ -173,6 +173,8 @@ pub async fn load_input(
     let chunk_size = config.chunk_size;
     let id_field = job.id_field.clone().filter(|_| !config.no_duplicate_check);
     let fingerprint = job.fingerprint();
+    let dup_memory = config.duplicate_check_memory.saturating_mul(1 << 20) as usize;
+    let spill_dir = config.state_dir.clone();
     let index = tokio::task::spawn_blocking(move || {
         let check = |record: &[u8]| transform.as_ref().map_or(Ok(()), |t| t.check(record));
         let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.extract(record));
@@ -180,6 +182,8 @@ pub async fn load_input(
             check: Some(&check),
             id: Some(&id).filter(|_| id_field.is_some()).map(|f| f as _),
             job: &fingerprint,
+            dup_memory,
+            spill_dir: Some(&spill_dir),
         };
         common::input::scan(&path, chunk_size, &options)
     })

@@ -405,6 +405,7 @@ fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Resul
         check: Some(&check),
         id: Some(&id).filter(|_| id_field.is_some()).map(|f| f as _),
         job: &fingerprint,
+        ..ScanOptions::default()
     };
     let index = scan(input, chunk_size, &options)?;
     let reader = ChunkReader::open(&index)?;

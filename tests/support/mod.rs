@@ -204,6 +204,7 @@ impl Pipeline {
             check: Some(&check),
             id: Some(&id).filter(|_| job.id_field.is_some()).map(|f| f as _),
             job: &fingerprint,
+            ..Default::default()
         };
         common::input::scan(&self.input, chunk_size, &options).expect("scan input").run_id
     }
