@@ -6,10 +6,15 @@
 #
 #   ./scripts/bench-e2e.sh                  # the full table
 #   ROUNDS_LIST="0" MAPPERS_LIST="2" ./scripts/bench-e2e.sh
+#   JOB="--transform jq --filter '{id: .uuid, n: (.friends | length)}'" ./scripts/bench-e2e.sh
+#
+# JOB replaces --rounds with other job flags (the same for the fetcher and the ideal); the
+# rounds column then reads "job".
 #
 # Columns: wall time of the run (fetcher start to exit, input scan included), objects/s, the
 # ideal's time, efficiency = ideal / pipeline, re-leases (chunks handed out more than once),
-# duplicate saves absorbed, and peak RSS (VmHWM) of each service.
+# duplicate saves absorbed, CPU busy (the CPU time of the fetcher, mappers, saver and nats-server
+# over the run, as a share of all cores' wall time), and peak RSS (VmHWM) of each service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -19,8 +24,11 @@ MAPPERS_LIST=${MAPPERS_LIST:-"1 2 4"}
 OBJECTS=${OBJECTS:-100000}
 DATA=${DATA:-data/users.jsonl}
 CONCURRENCY=${CONCURRENCY:-}
+JOB=${JOB:-}
+[ -z "$JOB" ] || ROUNDS_LIST=job
 
 ensure_nats_server
+[ -x /usr/bin/time ] || { echo "bench-e2e.sh needs GNU time for peak memory: apt-get install time" >&2; exit 1; }
 cargo build --release --workspace --bins --examples --quiet
 BIN=target/release
 [ -s "$DATA" ] || $BIN/fetcher generate --objects "$OBJECTS" --output "$DATA" >/dev/null
@@ -39,12 +47,17 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 
 hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+# CPU time (user + system) of a running process, in clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+nats=${pids[0]}
+hz=$(getconf CLK_TCK)
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD)"
-printf '| rounds | mappers | pipeline s | objects/s | ideal s | efficiency | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
-printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| rounds | mappers | pipeline s | objects/s | ideal s | efficiency | CPU busy | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
+printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for rounds in $ROUNDS_LIST; do
-  ideal=$($BIN/examples/ideal --input "$DATA" --rounds "$rounds" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
+  if [ -n "$JOB" ]; then eval "job=($JOB)"; else job=(--rounds "$rounds"); fi
+  ideal=$($BIN/examples/ideal --input "$DATA" "${job[@]}" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
   for mappers in $MAPPERS_LIST; do
     rm -rf "$work/out" "$work/state"
     $BIN/saver --out "$work/out" >"$work/saver.log" 2>&1 &
@@ -59,12 +72,17 @@ for rounds in $ROUNDS_LIST; do
       for _ in $(seq 500); do grep -qs "connected to NATS" "$log" && break; sleep 0.01; done
     done
     start=$(now_ms)
-    $BIN/fetcher --input "$DATA" --rounds "$rounds" --state-dir "$work/state" --exit-when-done >"$work/fetcher.log" 2>&1 &
-    fetcher=$!
-    fetcher_mb=0
-    while kill -0 "$fetcher" 2>/dev/null; do fetcher_mb=$(hwm "$fetcher"); sleep 0.02; done
-    wait "$fetcher" || { echo "fetcher failed:"; tail "$work/fetcher.log"; exit 1; }
+    nats_before=$(ticks "$nats")
+    # GNU time reports the fetcher's peak RSS at its exit; polling /proc would cost CPU the run
+    # needs.
+    /usr/bin/time -f "%M %U %S" -o "$work/fetcher.rss" \
+      $BIN/fetcher --input "$DATA" "${job[@]}" --state-dir "$work/state" --exit-when-done >"$work/fetcher.log" 2>&1 \
+      || { echo "fetcher failed:"; tail "$work/fetcher.log"; exit 1; }
     ms=$(( $(now_ms) - start ))
+    fetcher_mb=$(awk '{printf "%.1f", $1/1024}' "$work/fetcher.rss")
+    cpu=$(awk -v hz="$hz" '{printf "%.0f", ($2 + $3) * hz}' "$work/fetcher.rss")
+    cpu=$(( cpu + $(ticks "$nats") - nats_before + $(ticks "$saver") ))
+    for pid in "${mpids[@]}"; do cpu=$(( cpu + $(ticks "$pid") )); done
     saver_mb=$(hwm "$saver")
     mapper_mb=0
     for pid in "${mpids[@]}"; do
@@ -75,9 +93,10 @@ for rounds in $ROUNDS_LIST; do
     releases=$(echo "$summary" | sed -n 's/.* \([0-9]*\) re-leases.*/\1/p')
     dups=$(grep -o "[0-9]* duplicates absorbed" "$work/saver.log" | cut -d' ' -f1)
     secs=$(awk -v ms="$ms" 'BEGIN{printf "%.3f", ms/1000}')
-    printf '| %s | %s | %s | %.0f | %s | %.1f%% | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" \
+    busy=$(awk -v c="$cpu" -v hz="$hz" -v s="$secs" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}')
+    printf '| %s | %s | %s | %.0f | %s | %.1f%% | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" \
       "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$ideal" \
-      "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "${releases:-?}" "${dups:-?}" \
+      "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "$busy" "${releases:-?}" "${dups:-?}" \
       "$fetcher_mb" "$mapper_mb" "$saver_mb"
   done
 done

@@ -371,7 +371,9 @@ fn a_full_run_with_six_broadcasters_tells_the_runs_story_once_and_in_order() {
     let env = [("BROADCASTER_TARGET", "slack"), ("BROADCASTER_WEBHOOK_URL", url.as_str())];
     let _replicas = ready_broadcasters(&p, 6, &env);
     let _saver = p.saver("saver-1");
-    let _mapper = p.mapper("mapper-1", &[]);
+    // One chunk at a time, so the run passes its milestones one by one (a mapper with many
+    // results in flight can finish a run this small in one ack batch, with no milestone).
+    let _mapper = p.mapper("mapper-1", &["--concurrency", "1", "--results-in-flight", "1"]);
     let mut fetcher = p.fetcher(&[]);
     finish(&mut fetcher, Duration::from_secs(60));
     wait_until("the run's completion in the chat", Duration::from_secs(30), || {

@@ -74,7 +74,7 @@ fn a_mapper_paused_past_its_lease_sends_a_harmless_stale_result() {
     let (saver, saver_port) = p.saver_with_metrics("saver-1");
     let (_fetcher, port) = p.fetcher_named("fetcher", &["--lease-timeout", "500ms"]);
     // A mapper slow enough to be caught holding a lease: one thread, many rounds.
-    let paused = p.mapper("paused", &["--threads", "1", "--concurrency", "1"]);
+    let paused = p.mapper("paused", &["--threads", "1", "--concurrency", "1", "--results-in-flight", "1"]);
     wait_until("the paused mapper to hold a lease", LONG, || {
         metric(port, "chunkmill_fetcher_chunks{state=\"leased\"}") == Some(1.0)
     });

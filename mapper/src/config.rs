@@ -28,10 +28,16 @@ pub struct Config {
     #[arg(long, env = "MAPPER_COMMAND_WORKERS", default_value_t = 0)]
     pub command_workers: usize,
 
-    /// Chunks held at once (leased and not yet saved): a few transform while others wait in
-    /// hand or travel to a saver, so the cores never wait for a round trip.
+    /// Chunks in hand at once (leased and not yet transformed): a few transform while the next
+    /// wait in hand, so the cores never wait for a round trip to the fetcher.
     #[arg(long, env = "MAPPER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
+
+    /// Results travelling to a saver at once (transformed, not yet saved). Their leases stay
+    /// held and extended; each costs its result's bytes of memory (at most NATS max_payload).
+    /// Enough of them hide the saver's fsyncs and the fetcher's ack from the transform pool.
+    #[arg(long, env = "MAPPER_RESULTS_IN_FLIGHT", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub results_in_flight: u32,
 
     /// Transform threads (0: the CPUs this process may use, cgroup quota included).
     #[arg(long, env = "MAPPER_THREADS", default_value_t = 0)]
@@ -66,6 +72,7 @@ impl Config {
             command_timeout: Duration::from_secs(30),
             command_workers: 0,
             concurrency: 8,
+            results_in_flight: 32,
             threads: 0,
             shutdown_grace: Duration::from_secs(20),
             exit_when_done: true,

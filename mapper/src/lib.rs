@@ -1,12 +1,15 @@
 //! The mapper: a generic worker that pulls chunks of any job it can run. Three stages keep its
-//! cores busy without ever holding more than `--concurrency` chunks:
+//! cores busy without ever holding more than `--concurrency` chunks waiting for or in the
+//! transform, and `--results-in-flight` results travelling to a saver:
 //!
 //! - the **pump** asks the fetcher for as many chunks as it has room for, in one request (which
 //!   is how a mapper says it is ready, and what it can run);
 //! - **transformers** take them in order and run the job's transform on the rayon pool
 //!   ([`work`]), never on tokio's thread;
 //! - each result is **delivered** to a saver by its own task, resent until a saver answers
-//!   `saved`, while the pump and transformers go on.
+//!   `saved`, while the pump and transformers go on: a transformed chunk frees its room in
+//!   `--concurrency` at once, so the next chunk is asked for while the saver's fsyncs and the
+//!   fetcher's ack are still under way (their latency would otherwise idle the cores).
 //!
 //! A heartbeat extends every held lease three times per lease period, so a slow mapper is never
 //! mistaken for a dead one; a lease the fetcher no longer recognises is dropped. The job itself
@@ -46,6 +49,9 @@ const RESULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a work request may be held by the fetcher when nothing is pending.
 const WORK_WAIT: Duration = Duration::from_secs(2);
+
+/// Longest pause between work requests while no fetcher is listening.
+const NO_FETCHER_RETRY: Duration = Duration::from_millis(200);
 
 /// Chunks transformed at once: one more than fits the pool, so the next chunk is decoded and
 /// queued while the pool works.
@@ -147,7 +153,8 @@ pub(crate) struct InHand {
     /// Run and job fingerprint of the reply.
     run: String,
     job: String,
-    /// Its room in `--concurrency` (none for a chunk beyond what was asked for).
+    /// Its room in `--concurrency` (none for a chunk beyond what was asked for), freed once it
+    /// is transformed.
     permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -184,10 +191,11 @@ pub async fn run_with(
     let client =
         common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}"), &connection, &shutdown).await?;
     tracing::info!(
-        "mapper {}: runs {}; {} chunks in hand at most, {threads} transform threads",
+        "mapper {}: runs {}; {} chunks in hand and {} results in flight at most, {threads} transform threads",
         escaped(&name),
         registry.capabilities().join(", "),
-        config.concurrency
+        config.concurrency,
+        config.results_in_flight
     );
     let shared = Arc::new(Shared {
         jobs: jobs::Jobs::new(registry),
@@ -208,7 +216,8 @@ pub async fn run_with(
     let room = Arc::new(Semaphore::new(config.concurrency as usize));
     let (queue, chunks) = mpsc::channel::<InHand>(config.concurrency as usize);
     let chunks = Arc::new(tokio::sync::Mutex::new(chunks));
-    let deliveries = TaskTracker::new();
+    let deliveries =
+        Deliveries { tasks: TaskTracker::new(), room: Arc::new(Semaphore::new(config.results_in_flight as usize)) };
     let mut stages = tokio::task::JoinSet::new();
     stages.spawn(pump(shared.clone(), room.clone(), queue, shutdown.clone(), config.exit_when_done));
     for _ in 0..TRANSFORMERS {
@@ -226,8 +235,8 @@ pub async fn run_with(
         }
     });
     while stages.join_next().await.is_some() {}
-    deliveries.close();
-    deliveries.wait().await;
+    deliveries.tasks.close();
+    deliveries.tasks.wait().await;
     timer.abort();
     shared.hard_stop.cancel();
     heartbeat.abort();
@@ -294,7 +303,7 @@ async fn pump(
     exit_when_done: bool,
 ) {
     let mut warned = false;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Duration::from_millis(50);
     let mut told_why = String::new();
     while !shutdown.is_cancelled() && !shared.hard_stop.is_cancelled() {
         // Wait for room for one chunk, then take whatever else is free: one request for all.
@@ -348,7 +357,7 @@ async fn pump(
                     tracing::info!("the fetcher answers again");
                 }
                 warned = false;
-                backoff = Duration::from_millis(100);
+                backoff = Duration::from_millis(50);
                 message
             }
             Err(e) => {
@@ -362,8 +371,14 @@ async fn pump(
                     warned = true;
                 }
                 drop(permits);
-                pause(backoff, &shutdown).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                // "No responders" is the NATS server's own instant answer and costs the fetcher
+                // nothing, so keep asking often: a fetcher that has just finished its scan gets
+                // its mappers within NO_FETCHER_RETRY, not after a long backoff. Anything else
+                // (a timeout: the fetcher may be overloaded) backs off to 2 s.
+                let cap =
+                    if e.kind() == RequestErrorKind::NoResponders { NO_FETCHER_RETRY } else { Duration::from_secs(2) };
+                pause(backoff.min(cap), &shutdown).await;
+                backoff = (backoff * 2).min(cap);
                 continue;
             }
         };
@@ -448,12 +463,19 @@ async fn pump(
     }
 }
 
+/// The delivery tasks, and their bound (`--results-in-flight`).
+#[derive(Clone)]
+struct Deliveries {
+    tasks: TaskTracker,
+    room: Arc<Semaphore>,
+}
+
 /// Takes chunks from the queue in order, transforms each on the rayon pool, and starts its
 /// delivery. After shutdown it hands back what is still queued.
 async fn transformer(
     shared: Arc<Shared>,
     chunks: Arc<tokio::sync::Mutex<mpsc::Receiver<InHand>>>,
-    deliveries: TaskTracker,
+    deliveries: Deliveries,
 ) {
     loop {
         let next = chunks.lock().await.recv().await;
@@ -469,11 +491,16 @@ async fn transformer(
         }
         match work::transform_chunk(&shared, in_hand).await {
             work::Transformed::Deliver { body, objects, permit } => {
+                // Wait for room among the results in flight (keeping this chunk's room until
+                // then, so a slow saver slows the asking), then free the chunk's room: the
+                // pump asks for the next one while this result travels.
+                let Ok(in_flight) = deliveries.room.clone().acquire_owned().await else { return };
+                drop(permit);
                 let shared = shared.clone();
-                deliveries.spawn(async move {
+                deliveries.tasks.spawn(async move {
                     let outcome = deliver(&shared, lease, body).await;
                     finish(&shared, lease, objects, outcome).await;
-                    drop(permit);
+                    drop(in_flight);
                 });
             }
             work::Transformed::Probed(permit) => {

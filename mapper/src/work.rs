@@ -24,7 +24,7 @@ pub(crate) enum Transformed {
         body: Bytes,
         /// Input objects in it.
         objects: u64,
-        /// Its room in `--concurrency`, held until the result is saved.
+        /// Its room in `--concurrency`, held until the result may start its delivery.
         permit: Option<OwnedSemaphorePermit>,
     },
     /// A probe lease ran to its end: release it as `probed`.
