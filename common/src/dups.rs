@@ -19,8 +19,20 @@ use std::path::{Path, PathBuf};
 const PARTITIONS: usize = 256;
 /// One spilled entry: hash (16 bytes), order (8), line (8).
 const ENTRY: usize = 32;
-/// Bytes a map entry may take (24 for the entry, plus the map's empty room before it grows).
-const MAP_ENTRY_COST: usize = 48;
+/// Bytes of one bucket of the map (a 24-byte entry and a control byte).
+const BUCKET: usize = 25;
+
+/// The most ids the map may hold within `budget` bytes: the map's buckets are a power of two,
+/// 7/8 of them usable, and growing to the next size holds the old table beside the new one
+/// (1.5 times the new size), so the largest table that fits with that transient is chosen and
+/// never grown past.
+fn max_in_memory(budget: usize) -> usize {
+    let mut buckets = 8usize;
+    while (buckets * 2).saturating_mul(BUCKET * 3 / 2) <= budget {
+        buckets *= 2;
+    }
+    buckets / 8 * 7
+}
 
 /// Duplicates the check found: each duplicate's byte offset -> the line of the id's first
 /// occurrence.
@@ -65,7 +77,7 @@ impl DupCheck {
     pub fn new(budget: usize, spill_dir: &Path) -> Self {
         DupCheck {
             seen: HashMap::new(),
-            max_in_memory: (budget / MAP_ENTRY_COST).max(1),
+            max_in_memory: max_in_memory(budget),
             spill_dir: spill_dir.to_path_buf(),
             spill: None,
             found: Known::new(),
@@ -175,7 +187,8 @@ mod tests {
 
     fn check(budget_entries: usize, ids: &[u128]) -> (Vec<Option<u64>>, Known, bool, bool) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut check = DupCheck::new(budget_entries * MAP_ENTRY_COST, dir.path());
+        let mut check = DupCheck::new(0, dir.path());
+        check.max_in_memory = budget_entries;
         let at_once = ids
             .iter()
             .enumerate()
@@ -186,6 +199,16 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("list").collect();
         assert!(left.is_empty(), "spill files are removed");
         (at_once, known, late, spilled)
+    }
+
+    #[test]
+    fn the_map_with_its_growth_stays_within_the_budget() {
+        for budget in [0usize, 1000, 64 << 20, 1 << 30] {
+            let ids = max_in_memory(budget);
+            let buckets = (ids / 7 * 8).next_power_of_two();
+            assert!(buckets * BUCKET * 3 / 2 <= budget.max(8 * BUCKET * 3 / 2), "{budget}: {ids} ids");
+        }
+        assert_eq!(max_in_memory(64 << 20), 917_504, "64 MiB holds about 0.9 M ids");
     }
 
     #[test]

@@ -831,7 +831,7 @@ mod tests {
         let spill = tempfile::tempdir().expect("spill dir");
         for file in [&jsonl, &array] {
             let in_memory = scan(file.path(), 4).expect("scan");
-            let small = ScanOptions { dup_memory: 3 * 48, spill_dir: Some(spill.path()), ..USERS };
+            let small = ScanOptions { dup_memory: 400, spill_dir: Some(spill.path()), ..USERS };
             let spilled = super::scan(file.path(), 4, &small).expect("scan with a spill");
             assert_eq!(decided(&spilled), decided(&in_memory));
             let duplicates: Vec<u64> = in_memory.bad.iter().map(|b| b.line).collect();
