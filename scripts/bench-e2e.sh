@@ -6,6 +6,7 @@
 #
 #   ./scripts/bench-e2e.sh                  # the full table
 #   ROUNDS_LIST="0" MAPPERS_LIST="2" ./scripts/bench-e2e.sh
+#   BIN=/path/to/other/target/release ./scripts/bench-e2e.sh    # another build, side by side
 #   JOB="--transform jq --filter '{id: .uuid, n: (.friends | length)}'" ./scripts/bench-e2e.sh
 #
 # JOB replaces --rounds with other job flags (the same for the fetcher and the ideal); the
@@ -29,8 +30,11 @@ JOB=${JOB:-}
 
 ensure_nats_server
 [ -x /usr/bin/time ] || { echo "bench-e2e.sh needs GNU time for peak memory: apt-get install time" >&2; exit 1; }
-cargo build --release --workspace --bins --examples --quiet
-BIN=target/release
+# BIN=DIR runs binaries built elsewhere (e.g. an older commit, for a side-by-side comparison).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --workspace --bins --examples --quiet
+  BIN=target/release
+fi
 [ -s "$DATA" ] || $BIN/fetcher generate --objects "$OBJECTS" --output "$DATA" >/dev/null
 objects=$(wc -l < "$DATA")
 
@@ -52,7 +56,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 nats=${pids[0]}
 hz=$(getconf CLK_TCK)
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD), binaries in $BIN"
 printf '| rounds | mappers | pipeline s | objects/s | ideal s | efficiency | CPU busy | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
 printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for rounds in $ROUNDS_LIST; do
