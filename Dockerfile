@@ -3,9 +3,10 @@
 # chunkmill: ONE image holding the four binaries (fetcher, mapper, saver, broadcaster) in
 # /usr/local/bin.
 #
-#   docker build -t ghcr.io/chunkmill/chunkmill:0.1.0 \
+#   tag="0.1.0-$(git rev-parse --short=12 HEAD)"       # one tag per commit (deploy/README.md)
+#   docker build -t "ghcr.io/chunkmill/chunkmill:$tag" \
 #     --build-arg CHUNKMILL_GIT_COMMIT="$(git rev-parse --short=12 HEAD)" .
-#   docker run --rm ghcr.io/chunkmill/chunkmill:0.1.0 mapper --help
+#   docker run --rm "ghcr.io/chunkmill/chunkmill:$tag" mapper --help
 #
 # Why one image and not three: the binaries share one workspace, one Cargo.lock and almost all
 # their code (`common`), so they are built by ONE `cargo build` anyway; one image means one build,
@@ -14,12 +15,22 @@
 # several services pulls the layers once. Kubernetes and compose pick the service with `command`.
 #
 # The image name below is what deploy/ and compose.yaml use; scripts/check-deploy.sh checks that
-# every manifest refers to exactly this name and that its tag is the binaries' --version.
-# (kustomize `images:` in an overlay is the way to publish it elsewhere.)
+# every manifest refers to exactly this name, that the LABEL's tag is the binaries' --version and
+# that the manifests never run a re-pushable tag with imagePullPolicy IfNotPresent
+# (deploy/components/image sets the build they run).
+#
+# Both base images are pinned by digest: a rebuild gets the same compiler and the same runtime
+# libraries, not whatever the tag points at that day (scripts/check-deploy.sh requires a digest on
+# every FROM). To move to newer ones, look the digest up and replace it, e.g.
+#   docker buildx imagetools inspect rust:1-bookworm --format '{{json .Manifest.Digest}}'
+#   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot --format '{{json .Manifest.Digest}}'
+# (The digests below were taken from public Dockerfiles that pin these tags, not looked up in
+# the registries: this repository's machines have no registry access. Check them on the first
+# build.)
 
 ############################ build ############################
 # Debian 12 (bookworm) like the runtime image: same glibc, so the binaries link against it.
-FROM rust:1-bookworm AS builder
+FROM rust:1-bookworm@sha256:93ce27a88655056a51dbdd8f5f2d7ddc071c7b0070fb288a37b5a285fc83971e AS builder
 WORKDIR /src
 
 # Set by the build (`--build-arg`): the commit in the chunkmill_build_info metric. .git is not in
@@ -48,7 +59,7 @@ RUN --mount=type=cache,id=chunkmill-cargo-registry,target=/usr/local/cargo/regis
 ############################ runtime ############################
 # distroless/cc: glibc, libgcc, CA certificates (for NATS over TLS and the chat APIs), tzdata, and nothing else: no
 # shell, no package manager. The :nonroot tag runs as uid/gid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 
 LABEL org.opencontainers.image.title="chunkmill" \
       org.opencontainers.image.description="chunkmill pipeline: fetcher, mapper, saver and broadcaster binaries" \

@@ -5,10 +5,14 @@
 #
 #   ./scripts/check-deploy.sh
 #
-# 1 render       `kubectl kustomize` of deploy/base, each overlay, and deploy/monitoring
+# 1 render       `kubectl kustomize` of deploy/base, each overlay, deploy/monitoring, each Job
+#                in deploy/jobs, each component in deploy/components on top of the base
 # 2 schema       strict validation of every object against the Kubernetes OpenAPI schemas
-#                (K8S_VERSIONS, default "1.33.0 latest"); ServiceMonitor/PodMonitor fields
+#                (K8S_VERSIONS, default "1.33.0 latest"); KEDA objects against KEDA's CRD
+#                (vendored in deploy_checks/vendor); ServiceMonitor/PodMonitor fields
 # 3 consistency  manifests vs the binaries' own --help and CLI parser (env vars, ports, args),
+#                JetStream copies, autoscalers, NetworkPolicies (evaluated), fail-over, the
+#                deploy/README.md walk-through against a model of an empty namespace,
 #                vs the Dockerfile (image), and settings that must agree across files
 # 4 hadolint     on the Dockerfile; every ignored rule must be explained in .hadolint.yaml
 #

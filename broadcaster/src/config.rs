@@ -100,6 +100,12 @@ pub struct Config {
     #[arg(long, env = "BROADCASTER_DEDUP_BUCKET", default_value = "chunkmill-broadcast")]
     pub dedup_bucket: String,
 
+    /// How many NATS servers keep a copy of the events stream and the claims bucket (JetStream
+    /// replicas, 1 to 5). 1 for a single server; 3 on a 3-node cluster, so events and claims
+    /// survive losing a node. An existing stream or bucket is changed to this count.
+    #[arg(long, env = "BROADCASTER_JETSTREAM_REPLICAS", default_value = "1", value_parser = common::jetstream::parse_replicas)]
+    pub jetstream_replicas: usize,
+
     /// How long events and their claims are kept (the stream's and the bucket's max age).
     #[arg(long, env = "BROADCASTER_RETENTION", default_value = "7days", value_parser = parse_duration)]
     pub retention: Duration,

@@ -66,6 +66,20 @@ pub enum BroadcasterError {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Client(#[from] send::ClientError),
+    /// JetStream cannot keep as many copies as `--jetstream-replicas` asks for.
+    #[error("JetStream {what} {name}: cannot keep {replicas} copies: {why}. Set --jetstream-replicas (BROADCASTER_JETSTREAM_REPLICAS) to at most the number of JetStream servers in the NATS cluster (1 for a single server)")]
+    Replicas {
+        /// stream or key-value bucket.
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// The copies asked for.
+        replicas: usize,
+        /// Why the server refused them.
+        why: String,
+        /// Retrying cannot help (the server is not clustered).
+        permanent: bool,
+    },
     /// The stream, consumer or bucket could not be set up.
     #[error("cannot set up the JetStream {what} {name}: {error}; the broadcaster needs JetStream (nats-server -js; deploy/nats/values.yaml enables it)")]
     Setup {
@@ -148,6 +162,7 @@ async fn set_up_until(
     loop {
         match set_up(js, config).await {
             Ok(done) => return Ok(Some(done)),
+            Err(e @ BroadcasterError::Replicas { permanent: true, .. }) => return Err(e),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(e) => tracing::warn!("{e}; retrying in {delay:?}"),
         }
@@ -163,9 +178,19 @@ async fn set_up(
     js: &jetstream::Context,
     config: &Config,
 ) -> Result<(PullConsumer, jetstream::kv::Store), BroadcasterError> {
+    let replicas = config.jetstream_replicas;
     let setup = |what: &'static str, name: &str| {
         let name = name.to_string();
-        move |error: &dyn std::fmt::Display| BroadcasterError::Setup { what, name, error: error.to_string() }
+        move |error: &(dyn std::error::Error + 'static)| match common::jetstream::ReplicasRefused::of(error) {
+            Some(refused) => BroadcasterError::Replicas {
+                what,
+                name,
+                replicas,
+                why: refused.describe(replicas),
+                permanent: refused.is_permanent(),
+            },
+            None => BroadcasterError::Setup { what, name, error: error.to_string() },
+        }
     };
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
@@ -174,8 +199,12 @@ async fn set_up(
             max_age: config.retention,
             storage: StorageType::File,
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: replicas,
             ..Default::default()
         })
+        .await
+        .map_err(|e| setup("stream", &config.stream)(&e))?;
+    set_replicas(js, stream.cached_info().config.clone(), replicas)
         .await
         .map_err(|e| setup("stream", &config.stream)(&e))?;
     // Create-or-update: every replica asks for the same settings, and a changed setting (a new
@@ -194,7 +223,13 @@ async fn set_up(
         .await
         .map_err(|e| setup("consumer", &config.consumer)(&e))?;
     let kv = match js.get_key_value(&config.dedup_bucket).await {
-        Ok(kv) => kv,
+        Ok(kv) => {
+            let status = kv.status().await.map_err(|e| setup("key-value bucket", &config.dedup_bucket)(&e))?;
+            set_replicas(js, status.info.config, replicas)
+                .await
+                .map_err(|e| setup("key-value bucket", &config.dedup_bucket)(&e))?;
+            kv
+        }
         Err(_) => js
             .create_key_value(jetstream::kv::Config {
                 bucket: config.dedup_bucket.clone(),
@@ -204,12 +239,28 @@ async fn set_up(
                 // still has its claim, so no redelivery can outlive the record that stops it.
                 max_age: config.retention,
                 storage: StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
             .map_err(|e| setup("key-value bucket", &config.dedup_bucket)(&e))?,
     };
     Ok((consumer, kv))
+}
+
+/// Changes an existing stream (or a bucket's stream) to `replicas` copies, nothing else, if it
+/// has another count: `--jetstream-replicas` applies to what an earlier broadcaster created.
+async fn set_replicas(
+    js: &jetstream::Context,
+    mut existing: jetstream::stream::Config,
+    replicas: usize,
+) -> Result<(), jetstream::context::UpdateStreamError> {
+    if existing.num_replicas == replicas {
+        return Ok(());
+    }
+    tracing::info!("JetStream stream {}: {} copies -> {replicas}", existing.name, existing.num_replicas);
+    existing.num_replicas = replicas;
+    js.update_stream(existing).await.map(|_| ())
 }
 
 struct Worker {

@@ -148,6 +148,12 @@ pub struct Config {
     #[arg(long, env = "FETCHER_KV_BUCKET", default_value = "chunkmill-ledger")]
     pub kv_bucket: String,
 
+    /// With `--ledger kv`: how many NATS servers keep a copy of the ledger and lock buckets
+    /// (JetStream replicas, 1 to 5). 1 for a single server; 3 on a 3-node cluster, so the
+    /// ledger survives losing a node. An existing bucket is changed to this count.
+    #[arg(long, env = "FETCHER_KV_REPLICAS", default_value = "1", value_parser = common::jetstream::parse_replicas)]
+    pub kv_replicas: usize,
+
     /// With `--ledger kv`: how long the single-fetcher lock outlives its last refresh (it is
     /// refreshed every third of this). A fetcher that cannot refresh it for this long stops
     /// serving until it holds it again; another fetcher can take it over after this long.
@@ -185,6 +191,7 @@ impl Config {
             no_duplicate_check: false,
             duplicate_check_memory: 64,
             kv_bucket: "chunkmill-ledger".into(),
+            kv_replicas: 1,
             lock_ttl: crate::store::KV_LOCK_TTL,
             events: Events::On,
             nats,

@@ -290,7 +290,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         }
         config::LedgerKind::Kv => {
             let (store, recovered, others) =
-                KvStore::open(&client, &config.kv_bucket, &record, &name, config.lock_ttl).await?;
+                KvStore::open(&client, &config.kv_bucket, &record, &name, config.lock_ttl, config.kv_replicas).await?;
             (LedgerStore::Kv(Box::new(store)), recovered, others)
         }
     };

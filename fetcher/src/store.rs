@@ -120,6 +120,16 @@ pub enum StoreError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// JetStream cannot keep as many copies of a bucket as `--kv-replicas` asks for.
+    #[error("JetStream bucket {bucket}: cannot keep {replicas} copies: {why}. Set --kv-replicas (FETCHER_KV_REPLICAS) to at most the number of JetStream servers in the NATS cluster (1 for a single server)")]
+    Replicas {
+        /// The bucket.
+        bucket: String,
+        /// The copies asked for.
+        replicas: usize,
+        /// Why the server refused them.
+        why: String,
+    },
     /// Another fetcher holds the lock.
     #[error("another fetcher is running on state directory {dir} ({holder}); only one fetcher may run per pipeline. Stop it, or use another --state-dir")]
     Locked {
@@ -345,25 +355,35 @@ fn kv_error(action: &'static str, bucket: &str, e: impl std::fmt::Display) -> St
     }
 }
 
+/// Opens bucket `name`, creating it with `replicas` copies (JetStream replicas) if missing.
 async fn bucket(
     js: &async_nats::jetstream::Context,
     name: &str,
     max_age: std::time::Duration,
+    replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, StoreError> {
     if let Ok(kv) = js.get_key_value(name).await {
-        if max_age.is_zero() || kv.status().await.is_ok_and(|s| s.max_age() == max_age) {
+        let as_asked = |s: &async_nats::jetstream::kv::bucket::Status| {
+            (max_age.is_zero() || s.max_age() == max_age) && s.info.config.num_replicas == replicas
+        };
+        if kv.status().await.is_ok_and(|s| as_asked(&s)) {
             return Ok(kv);
         }
     }
-    // Also when it exists with another max_age (the lock's TTL was changed): set it.
+    // Also when it exists with another max_age (the lock's TTL was changed) or another number
+    // of copies (--kv-replicas was changed, e.g. after moving to a NATS cluster): set them.
     js.create_or_update_key_value(async_nats::jetstream::kv::Config {
         bucket: name.to_string(),
         history: 1,
         max_age,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
-    .map_err(|e| kv_error("create", name, e))
+    .map_err(|e| match common::jetstream::ReplicasRefused::of(&e) {
+        Some(refused) => StoreError::Replicas { bucket: name.to_string(), replicas, why: refused.describe(replicas) },
+        None => kv_error("create", name, e),
+    })
 }
 
 /// The entries of `run` in the batch keys among `keys`.
@@ -389,20 +409,21 @@ async fn read_batches(
 
 impl KvStore {
     /// Takes the lock (entries expiring after `lock_ttl`) and reads the run's entries from
-    /// bucket `name`.
+    /// bucket `name`; both buckets keep `replicas` copies.
     pub async fn open(
         client: &async_nats::Client,
         name: &str,
         record: &RunRecord,
         owner: &str,
         lock_ttl: std::time::Duration,
+        replicas: usize,
     ) -> Result<(Self, Recovered, Vec<OtherRun>), StoreError> {
         let run = record.run.as_str();
         use futures::StreamExt;
         let js = async_nats::jetstream::new(client.clone());
-        let kv = bucket(&js, name, std::time::Duration::ZERO).await?;
+        let kv = bucket(&js, name, std::time::Duration::ZERO, replicas).await?;
         let lock_name = format!("{name}-lock");
-        let lock_bucket = bucket(&js, &lock_name, lock_ttl).await?;
+        let lock_bucket = bucket(&js, &lock_name, lock_ttl, replicas).await?;
         let lock = match crate::kv_lock::take(lock_bucket, lock_name.clone(), owner, lock_ttl).await {
             Ok(lock) => lock,
             Err(crate::kv_lock::TakeError::Held { holder }) => {

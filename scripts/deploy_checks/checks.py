@@ -3,11 +3,15 @@
 
 Run through scripts/check-deploy.sh, which installs the tools first. Checks:
 
-  1 render       `kubectl kustomize` renders deploy/base, every overlay and deploy/monitoring
-  2 schema       every object validates (strict) against the Kubernetes OpenAPI schemas;
-                 ServiceMonitor/PodMonitor: apiVersion and required fields
+  1 render       `kubectl kustomize` renders deploy/base, every overlay, deploy/monitoring, the
+                 Jobs in deploy/jobs and each component in deploy/components on the base
+  2 schema       every object validates (strict) against the Kubernetes OpenAPI schemas; KEDA
+                 objects against KEDA's CRD (vendor/keda); ServiceMonitor/PodMonitor: apiVersion
+                 and required fields
   3 consistency  manifests against the binaries (their own --help and CLI parser) and the
-                 Dockerfile: env vars, ports, images, args, settings that must agree, policy
+                 Dockerfile: env vars, ports, images, args, settings that must agree, policy;
+                 JetStream copies, autoscalers, NetworkPolicies (netpol.py), fail-over, the
+                 deploy/README.md walk-through (walkthrough.py), compose.yaml's profiles
   4 hadolint     the Dockerfile, with every ignored rule explained
 
 The binaries' --help is the truth: settings that are announced but not in --help yet (see
@@ -24,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,11 +311,16 @@ def containers(objs: list[dict], source: str, lookup: list[dict] | None = None) 
 
 
 class Manifests:
+    """Every render: deploy/base, each overlay, deploy/monitoring, each Job in deploy/jobs, and
+    each component in deploy/components on top of deploy/base (so that a component no overlay
+    uses is rendered and checked too)."""
+
     def __init__(self, result: Result) -> None:
         self.renders: list[Render] = []
-        self.extras: list[tuple[Path, list[dict]]] = []  # base files not in the kustomization
+        self.jobs: list[Render] = []  # deploy/jobs/*: one-off Jobs, applied by hand
         self.examples: list[tuple[Path, list[dict]]] = []  # deploy/secrets
         self.kubectl = os.environ.get("KUBECTL", "kubectl")
+        self._cache: dict[Path, list[dict]] = {}
         dirs = [DEPLOY / "base"]
         overlays = DEPLOY / "overlays"
         if overlays.is_dir():
@@ -320,28 +330,65 @@ class Manifests:
         elif (DEPLOY / "monitoring").is_dir():
             result.note("deploy/monitoring has no kustomization.yaml yet: not rendered")
         for d in dirs:
-            p = subprocess.run([self.kubectl, "kustomize", str(d)], capture_output=True, text=True)
-            if p.returncode != 0:
-                result.fail(f"{rel(d)}: kubectl kustomize failed: {p.stderr.strip()}")
+            objs = self.try_render(d, result)
+            if objs is not None:
+                self.renders.append(Render(rel(d), objs))
+                result.note(f"{rel(d)}: {len(objs)} objects")
+        for d in sorted((DEPLOY / "components").glob("*/kustomization.yaml")):
+            if d.parent.name == "image":  # every render includes it
                 continue
-            objs = [o for o in yaml.safe_load_all(p.stdout) if o]
-            self.renders.append(Render(rel(d), objs))
-            result.note(f"{rel(d)}: {len(objs)} objects")
-        # Files in deploy/base that are applied by hand (not in its kustomization).
-        kust = yaml.safe_load(open(DEPLOY / "base" / "kustomization.yaml"))
-        listed = set(kust.get("resources", [])) | {p.get("path") for p in kust.get("patches", []) if isinstance(p, dict)}
+            objs = self.render_component(d.parent, result)
+            if objs is not None:
+                self.renders.append(Render(f"deploy/base+{rel(d.parent)}", objs))
+                result.note(f"deploy/base + {rel(d.parent)}: {len(objs)} objects")
+        for d in sorted((DEPLOY / "jobs").glob("*/kustomization.yaml")):
+            objs = self.try_render(d.parent, result)
+            if objs is not None:
+                self.jobs.append(Render(rel(d.parent), objs))
+                result.note(f"{rel(d.parent)}: {len(objs)} objects")
         for f in sorted((DEPLOY / "base").glob("*.yaml")):
-            if f.name != "kustomization.yaml" and f.name not in listed:
-                self.extras.append((f, load_yaml_docs(f)))
+            kust = yaml.safe_load(open(DEPLOY / "base" / "kustomization.yaml"))
+            if f.name != "kustomization.yaml" and f.name not in kust.get("resources", []):
+                result.fail(f"{rel(f)} is in deploy/base but not in its kustomization: one-off Jobs go to "
+                            "deploy/jobs, optional parts to deploy/components")
         if (DEPLOY / "secrets").is_dir():
             for f in sorted((DEPLOY / "secrets").glob("*.yaml")):
                 self.examples.append((f, load_yaml_docs(f)))
+
+    def render_dir(self, d: Path) -> list[dict]:
+        """`kubectl kustomize d` (cached); raises on failure."""
+        d = d.resolve()
+        if d not in self._cache:
+            p = subprocess.run([self.kubectl, "kustomize", str(d)], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"{rel(d)}: kubectl kustomize failed: {p.stderr.strip()}")
+            self._cache[d] = [o for o in yaml.safe_load_all(p.stdout) if o]
+        return self._cache[d]
+
+    def try_render(self, d: Path, result: Result) -> list[dict] | None:
+        try:
+            return self.render_dir(d)
+        except RuntimeError as e:
+            result.fail(str(e))
+            return None
+
+    def render_component(self, component: Path, result: Result) -> list[dict] | None:
+        # A throw-away overlay next to the others (kustomize loads nothing outside its root's
+        # parents by default).
+        tmp = Path(tempfile.mkdtemp(prefix=".check-", dir=DEPLOY))
+        try:
+            (tmp / "kustomization.yaml").write_text(
+                "resources: [../base]\n" f"components: [../{component.relative_to(DEPLOY)}]\n")
+            return self.try_render(tmp, result)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._cache.pop(tmp.resolve(), None)
 
     def render(self, name: str) -> Render | None:
         return next((r for r in self.renders if r.name == name), None)
 
     def app_renders(self) -> list[Render]:
-        """The renders that deploy the pipeline (base and overlays, not monitoring)."""
+        """The renders that deploy the pipeline (base, overlays, base + a component)."""
         return [r for r in self.renders if not r.name.startswith("deploy/monitoring")]
 
     def all_containers(self) -> list[Container]:
@@ -349,8 +396,8 @@ class Manifests:
         for r in self.app_renders():
             out += containers(r.objects, r.name)
         base = self.render("deploy/base")
-        for f, objs in self.extras:
-            out += containers(objs, rel(f), objs + (base.objects if base else []))
+        for j in self.jobs:
+            out += containers(j.objects, j.name, j.objects + (base.objects if base else []))
         return out
 
     def example(self, kind: str, name: str) -> dict | None:
@@ -373,7 +420,7 @@ def check_schemas(m: Manifests, r: Result) -> None:
     versions = [kv.latest_version() if v == "latest" else v for v in wanted]
     versions = list(dict.fromkeys(versions))
     r.title += f" (Kubernetes {', '.join(versions)}; kubernetes-validate {getattr(kubernetes_validate, '__version__', '?')})"
-    sets = [(x.name, x.objects) for x in m.renders] + [(rel(f), o) for f, o in m.extras] + [
+    sets = [(x.name, x.objects) for x in m.renders] + [(x.name, x.objects) for x in m.jobs] + [
         (rel(f), o) for f, o in m.examples]
     counted = crds = 0
     for source, objs in sets:
@@ -382,6 +429,10 @@ def check_schemas(m: Manifests, r: Result) -> None:
             if (o.get("apiVersion"), o.get("kind")) in CRD_KINDS:
                 crds += 1
                 check_monitor(o, what, r)
+                continue
+            if str(o.get("apiVersion", "")).startswith("keda.sh/"):
+                crds += 1
+                check_keda_schema(o, what, r)
                 continue
             if o.get("kind") in ("ServiceMonitor", "PodMonitor"):
                 r.fail(f"{what}: apiVersion {o.get('apiVersion')!r}, expected monitoring.coreos.com/v1")
@@ -395,7 +446,8 @@ def check_schemas(m: Manifests, r: Result) -> None:
                 except kv.ValidationError as e:
                     path = "/".join(str(p) for p in e.path)
                     r.fail(f"{what}: Kubernetes {v}: {e.message} (at {path or '.'})")
-    r.note(f"{counted} objects validated strictly, {crds} ServiceMonitor/PodMonitor checked for required fields")
+    r.note(f"{counted} objects validated strictly, {crds} custom objects (ServiceMonitor/PodMonitor: required "
+           "fields; KEDA: its CRD's schema, vendored)")
     # ServiceMonitors must find the pipeline's Services.
     base = m.render("deploy/base")
     services = [o for o in base.objects if o["kind"] == "Service"] if base else []
@@ -645,7 +697,21 @@ def dockerfile_image() -> tuple[str, set[str]]:
     return m.group(1), installed
 
 
+IMAGE_RE = re.compile(r"^(?P<name>[^@:]+(?::\d+)?(?:/[^@:]+)*)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """(name, tag, digest) of an image reference."""
+    m = IMAGE_RE.match(image)
+    if not m:
+        raise ValueError(f"not an image reference: {image!r}")
+    return m.group("name"), m.group("tag"), m.group("digest")
+
+
 def check_images(m: Manifests, b: Binaries, r: Result) -> None:
+    """One build everywhere, and never a stale one: a tag that can be re-pushed (a version such
+    as 0.1.0) goes with imagePullPolicy Always; IfNotPresent only with a digest or a per-commit
+    tag <version>-<12 hex digits>. The Dockerfile's base images are pinned by digest."""
     image, installed = dockerfile_image()
     repo, tag = image.rsplit(":", 1)
     r.note(f"Dockerfile builds {image} with {', '.join(sorted(installed))}")
@@ -654,21 +720,47 @@ def check_images(m: Manifests, b: Binaries, r: Result) -> None:
     for binary in BINARIES:
         v = b.version(binary)
         if v != tag:
-            r.fail(f"image tag {tag} != `{binary} --version` {v}: bump the LABEL and the manifests")
+            r.fail(f"Dockerfile LABEL io.chunkmill.image tag {tag} != `{binary} --version` {v}: bump the LABEL")
+    for n, line in enumerate((ROOT / "Dockerfile").read_text().splitlines(), 1):
+        fm = re.match(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)", line, re.I)
+        if fm and not re.search(r"@sha256:[0-9a-f]{64}$", fm.group(1)):
+            r.fail(f"Dockerfile:{n}: FROM {fm.group(1)} is not pinned by digest (@sha256:...): a rebuild "
+                   "could get another compiler or runtime")
+    # The names the manifests may use: ours, or what deploy/components/image renames it to.
+    names = {repo}
+    for f in sorted(DEPLOY.rglob("kustomization.yaml")):
+        for i in (yaml.safe_load(open(f)) or {}).get("images", []) or []:
+            if i.get("name") != repo:
+                r.fail(f"{rel(f)}: images[].name {i.get('name')!r} matches nothing (the manifests use {repo})")
+            if i.get("newName"):
+                names.add(i["newName"])
+    per_commit = re.compile(rf"^{re.escape(tag)}-[0-9a-f]{{12}}$")
+    seen: set[str] = set()
     for c in m.all_containers():
-        if c.spec.get("image") != image:
-            r.fail(f"{c.source}: image {c.spec.get('image')!r}, expected {image} (Dockerfile LABEL io.chunkmill.image)")
+        img = str(c.spec.get("image"))
+        try:
+            name, itag, digest = split_image(img)
+        except ValueError as e:
+            r.fail(f"{c.source}: {e}")
+            continue
+        if name not in names:
+            r.fail(f"{c.source}: image {img!r} is not {repo} (Dockerfile LABEL io.chunkmill.image) "
+                   "or its newName in deploy/components/image")
+        policy = c.spec.get("imagePullPolicy") or ("Always" if itag in (None, "latest") and not digest else "IfNotPresent")
+        if itag in (None, "latest") and not digest:
+            r.fail(f"{c.source}: image {img!r} names no build (no tag, or latest): set it in deploy/components/image")
+        elif policy != "Always" and not digest and not per_commit.match(itag or ""):
+            r.fail(f"{c.source}: image {img!r} with imagePullPolicy {policy}: tag {itag} is re-pushed by every "
+                   f"build of {tag}, so a node with a cached copy runs an old build. Use a per-commit tag "
+                   f"({tag}-<12 hex digits of the commit>) or a digest, or imagePullPolicy Always "
+                   "(scripts/set-image.sh)")
+        seen.add(f"{img} ({policy})")
         cmd = c.spec.get("command") or []
         if not cmd:
             r.fail(f"{c.source}: no command: the image has several binaries, name one")
         elif cmd[0] not in {f"/usr/local/bin/{x}" for x in installed}:
             r.fail(f"{c.source}: command {cmd[0]!r} is not a binary the image installs in /usr/local/bin")
-    for f in [DEPLOY / "base" / "kustomization.yaml", *sorted((DEPLOY / "overlays").glob("*/kustomization.yaml"))]:
-        for i in (yaml.safe_load(open(f)) or {}).get("images", []) or []:
-            if i.get("name") != repo:
-                r.fail(f"{rel(f)}: images[].name {i.get('name')!r} matches nothing (the manifests use {repo})")
-            if f.parent.name == "base" and i.get("newTag", tag) != tag:
-                r.fail(f"{rel(f)}: base newTag {i.get('newTag')} != {tag}")
+    r.note(f"images run: {', '.join(sorted(seen))}")
     compose = yaml.safe_load(open(ROOT / "compose.yaml"))
     for name, svc in compose["services"].items():
         cmd = svc.get("command") or []
@@ -676,6 +768,9 @@ def check_images(m: Manifests, b: Binaries, r: Result) -> None:
         if ours:
             if svc.get("image") != image:
                 r.fail(f"compose.yaml: service {name}: image {svc.get('image')!r}, expected {image}")
+            if "build" not in svc:
+                r.fail(f"compose.yaml: service {name}: no `build`: compose would pull {image} instead of "
+                       "building this checkout")
             if not cmd or cmd[0] not in installed:
                 r.fail(f"compose.yaml: service {name}: command must start with one of {sorted(installed)}")
         else:
@@ -784,8 +879,9 @@ def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
             "transform": env_value(cont["fetcher"], "FETCHER_TRANSFORM") or defaults["FETCHER_TRANSFORM"],
             "out": env_value(cont["saver"], "SAVER_OUT") or defaults["SAVER_OUT"],
         }
-        for fpath, jobs in m.extras:
-            for j in jobs:
+        for job in m.jobs:
+            fpath = DEPLOY.parent / job.name
+            for j in job.objects:
                 if j.get("kind") != "Job":
                     continue
                 for c in j["spec"]["template"]["spec"]["containers"]:
@@ -807,13 +903,19 @@ def check_settings(m: Manifests, b: Binaries, r: Result) -> None:
     compose = yaml.safe_load(open(ROOT / "compose.yaml"))
     svc = compose["services"]
     env = lambda s, k: interpolate_compose(str((svc.get(s, {}).get("environment") or {}).get(k, "")))  # noqa: E731
-    if "verify" in svc:
-        args = [interpolate_compose(a) for a in svc["verify"]["command"]]
-        for fl, val in (("--input", env("fetcher", "FETCHER_INPUT")), ("--chunk-size", env("fetcher", "FETCHER_CHUNK_SIZE")),
-                        ("--transform", env("fetcher", "FETCHER_TRANSFORM")), ("--rounds", env("fetcher", "FETCHER_ROUNDS")),
-                        ("--out", env("saver", "SAVER_OUT"))):
+    for name in [n for n, s in svc.items() if (s.get("command") or [])[:2] == ["saver", "verify"]]:
+        args = [interpolate_compose(a) for a in svc[name]["command"]]
+        checks = [("--input", env("fetcher", "FETCHER_INPUT")), ("--chunk-size", env("fetcher", "FETCHER_CHUNK_SIZE")),
+                  ("--transform", env("fetcher", "FETCHER_TRANSFORM")), ("--rounds", env("fetcher", "FETCHER_ROUNDS"))]
+        if flag(args, "--sink"):
+            savers = [s for s in svc if env(s, "SAVER_SINK") == flag(args, "--sink")]
+            if not savers:
+                r.fail(f"compose.yaml: {name} --sink {flag(args, '--sink')} is no saver's SAVER_SINK")
+        else:
+            checks.append(("--out", env("saver", "SAVER_OUT")))
+        for fl, val in checks:
             if val and flag(args, fl) != val:
-                r.fail(f"compose.yaml: verify {fl} {flag(args, fl)} != {val}")
+                r.fail(f"compose.yaml: {name} {fl} {flag(args, fl)} != {val}")
     if "mapper" in svc:
         sg = svc["mapper"].get("stop_grace_period")
         grace = env("mapper", "MAPPER_SHUTDOWN_GRACE")
@@ -874,20 +976,24 @@ def check_pod_policy(o: dict, ps: dict, where: str, r: Result) -> None:
 
 def check_nats_values(m: Manifests, r: Result) -> None:
     values = yaml.safe_load(open(DEPLOY / "nats" / "values.yaml"))
-    keys_file = Path(__file__).with_name("nats_chart_keys.txt")
-    known = {line.strip() for line in keys_file.read_text().splitlines() if line.strip() and not line.startswith("#")}
-    free_form = {"merge", "patch", "resources", "env", "labels", "annotations"}
+    chart_file = Path(__file__).parent / "vendor" / "nats-chart" / "values.yaml"
+    chart = yaml.safe_load(open(chart_file))
 
-    def walk(d: dict, path: list[str]) -> None:
+    def walk(d: dict, chart_d: Any, path: list[str], source: str) -> None:
         for k, v in d.items():
             p = ".".join([*path, str(k)])
-            if p not in known:
-                r.fail(f"deploy/nats/values.yaml: {p} is not a key of the NATS chart (see {keys_file.name})")
+            if not isinstance(chart_d, dict) or k not in chart_d:
+                r.fail(f"{source}: {p} is not a key of the NATS chart ({rel(chart_file)})")
                 continue
-            if isinstance(v, dict) and k not in free_form:
-                walk(v, [*path, str(k)])
+            # Below an empty map of the chart (merge, env, labels, topologySpreadConstraints, ...)
+            # any key is the user's.
+            if isinstance(v, dict) and isinstance(chart_d[k], dict) and chart_d[k]:
+                walk(v, chart_d[k], [*path, str(k)], source)
 
-    walk(values, [])
+    walk(values, chart, [], "deploy/nats/values.yaml")
+    prod_file = DEPLOY / "nats" / "values-production.yaml"
+    if prod_file.exists():
+        walk(yaml.safe_load(open(prod_file)) or {}, chart, [], rel(prod_file))
     get = lambda *ks: (lambda d: [d := (d or {}).get(k) for k in ks][-1])(values)  # noqa: E731
     if get("config", "jetstream", "enabled") is not True:
         r.fail("deploy/nats/values.yaml: config.jetstream.enabled must be true (the kv ledger, the broadcaster)")
@@ -920,8 +1026,309 @@ def check_nats_values(m: Manifests, r: Result) -> None:
             r.fail(f"deploy/nats/values.yaml: user {u.get('user')}'s password ${m_.group(1)} is not in container.env")
     if {u.get("user") for u in users} != {"fetcher", "mapper", "saver", "broadcaster"}:
         r.fail("deploy/nats/values.yaml: config.merge.authorization.users must be the four roles")
-    r.note(f"deploy/nats/values.yaml: every key is one of the chart's {len(known)} keys; "
+    r.note(f"deploy/nats/values*.yaml: every key is one of the chart's ({rel(chart_file)}); "
            f"{len(users)} role users, rendered into {rel(conf)}")
+
+
+def autoscalers(objs: list[dict]) -> list[tuple[dict, str]]:
+    """(object, target Deployment name) of every HPA and KEDA ScaledObject."""
+    out = []
+    for o in objs:
+        if o.get("kind") in ("HorizontalPodAutoscaler", "ScaledObject"):
+            ref = (o.get("spec") or {}).get("scaleTargetRef") or {}
+            if ref.get("kind", "Deployment") == "Deployment":
+                out.append((o, ref.get("name")))
+    return out
+
+
+def check_autoscalers(m: Manifests, r: Result) -> None:
+    """Where an autoscaler owns a Deployment's count, the Deployment has no `replicas` (each
+    `kubectl apply` would reset it), one autoscaler per Deployment, room to grow, and a CPU target
+    that usage can exceed."""
+    n = 0
+    for rnd in m.app_renders():
+        deps = {o["metadata"]["name"]: o for o in rnd.objects if o["kind"] == "Deployment"}
+        owners: dict[str, list[str]] = {}
+        for o, target in autoscalers(rnd.objects):
+            n += 1
+            what = f"{rnd.name}: {o['kind']}/{o['metadata']['name']}"
+            owners.setdefault(target, []).append(what)
+            d = deps.get(target)
+            if d is None:
+                r.fail(f"{what}: scales Deployment/{target}, which is not in this render")
+                continue
+            if "replicas" in d["spec"]:
+                r.fail(f"{what} owns the count of Deployment/{target}, which still sets replicas: "
+                       f"{d['spec']['replicas']}: every `kubectl apply` resets the count (remove it in the component)")
+            spec = o["spec"]
+            lo = spec.get("minReplicas", 1) if o["kind"] == "HorizontalPodAutoscaler" else spec.get("minReplicaCount", 0)
+            hi = spec.get("maxReplicas") if o["kind"] == "HorizontalPodAutoscaler" else spec.get("maxReplicaCount", 100)
+            if hi is None or hi <= lo:
+                r.fail(f"{what}: max replicas {hi} leaves no room above min {lo}")
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            res = c.get("resources") or {}
+            req, lim = (res.get("requests") or {}).get("cpu"), (res.get("limits") or {}).get("cpu")
+            for met in spec.get("metrics") or []:
+                tgt = ((met.get("resource") or {}).get("target") or {})
+                if (met.get("resource") or {}).get("name") == "cpu" and tgt.get("type") == "Utilization":
+                    if req and lim and parse_cpu(req) > 0 and tgt.get("averageUtilization", 100) >= 100 * parse_cpu(lim) / parse_cpu(req):
+                        r.fail(f"{what}: CPU target {tgt.get('averageUtilization')} % of the request is out of reach: "
+                               f"usage is capped by the limit ({lim} of request {req})")
+            if o["kind"] == "ScaledObject":
+                check_keda_triggers(o, what, c, r)
+        for target, who in owners.items():
+            if len(who) > 1:
+                r.fail(f"{rnd.name}: Deployment/{target} has {len(who)} autoscalers ({', '.join(who)}): they fight over the count")
+    r.note(f"{n} autoscalers checked")
+
+
+def check_keda_triggers(o: dict, what: str, container: dict, r: Result) -> None:
+    """The Prometheus trigger asks for metrics the fetcher exports, and one mapper per
+    MAPPER_CONCURRENCY chunks (what one mapper holds at once)."""
+    exported = set(re.findall(r'"(chunkmill_[a-z_]+)"', (ROOT / "fetcher" / "src" / "metrics.rs").read_text()))
+    for trig in o["spec"].get("triggers") or []:
+        if trig.get("type") != "prometheus":
+            continue
+        md = trig.get("metadata") or {}
+        for name in re.findall(r"\b(chunkmill_[a-z_]+)", md.get("query", "")):
+            if name not in exported:
+                r.fail(f"{what}: query uses {name}, which the fetcher does not export (fetcher/src/metrics.rs)")
+        for state in re.findall(r'state=~?"([^"]+)"', md.get("query", "")):
+            for s in state.split("|"):
+                if s not in ("pending", "leased", "done", "dead_lettered"):
+                    r.fail(f"{what}: query asks for chunks in state {s!r}, which the fetcher does not report")
+        conc = env_value(container, "MAPPER_CONCURRENCY")
+        if conc and md.get("threshold") != conc:
+            r.fail(f"{what}: threshold {md.get('threshold')} chunks per mapper != MAPPER_CONCURRENCY {conc}")
+        if not re.match(r"^https?://", md.get("serverAddress", "")):
+            r.fail(f"{what}: serverAddress {md.get('serverAddress')!r} is not a Prometheus URL")
+
+
+def check_keda_schema(o: dict, what: str, r: Result) -> None:
+    """A keda.sh object against the openAPIV3Schema of KEDA's own CRD (vendored), with unknown
+    fields refused as `kubectl apply` (strict field validation) refuses them."""
+    import jsonschema
+
+    crds = {}
+    for f in (Path(__file__).parent / "vendor" / "keda").glob("*.yaml"):
+        for d in load_yaml_docs(f):
+            for v in d["spec"]["versions"]:
+                crds[(f"{d['spec']['group']}/{v['name']}", d["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
+    schema = crds.get((o.get("apiVersion"), o.get("kind")))
+    if schema is None:
+        r.fail(f"{what}: no vendored CRD schema for {o.get('apiVersion')} {o.get('kind')} (scripts/deploy_checks/vendor/keda)")
+        return
+
+    def strict(s: dict) -> dict:
+        s = dict(s)
+        if "properties" in s:
+            s["properties"] = {k: strict(v) for k, v in s["properties"].items()}
+            if "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+                s["additionalProperties"] = False
+        if isinstance(s.get("items"), dict):
+            s["items"] = strict(s["items"])
+        if isinstance(s.get("additionalProperties"), dict):
+            s["additionalProperties"] = strict(s["additionalProperties"])
+        return s
+
+    schema = strict(schema)
+    # metadata is the API server's ObjectMeta, validated by it, not by the CRD.
+    schema["properties"]["metadata"] = {"type": "object"}
+    for e in sorted(jsonschema.Draft7Validator(schema).iter_errors(o), key=lambda e: list(e.path)):
+        r.fail(f"{what}: KEDA CRD schema: {e.message} (at {'/'.join(str(p) for p in e.path) or '.'})")
+
+
+def check_network_policies(m: Manifests, r: Result) -> None:
+    """Evaluates the NetworkPolicies of each render (scripts/deploy_checks/netpol.py) on its pods,
+    the NATS release's pods (the chart's labels) and pods that are not ours: what must get
+    through does, what must not does not."""
+    import netpol
+
+    ns = "chunkmill"
+    nats_labels = {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "my-nats", "app.kubernetes.io/component": "nats"}
+    nats = netpol.Pod("my-nats-0", ns, nats_labels, {"nats": 4222, "cluster": 6222, "monitor": 8222, "prom-metrics": 7777})
+    nats_box = netpol.Pod("my-nats-box", ns, {**nats_labels, "app.kubernetes.io/component": "nats-box"})
+    stranger = netpol.Pod("stranger", ns, {"app": "someone-else"})
+    prometheus = netpol.Pod("prometheus-0", "monitoring", {"app.kubernetes.io/name": "prometheus"})
+    dns = netpol.Pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53})
+    outside = netpol.External("the internet")
+    rendered_any = False
+    for rnd in m.app_renders():
+        policies = [o for o in rnd.objects if o.get("kind") == "NetworkPolicy"]
+        if not policies:
+            continue
+        rendered_any = True
+        pol = netpol.Policies(policies, ns)
+        pods = []
+        for o in rnd.objects:
+            ps = pod_spec(o)
+            if ps:
+                ports = {p["name"]: p["containerPort"] for c in ps.get("containers", []) for p in c.get("ports", []) if p.get("name")}
+                pods.append(netpol.Pod(o["metadata"]["name"], ns, pod_labels(o), ports))
+        jobs = [netpol.Pod(o["metadata"]["name"], ns, pod_labels(o)) for j in m.jobs for o in j.objects if o["kind"] == "Job"]
+        every = [*pods, *jobs, nats, nats_box, stranger, prometheus, dns]
+        for p in policies:
+            sel = (p.get("spec") or {}).get("podSelector")
+            if not any(netpol.selector_matches(sel, x.labels) for x in every if x.namespace == ns):
+                r.note(f"{rnd.name}: NetworkPolicy/{p['metadata']['name']} selects no pod in this render")
+        where = rnd.name
+        must = lambda ok, msg: ok or r.fail(f"{where}: {msg}")  # noqa: E731
+        for x in [*pods, *jobs]:
+            must(pol.selecting(x, "Ingress") and pol.selecting(x, "Egress"),
+                 f"{x.name} is not isolated (no policy with Ingress and Egress selects it): everything may reach it")
+            must(pol.can_reach(x, nats, 4222), f"{x.name} cannot reach NATS on 4222")
+            must(pol.can_reach(x, dns, 53, "UDP"), f"{x.name} cannot reach the cluster DNS (UDP 53)")
+            must(not pol.can_reach(x, outside, 443) or x.labels.get("app.kubernetes.io/name") == "broadcaster",
+                 f"{x.name} may connect to the internet on 443 (only broadcasters need it)")
+            must(not pol.can_reach(x, outside, 5432) or x.labels.get("app.kubernetes.io/name") == "saver",
+                 f"{x.name} may connect to port 5432 outside (only savers need PostgreSQL)")
+            if "metrics" in x.ports:
+                must(pol.can_reach(prometheus, x, "metrics"), f"Prometheus (namespace monitoring) cannot scrape {x.name}")
+                must(not pol.can_reach(stranger, x, "metrics"), f"a pod that is not ours can reach {x.name}'s metrics port")
+            name = x.labels.get("app.kubernetes.io/name")
+            if name == "saver":
+                must(pol.can_reach(x, outside, 5432), "the saver cannot reach PostgreSQL (5432)")
+            if name == "broadcaster":
+                must(pol.can_reach(x, outside, 443), "the broadcaster cannot reach the chat over HTTPS (443)")
+        must(pol.selecting(nats, "Ingress"), "no policy selects the NATS pods (labels of the my-nats release)")
+        must(not pol.can_reach(stranger, nats, 4222), "a pod that is not ours can reach NATS on 4222")
+        must(pol.can_reach(nats_box, nats, 4222), "nats-box cannot reach NATS on 4222")
+        must(pol.can_reach(nats, nats, 6222), "the NATS servers cannot reach each other's cluster port 6222")
+        must(not pol.can_reach(stranger, nats, 6222), "a pod that is not ours can reach NATS's cluster port 6222")
+        must(pol.can_reach(prometheus, nats, 7777), "Prometheus cannot scrape the NATS exporter (7777)")
+        r.note(f"{rnd.name}: {len(policies)} NetworkPolicies; {len(pods) + len(jobs)} chunkmill pods checked")
+    if not rendered_any:
+        r.fail("no render has NetworkPolicies (deploy/components/network-policy)")
+
+
+def check_fail_over(m: Manifests, r: Result) -> None:
+    """With the ledger in JetStream the fetcher has no volume of its own to wait for: it must leave
+    an unreachable node quickly (not after the default 300 s) and mount no ledger volume."""
+    for rnd in m.app_renders():
+        f = next((o for o in rnd.objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "fetcher"), None)
+        if not f:
+            continue
+        c = f["spec"]["template"]["spec"]["containers"][0]
+        if env_value(c, "FETCHER_LEDGER") != "kv":
+            continue
+        ps = f["spec"]["template"]["spec"]
+        tol = {t.get("key"): t.get("tolerationSeconds") for t in ps.get("tolerations") or []}
+        for key in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"):
+            if tol.get(key) is None or tol[key] > 60:
+                r.fail(f"{rnd.name}: the fetcher (--ledger kv) tolerates {key} for {tol.get(key) or 'the default 300'} s: "
+                       "set tolerationSeconds <= 60, its lock protects against a double fetcher")
+        if env_value(c, "FETCHER_STATE_DIR") or any("chunkmill-fetcher-state" in json.dumps(v) for v in ps.get("volumes") or []):
+            r.fail(f"{rnd.name}: the fetcher with --ledger kv still uses the state volume")
+        if any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "chunkmill-fetcher-state" for o in rnd.objects):
+            r.fail(f"{rnd.name}: --ledger kv but the PVC chunkmill-fetcher-state is still rendered")
+        r.note(f"{rnd.name}: fetcher with --ledger kv leaves a lost node after {max(tol.values())} s")
+
+
+def jetstream_replicas(rnd: Render, b: Binaries) -> dict[str, int]:
+    """The JetStream copies each service of a render asks for (only where it uses JetStream)."""
+    out = {}
+    for o in rnd.objects:
+        if o["kind"] != "Deployment":
+            continue
+        c = o["spec"]["template"]["spec"]["containers"][0]
+        name = o["metadata"]["name"]
+        cms = {x["metadata"]["name"]: x.get("data") or {} for x in rnd.objects if x["kind"] == "ConfigMap"}
+        env = {}
+        for e in c.get("envFrom") or []:
+            env.update(cms.get((e.get("configMapRef") or {}).get("name"), {}))
+        env.update({e["name"]: e.get("value") for e in c.get("env") or []})
+        for binary, setting, uses in (("fetcher", "FETCHER_KV_REPLICAS", env.get("FETCHER_LEDGER") == "kv"),
+                                      ("broadcaster", "BROADCASTER_JETSTREAM_REPLICAS", True)):
+            if name != binary or not uses:
+                continue
+            known = b.env_names(binary).get(setting)
+            if known is None:
+                raise RuntimeError(f"`{binary} --help` has no {setting}: rebuild the binaries")
+            out[setting] = int(env.get(setting) or known["default"])
+    return out
+
+
+def check_jetstream_copies(m: Manifests, b: Binaries, r: Result) -> None:
+    """JetStream keeps what it is asked to keep: fsync before every ack, and as many copies as the
+    NATS the render is meant for has servers (1 for values.yaml, config.cluster.replicas of
+    values-production.yaml for deploy/overlays/production)."""
+    import walkthrough
+
+    values = yaml.safe_load(open(DEPLOY / "nats" / "values.yaml"))
+    js = (values.get("config") or {}).get("jetstream") or {}
+    if str((js.get("merge") or {}).get("sync_interval")) != "always":
+        r.fail("deploy/nats/values.yaml: config.jetstream.merge.sync_interval must be `always`: JetStream's "
+               "default fsyncs every 2 minutes and can lose acknowledged writes on power loss")
+    if (values.get("config") or {}).get("cluster", {}).get("enabled"):
+        r.fail("deploy/nats/values.yaml: cluster.enabled belongs in values-production.yaml (values.yaml is the single server)")
+    prod_file = DEPLOY / "nats" / "values-production.yaml"
+    servers = 1
+    if not prod_file.exists():
+        r.fail("deploy/nats/values-production.yaml is missing: no NATS that survives a node loss")
+    else:
+        prod = walkthrough.merge(values, yaml.safe_load(open(prod_file)) or {})
+        cl = (prod.get("config") or {}).get("cluster") or {}
+        servers = int(cl.get("replicas") or 0) if cl.get("enabled") else 1
+        if servers < 3 or servers % 2 == 0:
+            r.fail(f"{rel(prod_file)}: {servers} NATS servers: JetStream needs an odd number, at least 3, to survive a loss")
+        spread = ((prod.get("podTemplate") or {}).get("topologySpreadConstraints") or {})
+        if "kubernetes.io/hostname" not in spread:
+            r.fail(f"{rel(prod_file)}: no topologySpreadConstraints on kubernetes.io/hostname: two servers "
+                   "on one node lose two copies at once")
+    for rnd in m.app_renders():
+        asked = jetstream_replicas(rnd, b)
+        want = servers if rnd.name == "deploy/overlays/production" else 1
+        for setting, n in asked.items():
+            if n != want:
+                r.fail(f"{rnd.name}: {setting}={n}, but the NATS it is meant for has {want} server(s) "
+                       f"({'values-production.yaml' if want > 1 else 'values.yaml'})")
+        if rnd.name == "deploy/overlays/production" and not asked:
+            r.fail(f"{rnd.name}: uses no JetStream (no --ledger kv, no broadcaster): nothing to keep 3 copies of")
+        if asked:
+            r.note(f"{rnd.name}: {', '.join(f'{k}={v}' for k, v in asked.items())} for {want} NATS server(s)")
+
+
+def check_walkthrough(m: Manifests, r: Result) -> None:
+    import walkthrough
+
+    n = walkthrough.walk(ROOT, m.render_dir, r.fail)
+    r.note(f"deploy/README.md: {n} commands of the walk-through run against an empty namespace")
+
+
+def check_compose_profiles(r: Result) -> None:
+    """The optional services of compose.yaml agree with each other: the PostgreSQL saver's URL
+    names the `postgres` service, its user and database; the broadcaster has a JetStream."""
+    compose = yaml.safe_load(open(ROOT / "compose.yaml"))
+    svc = compose["services"]
+    env = lambda s: {k: interpolate_compose(str(v)) for k, v in (svc.get(s, {}).get("environment") or {}).items()}  # noqa: E731
+    for name, s in svc.items():
+        for p in s.get("profiles") or []:
+            r.note(f"compose.yaml: service {name} in profile {p}")
+    pg_savers = [n for n in svc if env(n).get("SAVER_SINK", "").startswith("postgres")]
+    if "postgres" in svc:
+        if not pg_savers:
+            r.fail("compose.yaml: a postgres service but no saver with SAVER_SINK=postgres://...")
+        db = env("postgres")
+        for n in pg_savers + [x for x in svc if "--sink" in (svc[x].get("command") or [])]:
+            url = env(n).get("SAVER_SINK") or flag([interpolate_compose(a) for a in svc[n]["command"]], "--sink") or ""
+            um = re.match(r"^postgres(?:ql)?://([^@:/]+)@([^:/]+)(?::(\d+))?/([^?]+)", url)
+            if not um:
+                r.fail(f"compose.yaml: service {n}: SAVER_SINK {url!r} is not postgres://USER@HOST:PORT/DB")
+                continue
+            user, host, _, dbname = um.groups()
+            if host != "postgres":
+                r.fail(f"compose.yaml: service {n}: SAVER_SINK host {host} is not the `postgres` service")
+            if user != db.get("POSTGRES_USER", "postgres") or dbname != db.get("POSTGRES_DB", db.get("POSTGRES_USER", "postgres")):
+                r.fail(f"compose.yaml: service {n}: SAVER_SINK user/database {user}/{dbname} != the postgres "
+                       f"service's POSTGRES_USER/POSTGRES_DB {db.get('POSTGRES_USER')}/{db.get('POSTGRES_DB')}")
+            if set(svc[n].get("profiles") or []) - set(svc["postgres"].get("profiles") or []):
+                r.fail(f"compose.yaml: service {n} runs in a profile without the postgres service")
+            if "postgres" not in (svc[n].get("depends_on") or {}):
+                r.fail(f"compose.yaml: service {n} does not depend on postgres")
+    for n in svc:
+        cmd = svc[n].get("command") or []
+        if cmd[:1] == ["broadcaster"] and "-js" not in (svc.get("nats", {}).get("command") or []):
+            r.fail(f"compose.yaml: service {n} needs JetStream: run nats with -js")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1002,14 +1409,26 @@ def main() -> int:
     r3b = Result("3b", "ports: probes and Service targetPorts hit the container port `metrics`")
     r3b_m = Result("3b'", "ports: `metrics` = the port the binary serves (--metrics-addr default), EXPOSE, compose")
     run(r3b, check_ports, m, b, r3b, r3b_m, companions=(r3b_m,))
-    r3c = Result("3c", "images: every image is the one the Dockerfile builds, tagged with the binaries' version")
+    r3c = Result("3c", "images: the Dockerfile's image; no re-pushable tag with IfNotPresent; base images pinned by digest")
     run(r3c, check_images, m, b, r3c)
     r3d = Result("3d", "args: container args and compose commands parse with the binaries' own CLI parser")
     run(r3d, check_args, m, b, r3d)
     r3e = Result("3e", "settings: jobs agree with services; one fetcher; grace periods; threads = CPU limit; policy; secrets")
     run(r3e, check_settings, m, b, r3e)
-    r3f = Result("3f", "nats: deploy/nats/values.yaml keys exist in the NATS chart; JetStream and exporter on")
+    r3f = Result("3f", "nats: deploy/nats/values*.yaml keys exist in the NATS chart; JetStream and exporter on")
     run(r3f, check_nats_values, m, r3f)
+    r3g = Result("3g", "jetstream: fsync before ack; as many copies as the NATS has servers (values vs overlays)")
+    run(r3g, check_jetstream_copies, m, b, r3g)
+    r3h = Result("3h", "autoscaling: no replicas under an autoscaler, one per Deployment, reachable targets, KEDA query")
+    run(r3h, check_autoscalers, m, r3h)
+    r3i = Result("3i", "network: the NetworkPolicies let through what must and nothing else")
+    run(r3i, check_network_policies, m, r3i)
+    r3j = Result("3j", "fail-over: a fetcher with --ledger kv leaves a lost node quickly, without a state volume")
+    run(r3j, check_fail_over, m, r3j)
+    r3k = Result("3k", "walk-through: deploy/README.md's commands in order, each finding what it needs")
+    run(r3k, check_walkthrough, m, r3k)
+    r3l = Result("3l", "compose: the optional profiles (broadcaster, postgres) agree with each other")
+    run(r3l, check_compose_profiles, r3l)
     r4 = Result("4", "hadolint: Dockerfile passes, every ignored rule explained")
     run(r4, check_hadolint, r4)
 
