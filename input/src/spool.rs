@@ -97,11 +97,7 @@ pub(crate) struct Tee<R> {
 }
 
 impl<R: Read> Tee<R> {
-    pub(crate) fn new(
-        inner: R,
-        writer: SpoolWriter,
-        on_error: Box<dyn Fn(&Path, io::Error) -> io::Error + Send>,
-    ) -> Self {
+    pub(crate) fn new(inner: R, writer: SpoolWriter, on_error: OnSpoolError) -> Self {
         Tee { inner, writer: Some(writer), on_error }
     }
 }
