@@ -1,12 +1,21 @@
 //! Reading the input data set: JSON Lines (one object per line) or a single JSON array, detected
-//! from the first byte. [`scan`] streams the file once, validates every record (naming file and
-//! line when one is bad), and returns an index of chunks as byte ranges, so nobody ever holds the
-//! whole data set in memory. [`ChunkReader`] re-reads one chunk's records from those ranges.
+//! from the first byte of each object. [`scan_source`] streams every object of an
+//! [`ObjectSource`] once, in order, validates every record (naming object and line when one is
+//! bad), and returns an index of chunks as byte ranges within their object (a chunk never spans
+//! two objects), so nobody ever holds the whole data set in memory. [`ChunkReader`] re-reads one
+//! chunk's records from its range (one ranged read).
+//!
+//! Where the bytes come from is the [`ObjectSource`]'s business: the `input` crate's `Source`
+//! (object stores, HTTP, globs, compressed files) for the fetcher and `saver verify`, or
+//! [`LocalFile`] (one plain file, what [`scan`] reads). So this module needs no store client,
+//! and the mappers, which share `common`, never link one.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::IgnoredAny;
 use sha2::{Digest, Sha256};
@@ -44,6 +53,119 @@ fn check_record(bytes: &[u8], options: &ScanOptions<'_>) -> Result<(), String> {
     }
 }
 
+/// Why an [`ObjectSource`] could not read a range, as far as the fetcher acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadErrorKind {
+    /// The object is no longer the version that was scanned: none of its chunks may be handed
+    /// out any more (a run never mixes two versions of its input).
+    Changed,
+    /// The store stayed unreachable after its retries: try again later.
+    Unavailable,
+    /// Anything else (the chunk cannot be read).
+    Other,
+}
+
+/// A failed read of an object, its message naming the object and what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ReadError {
+    /// What kind of failure.
+    pub kind: ReadErrorKind,
+    /// The whole message.
+    pub message: String,
+}
+
+/// What identifies one object of the input in the run id, besides its bytes (see
+/// [`ObjectSource::identity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectIdentity {
+    /// Its name within the input: the key of a stored object (`BUCKET/KEY`), the path of a local
+    /// file relative to its glob's directory.
+    pub key: String,
+    /// Its stored size in bytes.
+    pub size: u64,
+    /// Its version as the store gives it (ETag, version id), if any.
+    pub version: Option<String>,
+}
+
+/// The input's objects, in run order: what the scan streams and chunks are read back from.
+pub trait ObjectSource: Send + Sync + std::fmt::Debug {
+    /// How many objects.
+    fn count(&self) -> usize;
+    /// Object `object`'s name in messages (a path, `s3://BUCKET/KEY`, a URL).
+    fn name(&self, object: usize) -> String;
+    /// What identifies it in the run id besides its bytes.
+    fn identity(&self, object: usize) -> ObjectIdentity;
+    /// Whether the input is one plain (uncompressed) local file: its run id is then made from its
+    /// bytes alone, as before inputs could be many objects (§8.2 of docs/PROTOCOL.md).
+    fn is_single_file(&self) -> bool;
+    /// Streams the object's (decompressed) bytes from the start, for the scan.
+    fn open(&self, object: usize) -> Result<Box<dyn Read + Send + '_>, ReadError>;
+    /// Reads `range` of the object's (decompressed) bytes: one ranged read, checked against the
+    /// version that was scanned.
+    fn read_range(&self, object: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError>;
+}
+
+/// One plain local file as an [`ObjectSource`] (what [`scan`] reads; tests and tools).
+#[derive(Debug)]
+pub struct LocalFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl LocalFile {
+    /// Opens `path`.
+    pub fn open(path: &Path) -> Result<Self, InputError> {
+        let io_err = |source| InputError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io_err)?;
+        let size = file.metadata().map_err(io_err)?.len();
+        Ok(LocalFile { path: path.to_path_buf(), file, size })
+    }
+}
+
+impl ObjectSource for LocalFile {
+    fn count(&self) -> usize {
+        1
+    }
+
+    fn name(&self, _: usize) -> String {
+        self.path.display().to_string()
+    }
+
+    fn identity(&self, _: usize) -> ObjectIdentity {
+        let key = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        ObjectIdentity { key, size: self.size, version: None }
+    }
+
+    fn is_single_file(&self) -> bool {
+        true
+    }
+
+    fn open(&self, _: usize) -> Result<Box<dyn Read + Send + '_>, ReadError> {
+        let file = self.file.try_clone().map_err(|e| ReadError {
+            kind: ReadErrorKind::Other,
+            message: format!("cannot read input file {}: {e}; check the path and its permissions", self.path.display()),
+        })?;
+        // A clone shares the file offset: start from the beginning whatever read it before.
+        let mut file = file;
+        io::Seek::rewind(&mut file).map_err(|e| ReadError {
+            kind: ReadErrorKind::Other,
+            message: format!("cannot read input file {}: {e}", self.path.display()),
+        })?;
+        Ok(Box::new(file))
+    }
+
+    fn read_range(&self, _: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
+        let mut raw = vec![0u8; (range.end - range.start) as usize];
+        self.file.read_exact_at(&mut raw, range.start).map_err(|e| ReadError {
+            kind: ReadErrorKind::Other,
+            message: format!("cannot read input file {}: {e}; check the path and its permissions", self.path.display()),
+        })?;
+        Ok(raw)
+    }
+}
+
 /// How the input file is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputFormat {
@@ -53,11 +175,13 @@ pub enum InputFormat {
     JsonArray,
 }
 
-/// One chunk: a byte range of the input holding `objects` valid records (and maybe some bad
-/// records, which are skipped when the chunk is read).
+/// One chunk: a byte range of one input object holding `objects` valid records (and maybe some
+/// bad records, which are skipped when the chunk is read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkSpan {
-    /// Byte offset of the chunk's first record.
+    /// The input object it is in (its index in the source's order).
+    pub object: u32,
+    /// Byte offset of the chunk's first record within its object (decompressed).
     pub offset: u64,
     /// Bytes up to the end of its last record.
     pub len: u64,
@@ -70,20 +194,37 @@ pub struct ChunkSpan {
 /// A record that cannot be processed, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRecord {
-    /// 1-based line where the record starts.
+    /// The input object it is in.
+    pub object: u32,
+    /// 1-based line where the record starts, within its object.
     pub line: u64,
-    /// Byte offset where the record starts.
+    /// Byte offset where the record starts, within its object.
     pub offset: u64,
     /// What is wrong with it.
     pub error: String,
 }
 
-/// The result of scanning an input file.
+/// What the scan found in one input object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScannedObject {
+    /// Its name (a path, `s3://BUCKET/KEY`).
+    pub name: String,
+    /// Its layout.
+    pub format: InputFormat,
+    /// Whether it starts with a UTF-8 byte-order mark (skipped).
+    pub bom: bool,
+    /// Its (decompressed) length in bytes.
+    pub len: u64,
+}
+
+/// The result of scanning an input.
 #[derive(Debug, Clone)]
 pub struct InputIndex {
-    /// The file.
-    pub path: PathBuf,
-    /// Its layout.
+    /// The input as given (`--input`).
+    pub input: String,
+    /// Its objects, in run order, as scanned.
+    pub parts: Vec<ScannedObject>,
+    /// The first object's layout.
     pub format: InputFormat,
     /// The chunk size used.
     pub chunk_size: u32,
@@ -93,12 +234,27 @@ pub struct InputIndex {
     pub objects: u64,
     /// Invalid records, in input order.
     pub bad: Vec<BadRecord>,
-    /// Whether the file starts with a UTF-8 byte-order mark (tolerated and skipped).
+    /// Whether an object starts with a UTF-8 byte-order mark (tolerated and skipped).
     pub bom: bool,
     /// Identifies this content chunked this way by this job (see [`run_id`]).
     pub run_id: String,
-    /// SHA-256 of the whole input, hex: the input's identity apart from the job.
+    /// The input's identity apart from the job, hex: SHA-256 of a single file's bytes, or of
+    /// every object's identity and bytes, in order (§8.2 of docs/PROTOCOL.md).
     pub content: String,
+    /// Where the bytes come from, to read chunks back.
+    pub source: Arc<dyn ObjectSource>,
+}
+
+impl InputIndex {
+    /// Where a bad record is, for people: `line N` for a single object, `OBJECT line N` else.
+    pub fn locate(&self, bad: &BadRecord) -> String {
+        if self.parts.len() <= 1 {
+            format!("line {}", bad.line)
+        } else {
+            let name = self.parts.get(bad.object as usize).map_or("?", |p| p.name.as_str());
+            format!("{name} line {}", bad.line)
+        }
+    }
 }
 
 /// Why an input file cannot be read at all.
@@ -115,6 +271,9 @@ pub enum InputError {
     /// The file holds no data.
     #[error("input file {0} is empty: generate data with `fetcher generate --objects N --output FILE`")]
     Empty(PathBuf),
+    /// An input object cannot be read (the message names it and what to do).
+    #[error("{0}")]
+    Read(ReadError),
     /// The file's structure is broken past recovery (for an array: a syntax error).
     #[error("input file {path}, line {line}: {message}")]
     Syntax {
@@ -155,6 +314,24 @@ pub fn run_id(content_hash: &[u8; 32], chunk_size: u32, job: &str, skipped: &[u6
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// [`run_id`] for an input of several objects (or a compressed or remote one), whose skipped
+/// records are named by (object index, offset within it): each enters as a u32 and a u64,
+/// little-endian, in increasing order.
+pub fn run_id_of_objects(content_hash: &[u8; 32], chunk_size: u32, job: &str, skipped: &[(u32, u64)]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(content_hash);
+    hasher.update(chunk_size.to_le_bytes());
+    hasher.update(job.as_bytes());
+    let mut skipped = skipped.to_vec();
+    skipped.sort_unstable();
+    for (object, offset) in skipped {
+        hasher.update(object.to_le_bytes());
+        hasher.update(offset.to_le_bytes());
+    }
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 fn is_ws(b: u8) -> bool {
@@ -163,6 +340,11 @@ fn is_ws(b: u8) -> bool {
 
 struct ChunkBuilder<'a> {
     chunk_size: u32,
+    /// The object being scanned.
+    object: u32,
+    /// Where it starts in the whole input (the objects one after the other): the duplicate
+    /// check names records by this global offset, unique across objects.
+    base: u64,
     chunks: Vec<ChunkSpan>,
     current: Option<ChunkSpan>,
     objects: u64,
@@ -209,8 +391,8 @@ impl ChunkBuilder<'_> {
             Err(error) => return Ok(Err(error)),
         };
         let first = match (self.known, hash) {
-            (Some(known), _) => known.get(&offset).copied(),
-            (None, Some(hash)) => self.dups.insert(hash, offset, line)?,
+            (Some(known), _) => known.get(&(self.base + offset)).copied(),
+            (None, Some(hash)) => self.dups.insert(hash, self.base + offset, line)?,
             (None, None) => None,
         };
         if let Some(first) = first {
@@ -223,12 +405,21 @@ impl ChunkBuilder<'_> {
 
     fn push(&mut self, offset: u64, len: u64, line: u64) {
         self.objects += 1;
-        let span = self.current.get_or_insert(ChunkSpan { offset, len: 0, objects: 0, first_line: line });
+        let object = self.object;
+        let span = self.current.get_or_insert(ChunkSpan { object, offset, len: 0, objects: 0, first_line: line });
         span.len = offset + len - span.offset;
         span.objects += 1;
         if span.objects == self.chunk_size {
             self.chunks.extend(self.current.take());
         }
+    }
+
+    /// Ends the current object, `len` bytes long: its last chunk is cut there (a chunk never
+    /// spans objects).
+    fn end_object(&mut self, len: u64) {
+        self.chunks.extend(self.current.take());
+        self.object += 1;
+        self.base += len;
     }
 
     fn finish(mut self) -> Result<(Vec<ChunkSpan>, u64, Option<crate::dups::Known>), InputError> {
@@ -241,28 +432,56 @@ impl ChunkBuilder<'_> {
 /// The duplicate check's memory budget when the caller sets none.
 pub const DEFAULT_DUP_MEMORY: usize = 64 << 20;
 
-/// Scans `path` once with `options`: detects the format, validates every record (strict JSON,
-/// the job's check, duplicate ids), and cuts chunks of `chunk_size` valid records.
+/// Scans the one file `path` once with `options` (see [`scan_source`]).
+pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<InputIndex, InputError> {
+    let source = Arc::new(LocalFile::open(path)?);
+    scan_source(source, &path.display().to_string(), chunk_size, options)
+}
+
+/// An I/O error while an object is streamed: the [`ReadError`] an [`ObjectSource`]'s reader
+/// carries (a changed object, a store that stayed down), or a plain read error of `path`.
+fn io_failure(path: &Path, source: io::Error) -> InputError {
+    match source.get_ref().and_then(|inner| inner.downcast_ref::<ReadError>()) {
+        Some(read) => InputError::Read(read.clone()),
+        None => InputError::Io { path: path.to_path_buf(), source },
+    }
+}
+
+/// Writes `bytes` to `hasher` prefixed by their length (so that fields cannot run together).
+fn put_field(hasher: &mut Sha256, bytes: &[u8]) {
+    hasher.update((bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+/// Scans every object of `source` once, in order, with `options`: detects each object's
+/// format, validates every record (strict JSON, the job's check, duplicate ids across the whole
+/// input), and cuts chunks of `chunk_size` valid records, never across two objects. `input` is
+/// the input as given, for messages and the run record.
 ///
-/// When the duplicate check spilled to disk and found duplicates only at the end, the file is
+/// When the duplicate check spilled to disk and found duplicates only at the end, the input is
 /// scanned a second time with them known, so that the chunks are cut exactly as a scan that
 /// knew them at once would cut them (the same run, whatever the memory budget).
-pub fn scan(path: &Path, chunk_size: u32, options: &ScanOptions<'_>) -> Result<InputIndex, InputError> {
-    match scan_pass(path, chunk_size, options, None)? {
+pub fn scan_source(
+    source: Arc<dyn ObjectSource>,
+    input: &str,
+    chunk_size: u32,
+    options: &ScanOptions<'_>,
+) -> Result<InputIndex, InputError> {
+    match scan_pass(&source, input, chunk_size, options, None)? {
         (index, None) => Ok(index),
         (_, Some(known)) => {
             tracing::info!(
-                "input {}: {} duplicate ids found after the scan (the check spilled to disk); scanning again to cut chunks around them",
-                path.display(),
+                "input {input}: {} duplicate ids found after the scan (the check spilled to disk); scanning again to cut chunks around them",
                 known.len()
             );
-            Ok(scan_pass(path, chunk_size, options, Some(&known))?.0)
+            Ok(scan_pass(&source, input, chunk_size, options, Some(&known))?.0)
         }
     }
 }
 
 fn scan_pass(
-    path: &Path,
+    source: &Arc<dyn ObjectSource>,
+    input: &str,
     chunk_size: u32,
     options: &ScanOptions<'_>,
     known: Option<&crate::dups::Known>,
@@ -270,21 +489,12 @@ fn scan_pass(
     if chunk_size == 0 {
         return Err(InputError::ChunkSize);
     }
-    let io_err = |source| InputError::Io { path: path.to_path_buf(), source };
-    let file = File::open(path).map_err(io_err)?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let head = reader.fill_buf().map_err(io_err)?;
-    let bom = head.starts_with(BOM);
-    let first = head.iter().skip(if bom { BOM.len() } else { 0 }).find(|b| !is_ws(**b)).copied();
-    let format = match first {
-        None if head.is_empty() || head.iter().all(|b| is_ws(*b)) => return Err(InputError::Empty(path.to_path_buf())),
-        Some(b'[') => InputFormat::JsonArray,
-        _ => InputFormat::JsonLines,
-    };
     let budget = if options.dup_memory == 0 { DEFAULT_DUP_MEMORY } else { options.dup_memory };
     let spill_dir = options.spill_dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
     let mut builder = ChunkBuilder {
         chunk_size,
+        object: 0,
+        base: 0,
         chunks: Vec::new(),
         current: None,
         objects: 0,
@@ -293,27 +503,68 @@ fn scan_pass(
         options: *options,
     };
     let mut bad = Vec::new();
-    let mut hasher = Sha256::new();
-    match format {
-        InputFormat::JsonLines => scan_lines(path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
-        InputFormat::JsonArray => scan_array(path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
+    let mut parts = Vec::with_capacity(source.count());
+    let single = source.is_single_file() && source.count() == 1;
+    let mut single_content = None;
+    let mut input_hasher = Sha256::new();
+    input_hasher.update(b"chunkmill input v2\n");
+    input_hasher.update((source.count() as u64).to_le_bytes());
+    for object in 0..source.count() {
+        let name = source.name(object);
+        let path = PathBuf::from(&name);
+        let reader = source.open(object).map_err(InputError::Read)?;
+        let mut reader = BufReader::with_capacity(1 << 20, reader);
+        let head = reader.fill_buf().map_err(|e| io_failure(&path, e))?;
+        let bom = head.starts_with(BOM);
+        let first = head.iter().skip(if bom { BOM.len() } else { 0 }).find(|b| !is_ws(**b)).copied();
+        let format = match first {
+            Some(b'[') => InputFormat::JsonArray,
+            _ => InputFormat::JsonLines,
+        };
+        let mut hasher = Sha256::new();
+        let len = match format {
+            InputFormat::JsonLines => scan_lines(&path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
+            InputFormat::JsonArray => scan_array(&path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
+        };
+        builder.end_object(len);
+        let digest: [u8; 32] = hasher.finalize().into();
+        if single {
+            single_content = Some(digest);
+        } else {
+            let identity = source.identity(object);
+            put_field(&mut input_hasher, identity.key.as_bytes());
+            input_hasher.update(identity.size.to_le_bytes());
+            put_field(&mut input_hasher, identity.version.as_deref().unwrap_or("").as_bytes());
+            input_hasher.update(len.to_le_bytes());
+            input_hasher.update(digest);
+        }
+        parts.push(ScannedObject { name, format, bom, len });
     }
     let (chunks, objects, late) = builder.finish()?;
     if objects == 0 && bad.is_empty() {
-        return Err(InputError::Empty(path.to_path_buf()));
+        return Err(InputError::Empty(PathBuf::from(input)));
     }
-    let content_hash: [u8; 32] = hasher.finalize().into();
-    let skipped: Vec<u64> = bad.iter().map(|b| b.offset).collect();
+    // A single file: its bytes' SHA-256, as before inputs could be many objects (its runs resume).
+    let content_hash: [u8; 32] = single_content.unwrap_or_else(|| input_hasher.finalize().into());
+    let run = if single {
+        let skipped: Vec<u64> = bad.iter().map(|b| b.offset).collect();
+        run_id(&content_hash, chunk_size, options.job, &skipped)
+    } else {
+        let skipped: Vec<(u32, u64)> = bad.iter().map(|b| (b.object, b.offset)).collect();
+        run_id_of_objects(&content_hash, chunk_size, options.job, &skipped)
+    };
     let index = InputIndex {
-        path: path.to_path_buf(),
-        format,
+        input: input.to_string(),
+        format: parts.first().map_or(InputFormat::JsonLines, |p| p.format),
+        bom: parts.iter().any(|p| p.bom),
+        parts,
         chunk_size,
         chunks,
         objects,
         bad,
-        bom,
-        run_id: run_id(&content_hash, chunk_size, options.job, &skipped),
+        run_id: run,
         content: content_hash.iter().map(|b| format!("{b:02x}")).collect(),
+        source: Arc::clone(source),
     };
     Ok((index, late))
 }
@@ -359,7 +610,7 @@ fn scan_lines(
     builder: &mut ChunkBuilder<'_>,
     bad: &mut Vec<BadRecord>,
     hasher: &mut Sha256,
-) -> Result<(), InputError> {
+) -> Result<u64, InputError> {
     use rayon::prelude::*;
     let mut buf: Vec<u8> = Vec::with_capacity(BLOCK);
     let mut base = 0u64;
@@ -377,11 +628,11 @@ fn scan_lines(
                     eof = n == 0;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(old),
-                Err(source) => return Err(InputError::Io { path: path.to_path_buf(), source }),
+                Err(source) => return Err(io_failure(path, source)),
             }
         }
         if buf.is_empty() {
-            return Ok(());
+            return Ok(base);
         }
         // The block ends after its last newline; the rest waits for the next read. A line
         // longer than the block makes the block grow until the line fits.
@@ -423,7 +674,7 @@ fn scan_lines(
                 } else {
                     error
                 };
-                bad.push(BadRecord { line: number, offset, error });
+                bad.push(BadRecord { object: builder.object, line: number, offset, error });
             }
         }
         buf.drain(..cut);
@@ -470,7 +721,7 @@ impl<R: Read> ArrayWalker<'_, R> {
             match self.reader.read(&mut self.buf[old..]) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(InputError::Io { path: self.path.to_path_buf(), source }),
+                Err(source) => return Err(io_failure(self.path, source)),
             }
         };
         self.buf.truncate(old + n);
@@ -529,12 +780,12 @@ impl<R: Read> ArrayWalker<'_, R> {
 
 fn scan_array(
     path: &Path,
-    reader: BufReader<File>,
+    reader: impl Read,
     bom: bool,
     builder: &mut ChunkBuilder<'_>,
     bad: &mut Vec<BadRecord>,
     hasher: &mut Sha256,
-) -> Result<(), InputError> {
+) -> Result<u64, InputError> {
     let mut walker = ArrayWalker { path, reader, buf: Vec::new(), pos: 0, base: 0, line: 1, eof: false };
     walker.fill(hasher)?;
     if bom {
@@ -554,7 +805,7 @@ fn scan_array(
             let record = &walker.buf[range];
             let verdict = verdict(record, &builder.options, builder.dup_check());
             if let Err(error) = builder.admit(record, verdict, offset, line)? {
-                bad.push(BadRecord { line, offset, error });
+                bad.push(BadRecord { object: builder.object, line, offset, error });
             }
             walker.advance(len);
             match walker.peek(hasher)? {
@@ -574,7 +825,7 @@ fn scan_array(
         }
     }
     match walker.peek(hasher)? {
-        None => Ok(()),
+        None => Ok(walker.base + walker.buf.len() as u64),
         Some(_) => Err(walker.syntax(walker.line, "unexpected data after the closing `]`")),
     }
 }
@@ -614,20 +865,20 @@ fn split_array_elements(bytes: &[u8]) -> Result<Vec<std::ops::Range<usize>>, Str
 /// Re-reads chunks from the input file by their byte ranges.
 #[derive(Debug)]
 pub struct ChunkReader {
-    file: File,
-    path: PathBuf,
-    format: InputFormat,
-    /// Offsets of bad records, sorted: skipped when a chunk is read.
-    bad_offsets: Vec<u64>,
+    source: Arc<dyn ObjectSource>,
+    /// Each object's name (for messages) and layout.
+    parts: Vec<(PathBuf, InputFormat)>,
+    /// (object, offset) of bad records, sorted: skipped when a chunk is read.
+    bad_offsets: Vec<(u32, u64)>,
 }
 
 impl ChunkReader {
-    /// Opens the file an index was made from.
+    /// A reader of the chunks of the input an index was made from (from its source).
     pub fn open(index: &InputIndex) -> Result<Self, InputError> {
-        let file = File::open(&index.path).map_err(|source| InputError::Io { path: index.path.clone(), source })?;
-        let mut bad_offsets: Vec<u64> = index.bad.iter().map(|b| b.offset).collect();
+        let mut bad_offsets: Vec<(u32, u64)> = index.bad.iter().map(|b| (b.object, b.offset)).collect();
         bad_offsets.sort_unstable();
-        Ok(ChunkReader { file, path: index.path.clone(), format: index.format, bad_offsets })
+        let parts = index.parts.iter().map(|p| (PathBuf::from(&p.name), p.format)).collect();
+        Ok(ChunkReader { source: Arc::clone(&index.source), parts, bad_offsets })
     }
 
     /// The chunk's valid records, joined with commas (the body of a JSON array, as the fetcher
@@ -656,11 +907,24 @@ impl ChunkReader {
 
     /// Appends the chunk's records, comma-separated, to `out`; returns each record's line.
     fn read_into(&self, span: &ChunkSpan, out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
-        let mut raw = vec![0u8; span.len as usize];
-        self.file
-            .read_exact_at(&mut raw, span.offset)
-            .map_err(|source| InputError::Io { path: self.path.clone(), source })?;
-        let ranges: Vec<std::ops::Range<usize>> = match self.format {
+        let Some((path, format)) = self.parts.get(span.object as usize) else {
+            return Err(InputError::Read(ReadError {
+                kind: ReadErrorKind::Other,
+                message: format!("chunk of object #{} asked of an input of {} objects", span.object, self.parts.len()),
+            }));
+        };
+        let raw = self
+            .source
+            .read_range(span.object as usize, span.offset..span.offset + span.len)
+            .map_err(InputError::Read)?;
+        if raw.len() as u64 != span.len {
+            return Err(InputError::Syntax {
+                path: path.clone(),
+                line: span.first_line,
+                message: format!("the input changed since it was scanned: {} bytes read of {}", raw.len(), span.len),
+            });
+        }
+        let ranges: Vec<std::ops::Range<usize>> = match format {
             InputFormat::JsonLines => {
                 let mut ranges = Vec::with_capacity(span.objects as usize);
                 let mut start = 0;
@@ -674,7 +938,7 @@ impl ChunkReader {
                 ranges
             }
             InputFormat::JsonArray => split_array_elements(&raw).map_err(|message| InputError::Syntax {
-                path: self.path.clone(),
+                path: path.clone(),
                 line: span.first_line,
                 message: format!("the file changed since it was scanned: {message}"),
             })?,
@@ -686,7 +950,7 @@ impl ChunkReader {
             let offset = span.offset + range.start as u64;
             line += raw[counted..range.start].iter().filter(|b| **b == b'\n').count() as u64;
             counted = range.start;
-            if self.bad_offsets.binary_search(&offset).is_ok() {
+            if self.bad_offsets.binary_search(&(span.object, offset)).is_ok() {
                 continue;
             }
             lines.push(line);
@@ -694,7 +958,7 @@ impl ChunkReader {
             // and must not reach a mapper (it could not decode the chunk at all).
             if let Err(e) = std::str::from_utf8(&raw[range.clone()]) {
                 return Err(InputError::Syntax {
-                    path: self.path.clone(),
+                    path: path.clone(),
                     line: span.first_line,
                     message: format!(
                         "the file changed since it was scanned: invalid UTF-8 at byte {}",
@@ -710,7 +974,7 @@ impl ChunkReader {
         }
         if taken != span.objects {
             return Err(InputError::Syntax {
-                path: self.path.clone(),
+                path: path.clone(),
                 line: span.first_line,
                 message: format!(
                     "the file changed since it was scanned: expected {} records in this chunk, found {taken}",

@@ -90,7 +90,11 @@ pub enum Events {
 /// Settings of a pipeline run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Input data: JSON Lines, or one JSON array.
+    /// Input data (JSON Lines, or one JSON array, per file): a file, a quoted glob
+    /// ('data/part-*.jsonl'), s3://BUCKET/KEY, s3://BUCKET/PREFIX/ (every object under it, in key
+    /// order), gs://, az://, https://HOST/PATH; .gz and .zst are decompressed (spooled once to
+    /// STATE_DIR/spool). Store credentials come from the store's standard variables (AWS_*,
+    /// GOOGLE_*, AZURE_*, each secret also as NAME_FILE).
     #[arg(long, env = "FETCHER_INPUT", required = true)]
     pub input: Option<PathBuf>,
 

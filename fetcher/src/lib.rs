@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod poison;
 pub mod progress;
+pub mod scan;
 pub mod server;
 pub mod store;
 
@@ -36,13 +37,33 @@ use store::{FileStore, KvStore, LedgerStore, OtherRun, RunRecord};
 #[derive(Debug, thiserror::Error)]
 pub enum FetcherError {
     /// No `--input`.
-    #[error("no input file: pass --input FILE or set FETCHER_INPUT")]
+    #[error("no input: pass --input FILE (or a glob, s3://BUCKET/KEY, s3://BUCKET/PREFIX/, gs://, az://, https://) or set FETCHER_INPUT")]
     NoInput,
     /// The input cannot be read.
     #[error(transparent)]
     Input(#[from] InputError),
+    /// The input cannot be found, listed or opened (a missing object, refused credentials).
+    #[error(transparent)]
+    Source(#[from] input::SourceError),
+    /// An input object changed during the run: its chunks were no longer handed out.
+    #[error("{0}")]
+    InputChanged(String),
+    /// The state holds an unfinished run of this input whose objects have changed since.
+    #[error("the input {input} changed since run {run} was started on it ({finished} of {chunks} chunks done): a run never mixes two versions of its input. Restore the input to resume run {run}, or pass --new-run to start run {new} on the new version")]
+    ChangedInput {
+        /// The input as given.
+        input: String,
+        /// The unfinished run.
+        run: String,
+        /// Its progress.
+        finished: u64,
+        /// Its chunks.
+        chunks: u64,
+        /// The run the input makes now.
+        new: String,
+    },
     /// Invalid records under `--bad-records fail`.
-    #[error("input file {path} has {count} invalid record(s):\n{listing}\nfix them, or pass --bad-records skip to process the rest (the skipped ones are logged with their lines)")]
+    #[error("input {path} has {count} invalid record(s):\n{listing}\nfix them, or pass --bad-records skip to process the rest (the skipped ones are logged with their lines)")]
     BadRecords {
         /// The input file.
         path: String,
@@ -163,18 +184,37 @@ pub fn load_job(config: &Config) -> Result<(Job, Option<std::sync::Arc<dyn Trans
     Ok((job, built))
 }
 
-/// Scans the input under `job` and applies the bad-records policy.
+/// Opens the input (see [`scan::open`]) and scans it under `job`, reporting progress into
+/// `metrics`; applies the bad-records policy.
 pub async fn load_input(
     config: &Config,
     job: &Job,
     transform: Option<std::sync::Arc<dyn Transform>>,
+    metrics: &scan::InputMetrics,
 ) -> Result<InputIndex, FetcherError> {
-    let path = config.input.clone().ok_or(FetcherError::NoInput)?;
+    let input = config.input.clone().ok_or(FetcherError::NoInput)?.display().to_string();
+    let state_dir = config.state_dir.clone();
+    let opened = metrics.clone();
+    let opened_input = input.clone();
+    let source = tokio::task::spawn_blocking(move || scan::open(&opened_input, &state_dir, &opened))
+        .await
+        .map_err(|e| FetcherError::Scan(e.to_string()))??;
+    if source.objects().len() > 1 {
+        tracing::info!(
+            "input {input}: {} objects, {:.1} MB, in {} order",
+            source.objects().len(),
+            source.total_size() as f64 / 1e6,
+            if source.location().is_remote() { "key" } else { "path" }
+        );
+    }
+    let done = CancellationToken::new();
+    let reporter = tokio::spawn(scan::report(source.clone(), metrics.clone(), done.clone()));
     let chunk_size = config.chunk_size;
     let id_field = job.id_field.clone().filter(|_| !config.no_duplicate_check);
     let fingerprint = job.fingerprint();
     let dup_memory = config.duplicate_check_memory.saturating_mul(1 << 20) as usize;
     let spill_dir = config.state_dir.clone();
+    let scanned_input = input.clone();
     let index = tokio::task::spawn_blocking(move || {
         let check = |record: &[u8]| transform.as_ref().map_or(Ok(()), |t| t.check(record));
         let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.extract(record));
@@ -185,25 +225,28 @@ pub async fn load_input(
             dup_memory,
             spill_dir: Some(&spill_dir),
         };
-        common::input::scan(&path, chunk_size, &options)
+        common::input::scan_source(std::sync::Arc::new(source), &scanned_input, chunk_size, &options)
     })
     .await
-    .map_err(|e| FetcherError::Scan(e.to_string()))??;
+    .map_err(|e| FetcherError::Scan(e.to_string()));
+    done.cancel();
+    let _ = reporter.await;
+    let index = index??;
     if index.bom {
-        tracing::info!("input {} starts with a UTF-8 byte-order mark; skipped", index.path.display());
+        tracing::info!("input {} starts with a UTF-8 byte-order mark; skipped", index.input);
     }
     if !index.bad.is_empty() {
         let listing: String = index
             .bad
             .iter()
             .take(20)
-            .map(|b| format!("  line {}: {}\n", b.line, b.error))
+            .map(|b| format!("  {}: {}\n", index.locate(b), b.error))
             .chain((index.bad.len() > 20).then(|| format!("  ... and {} more\n", index.bad.len() - 20)))
             .collect();
         match config.bad_records {
             BadRecords::Fail => {
                 return Err(FetcherError::BadRecords {
-                    path: index.path.display().to_string(),
+                    path: index.input.clone(),
                     count: index.bad.len(),
                     listing: listing.trim_end().to_string(),
                 })
@@ -212,9 +255,9 @@ pub async fn load_input(
                 for bad in &index.bad {
                     tracing::warn!(
                         line = bad.line,
-                        "skipping invalid record in {}, line {}: {}",
-                        index.path.display(),
-                        bad.line,
+                        "skipping invalid record in {}, {}: {}",
+                        index.input,
+                        index.locate(bad),
                         bad.error
                     );
                 }
@@ -230,6 +273,28 @@ fn check_other_runs(config: &Config, record: &RunRecord, others: &[OtherRun]) ->
     for other in others {
         if other.finished >= other.record.chunks {
             continue;
+        }
+        if other.record.content != record.content {
+            // The same input (as given) with the same job and chunk size, and other content:
+            // the input changed under an unfinished run.
+            if config.new_run {
+                tracing::warn!(
+                    "input {} changed since run {} was started on it ({} of {} chunks done); starting run {} on the new version (--new-run)",
+                    record.input,
+                    other.record.run,
+                    other.finished,
+                    other.record.chunks,
+                    record.run
+                );
+                continue;
+            }
+            return Err(FetcherError::ChangedInput {
+                input: record.input.clone(),
+                run: other.record.run.clone(),
+                finished: other.finished,
+                chunks: other.record.chunks,
+                new: record.run.clone(),
+            });
         }
         if config.new_run {
             tracing::warn!(
@@ -262,11 +327,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let client =
         common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}"), &connection, &shutdown).await?;
     let (job, transform) = load_job(&config)?;
-    let index = load_input(&config, &job, transform).await?;
+    let input_metrics = scan::InputMetrics::new(&metrics.common.registry);
+    let index = load_input(&config, &job, transform, &input_metrics).await?;
     tracing::info!(
         run = %index.run_id,
         "input {}: {} objects in {} chunks of up to {} ({} invalid records skipped); job: {}",
-        index.path.display(),
+        index.input,
         index.objects,
         index.chunks.len(),
         index.chunk_size,
@@ -275,7 +341,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     );
     let record = RunRecord {
         run: index.run_id.clone(),
-        input: index.path.display().to_string(),
+        input: index.input.clone(),
         content: index.content.clone(),
         chunk_size: index.chunk_size,
         chunks: index.chunks.len() as u64,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message, Subject};
 use common::events::{Event, EventBody};
-use common::input::{ChunkReader, InputIndex};
+use common::input::{ChunkReader, InputError, InputIndex, ReadErrorKind};
 use common::protocol::{
     self, AckReply, AckRequest, AckVerdict, ChunkHead, ChunksHead, ExtendReply, ExtendRequest, JobReply, JobRequest,
     ProtocolError, ReleaseReason, ReleaseReply, ReleaseRequest, ResultHead, ResultReply, ResultStatus, Subjects,
@@ -121,6 +121,9 @@ pub struct Server {
     markers: CancellationToken,
     /// Chunks whose leases keep expiring: the search for the object that kills their mappers.
     suspects: Suspects,
+    /// Input objects that changed since the scan (by index, with the message): their chunks are
+    /// no longer handed out, and the run stops once nothing else can be done.
+    changed: HashMap<u32, String>,
     /// Dead chunks whose record the sink refused (it never will take it): the run must not wait
     /// for them.
     refused_markers: (RefusedMarkers, tokio::sync::mpsc::UnboundedReceiver<(u32, String)>),
@@ -199,6 +202,7 @@ impl Server {
             cannot_run: HashSet::new(),
             markers: CancellationToken::new(),
             suspects: Suspects::new(config.max_attempts),
+            changed: HashMap::new(),
             refused_markers: tokio::sync::mpsc::unbounded_channel(),
             store,
             config,
@@ -208,10 +212,13 @@ impl Server {
     /// Lists a fresh run's skipped input records in the dead-letter record.
     pub async fn record_bad_records(&self) -> Result<(), FetcherError> {
         for bad in &self.index.bad {
-            let record = serde_json::json!({
-                "kind": "bad_record", "run": self.index.run_id, "input": self.index.path.display().to_string(),
+            let mut record = serde_json::json!({
+                "kind": "bad_record", "run": self.index.run_id, "input": self.index.input,
                 "line": bad.line, "error": bad.error,
             });
+            if let (true, Some(part)) = (self.index.parts.len() > 1, self.index.parts.get(bad.object as usize)) {
+                record["object"] = part.name.clone().into();
+            }
             self.store.dead_letter(&record).await?;
         }
         if !self.index.bad.is_empty() {
@@ -241,6 +248,28 @@ impl Server {
             return;
         };
         self.events.emit(Event::new(run, body));
+    }
+
+    /// Once an input object changed: nothing is leased and every pending chunk belongs to a
+    /// changed object, so the run cannot go on. The error names the objects.
+    fn stopped_by_changed_input(&self) -> Option<FetcherError> {
+        if self.changed.is_empty() || self.ledger.leased() > 0 {
+            return None;
+        }
+        let spans = &self.index.chunks;
+        let blocked = (0..spans.len() as u32)
+            .filter(|c| self.ledger.state(*c) == Some(crate::ledger::ChunkState::Pending))
+            .try_fold(0u64, |n, c| self.changed.contains_key(&spans[c as usize].object).then_some(n + 1))?;
+        let mut objects: Vec<&String> = self.changed.values().collect();
+        objects.sort();
+        let listing: Vec<&str> = objects.iter().map(|m| m.as_str()).collect();
+        Some(FetcherError::InputChanged(format!(
+            "run {} stopped: {blocked} chunks were not handed out because their input changed during the run ({} of {} chunks done). {}",
+            self.index.run_id,
+            self.ledger.done(),
+            self.ledger.len(),
+            listing.join("; ")
+        )))
     }
 
     /// Every chunk done or dead-lettered, and each dead one's record in the sink.
@@ -322,6 +351,9 @@ impl Server {
                 _ = tick.tick() => self.on_tick().await,
             }
             self.check_milestone();
+            if let Some(error) = self.stopped_by_changed_input() {
+                break Err(error);
+            }
             if self.is_complete() {
                 self.on_complete().await;
                 if self.config.exit_when_done {
@@ -518,15 +550,33 @@ impl Server {
             // else, so that a death can be blamed on it (and a probe is a probe of one chunk).
             let alone = chunks.is_empty() && self.ledger.leases_of(&waiter.mapper) == 0;
             let suspects = &self.suspects;
+            let (changed, spans) = (&self.changed, &self.index.chunks);
             let grant =
                 self.ledger.lease_where(&waiter.mapper, Instant::now(), self.config.lease_timeout, |c, deaths| {
-                    alone || (deaths == 0 && !suspects.searching(c))
+                    let unchanged = changed.is_empty() || !changed.contains_key(&spans[c as usize].object);
+                    unchanged && (alone || (deaths == 0 && !suspects.searching(c)))
                 });
             let Some(grant) = grant else { break };
             let span = self.index.chunks[grant.chunk as usize];
             let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
             let (objects, lines) = match self.reader.read_with_lines(&span) {
                 Ok(read) => read,
+                Err(InputError::Read(e)) if e.kind == ReadErrorKind::Changed => {
+                    // Never a chunk of another version: this object's chunks stay where they are.
+                    self.ledger.unlease(grant.chunk, grant.lease);
+                    if self.changed.insert(span.object, e.message.clone()).is_none() {
+                        tracing::error!(
+                            chunk = grant.chunk,
+                            "{e}; its chunks are no longer handed out (the others go on; the run stops when they are done)"
+                        );
+                    }
+                    continue;
+                }
+                Err(InputError::Read(e)) if e.kind == ReadErrorKind::Unavailable => {
+                    self.ledger.unlease(grant.chunk, grant.lease);
+                    tracing::warn!(chunk = grant.chunk, "cannot read chunk {} now: {e}; it stays pending", grant.chunk);
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
                     self.dead_letter(grant.chunk, &e.to_string()).await;

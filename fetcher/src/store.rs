@@ -57,6 +57,15 @@ pub struct RunRecord {
     pub describe: String,
 }
 
+impl RunRecord {
+    /// Whether `other` is another run of the same data at the same chunk size (another job),
+    /// or a run of the same input (as given), job and chunk size whose content has changed since.
+    pub fn is_related(&self, other: &RunRecord) -> bool {
+        self.chunk_size == other.chunk_size
+            && (self.content == other.content || (self.input == other.input && self.job == other.job))
+    }
+}
+
 /// Another run of the same input in the store, and how far it got.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OtherRun {
@@ -278,7 +287,7 @@ fn write_record(dir: &Path, record: &RunRecord) -> Result<(), StoreError> {
     .map_err(io("write", &path))
 }
 
-/// The runs recorded in `dir` with the same input and chunk size as `ours` but another job.
+/// The runs recorded in `dir` related to `ours` ([`RunRecord::is_related`]).
 fn other_runs(dir: &Path, ours: &RunRecord) -> Result<Vec<OtherRun>, StoreError> {
     let mut others = Vec::new();
     for entry in fs::read_dir(dir).map_err(io("list", dir))?.flatten() {
@@ -292,7 +301,7 @@ fn other_runs(dir: &Path, ours: &RunRecord) -> Result<Vec<OtherRun>, StoreError>
             tracing::warn!("ignoring {}: not a run record", entry.path().display());
             continue;
         };
-        if record.content == ours.content && record.chunk_size == ours.chunk_size {
+        if record.is_related(ours) {
             let finished = read_log(&dir.join(format!("{run}.ledger")))?.0.finished();
             others.push(OtherRun { record, finished });
         }
@@ -451,7 +460,7 @@ impl KvStore {
             }
             let Some(value) = kv.get(key).await.map_err(|e| kv_error("read", name, e))? else { continue };
             let Ok(other_record) = serde_json::from_slice::<RunRecord>(&value) else { continue };
-            if other_record.content == record.content && other_record.chunk_size == record.chunk_size {
+            if other_record.is_related(record) {
                 let finished = read_batches(&kv, name, &all, other).await?.finished();
                 others.push(OtherRun { record: other_record, finished });
             }
@@ -648,9 +657,13 @@ mod tests {
         drop(store);
         let (_, _, others) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
         assert_eq!(others[0].record.run, "2222222222222222");
-        let (_, _, none) = FileStore::open(dir.path(), &record("3333333333333333", "other input"))
+        // The same input (as given) and job with other content: the input changed under them.
+        let (_, _, changed) = FileStore::open(dir.path(), &record("3333333333333333", "other content"))
             .map(|(s, r, o)| (drop(s), r, o))
             .expect("open");
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        let other_input = RunRecord { input: "other.jsonl".into(), ..record("4444444444444444", "other content") };
+        let (_, _, none) = FileStore::open(dir.path(), &other_input).map(|(s, r, o)| (drop(s), r, o)).expect("open");
         assert!(none.is_empty());
     }
 

@@ -58,6 +58,7 @@ mod env;
 mod error;
 mod location;
 mod metrics;
+mod scan;
 mod source;
 mod spool;
 mod store;

@@ -67,6 +67,10 @@ pub struct ObjectInfo {
     /// Its name: the canonical absolute path of a local file, `s3://BUCKET/KEY` (`gs://`, `az://`)
     /// for a stored object, the URL for an HTTP file.
     pub name: String,
+    /// Its name within the input, for the run id: the same as `name` for a stored object or an
+    /// HTTP file; for a local file its path relative to the glob's directory (its file name for
+    /// a single file), so that a data set moved to another directory keeps its run id.
+    pub key: String,
     /// Its stored size in bytes (compressed, for a compressed object).
     pub size: u64,
     /// Its version as listed.
@@ -116,13 +120,20 @@ impl ObjectInfo {
         }
     }
 
-    fn local(name: String, meta: &std::fs::Metadata) -> ObjectInfo {
-        ObjectInfo { compression: Compression::from_name(&name), name, size: meta.len(), version: local_version(meta) }
+    fn local(name: String, key: String, meta: &std::fs::Metadata) -> ObjectInfo {
+        ObjectInfo {
+            compression: Compression::from_name(&name),
+            name,
+            key,
+            size: meta.len(),
+            version: local_version(meta),
+        }
     }
 
     fn remote(name: String, meta: &ObjectMeta) -> ObjectInfo {
         ObjectInfo {
             compression: Compression::from_name(&name),
+            key: name.clone(),
             name,
             size: meta.size,
             version: Version::Remote {
@@ -343,7 +354,14 @@ fn list_local(location: &Location) -> Result<Vec<(ObjectInfo, PathBuf)>, SourceE
             });
         }
         let canonical = std::fs::canonicalize(&path).map_err(|e| io_error(&path, e))?;
-        objects.push((ObjectInfo::local(canonical.to_string_lossy().into_owned(), &meta), canonical));
+        let key = match location {
+            Location::Glob(pattern) => {
+                let base = Path::new(literal_prefix(pattern));
+                path.strip_prefix(base).unwrap_or(&path).to_string_lossy().into_owned()
+            }
+            _ => path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        objects.push((ObjectInfo::local(canonical.to_string_lossy().into_owned(), key, &meta), canonical));
     }
     Ok(objects)
 }
@@ -1088,6 +1106,7 @@ mod tests {
     fn info(name: &str, e_tag: Option<&str>) -> ObjectInfo {
         ObjectInfo {
             name: name.into(),
+            key: name.into(),
             size: 10,
             version: Version::Remote {
                 e_tag: e_tag.map(String::from),

@@ -31,7 +31,8 @@ pub enum Command {
 /// `saver verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VerifyArgs {
-    /// The input file the run read.
+    /// The input the run read, as given to the fetcher (a file, a glob, s3://BUCKET/KEY,
+    /// s3://BUCKET/PREFIX/, gs://, az://, https://).
     #[arg(long)]
     pub input: PathBuf,
     /// The file sink's directory.

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::input::{scan, ChunkReader, ChunkSpan, InputError, ScanOptions};
+use common::input::{scan_source, ChunkReader, ChunkSpan, InputError, ScanOptions};
 use common::protocol::{Cause, DeadObject};
 use futures::StreamExt;
 use rayon::prelude::*;
@@ -120,6 +120,9 @@ pub enum VerifyError {
     /// The input cannot be read.
     #[error(transparent)]
     Input(#[from] InputError),
+    /// The input cannot be found, listed or opened.
+    #[error(transparent)]
+    Source(#[from] input::SourceError),
     /// The job flags do not make a job.
     #[error(transparent)]
     Job(#[from] transform::spec::JobError),
@@ -391,9 +394,25 @@ fn finish_chunk(
 struct Input {
     index: common::input::InputIndex,
     reader: ChunkReader,
+    /// Where compressed objects are decompressed for the chunk reads; removed when done.
+    _spool: SpoolDir,
+}
+
+/// A spool directory of verify's own (compressed inputs are decompressed once, as the
+/// fetcher does into its state directory), removed when verify is done.
+struct SpoolDir(PathBuf);
+
+impl Drop for SpoolDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Result<Input, VerifyError> {
+    let spool = SpoolDir(std::env::temp_dir().join(format!("chunkmill-verify-spool-{}", std::process::id())));
+    let location = input::Location::parse(&input.display().to_string())?;
+    let options = input::SourceOptions { spool_dir: Some(spool.0.clone()), ..input::SourceOptions::default() };
+    let source = Arc::new(input::Source::open_blocking(location, options)?);
     let job = &expectation.job;
     let check = |record: &[u8]| expectation.transform.as_ref().map_or(Ok(()), |t| t.check(record));
     let fingerprint = job.fingerprint();
@@ -407,9 +426,9 @@ fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Resul
         job: &fingerprint,
         ..ScanOptions::default()
     };
-    let index = scan(input, chunk_size, &options)?;
+    let index = scan_source(source, &input.display().to_string(), chunk_size, &options)?;
     let reader = ChunkReader::open(&index)?;
-    Ok(Input { index, reader })
+    Ok(Input { index, reader, _spool: spool })
 }
 
 /// Reads chunk `span`'s input objects: (the array's bytes, where each object is in them), or
