@@ -18,6 +18,25 @@ ensure_nats_server() {
   echo "using $(nats-server --version)" >&2
 }
 
+# Make sure an S3-compatible server (moto's, from PyPI) is on PATH: the input tests
+# (tests/inputs.rs) start one per test on 127.0.0.1.
+ensure_s3_server() {
+  if command -v moto_server >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "moto_server not found: installing it from PyPI (pip install 'moto[server]')" >&2
+  python3 -m pip install --quiet 'moto[server]' >&2
+  hash -r
+  if ! command -v moto_server >/dev/null 2>&1; then
+    for dir in "$(python3 -m site --user-base 2>/dev/null)/bin" "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")"; do
+      if [ -x "$dir/moto_server" ]; then PATH="$dir:$PATH"; export PATH; fi
+    done
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash 2>/dev/null
+    hash -r
+  fi
+  command -v moto_server >/dev/null 2>&1 || { echo "could not install moto_server; install it by hand: pip install 'moto[server]'" >&2; return 1; }
+}
+
 # A free TCP port on 127.0.0.1.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +22,8 @@ pub struct Pipeline {
     pub job: Vec<String>,
     /// Whether the services log in as their role's NATS user ([`Pipeline::with_role_users`]).
     pub role_users: bool,
+    /// Extra environment of the fetcher and `saver verify` (an input store's settings).
+    pub input_env: Vec<(&'static str, String)>,
 }
 
 /// The test password of a role's NATS user.
@@ -48,6 +51,7 @@ impl Pipeline {
             job: vec!["--rounds".into(), rounds.to_string()],
             dir,
             role_users: false,
+            input_env: Vec::new(),
         }
     }
 
@@ -71,6 +75,7 @@ impl Pipeline {
             job: job.iter().map(|s| s.to_string()).collect(),
             dir,
             role_users: false,
+            input_env: Vec::new(),
         }
     }
 
@@ -111,6 +116,9 @@ impl Pipeline {
 
     fn env(&self, binary: &str) -> Vec<(&'static str, String)> {
         let mut env = vec![("NATS_URL", self.nats.url())];
+        if binary == "fetcher" {
+            env.extend(self.input_env.iter().cloned());
+        }
         if self.role_users {
             // As Kubernetes mounts the role's Secret (NATS_USER_DIR).
             let dir = self.dir.path().join(format!("nats-user-{binary}"));
@@ -238,6 +246,7 @@ impl Pipeline {
             .arg(&self.input)
             .args(&self.job)
             .args(sink)
+            .envs(self.input_env.iter().map(|(k, v)| (*k, v.as_str())))
             .envs(env.iter().copied())
             .output()
             .expect("run saver verify");

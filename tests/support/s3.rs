@@ -1,0 +1,90 @@
+//! A real S3-compatible server for the input tests: `moto_server` (PyPI `moto[server]`,
+//! installed by `scripts/lib.sh`'s `ensure_s3_server`) on a free port of 127.0.0.1, in memory,
+//! killed on drop. Objects are put with plain HTTP requests (moto takes unsigned writes).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::harness::free_port;
+
+/// A running moto server.
+pub struct S3Server {
+    child: Child,
+    port: u16,
+}
+
+impl S3Server {
+    /// Starts one and waits until it answers.
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start moto_server ({e}): install it with `pip install 'moto[server]'` (scripts/test.sh does)")
+            });
+        let server = S3Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.request("GET", "/", &[]).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not answer on port {port} within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// The endpoint, for `AWS_ENDPOINT_URL`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment a fetcher or `saver verify` needs to reach it.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "test-key-id".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret-key".into()),
+        ]
+    }
+
+    /// Sends one request; returns the status code.
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<u16> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        );
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let text = String::from_utf8_lossy(&response);
+        text.split(' ').nth(1).and_then(|code| code.parse().ok()).ok_or_else(|| std::io::Error::other("no status"))
+    }
+
+    /// Creates a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        let status = self.request("PUT", &format!("/{bucket}"), &[]).expect("create bucket");
+        assert_eq!(status, 200, "create bucket {bucket}");
+    }
+
+    /// Puts (or overwrites) an object.
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let status = self.request("PUT", &format!("/{bucket}/{key}"), body).expect("put object");
+        assert_eq!(status, 200, "put {bucket}/{key}");
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
