@@ -1,6 +1,6 @@
 //! A real S3-compatible server for the input tests: `moto_server` (PyPI `moto[server]`,
 //! installed by `scripts/lib.sh`'s `ensure_s3_server`) on a free port of 127.0.0.1, in memory,
-//! killed on drop. Objects are put with plain HTTP requests (moto takes unsigned writes).
+//! killed on drop. Buckets are made with a plain HTTP request, objects put with `object_store`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -75,10 +75,24 @@ impl S3Server {
         assert_eq!(status, 200, "create bucket {bucket}");
     }
 
-    /// Puts (or overwrites) an object.
+    /// Puts (or overwrites) an object, signed as a client would (moto refuses unsigned writes
+    /// once signed requests have been seen).
     pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
-        let status = self.request("PUT", &format!("/{bucket}/{key}"), body).expect("put object");
-        assert_eq!(status, 200, "put {bucket}/{key}");
+        use object_store::ObjectStoreExt;
+        // As the input crate does: ring's provider for rustls (Err: one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test-key-id")
+            .with_secret_access_key("test-secret-key")
+            .with_bucket_name(bucket)
+            .build()
+            .expect("an S3 client");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let payload = object_store::PutPayload::from(body.to_vec());
+        runtime.block_on(store.put(&object_store::path::Path::from(key), payload)).expect("put object");
     }
 }
 
