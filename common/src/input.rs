@@ -301,15 +301,22 @@ pub enum InputError {
 /// duplicate check on or off) cut other chunks, so that is another run too. None skipped adds
 /// nothing to the hash.
 pub fn run_id(content_hash: &[u8; 32], chunk_size: u32, job: &str, skipped: &[u64]) -> String {
+    let mut skipped = skipped.to_vec();
+    skipped.sort_unstable();
+    hashed_run_id(content_hash, chunk_size, job, |hasher| {
+        for offset in skipped {
+            hasher.update(offset.to_le_bytes());
+        }
+    })
+}
+
+/// The run id's hash: content, chunk size, job, then what `skipped` adds; 16 hex digits.
+fn hashed_run_id(content_hash: &[u8; 32], chunk_size: u32, job: &str, skipped: impl FnOnce(&mut Sha256)) -> String {
     let mut hasher = Sha256::new();
     hasher.update(content_hash);
     hasher.update(chunk_size.to_le_bytes());
     hasher.update(job.as_bytes());
-    let mut skipped = skipped.to_vec();
-    skipped.sort_unstable();
-    for offset in skipped {
-        hasher.update(offset.to_le_bytes());
-    }
+    skipped(&mut hasher);
     let digest = hasher.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -318,18 +325,14 @@ pub fn run_id(content_hash: &[u8; 32], chunk_size: u32, job: &str, skipped: &[u6
 /// records are named by (object index, offset within it): each enters as a u32 and a u64,
 /// little-endian, in increasing order.
 pub fn run_id_of_objects(content_hash: &[u8; 32], chunk_size: u32, job: &str, skipped: &[(u32, u64)]) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(content_hash);
-    hasher.update(chunk_size.to_le_bytes());
-    hasher.update(job.as_bytes());
     let mut skipped = skipped.to_vec();
     skipped.sort_unstable();
-    for (object, offset) in skipped {
-        hasher.update(object.to_le_bytes());
-        hasher.update(offset.to_le_bytes());
-    }
-    let digest = hasher.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    hashed_run_id(content_hash, chunk_size, job, |hasher| {
+        for (object, offset) in skipped {
+            hasher.update(object.to_le_bytes());
+            hasher.update(offset.to_le_bytes());
+        }
+    })
 }
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
