@@ -10,6 +10,7 @@ use chunkmill::mapper::jobs::Built;
 use chunkmill::mapper::work::map_chunk;
 use common::protocol::{ChunkHead, ResultHead};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use transform::command::CommandOptions;
 use transform::{JobArgs, Registry};
 
 /// `chunks` chunks of 100 objects, each object its JSON bytes.
@@ -31,7 +32,13 @@ fn mapper(c: &mut Criterion) {
     write_users(2000, 1, OutputFormat::Jsonl, &mut users).expect("in memory");
     write_orders(2000, 1, OutputFormat::Jsonl, &mut orders).expect("in memory");
     let command = format!("enrich=python3 {}/examples/commands/enrich.py", env!("CARGO_MANIFEST_DIR"));
-    let registry = Registry::builtin().with_command(command.parse().expect("command"));
+    // As a mapper does (`--command-workers` defaults to its transform threads): one child per
+    // thread, so the 2-thread case runs two programs side by side.
+    let registry = |workers: usize| {
+        Registry::builtin()
+            .with_command_options(CommandOptions { workers, ..CommandOptions::default() })
+            .with_command(command.parse().expect("command"))
+    };
     let jq = ".items | map(.qty * .price) | add | {total: ., big: (. > 20000)}";
     let command_job =
         JobArgs { transform: "command".into(), command_name: Some("enrich".into()), ..Default::default() };
@@ -60,12 +67,12 @@ fn mapper(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("mapper");
     for (name, args, data, count) in cases {
-        let built = built(args, &registry);
         let data = chunks(data);
         let data = &data[..count.min(data.len())];
         group.throughput(Throughput::Elements(data.iter().map(|c| c.len() as u64).sum()));
         group.sample_size(10);
-        for (label, pool) in [("1 thread", &single), (&*format!("{cores} threads"), &all)] {
+        for (label, pool, threads) in [("1 thread", &single, 1), (&*format!("{cores} threads"), &all, cores)] {
+            let built = built(args.clone(), &registry(threads));
             group.bench_with_input(BenchmarkId::new(&name, label), &data, |b, data| {
                 b.iter(|| {
                     pool.install(|| {
