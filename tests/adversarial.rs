@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::protocol::{self, ChunkHead, ChunksHead, ReleaseReason, ReleaseRequest, Subjects, WorkRequest};
 use futures::StreamExt;
-use support::{summary_number, Pipeline};
+use support::Pipeline;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -37,7 +37,7 @@ fn a_record_with_a_byte_that_is_not_utf8_is_a_bad_record_named_by_line() {
         &["--exit-when-done", "--bad-records", "skip", "--lease-timeout", "1s", "--max-attempts", "3"],
     );
     assert_eq!(fetcher.wait_exit(LONG), Some(3), "{}", fetcher.log());
-    assert_eq!(support::summary_number(&fetcher.log(), "re-leases"), 0, "{}", fetcher.log());
+    assert_eq!(p.summary_number("fetcher", "/stats/re_leases"), 0, "{}", fetcher.log());
     let (ok, report) = p.verify();
     assert!(ok && report.contains("299 expected, 299 found, 0 missing"), "{report}");
 }
@@ -184,7 +184,7 @@ fn a_full_state_disk_answers_no_ack_until_space_is_back_and_loses_nothing() {
     let (mut again, _) = p.fetcher_named("fetcher-again", &["--chunk-size", "10", "--exit-when-done"]);
     assert_eq!(again.wait_exit(LONG), Some(0), "{}", again.log());
     assert!(again.log().contains("3000 chunks already done"), "{}", again.log());
-    assert_eq!(support::summary_number(&again.log(), "leases granted"), 0);
+    assert_eq!(p.summary_number("fetcher-again", "/stats/leases_granted"), 0);
     let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
     assert!(ok && report.contains("30000 found, 0 missing, 0 duplicated"), "{report}");
 }
@@ -338,7 +338,7 @@ fn an_object_that_kills_every_mapper_is_found_alone_and_only_it_is_dead_lettered
     assert!(started > 2, "the hook killed no mapper: the test proves nothing");
     let log = fetcher.log();
     assert!(log.contains("probing its objects") && log.contains("kills every mapper"), "{log}");
-    assert_eq!(summary_number(&log, "chunks dead-lettered"), 0, "{log}");
+    assert_eq!(p.summary_number("fetcher", "/dead"), 0, "{log}");
     let dead = std::fs::read_to_string(p.out.join(p.run_id()).join("chunk-00000001.dead.jsonl")).expect("dead file");
     assert_eq!(dead.lines().count(), 1, "{dead}");
     let entry: serde_json::Value = serde_json::from_str(dead.trim()).expect("json");

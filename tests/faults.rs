@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{finish, metric, summary_number, wait_ready, wait_until, Pipeline};
+use support::{finish, metric, wait_ready, wait_until, Pipeline};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -31,7 +31,7 @@ fn a_fetcher_killed_mid_run_resumes_without_handing_out_saved_chunks() {
     let log = second.log();
     assert!(log.contains(&format!("{recorded} chunks already done")), "{log}");
     // Chunks recorded as done are never handed out again; only the rest are leased.
-    let granted = summary_number(&log, "leases granted");
+    let granted = p.summary_number("fetcher-2", "/stats/leases_granted");
     assert!(granted <= 200 - recorded + 4, "{granted} leases for {} remaining chunks", 200 - recorded);
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
@@ -200,7 +200,7 @@ fn a_poison_object_is_dead_lettered_by_name_and_the_run_completes() {
     let (mapper, _) = p.spawn_with_env("mapper-1", "mapper", &[], &[("CHUNKMILL_TEST_PANIC_ID", poison_id.as_str())]);
     let mut fetcher = p.fetcher(&[]);
     assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete with a dead letter:\n{}", fetcher.log());
-    assert_eq!(summary_number(&fetcher.log(), "objects dead-lettered"), 1);
+    assert_eq!(p.summary_number("fetcher", "/stats/objects_dead"), 1);
     let dead_file = p.out.join(p.run_id()).join("chunk-00000001.dead.jsonl");
     let dead = std::fs::read_to_string(&dead_file).expect("dead-letter record");
     assert!(dead.contains(&poison_id) && dead.contains("panicked"), "{dead}");
@@ -222,7 +222,7 @@ fn a_chunk_over_max_payload_is_dead_lettered_by_name_not_a_timeout() {
     assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete, with dead letters:\n{}", fetcher.log());
     let log = fetcher.log();
     assert!(log.contains("chunk 0") && log.contains("max_payload of 8192 bytes"), "{log}");
-    assert_eq!(summary_number(&log, "chunks dead-lettered"), 3, "{log}");
+    assert_eq!(p.summary_number("fetcher", "/dead"), 3, "{log}");
     let dead =
         std::fs::read_to_string(p.state_dir().join(format!("{}.dead-letter.jsonl", p.run_id()))).expect("dead letters");
     assert_eq!(dead.lines().count(), 3, "{dead}");
@@ -257,7 +257,7 @@ fn the_jetstream_ledger_resumes_a_killed_fetcher_and_locks_out_a_second_one() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the second fetcher did not resume:\n{log}"));
     assert!(resumed >= 1, "{log}");
-    let granted = summary_number(&log, "leases granted");
+    let granted = p.summary_number("fetcher-2", "/stats/leases_granted");
     assert!(granted <= 200 - resumed + 4, "{granted} leases for {} remaining chunks", 200 - resumed);
     let (ok, report) = p.verify();
     assert!(ok, "{report}");

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::harness::bin;
-use support::{finish, metric, summary_number, wait_ready, wait_until, Pipeline};
+use support::{finish, metric, wait_ready, wait_until, Pipeline};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -281,7 +281,7 @@ fn killing_mappers_mid_run_in_a_jq_job_and_in_a_command_job_loses_and_doubles_no
         let _m3 = p.mapper("mapper-3", &args);
         finish(&mut fetcher, LONG);
         assert!(killed_at < 1_000, "the kill came after the run ({killed_at} chunks saved)");
-        assert_eq!(summary_number(&fetcher.log(), "chunks dead-lettered"), 0);
+        assert_eq!(p.summary_number("fetcher", "/dead"), 0);
         let run = p.run_id_at(10);
         let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
         assert!(

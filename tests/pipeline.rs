@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{finish, summary_number, Pipeline};
+use support::{finish, Pipeline};
 
 #[test]
 fn the_full_data_set_at_zero_rounds_is_saved_exactly_once() {
@@ -17,7 +17,7 @@ fn the_full_data_set_at_zero_rounds_is_saved_exactly_once() {
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
     assert!(report.contains("100000 expected, 100000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
-    assert_eq!(summary_number(&fetcher.log(), "chunks dead-lettered"), 0);
+    assert_eq!(p.summary_number("fetcher", "/dead"), 0);
 }
 
 #[test]
@@ -51,20 +51,15 @@ fn a_slow_mapper_that_extends_its_lease_is_not_duplicated() {
     let mut fetcher = p.fetcher(&["--lease-timeout", "300ms"]);
     finish(&mut fetcher, Duration::from_secs(240));
     let log = fetcher.log();
-    let elapsed: f64 = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("chunks done"))
-        .and_then(|l| l.split(" objects in ").nth(1))
-        .and_then(|rest| rest.split('s').next())
-        .and_then(|n| n.parse().ok())
-        .expect("elapsed in summary");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.summary_path("fetcher")).expect("summary")).expect("JSON");
+    let elapsed = summary["elapsed_seconds"].as_f64().expect("elapsed in the summary");
     assert!(
         elapsed > 4.0 * lease.as_secs_f64(),
         "chunks were quicker than the lease ({elapsed}s for 4); the test proves nothing"
     );
-    assert_eq!(summary_number(&log, "expiries"), 0, "{log}");
-    assert_eq!(summary_number(&log, "re-leases"), 0, "{log}");
+    assert_eq!(p.summary_number("fetcher", "/stats/expiries"), 0, "{log}");
+    assert_eq!(p.summary_number("fetcher", "/stats/re_leases"), 0, "{log}");
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
 }

@@ -1,44 +1,15 @@
 //! The broadcaster's command line. Every flag is also an environment variable. The secrets (a
 //! webhook URL, a Telegram bot token) come from a variable or, better, from a file a Kubernetes
-//! Secret is mounted as (`..._FILE`); their values are never shown in `--help`, in `Debug`
-//! output, in logs or in metrics.
+//! Secret is mounted as (`..._FILE`), read as a `common::config::Secret`: their values are never
+//! shown in `--help`, in `Debug` output, in logs or in metrics.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use common::config::{parse_duration, NatsArgs};
+use common::config::{parse_duration, NatsArgs, Secret, SecretFileError};
 
 use crate::target::{Target, TargetError, TargetKind};
-
-/// A secret value: its `Debug` never shows it, so a logged config cannot leak it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The value, for the one place that needs it (building the request).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.trim().to_string()))
-    }
-}
 
 /// chunkmill broadcaster: sends the fetcher's pipeline events (run started, every 10 %, dead
 /// letters, completed, resumed) to a chat, each event at most once however many replicas run.
@@ -143,15 +114,8 @@ pub enum ConfigError {
         vars: &'static str,
     },
     /// A secret file cannot be read.
-    #[error("cannot read {var} {path}: {source}")]
-    File {
-        /// The variable naming the file.
-        var: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] SecretFileError),
     /// The settings do not make a usable target.
     #[error(transparent)]
     Target(#[from] TargetError),
@@ -162,18 +126,7 @@ fn secret(
     file: &Option<PathBuf>,
     file_var: &'static str,
 ) -> Result<Option<Secret>, ConfigError> {
-    if let Some(path) = file {
-        return read_secret_file(path, file_var).map(Some);
-    }
-    Ok(value.clone().filter(|s| !s.0.is_empty()))
-}
-
-fn read_secret_file(path: &Path, var: &'static str) -> Result<Secret, ConfigError> {
-    common::config::read_secret_file(path).map(Secret).map_err(|source| ConfigError::File {
-        var,
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(Secret::resolve(value.as_ref(), file.as_deref(), file_var)?)
 }
 
 impl Config {

@@ -21,7 +21,6 @@ pub mod send;
 pub mod target;
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
@@ -29,6 +28,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::kv::CreateErrorKind;
 use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self, AckKind};
+use common::service::Service;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -57,12 +57,9 @@ pub enum BroadcasterError {
     /// A setting is missing or wrong.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    /// NATS connection set-up failed.
+    /// The metrics endpoint or the NATS connection could not start.
     #[error(transparent)]
-    Connect(#[from] common::nats::ConnectError),
-    /// The metrics endpoint could not start.
-    #[error(transparent)]
-    Metrics(#[from] common::metrics::ServeError),
+    Start(#[from] common::service::StartError),
     /// The HTTP client could not be built.
     #[error(transparent)]
     Client(#[from] send::ClientError),
@@ -117,12 +114,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Broa
     let target = config.target()?;
     let sender =
         Sender::new(Policy { max_retries: config.max_retries, budget: config.send_timeout }, config.request_timeout)?;
-    let instance = config.nats.instance_name("broadcaster");
     let metrics = BroadcasterMetrics::new();
-    let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
-    let client =
-        common::nats::connect(&config.nats, &format!("chunkmill-broadcaster {instance}"), &connection, &shutdown)
-            .await?;
+    let service = Service::start("broadcaster", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    let client = service.connect(&config.nats, &shutdown).await?;
+    let instance = service.name.clone();
     let js = jetstream::new(client);
     let Some((consumer, kv)) = set_up_until(&js, &config, &shutdown).await? else {
         return Ok(());
@@ -136,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Broa
         config.dedup_bucket,
         target.describe()
     );
-    ready.store(true, Ordering::Relaxed);
+    service.set_ready();
     let worker = Worker {
         kv,
         sender,
@@ -158,19 +153,18 @@ async fn set_up_until(
     shutdown: &CancellationToken,
 ) -> Result<Option<(PullConsumer, jetstream::kv::Store)>, BroadcasterError> {
     let deadline = Instant::now() + SETUP_DEADLINE;
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = common::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
+        let delay = backoff.next_delay();
         match set_up(js, config).await {
             Ok(done) => return Ok(Some(done)),
             Err(e @ BroadcasterError::Replicas { permanent: true, .. }) => return Err(e),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(e) => tracing::warn!("{e}; retrying in {delay:?}"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+        if !common::backoff::sleep_unless(delay, shutdown).await {
+            return Ok(None);
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -275,7 +269,7 @@ struct Worker {
 impl Worker {
     /// Pulls one event at a time and handles it, until shutdown.
     async fn serve(&self, consumer: &PullConsumer, shutdown: &CancellationToken) {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = common::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         while !shutdown.is_cancelled() {
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -284,16 +278,18 @@ impl Worker {
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(e) => {
-                    tracing::warn!("cannot pull events: {e}; retrying in {delay:?}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                    if backoff.first_failure() {
+                        tracing::warn!("cannot pull events: {e}; retrying");
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    if !backoff.wait(shutdown).await {
+                        break;
+                    }
                     continue;
                 }
             };
-            delay = Duration::from_millis(100);
+            if backoff.reset() {
+                tracing::info!("pulling events again");
+            }
             loop {
                 // An event delivered but not read when we stop is redelivered after the ack wait.
                 let next = tokio::select! {

@@ -4,26 +4,13 @@ use std::process::ExitCode;
 
 use broadcaster::Config;
 use clap::Parser;
+use common::service::Runtime;
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    common::telemetry::init_logging();
-    match run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("broadcaster: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(config: Config) -> anyhow::Result<()> {
     // One thread: the work is waiting on NATS and HTTP, one event at a time.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let shutdown = common::shutdown::on_signals();
-        broadcaster::run(config, shutdown).await
-    })?;
-    Ok(())
+    common::service::main("broadcaster", Runtime::CurrentThread, |shutdown| async move {
+        broadcaster::run(config, shutdown).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }

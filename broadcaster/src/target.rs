@@ -14,7 +14,7 @@
 use clap::ValueEnum;
 use serde_json::json;
 
-use crate::config::Secret;
+use common::config::Secret;
 
 /// Which chat API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

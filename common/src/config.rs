@@ -1,7 +1,7 @@
 //! Command-line and environment settings shared by every service. Each binary flattens
 //! [`NatsArgs`] into its own clap struct, so `--nats-url` and `NATS_URL` mean the same everywhere.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -38,7 +38,7 @@ pub struct NatsArgs {
 
     /// NATS password (prefer --nats-password-file: environment variables are easy to leak).
     #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
+    pub nats_password: Option<Secret>,
 
     /// Directory holding this service's NATS user as two files, `user` and `password` (a
     /// mounted Secret with those keys, as deploy/secrets/nats-users.example.yaml). Used when both
@@ -102,11 +102,84 @@ impl NatsArgs {
     }
 }
 
-/// Reads a secret from a file (typically a mounted Kubernetes Secret): its content without the
-/// surrounding whitespace, such as the newline that `echo` and editors add. Every service reads
-/// its password, token and webhook files through this, so they agree on what a secret file holds.
-pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
-    std::fs::read_to_string(path).map(|s| s.trim().to_string())
+/// A secret value (a password, a token, a webhook URL): its `Debug` and `Display` never show it,
+/// so a config struct that derives `Debug`, a log line or an error message cannot leak it. The
+/// value comes out only through [`Secret::expose`], at the one place that sends it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Reads a secret from a file (typically a mounted Kubernetes Secret): its content without
+    /// the surrounding whitespace, such as the newline that `echo` and editors add. `setting` names
+    /// the flag or variable that gave the path, for the error.
+    pub fn from_file(path: &Path, setting: &'static str) -> Result<Secret, SecretFileError> {
+        std::fs::read_to_string(path).map(|s| Secret(s.trim().to_string())).map_err(|source| SecretFileError {
+            setting,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The one rule for "a value or a file" settings: the file wins when given, else the value;
+    /// an empty value counts as not given.
+    pub fn resolve(
+        value: Option<&Secret>,
+        file: Option<&Path>,
+        setting: &'static str,
+    ) -> Result<Option<Secret>, SecretFileError> {
+        match file {
+            Some(path) => Secret::from_file(path, setting).map(Some),
+            None => Ok(value.filter(|s| !s.0.is_empty()).cloned()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.trim().to_string()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_string())
+    }
+}
+
+/// A secret file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {setting} {path}: {source}; mount the Secret there or unset {setting}")]
+pub struct SecretFileError {
+    /// The flag or variable that named the file.
+    pub setting: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// The OS error.
+    #[source]
+    pub source: std::io::Error,
 }
 
 /// An instance name as peers accept it (see `protocol::MAX_NAME`).
@@ -136,5 +209,20 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("five").unwrap_err().contains("`five`"));
+    }
+
+    #[test]
+    fn a_secret_never_shows_and_its_file_wins_without_the_trailing_newline() {
+        let secret: Secret = " hunter2 ".parse().unwrap();
+        assert_eq!(secret.expose(), "hunter2");
+        assert_eq!(format!("{secret:?} {secret}"), "Secret(<redacted>) <redacted>");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let resolved = Secret::resolve(Some(&secret), Some(&file), "X_FILE").unwrap();
+        assert_eq!(resolved.map(|s| s.expose().to_string()).as_deref(), Some("from-file"));
+        assert_eq!(Secret::resolve(Some(&Secret::new("")), None, "X_FILE").unwrap(), None);
+        let error = Secret::resolve(None, Some(&dir.path().join("nope")), "X_FILE").unwrap_err().to_string();
+        assert!(error.contains("X_FILE") && error.contains("nope"), "{error}");
     }
 }

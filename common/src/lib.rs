@@ -4,6 +4,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod backoff;
 pub mod config;
 pub mod dups;
 pub mod events;
@@ -13,6 +14,7 @@ pub mod json;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod text;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::NatsArgs;
+use crate::config::{NatsArgs, Secret};
 
 /// Live facts about the connection, updated by the client's event callback.
 #[derive(Debug, Default)]
@@ -58,6 +58,9 @@ pub enum ConnectError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A password, token or seed file could not be read.
+    #[error(transparent)]
+    Secret(#[from] crate::config::SecretFileError),
     /// Shutdown was requested while waiting for NATS.
     #[error("stopped while waiting for NATS at {0}")]
     Cancelled(String),
@@ -79,8 +82,8 @@ pub struct Endpoint {
     servers: Vec<async_nats::ServerAddr>,
     /// For logs and errors: the URLs with the user name at most.
     display: String,
-    user: Option<(String, String)>,
-    token: Option<String>,
+    user: Option<(String, Secret)>,
+    token: Option<Secret>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -127,10 +130,10 @@ impl Endpoint {
             let mut url = addr.clone().into_inner();
             match (addr.username(), addr.password()) {
                 (Some(name), Some(password)) => {
-                    user.get_or_insert_with(|| (percent_decode(name), percent_decode(password)));
+                    user.get_or_insert_with(|| (percent_decode(name), Secret::new(percent_decode(password))));
                 }
                 (Some(secret), None) => {
-                    token.get_or_insert_with(|| percent_decode(secret));
+                    token.get_or_insert_with(|| Secret::new(percent_decode(secret)));
                 }
                 _ => {}
             }
@@ -154,12 +157,8 @@ impl Endpoint {
     }
 }
 
-fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, ConnectError> {
-    crate::config::read_secret_file(path).map_err(|source| ConnectError::File {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+fn read_secret(setting: &'static str, path: &std::path::Path) -> Result<String, ConnectError> {
+    Ok(Secret::from_file(path, setting)?.expose().to_string())
 }
 
 /// The user in `dir` (files `user` and `password`), if it holds one.
@@ -167,9 +166,7 @@ fn user_dir(dir: &std::path::Path) -> Result<Option<(String, String)>, ConnectEr
     let (user, password) = (dir.join("user"), dir.join("password"));
     match (user.exists(), password.exists()) {
         (false, false) => Ok(None),
-        (true, true) => {
-            Ok(Some((read_secret("NATS user file", &user)?, read_secret("NATS password file", &password)?)))
-        }
+        (true, true) => Ok(Some((read_secret("NATS_USER_DIR", &user)?, read_secret("NATS_USER_DIR", &password)?))),
         (true, false) => Err(missing_in_dir(password)),
         (false, true) => Err(missing_in_dir(user)),
     }
@@ -201,10 +198,10 @@ async fn options(
     };
     // Credentials from the URL first; explicit settings below override them.
     if let Some((user, password)) = &endpoint.user {
-        options = options.user_and_password(user.clone(), password.clone());
+        options = options.user_and_password(user.clone(), password.expose().to_string());
     }
     if let Some(token) = &endpoint.token {
-        options = options.token(token.clone());
+        options = options.token(token.expose().to_string());
     }
     if let (None, Some(dir)) = (&args.nats_user, &args.nats_user_dir) {
         if let Some((user, password)) = user_dir(dir)? {
@@ -212,18 +209,15 @@ async fn options(
         }
     }
     if let Some(user) = &args.nats_user {
-        let password = match (&args.nats_password_file, &args.nats_password) {
-            (Some(path), _) => read_secret("NATS password file", path)?,
-            (None, Some(password)) => password.clone(),
-            (None, None) => String::new(),
-        };
-        options = options.user_and_password(user.clone(), password);
+        let password =
+            Secret::resolve(args.nats_password.as_ref(), args.nats_password_file.as_deref(), "NATS_PASSWORD_FILE")?;
+        options = options.user_and_password(user.clone(), password.map(|p| p.expose().to_string()).unwrap_or_default());
     }
     if let Some(path) = &args.nats_token_file {
-        options = options.token(read_secret("NATS token file", path)?);
+        options = options.token(read_secret("NATS_TOKEN_FILE", path)?);
     }
     if let Some(path) = &args.nats_nkey_file {
-        options = options.nkey(read_secret("NATS NKey seed file", path)?);
+        options = options.nkey(read_secret("NATS_NKEY_FILE", path)?);
     }
     if let Some(ca) = &args.nats_tls_ca_file {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -289,8 +283,7 @@ pub async fn connect(
 ) -> Result<Client, ConnectError> {
     let endpoint = Endpoint::parse(&args.url)?;
     let url = endpoint.display.clone();
-    let mut delay = Duration::from_millis(100);
-    let mut warned = false;
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let attempt = options(args, &endpoint, name, state).await?.connect(endpoint.servers.clone()).await;
         let error = match attempt {
@@ -310,18 +303,12 @@ pub async fn connect(
             ConnectErrorKind::Io if is_tls_alert(&error) => {
                 return Err(ConnectError::Refused { url: url.clone(), source: error });
             }
-            _ => {
-                if !warned {
-                    tracing::warn!("waiting for NATS at {url}: {error}");
-                    warned = true;
-                }
-            }
+            _ if backoff.first_failure() => tracing::warn!("waiting for NATS at {url}: {error}"),
+            _ => {}
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(ConnectError::Cancelled(url.clone())),
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(shutdown).await {
+            return Err(ConnectError::Cancelled(url.clone()));
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -340,13 +327,13 @@ mod tests {
     #[test]
     fn credentials_in_the_url_are_taken_out_and_never_shown() {
         let e = Endpoint::parse("nats://chunk:s3cr%40t@127.0.0.1:4223, nats://[::1]:4224").expect("parses");
-        assert_eq!(e.user, Some(("chunk".to_string(), "s3cr@t".to_string())));
+        assert_eq!(e.user, Some(("chunk".to_string(), Secret::new("s3cr@t"))));
         assert_eq!(e.token, None);
         assert_eq!(e.to_string(), "nats://chunk:<redacted>@127.0.0.1:4223,nats://[::1]:4224");
         assert!(e.servers.iter().all(|s| !s.has_user_pass()), "{:?}", e.servers);
         assert!(!format!("{e:?}").contains("s3cr"));
         let t = Endpoint::parse("tls://tok-123@nats.example:4222").expect("parses");
-        assert_eq!(t.token.as_deref(), Some("tok-123"));
+        assert_eq!(t.token.as_ref().map(Secret::expose), Some("tok-123"));
         assert_eq!(t.to_string(), "tls://<token>@nats.example:4222");
         assert_eq!(Endpoint::parse("127.0.0.1:4222").expect("no scheme").to_string(), "nats://127.0.0.1:4222");
     }

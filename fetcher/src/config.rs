@@ -124,6 +124,11 @@ pub struct Config {
     #[arg(long, env = "FETCHER_EXIT_WHEN_DONE")]
     pub exit_when_done: bool,
 
+    /// Write the run's summary (the last log line's numbers) as JSON to this file when the
+    /// fetcher stops, for scripts and tests: its fields do not change when the log is reworded.
+    #[arg(long, env = "FETCHER_SUMMARY_JSON")]
+    pub summary_json: Option<PathBuf>,
+
     /// Invalid input records: `fail` (default: refuse to start, listing them) or `skip`.
     #[arg(long, env = "FETCHER_BAD_RECORDS", value_enum, default_value = "fail")]
     pub bad_records: BadRecords,
@@ -188,6 +193,7 @@ impl Config {
             lease_timeout: Duration::from_secs(5),
             max_attempts: 3,
             exit_when_done: true,
+            summary_json: None,
             bad_records: BadRecords::Fail,
             metrics_addr: "127.0.0.1:0".into(),
             state_dir: PathBuf::from("state"),

@@ -72,7 +72,7 @@ pub enum ReleaseOutcome {
 }
 
 /// Counters a person (and the metrics) care about.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LedgerStats {
     /// Leases granted, first and repeated.
     pub leases_granted: u64,

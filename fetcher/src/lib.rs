@@ -23,6 +23,7 @@ pub mod store;
 use std::time::Duration;
 
 use common::input::{InputError, InputIndex, ScanOptions};
+use common::service::Service;
 use tokio_util::sync::CancellationToken;
 use transform::{Job, Registry, Transform};
 
@@ -72,12 +73,17 @@ pub enum FetcherError {
         /// The first few, one per line.
         listing: String,
     },
-    /// NATS connection set-up failed.
+    /// The metrics endpoint or the NATS connection could not start.
     #[error(transparent)]
-    Connect(#[from] common::nats::ConnectError),
-    /// The metrics endpoint could not start.
-    #[error(transparent)]
-    Metrics(#[from] common::metrics::ServeError),
+    Start(#[from] common::service::StartError),
+    /// `--summary-json` cannot be written.
+    #[error("cannot write the run summary to {path} (--summary-json): {source}")]
+    Summary {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The durable ledger cannot be used.
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -119,8 +125,8 @@ pub enum FetcherError {
     },
 }
 
-/// What a run did, returned when the fetcher stops.
-#[derive(Debug, Clone)]
+/// What a run did, returned when the fetcher stops (and written by `--summary-json`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct RunSummary {
     /// Run id.
     pub run_id: String,
@@ -137,6 +143,7 @@ pub struct RunSummary {
     /// Ledger counters.
     pub stats: LedgerStats,
     /// Wall time from start (after the scan) to the end.
+    #[serde(rename = "elapsed_seconds", serialize_with = "as_seconds")]
     pub elapsed: Duration,
     /// Every chunk done or dead-lettered.
     pub complete: bool,
@@ -321,11 +328,10 @@ fn check_other_runs(config: &Config, record: &RunRecord, others: &[OtherRun]) ->
 
 /// Runs the fetcher until the run completes (with `exit_when_done`) or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
-    let name = config.nats.instance_name("fetcher");
     let metrics = FetcherMetrics::new();
-    let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
-    let client =
-        common::nats::connect(&config.nats, &format!("chunkmill-fetcher {name}"), &connection, &shutdown).await?;
+    let service = Service::start("fetcher", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    let client = service.connect(&config.nats, &shutdown).await?;
+    let name = service.name.clone();
     let (job, transform) = load_job(&config)?;
     let input_metrics = scan::InputMetrics::new(&metrics.common.registry);
     let index = load_input(&config, &job, transform, &input_metrics).await?;
@@ -367,13 +373,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         config::Events::On => Publisher::start(client.clone(), config.nats.subject_prefix.clone()),
         config::Events::Off => Publisher::off(),
     };
-    let io = Io { client, metrics, events, ready };
+    let io = Io { client, metrics, events, ready: service.readiness() };
+    let summary_json = config.summary_json.clone();
     let mut server = Server::new(config, job, index, io, store, recovered)?;
     if fresh {
         server.record_bad_records().await?;
     }
     server.announce(fresh, &name);
-    server.serve(shutdown).await
+    let summary = server.serve(shutdown).await?;
+    if let Some(path) = summary_json {
+        write_summary(&path, &summary)?;
+    }
+    Ok(summary)
+}
+
+fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Writes `summary` as JSON to `path` (whole or not at all: a temporary file renamed over it).
+fn write_summary(path: &std::path::Path, summary: &RunSummary) -> Result<(), FetcherError> {
+    let error = |source| FetcherError::Summary { path: path.to_path_buf(), source };
+    let body = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other).map_err(error)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)).map_err(error)
 }
 
 /// How long a run took, for the summary.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message, Subject};
+use common::backoff::Backoff;
 use common::events::{Event, EventBody};
 use common::input::{ChunkReader, InputError, InputIndex, ReadErrorKind};
 use common::protocol::{
@@ -947,7 +948,7 @@ impl Server {
         let stop = self.markers.clone();
         let refused = self.refused_markers.0.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             loop {
                 let request =
                     async_nats::Request::new().payload(body.clone().into()).timeout(Some(Duration::from_secs(5)));
@@ -963,11 +964,9 @@ impl Server {
                     }
                     _ => {}
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !backoff.wait(&stop).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
     }

@@ -32,10 +32,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Client, RequestErrorKind};
 use bytes::Bytes;
+use common::backoff::{sleep_unless as pause, Backoff};
 use common::protocol::{
     self, ChunkHead, ExtendReply, ExtendRequest, LeaseRef, ReleaseReason, ReleaseRequest, ResultReply, ResultStatus,
     Subjects, WorkReply, WorkReplyKind, WorkRequest, VERSION,
 };
+use common::service::Service;
 use common::text::escaped;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -60,12 +62,9 @@ const TRANSFORMERS: usize = 2;
 /// Why the mapper could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MapperError {
-    /// NATS connection set-up failed.
+    /// The metrics endpoint or the NATS connection could not start.
     #[error(transparent)]
-    Connect(#[from] common::nats::ConnectError),
-    /// The metrics endpoint could not start.
-    #[error(transparent)]
-    Metrics(#[from] common::metrics::ServeError),
+    Start(#[from] common::service::StartError),
     /// The rayon pool could not be built.
     #[error("cannot start {threads} transform threads: {source}")]
     Pool {
@@ -182,14 +181,15 @@ pub async fn run_with(
     for command in &config.commands {
         registry = registry.with_command(command.clone());
     }
-    let name = config.nats.instance_name("mapper");
     let metrics = metrics::MapperMetrics::new();
     let subjects = Subjects::new(&config.nats.subject_prefix);
     metrics.common.watch_subjects(&[&subjects.work]);
-    let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    let client =
-        common::nats::connect(&config.nats, &format!("chunkmill-mapper {name}"), &connection, &shutdown).await?;
+    let service = Service::start("mapper", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    // Ready while it waits for NATS: a mapper has nothing to warm up, and /readyz still follows
+    // the connection.
+    service.set_ready();
+    let client = service.connect(&config.nats, &shutdown).await?;
+    let name = service.name.clone();
     tracing::info!(
         "mapper {}: runs {}; {} chunks in hand and {} results in flight at most, {threads} transform threads",
         escaped(&name),
@@ -262,35 +262,11 @@ pub async fn run_with(
 pub fn main_with(registry: Registry) -> std::process::ExitCode {
     use clap::Parser;
     let config = Config::parse();
-    common::telemetry::init_logging();
     // One tokio thread for messaging; the cores belong to the rayon transform pool.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("mapper: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let shutdown = common::shutdown::on_signals();
-        run_with(config, registry, shutdown).await
-    });
-    match result {
-        Ok(_) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("mapper: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// Sleeps `duration` unless `token` is cancelled first; true if it slept in full.
-async fn pause(duration: Duration, token: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = token.cancelled() => false,
-        _ = tokio::time::sleep(duration) => true,
-    }
+    common::service::main("mapper", common::service::Runtime::CurrentThread, |shutdown| async move {
+        run_with(config, registry, shutdown).await?;
+        Ok(std::process::ExitCode::SUCCESS)
+    })
 }
 
 /// Asks for as many chunks as there is room for, and queues them for the transformers. Ends on
@@ -302,8 +278,7 @@ async fn pump(
     shutdown: CancellationToken,
     exit_when_done: bool,
 ) {
-    let mut warned = false;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut told_why = String::new();
     while !shutdown.is_cancelled() && !shared.hard_stop.is_cancelled() {
         // Wait for room for one chunk, then take whatever else is free: one request for all.
@@ -353,22 +328,19 @@ async fn pump(
         shared.metrics.idle.inc_by(waiting.elapsed().as_secs_f64());
         let message = match message {
             Ok(message) => {
-                if warned {
+                if backoff.reset() {
                     tracing::info!("the fetcher answers again");
                 }
-                warned = false;
-                backoff = Duration::from_millis(50);
                 message
             }
             Err(e) => {
-                if !warned {
+                if backoff.first_failure() {
                     match e.kind() {
                         RequestErrorKind::NoResponders => {
                             tracing::warn!("no fetcher is listening on {}; waiting for one", shared.subjects.work)
                         }
                         _ => tracing::warn!("asking for work failed ({e}); retrying"),
                     }
-                    warned = true;
                 }
                 drop(permits);
                 // "No responders" is the NATS server's own instant answer and costs the fetcher
@@ -377,8 +349,7 @@ async fn pump(
                 // (a timeout: the fetcher may be overloaded) backs off to 2 s.
                 let cap =
                     if e.kind() == RequestErrorKind::NoResponders { NO_FETCHER_RETRY } else { Duration::from_secs(2) };
-                pause(backoff.min(cap), &shutdown).await;
-                backoff = (backoff * 2).min(cap);
+                backoff.wait_up_to(cap, &shutdown).await;
                 continue;
             }
         };
@@ -562,8 +533,7 @@ async fn give_back(shared: &Arc<Shared>, lease: LeaseRef, reason: ReleaseReason,
 /// Sends a result to a saver until one answers `saved`: resent after `failed`, `not_acked`, a
 /// timeout or no responders, with backoff, while the lease is still ours.
 async fn deliver(shared: &Arc<Shared>, lease: LeaseRef, body: Bytes) -> Delivery {
-    let mut backoff = Duration::from_millis(100);
-    let mut warned = false;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         // `valid: false` from the heartbeat may come before the saver's `saved` for the same
         // chunk (the saver acks the fetcher first): the chunk is done or lost, stop resending.
@@ -608,14 +578,12 @@ async fn deliver(shared: &Arc<Shared>, lease: LeaseRef, body: Bytes) -> Delivery
             }
             Err(e) => format!("sending the result failed: {e}"),
         };
-        if !warned {
+        if backoff.first_failure() {
             tracing::warn!(chunk = lease.chunk, "chunk {}: {problem}; retrying", lease.chunk);
-            warned = true;
         }
-        if !pause(backoff, &shared.hard_stop).await {
+        if !backoff.wait(&shared.hard_stop).await {
             return Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down".into());
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Client;
+use common::backoff::Backoff;
 use common::protocol::{self, Ack, AckReply, AckRequest, AckVerdict, VERSION};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -72,14 +73,15 @@ pub struct AckerConfig {
 /// Sends saved chunks to the fetcher in batches and hands each waiting task its verdict, until
 /// the queue closes. Up to 3 attempts per batch; then `None` (the mapper resends, we ack again).
 pub async fn acker(config: AckerConfig, mut queue: mpsc::Receiver<AckSlot>) {
-    let mut warned = false;
+    // Spans batches: one warning per outage, and delays that start over only after a success.
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(800));
     let mut batch = Vec::with_capacity(ACK_BATCH);
     while queue.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let (acks, waiters): (Vec<Ack>, Vec<_>) = batch.drain(..).unzip();
         let body =
             protocol::encode(&AckRequest { v: VERSION, saver: config.saver.clone(), sink: config.sink.clone(), acks });
         let mut verdicts = None;
-        for attempt in 0..3u32 {
+        for _ in 0..3 {
             let request = async_nats::Request::new().payload(body.clone()).timeout(Some(Duration::from_secs(5)));
             match config.client.send_request(config.subject.clone(), request).await {
                 Ok(message) => match protocol::decode::<AckReply>(&message.payload) {
@@ -91,16 +93,15 @@ pub async fn acker(config: AckerConfig, mut queue: mpsc::Receiver<AckSlot>) {
                     Err(e) => tracing::warn!("unreadable ack reply: {e}; retrying"),
                 },
                 Err(e) => {
-                    if !warned {
+                    if backoff.first_failure() {
                         tracing::warn!("acknowledging to the fetcher failed ({e}); retrying");
-                        warned = true;
                     }
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
         if verdicts.is_some() {
-            warned = false;
+            backoff.reset();
         }
         match verdicts {
             Some(verdicts) => {

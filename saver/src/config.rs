@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use common::config::NatsArgs;
+use common::config::{NatsArgs, Secret, SecretFileError};
+
+use crate::sink::SinkConfig;
 
 /// chunkmill saver: saves processed chunks durably and idempotently, then acknowledges them to
 /// the fetcher.
@@ -110,12 +112,12 @@ impl Config {
 }
 
 /// The sink choice and its secret, shared by saving and `verify`.
-#[derive(Clone, Default, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct SinkArgs {
     /// `file` (the default: --out) or a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE; put the
     /// password in --pg-password-file rather than in the URL.
-    #[arg(long, env = "SAVER_SINK", hide_env_values = true, value_parser = parse_sink)]
-    pub sink: Option<SinkChoice>,
+    #[arg(long, env = "SAVER_SINK", hide_env_values = true, default_value = "file", value_parser = SinkParser)]
+    pub sink: SinkChoice,
 
     /// File holding the PostgreSQL password (a mounted Secret).
     #[arg(long, env = "SAVER_PG_PASSWORD_FILE")]
@@ -123,29 +125,17 @@ pub struct SinkArgs {
 
     /// PostgreSQL password (prefer --pg-password-file: environment variables are easy to leak).
     #[arg(long, env = "SAVER_PG_PASSWORD", hide_env_values = true)]
-    pub pg_password: Option<String>,
-}
-
-impl std::fmt::Debug for SinkArgs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SinkArgs")
-            .field("sink", &self.sink)
-            .field("pg_password_file", &self.pg_password_file)
-            .field("pg_password", &self.pg_password.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
+    pub pg_password: Option<Secret>,
 }
 
 /// A parsed `--sink`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum SinkChoice {
     /// Files under `--out`.
+    #[default]
     File,
     /// A PostgreSQL connection string (may hold a password: never print it, use [`Self::describe`]).
     Postgres(String),
-    /// Anything else: refused at start-up without echoing it (clap would print a rejected value,
-    /// and this one may be a connection string with a password).
-    Unknown,
 }
 
 impl SinkChoice {
@@ -154,7 +144,6 @@ impl SinkChoice {
         match self {
             SinkChoice::File => "file".into(),
             SinkChoice::Postgres(url) => crate::sink::postgres::redacted(url),
-            SinkChoice::Unknown => "<unrecognised>".into(),
         }
     }
 }
@@ -165,47 +154,59 @@ impl std::fmt::Debug for SinkChoice {
     }
 }
 
-fn parse_sink(text: &str) -> Result<SinkChoice, std::convert::Infallible> {
-    let text = text.trim();
-    Ok(if text.is_empty() || text == "file" {
-        SinkChoice::File
-    } else if crate::sink::postgres::is_postgres_url(text) {
-        SinkChoice::Postgres(text.to_string())
-    } else {
-        SinkChoice::Unknown
-    })
+/// Parses `--sink` when the command line is read, and refuses anything else there: with a message
+/// of its own, because clap's would repeat the value, and this one may be a connection string
+/// with a password.
+#[derive(Clone)]
+struct SinkParser;
+
+impl clap::builder::TypedValueParser for SinkParser {
+    type Value = SinkChoice;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<SinkChoice, clap::Error> {
+        let text = value.to_str().unwrap_or_default().trim();
+        if text.is_empty() || text == "file" {
+            Ok(SinkChoice::File)
+        } else if crate::sink::postgres::is_postgres_url(text) {
+            Ok(SinkChoice::Postgres(text.to_string()))
+        } else {
+            Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{UNKNOWN_SINK}\n")).with_cmd(cmd))
+        }
+    }
 }
 
-/// The message for [`SinkChoice::Unknown`].
+/// The message for an unknown `--sink`.
 pub const UNKNOWN_SINK: &str =
     "--sink (SAVER_SINK) is neither `file` nor a postgres://USER@HOST:PORT/DATABASE URL; fix it (its value is not shown: it may hold a password)";
 
-/// Why the sink's secret could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot read the PostgreSQL password file {path}: {source}; mount the Secret there or unset SAVER_PG_PASSWORD_FILE"
-)]
-pub struct PasswordFileError {
-    /// The file.
-    pub path: PathBuf,
-    /// Why.
-    pub source: std::io::Error,
-}
-
 impl SinkArgs {
     /// The password to use, if any: the file's (trimmed, as every secret file), else `--pg-password`.
-    pub fn password(&self) -> Result<Option<String>, PasswordFileError> {
-        if let Some(path) = &self.pg_password_file {
-            return common::config::read_secret_file(path)
-                .map(Some)
-                .map_err(|source| PasswordFileError { path: path.clone(), source });
-        }
-        Ok(self.pg_password.clone())
+    pub fn password(&self) -> Result<Option<Secret>, SecretFileError> {
+        Secret::resolve(self.pg_password.as_ref(), self.pg_password_file.as_deref(), "SAVER_PG_PASSWORD_FILE")
     }
 
     /// A PostgreSQL sink at `url` with no separate password (tests and tools).
     pub fn postgres(url: impl Into<String>) -> Self {
-        SinkArgs { sink: Some(SinkChoice::Postgres(url.into())), ..Default::default() }
+        SinkArgs { sink: SinkChoice::Postgres(url.into()), ..Default::default() }
+    }
+
+    /// The whole sink configuration, with the file sink's directory, the saver's pool size and
+    /// name: the one place the choice is matched and its secret read.
+    pub fn config(&self, out: &std::path::Path, pool_size: usize, saver: &str) -> Result<SinkConfig, SecretFileError> {
+        Ok(match &self.sink {
+            SinkChoice::File => SinkConfig::File { out: out.to_path_buf() },
+            SinkChoice::Postgres(url) => SinkConfig::Postgres(crate::sink::postgres::PgOptions {
+                url: url.clone(),
+                password: self.password()?,
+                pool_size,
+                saver: saver.to_string(),
+            }),
+        })
     }
 }
 
@@ -219,9 +220,10 @@ mod tests {
         let cli = Cli::try_parse_from(["saver", "--sink", "postgres://u:hunter2@db/x"]).expect("parses");
         let debug = format!("{cli:?}");
         assert!(debug.contains("postgres://u@db:5432/x") && !debug.contains("hunter2"), "{debug}");
-        let cli = Cli::try_parse_from(["saver", "--sink", "mysql://u:hunter2@db/x"]).expect("refused later");
-        assert_eq!(cli.run.sink.sink, Some(SinkChoice::Unknown));
-        assert!(!format!("{cli:?}").contains("hunter2"));
+        let error = Cli::try_parse_from(["saver", "--sink", "mysql://u:hunter2@db/x"]).unwrap_err().to_string();
+        assert!(error.contains("--sink") && !error.contains("hunter2"), "{error}");
+        let cli = Cli::try_parse_from(["saver"]).expect("parses");
+        assert_eq!(cli.run.sink.sink, SinkChoice::File, "the file sink is the default");
     }
 
     #[test]
@@ -231,10 +233,10 @@ mod tests {
         std::fs::write(&file, "from-file\n").expect("write");
         let args = SinkArgs {
             pg_password_file: Some(file),
-            pg_password: Some("env".into()),
+            pg_password: Some(Secret::new("env")),
             ..SinkArgs::postgres("postgres://h/d")
         };
-        assert_eq!(args.password().expect("reads").as_deref(), Some("from-file"));
+        assert_eq!(args.password().expect("reads").as_ref().map(Secret::expose), Some("from-file"));
         let missing = SinkArgs { pg_password_file: Some(dir.path().join("nope")), ..Default::default() };
         assert!(missing.password().unwrap_err().to_string().contains("nope"));
     }

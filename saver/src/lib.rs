@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_nats::{Client, Message};
 use batch::{AckSlot, AckerConfig, WriteSlot, ACK_BATCH, WRITE_BATCH};
 use common::protocol::{self, Ack, AckVerdict, ResultReply, ResultStatus, Subjects, SAVER_QUEUE_GROUP, VERSION};
+use common::service::Service;
 use decoded::Decoded;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -28,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-use config::SinkChoice;
 use sink::{SaveOutcome, Sink, SinkError};
 
 /// Why the saver could not start.
@@ -37,12 +37,12 @@ pub enum SaverError {
     /// The sink cannot be opened.
     #[error(transparent)]
     Sink(#[from] SinkError),
-    /// NATS connection set-up failed.
+    /// The metrics endpoint or the NATS connection could not start.
     #[error(transparent)]
-    Connect(#[from] common::nats::ConnectError),
-    /// The metrics endpoint could not start.
+    Start(#[from] common::service::StartError),
+    /// The sink's password file cannot be read.
     #[error(transparent)]
-    Metrics(#[from] common::metrics::ServeError),
+    Secret(#[from] common::config::SecretFileError),
     /// The subscription could not be made.
     #[error("cannot subscribe to {subject}: {source}")]
     Subscribe {
@@ -92,15 +92,14 @@ struct Shared {
 
 /// Runs the saver until `shutdown`; in-flight chunks are finished before it returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSummary, SaverError> {
-    let name = config.nats.instance_name("saver");
     let metrics = metrics::SaverMetrics::new();
     // Health first, so a probe sees a live process while it waits for its database.
-    let (connection, ready) = common::metrics::start(&config.metrics_addr, &metrics.common, &shutdown).await?;
+    let service = Service::start("saver", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    let name = service.name.clone();
     let Some(sink) = open_sink(&config, &name, &shutdown).await? else {
         return Ok(SaverSummary::default());
     };
-    let client =
-        common::nats::connect(&config.nats, &format!("chunkmill-saver {name}"), &connection, &shutdown).await?;
+    let client = service.connect(&config.nats, &shutdown).await?;
     let subjects = Subjects::new(&config.nats.subject_prefix);
     let mut results = client
         .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())
@@ -109,7 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     tracing::info!("saver {name}: saving to {} (sink {})", sink.describe(), sink.id());
     let sink_id = sink.id().to_string();
     metrics.common.watch_subjects(&[&subjects.result]);
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    service.set_ready();
     let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
     let acker_config = AckerConfig {
         client: client.clone(),
@@ -335,24 +334,6 @@ async fn ack(shared: &Shared, result: &Decoded, _saved: SaveOutcome, dead: u64) 
 
 /// Opens the configured sink; `None` if shut down while waiting for a database.
 async fn open_sink(config: &Config, name: &str, shutdown: &CancellationToken) -> Result<Option<Sink>, SaverError> {
-    match &config.sink.sink {
-        None | Some(SinkChoice::File) => {
-            let out = config.out.clone();
-            let sink = tokio::task::spawn_blocking(move || sink::file::FileSink::open(out))
-                .await
-                .map_err(|e| SinkError::Task(e.to_string()))??;
-            Ok(Some(Sink::File(Arc::new(sink))))
-        }
-        Some(SinkChoice::Unknown) => Err(SinkError::Config(config::UNKNOWN_SINK.into()).into()),
-        Some(SinkChoice::Postgres(url)) => {
-            let password = config.sink.password().map_err(|e| SinkError::Config(e.to_string()))?;
-            let options = sink::postgres::PgOptions {
-                url: url.clone(),
-                password,
-                pool_size: config.pg_pool as usize,
-                saver: name.to_string(),
-            };
-            Ok(sink::postgres::PgSink::connect(options, shutdown).await?.map(Sink::Postgres))
-        }
-    }
+    let sink = config.sink.config(&config.out, config.pg_pool as usize, name)?;
+    Ok(sink.open(shutdown).await?)
 }

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use transform::{Job, ObjectError, Outputs, Registry, Transform};
 
 use crate::sink::file::{chunk_file_name, dead_file_name};
+use crate::sink::SinkConfig;
 
 /// The outcome of a verification.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -673,13 +674,25 @@ pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<Verif
     let recompute = args.recompute || !args.recompute_with.is_empty();
     let mut expectation = Expectation::new(&args.job, &registry, recompute, args.show_dead)?;
     expectation.duplicate_check = !args.no_duplicate_check;
-    match &args.sink.sink {
-        Some(crate::config::SinkChoice::Postgres(url)) => {
-            let password = args.sink.password().map_err(|e| VerifyError::Database(e.to_string()))?;
-            verify_postgres(&args.input, url, password.as_deref(), args.chunk_size, &expectation)
+    let sink = args.sink.config(&args.out, 1, "verify").map_err(|e| VerifyError::Database(e.to_string()))?;
+    sink.verify(&args.input, args.chunk_size, &expectation)
+}
+
+impl SinkConfig {
+    /// Compares this sink with `input` as `expectation` says it should hold it.
+    pub fn verify(
+        &self,
+        input: &Path,
+        chunk_size: u32,
+        expectation: &Expectation,
+    ) -> Result<VerifyReport, VerifyError> {
+        match self {
+            SinkConfig::File { out } => verify(input, out, chunk_size, expectation),
+            SinkConfig::Postgres(options) => {
+                let password = options.password.as_ref().map(common::config::Secret::expose);
+                verify_postgres(input, &options.url, password, chunk_size, expectation)
+            }
         }
-        Some(crate::config::SinkChoice::Unknown) => Err(VerifyError::Database(crate::config::UNKNOWN_SINK.into())),
-        None | Some(crate::config::SinkChoice::File) => verify(&args.input, &args.out, args.chunk_size, &expectation),
     }
 }
 

@@ -170,6 +170,8 @@ impl Pipeline {
             self.input.display().to_string(),
             "--state-dir".into(),
             self.state_dir().display().to_string(),
+            "--summary-json".into(),
+            self.summary_path(name).display().to_string(),
         ];
         args.extend(self.job.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -319,15 +321,21 @@ pub fn finish(fetcher: &mut Service, timeout: Duration) {
     assert_eq!(code, Some(0), "the fetcher did not finish the run:\n{}", fetcher.log());
 }
 
-/// A number from the fetcher's summary line, e.g. `summary_number(log, "re-leases")`.
-pub fn summary_number(log: &str, label: &str) -> u64 {
-    let line = log.lines().rev().find(|l| l.contains("chunks done")).expect("a summary line in the fetcher log");
-    let before = line.split(&format!(" {label}")).next().expect("label in summary");
-    before
-        .rsplit(' ')
-        .next()
-        .and_then(|n| n.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-        .unwrap_or_else(|| panic!("no number before `{label}` in: {line}"))
+impl Pipeline {
+    /// Where the fetcher named `name` writes its `--summary-json`.
+    pub fn summary_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("summary-{name}.json"))
+    }
+
+    /// A number from the `--summary-json` of the fetcher named `name` (stopped), by JSON pointer,
+    /// e.g. `p.summary_number("fetcher", "/stats/re_leases")`.
+    pub fn summary_number(&self, name: &str, pointer: &str) -> u64 {
+        let path = self.summary_path(name);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("no run summary at {} (has fetcher {name} stopped?): {e}", path.display()));
+        let summary: serde_json::Value = serde_json::from_str(&text).expect("the summary is JSON");
+        summary.pointer(pointer).and_then(serde_json::Value::as_u64).unwrap_or_else(|| panic!("no {pointer} in {text}"))
+    }
 }
 
 /// A tmpfs of `size_kib` mounted at a new directory, unmounted on drop: a disk that really fills

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{SaveOutcome, SinkError};
 use crate::decoded::Decoded;
@@ -47,6 +47,29 @@ fn sync_dir(dir: &Path) -> Result<(), SinkError> {
 }
 
 impl FileSink {
+    /// [`Self::open`] on tokio's blocking pool (it lists and deletes files).
+    pub async fn open_blocking_pool(root: PathBuf) -> Result<Self, SinkError> {
+        tokio::task::spawn_blocking(move || Self::open(root))
+            .await
+            .unwrap_or_else(|e| Err(SinkError::Task(e.to_string())))
+    }
+
+    /// [`Self::save_batch`] on tokio's blocking pool: fsync blocks, and the saver's runtime
+    /// threads must keep answering NATS meanwhile.
+    pub async fn save_on_blocking_pool(
+        sink: &Arc<Self>,
+        results: Vec<Arc<Decoded>>,
+    ) -> Vec<Result<SaveOutcome, SinkError>> {
+        let sink = sink.clone();
+        let count = results.len();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&Decoded> = results.iter().map(|r| r.as_ref()).collect();
+            sink.save_batch(&refs)
+        })
+        .await
+        .unwrap_or_else(|e| (0..count).map(|_| Err(SinkError::Task(e.to_string()))).collect())
+    }
+
     /// A sink under `root` (created if missing). Removes temporary files left by a crash.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, SinkError> {
         let root = root.into();

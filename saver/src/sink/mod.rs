@@ -8,6 +8,8 @@ pub mod postgres;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::decoded::Decoded;
 
 /// What saving a chunk did.
@@ -59,6 +61,32 @@ pub enum SinkError {
     Task(String),
 }
 
+/// A sink's whole configuration, resolved from the command line once (its secret read): what
+/// the saver opens and `saver verify` reads.
+#[derive(Debug, Clone)]
+pub enum SinkConfig {
+    /// One JSON Lines file per chunk under `out`.
+    File {
+        /// The directory.
+        out: PathBuf,
+    },
+    /// Rows in PostgreSQL tables.
+    Postgres(postgres::PgOptions),
+}
+
+impl SinkConfig {
+    /// Opens the sink, waiting (with backoff) for a database that is not up yet; `None` if
+    /// `shutdown` came first.
+    pub async fn open(self, shutdown: &CancellationToken) -> Result<Option<Sink>, SinkError> {
+        match self {
+            SinkConfig::File { out } => Ok(Some(Sink::File(Arc::new(file::FileSink::open_blocking_pool(out).await?)))),
+            SinkConfig::Postgres(options) => {
+                Ok(postgres::PgSink::connect(options, shutdown).await?.map(Sink::Postgres))
+            }
+        }
+    }
+}
+
 /// The configured sink. Cheap to clone.
 #[derive(Debug, Clone)]
 pub enum Sink {
@@ -73,17 +101,7 @@ impl Sink {
     /// result, in order. `Saved` means durable.
     pub async fn save_batch(&self, results: Vec<Arc<Decoded>>) -> Vec<Result<SaveOutcome, SinkError>> {
         match self {
-            Sink::File(sink) => {
-                let sink = sink.clone();
-                let count = results.len();
-                // fsync blocks: the file sink saves on tokio's blocking pool.
-                tokio::task::spawn_blocking(move || {
-                    let refs: Vec<&Decoded> = results.iter().map(|r| r.as_ref()).collect();
-                    sink.save_batch(&refs)
-                })
-                .await
-                .unwrap_or_else(|e| (0..count).map(|_| Err(SinkError::Task(e.to_string()))).collect())
-            }
+            Sink::File(sink) => file::FileSink::save_on_blocking_pool(sink, results).await,
             Sink::Postgres(sink) => sink.save_batch(&results).await,
         }
     }

@@ -23,6 +23,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::backoff::Backoff;
+use common::config::Secret;
 use common::protocol::{Cause, DeadObject};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -70,7 +72,7 @@ pub struct PgOptions {
     /// `postgres://user@host:port/database?...` (a password in it works but belongs in a file).
     pub url: String,
     /// The password, from `SAVER_PG_PASSWORD_FILE` or `SAVER_PG_PASSWORD`; overrides the URL's.
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Connections in the pool: batches committed concurrently by this saver.
     pub pool_size: usize,
     /// This saver's instance name, recorded with each chunk it commits.
@@ -81,7 +83,7 @@ impl std::fmt::Debug for PgOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgOptions")
             .field("url", &redacted(&self.url))
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password", &self.password)
             .field("pool_size", &self.pool_size)
             .field("saver", &self.saver)
             .finish()
@@ -313,12 +315,11 @@ impl PgSink {
     /// fails at once on a wrong password, a missing database, missing rights or a schema made by
     /// a newer chunkmill. `Ok(None)` if `shutdown` came first.
     pub async fn connect(options: PgOptions, shutdown: &CancellationToken) -> Result<Option<Self>, SinkError> {
-        let config = parse(&options.url, options.password.as_deref())?;
+        let config = parse(&options.url, options.password.as_ref().map(Secret::expose))?;
         let target: Arc<str> = describe(&config).into();
         let pool = pool(config, options.pool_size)?;
         let mut sink = PgSink { pool, target, saver: options.saver.into(), id: Arc::from("") };
-        let mut delay = Duration::from_millis(200);
-        let mut warned = false;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             match sink.apply_schema().await {
                 Ok(id) => {
@@ -327,15 +328,12 @@ impl PgSink {
                 }
                 Err(failure) if !failure.transient() => return Err(failure.into_error(&sink.target)),
                 Err(failure) => {
-                    if !warned {
+                    if backoff.first_failure() {
                         tracing::warn!("waiting for PostgreSQL: {}", failure.clone().into_error(&sink.target));
-                        warned = true;
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(delay) => {}
+                    if !backoff.wait(shutdown).await {
+                        return Ok(None);
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -708,7 +706,8 @@ mod tests {
         assert_eq!(redacted(url), "postgres://chunkmill@db.example:6543/pipeline");
         let config = parse(url, Some("other")).expect("parses");
         assert!(!describe(&config).contains("s3cret"));
-        let options = PgOptions { url: url.into(), password: Some("other".into()), pool_size: 2, saver: "s".into() };
+        let options =
+            PgOptions { url: url.into(), password: Some(Secret::new("other")), pool_size: 2, saver: "s".into() };
         let debug = format!("{options:?}");
         assert!(!debug.contains("s3cret") && !debug.contains("other"), "{debug}");
         assert_eq!(redacted("postgres://u:p@[::1"), "<unparsable connection string>");
