@@ -1,22 +1,43 @@
-//! The chaos test: a full run of the real binaries while a seeded random schedule SIGKILLs and
-//! restarts mappers, the saver and the fetcher, SIGSTOPs a mapper past its lease, and restarts
-//! nats-server. At the end `saver verify` must report 0 missing, 0 duplicated, 0 wrong.
+//! The chaos tests: full runs of the real binaries while a seeded random schedule SIGKILLs and
+//! restarts mappers, the saver and the fetcher, SIGSTOPs a mapper past its lease, restarts
+//! nats-server, and fills the fetcher's state disk and the file sink's disk (real size-limited
+//! tmpfs mounts: ENOSPC); with the PostgreSQL sink, it also stops and restarts the database. At
+//! the end `saver verify` must report 0 missing, 0 duplicated, 0 wrong.
 //!
-//! `CHAOS_SEED=N` replays one schedule; `CHAOS_RUNS=K` runs K seeds (default 2); each run prints
-//! its seed, the faults injected by kind and the longest recovery seen after each kind (time
-//! from the fault until the sink grows again). docs/RELIABILITY.md records a many-seed session.
+//! `CHAOS_SEED=N` replays one schedule (in each test); `CHAOS_RUNS=K` runs K seeds of the
+//! file-sink test (default 2), `CHAOS_PG_RUNS=K` K seeds of the PostgreSQL one (default 1). Each
+//! run prints its seed, the faults injected by kind and the longest recovery seen after each kind:
+//! the time from the fault until the sink grows again (after a full disk, until the space is back
+//! and the sink grows again). docs/RELIABILITY.md records a many-seed session.
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chunkmill::fetcher::generate::SplitMix64;
 use common::harness::Service;
-use support::Pipeline;
+use support::postgres::PgServer;
+use support::{metric, Pipeline, Tmpfs};
 
-const KINDS: [&str; 5] = ["kill-mapper", "kill-saver", "kill-fetcher", "stop-mapper", "restart-nats"];
 const LEASE: Duration = Duration::from_secs(1);
+const OBJECTS: u64 = 20_000;
+/// Small chunks, so that the fetcher's ledger (`d 1234` per chunk) spans several 4 KiB pages: a
+/// full disk fails an append only when it needs a new page (200 chunks fit in one).
+const CHUNK_SIZE: u32 = 10;
+const CHUNKS: u64 = OBJECTS / CHUNK_SIZE as u64;
+/// The allocation unit of tmpfs (and of the file systems a state directory lives on).
+const PAGE: u64 = 4096;
+/// How close to the end of its last page the ledger must be when the state disk is filled: the
+/// next 20 to 30 chunks recorded need a new page.
+const NEAR_PAGE_END: u64 = 128;
+const ROOM: Duration = Duration::from_secs(120);
+
+const FILE_KINDS: [&str; 7] =
+    ["kill-mapper", "kill-saver", "kill-fetcher", "stop-mapper", "restart-nats", "fill-state", "fill-sink"];
+const PG_KINDS: [&str; 7] =
+    ["kill-mapper", "kill-saver", "kill-fetcher", "stop-mapper", "restart-nats", "fill-state", "restart-postgres"];
 
 #[derive(Default)]
 struct Report {
@@ -24,108 +45,364 @@ struct Report {
     longest_recovery: BTreeMap<&'static str, Duration>,
 }
 
-fn run_once(seed: u64) -> Report {
-    println!("chaos: seed {seed} (replay with CHAOS_SEED={seed})");
-    let mut rng = SplitMix64(seed);
-    let mut p = Pipeline::new(20_000, 2000);
-    let lease = format!("{}ms", LEASE.as_millis());
-    let mut saver = p.saver("saver-0");
-    let mut mappers: Vec<Service> = (0..3).map(|i| p.mapper(&format!("mapper-{i}-0"), &[])).collect();
-    let mut fetcher = p.fetcher_named("fetcher-0", &["--exit-when-done", "--lease-timeout", &lease]).0;
-    let mut report = Report::default();
-    let mut generation = 0;
-    p.wait_saved(5, Duration::from_secs(120));
-    for _ in 0..8 {
-        if fetcher.wait_exit(Duration::from_millis(200 + rng.below(600))).is_some() {
-            break; // the run finished
+impl Report {
+    fn add(&mut self, other: Report) {
+        for (kind, n) in other.faults {
+            *self.faults.entry(kind).or_default() += n;
         }
-        generation += 1;
-        let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
-        let before = p.saved_chunks();
+        for (kind, d) in other.longest_recovery {
+            let longest = self.longest_recovery.entry(kind).or_default();
+            *longest = (*longest).max(d);
+        }
+    }
+
+    fn line(&self) -> String {
+        let faults: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        let recovery: Vec<String> =
+            self.longest_recovery.iter().map(|(k, d)| format!("{k}={:.2}s", d.as_secs_f64())).collect();
+        format!("faults {} | longest recovery {}", faults.join(" "), recovery.join(" "))
+    }
+}
+
+enum Sink {
+    /// `--out` on its own tmpfs.
+    File(Tmpfs),
+    Postgres(PgServer),
+}
+
+/// What a fault left to wait for.
+struct Injected {
+    /// When the fault began.
+    at: Instant,
+    /// The sink's size the recovery must exceed.
+    before: u64,
+    /// Whether the recovery also needs the fetcher's ledger store working again.
+    store: bool,
+}
+
+/// One run under chaos. Fields drop in order: services first, then the tmpfs mounts and the
+/// database, then the pipeline's directory and nats-server.
+struct Chaos {
+    seed: u64,
+    rng: SplitMix64,
+    generation: u32,
+    lease: String,
+    fetcher: Service,
+    fetcher_port: u16,
+    saver: Service,
+    saver_port: u16,
+    /// PostgreSQL: chunks the current saver has reported saved (its counter's highest reading).
+    saver_seen: std::cell::Cell<u64>,
+    /// PostgreSQL: chunks saved by the savers killed so far (as far as their counters said).
+    saved_by_killed: u64,
+    mappers: Vec<Service>,
+    state: Tmpfs,
+    sink: Sink,
+    ledger: PathBuf,
+    p: Pipeline,
+}
+
+fn spawn_saver(p: &Pipeline, sink: &Sink, name: &str) -> (Service, u16) {
+    match sink {
+        Sink::File(_) => p.saver_with_metrics(name),
+        Sink::Postgres(db) => p.saver_postgres(name, db),
+    }
+}
+
+fn spawn_fetcher(p: &Pipeline, lease: &str, name: &str) -> (Service, u16) {
+    let chunk_size = CHUNK_SIZE.to_string();
+    p.fetcher_named(name, &["--exit-when-done", "--lease-timeout", lease, "--chunk-size", &chunk_size])
+}
+
+fn pause(d: Duration) {
+    std::thread::sleep(d);
+}
+
+impl Chaos {
+    fn start(seed: u64, postgres: bool) -> Self {
+        let p = Pipeline::new(OBJECTS, 2000);
+        // The ledger of 2 000 chunks is about 13 kB: 256 KiB leaves room for the lock and the
+        // run's record, and fills at once.
+        let state = Tmpfs::mount(p.state_dir(), 256);
+        let sink = if postgres {
+            Sink::Postgres(PgServer::start())
+        } else {
+            // 2 000 chunk files of one page each (8 MiB), with room to spare.
+            Sink::File(Tmpfs::mount(p.out.clone(), 32 << 10))
+        };
+        let lease = format!("{}ms", LEASE.as_millis());
+        let (saver, saver_port) = spawn_saver(&p, &sink, "saver-0");
+        let mappers: Vec<Service> = (0..3).map(|i| p.mapper(&format!("mapper-{i}-0"), &[])).collect();
+        let ledger = p.state_dir().join(format!("{}.ledger", p.run_id_at(CHUNK_SIZE)));
+        let (fetcher, fetcher_port) = spawn_fetcher(&p, &lease, "fetcher-0");
+        Chaos {
+            seed,
+            rng: SplitMix64(seed),
+            generation: 0,
+            fetcher,
+            fetcher_port,
+            lease,
+            saver,
+            saver_port,
+            saver_seen: Default::default(),
+            saved_by_killed: 0,
+            mappers,
+            state,
+            sink,
+            ledger,
+            p,
+        }
+    }
+
+    /// The sink's size in chunks: the chunk files, or (PostgreSQL) what the savers' counters say.
+    fn saved(&self) -> u64 {
+        match &self.sink {
+            Sink::File(_) => self.p.saved_chunks() as u64,
+            Sink::Postgres(_) => {
+                let now = metric(self.saver_port, "chunkmill_saver_chunks_saved_total").unwrap_or(0.0) as u64;
+                self.saver_seen.set(self.saver_seen.get().max(now));
+                self.saved_by_killed + self.saver_seen.get()
+            }
+        }
+    }
+
+    /// Whether the fetcher has exited (the run is over, or it failed: the end of the test says).
+    fn finished(&mut self) -> bool {
+        self.fetcher.wait_exit(Duration::ZERO).is_some()
+    }
+
+    fn fetcher_metric(&self, series: &str) -> Option<f64> {
+        metric(self.fetcher_port, series)
+    }
+
+    fn ledger_len(&self) -> u64 {
+        std::fs::metadata(&self.ledger).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Room left in the last page of the ledger.
+    fn ledger_slack(&self) -> u64 {
+        let len = self.ledger_len();
+        len.div_ceil(PAGE) * PAGE - len
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.rng.below(n)
+    }
+
+    /// Injects a fault of `kind`; None if the run turned out to be over.
+    fn inject(&mut self, kind: &str) -> Option<Injected> {
+        let seed = self.seed;
         let at = Instant::now();
+        let mut before = self.saved();
         match kind {
             "kill-mapper" => {
-                let i = rng.below(mappers.len() as u64) as usize;
-                mappers[i].kill();
-                mappers[i] = p.mapper(&format!("mapper-{i}-{generation}"), &[]);
+                let i = self.below(self.mappers.len() as u64) as usize;
+                self.mappers[i].kill();
+                self.mappers[i] = self.p.mapper(&format!("mapper-{i}-{}", self.generation), &[]);
             }
             "kill-saver" => {
-                saver.kill();
-                saver = p.saver(&format!("saver-{generation}"));
+                self.saved();
+                self.saver.kill();
+                self.saved_by_killed += self.saver_seen.replace(0);
+                (self.saver, self.saver_port) = spawn_saver(&self.p, &self.sink, &format!("saver-{}", self.generation));
+                // PostgreSQL: the new saver's counter starts from 0.
+                before = before.min(self.saved());
             }
             "kill-fetcher" => {
-                fetcher.kill();
-                if fetcher.wait_exit(Duration::ZERO).is_some() {
-                    break; // it had finished the run just before
+                self.fetcher.kill();
+                if self.finished() {
+                    return None; // it had finished the run just before
                 }
-                fetcher = p
-                    .fetcher_named(&format!("fetcher-{generation}"), &["--exit-when-done", "--lease-timeout", &lease])
-                    .0;
+                (self.fetcher, self.fetcher_port) =
+                    spawn_fetcher(&self.p, &self.lease, &format!("fetcher-{}", self.generation));
             }
             "stop-mapper" => {
-                let i = rng.below(mappers.len() as u64) as usize;
-                mappers[i].signal("STOP");
-                std::thread::sleep(LEASE * 5 / 2); // past its lease: the fault itself
-                mappers[i].signal("CONT");
+                let i = self.below(self.mappers.len() as u64) as usize;
+                self.mappers[i].signal("STOP");
+                pause(LEASE * 5 / 2); // past its lease: the fault itself
+                self.mappers[i].signal("CONT");
             }
-            _ => {
-                p.nats.stop();
-                std::thread::sleep(Duration::from_millis(rng.below(1000))); // the outage itself
-                p.nats.restart();
+            "restart-nats" => {
+                self.p.nats.stop();
+                pause(Duration::from_millis(self.below(1000))); // the outage itself
+                self.p.nats.restart();
             }
+            "fill-state" => {
+                // A full disk fails an append only when the ledger needs a new page: fill it when
+                // the next few chunks recorded need one, so the fault fails ledger writes at once.
+                let errors = "chunkmill_fetcher_store_write_errors_total";
+                let filler = loop {
+                    if self.finished() {
+                        return None;
+                    }
+                    assert!(at.elapsed() < ROOM, "seed {seed}: the ledger stopped at {} bytes", self.ledger_len());
+                    if self.ledger_len() > 0 && self.ledger_slack() <= NEAR_PAGE_END {
+                        let done = self.fetcher_metric("chunkmill_fetcher_chunks{state=\"done\"}");
+                        if CHUNKS as f64 - done.unwrap_or(CHUNKS as f64) >= 40.0 {
+                            let filler = self.state.fill();
+                            if self.ledger_slack() <= NEAR_PAGE_END {
+                                break filler;
+                            }
+                            // The ledger took a new page just before the disk filled: next page.
+                            std::fs::remove_file(filler).expect("free the state disk");
+                        }
+                    }
+                    pause(Duration::from_millis(2));
+                };
+                let errors_before = self.fetcher_metric(errors).unwrap_or(0.0);
+                let at = Instant::now();
+                // Injected: a ledger write fails (ENOSPC), the fetcher answers no ack. At least
+                // 40 chunks are not done, whose entries cannot fit: the run cannot complete first.
+                while self.fetcher_metric(errors).unwrap_or(0.0) <= errors_before {
+                    assert!(
+                        !self.finished(),
+                        "seed {seed}: the run completed on a full state disk; its ledger is {} bytes:\n{}",
+                        self.ledger_len(),
+                        self.fetcher.log()
+                    );
+                    assert!(at.elapsed() < ROOM, "seed {seed}: no ledger write failed on a full state disk");
+                    pause(Duration::from_millis(5));
+                }
+                pause(Duration::from_millis(100 + self.below(800))); // the disk stays full
+                std::fs::remove_file(filler).expect("free the state disk");
+                return Some(Injected { at, before: self.saved(), store: true });
+            }
+            "fill-sink" => {
+                let Sink::File(out) = &self.sink else { unreachable!("fill-sink is a file sink fault") };
+                let failures = "chunkmill_saver_write_failures_total";
+                let failures_before = metric(self.saver_port, failures).unwrap_or(0.0);
+                let filler = out.fill();
+                let at = Instant::now();
+                // Injected: a save fails (ENOSPC), so the saver acknowledges nothing.
+                while metric(self.saver_port, failures).unwrap_or(0.0) <= failures_before {
+                    if self.saved() >= CHUNKS {
+                        // Every chunk was saved before the disk filled.
+                        std::fs::remove_file(filler).expect("free the sink disk");
+                        return None;
+                    }
+                    assert!(at.elapsed() < ROOM, "seed {seed}: no save failed on a full sink disk");
+                    pause(Duration::from_millis(5));
+                }
+                pause(Duration::from_millis(100 + self.below(800))); // the disk stays full
+                std::fs::remove_file(filler).expect("free the sink disk");
+                return Some(Injected { at, before: self.saved(), store: false });
+            }
+            "restart-postgres" => {
+                let crash = self.below(2) == 0;
+                let outage = Duration::from_millis(self.below(1000));
+                let Sink::Postgres(db) = &mut self.sink else { unreachable!("restart-postgres needs PostgreSQL") };
+                if crash {
+                    db.crash(); // immediate shutdown: recovery from the WAL at the next start
+                } else {
+                    db.stop(); // fast shutdown
+                }
+                assert!(!db.accepts_connections(), "seed {seed}: PostgreSQL still accepts connections");
+                pause(outage); // the outage itself
+                db.start_again();
+            }
+            other => unreachable!("unknown fault {other}"),
         }
-        *report.faults.entry(kind).or_default() += 1;
-        // Recovery: the sink grows again (or the run is over).
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while p.saved_chunks() <= before && p.saved_chunks() < 200 {
-            assert!(Instant::now() < deadline, "seed {seed}: no progress within 120 s after {kind}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let took = at.elapsed();
-        let longest = report.longest_recovery.entry(kind).or_default();
-        *longest = (*longest).max(took);
+        Some(Injected { at, before, store: false })
     }
-    let code = fetcher.wait_exit(Duration::from_secs(300));
-    assert_eq!(code, Some(0), "seed {seed}: the run did not finish:\n{}", fetcher.log());
-    let (ok, verify) = p.verify();
-    println!("chaos: seed {seed}: {verify}");
+
+    /// Waits until the sink grows past `before` (and the ledger store works, if asked), or the
+    /// run is over.
+    fn recovered(&mut self, kind: &str, injected: &Injected) -> bool {
+        let deadline = Instant::now() + ROOM;
+        loop {
+            if self.finished() {
+                return false;
+            }
+            let store_ok = !injected.store || self.fetcher_metric("chunkmill_fetcher_store_ok") == Some(1.0);
+            if store_ok && self.saved() > injected.before {
+                return true;
+            }
+            assert!(Instant::now() < deadline, "seed {}: no progress within {ROOM:?} after {kind}", self.seed);
+            pause(Duration::from_millis(10));
+        }
+    }
+
+    fn verify(&self) -> (bool, String) {
+        let chunk_size = CHUNK_SIZE.to_string();
+        let flags = ["--chunk-size", chunk_size.as_str()];
+        match &self.sink {
+            Sink::File(_) => self.p.verify_with_flags(&flags),
+            Sink::Postgres(db) => self.p.verify_postgres_with_flags(db, &flags),
+        }
+    }
+}
+
+fn run_once(seed: u64, postgres: bool) -> Report {
+    let sink = if postgres { "PostgreSQL" } else { "file" };
+    println!("chaos ({sink} sink): seed {seed} (replay with CHAOS_SEED={seed})");
+    let started = Instant::now();
+    let mut chaos = Chaos::start(seed, postgres);
+    let kinds: &[&'static str] = if postgres { &PG_KINDS } else { &FILE_KINDS };
+    let mut report = Report::default();
+    support::wait_until("5 chunks saved", ROOM, || chaos.saved() >= 5);
+    for _ in 0..8 {
+        let wait = Duration::from_millis(200 + chaos.below(600));
+        if chaos.fetcher.wait_exit(wait).is_some() {
+            break; // the run finished
+        }
+        chaos.generation += 1;
+        let kind = kinds[chaos.below(kinds.len() as u64) as usize];
+        let Some(injected) = chaos.inject(kind) else { break };
+        *report.faults.entry(kind).or_default() += 1;
+        let over = !chaos.recovered(kind, &injected);
+        let longest = report.longest_recovery.entry(kind).or_default();
+        *longest = (*longest).max(injected.at.elapsed());
+        if over {
+            break;
+        }
+    }
+    let code = chaos.fetcher.wait_exit(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "seed {seed}: the run did not finish:\n{}", chaos.fetcher.log());
+    let (ok, verify) = chaos.verify();
+    println!("chaos ({sink} sink): seed {seed}: {verify}");
     assert!(ok, "seed {seed}: {verify}");
     assert!(verify.contains("20000 found, 0 missing, 0 duplicated, 0 wrong"), "seed {seed}: {verify}");
-    let faults: Vec<String> = report.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
-    let recovery: Vec<String> =
-        report.longest_recovery.iter().map(|(k, d)| format!("{k}={:.2}s", d.as_secs_f64())).collect();
-    println!("chaos: seed {seed}: faults {} | longest recovery {}", faults.join(" "), recovery.join(" "));
+    if let Sink::Postgres(db) = &chaos.sink {
+        let run = chaos.p.run_id_at(CHUNK_SIZE);
+        let rows = db.count(&format!("SELECT count(*) FROM chunkmill_outputs WHERE run = '{run}'"));
+        let ids = db.count(&format!("SELECT count(DISTINCT id) FROM chunkmill_outputs WHERE run = '{run}'"));
+        let chunks = db.count(&format!("SELECT count(*) FROM chunkmill_chunks WHERE run = '{run}'"));
+        assert_eq!((rows, ids, chunks), (OBJECTS, OBJECTS, CHUNKS), "seed {seed}: rows, distinct ids, chunks");
+    }
+    println!("chaos ({sink} sink): seed {seed}: {} | run took {:.1} s", report.line(), started.elapsed().as_secs_f64());
     report
 }
 
-#[test]
-fn a_run_under_random_crashes_and_restarts_saves_everything_exactly_once() {
-    let seeds: Vec<u64> = match std::env::var("CHAOS_SEED") {
+/// The seeds to run: `CHAOS_SEED`, or `runs_var` (default `default_runs`) seeds from the clock.
+fn seeds(runs_var: &str, default_runs: u64) -> Vec<u64> {
+    match std::env::var("CHAOS_SEED") {
         Ok(seed) => vec![seed.parse().expect("CHAOS_SEED is a number")],
         Err(_) => {
-            let runs: u64 = std::env::var("CHAOS_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(2);
+            let runs: u64 = std::env::var(runs_var).ok().and_then(|r| r.parse().ok()).unwrap_or(default_runs);
             let base =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(1);
             (0..runs).map(|i| base.wrapping_mul(31).wrapping_add(i)).collect()
         }
-    };
-    let mut total = Report::default();
-    for seed in seeds {
-        let report = run_once(seed);
-        for (kind, n) in report.faults {
-            *total.faults.entry(kind).or_default() += n;
-        }
-        for (kind, d) in report.longest_recovery {
-            let longest = total.longest_recovery.entry(kind).or_default();
-            *longest = (*longest).max(d);
-        }
     }
-    let faults: Vec<String> = total.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
-    let recovery: Vec<String> =
-        total.longest_recovery.iter().map(|(k, d)| format!("{k}={:.2}s", d.as_secs_f64())).collect();
-    println!(
-        "chaos total: faults {} | longest recovery {} | lost 0, duplicated 0",
-        faults.join(" "),
-        recovery.join(" ")
-    );
+}
+
+fn chaos(postgres: bool, runs_var: &str, default_runs: u64) {
+    let mut total = Report::default();
+    let seeds = seeds(runs_var, default_runs);
+    let runs = seeds.len();
+    for seed in seeds {
+        total.add(run_once(seed, postgres));
+    }
+    let sink = if postgres { "PostgreSQL" } else { "file" };
+    println!("chaos total ({sink} sink, {runs} runs): {} | lost 0, duplicated 0", total.line());
+}
+
+#[test]
+fn a_run_under_random_crashes_restarts_and_full_disks_saves_everything_exactly_once() {
+    chaos(false, "CHAOS_RUNS", 2);
+}
+
+#[test]
+fn a_run_into_postgres_under_random_crashes_and_database_restarts_saves_everything_exactly_once() {
+    chaos(true, "CHAOS_PG_RUNS", 1);
 }

@@ -242,6 +242,14 @@ impl Pipeline {
         self.verify_with(&["--sink".to_string(), db.url()], &[("SAVER_PG_PASSWORD_FILE", &password)])
     }
 
+    /// Runs `saver verify` on database `db` with extra flags (e.g. `--chunk-size 10`).
+    pub fn verify_postgres_with_flags(&self, db: &postgres::PgServer, flags: &[&str]) -> (bool, String) {
+        let password = db.password_file().display().to_string();
+        let mut args = vec!["--sink".to_string(), db.url()];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        self.verify_with(&args, &[("SAVER_PG_PASSWORD_FILE", &password)])
+    }
+
     fn verify_with(&self, sink: &[String], env: &[(&str, &str)]) -> (bool, String) {
         let output = Command::new(bin("saver"))
             .args(["verify", "--input"])

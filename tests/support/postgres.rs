@@ -115,13 +115,7 @@ impl PgServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let ready = self
-                .command("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ready {
+            if self.accepts_connections() {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -152,6 +146,21 @@ impl PgServer {
             let _ = Command::new("kill").args(["-s", signal, &child.id().to_string()]).status();
             let _ = child.wait();
         }
+    }
+
+    /// Fast shutdown (SIGINT): sessions are ended, transactions in flight roll back, a checkpoint
+    /// is written; the next start needs no recovery.
+    pub fn stop(&mut self) {
+        self.shutdown("INT");
+    }
+
+    /// Whether the server accepts connections now (`pg_isready`).
+    pub fn accepts_connections(&self) -> bool {
+        self.command("pg_isready")
+            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
     }
 
     /// Immediate shutdown (SIGQUIT): connections cut, no checkpoint; the next start recovers from
