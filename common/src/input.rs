@@ -104,6 +104,13 @@ pub trait ObjectSource: Send + Sync + std::fmt::Debug {
     /// Reads `range` of the object's (decompressed) bytes: one ranged read, checked against the
     /// version that was scanned.
     fn read_range(&self, object: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError>;
+    /// Whether [`ObjectSource::read_range`] of the object may wait on the network or on more
+    /// than one local read (a remote object, with its retries; a compressed one, spooled first
+    /// if its spool file is gone). [`ChunkReader::read_with_lines_async`] then runs it on the
+    /// blocking pool. The default, false, is right for a `pread` of a local file.
+    fn read_may_wait(&self, _object: usize) -> bool {
+        false
+    }
 }
 
 /// One plain local file as an [`ObjectSource`] (what [`scan`] reads; tests and tools).
@@ -929,33 +936,69 @@ impl ChunkReader {
     /// [`ChunkReader::read`], and each record's input line when they are not consecutive from
     /// the chunk's first line (blank lines, skipped records, a pretty-printed array).
     pub fn read_with_lines(&self, span: &ChunkSpan) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
+        let raw = self.raw(span)?;
+        self.with_lines(span, &raw)
+    }
+
+    /// [`ChunkReader::read_with_lines`] for async code (the fetcher's server task): a read that
+    /// may wait on the network ([`ObjectSource::read_may_wait`]) runs on the blocking pool, so
+    /// that it never holds the caller's runtime thread; a local `pread` runs in place.
+    pub async fn read_with_lines_async(&self, span: &ChunkSpan) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
+        self.part(span)?;
+        let raw = if self.source.read_may_wait(span.object as usize) {
+            let source = Arc::clone(&self.source);
+            let (object, range) = (span.object as usize, span.offset..span.offset + span.len);
+            tokio::task::spawn_blocking(move || source.read_range(object, range))
+                .await
+                .map_err(|e| ReadError {
+                    kind: ReadErrorKind::Other,
+                    message: format!("the read of a chunk of {} stopped: {e}", self.source.name(object)),
+                })
+                .and_then(|read| read)
+                .map_err(InputError::Read)?
+        } else {
+            self.raw(span)?
+        };
+        self.with_lines(span, &raw)
+    }
+
+    fn with_lines(&self, span: &ChunkSpan, raw: &[u8]) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
         let mut out = Vec::with_capacity(span.len as usize + 2);
-        let lines = self.read_into(span, &mut out)?;
+        let lines = self.records_into(span, raw, &mut out)?;
         let consecutive = lines.iter().enumerate().all(|(i, line)| *line == span.first_line + i as u64);
         Ok((out, (!consecutive).then_some(lines)))
     }
 
     /// The chunk's valid records as one JSON array, for code that parses them.
     pub fn read_array(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        let raw = self.raw(span)?;
         let mut out = Vec::with_capacity(span.len as usize + 2);
         out.push(b'[');
-        self.read_into(span, &mut out)?;
+        self.records_into(span, &raw, &mut out)?;
         out.push(b']');
         Ok(out)
     }
 
-    /// Appends the chunk's records, comma-separated, to `out`; returns each record's line.
-    fn read_into(&self, span: &ChunkSpan, out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
-        let Some((path, format)) = self.parts.get(span.object as usize) else {
-            return Err(InputError::Read(ReadError {
+    /// The name and layout of the chunk's object.
+    fn part(&self, span: &ChunkSpan) -> Result<&(PathBuf, InputFormat), InputError> {
+        self.parts.get(span.object as usize).ok_or_else(|| {
+            InputError::Read(ReadError {
                 kind: ReadErrorKind::Other,
                 message: format!("chunk of object #{} asked of an input of {} objects", span.object, self.parts.len()),
-            }));
-        };
-        let raw = self
-            .source
-            .read_range(span.object as usize, span.offset..span.offset + span.len)
-            .map_err(InputError::Read)?;
+            })
+        })
+    }
+
+    /// The chunk's bytes: one ranged read of its object.
+    fn raw(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        self.part(span)?;
+        self.source.read_range(span.object as usize, span.offset..span.offset + span.len).map_err(InputError::Read)
+    }
+
+    /// Appends the records of the chunk's bytes `raw`, comma-separated, to `out`; returns each
+    /// record's line.
+    fn records_into(&self, span: &ChunkSpan, raw: &[u8], out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
+        let (path, format) = self.part(span)?;
         if raw.len() as u64 != span.len {
             return Err(InputError::Syntax {
                 path: path.clone(),
@@ -976,7 +1019,7 @@ impl ChunkReader {
                 }
                 ranges
             }
-            InputFormat::JsonArray => split_array_elements(&raw).map_err(|message| InputError::Syntax {
+            InputFormat::JsonArray => split_array_elements(raw).map_err(|message| InputError::Syntax {
                 path: path.clone(),
                 line: span.first_line,
                 message: format!("the file changed since it was scanned: {message}"),
