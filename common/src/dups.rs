@@ -35,7 +35,8 @@ fn max_in_memory(budget: usize) -> usize {
 }
 
 /// Duplicates the check found: each duplicate's byte offset -> the line of the id's first
-/// occurrence.
+/// occurrence. Offsets and lines are the caller's, unique across the whole input (the scan
+/// counts both over its objects one after the other, and maps a line back to its object).
 pub type Known = HashMap<u64, u64>;
 
 /// Why the check could not use its spill directory.

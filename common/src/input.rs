@@ -104,6 +104,13 @@ pub trait ObjectSource: Send + Sync + std::fmt::Debug {
     /// Reads `range` of the object's (decompressed) bytes: one ranged read, checked against the
     /// version that was scanned.
     fn read_range(&self, object: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError>;
+    /// Whether [`ObjectSource::read_range`] of the object may wait on the network or on more
+    /// than one local read (a remote object, with its retries; a compressed one, spooled first
+    /// if its spool file is gone). [`ChunkReader::read_with_lines_async`] then runs it on the
+    /// blocking pool. The default, false, is right for a `pread` of a local file.
+    fn read_may_wait(&self, _object: usize) -> bool {
+        false
+    }
 }
 
 /// One plain local file as an [`ObjectSource`] (what [`scan`] reads; tests and tools).
@@ -351,6 +358,16 @@ struct ChunkBuilder<'a> {
     chunks: Vec<ChunkSpan>,
     current: Option<ChunkSpan>,
     objects: u64,
+    /// Lines of the objects before this one: the duplicate check names a record's line by
+    /// `lines_before + line`, unique across objects, and [`ChunkBuilder::first_at`] maps it back.
+    lines_before: u64,
+    /// The highest line of a record in this object so far.
+    last_line: u64,
+    /// Each object begun so far: its `lines_before` and its name.
+    begun: Vec<(u64, String)>,
+    /// Whether the input has more than one object (a duplicate's first occurrence is then named
+    /// by object too).
+    many: bool,
     /// The duplicate-id check (in bounded memory, see [`crate::dups`]).
     dups: crate::dups::DupCheck,
     /// On a second pass: the duplicates the first found (offset -> line of the first
@@ -393,14 +410,15 @@ impl ChunkBuilder<'_> {
             Ok(hash) => hash,
             Err(error) => return Ok(Err(error)),
         };
+        self.last_line = self.last_line.max(line);
         let first = match (self.known, hash) {
             (Some(known), _) => known.get(&(self.base + offset)).copied(),
-            (None, Some(hash)) => self.dups.insert(hash, self.base + offset, line)?,
+            (None, Some(hash)) => self.dups.insert(hash, self.base + offset, self.lines_before + line)?,
             (None, None) => None,
         };
         if let Some(first) = first {
             let id = self.options.id.and_then(|id| id(record)).unwrap_or_default();
-            return Ok(Err(format!("duplicate id {} (first on line {first})", crate::text::escaped(&id))));
+            return Ok(Err(format!("duplicate id {} (first {})", crate::text::escaped(&id), self.first_at(first))));
         }
         self.push(offset, record.len() as u64, line);
         Ok(Ok(()))
@@ -417,12 +435,32 @@ impl ChunkBuilder<'_> {
         }
     }
 
+    /// Begins the next object, named `name`.
+    fn begin_object(&mut self, name: &str) {
+        self.begun.push((self.lines_before, name.to_string()));
+    }
+
     /// Ends the current object, `len` bytes long: its last chunk is cut there (a chunk never
     /// spans objects).
     fn end_object(&mut self, len: u64) {
         self.chunks.extend(self.current.take());
         self.object += 1;
         self.base += len;
+        self.lines_before += self.last_line;
+        self.last_line = 0;
+    }
+
+    /// Where the record on input-wide line `line` (`lines_before + line` of its object) is:
+    /// "on line N", and for an input of many objects "at NAME line N" (as
+    /// [`InputIndex::locate`] names a bad record).
+    fn first_at(&self, line: u64) -> String {
+        // The last object begun before that line (an empty object shares its start with the next).
+        let at = self.begun.partition_point(|(before, _)| *before < line).saturating_sub(1);
+        match self.begun.get(at) {
+            Some((before, name)) if self.many => format!("at {name} line {}", line - before),
+            Some((before, _)) => format!("on line {}", line - before),
+            None => format!("on line {line}"),
+        }
     }
 
     fn finish(mut self) -> Result<(Vec<ChunkSpan>, u64, Option<crate::dups::Known>), InputError> {
@@ -501,6 +539,10 @@ fn scan_pass(
         chunks: Vec::new(),
         current: None,
         objects: 0,
+        lines_before: 0,
+        last_line: 0,
+        begun: Vec::with_capacity(source.count()),
+        many: source.count() > 1,
         dups: crate::dups::DupCheck::new(budget, &spill_dir),
         known,
         options: *options,
@@ -515,6 +557,7 @@ fn scan_pass(
     for object in 0..source.count() {
         let name = source.name(object);
         let path = PathBuf::from(&name);
+        builder.begin_object(&name);
         let reader = source.open(object).map_err(InputError::Read)?;
         let mut reader = BufReader::with_capacity(1 << 20, reader);
         let head = reader.fill_buf().map_err(|e| io_failure(&path, e))?;
@@ -893,33 +936,69 @@ impl ChunkReader {
     /// [`ChunkReader::read`], and each record's input line when they are not consecutive from
     /// the chunk's first line (blank lines, skipped records, a pretty-printed array).
     pub fn read_with_lines(&self, span: &ChunkSpan) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
+        let raw = self.raw(span)?;
+        self.with_lines(span, &raw)
+    }
+
+    /// [`ChunkReader::read_with_lines`] for async code (the fetcher's server task): a read that
+    /// may wait on the network ([`ObjectSource::read_may_wait`]) runs on the blocking pool, so
+    /// that it never holds the caller's runtime thread; a local `pread` runs in place.
+    pub async fn read_with_lines_async(&self, span: &ChunkSpan) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
+        self.part(span)?;
+        let raw = if self.source.read_may_wait(span.object as usize) {
+            let source = Arc::clone(&self.source);
+            let (object, range) = (span.object as usize, span.offset..span.offset + span.len);
+            tokio::task::spawn_blocking(move || source.read_range(object, range))
+                .await
+                .map_err(|e| ReadError {
+                    kind: ReadErrorKind::Other,
+                    message: format!("the read of a chunk of {} stopped: {e}", self.source.name(object)),
+                })
+                .and_then(|read| read)
+                .map_err(InputError::Read)?
+        } else {
+            self.raw(span)?
+        };
+        self.with_lines(span, &raw)
+    }
+
+    fn with_lines(&self, span: &ChunkSpan, raw: &[u8]) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
         let mut out = Vec::with_capacity(span.len as usize + 2);
-        let lines = self.read_into(span, &mut out)?;
+        let lines = self.records_into(span, raw, &mut out)?;
         let consecutive = lines.iter().enumerate().all(|(i, line)| *line == span.first_line + i as u64);
         Ok((out, (!consecutive).then_some(lines)))
     }
 
     /// The chunk's valid records as one JSON array, for code that parses them.
     pub fn read_array(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        let raw = self.raw(span)?;
         let mut out = Vec::with_capacity(span.len as usize + 2);
         out.push(b'[');
-        self.read_into(span, &mut out)?;
+        self.records_into(span, &raw, &mut out)?;
         out.push(b']');
         Ok(out)
     }
 
-    /// Appends the chunk's records, comma-separated, to `out`; returns each record's line.
-    fn read_into(&self, span: &ChunkSpan, out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
-        let Some((path, format)) = self.parts.get(span.object as usize) else {
-            return Err(InputError::Read(ReadError {
+    /// The name and layout of the chunk's object.
+    fn part(&self, span: &ChunkSpan) -> Result<&(PathBuf, InputFormat), InputError> {
+        self.parts.get(span.object as usize).ok_or_else(|| {
+            InputError::Read(ReadError {
                 kind: ReadErrorKind::Other,
                 message: format!("chunk of object #{} asked of an input of {} objects", span.object, self.parts.len()),
-            }));
-        };
-        let raw = self
-            .source
-            .read_range(span.object as usize, span.offset..span.offset + span.len)
-            .map_err(InputError::Read)?;
+            })
+        })
+    }
+
+    /// The chunk's bytes: one ranged read of its object.
+    fn raw(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
+        self.part(span)?;
+        self.source.read_range(span.object as usize, span.offset..span.offset + span.len).map_err(InputError::Read)
+    }
+
+    /// Appends the records of the chunk's bytes `raw`, comma-separated, to `out`; returns each
+    /// record's line.
+    fn records_into(&self, span: &ChunkSpan, raw: &[u8], out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
+        let (path, format) = self.part(span)?;
         if raw.len() as u64 != span.len {
             return Err(InputError::Syntax {
                 path: path.clone(),
@@ -940,7 +1019,7 @@ impl ChunkReader {
                 }
                 ranges
             }
-            InputFormat::JsonArray => split_array_elements(&raw).map_err(|message| InputError::Syntax {
+            InputFormat::JsonArray => split_array_elements(raw).map_err(|message| InputError::Syntax {
                 path: path.clone(),
                 line: span.first_line,
                 message: format!("the file changed since it was scanned: {message}"),
@@ -1177,6 +1256,64 @@ mod tests {
         // valid JSON, skipped without recursion (no stack overflow), so the records are kept.
         assert_eq!(index.objects, 4, "{:?}", index.bad);
         assert_eq!(records(&index).len(), 4);
+    }
+
+    /// Objects in memory, as a store's would be: many objects, each named.
+    #[derive(Debug)]
+    struct Objects(Vec<(String, Vec<u8>)>);
+
+    impl ObjectSource for Objects {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+
+        fn name(&self, object: usize) -> String {
+            self.0[object].0.clone()
+        }
+
+        fn identity(&self, object: usize) -> ObjectIdentity {
+            ObjectIdentity { key: self.0[object].0.clone(), size: self.0[object].1.len() as u64, version: None }
+        }
+
+        fn is_single_file(&self) -> bool {
+            false
+        }
+
+        fn open(&self, object: usize) -> Result<Box<dyn Read + Send + '_>, ReadError> {
+            Ok(Box::new(&self.0[object].1[..]))
+        }
+
+        fn read_range(&self, object: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
+            Ok(self.0[object].1[range.start as usize..range.end as usize].to_vec())
+        }
+    }
+
+    #[test]
+    fn a_duplicate_id_in_an_input_of_many_objects_names_the_object_of_its_first_occurrence() {
+        let lines = |ids: &[u32]| ids.iter().map(|i| user(*i) + "\n").collect::<String>().into_bytes();
+        let source = Arc::new(Objects(vec![
+            ("s3://b/part-0.jsonl".into(), lines(&(0..10).collect::<Vec<_>>())),
+            ("s3://b/part-1.jsonl".into(), Vec::new()),
+            ("s3://b/part-2.jsonl".into(), lines(&[10, 3, 10])),
+        ]));
+        let spill = tempfile::tempdir().expect("temp dir");
+        // In memory, and past a budget of 7 ids (found after the scan, then scanned again).
+        for options in [USERS, ScanOptions { dup_memory: 400, spill_dir: Some(spill.path()), ..USERS }] {
+            let index = scan_source(source.clone(), "s3://b/", 100, &options).expect("scan");
+            let bad: Vec<(u32, u64, &str)> = index.bad.iter().map(|b| (b.object, b.line, b.error.as_str())).collect();
+            let id = |i: u32| format!("00000000-0000-4000-8000-{i:012}");
+            assert_eq!(
+                bad,
+                [
+                    (2, 2, format!("duplicate id {} (first at s3://b/part-0.jsonl line 4)", id(3)).as_str()),
+                    (2, 3, format!("duplicate id {} (first at s3://b/part-2.jsonl line 1)", id(10)).as_str()),
+                ],
+                "dup_memory {}",
+                options.dup_memory
+            );
+            assert_eq!(index.locate(&index.bad[0]), "s3://b/part-2.jsonl line 2");
+            assert_eq!(index.objects, 11);
+        }
     }
 
     #[test]

@@ -560,7 +560,10 @@ impl Server {
             let Some(grant) = grant else { break };
             let span = self.index.chunks[grant.chunk as usize];
             let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
-            let (objects, lines) = match self.reader.read_with_lines(&span) {
+            // Off the runtime thread when it may wait on the store (its retries included), so
+            // that NATS, the metrics and the lock keep running; this loop waits for it, so the
+            // ledger still sees one request at a time.
+            let (objects, lines) = match self.reader.read_with_lines_async(&span).await {
                 Ok(read) => read,
                 Err(InputError::Read(e)) if e.kind == ReadErrorKind::Changed => {
                     // Never a chunk of another version: this object's chunks stay where they are.

@@ -2,9 +2,12 @@
 //! streams its objects and [`common::input::ChunkReader`] reads chunks back from it, while
 //! `common` (shared with the mappers) links no store client.
 //!
-//! Chunk reads may come from async code (the fetcher's server task): a remote read then runs
-//! inside `block_in_place` on a multi-threaded runtime, or on a scoped thread otherwise, and its
-//! I/O on the source's own runtime, so it never stalls the caller's runtime.
+//! Chunk reads may come from async code (the fetcher's server task), which should call
+//! [`common::input::ChunkReader::read_with_lines_async`]: a read that may wait (a remote object,
+//! a compressed one) then runs on the blocking pool. Called in place from a runtime, a remote
+//! read runs inside `block_in_place` on a multi-threaded runtime, or on a scoped thread
+//! otherwise (which holds a current-thread runtime until it returns); its I/O always runs on the
+//! source's own runtime.
 
 use std::io::{self, Read};
 use std::ops::Range;
@@ -90,14 +93,18 @@ impl ObjectSource for Source {
     }
 
     fn read_range(&self, object: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
-        let local = self.objects().get(object).is_some_and(|o| matches!(o.version, Version::Local { .. }));
-        let result = if local && self.spool_path(object).is_none() {
+        let result = if !self.read_may_wait(object) {
             // A pread: no need to leave the runtime.
             Source::read_range(self, object, range)
         } else {
             off_runtime(|| Source::read_range(self, object, range))
         };
         result.map_err(|e| ReadError::from(&e))
+    }
+
+    fn read_may_wait(&self, object: usize) -> bool {
+        let local = self.objects().get(object).is_some_and(|o| matches!(o.version, Version::Local { .. }));
+        !local || self.spool_path(object).is_some()
     }
 }
 

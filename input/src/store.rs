@@ -107,6 +107,18 @@ impl RemoteKind {
         }
     }
 
+    /// The settings that say where a bucket is looked for.
+    fn location_settings(self) -> &'static str {
+        match self {
+            RemoteKind::Store(StoreKind::S3) => "the region or endpoint it is in (AWS_REGION, AWS_ENDPOINT_URL)",
+            RemoteKind::Store(StoreKind::Gcs) => "the endpoint (GOOGLE_BASE_URL, for an emulator)",
+            RemoteKind::Store(StoreKind::Azure) => {
+                "the storage account it is in (AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ENDPOINT)"
+            }
+            RemoteKind::Http => "the URL",
+        }
+    }
+
     /// What to check when the store cannot be reached.
     fn unreachable_fix(self) -> &'static str {
         match self {
@@ -346,9 +358,12 @@ impl Remote {
         };
         let not_found = |source| SourceError::NotFound {
             fix: if listing {
-                "the bucket does not exist: check its name (and the region or endpoint)".into()
+                format!(
+                    "the bucket does not exist: check the bucket name in --input, and {}",
+                    self.kind.location_settings()
+                )
             } else {
-                "check the bucket and key (names are case-sensitive)".into()
+                "check the bucket and key in --input (names are case-sensitive)".into()
             },
             object: object.clone(),
             source,

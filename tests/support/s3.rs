@@ -19,21 +19,51 @@ impl S3Server {
     /// Starts one and waits until it answers.
     pub fn start() -> Self {
         let port = free_port();
-        let child = Command::new("moto_server")
+        let server = S3Server { child: Self::spawn(port), port };
+        server.wait_answering();
+        server
+    }
+
+    fn spawn(port: u16) -> Child {
+        Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start moto_server ({e}): install it with `pip install 'moto[server]'` (scripts/test.sh does)")
-            });
-        let server = S3Server { child, port };
+            })
+    }
+
+    fn wait_answering(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while server.request("GET", "/", &[]).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not answer on port {port} within 30 s");
+        while self.request("GET", "/", &[]).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not answer on port {} within 30 s", self.port);
             std::thread::sleep(Duration::from_millis(50));
         }
-        server
+    }
+
+    /// Kills the server and starts a new one on the same port, waiting until it answers. moto
+    /// keeps its state in memory: the new one is empty until buckets and objects are put again
+    /// (the same bytes get the same ETag, their MD5).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port);
+        self.wait_answering();
+    }
+
+    /// From now on every request must be signed with a key moto's IAM knows (none are made, so
+    /// every key is refused with 403 InvalidAccessKeyId): moto's `/moto-api/reset-auth`, the
+    /// server-mode form of `INITIAL_NO_AUTH_ACTION_COUNT=0`. Put the objects before.
+    pub fn enforce_auth(&self) {
+        let status = self.request("POST", "/moto-api/reset-auth", b"0").expect("reset-auth");
+        assert_eq!(status, 200, "moto reset-auth");
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The endpoint, for `AWS_ENDPOINT_URL`.
@@ -43,8 +73,13 @@ impl S3Server {
 
     /// The environment a fetcher or `saver verify` needs to reach it.
     pub fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_at(&self.endpoint())
+    }
+
+    /// [`S3Server::env`] reaching it at `endpoint` (through a proxy).
+    pub fn env_at(&self, endpoint: &str) -> Vec<(&'static str, String)> {
         vec![
-            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ENDPOINT_URL", endpoint.to_string()),
             ("AWS_ALLOW_HTTP", "true".into()),
             ("AWS_REGION", "us-east-1".into()),
             ("AWS_ACCESS_KEY_ID", "test-key-id".into()),
