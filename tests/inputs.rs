@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::harness::TcpProxy;
 use support::http::FileServer;
 use support::s3::S3Server;
-use support::{finish, metric, summary_number, wait_ready, wait_until, Pipeline};
+use support::{finish, metric, wait_ready, wait_until, Pipeline};
 
 /// The generated users, one record per line.
 fn lines(p: &Pipeline) -> Vec<String> {
@@ -290,7 +290,7 @@ fn an_s3_server_restarted_mid_run_is_ridden_out_and_the_run_verifies() {
         !log.contains("changed after it was listed"),
         "a restarted store with the same data is the same input: {log}"
     );
-    assert_eq!(summary_number(&log, "chunks dead-lettered"), 0, "{log}");
+    assert_eq!(p.summary_number("fetcher", "/dead"), 0, "{log}");
     let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
     assert!(ok, "{report}");
     assert!(report.contains("300 expected, 300 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
@@ -379,7 +379,7 @@ fn a_fetcher_killed_mid_run_on_an_s3_input_resumes_without_re_leasing_saved_chun
     let log = second.log();
     assert!(log.contains(&format!("{recorded} chunks already done")), "{log}");
     // Chunks recorded as done are never handed out again; only the rest are leased.
-    let granted = summary_number(&log, "leases granted");
+    let granted = p.summary_number("fetcher-2", "/stats/leases_granted");
     assert!(granted <= 200 - recorded + 4, "{granted} leases for {} remaining chunks", 200 - recorded);
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
