@@ -169,13 +169,15 @@ impl clap::builder::TypedValueParser for SinkParser {
         _arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
     ) -> Result<SinkChoice, clap::Error> {
-        let text = value.to_str().unwrap_or_default().trim();
+        let unknown =
+            || clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{UNKNOWN_SINK}\n")).with_cmd(cmd);
+        let text = value.to_str().ok_or_else(unknown)?.trim();
         if text.is_empty() || text == "file" {
             Ok(SinkChoice::File)
         } else if crate::sink::postgres::is_postgres_url(text) {
             Ok(SinkChoice::Postgres(text.to_string()))
         } else {
-            Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{UNKNOWN_SINK}\n")).with_cmd(cmd))
+            Err(unknown())
         }
     }
 }
@@ -222,6 +224,12 @@ mod tests {
         assert!(debug.contains("postgres://u@db:5432/x") && !debug.contains("hunter2"), "{debug}");
         let error = Cli::try_parse_from(["saver", "--sink", "mysql://u:hunter2@db/x"]).unwrap_err().to_string();
         assert!(error.contains("--sink") && !error.contains("hunter2"), "{error}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let bytes = std::ffi::OsStr::from_bytes(b"postgres://u:hunter2@db/\xff");
+            assert!(Cli::try_parse_from([std::ffi::OsStr::new("saver"), "--sink".as_ref(), bytes]).is_err());
+        }
         let cli = Cli::try_parse_from(["saver"]).expect("parses");
         assert_eq!(cli.run.sink.sink, SinkChoice::File, "the file sink is the default");
     }
