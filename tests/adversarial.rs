@@ -308,6 +308,45 @@ fn network_text_cannot_forge_log_lines_and_a_garbage_flood_logs_a_few_lines() {
 /// probes until the object is alone, dead-letters only it ("its mapper died N times"), and the
 /// rest of the chunk is saved. The mappers here abort on that object (a test hook) and are
 /// restarted, as Kubernetes restarts a crashed pod.
+/// Found by the killer test below failing under load: a mapper killed while its request for more
+/// work was held left that request with the fetcher. Once the dead mapper's lease expired it held
+/// nothing, so its stale request looked like the best place for the next lease (or probe) of the
+/// chunk; the chunk went to a dead inbox, expired again, and the death was blamed on the chunk.
+/// Here a client plays the mapper that died: it holds chunk 0, asks for more, and goes silent.
+#[test]
+fn a_silent_mappers_held_request_gets_no_chunk_once_its_lease_expired() {
+    let p = Pipeline::new(100, 0);
+    let (_fetcher, port) = p.fetcher_named("fetcher", &["--lease-timeout", "1s"]);
+    support::wait_ready(port);
+    let subjects = Subjects::new("chunkmill");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(p.nats.url()).await.expect("connect");
+        let first = client.request(subjects.work.clone(), support::work_request("dead", 1)).await.expect("work");
+        let first: protocol::WorkReply = protocol::decode(&first.payload).expect("decodes");
+        assert_eq!(first.chunks.iter().map(|c| (c.head.chunk, c.head.attempt)).collect::<Vec<_>>(), [(0, 1)]);
+        // The dead mapper's last request, held (nothing is pending), then a live mapper's.
+        let inbox = client.new_inbox();
+        let mut dead_inbox = client.subscribe(inbox.clone()).await.expect("subscribe");
+        client
+            .publish_with_reply(subjects.work.clone(), inbox, support::work_request("dead", 1))
+            .await
+            .expect("publish");
+        client.flush().await.expect("flush");
+        let live = client.request(subjects.work.clone(), support::work_request("alive", 1)).await.expect("work");
+        let live: protocol::WorkReply = protocol::decode(&live.payload).expect("decodes");
+        let stale = tokio::time::timeout(LONG, dead_inbox.next()).await.expect("an answer").expect("message");
+        let stale: protocol::WorkReply = protocol::decode(&stale.payload).expect("decodes");
+        assert!(stale.chunks.is_empty(), "the silent mapper's request was handed a chunk: {stale:?}");
+        assert_eq!(stale.kind, protocol::WorkReplyKind::Idle, "{stale:?}");
+        assert_eq!(
+            live.chunks.iter().map(|c| (c.head.chunk, c.head.attempt)).collect::<Vec<_>>(),
+            [(0, 2)],
+            "the expired chunk goes to the live mapper at once: {live:?}"
+        );
+    });
+}
+
 #[test]
 fn an_object_that_kills_every_mapper_is_found_alone_and_only_it_is_dead_lettered() {
     let p = Pipeline::new(300, 0);

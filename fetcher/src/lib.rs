@@ -145,6 +145,11 @@ pub struct RunSummary {
     /// Wall time from start (after the scan) to the end.
     #[serde(rename = "elapsed_seconds", serialize_with = "as_seconds")]
     pub elapsed: Duration,
+    /// How long the input scan took (zero until [`run`] fills it in).
+    #[serde(rename = "scan_seconds", serialize_with = "as_seconds")]
+    pub scan: Duration,
+    /// Bytes of input scanned (decompressed), every object together.
+    pub input_bytes: u64,
     /// Every chunk done or dead-lettered.
     pub complete: bool,
 }
@@ -334,15 +339,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let name = service.name.clone();
     let (job, transform) = load_job(&config)?;
     let input_metrics = scan::InputMetrics::new(&metrics.common.registry);
+    let scan_started = std::time::Instant::now();
     let index = load_input(&config, &job, transform, &input_metrics).await?;
+    let scan = scan_started.elapsed();
+    let input_bytes: u64 = index.parts.iter().map(|p| p.len).sum();
     tracing::info!(
         run = %index.run_id,
-        "input {}: {} objects in {} chunks of up to {} ({} invalid records skipped); job: {}",
+        "input {}: {} objects in {} chunks of up to {} ({} invalid records skipped), {:.1} MB scanned in {:.2} s ({:.0} MB/s); job: {}",
         index.input,
         index.objects,
         index.chunks.len(),
         index.chunk_size,
         index.bad.len(),
+        input_bytes as f64 / 1e6,
+        scan.as_secs_f64(),
+        input_bytes as f64 / 1e6 / seconds(scan),
         job.describe()
     );
     let record = RunRecord {
@@ -380,7 +391,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         server.record_bad_records().await?;
     }
     server.announce(fresh, &name);
-    let summary = server.serve(shutdown).await?;
+    let summary = RunSummary { scan, ..server.serve(shutdown).await? };
     if let Some(path) = summary_json {
         write_summary(&path, &summary)?;
     }

@@ -68,6 +68,16 @@ struct Waiter {
     deadline: Instant,
 }
 
+/// What [`Server::lease_one`] came to.
+enum Leased {
+    /// A chunk leased and read; `last` when nothing may follow it in the reply (a suspect).
+    Chunk { head: ChunkHead, objects: Vec<u8>, last: bool },
+    /// The chunk granted could not be handed out (changed input, dead-lettered): try the next.
+    Skipped,
+    /// Nothing more for this reply.
+    Stop,
+}
+
 /// What the fetcher knows about a mapper that asked for work.
 struct MapperSeen {
     last: Instant,
@@ -386,6 +396,8 @@ impl Server {
             bad_records: self.index.bad.len() as u64,
             stats: self.ledger.stats().clone(),
             elapsed: self.progress.elapsed(),
+            scan: Duration::ZERO,
+            input_bytes: self.index.parts.iter().map(|p| p.len).sum(),
             complete: self.is_complete(),
         }
     }
@@ -547,88 +559,44 @@ impl Server {
             if !chunks.is_empty() && size + estimate > max_payload {
                 break;
             }
-            // A chunk suspected of killing its mappers goes alone to a mapper that holds nothing
-            // else, so that a death can be blamed on it (and a probe is a probe of one chunk).
-            let alone = chunks.is_empty() && self.ledger.leases_of(&waiter.mapper) == 0;
-            let suspects = &self.suspects;
-            let (changed, spans) = (&self.changed, &self.index.chunks);
-            let grant =
-                self.ledger.lease_where(&waiter.mapper, Instant::now(), self.config.lease_timeout, |c, deaths| {
-                    let unchanged = changed.is_empty() || !changed.contains_key(&spans[c as usize].object);
-                    unchanged && (alone || (deaths == 0 && !suspects.searching(c)))
-                });
-            let Some(grant) = grant else { break };
-            let span = self.index.chunks[grant.chunk as usize];
-            let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
-            // Off the runtime thread when it may wait on the store (its retries included), so
-            // that NATS, the metrics and the lock keep running; this loop waits for it, so the
-            // ledger still sees one request at a time.
-            let (objects, lines) = match self.reader.read_with_lines_async(&span).await {
-                Ok(read) => read,
-                Err(InputError::Read(e)) if e.kind == ReadErrorKind::Changed => {
-                    // Never a chunk of another version: this object's chunks stay where they are.
-                    self.ledger.unlease(grant.chunk, grant.lease);
-                    if self.changed.insert(span.object, e.message.clone()).is_none() {
-                        tracing::error!(
-                            chunk = grant.chunk,
-                            "{e}; its chunks are no longer handed out (the others go on; the run stops when they are done)"
-                        );
-                    }
-                    continue;
-                }
-                Err(InputError::Read(e)) if e.kind == ReadErrorKind::Unavailable => {
-                    self.ledger.unlease(grant.chunk, grant.lease);
-                    tracing::warn!(chunk = grant.chunk, "cannot read chunk {} now: {e}; it stays pending", grant.chunk);
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
-                    self.dead_letter(grant.chunk, &e.to_string()).await;
-                    continue;
-                }
-            };
-            let plan = self.suspects.plan(grant.chunk, span.objects, grant.lease);
-            let chunk = ChunkHead {
-                chunk: u64::from(grant.chunk),
-                lease: grant.lease,
-                attempt: grant.attempt,
-                first_line: span.first_line,
-                lines,
-                skip: plan.skip,
-                probe: plan.probe,
+            let (chunk, objects, last) = match self.lease_one(waiter, chunks.is_empty()).await {
+                Leased::Chunk { head, objects, last } => (head, objects, last),
+                Leased::Skipped => continue,
+                Leased::Stop => break,
             };
             let entry = protocol::chunk_entry_size(&chunk, &objects);
+            let lease = (chunk.chunk as u32, chunk.lease);
             if !chunks.is_empty() && size + entry > max_payload {
                 // Fits alone, not with the others: it goes in the next reply.
-                self.ledger.unlease(grant.chunk, grant.lease);
+                self.ledger.unlease(lease.0, lease.1);
                 break;
             }
             if protocol::chunks_reply_overhead(&head) + entry > max_payload {
                 tracing::error!(
-                    chunk = grant.chunk,
+                    chunk = lease.0,
                     "chunk {} (input line {}) is {} bytes, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it. Lower --chunk-size or raise max_payload",
-                    grant.chunk,
-                    span.first_line,
+                    lease.0,
+                    chunk.first_line,
                     entry
                 );
                 let error =
                     format!("chunk is {entry} bytes, over the NATS server's max_payload of {max_payload} bytes");
-                self.dead_letter(grant.chunk, &error).await;
+                self.dead_letter(lease.0, &error).await;
                 continue;
             }
-            if grant.attempt > 1 {
+            if chunk.attempt > 1 {
                 tracing::info!(
-                    chunk = grant.chunk,
-                    attempt = grant.attempt,
+                    chunk = lease.0,
+                    attempt = chunk.attempt,
                     "re-leasing chunk {} to {} (attempt {})",
-                    grant.chunk,
+                    lease.0,
                     escaped(&waiter.mapper),
-                    grant.attempt
+                    chunk.attempt
                 );
             }
             size += entry;
             chunks.push((chunk, objects));
-            if is_suspect {
+            if last {
                 break;
             }
         }
@@ -638,6 +606,77 @@ impl Server {
         let body = protocol::encode_chunks_reply(&head, &chunks);
         self.reply(&waiter.reply, body.into()).await;
         true
+    }
+
+    /// Leases the next chunk `waiter` may have and reads its objects from the input.
+    async fn lease_one(&mut self, waiter: &Waiter, first: bool) -> Leased {
+        // A chunk suspected of killing its mappers goes alone to a mapper that holds nothing
+        // else, so that a death can be blamed on it (and a probe is a probe of one chunk).
+        let alone = first && self.ledger.leases_of(&waiter.mapper) == 0;
+        let suspects = &self.suspects;
+        let (changed, spans) = (&self.changed, &self.index.chunks);
+        let grant = self.ledger.lease_where(&waiter.mapper, Instant::now(), self.config.lease_timeout, |c, deaths| {
+            let unchanged = changed.is_empty() || !changed.contains_key(&spans[c as usize].object);
+            unchanged && (alone || (deaths == 0 && !suspects.searching(c)))
+        });
+        let Some(grant) = grant else { return Leased::Stop };
+        let span = self.index.chunks[grant.chunk as usize];
+        let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
+        // Off the runtime thread when it may wait on the store (its retries included), so that
+        // NATS, the metrics and the lock keep running; the caller waits for it, so the ledger
+        // still sees one request at a time.
+        let (objects, lines) = match self.reader.read_with_lines_async(&span).await {
+            Ok(read) => read,
+            Err(InputError::Read(e)) if e.kind == ReadErrorKind::Changed => {
+                // Never a chunk of another version: this object's chunks stay where they are.
+                self.ledger.unlease(grant.chunk, grant.lease);
+                if self.changed.insert(span.object, e.message.clone()).is_none() {
+                    tracing::error!(
+                        chunk = grant.chunk,
+                        "{e}; its chunks are no longer handed out (the others go on; the run stops when they are done)"
+                    );
+                }
+                return Leased::Skipped;
+            }
+            Err(InputError::Read(e)) if e.kind == ReadErrorKind::Unavailable => {
+                self.ledger.unlease(grant.chunk, grant.lease);
+                tracing::warn!(chunk = grant.chunk, "cannot read chunk {} now: {e}; it stays pending", grant.chunk);
+                return Leased::Stop;
+            }
+            Err(e) => {
+                tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
+                self.dead_letter(grant.chunk, &e.to_string()).await;
+                return Leased::Skipped;
+            }
+        };
+        let plan = self.suspects.plan(grant.chunk, span.objects, grant.lease);
+        let head = ChunkHead {
+            chunk: u64::from(grant.chunk),
+            lease: grant.lease,
+            attempt: grant.attempt,
+            first_line: span.first_line,
+            lines,
+            skip: plan.skip,
+            probe: plan.probe,
+        };
+        Leased::Chunk { head, objects, last: is_suspect }
+    }
+
+    /// Answers `idle` to the held requests of mappers that went silent (a lease of theirs
+    /// expired). A mapper killed while it held a request for more work leaves that request here;
+    /// served, it would swallow a chunk (a probe, even, since the dead mapper now holds nothing
+    /// and so looks like the ideal mapper to probe on) whose lease then expires in turn and is
+    /// blamed on the chunk. A mapper that is alive after all just asks again.
+    async fn drop_waiters_of(&mut self, silent: &HashSet<String>) {
+        if silent.is_empty() {
+            return;
+        }
+        let (stale, live): (VecDeque<Waiter>, VecDeque<Waiter>) =
+            std::mem::take(&mut self.waiters).into_iter().partition(|w| silent.contains(&w.mapper));
+        self.waiters = live;
+        for waiter in stale {
+            self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0, None)).await;
+        }
     }
 
     async fn serve_waiters(&mut self) {
@@ -778,19 +817,7 @@ impl Server {
         let mut new_sink = None;
         match &self.sink {
             Some(sink) if *sink != request.sink => {
-                self.metrics.refused("wrong_sink");
-                let (saver, theirs, ours) = (escaped(&request.saver), escaped(&request.sink), sink.clone());
-                self.warn_peer("wrong_sink", || {
-                    format!(
-                        "saver {saver} saves into sink {theirs}, but this run saves into sink {ours}: its {} acks are refused. Give every saver the same --out (a shared volume) or --sink",
-                        request.acks.len()
-                    )
-                });
-                if let Some(reply) = &message.reply {
-                    let verdicts = vec![AckVerdict::WrongSink; request.acks.len()];
-                    self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
-                }
-                return;
+                return self.refuse_other_sink(&message, &request, sink.clone()).await
             }
             Some(_) => {}
             None if request.sink.is_empty() => return self.malformed(&message, &"an ack without a sink id"),
@@ -799,25 +826,7 @@ impl Server {
         // First what would become done, then make that durable, and only then change the ledger
         // and answer: a chunk is never done in memory before it is done on disk. If the write
         // fails nothing changes and nothing is answered; the saver resends the ack.
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut settles_a_record = false;
-        for ack in &request.acks {
-            if ack.run != self.index.run_id {
-                continue;
-            }
-            match self.ledger.check_ack(ack.chunk, ack.objects, ack.dead) {
-                AckVerdict::Done => {
-                    let entry = Entry::Done(ack.chunk as u32);
-                    if !entries.contains(&entry) {
-                        entries.push(entry);
-                    }
-                }
-                AckVerdict::AlreadyDone => {
-                    settles_a_record |= u32::try_from(ack.chunk).is_ok_and(|c| self.unmarked.contains(&c));
-                }
-                _ => {}
-            }
-        }
+        let (mut entries, settles_a_record) = self.entries_for(&request);
         // The sink is recorded with the first ack that saves something of the run (a chunk, or a
         // dead chunk's record), never by acks that save nothing (a forged ack for an unknown
         // chunk must not choose the run's sink).
@@ -836,6 +845,52 @@ impl Server {
             tracing::info!("run {} saves into sink {}", self.index.run_id, escaped(&sink));
             self.sink = Some(sink);
         }
+        let verdicts = self.apply_acks(&request);
+        if let Some(reply) = &message.reply {
+            self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
+        }
+    }
+
+    /// Answers `wrong_sink` to every ack of a saver that saves into another sink than `ours`, loudly.
+    async fn refuse_other_sink(&mut self, message: &Message, request: &AckRequest, ours: String) {
+        self.metrics.refused("wrong_sink");
+        let (saver, theirs) = (escaped(&request.saver), escaped(&request.sink));
+        self.warn_peer("wrong_sink", || {
+            format!(
+                "saver {saver} saves into sink {theirs}, but this run saves into sink {ours}: its {} acks are refused. Give every saver the same --out (a shared volume) or --sink",
+                request.acks.len()
+            )
+        });
+        if let Some(reply) = &message.reply {
+            let verdicts = vec![AckVerdict::WrongSink; request.acks.len()];
+            self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
+        }
+    }
+
+    /// The store entries the acks would add (chunks that become done), and whether any of them
+    /// confirms a dead chunk's record in the sink.
+    fn entries_for(&self, request: &AckRequest) -> (Vec<Entry>, bool) {
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut settles_a_record = false;
+        for ack in request.acks.iter().filter(|a| a.run == self.index.run_id) {
+            match self.ledger.check_ack(ack.chunk, ack.objects, ack.dead) {
+                AckVerdict::Done => {
+                    let entry = Entry::Done(ack.chunk as u32);
+                    if !entries.contains(&entry) {
+                        entries.push(entry);
+                    }
+                }
+                AckVerdict::AlreadyDone => {
+                    settles_a_record |= u32::try_from(ack.chunk).is_ok_and(|c| self.unmarked.contains(&c));
+                }
+                _ => {}
+            }
+        }
+        (entries, settles_a_record)
+    }
+
+    /// Applies acks whose entries are durable to the ledger: one verdict each, in order.
+    fn apply_acks(&mut self, request: &AckRequest) -> Vec<AckVerdict> {
         let mut verdicts = Vec::with_capacity(request.acks.len());
         for ack in &request.acks {
             if ack.run != self.index.run_id {
@@ -858,9 +913,7 @@ impl Server {
                 }
             }
         }
-        if let Some(reply) = &message.reply {
-            self.reply(reply, protocol::encode(&AckReply { v: VERSION, verdicts })).await;
-        }
+        verdicts
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1006,6 +1059,7 @@ impl Server {
             self.retry_store().await;
         }
         let now = Instant::now();
+        let mut silent = HashSet::new();
         for (chunk, lease) in self.ledger.expire(now) {
             tracing::warn!(
                 chunk,
@@ -1016,7 +1070,9 @@ impl Server {
             let (deaths, objects) = (self.ledger.deaths(chunk), self.index.chunks[chunk as usize].objects);
             let verdict = self.suspects.expired(chunk, lease.id, deaths, objects);
             self.act_on(chunk, verdict).await;
+            silent.insert(lease.mapper);
         }
+        self.drop_waiters_of(&silent).await;
         self.serve_waiters().await;
         while self.waiters.front().is_some_and(|w| w.deadline <= now) {
             if let Some(waiter) = self.waiters.pop_front() {
