@@ -98,6 +98,13 @@ where
     result.unwrap_or_else(|e| fail(kind, &e))
 }
 
+/// The body of a binary's one-shot helper command (`fetcher generate`, `saver verify`): set up
+/// logging, run `body` on this thread, and report an error as [`main`] does.
+pub fn command(kind: &str, body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
+    crate::telemetry::init_logging();
+    body().unwrap_or_else(|e| fail(kind, &e))
+}
+
 /// Reports a fatal error as every binary does: one log line, one line on stderr, exit status 1.
 pub fn fail(kind: &str, error: &anyhow::Error) -> ExitCode {
     tracing::error!("{error:#}");

@@ -10,16 +10,12 @@ use fetcher::config::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Generate(args)) = cli.command {
-        common::telemetry::init_logging();
-        return match fetcher::generate::generate(args.kind, args.objects, args.seed, args.format, &args.output)
-            .with_context(|| format!("cannot write {}", args.output.display()))
-        {
-            Ok(()) => {
-                println!("wrote {} objects to {}", args.objects, args.output.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => common::service::fail("fetcher", &e),
-        };
+        return common::service::command("fetcher", || {
+            fetcher::generate::generate(args.kind, args.objects, args.seed, args.format, &args.output)
+                .with_context(|| format!("cannot write {}", args.output.display()))?;
+            println!("wrote {} objects to {}", args.objects, args.output.display());
+            Ok(ExitCode::SUCCESS)
+        });
     }
     // One thread: the fetcher is one task around the ledger, and the cores belong to mappers.
     common::service::main("fetcher", Runtime::CurrentThread, |shutdown| async move {

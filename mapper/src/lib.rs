@@ -281,59 +281,16 @@ async fn pump(
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut told_why = String::new();
     while !shutdown.is_cancelled() && !shared.hard_stop.is_cancelled() {
-        // Wait for room for one chunk, then take whatever else is free: one request for all.
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = shared.hard_stop.cancelled() => break,
-            permit = room.clone().acquire_owned() => permit,
-        };
-        let Ok(first) = first else { break };
-        let mut permits = vec![first];
-        while permits.len() < protocol::MAX_CHUNKS_PER_REPLY as usize {
-            match room.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
-        }
-        let body = protocol::encode(&WorkRequest {
-            v: VERSION,
-            mapper: shared.name.clone(),
-            wait_ms: WORK_WAIT.as_millis() as u64,
-            max: permits.len() as u32,
-            can: shared.jobs.capabilities(),
-        });
-        let asked = async_nats::Request::new().payload(body).timeout(Some(WORK_WAIT + Duration::from_secs(3)));
-        let waiting = Instant::now();
-        let request = shared.client.send_request(shared.subjects.work.clone(), asked);
-        tokio::pin!(request);
-        let message = tokio::select! {
-            _ = shared.hard_stop.cancelled() => break,
-            reply = &mut request => reply,
-            _ = shutdown.cancelled() => {
-                // The fetcher may already have leased chunks into this reply: wait for it (at
-                // most the wait asked for) and hand them straight back, rather than leave them
-                // to expire while nobody works on them.
-                tokio::select! {
-                    _ = shared.hard_stop.cancelled() => {}
-                    reply = &mut request => if let Some(leases) = reply.ok().and_then(|m| protocol::decode_leases_only(&m.payload)) {
-                        for lease in leases {
-                            shared.given_back.fetch_add(1, Ordering::Relaxed);
-                            release(&shared, lease, ReleaseReason::Shutdown, "shutting down".into()).await;
-                        }
-                    },
-                }
-                break;
-            }
-        };
-        shared.metrics.idle.inc_by(waiting.elapsed().as_secs_f64());
-        let message = match message {
-            Ok(message) => {
+        let Some(mut permits) = take_room(&shared, &room, &shutdown).await else { break };
+        let message = match ask(&shared, permits.len() as u32, &shutdown).await {
+            Asked::Reply(message) => {
                 if backoff.reset() {
                     tracing::info!("the fetcher answers again");
                 }
                 message
             }
-            Err(e) => {
+            Asked::Stop => break,
+            Asked::Failed(e) => {
                 if backoff.first_failure() {
                     match e.kind() {
                         RequestErrorKind::NoResponders => {
@@ -362,11 +319,12 @@ async fn pump(
                 // forever.
                 if let Some(leases) = protocol::decode_leases_only(&message.payload) {
                     for lease in leases {
-                        let error = format!("the mapper cannot decode chunk {}: {e}", lease.chunk);
-                        tracing::error!(chunk = lease.chunk, "{error}; handing it back as failed");
-                        shared.metrics.failures.with_label_values(&["chunk"]).inc();
-                        shared.given_back.fetch_add(1, Ordering::Relaxed);
-                        release(&shared, lease, ReleaseReason::Failed, error).await;
+                        give_back_failed(
+                            &shared,
+                            lease,
+                            format!("the mapper cannot decode chunk {}: {e}", lease.chunk),
+                        )
+                        .await;
                     }
                     continue;
                 }
@@ -378,40 +336,8 @@ async fn pump(
         };
         match reply.kind {
             WorkReplyKind::Chunks => {
-                let lease_ms = reply.lease_ms.unwrap_or(5000).max(100);
-                shared.lease_ms.store(lease_ms, Ordering::Relaxed);
-                let (run, job) = (reply.run.unwrap_or_default(), reply.job.unwrap_or_default());
-                let mut leased = Vec::with_capacity(reply.chunks.len());
-                for chunk in reply.chunks {
-                    match work::object_ranges(&message.payload, &chunk.objects) {
-                        Some(objects) => leased.push((chunk.head, objects)),
-                        None => {
-                            // Leased to us all the same: hand it back as failed so that it counts
-                            // towards --max-attempts rather than waiting for its lease to expire.
-                            let lease = LeaseRef { chunk: chunk.head.chunk, lease: chunk.head.lease };
-                            let error = format!("chunk {}'s objects are not in the work reply", lease.chunk);
-                            tracing::error!(chunk = lease.chunk, "{error}; handing it back as failed");
-                            shared.metrics.failures.with_label_values(&["chunk"]).inc();
-                            shared.given_back.fetch_add(1, Ordering::Relaxed);
-                            release(&shared, lease, ReleaseReason::Failed, error).await;
-                        }
-                    }
-                }
-                for (head, objects) in leased {
-                    shared.hold(LeaseRef { chunk: head.chunk, lease: head.lease });
-                    // A fetcher sends at most what was asked for; more would be kept all the same.
-                    let permit = permits.pop();
-                    let in_hand = InHand {
-                        payload: message.payload.clone(),
-                        objects,
-                        head,
-                        run: run.clone(),
-                        job: job.clone(),
-                        permit,
-                    };
-                    if queue.send(in_hand).await.is_err() {
-                        break;
-                    }
+                if !take_chunks(&shared, &message.payload, reply, &mut permits, &queue).await {
+                    break;
                 }
             }
             WorkReplyKind::Done if exit_when_done => {
@@ -432,6 +358,121 @@ async fn pump(
             }
         }
     }
+}
+
+/// Waits for room for one chunk, then takes whatever else is free (up to what one reply may
+/// carry): one request for all of it. `None` when stopping.
+async fn take_room(
+    shared: &Shared,
+    room: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        _ = shared.hard_stop.cancelled() => return None,
+        permit = room.clone().acquire_owned() => permit.ok()?,
+    };
+    let mut permits = vec![first];
+    while permits.len() < protocol::MAX_CHUNKS_PER_REPLY as usize {
+        match room.clone().try_acquire_owned() {
+            Ok(permit) => permits.push(permit),
+            Err(_) => break,
+        }
+    }
+    Some(permits)
+}
+
+/// What asking for work came to.
+enum Asked {
+    Reply(async_nats::Message),
+    Failed(async_nats::RequestError),
+    /// Shutting down (anything leased into the reply meanwhile was handed back).
+    Stop,
+}
+
+/// Asks the fetcher for up to `max` chunks, waiting up to [`WORK_WAIT`] for them.
+async fn ask(shared: &Arc<Shared>, max: u32, shutdown: &CancellationToken) -> Asked {
+    let body = protocol::encode(&WorkRequest {
+        v: VERSION,
+        mapper: shared.name.clone(),
+        wait_ms: WORK_WAIT.as_millis() as u64,
+        max,
+        can: shared.jobs.capabilities(),
+    });
+    let asked = async_nats::Request::new().payload(body).timeout(Some(WORK_WAIT + Duration::from_secs(3)));
+    let waiting = Instant::now();
+    let request = shared.client.send_request(shared.subjects.work.clone(), asked);
+    tokio::pin!(request);
+    let reply = tokio::select! {
+        _ = shared.hard_stop.cancelled() => return Asked::Stop,
+        reply = &mut request => reply,
+        _ = shutdown.cancelled() => {
+            // The fetcher may already have leased chunks into this reply: wait for it (at most
+            // the wait asked for) and hand them straight back, rather than leave them to expire
+            // while nobody works on them.
+            tokio::select! {
+                _ = shared.hard_stop.cancelled() => {}
+                reply = &mut request => if let Some(leases) = reply.ok().and_then(|m| protocol::decode_leases_only(&m.payload)) {
+                    for lease in leases {
+                        shared.given_back.fetch_add(1, Ordering::Relaxed);
+                        release(shared, lease, ReleaseReason::Shutdown, "shutting down".into()).await;
+                    }
+                },
+            }
+            return Asked::Stop;
+        }
+    };
+    shared.metrics.idle.inc_by(waiting.elapsed().as_secs_f64());
+    match reply {
+        Ok(message) => Asked::Reply(message),
+        Err(e) => Asked::Failed(e),
+    }
+}
+
+/// Holds the chunks of a `chunks` reply and queues them for the transform, each with one of
+/// `permits`; false once the queue is closed (stopping).
+async fn take_chunks(
+    shared: &Arc<Shared>,
+    payload: &Bytes,
+    reply: WorkReply<'_>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+    queue: &mpsc::Sender<InHand>,
+) -> bool {
+    let lease_ms = reply.lease_ms.unwrap_or(5000).max(100);
+    shared.lease_ms.store(lease_ms, Ordering::Relaxed);
+    let (run, job) = (reply.run.unwrap_or_default(), reply.job.unwrap_or_default());
+    let mut leased = Vec::with_capacity(reply.chunks.len());
+    for chunk in reply.chunks {
+        match work::object_ranges(payload, &chunk.objects) {
+            Some(objects) => leased.push((chunk.head, objects)),
+            None => {
+                // Leased to us all the same: hand it back as failed so that it counts towards
+                // --max-attempts rather than waiting for its lease to expire.
+                let lease = LeaseRef { chunk: chunk.head.chunk, lease: chunk.head.lease };
+                give_back_failed(shared, lease, format!("chunk {}'s objects are not in the work reply", lease.chunk))
+                    .await;
+            }
+        }
+    }
+    for (head, objects) in leased {
+        shared.hold(LeaseRef { chunk: head.chunk, lease: head.lease });
+        // A fetcher sends at most what was asked for; more would be kept all the same.
+        let permit = permits.pop();
+        let in_hand = InHand { payload: payload.clone(), objects, head, run: run.clone(), job: job.clone(), permit };
+        if queue.send(in_hand).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Hands a chunk this mapper cannot use back as failed, so that it counts towards the
+/// fetcher's --max-attempts instead of waiting for its lease to expire.
+async fn give_back_failed(shared: &Arc<Shared>, lease: LeaseRef, error: String) {
+    tracing::error!(chunk = lease.chunk, "{error}; handing it back as failed");
+    shared.metrics.failures.with_label_values(&["chunk"]).inc();
+    shared.given_back.fetch_add(1, Ordering::Relaxed);
+    release(shared, lease, ReleaseReason::Failed, error).await;
 }
 
 /// The delivery tasks, and their bound (`--results-in-flight`).

@@ -10,20 +10,12 @@ use saver::config::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Verify(args)) = cli.command {
-        common::telemetry::init_logging();
-        return match saver::verify::run(&args, transform::Registry::builtin())
-            .with_context(|| format!("cannot verify the sink against {}", args.input.display()))
-        {
-            Ok(report) => {
-                println!("{report}");
-                if report.ok() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => common::service::fail("saver", &e),
-        };
+        return common::service::command("saver", || {
+            let report = saver::verify::run(&args, transform::Registry::builtin())
+                .with_context(|| format!("cannot verify the sink against {}", args.input.display()))?;
+            println!("{report}");
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        });
     }
     // Two threads: one for messaging, one to spare; file writes run on tokio's blocking pool.
     common::service::main("saver", Runtime::Workers(2), |shutdown| async move {
