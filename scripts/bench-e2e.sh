@@ -8,11 +8,14 @@
 #   ROUNDS_LIST="0" MAPPERS_LIST="2" ./scripts/bench-e2e.sh
 #   BIN=/path/to/other/target/release ./scripts/bench-e2e.sh    # another build, side by side
 #   JOB="--transform jq --filter '{id: .uuid, n: (.friends | length)}'" ./scripts/bench-e2e.sh
+#   STORE=s3 ./scripts/bench-e2e.sh          # the input from an S3 server (moto) on 127.0.0.1
+#   COMPRESS=zst ./scripts/bench-e2e.sh      # the input compressed first (zst or gz)
 #
 # JOB replaces --rounds with other job flags (the same for the fetcher and the ideal); the
 # rounds column then reads "job".
 #
-# Columns: wall time of the run (fetcher start to exit, input scan included), objects/s, the
+# Columns: wall time of the run (fetcher start to exit, input scan included), the scan's share
+# of it (the fetcher's --summary-json scan_seconds) and its rate in MB/s of records, objects/s, the
 # ideal's time, efficiency = ideal / pipeline, re-leases (chunks handed out more than once),
 # duplicate saves absorbed, CPU busy (the CPU time of the fetcher, mappers, saver and nats-server
 # over the run, as a share of all cores' wall time), and peak RSS (VmHWM) of each service.
@@ -37,6 +40,8 @@ if [ -z "${BIN:-}" ]; then
 fi
 [ -s "$DATA" ] || $BIN/fetcher generate --objects "$OBJECTS" --output "$DATA" >/dev/null
 objects=$(wc -l < "$DATA")
+STORE=${STORE:-local}
+COMPRESS=${COMPRESS:-}
 
 work=$(mktemp -d)
 pids=()
@@ -49,6 +54,32 @@ pids+=($!)
 export NATS_URL="nats://127.0.0.1:$port" METRICS_ADDR=127.0.0.1:0
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
 
+# The input as the fetcher reads it: the local file, or compressed, or put into an S3 server.
+input="$DATA"
+case "$COMPRESS" in
+  "") ;;
+  zst) input="$work/$(basename "$DATA").zst"; zstd -q -3 -o "$input" "$DATA" ;;
+  gz) input="$work/$(basename "$DATA").gz"; gzip -c "$DATA" >"$input" ;;
+  *) echo "COMPRESS must be zst or gz, not $COMPRESS" >&2; exit 2 ;;
+esac
+case "$STORE" in
+  local) ;;
+  s3)
+    ensure_s3_server
+    s3_port=$(free_port)
+    moto_server -H 127.0.0.1 -p "$s3_port" >"$work/moto.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$s3_port/" && break; sleep 0.1; done
+    # moto takes unsigned requests until auth is enforced: enough to make the bucket and object.
+    curl -sf -X PUT "http://127.0.0.1:$s3_port/bench" >/dev/null
+    curl -sf -T "$input" "http://127.0.0.1:$s3_port/bench/$(basename "$input")" >/dev/null
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+      AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
+    input="s3://bench/$(basename "$input")"
+    ;;
+  *) echo "STORE must be local or s3, not $STORE" >&2; exit 2 ;;
+esac
+
 hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 # CPU time (user + system) of a running process, in clock ticks.
@@ -56,9 +87,9 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 nats=${pids[0]}
 hz=$(getconf CLK_TCK)
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD), binaries in $BIN"
-printf '| rounds | mappers | pipeline s | objects/s | ideal s | efficiency | CPU busy | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
-printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD), binaries in $BIN, input $input"
+printf '| rounds | mappers | pipeline s | scan s | scan MB/s | objects/s | ideal s | efficiency | CPU busy | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
+printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for rounds in $ROUNDS_LIST; do
   if [ -n "$JOB" ]; then eval "job=($JOB)"; else job=(--rounds "$rounds"); fi
   ideal=$($BIN/examples/ideal --input "$DATA" "${job[@]}" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
@@ -80,7 +111,8 @@ for rounds in $ROUNDS_LIST; do
     # GNU time reports the fetcher's peak RSS at its exit; polling /proc would cost CPU the run
     # needs.
     /usr/bin/time -f "%M %U %S" -o "$work/fetcher.rss" \
-      $BIN/fetcher --input "$DATA" "${job[@]}" --state-dir "$work/state" --exit-when-done >"$work/fetcher.log" 2>&1 \
+      $BIN/fetcher --input "$input" "${job[@]}" --state-dir "$work/state" --exit-when-done \
+      --summary-json "$work/summary.json" >"$work/fetcher.log" 2>&1 \
       || { echo "fetcher failed:"; tail "$work/fetcher.log"; exit 1; }
     ms=$(( $(now_ms) - start ))
     fetcher_mb=$(awk '{printf "%.1f", $1/1024}' "$work/fetcher.rss")
@@ -97,8 +129,12 @@ for rounds in $ROUNDS_LIST; do
     releases=$(echo "$summary" | sed -n 's/.* \([0-9]*\) re-leases.*/\1/p')
     dups=$(grep -o "[0-9]* duplicates absorbed" "$work/saver.log" | cut -d' ' -f1)
     secs=$(awk -v ms="$ms" 'BEGIN{printf "%.3f", ms/1000}')
+    scan=$(sed -n 's/.*"scan_seconds": *\([0-9.e-]*\).*/\1/p' "$work/summary.json")
+    bytes=$(sed -n 's/.*"input_bytes": *\([0-9]*\).*/\1/p' "$work/summary.json")
+    scan_rate=$(awk -v b="$bytes" -v s="$scan" 'BEGIN{printf "%.0f", b / 1e6 / (s > 0 ? s : 1e-6)}')
+    scan=$(awk -v s="$scan" 'BEGIN{printf "%.3f", s}')
     busy=$(awk -v c="$cpu" -v hz="$hz" -v s="$secs" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}')
-    printf '| %s | %s | %s | %.0f | %s | %.1f%% | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" \
+    printf '| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" "$scan" "$scan_rate" \
       "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$ideal" \
       "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "$busy" "${releases:-?}" "${dups:-?}" \
       "$fetcher_mb" "$mapper_mb" "$saver_mb"

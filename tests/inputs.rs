@@ -387,7 +387,7 @@ fn a_fetcher_killed_mid_run_on_an_s3_input_resumes_without_re_leasing_saved_chun
 }
 
 #[test]
-fn a_file_behind_plain_http_is_read_by_range_and_verifies() {
+fn a_file_behind_plain_http_is_read_by_range_a_window_at_a_time_and_verifies() {
     let mut p = Pipeline::new(2000, 0);
     let server = FileServer::start(p.input.clone(), "/data/users.jsonl");
     p.input = format!("{}/data/users.jsonl", server.base()).into();
@@ -396,7 +396,10 @@ fn a_file_behind_plain_http_is_read_by_range_and_verifies() {
     let mut fetcher = p.fetcher(&[]);
     finish(&mut fetcher, Duration::from_secs(120));
     assert!(fetcher.log().contains("2000 objects in 20 chunks"), "{}", fetcher.log());
-    assert!(server.ranged_requests() >= 20, "each chunk is one ranged GET: {}", server.ranged_requests());
+    // The 20 chunks (about 300 KB) are handed out in order: one ranged GET of a read-ahead
+    // window serves them all, where a GET per chunk would be 20 round trips in the fetcher's loop.
+    let ranged = server.ranged_requests();
+    assert!((1..=3).contains(&ranged), "20 chunks read with {ranged} ranged GETs");
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
     assert!(report.contains("2000 expected, 2000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
