@@ -127,3 +127,82 @@ fn readiness_follows_the_nats_connection() {
     let text = scrape(port);
     assert!(metric_value(&text, "chunkmill_nats_reconnects_total").unwrap_or(0.0) >= 1.0, "{text}");
 }
+
+/// Issue 17: every service joins the NATS service API (`nats micro ls`, `$SRV.PING`) with its
+/// version and instance and serves its metrics on a `stats` endpoint, and `fetcher status`
+/// answers how far the run is, per mapper, from the running fetcher.
+#[test]
+fn every_service_answers_the_nats_service_api_and_fetcher_status_follows_the_run() {
+    use futures::StreamExt;
+    let p = Pipeline::new(2_000, 0);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    // Deployment mode: the fetcher stays up after the run and still answers.
+    let (_fetcher, fetcher_port) = p.fetcher_named("fetcher", &[]);
+    support::wait_ready(fetcher_port);
+    let mut status = p.status();
+    support::wait_until("fetcher status to say complete", Duration::from_secs(120), || {
+        status = p.status();
+        status.complete
+    });
+    assert_eq!(status.run, p.run_id());
+    assert_eq!((status.chunks, status.done, status.pending, status.leased, status.dead), (20, 20, 0, 0, 0));
+    assert_eq!((status.objects, status.objects_done), (2000, 2000));
+    let mappers: Vec<_> = status.mappers.iter().map(|m| (m.name.as_str(), m.done, m.held, m.able)).collect();
+    assert_eq!(mappers, [("mapper-1", 20, 0, true)]);
+    let text = p.status_text();
+    assert!(text.contains("chunks: 20/20 done (100.0%)") && text.contains("complete"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("mapper-1 ")), "{text}");
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(p.nats.url()).await.expect("connect");
+        let request = |subject: String| {
+            let client = client.clone();
+            async move {
+                let asked =
+                    async_nats::Request::new().payload(bytes::Bytes::new()).timeout(Some(Duration::from_secs(10)));
+                let answer = client.send_request(subject.clone(), asked).await;
+                answer.unwrap_or_else(|e| panic!("no answer on {subject}: {e}")).payload
+            }
+        };
+        // $SRV.PING: each service answers once, with its name, version and instance.
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+        client.publish_with_reply("$SRV.PING", inbox, bytes::Bytes::new()).await.expect("ping");
+        let mut found = std::collections::BTreeMap::new();
+        while found.len() < 3 {
+            let reply = tokio::time::timeout(Duration::from_secs(10), replies.next()).await;
+            let reply = reply.unwrap_or_else(|_| panic!("only {found:?} answered $SRV.PING")).expect("open");
+            let ping: serde_json::Value = serde_json::from_slice(&reply.payload).expect("a JSON ping reply");
+            assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"), "{ping}");
+            let name = ping["name"].as_str().expect("a name").to_string();
+            found.insert(name, ping["metadata"]["instance"].as_str().unwrap_or_default().to_string());
+        }
+        assert_eq!(found["mapper"], "mapper-1");
+        assert_eq!(found["saver"], "saver-1");
+        assert!(found.contains_key("fetcher"), "{found:?}");
+        // The fetcher's `status` endpoint counted the `fetcher status` requests above.
+        let stats: serde_json::Value =
+            serde_json::from_slice(&request("$SRV.STATS.fetcher".into()).await).expect("JSON");
+        let endpoints = stats["endpoints"].as_array().expect("endpoints");
+        let served = endpoints.iter().find(|e| e["name"] == "status").expect("a status endpoint");
+        assert!(served["num_requests"].as_u64() >= Some(2), "{stats}");
+        assert_eq!(served["subject"], "chunkmill.status");
+        // A mapper's metrics over NATS, as on its /metrics.
+        // A mapper's metrics over NATS, as on its /metrics (its count follows the savers'
+        // replies, which may come after the fetcher's acks: polled).
+        let subject = common::service::stats_subject("chunkmill", "mapper", "mapper-1");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = String::from_utf8(request(subject.clone()).await.to_vec()).expect("UTF-8 metrics");
+            assert_prometheus_text(&text);
+            let processed = metric_value(&text, "chunkmill_mapper_chunks_processed_total");
+            if processed == Some(20.0) {
+                break;
+            }
+            assert!(Instant::now() < deadline && processed < Some(20.0), "{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}

@@ -328,9 +328,17 @@ fn a_mappers_forged_acks_are_refused_by_nats_permissions_and_the_run_completes()
         0.0,
         "no chunk may be done before a saver saved it"
     );
+    // `fetcher status` works as the fetcher's user, and the refused acks left no mark.
+    let status = p.status();
+    assert_eq!((status.run.as_str(), status.chunks, status.done, status.pending), (run.as_str(), 30, 0, 30));
     let _mapper = p.mapper("mapper-1", &[]);
     let _saver = p.saver("saver-1");
     support::finish(&mut fetcher, Duration::from_secs(60));
+    // Every role may join the NATS service API ($SRV.*) and serve its stats endpoint.
+    let log = p.nats.log();
+    let refused: Vec<&str> =
+        log.lines().filter(|l| l.contains("Violation") && (l.contains("$SRV") || l.contains(".stats."))).collect();
+    assert!(refused.is_empty(), "the role permissions refuse the service API: {refused:?}");
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
     assert!(report.contains("3000 found, 0 missing, 0 duplicated"), "{report}");

@@ -117,6 +117,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Broa
     let metrics = BroadcasterMetrics::new();
     let service = Service::start("broadcaster", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
     let client = service.connect(&config.nats, &shutdown).await?;
+    // Kept to the end of the run: dropping it would leave the NATS service API.
+    let _micro = service.register(&client, &config.nats.subject_prefix, &shutdown).await;
     let instance = service.name.clone();
     let js = jetstream::new(client);
     let Some((consumer, kv)) = set_up_until(&js, &config, &shutdown).await? else {

@@ -38,6 +38,8 @@ pub struct Subjects {
     /// fetcher → JetStream → broadcaster: pipeline events are published on `<events>.<kind>`
     /// (see [`crate::events`]).
     pub events: String,
+    /// anyone → fetcher, request/reply: "how far is the run?" (`fetcher status`).
+    pub status: String,
 }
 
 impl Subjects {
@@ -51,6 +53,7 @@ impl Subjects {
             result: format!("{prefix}.result"),
             ack: format!("{prefix}.ack"),
             events: format!("{prefix}.events"),
+            status: format!("{prefix}.status"),
         }
     }
 }

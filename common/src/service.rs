@@ -34,6 +34,24 @@ pub struct Service {
     kind: &'static str,
     connection: Arc<ConnectionState>,
     ready: Arc<AtomicBool>,
+    registry: prometheus::Registry,
+}
+
+/// The NATS micro-service name of a chunkmill service of `kind` (`nats micro info fetcher`).
+pub fn micro_name(kind: &str) -> String {
+    kind.to_string()
+}
+
+/// The subject of the `stats` endpoint of the service `kind` called `instance`: its Prometheus
+/// metrics over NATS. An instance name may hold characters a subject token cannot (dots,
+/// spaces, wildcards): those become `_`.
+pub fn stats_subject(prefix: &str, kind: &str, instance: &str) -> String {
+    let token: String = instance
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(crate::protocol::MAX_NAME)
+        .collect();
+    format!("{prefix}.stats.{kind}.{token}")
 }
 
 impl Service {
@@ -48,7 +66,7 @@ impl Service {
     ) -> Result<Self, StartError> {
         let name = nats.instance_name(kind);
         let (connection, ready) = crate::metrics::start(metrics_addr, metrics, shutdown).await?;
-        Ok(Service { name, kind, connection, ready })
+        Ok(Service { name, kind, connection, ready, registry: metrics.registry.clone() })
     }
 
     /// Connects to NATS as `chunkmill-<kind> <name>`, waiting for a server that is not up yet;
@@ -56,6 +74,46 @@ impl Service {
     pub async fn connect(&self, nats: &NatsArgs, shutdown: &CancellationToken) -> Result<Client, StartError> {
         let client_name = format!("chunkmill-{} {}", self.kind, self.name);
         Ok(crate::nats::connect(nats, &client_name, &self.connection, shutdown).await?)
+    }
+
+    /// Registers with the NATS micro-service protocol, so that `nats micro ls|info|stats` and
+    /// `$SRV.PING` find this instance with its version and instance name, and serves its
+    /// `stats` endpoint (its Prometheus metrics as text, at [`stats_subject`]) until
+    /// `shutdown`. The returned service adds a service's own endpoints; keep it while running.
+    /// Being found is an aid, not the work: a registration the server refuses is a warning
+    /// (naming the permissions to grant), and the service runs on without it.
+    pub async fn register(
+        &self,
+        client: &Client,
+        prefix: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<async_nats::service::Service> {
+        use async_nats::service::ServiceExt;
+        let warn = |e: &dyn std::fmt::Display| {
+            tracing::warn!(
+                "cannot register {} with the NATS service API ($SRV.*): {e}; `nats micro ls` will not list it \
+                 (grant this NATS user subscribe on $SRV.> and {prefix}.stats.>, and allow_responses)",
+                self.kind
+            );
+        };
+        let metadata = std::collections::HashMap::from([
+            ("instance".to_string(), self.name.clone()),
+            ("subject_prefix".to_string(), prefix.to_string()),
+            ("version".to_string(), crate::metrics::LONG_VERSION.to_string()),
+        ]);
+        let service = client
+            .service_builder()
+            .description(format!("chunkmill {}", self.kind))
+            .metadata(metadata)
+            .start(micro_name(self.kind), env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| warn(&e))
+            .ok()?;
+        match service.endpoint_builder().name("stats").add(stats_subject(prefix, self.kind, &self.name)).await {
+            Ok(endpoint) => drop(tokio::spawn(serve_stats(endpoint, self.registry.clone(), shutdown.clone()))),
+            Err(e) => warn(&e),
+        }
+        Some(service)
     }
 
     /// Raises readiness: /readyz answers 200 while NATS is connected.
@@ -66,6 +124,31 @@ impl Service {
     /// The readiness flag, for a service that lowers it again (the fetcher on a full disk).
     pub fn readiness(&self) -> Arc<AtomicBool> {
         self.ready.clone()
+    }
+}
+
+/// Answers the `stats` endpoint with the registry's metrics in Prometheus text format.
+async fn serve_stats(
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) {
+    use futures::StreamExt;
+    use prometheus::Encoder;
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = endpoint.next() => request,
+        };
+        let Some(request) = request else { break };
+        let mut body = Vec::new();
+        let encoded = prometheus::TextEncoder::new().encode(&registry.gather(), &mut body);
+        let answer = encoded
+            .map(|()| body.into())
+            .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
+        if let Err(e) = request.respond(answer).await {
+            tracing::debug!("cannot answer a stats request: {e}");
+        }
     }
 }
 

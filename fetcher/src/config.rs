@@ -36,6 +36,23 @@ pub struct Cli {
 pub enum Command {
     /// Write a deterministic data set (mock users, or shop orders).
     Generate(GenerateArgs),
+    /// Ask the running fetcher how far its run is (chunks, objects/s, ETA, per mapper).
+    // Boxed: its NATS arguments make it much larger than `Generate`.
+    Status(Box<StatusArgs>),
+}
+
+/// `fetcher status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print the answer as JSON (the fields of docs/PROTOCOL.md's status reply).
+    #[arg(long)]
+    pub json: bool,
+    /// How long to wait for NATS and for the fetcher's answer.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 /// `fetcher generate`.

@@ -18,11 +18,13 @@ pub mod poison;
 pub mod progress;
 pub mod scan;
 pub mod server;
+pub mod status;
 pub mod store;
 
 use std::time::Duration;
 
 use common::input::{InputError, InputIndex, ScanOptions};
+use common::protocol::Subjects;
 use common::service::Service;
 use tokio_util::sync::CancellationToken;
 use transform::{Job, Registry, Transform};
@@ -384,7 +386,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         config::Events::On => Publisher::start(client.clone(), config.nats.subject_prefix.clone()),
         config::Events::Off => Publisher::off(),
     };
-    let io = Io { client, metrics, events, ready: service.readiness() };
+    // Kept to the end of the run: dropping it would leave the NATS service API.
+    let micro = service.register(&client, &config.nats.subject_prefix, &shutdown).await;
+    let status = match &micro {
+        Some(micro) => status_endpoint(micro, &config.nats.subject_prefix).await,
+        None => None,
+    };
+    let io = Io { client, metrics, events, ready: service.readiness(), status };
     let summary_json = config.summary_json.clone();
     let mut server = Server::new(config, job, index, io, store, recovered)?;
     if fresh {
@@ -396,6 +404,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         write_summary(&path, &summary)?;
     }
     Ok(summary)
+}
+
+/// The `status` endpoint (`fetcher status`) of the fetcher's NATS micro service, if the server
+/// lets it be served.
+async fn status_endpoint(
+    micro: &async_nats::service::Service,
+    prefix: &str,
+) -> Option<async_nats::service::endpoint::Endpoint> {
+    let subject = Subjects::new(prefix).status;
+    match micro.endpoint_builder().name("status").add(subject.clone()).await {
+        Ok(endpoint) => Some(endpoint),
+        Err(e) => {
+            tracing::warn!("cannot serve {subject} (fetcher status): {e}");
+            None
+        }
+    }
 }
 
 fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -17,6 +17,18 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         });
     }
+    if let Some(Command::Status(args)) = cli.command {
+        return common::service::command("fetcher", || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = runtime.block_on(fetcher::status::request(&args.nats, args.timeout))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("{status}");
+            }
+            Ok(ExitCode::SUCCESS)
+        });
+    }
     // One thread: the fetcher is one task around the ledger, and the cores belong to mappers.
     common::service::main("fetcher", Runtime::CurrentThread, |shutdown| async move {
         let summary = fetcher::run(cli.run, shutdown).await?;

@@ -58,6 +58,8 @@ pub struct Io {
     pub events: Publisher,
     /// Readiness (`/readyz`).
     pub ready: Arc<AtomicBool>,
+    /// The `status` endpoint of the fetcher's NATS micro service (`fetcher status`).
+    pub status: Option<async_nats::service::endpoint::Endpoint>,
 }
 
 /// A held work request.
@@ -80,8 +82,11 @@ enum Leased {
 
 /// What the fetcher knows about a mapper that asked for work.
 struct MapperSeen {
+    first: Instant,
     last: Instant,
     able: bool,
+    /// Chunks of its leases that were saved and confirmed.
+    done: u64,
 }
 
 /// The server of one run.
@@ -126,6 +131,8 @@ pub struct Server {
     unmarked: HashSet<u32>,
     /// Mappers that asked for work, and whether they can run the job.
     mappers: HashMap<String, MapperSeen>,
+    /// The `status` endpoint, taken by `serve`.
+    status: Option<async_nats::service::endpoint::Endpoint>,
     /// Mappers that said they cannot run this run's job (release reason `cannot_run`).
     cannot_run: HashSet<String>,
     /// Stops the dead-letter record senders.
@@ -153,7 +160,7 @@ impl Server {
         store: LedgerStore,
         recovered: Recovered,
     ) -> Result<Self, FetcherError> {
-        let Io { client, metrics, events, ready } = io;
+        let Io { client, metrics, events, ready, status } = io;
         let reader = ChunkReader::open(&index)?;
         let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
         let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
@@ -215,6 +222,7 @@ impl Server {
             suspects: Suspects::new(config.max_attempts),
             changed: HashMap::new(),
             refused_markers: tokio::sync::mpsc::unbounded_channel(),
+            status,
             store,
             config,
         })
@@ -322,6 +330,10 @@ impl Server {
         let mut extend = self.subscribe(&self.subjects.extend).await?;
         let mut release = self.subscribe(&self.subjects.release).await?;
         let mut ack = self.subscribe(&self.subjects.ack).await?;
+        let mut status: futures::stream::BoxStream<'static, async_nats::service::Request> = match self.status.take() {
+            Some(endpoint) => endpoint.boxed(),
+            None => futures::stream::pending().boxed(),
+        };
         self.metrics.start(self.index.objects);
         let subjects = &self.subjects;
         self.metrics.common.watch_subjects(&[
@@ -351,6 +363,7 @@ impl Server {
                 Some(message) = release.next() => if self.serving() { self.on_release(message).await },
                 Some(message) = job.next() => if self.serving() { self.on_job(message).await },
                 Some(message) = work.next() => if self.serving() { self.on_work(message).await },
+                Some(request) = status.next() => self.on_status(request).await,
                 Some((chunk, error)) = self.refused_markers.1.recv() => {
                     tracing::error!(
                         chunk,
@@ -384,6 +397,50 @@ impl Server {
             tracing::info!("{summary}");
         }
         Ok(summary)
+    }
+
+    /// Answers `fetcher status`.
+    async fn on_status(&mut self, request: async_nats::service::Request) {
+        let body = serde_json::to_vec(&self.status()).unwrap_or_default();
+        if let Err(e) = request.respond(Ok(body.into())).await {
+            tracing::debug!("cannot answer a status request: {e}");
+        }
+    }
+
+    fn status(&self) -> crate::status::Status {
+        let now = Instant::now();
+        let elapsed = self.progress.elapsed();
+        let mut mappers: Vec<crate::status::MapperStatus> = self
+            .mappers
+            .iter()
+            .map(|(name, seen)| crate::status::MapperStatus {
+                name: name.clone(),
+                held: self.ledger.leases_of(name) as u64,
+                done: seen.done,
+                chunks_per_second: seen.done as f64 / now.duration_since(seen.first).as_secs_f64().max(1e-3),
+                last_seen_seconds: now.duration_since(seen.last).as_secs_f64(),
+                able: seen.able,
+            })
+            .collect();
+        mappers.sort_by(|a, b| a.name.cmp(&b.name));
+        let complete = self.is_complete();
+        crate::status::Status {
+            run: self.index.run_id.clone(),
+            input: self.index.input.clone(),
+            transform: self.job.describe(),
+            chunks: self.ledger.len() as u64,
+            done: self.ledger.done(),
+            pending: self.ledger.pending(),
+            leased: self.ledger.leased() as u64,
+            dead: self.ledger.dead(),
+            objects: self.index.objects,
+            objects_done: self.ledger.objects_done(),
+            objects_per_second: self.ledger.objects_done() as f64 / crate::seconds(elapsed),
+            eta_seconds: if complete { None } else { self.progress.eta(&self.ledger, now) },
+            elapsed_seconds: elapsed.as_secs_f64(),
+            complete,
+            mappers,
+        }
     }
 
     fn summary(&self) -> RunSummary {
@@ -461,7 +518,9 @@ impl Server {
                 self.mappers.remove(&oldest);
             }
         }
-        self.mappers.insert(mapper.to_string(), MapperSeen { last: now, able });
+        let seen =
+            self.mappers.entry(mapper.to_string()).or_insert(MapperSeen { first: now, last: now, able, done: 0 });
+        (seen.last, seen.able) = (now, able);
         able
     }
 
@@ -905,7 +964,17 @@ impl Server {
                 verdicts.push(self.ledger.ack(u64::MAX, ack.lease, ack.objects, ack.dead));
                 continue;
             }
+            let holder = u32::try_from(ack.chunk)
+                .ok()
+                .and_then(|c| self.ledger.lease_of(c))
+                .filter(|lease| lease.id == ack.lease)
+                .map(|lease| lease.mapper.clone());
             verdicts.push(self.ledger.ack(ack.chunk, ack.lease, ack.objects, ack.dead));
+            if let (Some(AckVerdict::Done), Some(seen)) =
+                (verdicts.last(), holder.and_then(|mapper| self.mappers.get_mut(&mapper)))
+            {
+                seen.done += 1;
+            }
             if let Ok(chunk) = u32::try_from(ack.chunk) {
                 if verdicts.last() != Some(&AckVerdict::Unknown) {
                     self.unmarked.remove(&chunk);

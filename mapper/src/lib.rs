@@ -189,6 +189,8 @@ pub async fn run_with(
     // the connection.
     service.set_ready();
     let client = service.connect(&config.nats, &shutdown).await?;
+    // Kept to the end of the run: dropping it would leave the NATS service API.
+    let _micro = service.register(&client, &config.nats.subject_prefix, &shutdown).await;
     let name = service.name.clone();
     tracing::info!(
         "mapper {}: runs {}; {} chunks in hand and {} results in flight at most, {threads} transform threads",

@@ -100,6 +100,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         return Ok(SaverSummary::default());
     };
     let client = service.connect(&config.nats, &shutdown).await?;
+    // Kept to the end of the run: dropping it would leave the NATS service API.
+    let _micro = service.register(&client, &config.nats.subject_prefix, &shutdown).await;
     let subjects = Subjects::new(&config.nats.subject_prefix);
     let mut results = client
         .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())

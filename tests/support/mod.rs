@@ -265,6 +265,29 @@ impl Pipeline {
         (output.status.success(), text)
     }
 
+    /// Runs `fetcher status --json` as the fetcher's NATS user (as `kubectl exec deploy/fetcher
+    /// -- fetcher status` does); returns the running fetcher's answer.
+    pub fn status(&self) -> fetcher::status::Status {
+        let stdout = self.fetcher_status(&["--json"]);
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("fetcher status --json: {e}: {stdout}"))
+    }
+
+    /// `fetcher status` for a person (its table), as the fetcher's NATS user.
+    pub fn status_text(&self) -> String {
+        self.fetcher_status(&[])
+    }
+
+    fn fetcher_status(&self, flags: &[&str]) -> String {
+        let output = Command::new(bin("fetcher"))
+            .arg("status")
+            .args(flags)
+            .envs(self.env("fetcher").iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("run fetcher status");
+        assert!(output.status.success(), "fetcher status failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
     /// A saver writing to PostgreSQL `db`, its password from a file (as from a Secret); with its
     /// metrics port.
     pub fn saver_postgres(&self, name: &str, db: &postgres::PgServer) -> (Service, u16) {
