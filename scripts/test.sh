@@ -17,7 +17,8 @@ ensure_prometheus
 ensure_postgres
 ensure_s3_server
 # The end-to-end tests run the real binaries: build them first.
-cargo build --workspace --bins
+# --all-targets: the same feature set as `cargo test`, so the tests reuse this build.
+cargo build --workspace --all-targets
 cargo test --workspace "$@"
 ./tests/prometheus/run.sh
 ./scripts/check-deploy.sh

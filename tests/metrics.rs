@@ -102,6 +102,43 @@ fn metrics_parse_and_count_a_whole_run() {
     }
 }
 
+/// The port a service fell back to, from its warning that the default one was taken.
+fn fallback_port(log: &str) -> Option<u16> {
+    let (_, rest) = log.split_once("is taken (another replica on this host?): serving on ")?;
+    let addr = rest.split_whitespace().next()?;
+    addr.rsplit_once(':')?.1.parse().ok()
+}
+
+#[test]
+fn mappers_on_one_host_without_metrics_addr_take_free_ports_and_finish_the_run() {
+    // The mapper's default port, taken as a second replica on the host finds it (by us, or by
+    // whatever already listens there: taken either way).
+    let _taken = std::net::TcpListener::bind(mapper::config::DEFAULT_METRICS_ADDR);
+    let p = Pipeline::new(2_000, 0);
+    let _saver = p.saver("saver-1");
+    let mappers: Vec<_> = ["mapper-1", "mapper-2"]
+        .into_iter()
+        .map(|name| p.spawn_on_default_metrics(name, "mapper", &["--instance", name]))
+        .collect();
+    let ports: Vec<u16> = mappers
+        .iter()
+        .map(|m| {
+            m.wait_for_log("is taken (another replica on this host?)", Duration::from_secs(30));
+            fallback_port(&m.log()).unwrap_or_else(|| panic!("no fallback port in the log:\n{}", m.log()))
+        })
+        .collect();
+    assert_ne!(ports[0], ports[1]);
+    let mut fetcher = p.fetcher(&[]);
+    support::finish(&mut fetcher, Duration::from_secs(120));
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+    let processed: f64 = ports
+        .iter()
+        .map(|&port| metric_value(&scrape(port), "chunkmill_mapper_chunks_processed_total").unwrap_or(0.0))
+        .sum();
+    assert!(processed >= 20.0, "both mappers serve their metrics on the ports they logged: {processed} chunks");
+}
+
 #[test]
 fn readiness_follows_the_nats_connection() {
     let mut p = Pipeline::new(100, 0);

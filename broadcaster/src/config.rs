@@ -11,6 +11,9 @@ use common::config::{parse_duration, NatsArgs, Secret, SecretFileError};
 
 use crate::target::{Target, TargetError, TargetKind};
 
+/// Where the metrics endpoint listens when `--metrics-addr` is not given.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9104";
+
 /// chunkmill broadcaster: sends the fetcher's pipeline events (run started, every 10 %, dead
 /// letters, completed, resumed) to a chat, each event at most once however many replicas run.
 #[derive(Debug, Clone, Parser)]
@@ -91,9 +94,10 @@ pub struct Config {
     #[arg(long, env = "BROADCASTER_MAX_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..=1000))]
     pub max_in_flight: i64,
 
-    /// Address of the /metrics, /healthz and /readyz endpoint.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9104")]
-    pub metrics_addr: String,
+    /// Address of the /metrics, /healthz and /readyz endpoint; when the default port is taken
+    /// (a second replica on one host), any free one, logged [default: 0.0.0.0:9104]
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 
     /// NATS connection.
     #[command(flatten)]

@@ -115,7 +115,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Broa
     let sender =
         Sender::new(Policy { max_retries: config.max_retries, budget: config.send_timeout }, config.request_timeout)?;
     let metrics = BroadcasterMetrics::new();
-    let service = Service::start("broadcaster", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    let service = Service::start(
+        "broadcaster",
+        &config.nats,
+        common::metrics::MetricsAddr::new(config.metrics_addr.as_deref(), config::DEFAULT_METRICS_ADDR),
+        &metrics.common,
+        &shutdown,
+    )
+    .await?;
     let client = service.connect(&config.nats, &shutdown).await?;
     // Kept to the end of the run: dropping it would leave the NATS service API.
     let _micro = service.register(&client, &config.nats.subject_prefix, &shutdown).await;

@@ -124,6 +124,7 @@ impl CommonMetrics {
 }
 
 /// What the endpoint needs from its service.
+#[derive(Clone)]
 pub struct Endpoint {
     /// Metrics to serve.
     pub metrics: CommonMetrics,
@@ -141,19 +142,63 @@ pub struct ServeError {
     source: std::io::Error,
 }
 
+/// Where a service serves its endpoint.
+#[derive(Debug, Clone, Copy)]
+pub enum MetricsAddr<'a> {
+    /// Set by the user (`--metrics-addr`, `METRICS_ADDR`): an address in use is an error.
+    Given(&'a str),
+    /// The service's default port: when it is taken (a second replica on one host), any free port
+    /// on the same interface, with a warning naming it.
+    Default(&'a str),
+}
+
+impl<'a> MetricsAddr<'a> {
+    /// `given` when the user set one, else the service's `default`.
+    pub fn new(given: Option<&'a str>, default: &'a str) -> Self {
+        given.map_or(MetricsAddr::Default(default), MetricsAddr::Given)
+    }
+}
+
 /// Starts the endpoint for a service before it connects (so liveness holds while NATS is away):
 /// returns the connection state to hand to [`crate::nats::connect`] and the readiness flag the
 /// service raises once it can work.
 pub async fn start(
-    addr: &str,
+    addr: MetricsAddr<'_>,
     metrics: &CommonMetrics,
     shutdown: &CancellationToken,
 ) -> Result<(Arc<ConnectionState>, Arc<std::sync::atomic::AtomicBool>), ServeError> {
     let connection = Arc::new(ConnectionState::default());
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let endpoint = Endpoint { metrics: metrics.clone(), connection: connection.clone(), ready: ready.clone() };
-    serve(addr, endpoint, shutdown.child_token()).await?;
+    serve_at(addr, endpoint, shutdown.child_token()).await?;
     Ok((connection, ready))
+}
+
+/// [`serve`] at `addr`, falling back to a free port when the default one is taken.
+pub async fn serve_at(
+    addr: MetricsAddr<'_>,
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, ServeError> {
+    let default = match addr {
+        MetricsAddr::Given(addr) => return serve(addr, endpoint, shutdown).await,
+        MetricsAddr::Default(default) => default,
+    };
+    match serve(default, endpoint.clone(), shutdown.clone()).await {
+        Err(e) if e.source.kind() == std::io::ErrorKind::AddrInUse => {
+            let any = default.parse::<SocketAddr>().map_or("0.0.0.0:0".to_string(), |mut a| {
+                a.set_port(0);
+                a.to_string()
+            });
+            let bound = serve(&any, endpoint, shutdown).await?;
+            tracing::warn!(
+                "the default metrics address {default} is taken (another replica on this host?): serving on \
+                 {bound} instead; set METRICS_ADDR to choose one"
+            );
+            Ok(bound)
+        }
+        other => other,
+    }
 }
 
 /// Binds `addr` and serves the endpoint until `shutdown`; returns the bound address.
@@ -239,5 +284,29 @@ mod tests {
         assert!(text.contains("chunkmill_malformed_messages_total{subject=\"chunkmill.work\"} 1"), "{text}");
         assert!(text.contains("chunkmill_build_info{"), "{text}");
         assert!(text.contains("chunkmill_nats_connected 0"), "{text}");
+    }
+
+    fn endpoint() -> Endpoint {
+        Endpoint { metrics: CommonMetrics::new("test"), connection: Arc::default(), ready: Arc::default() }
+    }
+
+    #[tokio::test]
+    async fn a_taken_default_port_falls_back_to_a_free_one_and_a_taken_given_port_fails() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let taken = held.local_addr().expect("bound").to_string();
+        let shutdown = CancellationToken::new();
+
+        let bound = serve_at(MetricsAddr::Default(&taken), endpoint(), shutdown.clone()).await.expect("falls back");
+        assert_ne!(bound.to_string(), taken);
+        assert_eq!(bound.ip(), held.local_addr().expect("bound").ip(), "same interface as the default");
+        let mut stream = tokio::net::TcpStream::connect(bound).await.expect("the fallback port accepts");
+        tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /healthz HTTP/1.0\r\n\r\n").await.expect("sends");
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer).await.expect("answers");
+        assert_eq!(answer.split(' ').nth(1), Some("200"), "the fallback port serves /healthz: {answer}");
+
+        let error = serve_at(MetricsAddr::Given(&taken), endpoint(), shutdown.clone()).await.expect_err("given: fails");
+        assert!(error.to_string().contains(&taken), "{error}");
+        shutdown.cancel();
     }
 }

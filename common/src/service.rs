@@ -60,7 +60,7 @@ impl Service {
     pub async fn start(
         kind: &'static str,
         nats: &NatsArgs,
-        metrics_addr: &str,
+        metrics_addr: crate::metrics::MetricsAddr<'_>,
         metrics: &CommonMetrics,
         shutdown: &CancellationToken,
     ) -> Result<Self, StartError> {

@@ -17,6 +17,9 @@ fn parse_lock_ttl(text: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+/// Where the metrics endpoint listens when `--metrics-addr` is not given.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9101";
+
 /// chunkmill fetcher: reads the input, hands chunks to mappers that ask, and keeps the ledger
 /// until savers confirm every chunk.
 #[derive(Debug, Parser)]
@@ -190,9 +193,10 @@ pub struct Config {
     #[arg(long, env = "FETCHER_EVENTS", value_enum, default_value = "on")]
     pub events: Events,
 
-    /// Address of the /metrics, /healthz and /readyz endpoint.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
-    pub metrics_addr: String,
+    /// Address of the /metrics, /healthz and /readyz endpoint; when the default port is taken
+    /// (a second replica on one host), any free one, logged [default: 0.0.0.0:9101]
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 
     /// NATS connection.
     #[command(flatten)]
@@ -212,7 +216,7 @@ impl Config {
             exit_when_done: true,
             summary_json: None,
             bad_records: BadRecords::Fail,
-            metrics_addr: "127.0.0.1:0".into(),
+            metrics_addr: Some("127.0.0.1:0".into()),
             state_dir: PathBuf::from("state"),
             ledger: LedgerKind::File,
             no_duplicate_check: false,

@@ -336,7 +336,14 @@ fn check_other_runs(config: &Config, record: &RunRecord, others: &[OtherRun]) ->
 /// Runs the fetcher until the run completes (with `exit_when_done`) or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
     let metrics = FetcherMetrics::new();
-    let service = Service::start("fetcher", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    let service = Service::start(
+        "fetcher",
+        &config.nats,
+        common::metrics::MetricsAddr::new(config.metrics_addr.as_deref(), config::DEFAULT_METRICS_ADDR),
+        &metrics.common,
+        &shutdown,
+    )
+    .await?;
     let client = service.connect(&config.nats, &shutdown).await?;
     let name = service.name.clone();
     let (job, transform) = load_job(&config)?;

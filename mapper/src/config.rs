@@ -8,6 +8,9 @@ use clap::Parser;
 use common::config::{parse_duration, NatsArgs};
 use transform::command::{CommandOptions, CommandSpec};
 
+/// Where the metrics endpoint listens when `--metrics-addr` is not given.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9102";
+
 /// chunkmill mapper: asks the fetcher for chunks of any job it can run, transforms them on all
 /// cores, sends the results to a saver, and asks again.
 #[derive(Debug, Clone, Parser)]
@@ -51,9 +54,10 @@ pub struct Config {
     #[arg(long, env = "MAPPER_EXIT_WHEN_DONE")]
     pub exit_when_done: bool,
 
-    /// Address of the /metrics, /healthz and /readyz endpoint.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9102")]
-    pub metrics_addr: String,
+    /// Address of the /metrics, /healthz and /readyz endpoint; when the default port is taken
+    /// (a second replica on one host), any free one, logged [default: 0.0.0.0:9102]
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 
     /// NATS connection.
     #[command(flatten)]
@@ -76,7 +80,7 @@ impl Config {
             threads: 0,
             shutdown_grace: Duration::from_secs(20),
             exit_when_done: true,
-            metrics_addr: "127.0.0.1:0".into(),
+            metrics_addr: Some("127.0.0.1:0".into()),
             nats,
         }
     }

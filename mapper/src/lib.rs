@@ -184,7 +184,14 @@ pub async fn run_with(
     let metrics = metrics::MapperMetrics::new();
     let subjects = Subjects::new(&config.nats.subject_prefix);
     metrics.common.watch_subjects(&[&subjects.work]);
-    let service = Service::start("mapper", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    let service = Service::start(
+        "mapper",
+        &config.nats,
+        common::metrics::MetricsAddr::new(config.metrics_addr.as_deref(), config::DEFAULT_METRICS_ADDR),
+        &metrics.common,
+        &shutdown,
+    )
+    .await?;
     // Ready while it waits for NATS: a mapper has nothing to warm up, and /readyz still follows
     // the connection.
     service.set_ready();

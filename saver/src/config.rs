@@ -8,6 +8,9 @@ use common::config::{NatsArgs, Secret, SecretFileError};
 
 use crate::sink::SinkConfig;
 
+/// Where the metrics endpoint listens when `--metrics-addr` is not given.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9103";
+
 /// chunkmill saver: saves processed chunks durably and idempotently, then acknowledges them to
 /// the fetcher.
 #[derive(Debug, Parser)]
@@ -88,9 +91,10 @@ pub struct Config {
     #[arg(long, env = "SAVER_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_in_flight: u32,
 
-    /// Address of the /metrics, /healthz and /readyz endpoint.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9103")]
-    pub metrics_addr: String,
+    /// Address of the /metrics, /healthz and /readyz endpoint; when the default port is taken
+    /// (a second replica on one host), any free one, logged [default: 0.0.0.0:9103]
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 
     /// NATS connection.
     #[command(flatten)]
@@ -105,7 +109,7 @@ impl Config {
             sink: SinkArgs::default(),
             pg_pool: 4,
             max_in_flight: 64,
-            metrics_addr: "127.0.0.1:0".into(),
+            metrics_addr: Some("127.0.0.1:0".into()),
             nats,
         }
     }

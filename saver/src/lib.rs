@@ -94,7 +94,14 @@ struct Shared {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSummary, SaverError> {
     let metrics = metrics::SaverMetrics::new();
     // Health first, so a probe sees a live process while it waits for its database.
-    let service = Service::start("saver", &config.nats, &config.metrics_addr, &metrics.common, &shutdown).await?;
+    let service = Service::start(
+        "saver",
+        &config.nats,
+        common::metrics::MetricsAddr::new(config.metrics_addr.as_deref(), config::DEFAULT_METRICS_ADDR),
+        &metrics.common,
+        &shutdown,
+    )
+    .await?;
     let name = service.name.clone();
     let Some(sink) = open_sink(&config, &name, &shutdown).await? else {
         return Ok(SaverSummary::default());

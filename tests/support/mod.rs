@@ -140,6 +140,13 @@ impl Pipeline {
         self.spawn_with_env(name, binary, args, &[])
     }
 
+    /// Starts a service as a user would, without METRICS_ADDR: on its default metrics port.
+    pub fn spawn_on_default_metrics(&self, name: &str, binary: &str, args: &[&str]) -> Service {
+        let env = self.env(binary);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Service::spawn(name, binary, args, &env, self.logs())
+    }
+
     /// Starts a service with extra environment variables and its metrics on a free port.
     pub fn spawn_with_env(
         &self,
