@@ -107,6 +107,47 @@ fn a_wrong_password_stops_the_saver_with_a_hint_and_without_the_secret() {
     assert!(!log.contains(secret), "the password reached the log:\n{log}");
 }
 
+#[test]
+fn no_password_stops_the_saver_at_once_with_the_same_hint_as_a_wrong_one() {
+    let db = PgServer::start();
+    let p = Pipeline::new(10, 0);
+    let (mut saver, _) = p.spawn_with_metrics("saver-nopw", "saver", &["--sink".to_string(), db.url()]);
+    let code = saver.wait_exit(Duration::from_secs(60));
+    let log = saver.log();
+    assert_eq!(code, Some(1), "a missing password must not be retried like an outage:\n{log}");
+    assert!(log.contains("password missing") && log.contains("SAVER_PG_PASSWORD_FILE"), "{log}");
+    assert!(!log.contains("waiting for PostgreSQL"), "{log}");
+}
+
+#[test]
+fn a_missing_database_is_created_and_a_role_that_cannot_create_it_is_told_the_command() {
+    let db = PgServer::start();
+    let p = Pipeline::new(10, 0);
+    let (base, _) = db.url().rsplit_once('/').map(|(b, d)| (b.to_string(), d.to_string())).expect("a database url");
+    let password = db.password_file().display().to_string();
+    let fresh = vec!["--sink".to_string(), format!("{base}/fresh_db")];
+    let env = [("SAVER_PG_PASSWORD_FILE", password.as_str())];
+    for attempt in ["first", "again"] {
+        let (mut saver, port) = p.spawn_with_env(&format!("saver-{attempt}"), "saver", &fresh, &env);
+        wait_ready(port);
+        saver.signal("TERM");
+        assert_eq!(saver.wait_exit(Duration::from_secs(30)), Some(0), "{}", saver.log());
+        let log = saver.log();
+        assert_eq!(log.contains("created the database fresh_db"), attempt == "first", "{log}");
+        assert!(!log.contains("already exists, skipping"), "a restart logs PostgreSQL's notices:\n{log}");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM pg_database WHERE datname = 'fresh_db'"), 1);
+
+    db.query("CREATE ROLE plain LOGIN PASSWORD 'plain-pw-71c'");
+    let args = vec!["--sink".to_string(), format!("{}/other_db", base.replace("chunkmill@", "plain@"))];
+    let (mut saver, _) = p.spawn_with_env("saver-plain", "saver", &args, &[("SAVER_PG_PASSWORD", "plain-pw-71c")]);
+    let code = saver.wait_exit(Duration::from_secs(60));
+    let log = saver.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains(r#"CREATE DATABASE "other_db" OWNER "plain";"#), "{log}");
+    assert!(!log.contains("plain-pw-71c"), "{log}");
+}
+
 /// A result of 10 objects with one value each, ids `<chunk>-<i>` (or `ids` given).
 fn result_with_ids(chunk: u64, ids: &[String], name: &str) -> Arc<Decoded> {
     let head = ResultHead {

@@ -5,9 +5,14 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// Without `RUST_LOG`: INFO, but the clients' own INFO lines are noise to a user (async-nats's
+/// connection chatter; tokio-postgres's server notices, e.g. the WARNING of a database restart,
+/// which the saver reports itself as a lost connection).
+const DEFAULT_FILTER: &str = "info,async_nats=warn,tokio_postgres=warn";
+
 /// Installs the global tracing subscriber. Call once, first thing in `main`.
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var("LOG_FORMAT").map(|f| f.eq_ignore_ascii_case("json")).unwrap_or(false);
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {

@@ -162,7 +162,12 @@ struct Failure {
 
 impl Failure {
     fn new(action: &'static str, e: &tokio_postgres::Error) -> Self {
-        Failure { action, detail: error_text(e), code: e.code().cloned() }
+        let detail = error_text(e);
+        // The server asks for a password the saver was not given: as fatal as a wrong one, and
+        // fixed the same way (the client says so without a SQLSTATE).
+        let code =
+            e.code().cloned().or_else(|| detail.contains("password missing").then_some(SqlState::INVALID_PASSWORD));
+        Failure { action, detail, code }
     }
 
     fn into_error(self, target: &str) -> SinkError {
@@ -289,6 +294,43 @@ fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, SinkError> 
         .map_err(|e| SinkError::Config(format!("cannot make a connection pool for {target}: {e}")))
 }
 
+/// Creates the database `config` names, connecting to the server's `postgres` database as the
+/// same role: a new user's first run should not stop at "database does not exist". A role that
+/// may not create databases gets the exact command to run instead.
+async fn create_database(config: &tokio_postgres::Config) -> Result<(), Failure> {
+    let user = config.get_user().unwrap_or("postgres");
+    let name = config.get_dbname().unwrap_or(user);
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) =
+        admin.connect(NoTls).await.map_err(|e| Failure::new("connect to the postgres database to create it", &e))?;
+    let connection = tokio::spawn(connection);
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let created = client.batch_execute(&format!("CREATE DATABASE {quoted}")).await;
+    drop(client);
+    let _ = connection.await;
+    match created {
+        Ok(()) => {
+            tracing::info!("created the database {name} (it did not exist)");
+            Ok(())
+        }
+        // Another saver created it first.
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) => {
+            let mut failure = Failure::new("create the database", &e);
+            failure.detail = format!(
+                "the database {name} does not exist and role {user} cannot create it ({}); as a role that may, run: \
+                 CREATE DATABASE {quoted} OWNER \"{}\";",
+                failure.detail,
+                user.replace('"', "\"\"")
+            );
+            // Fatal whatever the reason: the database is still missing.
+            failure.code = Some(SqlState::INVALID_CATALOG_NAME);
+            Err(failure)
+        }
+    }
+}
+
 /// A JSON value's text as a `jsonb` (or `json`) parameter or COPY field, without parsing it:
 /// the value was checked when the result was decoded, and PostgreSQL checks it again.
 #[derive(Debug, Clone, Copy)]
@@ -317,14 +359,19 @@ impl PgSink {
     pub async fn connect(options: PgOptions, shutdown: &CancellationToken) -> Result<Option<Self>, SinkError> {
         let config = parse(&options.url, options.password.as_ref().map(Secret::expose))?;
         let target: Arc<str> = describe(&config).into();
-        let pool = pool(config, options.pool_size)?;
+        let pool = pool(config.clone(), options.pool_size)?;
         let mut sink = PgSink { pool, target, saver: options.saver.into(), id: Arc::from("") };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut created = false;
         loop {
             match sink.apply_schema().await {
                 Ok(id) => {
                     sink.id = id.into();
                     return Ok(Some(sink));
+                }
+                Err(failure) if failure.code == Some(SqlState::INVALID_CATALOG_NAME) && !created => {
+                    created = true;
+                    create_database(&config).await.map_err(|f| f.into_error(&sink.target))?;
                 }
                 Err(failure) if !failure.transient() => return Err(failure.into_error(&sink.target)),
                 Err(failure) => {
@@ -359,6 +406,10 @@ impl PgSink {
     async fn apply_schema(&self) -> Result<String, Failure> {
         let mut client = self.pool.get().await.map_err(|e| pool_failure("connect", e))?;
         let tx = client.transaction().await.map_err(|e| Failure::new("begin a transaction", &e))?;
+        // `IF NOT EXISTS` on every start would log a NOTICE per table: not news.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(|e| Failure::new("begin a transaction", &e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .await
             .map_err(|e| Failure::new("lock the schema", &e))?;
