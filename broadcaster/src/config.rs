@@ -85,8 +85,9 @@ pub struct Config {
     pub retention: Duration,
 
     /// Redelivery delay of an unacknowledged event (the consumer's ack wait). A replica that dies
-    /// holding an event delays it by this much.
-    #[arg(long, env = "BROADCASTER_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    /// holding an event delays it (and, at --max-in-flight 1, every later one) by this much; a
+    /// live replica's slow send is safe with a short one, as it reports progress every third.
+    #[arg(long, env = "BROADCASTER_ACK_WAIT", default_value = "5s", value_parser = parse_duration)]
     pub ack_wait: Duration,
 
     /// Events in flight across all replicas (the consumer's max_ack_pending). 1 keeps messages in
