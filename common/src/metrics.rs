@@ -1,12 +1,15 @@
 //! The metrics and health endpoint every service serves on one port (`--metrics-addr`):
 //! `/metrics` (Prometheus text format), `/healthz` (the process is alive) and `/readyz` (connected
-//! to NATS and able to work). Also the metrics all services share: build info, malformed messages
-//! by subject, and the NATS connection's state.
+//! to NATS and able to work), and any pages a service adds ([`Pages`]: the fetcher's status page).
+//! Also the metrics all services share: build info, malformed messages by subject, and the NATS
+//! connection's state.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -132,6 +135,27 @@ pub struct Endpoint {
     pub connection: Arc<ConnectionState>,
     /// The service's own readiness (e.g. "input scanned and subscribed").
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The service's own pages, once it has set them ([`crate::service::Service::set_pages`]).
+    pub pages: Arc<OnceLock<Arc<dyn Pages>>>,
+}
+
+/// A page a service serves next to /metrics.
+pub struct Page {
+    /// The HTTP status code.
+    pub status: u16,
+    /// Its `Content-Type`.
+    pub content_type: &'static str,
+    /// Its body.
+    pub body: std::borrow::Cow<'static, [u8]>,
+}
+
+/// The answer to a request for a page: `None` when the service has no page at that path.
+pub type PageFuture = Pin<Box<dyn Future<Output = Page> + Send>>;
+
+/// Pages a service adds to its endpoint (paths other than /metrics, /healthz and /readyz).
+pub trait Pages: Send + Sync + 'static {
+    /// The page at `path`, or `None` for "not found".
+    fn page(&self, path: &str) -> Option<PageFuture>;
 }
 
 /// Why the endpoint could not start.
@@ -166,12 +190,15 @@ pub async fn start(
     addr: MetricsAddr<'_>,
     metrics: &CommonMetrics,
     shutdown: &CancellationToken,
-) -> Result<(Arc<ConnectionState>, Arc<std::sync::atomic::AtomicBool>), ServeError> {
-    let connection = Arc::new(ConnectionState::default());
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let endpoint = Endpoint { metrics: metrics.clone(), connection: connection.clone(), ready: ready.clone() };
-    serve_at(addr, endpoint, shutdown.child_token()).await?;
-    Ok((connection, ready))
+) -> Result<Endpoint, ServeError> {
+    let endpoint = Endpoint {
+        metrics: metrics.clone(),
+        connection: Arc::new(ConnectionState::default()),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        pages: Arc::new(OnceLock::new()),
+    };
+    serve_at(addr, endpoint.clone(), shutdown.child_token()).await?;
+    Ok(endpoint)
 }
 
 /// [`serve`] at `addr`, falling back to a free port when the default one is taken.
@@ -224,7 +251,7 @@ pub async fn serve(addr: &str, endpoint: Endpoint, shutdown: CancellationToken) 
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let endpoint = endpoint.clone();
-                    async move { Ok::<_, Infallible>(respond(&endpoint, &request)) }
+                    async move { Ok::<_, Infallible>(respond(&endpoint, &request).await) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
@@ -234,7 +261,7 @@ pub async fn serve(addr: &str, endpoint: Endpoint, shutdown: CancellationToken) 
     Ok(local)
 }
 
-fn respond<B>(endpoint: &Endpoint, request: &Request<B>) -> Response<Full<Bytes>> {
+async fn respond<B>(endpoint: &Endpoint, request: &Request<B>) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -266,7 +293,22 @@ fn respond<B>(endpoint: &Endpoint, request: &Request<B>) -> Response<Full<Bytes>
                 (true, false) => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into()),
+        path => match endpoint.pages.get().and_then(|pages| pages.page(path)) {
+            Some(page) => {
+                let page = page.await;
+                let body = match page.body {
+                    std::borrow::Cow::Borrowed(b) => Bytes::from_static(b),
+                    std::borrow::Cow::Owned(b) => Bytes::from(b),
+                };
+                let mut response = Response::new(Full::new(body));
+                *response.status_mut() = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(page.content_type));
+                response
+            }
+            None => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into()),
+        },
     }
 }
 
@@ -287,7 +329,12 @@ mod tests {
     }
 
     fn endpoint() -> Endpoint {
-        Endpoint { metrics: CommonMetrics::new("test"), connection: Arc::default(), ready: Arc::default() }
+        Endpoint {
+            metrics: CommonMetrics::new("test"),
+            connection: Arc::default(),
+            ready: Arc::default(),
+            pages: Arc::default(),
+        }
     }
 
     #[tokio::test]

@@ -34,6 +34,7 @@ pub struct Service {
     kind: &'static str,
     connection: Arc<ConnectionState>,
     ready: Arc<AtomicBool>,
+    pages: Arc<std::sync::OnceLock<Arc<dyn crate::metrics::Pages>>>,
     registry: prometheus::Registry,
 }
 
@@ -65,8 +66,15 @@ impl Service {
         shutdown: &CancellationToken,
     ) -> Result<Self, StartError> {
         let name = nats.instance_name(kind);
-        let (connection, ready) = crate::metrics::start(metrics_addr, metrics, shutdown).await?;
-        Ok(Service { name, kind, connection, ready, registry: metrics.registry.clone() })
+        let endpoint = crate::metrics::start(metrics_addr, metrics, shutdown).await?;
+        Ok(Service {
+            name,
+            kind,
+            connection: endpoint.connection,
+            ready: endpoint.ready,
+            pages: endpoint.pages,
+            registry: metrics.registry.clone(),
+        })
     }
 
     /// Connects to NATS as `chunkmill-<kind> <name>`, waiting for a server that is not up yet;
@@ -119,6 +127,11 @@ impl Service {
     /// Raises readiness: /readyz answers 200 while NATS is connected.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Adds the service's own pages to its metrics endpoint (the first call wins).
+    pub fn set_pages(&self, pages: Arc<dyn crate::metrics::Pages>) {
+        let _ = self.pages.set(pages);
     }
 
     /// The readiness flag, for a service that lowers it again (the fetcher on a full disk).

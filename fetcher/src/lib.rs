@@ -14,6 +14,7 @@ pub mod generate;
 pub mod kv_lock;
 pub mod ledger;
 pub mod metrics;
+pub mod page;
 pub mod poison;
 pub mod progress;
 pub mod scan;
@@ -344,6 +345,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         &shutdown,
     )
     .await?;
+    let (pages, page) = page::pages();
+    service.set_pages(pages);
     let client = service.connect(&config.nats, &shutdown).await?;
     let name = service.name.clone();
     let (job, transform) = load_job(&config)?;
@@ -399,7 +402,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         Some(micro) => status_endpoint(micro, &config.nats.subject_prefix).await,
         None => None,
     };
-    let io = Io { client, metrics, events, ready: service.readiness(), status };
+    let io = Io { client, metrics, events, ready: service.readiness(), status, page };
     let summary_json = config.summary_json.clone();
     let mut server = Server::new(config, job, index, io, store, recovered)?;
     if fresh {

@@ -60,6 +60,8 @@ pub struct Io {
     pub ready: Arc<AtomicBool>,
     /// The `status` endpoint of the fetcher's NATS micro service (`fetcher status`).
     pub status: Option<async_nats::service::endpoint::Endpoint>,
+    /// Status requests of the status page (`/status.json`, [`crate::page`]).
+    pub page: crate::page::StatusRequests,
 }
 
 /// A held work request.
@@ -133,6 +135,10 @@ pub struct Server {
     mappers: HashMap<String, MapperSeen>,
     /// The `status` endpoint, taken by `serve`.
     status: Option<async_nats::service::endpoint::Endpoint>,
+    /// The status page's requests.
+    page: crate::page::StatusRequests,
+    /// The latest dead letters, for the status (newest last).
+    recent_dead: VecDeque<crate::status::DeadLetterStatus>,
     /// Mappers that said they cannot run this run's job (release reason `cannot_run`).
     cannot_run: HashSet<String>,
     /// Stops the dead-letter record senders.
@@ -160,7 +166,7 @@ impl Server {
         store: LedgerStore,
         recovered: Recovered,
     ) -> Result<Self, FetcherError> {
-        let Io { client, metrics, events, ready, status } = io;
+        let Io { client, metrics, events, ready, status, page } = io;
         let reader = ChunkReader::open(&index)?;
         let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
         let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
@@ -223,6 +229,8 @@ impl Server {
             changed: HashMap::new(),
             refused_markers: tokio::sync::mpsc::unbounded_channel(),
             status,
+            page,
+            recent_dead: VecDeque::new(),
             store,
             config,
         })
@@ -364,6 +372,7 @@ impl Server {
                 Some(message) = job.next() => if self.serving() { self.on_job(message).await },
                 Some(message) = work.next() => if self.serving() { self.on_work(message).await },
                 Some(request) = status.next() => self.on_status(request).await,
+                Some(reply) = self.page.recv() => drop(reply.send(self.status())),
                 Some((chunk, error)) = self.refused_markers.1.recv() => {
                     tracing::error!(
                         chunk,
@@ -440,6 +449,7 @@ impl Server {
             elapsed_seconds: elapsed.as_secs_f64(),
             complete,
             mappers,
+            dead_letters: self.recent_dead.iter().cloned().collect(),
         }
     }
 
@@ -1022,6 +1032,15 @@ impl Server {
             objects: u64::from(span.objects),
         };
         self.events.emit(Event::new(&self.index.run_id, body));
+        if self.recent_dead.len() == crate::status::DEAD_LETTERS_SHOWN {
+            self.recent_dead.pop_front();
+        }
+        self.recent_dead.push_back(crate::status::DeadLetterStatus {
+            chunk: u64::from(chunk),
+            first_line: span.first_line,
+            objects: u64::from(span.objects),
+            reason: error.to_string(),
+        });
     }
 
     /// The ids of a chunk's objects (the job's id field), for its dead-letter records.

@@ -45,6 +45,26 @@ pub struct Status {
     pub complete: bool,
     /// The mappers that asked for work, by name.
     pub mappers: Vec<MapperStatus>,
+    /// The latest chunks this fetcher dead-lettered (at most [`DEAD_LETTERS_SHOWN`], newest
+    /// last), with their reasons; every dead letter is in the sink's dead-letter records.
+    #[serde(default)]
+    pub dead_letters: Vec<DeadLetterStatus>,
+}
+
+/// How many of the latest dead letters a status carries.
+pub const DEAD_LETTERS_SHOWN: usize = 20;
+
+/// A dead-lettered chunk, as the status shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeadLetterStatus {
+    /// The chunk.
+    pub chunk: u64,
+    /// The input line of its first object (1-based).
+    pub first_line: u64,
+    /// Its objects.
+    pub objects: u64,
+    /// Why it was dead-lettered.
+    pub reason: String,
 }
 
 /// One mapper, as the fetcher sees it.
@@ -79,6 +99,9 @@ impl std::fmt::Display for Status {
             "chunks: {}/{} done ({percent:.1}%), {} pending, {} leased, {} dead-lettered; {:.0} objects/s over {:.1} s, {eta}",
             self.done, self.chunks, self.pending, self.leased, self.dead, self.objects_per_second, self.elapsed_seconds
         )?;
+        for d in &self.dead_letters {
+            writeln!(f, "dead letter: chunk {} (line {}, {} objects): {}", d.chunk, d.first_line, d.objects, d.reason)?;
+        }
         if self.mappers.is_empty() {
             return write!(f, "no mapper has asked for work");
         }
