@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod jwt;
 pub mod postgres;
 pub mod s3;
 
@@ -23,6 +24,9 @@ pub struct Pipeline {
     pub job: Vec<String>,
     /// Whether the services log in as their role's NATS user ([`Pipeline::with_role_users`]).
     pub role_users: bool,
+    /// Where each service's `<binary>.creds` is when they log in with NATS JWTs
+    /// ([`Pipeline::with_role_creds`]).
+    pub creds_dir: Option<PathBuf>,
     /// Extra environment of the fetcher and `saver verify` (an input store's settings).
     pub input_env: Vec<(&'static str, String)>,
 }
@@ -52,6 +56,7 @@ impl Pipeline {
             job: vec!["--rounds".into(), rounds.to_string()],
             dir,
             role_users: false,
+            creds_dir: None,
             input_env: Vec::new(),
         }
     }
@@ -76,6 +81,7 @@ impl Pipeline {
             job: job.iter().map(|s| s.to_string()).collect(),
             dir,
             role_users: false,
+            creds_dir: None,
             input_env: Vec::new(),
         }
     }
@@ -115,6 +121,25 @@ impl Pipeline {
         self
     }
 
+    /// Swaps the nats-server for one in operator mode (decentralised JWT auth, an operator and
+    /// accounts made by the test, tests/support/jwt.rs); every service then logs in with only
+    /// `NATS_CREDS_FILE`: a user JWT of its role with the permissions of
+    /// deploy/nats/chunkmill-auth.conf.
+    pub fn with_role_creds(mut self) -> Self {
+        let operator = jwt::Operator::new();
+        let conf = self.dir.path().join("nats-operator.conf");
+        std::fs::write(&conf, operator.server_config()).expect("nats-server config");
+        let creds_dir = self.dir.path().join("creds");
+        std::fs::create_dir_all(&creds_dir).expect("creds dir");
+        for (role, permissions) in jwt::role_permissions() {
+            let creds = operator.user_creds(&role, Some(permissions));
+            std::fs::write(creds_dir.join(format!("{role}.creds")), creds).expect("creds file");
+        }
+        self.nats = NatsServer::start_with(&["--config", conf.to_str().expect("path")]);
+        self.creds_dir = Some(creds_dir);
+        self
+    }
+
     fn env(&self, binary: &str) -> Vec<(&'static str, String)> {
         let mut env = vec![("NATS_URL", self.nats.url())];
         if binary == "fetcher" {
@@ -127,6 +152,9 @@ impl Pipeline {
             std::fs::write(dir.join("user"), format!("{binary}\n")).expect("user file");
             std::fs::write(dir.join("password"), role_password(binary)).expect("password file");
             env.push(("NATS_USER_DIR", dir.display().to_string()));
+        }
+        if let Some(dir) = &self.creds_dir {
+            env.push(("NATS_CREDS_FILE", dir.join(format!("{binary}.creds")).display().to_string()));
         }
         env
     }
