@@ -63,6 +63,10 @@ CONTRACT = {
               "chunkmill_saver_write_duration_seconds_sum",
               "chunkmill_saver_write_duration_seconds_count", "chunkmill_saver_write_failures_total",
               "chunkmill_saver_in_flight"],
+    "broadcaster": ["chunkmill_broadcaster_events_received_total", "chunkmill_broadcaster_events_sent_total",
+                    "chunkmill_broadcaster_events_skipped_duplicate_total",
+                    "chunkmill_broadcaster_events_failed_total", "chunkmill_broadcaster_http_retries_total",
+                    "chunkmill_broadcaster_send_seconds_bucket"],
 }
 # Labelled counters must show every value of their label from the start (initialised to 0), or
 # a dashboard query grouping by it is empty in a healthy run.
@@ -71,6 +75,7 @@ CONTRACT_LABELS = {
                 "chunkmill_fetcher_releases_total": ("reason", {"shutdown", "failed"}),
                 "chunkmill_fetcher_acks_total": ("verdict", {"done", "late", "duplicate", "unknown"})},
     "mapper": {"chunkmill_mapper_failures_total": ("kind", {"chunk", "object"})},
+    "broadcaster": {"chunkmill_broadcaster_events_sent_total": ("kind", {"started", "completed"})},
 }
 
 
@@ -323,7 +328,7 @@ def live(tmp_path_factory):
         pytest.fail("FAIL, not skipped: the Prometheus dashboard test needs\n  " +
                     "\n  ".join(missing), pytrace=False)
     bins = {}
-    for name in ("fetcher", "mapper", "saver"):
+    for name in ("fetcher", "mapper", "saver", "broadcaster"):
         path = BIN_DIR / name
         end = time.monotonic() + deadline.left(20)  # a rebuild may be replacing it right now
         while not (path.is_file() and os.access(path, os.X_OK)) and time.monotonic() < end:
@@ -335,13 +340,15 @@ def live(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("prom")
     procs = Procs(tmp)
+    webhook = None
     try:
         nats_port = free_port()
         env = {"NATS_URL": f"nats://127.0.0.1:{nats_port}", "RUST_LOG": "info", "NO_COLOR": "1",
                # A fresh ledger: a fetcher resumes a run whose state it finds, and this run must
                # really happen while Prometheus watches.
                "FETCHER_STATE_DIR": str(tmp / "state")}
-        procs.start("nats-server", [nats_server, "-a", "127.0.0.1", "-p", nats_port])
+        # JetStream on: the broadcaster's event stream lives there.
+        procs.start("nats-server", [nats_server, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", tmp / "js"])
         wait_for("nats-server to accept connections",
                  lambda: socket.create_connection(("127.0.0.1", nats_port), timeout=1).close() or True,
                  deadline, procs, cap=15)
@@ -357,6 +364,7 @@ def live(tmp_path_factory):
             "mapper-1": ("mapper", f"127.0.0.1:{free_port()}"),
             "mapper-2": ("mapper", f"127.0.0.1:{free_port()}"),
             "saver-1": ("saver", f"127.0.0.1:{free_port()}"),
+            "broadcaster-1": ("broadcaster", f"127.0.0.1:{free_port()}"),
         }
         jobs = {}
         for inst, (job, addr) in services.items():
@@ -389,13 +397,22 @@ def live(tmp_path_factory):
         for m in ("mapper-1", "mapper-2"):
             procs.start(m, [bins["mapper"], "--metrics-addr", addr[m],
                             "--instance", m], env)
+        # The broadcaster posts the run's events to a chat webhook: here a local HTTP server.
+        webhook = Webhook()
+        procs.start("broadcaster-1", [bins["broadcaster"], "--metrics-addr", addr["broadcaster-1"],
+                                      "--instance", "broadcaster-1"],
+                    {**env, "BROADCASTER_TARGET": "generic", "BROADCASTER_WEBHOOK_URL": webhook.url})
         for inst in ("saver-1", "mapper-1", "mapper-2"):
             wait_for(f"{inst} to serve /metrics on {addr[inst]}", lambda a=addr[inst]: scrape(a),
                      deadline, procs, cap=30)
+        # Ready = it has made the event stream; a fetcher started before would publish into nothing.
+        wait_for("broadcaster-1 to be ready (event stream created)",
+                 lambda: requests.get(f"http://{addr['broadcaster-1']}/readyz", timeout=1).status_code == 200,
+                 deadline, procs, cap=30)
         # The run lasts seconds: Prometheus must hold a sample of the mappers and the saver from
         # before it starts, or their rate()s and histogram quantiles have nothing to compare to.
         wait_for("Prometheus to scrape the mappers and the saver before the run",
-                 lambda: len(prom_query('up{job=~"mapper|saver"} == 1')) == 3,
+                 lambda: len(prom_query('up{job=~"mapper|saver|broadcaster"} == 1')) == 4,
                  deadline, procs, cap=20)
         # No --exit-when-done: it stays up, as in Kubernetes, and keeps serving its metrics.
         procs.start("fetcher-1", [bins["fetcher"], "--input", data, "--chunk-size", CHUNK_SIZE,
@@ -425,6 +442,13 @@ def live(tmp_path_factory):
                  deadline, procs, cap=15)
         publish_garbage(nats_port, garbage)
 
+        # The chat got the run's messages (started, completed, ...), and Prometheus saw them sent.
+        wait_for("the broadcaster to post the run's completion to the webhook",
+                 lambda: any(b"finished" in body for body in webhook.bodies), deadline, procs, cap=30)
+        wait_for("Prometheus to see the broadcaster's messages sent",
+                 lambda: prom_query('sum(chunkmill_broadcaster_events_sent_total{kind="completed"}) >= 1'),
+                 deadline, procs, cap=20)
+
         # Prometheus has scraped every target, the final state and enough history for rate().
         wait_for("every scrape target to be up in Prometheus",
                  lambda: len([s for s in prom_query("up == 1")]) == len(services),
@@ -440,6 +464,34 @@ def live(tmp_path_factory):
         procs.check_alive()  # nothing crashed during the checks
     finally:
         procs.stop()
+        if webhook:
+            webhook.close()
+
+
+class Webhook:
+    """A chat webhook on 127.0.0.1 that answers 200 and keeps the bodies posted to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        bodies = self.bodies = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
 
 
 def publish_garbage(port, subjects):
