@@ -226,7 +226,6 @@ fn every_service_answers_the_nats_service_api_and_fetcher_status_follows_the_run
         let served = endpoints.iter().find(|e| e["name"] == "status").expect("a status endpoint");
         assert!(served["num_requests"].as_u64() >= Some(2), "{stats}");
         assert_eq!(served["subject"], "chunkmill.status");
-        // A mapper's metrics over NATS, as on its /metrics.
         // A mapper's metrics over NATS, as on its /metrics (its count follows the savers'
         // replies, which may come after the fetcher's acks: polled).
         let subject = common::service::stats_subject("chunkmill", "mapper", "mapper-1");
