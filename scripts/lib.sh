@@ -60,8 +60,13 @@ ensure_prometheus() {
 }
 
 # Make sure PostgreSQL's server binaries (initdb, postgres, pg_isready) and psql are installed:
-# the PostgreSQL tests start a server of their own per test (tests/support/postgres.rs).
+# the PostgreSQL tests start a server of their own per test (tests/support/postgres.rs). The TLS
+# tests also need the openssl command, to make their test CA and server certificate.
 ensure_postgres() {
+  if ! command -v openssl >/dev/null 2>&1; then
+    echo "openssl not found: installing it (apt-get install openssl)" >&2
+    apt_install openssl
+  fi
   if { [ -n "${PG_BIN_DIR:-}" ] && [ -x "$PG_BIN_DIR/initdb" ]; } || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     command -v psql >/dev/null 2>&1 && return 0
   fi

@@ -1,6 +1,8 @@
 //! The PostgreSQL sink against a real PostgreSQL server per test (see support/postgres.rs): a
 //! full run, savers and mappers killed, the database crashing mid-run, concurrent savers on the
-//! same chunks, and a wrong password. Each ends with `saver verify` reading the database.
+//! same chunks, and a wrong password; TLS (a server with `ssl = on` and a test CA made by the
+//! `openssl` command: verify-full, a wrong CA, a wrong host name, require without TLS). Each run
+//! ends with `saver verify` reading the database.
 
 mod support;
 
@@ -309,4 +311,95 @@ fn a_version_1_database_is_migrated_and_a_newer_one_is_refused_untouched() {
         refused.log()
     );
     assert_eq!(newer.count("SELECT count(*) FROM information_schema.tables WHERE table_name = 'chunkmill_outputs'"), 0);
+}
+
+/// `postgres://chunkmill@HOST:PORT/chunkmill?sslmode=MODE&sslrootcert=CA` (and `extra`).
+fn tls_url(db: &PgServer, host: &str, mode: &str, ca: &std::path::Path, extra: &str) -> String {
+    format!("postgres://chunkmill@{host}:{}/chunkmill?sslmode={mode}&sslrootcert={}{extra}", db.port(), ca.display())
+}
+
+/// Connections of the saver (application_name `chunkmill-saver`) the server sees with or
+/// without TLS.
+fn saver_connections(db: &PgServer, ssl: bool) -> u64 {
+    db.count(&format!(
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE application_name = 'chunkmill-saver' AND ssl = {ssl}"
+    ))
+}
+
+#[test]
+fn verify_full_with_the_right_ca_saves_a_run_over_tls() {
+    let (db, certs) = PgServer::start_tls();
+    let url = tls_url(&db, "127.0.0.1", "verify-full", &certs.ca, "");
+    let p = Pipeline::new(2_000, 0);
+    let (saver, port) = p.saver_postgres_url("saver-tls", &db, &url);
+    wait_ready(port);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    // The saver's pooled connections are still open: all of them over TLS.
+    assert!(saver_connections(&db, true) >= 1, "no TLS connection from the saver");
+    assert_eq!(saver_connections(&db, false), 0, "a saver connection without TLS");
+    let (ok, report) = p.verify_postgres_url(&db, &url);
+    assert!(ok, "{report}");
+    assert!(report.contains("2000 expected, 2000 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+    let log = saver.log();
+    assert!(log.contains("sslmode=verify-full (certificate chain checked against the CA file"), "{log}");
+    assert!(!log.contains(PG_PASSWORD), "the password reached the saver's log:\n{log}");
+}
+
+#[test]
+fn a_wrong_ca_stops_the_saver_at_once_naming_the_verification_and_sslrootcert() {
+    let (db, certs) = PgServer::start_tls();
+    let p = Pipeline::new(10, 0);
+    for mode in ["verify-full", "verify-ca", "require"] {
+        let url = tls_url(&db, "127.0.0.1", mode, &certs.other_ca, "");
+        let (mut saver, _) = p.saver_postgres_url(&format!("saver-{mode}"), &db, &url);
+        let code = saver.wait_exit(Duration::from_secs(30));
+        let log = saver.log();
+        assert_eq!(code, Some(1), "sslmode={mode}: an untrusted certificate must not be retried:\n{log}");
+        assert!(log.contains("certificate verification failed"), "{log}");
+        assert!(
+            log.contains(&format!("{} (sslrootcert)", certs.other_ca.display())) && log.contains("check sslrootcert")
+        );
+        assert!(!log.contains("waiting for PostgreSQL"), "retried like an outage:\n{log}");
+        assert!(!log.contains(PG_PASSWORD), "{log}");
+    }
+    let url = tls_url(&db, "127.0.0.1", "verify-full", &certs.other_ca, "");
+    let (ok, report) = p.verify_postgres_url(&db, &url);
+    assert!(!ok && report.contains("certificate verification failed"), "{report}");
+}
+
+#[test]
+fn verify_full_refuses_a_host_name_the_certificate_lacks_and_verify_ca_accepts_it() {
+    let (db, certs) = PgServer::start_tls();
+    let p = Pipeline::new(10, 0);
+    // Reach the server at 127.0.0.1 while naming a host the certificate does not list.
+    let url = tls_url(&db, "db.invalid", "verify-full", &certs.ca, "&hostaddr=127.0.0.1");
+    let (mut saver, _) = p.saver_postgres_url("saver-full", &db, &url);
+    let code = saver.wait_exit(Duration::from_secs(30));
+    let log = saver.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("not valid for the host db.invalid") && log.contains("sslmode=verify-ca"), "{log}");
+    assert!(!log.contains("waiting for PostgreSQL"), "{log}");
+
+    let url = tls_url(&db, "db.invalid", "verify-ca", &certs.ca, "&hostaddr=127.0.0.1");
+    let (mut saver, port) = p.saver_postgres_url("saver-ca", &db, &url);
+    wait_ready(port);
+    assert!(saver_connections(&db, true) >= 1, "no TLS connection from the saver");
+    saver.signal("TERM");
+    assert_eq!(saver.wait_exit(Duration::from_secs(30)), Some(0), "{}", saver.log());
+}
+
+#[test]
+fn require_against_a_server_without_tls_stops_the_saver_with_a_clear_error() {
+    let db = PgServer::start();
+    let p = Pipeline::new(10, 0);
+    let url = format!("{}?sslmode=require", db.url());
+    let (mut saver, _) = p.saver_postgres_url("saver-require", &db, &url);
+    let code = saver.wait_exit(Duration::from_secs(30));
+    let log = saver.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("server does not support TLS") && log.contains("ssl = off"), "{log}");
+    assert!(!log.contains("waiting for PostgreSQL"), "{log}");
 }

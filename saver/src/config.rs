@@ -119,7 +119,9 @@ impl Config {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SinkArgs {
     /// `file` (the default: --out) or a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE; put the
-    /// password in --pg-password-file rather than in the URL.
+    /// password in --pg-password-file rather than in the URL. TLS as libpq: ?sslmode=disable,
+    /// prefer (default), require, verify-ca or verify-full, and &sslrootcert=/path/ca.pem (the CA
+    /// to trust; without it verify-* trust the system's roots).
     #[arg(long, env = "SAVER_SINK", hide_env_values = true, default_value = "file", value_parser = SinkParser)]
     pub sink: SinkChoice,
 

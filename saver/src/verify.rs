@@ -563,12 +563,15 @@ pub fn verify_postgres(
     chunk_size: u32,
     expectation: &Expectation,
 ) -> Result<VerifyReport, VerifyError> {
-    let config = crate::sink::postgres::parse(url, password).map_err(|e| VerifyError::Database(e.to_string()))?;
-    let target = crate::sink::postgres::describe(&config);
+    let pg = crate::sink::postgres::parse(url, password).map_err(|e| VerifyError::Database(e.to_string()))?;
+    let config = &pg.config;
+    let target = crate::sink::postgres::describe(config);
     let input = scan_input(input, chunk_size, expectation)?;
     let run_id = input.index.run_id.clone();
     let db = |action: &str, e: tokio_postgres::Error| {
-        let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+        // With the causes: a TLS refusal says why only there.
+        let detail =
+            e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| crate::sink::postgres::error_text(&e));
         VerifyError::Database(format!("PostgreSQL {target}: cannot {action}: {detail}"))
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -577,7 +580,7 @@ pub fn verify_postgres(
         .map_err(|e| VerifyError::Database(format!("cannot start an async runtime: {e}")))?;
     let mut report = base_report(&input, expectation, format!("{target} run {run_id}"));
     runtime.block_on(async {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| db("connect", e))?;
+        let (client, connection) = config.connect(pg.tls.clone()).await.map_err(|e| db("connect", e))?;
         let connection = tokio::spawn(connection);
         let chunks = input.index.chunks.len();
         let mut first = 0usize;

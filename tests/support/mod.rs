@@ -278,6 +278,12 @@ impl Pipeline {
         self.verify_with(&["--sink".to_string(), db.url()], &[("SAVER_PG_PASSWORD_FILE", &password)])
     }
 
+    /// Runs `saver verify` on database `db` through the connection string `url`.
+    pub fn verify_postgres_url(&self, db: &postgres::PgServer, url: &str) -> (bool, String) {
+        let password = db.password_file().display().to_string();
+        self.verify_with(&["--sink".to_string(), url.to_string()], &[("SAVER_PG_PASSWORD_FILE", &password)])
+    }
+
     /// Runs `saver verify` on database `db` with extra flags (e.g. `--chunk-size 10`).
     pub fn verify_postgres_with_flags(&self, db: &postgres::PgServer, flags: &[&str]) -> (bool, String) {
         let password = db.password_file().display().to_string();
@@ -326,7 +332,13 @@ impl Pipeline {
     /// A saver writing to PostgreSQL `db`, its password from a file (as from a Secret); with its
     /// metrics port.
     pub fn saver_postgres(&self, name: &str, db: &postgres::PgServer) -> (Service, u16) {
-        let args = vec!["--sink".to_string(), db.url(), "--instance".into(), name.into()];
+        self.saver_postgres_url(name, db, &db.url())
+    }
+
+    /// A saver writing to `db` through the connection string `url` (TLS parameters), with the
+    /// database's password file.
+    pub fn saver_postgres_url(&self, name: &str, db: &postgres::PgServer, url: &str) -> (Service, u16) {
+        let args = vec!["--sink".to_string(), url.to_string(), "--instance".into(), name.into()];
         let password = db.password_file().display().to_string();
         self.spawn_with_env(name, "saver", &args, &[("SAVER_PG_PASSWORD_FILE", &password)])
     }

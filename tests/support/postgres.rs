@@ -2,7 +2,8 @@
 //! port of 127.0.0.1 with password (SCRAM) authentication, stoppable, crashable and restartable on
 //! the same port. Needs PostgreSQL's server binaries (Debian: `postgresql-15`; found under
 //! /usr/lib/postgresql/*/bin, or set PG_BIN_DIR). Under root the server runs as user `postgres`,
-//! since PostgreSQL refuses to run as root.
+//! since PostgreSQL refuses to run as root. [`PgServer::start_tls`] turns TLS on, with a test CA
+//! and server certificate made by the `openssl` command.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -25,6 +26,72 @@ pub struct PgServer {
     bin: PathBuf,
     owner: Option<(u32, u32)>,
     child: Option<Child>,
+    /// `-c` settings beyond the defaults (TLS).
+    settings: Vec<String>,
+}
+
+/// The TLS files of a test server, made with the `openssl` command: a CA, the server's
+/// certificate it signed (for `localhost` and 127.0.0.1), and a second CA that signed nothing.
+pub struct TestCerts {
+    /// The CA that signed the server's certificate (PEM).
+    pub ca: PathBuf,
+    /// A CA the server's certificate does not lead to (PEM).
+    pub other_ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (install it: apt-get install openssl; scripts/test.sh does)");
+    assert!(output.status.success(), "openssl {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+}
+
+impl TestCerts {
+    /// Makes the files in `dir`.
+    fn make(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("TLS directory");
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for (name, subject) in [("ca", "/CN=chunkmill test CA"), ("other-ca", "/CN=chunkmill other test CA")] {
+            let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", subject]);
+            args.extend([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            openssl(dir, &args);
+        }
+        let mut args = vec!["req"];
+        args.extend(ec);
+        args.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+        openssl(dir, &args);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("extensions file");
+        openssl(
+            dir,
+            &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "2"]
+                .into_iter()
+                .chain(["-days", "2", "-extfile", "server.ext", "-out", "server.pem"])
+                .collect::<Vec<_>>(),
+        );
+        TestCerts {
+            ca: dir.join("ca.pem"),
+            other_ca: dir.join("other-ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
 }
 
 fn bin_dir() -> PathBuf {
@@ -68,6 +135,38 @@ impl PgServer {
     /// Creates a cluster with role and database `chunkmill`, starts it, and waits until it
     /// accepts connections.
     pub fn start() -> Self {
+        let server = Self::init();
+        server.started()
+    }
+
+    /// As [`Self::start`], with `ssl = on` and a server certificate for `localhost` and
+    /// 127.0.0.1 signed by a test CA (password authentication over TLS or not).
+    pub fn start_tls() -> (Self, TestCerts) {
+        let mut server = Self::init();
+        let certs = TestCerts::make(&server.dir.path().join("tls"));
+        // PostgreSQL refuses a key file others may read, and must own it.
+        std::fs::set_permissions(&certs.key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
+        if let Some((uid, gid)) = server.owner {
+            for file in [&certs.key, &certs.cert] {
+                std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown a TLS file");
+            }
+        }
+        server.settings = vec![
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", certs.cert.display()),
+            format!("ssl_key_file={}", certs.key.display()),
+        ];
+        (server.started(), certs)
+    }
+
+    fn started(mut self) -> Self {
+        self.spawn();
+        self.query_db("postgres", &format!("CREATE DATABASE {PG_USER}"));
+        self
+    }
+
+    /// A new cluster, not started.
+    fn init() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for PostgreSQL");
         let owner = owner();
         let password_file = dir.path().join("password");
@@ -76,7 +175,7 @@ impl PgServer {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the test directory");
             std::os::unix::fs::chown(&password_file, Some(uid), Some(gid)).expect("chown the password file");
         }
-        let mut server = PgServer { port: free_port(), dir, bin: bin_dir(), owner, child: None };
+        let server = PgServer { port: free_port(), dir, bin: bin_dir(), owner, child: None, settings: Vec::new() };
         let output = server
             .command("initdb")
             .args(["-D", "data", "-U", PG_USER, "--auth=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"])
@@ -84,8 +183,6 @@ impl PgServer {
             .output()
             .expect("run initdb");
         assert!(output.status.success(), "initdb failed:\n{}", String::from_utf8_lossy(&output.stderr));
-        server.spawn();
-        server.query_db("postgres", &format!("CREATE DATABASE {PG_USER}"));
         server
     }
 
@@ -108,6 +205,7 @@ impl PgServer {
             .command("postgres")
             .args(["-D", "data", "-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
@@ -129,6 +227,11 @@ impl PgServer {
     /// `postgres://chunkmill@127.0.0.1:PORT/chunkmill` (no password: see [`Self::password_file`]).
     pub fn url(&self) -> String {
         format!("postgres://{PG_USER}@127.0.0.1:{}/{PG_USER}", self.port)
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// A file holding the password, as a mounted Secret would.

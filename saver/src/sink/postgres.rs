@@ -17,6 +17,13 @@
 //! `(run, chunk)`, and a claim is the first row lock a transaction takes, so two transactions wait
 //! for each other in one direction only. Output rows cannot conflict across chunks (the fetcher
 //! refuses inputs with repeated ids). Deadlock and serialisation failures are retried anyway.
+//!
+//! TLS follows libpq's `sslmode` (`disable`, `prefer` — the default —, `require`, `verify-ca`,
+//! `verify-full`) and `sslrootcert` parameters of the connection string: see [`tls`]. A TLS
+//! failure at start (untrusted certificate, wrong host name, server without TLS under `require`)
+//! stops the saver, as a wrong password does; waiting would not fix it.
+
+mod tls;
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -30,11 +37,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{SaveOutcome, SinkError};
 use crate::decoded::Decoded;
+pub use tls::{MakeTls, Roots, SslMode, TlsError, TlsOptions};
 
 /// The schema the sink writes to; applied idempotently at start-up.
 pub const SCHEMA: &str = include_str!("schema.sql");
@@ -90,21 +97,40 @@ impl std::fmt::Debug for PgOptions {
     }
 }
 
-/// Parses a connection URL (or `key=value` string) and applies a separate password.
-pub fn parse(url: &str, password: Option<&str>) -> Result<tokio_postgres::Config, SinkError> {
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+/// A parsed connection string: tokio-postgres's configuration and the TLS connector its
+/// `sslmode` and `sslrootcert` call for.
+#[derive(Clone)]
+pub struct PgConfig {
+    /// Where to connect, as whom (`sslmode` reduced to the three tokio-postgres knows).
+    pub config: tokio_postgres::Config,
+    /// The TLS settings asked for.
+    pub tls_options: TlsOptions,
+    /// Connects over TLS with the certificate check `tls_options` ask for.
+    pub tls: MakeTls,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("config", &describe(&self.config))
+            .field("tls_options", &self.tls_options)
+            .finish()
+    }
+}
+
+/// Parses a connection URL (or `key=value` string) and applies a separate password; reads the
+/// CA file of `sslrootcert` (an unreadable one fails here, at start).
+pub fn parse(url: &str, password: Option<&str>) -> Result<PgConfig, SinkError> {
+    let invalid = |e: &dyn std::fmt::Display| {
         SinkError::Config(format!(
             "the PostgreSQL connection string ({}) is not valid: {e}; write postgres://USER@HOST:PORT/DATABASE",
             redacted(url)
         ))
-    })?;
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(SinkError::Config(format!(
-            "{}: sslmode=require, but this build connects to PostgreSQL without TLS; keep the database on a \
-             trusted network and use sslmode=disable or prefer",
-            describe(&config)
-        )));
-    }
+    };
+    let (rest, tls_options) = tls::split(url).map_err(|e| invalid(&e))?;
+    let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| invalid(&e))?;
+    let tls =
+        MakeTls::new(&tls_options).map_err(|e| SinkError::Config(format!("PostgreSQL {}: {e}", describe(&config))))?;
     if let Some(password) = password {
         config.password(password);
     }
@@ -114,7 +140,7 @@ pub fn parse(url: &str, password: Option<&str>) -> Result<tokio_postgres::Config
     if config.get_application_name().is_none() {
         config.application_name("chunkmill-saver");
     }
-    Ok(config)
+    Ok(PgConfig { config, tls_options, tls })
 }
 
 /// Where a configuration points, without its password: `postgres://user@host:port/database`.
@@ -142,9 +168,11 @@ pub fn describe(config: &tokio_postgres::Config) -> String {
 /// A connection string for logs and `Debug`: [`describe`] when it parses, else a placeholder
 /// (an unparsable string may hold a password anywhere).
 pub fn redacted(url: &str) -> String {
-    tokio_postgres::Config::from_str(url)
+    tls::split(url)
+        .ok()
+        .and_then(|(rest, _)| tokio_postgres::Config::from_str(&rest).ok())
         .map(|c| describe(&c))
-        .unwrap_or_else(|_| "<unparsable connection string>".into())
+        .unwrap_or_else(|| "<unparsable connection string>".into())
 }
 
 /// True for a `postgres://` or `postgresql://` URL.
@@ -158,6 +186,33 @@ struct Failure {
     action: &'static str,
     detail: String,
     code: Option<SqlState>,
+    /// The TLS handshake failed, or the server refused TLS that `sslmode` requires: what to do.
+    /// Waiting does not help.
+    tls: Option<&'static str>,
+}
+
+/// The TLS problems that no retry fixes, with what to do: the handshake refused (an untrusted
+/// certificate, a wrong host name, no common protocol), or a server without TLS under `require`.
+fn tls_problem(e: &tokio_postgres::Error) -> Option<&'static str> {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(match tls {
+                // `Other`: the sink's own verifier refused the certificate (tls.rs).
+                rustls::Error::InvalidCertificate(_) | rustls::Error::Other(_) => {
+                    "the saver does not retry: fix sslrootcert or sslmode in SAVER_SINK, or the server's certificate"
+                }
+                _ => "the TLS handshake failed and the saver does not retry: check sslmode in SAVER_SINK and the server's ssl settings",
+            });
+        }
+        if cause.to_string() == "server does not support TLS" {
+            return Some(
+                "the server has TLS turned off (ssl = off): turn it on in postgresql.conf, or use sslmode=prefer or disable in SAVER_SINK",
+            );
+        }
+        source = cause.source();
+    }
+    None
 }
 
 impl Failure {
@@ -167,24 +222,25 @@ impl Failure {
         // fixed the same way (the client says so without a SQLSTATE).
         let code =
             e.code().cloned().or_else(|| detail.contains("password missing").then_some(SqlState::INVALID_PASSWORD));
-        Failure { action, detail, code }
+        Failure { action, detail, code, tls: tls_problem(e) }
     }
 
     fn into_error(self, target: &str) -> SinkError {
-        let hint = hint(self.code.as_ref());
+        let hint = self.tls.unwrap_or_else(|| hint(self.code.as_ref()));
         SinkError::Postgres { target: target.to_string(), action: self.action, detail: self.detail, hint }
     }
 
     /// Waiting helps: the server is down, starting, or shutting down, or a race lost.
     fn transient(&self) -> bool {
-        !matches!(
-            &self.code,
-            Some(c) if *c == SqlState::INVALID_PASSWORD
-                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-                || *c == SqlState::INVALID_CATALOG_NAME
-                || *c == SqlState::INSUFFICIENT_PRIVILEGE
-                || *c == SqlState::FEATURE_NOT_SUPPORTED
-        )
+        self.tls.is_none()
+            && !matches!(
+                &self.code,
+                Some(c) if *c == SqlState::INVALID_PASSWORD
+                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                    || *c == SqlState::INVALID_CATALOG_NAME
+                    || *c == SqlState::INSUFFICIENT_PRIVILEGE
+                    || *c == SqlState::FEATURE_NOT_SUPPORTED
+            )
     }
 
     fn conflict(&self) -> bool {
@@ -226,7 +282,7 @@ fn pg_text(text: &str) -> std::borrow::Cow<'_, str> {
 
 /// The server's message with its SQLSTATE, or the client error with its causes: tokio-postgres
 /// displays a server error only as "db error".
-fn error_text(e: &tokio_postgres::Error) -> String {
+pub(crate) fn error_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut text = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
         if let Some(detail) = db.detail() {
@@ -260,7 +316,7 @@ fn hint(code: Option<&SqlState>) -> &'static str {
 fn pool_failure(action: &'static str, e: deadpool_postgres::PoolError) -> Failure {
     match e {
         deadpool_postgres::PoolError::Backend(e) => Failure::new(action, &e),
-        other => Failure { action, detail: other.to_string(), code: None },
+        other => Failure { action, detail: other.to_string(), code: None, tls: None },
     }
 }
 
@@ -281,9 +337,10 @@ impl std::fmt::Debug for PgSink {
 
 /// Opens a pool to the database: a connection that breaks (server restart) is dropped when it
 /// is next taken and a new one is made.
-fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, SinkError> {
-    let target = describe(&config);
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+fn pool(config: PgConfig, size: usize) -> Result<Pool, SinkError> {
+    let target = describe(&config.config);
+    let manager =
+        Manager::from_config(config.config, config.tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(size.max(1))
         .runtime(Runtime::Tokio1)
@@ -297,13 +354,16 @@ fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, SinkError> 
 /// Creates the database `config` names, connecting to the server's `postgres` database as the
 /// same role: a new user's first run should not stop at "database does not exist". A role that
 /// may not create databases gets the exact command to run instead.
-async fn create_database(config: &tokio_postgres::Config) -> Result<(), Failure> {
+async fn create_database(pg: &PgConfig) -> Result<(), Failure> {
+    let config = &pg.config;
     let user = config.get_user().unwrap_or("postgres");
     let name = config.get_dbname().unwrap_or(user);
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let (client, connection) =
-        admin.connect(NoTls).await.map_err(|e| Failure::new("connect to the postgres database to create it", &e))?;
+    let (client, connection) = admin
+        .connect(pg.tls.clone())
+        .await
+        .map_err(|e| Failure::new("connect to the postgres database to create it", &e))?;
     let connection = tokio::spawn(connection);
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     let created = client.batch_execute(&format!("CREATE DATABASE {quoted}")).await;
@@ -358,7 +418,8 @@ impl PgSink {
     /// a newer chunkmill. `Ok(None)` if `shutdown` came first.
     pub async fn connect(options: PgOptions, shutdown: &CancellationToken) -> Result<Option<Self>, SinkError> {
         let config = parse(&options.url, options.password.as_ref().map(Secret::expose))?;
-        let target: Arc<str> = describe(&config).into();
+        let target: Arc<str> = describe(&config.config).into();
+        tracing::info!("PostgreSQL {target}: {}", config.tls_options.summary());
         let pool = pool(config.clone(), options.pool_size)?;
         let mut sink = PgSink { pool, target, saver: options.saver.into(), id: Arc::from("") };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -428,6 +489,7 @@ impl PgSink {
                     "its chunkmill schema is version {version}, made by a newer chunkmill; this saver knows version {SCHEMA_VERSION} and leaves it untouched"
                 ),
                 code: Some(SqlState::FEATURE_NOT_SUPPORTED),
+                tls: None,
             });
         }
         tx.batch_execute(SCHEMA).await.map_err(|e| Failure::new("create the tables", &e))?;
@@ -756,7 +818,7 @@ mod tests {
         let url = "postgres://chunkmill:s3cret@db.example:6543/pipeline?sslmode=disable";
         assert_eq!(redacted(url), "postgres://chunkmill@db.example:6543/pipeline");
         let config = parse(url, Some("other")).expect("parses");
-        assert!(!describe(&config).contains("s3cret"));
+        assert!(!describe(&config.config).contains("s3cret"));
         let options =
             PgOptions { url: url.into(), password: Some(Secret::new("other")), pool_size: 2, saver: "s".into() };
         let debug = format!("{options:?}");
@@ -765,23 +827,56 @@ mod tests {
     }
 
     #[test]
-    fn requiring_tls_is_refused_at_start_not_retried() {
-        let err = parse("postgres://u@h/db?sslmode=require", None).unwrap_err().to_string();
-        assert!(err.contains("without TLS") && err.contains("postgres://u@h:5432/db"), "{err}");
+    fn tls_parameters_reach_the_connector_and_tokio_postgres_gets_what_it_knows() {
+        use tokio_postgres::config::SslMode as ClientMode;
+        let config = parse("postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", None);
+        let err = config.expect_err("the CA file is read at start").to_string();
+        assert!(err.contains("/nonexistent/ca.pem") && err.contains("postgres://u@h:5432/db"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
+        let config = parse("postgres://u@h/db?sslmode=require", None).expect("parses");
+        assert_eq!(config.config.get_ssl_mode(), ClientMode::Require);
+        assert_eq!(config.tls_options, TlsOptions { mode: SslMode::Require, root_cert: None });
+        let config = parse("host=h user=u sslmode=disable", None).expect("parses");
+        assert_eq!(config.config.get_ssl_mode(), ClientMode::Disable);
+        assert_eq!(config.config.get_user(), Some("u"));
+        let config = parse("postgres://u@h/db", None).expect("parses");
+        assert_eq!(config.config.get_ssl_mode(), ClientMode::Prefer, "libpq's default");
+        assert_eq!(
+            redacted("postgres://u:s3cret@h/db?sslmode=verify-ca&sslrootcert=/ca.pem"),
+            "postgres://u@h:5432/db"
+        );
+        let err = parse("postgres://u:s3cret@h/db?sslmode=verify", None).unwrap_err().to_string();
+        assert!(err.contains("sslmode=verify is not") && !err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn tls_refusals_are_fatal_and_keep_their_hint() {
+        let refused = Failure {
+            action: "connect",
+            detail: "certificate verification failed".into(),
+            code: None,
+            tls: Some("fix sslrootcert"),
+        };
+        assert!(!refused.transient());
+        assert!(refused.connection_lost(), "mid-run, the batch is answered as for a lost connection");
+        assert!(refused.into_error("t").to_string().ends_with("; fix sslrootcert"));
     }
 
     #[test]
     fn a_separate_password_overrides_the_urls() {
         let config = parse("postgres://u:inline@h/db", Some("from-file")).expect("parses");
-        assert_eq!(config.get_password(), Some(&b"from-file"[..]));
+        assert_eq!(config.config.get_password(), Some(&b"from-file"[..]));
     }
 
     #[test]
     fn wrong_credentials_are_fatal_and_outages_are_not() {
-        let auth = Failure { action: "connect", detail: String::new(), code: Some(SqlState::INVALID_PASSWORD) };
-        let down = Failure { action: "connect", detail: String::new(), code: None };
-        let starting = Failure { action: "connect", detail: String::new(), code: Some(SqlState::CANNOT_CONNECT_NOW) };
-        let newer = Failure { action: "use", detail: String::new(), code: Some(SqlState::FEATURE_NOT_SUPPORTED) };
+        let auth =
+            Failure { action: "connect", detail: String::new(), code: Some(SqlState::INVALID_PASSWORD), tls: None };
+        let down = Failure { action: "connect", detail: String::new(), code: None, tls: None };
+        let starting =
+            Failure { action: "connect", detail: String::new(), code: Some(SqlState::CANNOT_CONNECT_NOW), tls: None };
+        let newer =
+            Failure { action: "use", detail: String::new(), code: Some(SqlState::FEATURE_NOT_SUPPORTED), tls: None };
         assert!(!auth.transient() && !newer.transient());
         assert!(down.transient() && starting.transient());
         assert!(auth.into_error("t").to_string().contains("SAVER_PG_PASSWORD_FILE"));
