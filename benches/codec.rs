@@ -16,7 +16,7 @@ fn codec(c: &mut Criterion) {
     let objects: Vec<&[u8]> = data.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
     let joined = objects.join(&b","[..]);
     let chunk = ChunkHead {
-        chunk: 0,
+        chunk: common::protocol::ChunkId(0),
         lease: uuid::Uuid::nil(),
         attempt: 1,
         first_line: 1,
@@ -38,7 +38,7 @@ fn codec(c: &mut Criterion) {
     let result_head = ResultHead {
         run: "0123456789abcdef".into(),
         job: "00000000000000aa".into(),
-        chunk: 0,
+        chunk: common::protocol::ChunkId(0),
         lease: uuid::Uuid::nil(),
         attempt: 1,
         mapper: "bench".into(),

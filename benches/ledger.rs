@@ -26,7 +26,7 @@ fn ledger(c: &mut Criterion) {
                         }
                     }
                     let Some(grant) = in_flight.pop_front() else { break };
-                    black_box(ledger.ack(u64::from(grant.chunk), grant.lease, 100, 0));
+                    black_box(ledger.ack(grant.chunk, grant.lease, 100, 0));
                 }
                 assert!(ledger.is_complete());
             })

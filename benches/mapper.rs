@@ -49,7 +49,7 @@ fn mapper(c: &mut Criterion) {
         ("command (enrich.py)".into(), command_job, &orders, 5),
     ];
     let head = |chunk: usize| ChunkHead {
-        chunk: chunk as u64,
+        chunk: common::protocol::ChunkId(chunk as u32),
         lease: uuid::Uuid::from_u128(chunk as u128),
         attempt: 1,
         first_line: 1 + 100 * chunk as u64,
@@ -60,7 +60,7 @@ fn mapper(c: &mut Criterion) {
     let result = ResultHead {
         run: "0123456789abcdef".into(),
         job: "00000000000000aa".into(),
-        chunk: 0,
+        chunk: common::protocol::ChunkId(0),
         lease: uuid::Uuid::nil(),
         attempt: 1,
         mapper: "bench".into(),

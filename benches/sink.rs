@@ -28,7 +28,7 @@ fn batch(next: &AtomicU64) -> Vec<Arc<Decoded>> {
             let head = common::protocol::ResultHead {
                 run: "00000000000000be".into(),
                 job: "00000000000000bb".into(),
-                chunk,
+                chunk: common::protocol::ChunkId(chunk as u32),
                 lease: uuid::Uuid::new_v4(),
                 attempt: 1,
                 mapper: "bench".into(),

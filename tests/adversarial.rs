@@ -51,7 +51,7 @@ fn a_chunk_the_mapper_cannot_decode_is_handed_back_as_failed() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let url = p.nats.url();
     let lease = ChunkHead {
-        chunk: 7,
+        chunk: protocol::ChunkId(7),
         lease: uuid::Uuid::new_v4(),
         attempt: 1,
         first_line: 701,
@@ -78,7 +78,7 @@ fn a_chunk_the_mapper_cannot_decode_is_handed_back_as_failed() {
         let message = tokio::time::timeout(LONG, releases.next()).await.expect("a release").expect("message");
         protocol::decode(&message.payload).expect("a release decodes")
     });
-    assert_eq!((release.lease.chunk, release.lease.lease), (7, lease.lease), "{release:?}");
+    assert_eq!((release.lease.chunk, release.lease.lease), (protocol::ChunkId(7), lease.lease), "{release:?}");
     assert_eq!(release.reason, ReleaseReason::Failed, "{release:?}");
     let error = release.error.unwrap_or_default();
     assert!(error.contains("cannot decode chunk 7"), "{error}");
@@ -324,7 +324,7 @@ fn a_silent_mappers_held_request_gets_no_chunk_once_its_lease_expired() {
         let client = async_nats::connect(p.nats.url()).await.expect("connect");
         let first = client.request(subjects.work.clone(), support::work_request("dead", 1)).await.expect("work");
         let first: protocol::WorkReply = protocol::decode(&first.payload).expect("decodes");
-        assert_eq!(first.chunks.iter().map(|c| (c.head.chunk, c.head.attempt)).collect::<Vec<_>>(), [(0, 1)]);
+        assert_eq!(first.chunks.iter().map(|c| (c.head.chunk.0, c.head.attempt)).collect::<Vec<_>>(), [(0, 1)]);
         // The dead mapper's last request, held (nothing is pending), then a live mapper's.
         let inbox = client.new_inbox();
         let mut dead_inbox = client.subscribe(inbox.clone()).await.expect("subscribe");
@@ -340,7 +340,7 @@ fn a_silent_mappers_held_request_gets_no_chunk_once_its_lease_expired() {
         assert!(stale.chunks.is_empty(), "the silent mapper's request was handed a chunk: {stale:?}");
         assert_eq!(stale.kind, protocol::WorkReplyKind::Idle, "{stale:?}");
         assert_eq!(
-            live.chunks.iter().map(|c| (c.head.chunk, c.head.attempt)).collect::<Vec<_>>(),
+            live.chunks.iter().map(|c| (c.head.chunk.0, c.head.attempt)).collect::<Vec<_>>(),
             [(0, 2)],
             "the expired chunk goes to the live mapper at once: {live:?}"
         );

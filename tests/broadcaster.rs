@@ -51,7 +51,12 @@ fn ready_broadcasters(p: &Pipeline, n: usize, env: &[(&'static str, &str)]) -> V
 fn dead_event(n: u64) -> Event {
     Event::new(
         RUN,
-        EventBody::ChunkDead { chunk: n, reason: format!("test failure {n}"), first_line: n * 100 + 1, objects: 100 },
+        EventBody::ChunkDead {
+            chunk: common::protocol::ChunkId(n as u32),
+            reason: format!("test failure {n}"),
+            first_line: n * 100 + 1,
+            objects: 100,
+        },
     )
 }
 

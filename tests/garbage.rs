@@ -40,7 +40,7 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
             acks: vec![
                 Ack {
                     run: run.clone(),
-                    chunk: 999_999,
+                    chunk: protocol::ChunkId(999_999),
                     lease: uuid::Uuid::new_v4(),
                     attempt: 1,
                     objects: 100,
@@ -49,7 +49,7 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
                 },
                 Ack {
                     run: run.clone(),
-                    chunk: 3,
+                    chunk: protocol::ChunkId(3),
                     lease: uuid::Uuid::new_v4(),
                     attempt: 1,
                     objects: 7,
@@ -58,7 +58,7 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
                 },
                 Ack {
                     run: "0000000000000000".into(),
-                    chunk: 4,
+                    chunk: protocol::ChunkId(4),
                     lease: uuid::Uuid::new_v4(),
                     attempt: 1,
                     objects: 100,

@@ -155,7 +155,7 @@ fn result_with_ids(chunk: u64, ids: &[String], name: &str) -> Arc<Decoded> {
     let head = ResultHead {
         run: "00000000000000aa".into(),
         job: "00000000000000bb".into(),
-        chunk,
+        chunk: common::protocol::ChunkId(chunk as u32),
         lease: uuid::Uuid::new_v4(),
         attempt: 1,
         mapper: "m".into(),

@@ -288,7 +288,7 @@ fn a_mappers_forged_acks_are_refused_by_nats_permissions_and_the_run_completes()
         let acks = (0..30)
             .map(|chunk| Ack {
                 run: run.clone(),
-                chunk,
+                chunk: common::protocol::ChunkId(chunk),
                 lease: uuid::Uuid::new_v4(),
                 attempt: 1,
                 objects: 100,

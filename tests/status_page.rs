@@ -87,7 +87,7 @@ fn metric_numbers(port: u16) -> Option<[u64; 6]> {
 }
 
 /// Plays a mapper that takes one chunk and hands it back as failed with `reason`.
-fn fail_one_chunk(p: &Pipeline, reason: &str) -> u64 {
+fn fail_one_chunk(p: &Pipeline, reason: &str) -> common::protocol::ChunkId {
     let subjects = Subjects::new("chunkmill");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {

@@ -176,7 +176,7 @@ mod tests {
             "Run 3f2c… is 30 % done: 300 of 1 000 chunks, 30 000 of 100 000 objects saved, 12 s in"
         );
         let dead = event(EventBody::ChunkDead {
-            chunk: 7,
+            chunk: common::protocol::ChunkId(7),
             reason: "the transform panicked".into(),
             first_line: 701,
             objects: 100,

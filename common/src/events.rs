@@ -71,7 +71,7 @@ pub enum EventBody {
     /// A chunk was dead-lettered: it will not be processed.
     ChunkDead {
         /// Chunk index.
-        chunk: u64,
+        chunk: crate::protocol::ChunkId,
         /// Why (the last error).
         reason: String,
         /// 1-based input line of its first object.
@@ -191,7 +191,12 @@ mod tests {
         };
         assert_eq!(Event::new(run, progress(30)).id, "0123456789abcdef.progress.30");
         assert_eq!(Event::new(run, progress(30)).id, Event::new(run, progress(30)).id);
-        let dead = EventBody::ChunkDead { chunk: 7, reason: "x".into(), first_line: 701, objects: 100 };
+        let dead = EventBody::ChunkDead {
+            chunk: crate::protocol::ChunkId(7),
+            reason: "x".into(),
+            first_line: 701,
+            objects: 100,
+        };
         assert_eq!(Event::new(run, dead).id, "0123456789abcdef.dead.7");
         let resumed =
             || EventBody::Resumed { chunks: 10, chunks_done: 3, chunks_dead: 0, instance: "fetcher-0".into() };

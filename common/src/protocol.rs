@@ -120,6 +120,41 @@ fn bounded_items(what: &str, count: usize) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// A chunk's index in its run, from 0: the one name every service uses for a chunk.
+///
+/// On the wire it is a plain JSON number. The fetcher's ledger is indexed by it, so it is 32
+/// bits: a run has at most 2^32 chunks, and a message naming a larger index is malformed rather
+/// than silently unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct ChunkId(pub u32);
+
+impl ChunkId {
+    /// The index as a position in a slice.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl From<u32> for ChunkId {
+    fn from(index: u32) -> Self {
+        ChunkId(index)
+    }
+}
+
+impl std::fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for ChunkId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(ChunkId)
+    }
+}
+
 #[derive(Deserialize)]
 struct VersionOnly {
     v: u32,
@@ -251,7 +286,7 @@ pub struct Skip {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChunkHead {
     /// Chunk index, from 0.
-    pub chunk: u64,
+    pub chunk: ChunkId,
     /// Lease id: names this hand-out of the chunk.
     pub lease: Uuid,
     /// 1 for the first hand-out of the chunk, 2 for the second...
@@ -404,7 +439,7 @@ pub fn decode_leases_only(payload: &[u8]) -> Option<Vec<LeaseRef>> {
     // included, as strings, which is exactly what fails on bytes that are not UTF-8.
     #[derive(Deserialize)]
     struct Item {
-        chunk: u64,
+        chunk: ChunkId,
         lease: Uuid,
     }
     #[derive(Deserialize)]
@@ -463,7 +498,7 @@ pub struct JobReply {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct LeaseRef {
     /// Chunk index.
-    pub chunk: u64,
+    pub chunk: ChunkId,
     /// Lease id.
     pub lease: Uuid,
 }
@@ -597,7 +632,7 @@ pub struct ResultHead {
     /// Job fingerprint from the lease.
     pub job: String,
     /// Chunk index from the lease.
-    pub chunk: u64,
+    pub chunk: ChunkId,
     /// Lease id.
     pub lease: Uuid,
     /// Attempt from the lease.
@@ -808,7 +843,7 @@ pub struct Ack {
     /// Run id.
     pub run: String,
     /// Chunk index.
-    pub chunk: u64,
+    pub chunk: ChunkId,
     /// The lease the saved result came with.
     pub lease: Uuid,
     /// Its attempt.
@@ -882,7 +917,7 @@ mod tests {
 
     fn head() -> ChunkHead {
         ChunkHead {
-            chunk: 7,
+            chunk: ChunkId(7),
             lease: Uuid::from_u128(42),
             attempt: 2,
             first_line: 701,
@@ -902,7 +937,7 @@ mod tests {
     fn a_chunks_reply_round_trips_with_raw_objects() {
         let first = br#"{"uuid":"a","fn":"A","ln":"B","friends":[]},{"x":1}"#.to_vec();
         let mut second = head();
-        second.chunk = 8;
+        second.chunk = ChunkId(8);
         second.skip = vec![Skip { index: 0, error: "killed".into() }];
         let bytes = encode_chunks_reply(&chunks_head(), &[(head(), first), (second.clone(), b"{\"y\":2}".to_vec())]);
         let reply: WorkReply = decode(&bytes).expect("decodes");
@@ -921,7 +956,7 @@ mod tests {
     fn the_leases_of_a_reply_with_undecodable_objects_can_still_be_read() {
         let bytes = encode_chunks_reply(&chunks_head(), &[(head(), b"{\"note\":\"\xff\"}".to_vec())]);
         assert!(decode::<WorkReply>(&bytes).is_err(), "the objects are not UTF-8");
-        assert_eq!(decode_leases_only(&bytes), Some(vec![LeaseRef { chunk: 7, lease: Uuid::from_u128(42) }]));
+        assert_eq!(decode_leases_only(&bytes), Some(vec![LeaseRef { chunk: ChunkId(7), lease: Uuid::from_u128(42) }]));
         assert_eq!(decode_leases_only(&encode_status_reply(WorkReplyKind::Idle, 0, None)), None);
     }
 
@@ -956,7 +991,7 @@ mod tests {
         let result_head = ResultHead {
             run: RUN.into(),
             job: "00000000000000aa".into(),
-            chunk: 3,
+            chunk: ChunkId(3),
             lease: Uuid::nil(),
             attempt: 1,
             mapper: "m".into(),
@@ -988,7 +1023,7 @@ mod tests {
         let head = ResultHead {
             run: RUN.into(),
             job: "00000000000000aa".into(),
-            chunk: 4,
+            chunk: ChunkId(4),
             lease: Uuid::nil(),
             attempt: 0,
             mapper: "fetcher:f".into(),
@@ -1012,7 +1047,7 @@ mod tests {
         ));
         let err = decode_bounded::<WorkRequest>(&request("m".repeat(500_000))).unwrap_err();
         assert!(matches!(err, ProtocolError::TooLarge { .. }), "{err}");
-        let leases = vec![LeaseRef { chunk: 1, lease: Uuid::nil() }; MAX_ITEMS + 1];
+        let leases = vec![LeaseRef { chunk: ChunkId(1), lease: Uuid::nil() }; MAX_ITEMS + 1];
         let body = encode(&ExtendRequest { v: VERSION, mapper: "m".into(), leases });
         assert!(decode_bounded::<ExtendRequest>(&body).is_err());
         let ok: WorkRequest = decode_bounded(&request("m".into())).expect("decodes");

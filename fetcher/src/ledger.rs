@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use common::protocol::AckVerdict;
+use common::protocol::{AckVerdict, ChunkId};
 use uuid::Uuid;
 
 /// The state of one chunk.
@@ -52,7 +52,7 @@ pub struct Lease {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     /// Chunk index.
-    pub chunk: u32,
+    pub chunk: ChunkId,
     /// Lease id.
     pub lease: Uuid,
     /// Attempt number.
@@ -106,8 +106,8 @@ pub struct Ledger {
     /// Leases of the chunk that expired (their mapper went silent, or died) since the count was
     /// last reset: how the fetcher finds chunks that kill their mappers.
     deaths: Vec<u8>,
-    pending: VecDeque<u32>,
-    leases: HashMap<u32, Lease>,
+    pending: VecDeque<ChunkId>,
+    leases: HashMap<ChunkId, Lease>,
     done: u64,
     dead: u64,
     dying: u64,
@@ -124,7 +124,7 @@ impl Ledger {
             attempts: vec![0; n],
             failures: vec![0; n],
             deaths: vec![0; n],
-            pending: (0..n as u32).collect(),
+            pending: (0..n as u32).map(ChunkId).collect(),
             objects,
             leases: HashMap::new(),
             done: 0,
@@ -146,12 +146,12 @@ impl Ledger {
     }
 
     /// A chunk's state.
-    pub fn state(&self, chunk: u32) -> Option<ChunkState> {
-        self.state.get(chunk as usize).copied()
+    pub fn state(&self, chunk: ChunkId) -> Option<ChunkState> {
+        self.state.get(chunk.index()).copied()
     }
 
     /// A chunk's current lease.
-    pub fn lease_of(&self, chunk: u32) -> Option<&Lease> {
+    pub fn lease_of(&self, chunk: ChunkId) -> Option<&Lease> {
         self.leases.get(&chunk)
     }
 
@@ -196,8 +196,8 @@ impl Ledger {
     }
 
     /// Marks a chunk done without an ack (used when resuming from a durable record).
-    pub fn mark_done(&mut self, chunk: u32) {
-        if let Some(state) = self.state.get_mut(chunk as usize) {
+    pub fn mark_done(&mut self, chunk: ChunkId) {
+        if let Some(state) = self.state.get_mut(chunk.index()) {
             if *state != ChunkState::Done {
                 match *state {
                     ChunkState::Dead => self.dead -= 1,
@@ -207,16 +207,16 @@ impl Ledger {
                 *state = ChunkState::Done;
                 self.leases.remove(&chunk);
                 self.done += 1;
-                self.objects_done += u64::from(self.objects[chunk as usize]);
+                self.objects_done += u64::from(self.objects[chunk.index()]);
             }
         }
     }
 
     /// The chunk [`Ledger::lease`] would hand out next, if any (without leasing it): the
     /// fetcher sizes a reply before it leases.
-    pub fn next_pending(&mut self) -> Option<u32> {
+    pub fn next_pending(&mut self) -> Option<ChunkId> {
         while let Some(&chunk) = self.pending.front() {
-            if self.state[chunk as usize] == ChunkState::Pending {
+            if self.state[chunk.index()] == ChunkState::Pending {
                 return Some(chunk);
             }
             self.pending.pop_front(); // done by a late ack, or given up on, while queued
@@ -236,20 +236,20 @@ impl Ledger {
         mapper: &str,
         now: Instant,
         ttl: Duration,
-        allowed: impl Fn(u32, u32) -> bool,
+        allowed: impl Fn(ChunkId, u32) -> bool,
     ) -> Option<Grant> {
         // Drop what is no longer pending from the front (done by a late ack while queued).
         while let Some(&front) = self.pending.front() {
-            if self.state[front as usize] == ChunkState::Pending {
+            if self.state[front.index()] == ChunkState::Pending {
                 break;
             }
             self.pending.pop_front();
         }
         let position = self.pending.iter().position(|&c| {
-            self.state[c as usize] == ChunkState::Pending && allowed(c, u32::from(self.deaths[c as usize]))
+            self.state[c.index()] == ChunkState::Pending && allowed(c, u32::from(self.deaths[c.index()]))
         })?;
         if let Some(chunk) = self.pending.remove(position) {
-            let attempts = &mut self.attempts[chunk as usize];
+            let attempts = &mut self.attempts[chunk.index()];
             *attempts = attempts.saturating_add(1);
             let attempt = u32::from(*attempts);
             if attempt > 1 {
@@ -257,7 +257,7 @@ impl Ledger {
             }
             self.stats.leases_granted += 1;
             let id = Uuid::new_v4();
-            self.state[chunk as usize] = ChunkState::Leased;
+            self.state[chunk.index()] = ChunkState::Leased;
             self.leases.insert(chunk, Lease { id, mapper: mapper.to_string(), deadline: now + ttl, attempt });
             return Some(Grant { chunk, lease: id, attempt });
         }
@@ -266,17 +266,17 @@ impl Ledger {
 
     /// Takes back a lease that was never sent (its reply would have been too big): as if it
     /// had not been granted, first in line again.
-    pub fn unlease(&mut self, chunk: u32, lease: Uuid) {
+    pub fn unlease(&mut self, chunk: ChunkId, lease: Uuid) {
         if !matches!(self.leases.get(&chunk), Some(current) if current.id == lease) {
             return;
         }
         if let Some(taken) = self.leases.remove(&chunk) {
-            self.attempts[chunk as usize] = self.attempts[chunk as usize].saturating_sub(1);
+            self.attempts[chunk.index()] = self.attempts[chunk.index()].saturating_sub(1);
             self.stats.leases_granted = self.stats.leases_granted.saturating_sub(1);
             if taken.attempt > 1 {
                 self.stats.re_leases = self.stats.re_leases.saturating_sub(1);
             }
-            self.state[chunk as usize] = ChunkState::Pending;
+            self.state[chunk.index()] = ChunkState::Pending;
             self.pending.push_front(chunk);
         }
     }
@@ -287,19 +287,19 @@ impl Ledger {
     }
 
     /// Times the chunk's lease expired since [`Ledger::forgive`].
-    pub fn deaths(&self, chunk: u32) -> u32 {
-        self.deaths.get(chunk as usize).map_or(0, |d| u32::from(*d))
+    pub fn deaths(&self, chunk: ChunkId) -> u32 {
+        self.deaths.get(chunk.index()).map_or(0, |d| u32::from(*d))
     }
 
     /// Forgets the chunk's expiries (the object that killed its mappers was found, or none).
-    pub fn forgive(&mut self, chunk: u32) {
-        if let Some(deaths) = self.deaths.get_mut(chunk as usize) {
+    pub fn forgive(&mut self, chunk: ChunkId) {
+        if let Some(deaths) = self.deaths.get_mut(chunk.index()) {
             *deaths = 0;
         }
     }
 
     /// Pushes a lease's deadline to `now + ttl`. False if the lease is not current.
-    pub fn extend(&mut self, chunk: u32, lease: Uuid, now: Instant, ttl: Duration) -> bool {
+    pub fn extend(&mut self, chunk: ChunkId, lease: Uuid, now: Instant, ttl: Duration) -> bool {
         match self.leases.get_mut(&chunk) {
             Some(current) if current.id == lease => {
                 current.deadline = now + ttl;
@@ -310,7 +310,7 @@ impl Ledger {
     }
 
     /// Takes a lease back. `failed` counts towards `max_attempts`; past it the chunk is dead.
-    pub fn release(&mut self, chunk: u32, lease: Uuid, failed: bool, max_attempts: u32) -> ReleaseOutcome {
+    pub fn release(&mut self, chunk: ChunkId, lease: Uuid, failed: bool, max_attempts: u32) -> ReleaseOutcome {
         if !matches!(self.leases.get(&chunk), Some(current) if current.id == lease) {
             return ReleaseOutcome::NotCurrent;
         }
@@ -321,23 +321,23 @@ impl Ledger {
             self.stats.releases_shutdown += 1;
         }
         if failed {
-            let failures = &mut self.failures[chunk as usize];
+            let failures = &mut self.failures[chunk.index()];
             *failures = failures.saturating_add(1);
             if u32::from(*failures) >= max_attempts {
-                self.state[chunk as usize] = ChunkState::Dying;
+                self.state[chunk.index()] = ChunkState::Dying;
                 self.dying += 1;
                 return ReleaseOutcome::DeadLettered;
             }
         }
-        self.state[chunk as usize] = ChunkState::Pending;
+        self.state[chunk.index()] = ChunkState::Pending;
         self.pending.push_front(chunk);
         ReleaseOutcome::Requeued
     }
 
     /// Gives up on a chunk that can never be handed out (unreadable, over max_payload): it is
     /// [`ChunkState::Dying`] until its record is written and [`Ledger::dead_letter`] called.
-    pub fn give_up(&mut self, chunk: u32) {
-        if let Some(state) = self.state.get_mut(chunk as usize) {
+    pub fn give_up(&mut self, chunk: ChunkId) {
+        if let Some(state) = self.state.get_mut(chunk.index()) {
             if matches!(*state, ChunkState::Pending | ChunkState::Leased) {
                 *state = ChunkState::Dying;
                 self.leases.remove(&chunk);
@@ -348,8 +348,8 @@ impl Ledger {
 
     /// Marks a chunk dead-lettered: once its record is durable (from [`ChunkState::Dying`]), or
     /// when resuming from the durable record.
-    pub fn dead_letter(&mut self, chunk: u32) {
-        if let Some(state) = self.state.get_mut(chunk as usize) {
+    pub fn dead_letter(&mut self, chunk: ChunkId) {
+        if let Some(state) = self.state.get_mut(chunk.index()) {
             match *state {
                 ChunkState::Pending | ChunkState::Leased => {}
                 ChunkState::Dying => self.dying -= 1,
@@ -363,14 +363,14 @@ impl Ledger {
 
     /// What [`Ledger::ack`] would answer, without changing anything: the fetcher records the
     /// chunks that would become done durably first, and only then applies the acks.
-    pub fn check_ack(&self, chunk: u64, objects: u64, dead: u64) -> AckVerdict {
-        let Some(index) = u32::try_from(chunk).ok().filter(|c| (*c as usize) < self.state.len()) else {
+    pub fn check_ack(&self, chunk: ChunkId, objects: u64, dead: u64) -> AckVerdict {
+        let Some(index) = Some(chunk).filter(|c| c.index() < self.state.len()) else {
             return AckVerdict::Unknown;
         };
-        if u64::from(self.objects[index as usize]) != objects {
+        if u64::from(self.objects[index.index()]) != objects {
             return AckVerdict::Unknown;
         }
-        match self.state[index as usize] {
+        match self.state[index.index()] {
             ChunkState::Done => AckVerdict::AlreadyDone,
             ChunkState::Dead if dead >= objects => AckVerdict::AlreadyDone,
             _ => AckVerdict::Done,
@@ -380,16 +380,16 @@ impl Ledger {
     /// Records a saver's acknowledgement that `chunk` is saved with `objects` objects, `dead` of
     /// them dead-lettered. The caller makes a `Done` durable before calling this (see
     /// [`Ledger::check_ack`]): nothing is done in memory that a restart would forget.
-    pub fn ack(&mut self, chunk: u64, lease: Uuid, objects: u64, dead: u64) -> AckVerdict {
-        let Some(index) = u32::try_from(chunk).ok().filter(|c| (*c as usize) < self.state.len()) else {
+    pub fn ack(&mut self, chunk: ChunkId, lease: Uuid, objects: u64, dead: u64) -> AckVerdict {
+        let Some(index) = Some(chunk).filter(|c| c.index() < self.state.len()) else {
             self.stats.acks_unknown += 1;
             return AckVerdict::Unknown;
         };
-        if u64::from(self.objects[index as usize]) != objects {
+        if u64::from(self.objects[index.index()]) != objects {
             self.stats.acks_unknown += 1;
             return AckVerdict::Unknown;
         }
-        match self.state[index as usize] {
+        match self.state[index.index()] {
             ChunkState::Done => {
                 self.stats.acks_duplicate += 1;
                 AckVerdict::AlreadyDone
@@ -408,16 +408,23 @@ impl Ledger {
         }
     }
 
+    /// Counts an ack that names no chunk of this run (it came for another run): the ledger
+    /// cannot look it up, but it counts among the unknown acks all the same.
+    pub fn unknown_ack(&mut self) -> AckVerdict {
+        self.stats.acks_unknown += 1;
+        AckVerdict::Unknown
+    }
+
     /// Returns leases past their deadline to pending (front of the queue, so they finish soon).
-    pub fn expire(&mut self, now: Instant) -> Vec<(u32, Lease)> {
-        let expired: Vec<u32> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(c, _)| *c).collect();
+    pub fn expire(&mut self, now: Instant) -> Vec<(ChunkId, Lease)> {
+        let expired: Vec<ChunkId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(c, _)| *c).collect();
         let mut out = Vec::with_capacity(expired.len());
         for chunk in expired {
             if let Some(lease) = self.leases.remove(&chunk) {
-                self.state[chunk as usize] = ChunkState::Pending;
+                self.state[chunk.index()] = ChunkState::Pending;
                 self.pending.push_front(chunk);
                 self.stats.expiries += 1;
-                let deaths = &mut self.deaths[chunk as usize];
+                let deaths = &mut self.deaths[chunk.index()];
                 *deaths = deaths.saturating_add(1);
                 out.push((chunk, lease));
             }
@@ -440,8 +447,8 @@ mod tests {
     fn leases_hand_out_each_pending_chunk_once() {
         let mut l = ledger(3);
         let now = Instant::now();
-        let chunks: Vec<u32> = (0..3).map(|_| l.lease("m", now, TTL).expect("pending").chunk).collect();
-        assert_eq!(chunks, vec![0, 1, 2]);
+        let chunks: Vec<ChunkId> = (0..3).map(|_| l.lease("m", now, TTL).expect("pending").chunk).collect();
+        assert_eq!(chunks, vec![ChunkId(0), ChunkId(1), ChunkId(2)]);
         assert_eq!(l.lease("m", now, TTL), None);
         assert_eq!(l.leased(), 3);
         assert_eq!(l.stats().re_leases, 0);
@@ -494,7 +501,7 @@ mod tests {
         let now = Instant::now();
         let g = l.lease("m", now, TTL).expect("pending");
         assert_eq!(l.state(g.chunk), Some(ChunkState::Leased));
-        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100, 0), AckVerdict::Done);
+        assert_eq!(l.ack(g.chunk, g.lease, 100, 0), AckVerdict::Done);
         assert_eq!(l.state(g.chunk), Some(ChunkState::Done));
         assert_eq!(l.objects_done(), 100);
         assert!(!l.is_complete());
@@ -509,12 +516,12 @@ mod tests {
         l.expire(now + TTL);
         let second = l.lease("b", now + TTL, TTL).expect("re-leased");
         // The first mapper's result was saved after all: a late ack still completes the chunk.
-        assert_eq!(l.ack(u64::from(first.chunk), first.lease, 100, 0), AckVerdict::Done);
+        assert_eq!(l.ack(first.chunk, first.lease, 100, 0), AckVerdict::Done);
         assert_eq!(l.stats().acks_late, 1);
         // The second mapper's result then is a duplicate.
-        assert_eq!(l.ack(u64::from(second.chunk), second.lease, 100, 0), AckVerdict::AlreadyDone);
-        assert_eq!(l.ack(99, Uuid::nil(), 100, 0), AckVerdict::Unknown);
-        assert_eq!(l.ack(1, Uuid::nil(), 7, 0), AckVerdict::Unknown, "wrong object count");
+        assert_eq!(l.ack(second.chunk, second.lease, 100, 0), AckVerdict::AlreadyDone);
+        assert_eq!(l.ack(ChunkId(99), Uuid::nil(), 100, 0), AckVerdict::Unknown);
+        assert_eq!(l.ack(ChunkId(1), Uuid::nil(), 7, 0), AckVerdict::Unknown, "wrong object count");
         assert_eq!(l.stats().acks_duplicate, 1);
         assert_eq!(l.stats().acks_unknown, 2);
         assert_eq!(l.done(), 1);
@@ -533,11 +540,11 @@ mod tests {
             let expected = if attempt < 3 { ReleaseOutcome::Requeued } else { ReleaseOutcome::DeadLettered };
             assert_eq!(outcome, expected);
         }
-        assert_eq!(l.state(0), Some(ChunkState::Dying), "decided, not yet recorded");
+        assert_eq!(l.state(ChunkId(0)), Some(ChunkState::Dying), "decided, not yet recorded");
         assert!(!l.is_complete(), "a run is not complete on a decision a restart would forget");
         assert_eq!(l.lease("m", now, TTL), None, "nor is the chunk handed out again");
-        l.dead_letter(0);
-        assert_eq!(l.state(0), Some(ChunkState::Dead));
+        l.dead_letter(ChunkId(0));
+        assert_eq!(l.state(ChunkId(0)), Some(ChunkState::Dead));
         assert!(l.is_complete());
         assert_eq!(l.lease("m", now, TTL), None);
     }
@@ -547,26 +554,26 @@ mod tests {
         let mut l = ledger(2);
         let now = Instant::now();
         let g = l.lease("m", now, TTL).expect("pending");
-        assert_eq!(l.check_ack(u64::from(g.chunk), 100, 0), AckVerdict::Done);
-        assert_eq!(l.check_ack(u64::from(g.chunk), 7, 0), AckVerdict::Unknown);
-        assert_eq!(l.check_ack(99, 100, 0), AckVerdict::Unknown);
+        assert_eq!(l.check_ack(g.chunk, 100, 0), AckVerdict::Done);
+        assert_eq!(l.check_ack(g.chunk, 7, 0), AckVerdict::Unknown);
+        assert_eq!(l.check_ack(ChunkId(99), 100, 0), AckVerdict::Unknown);
         assert_eq!(l.state(g.chunk), Some(ChunkState::Leased), "a check is not an ack");
         assert_eq!((l.done(), l.stats().acks_done), (0, 0));
-        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100, 0), AckVerdict::Done);
-        assert_eq!(l.check_ack(u64::from(g.chunk), 100, 0), AckVerdict::AlreadyDone);
+        assert_eq!(l.ack(g.chunk, g.lease, 100, 0), AckVerdict::Done);
+        assert_eq!(l.check_ack(g.chunk, 100, 0), AckVerdict::AlreadyDone);
     }
 
     #[test]
     fn the_sinks_record_of_a_dead_chunk_leaves_it_dead_and_saved_data_makes_it_done() {
         let mut l = ledger(2);
-        l.give_up(0);
-        l.dead_letter(0);
-        l.give_up(1);
-        l.dead_letter(1);
-        assert_eq!(l.check_ack(0, 100, 100), AckVerdict::AlreadyDone);
-        assert_eq!(l.ack(0, Uuid::nil(), 100, 100), AckVerdict::AlreadyDone);
-        assert_eq!(l.state(0), Some(ChunkState::Dead));
-        assert_eq!(l.ack(1, Uuid::nil(), 100, 3), AckVerdict::Done, "a late result was saved after all");
+        l.give_up(ChunkId(0));
+        l.dead_letter(ChunkId(0));
+        l.give_up(ChunkId(1));
+        l.dead_letter(ChunkId(1));
+        assert_eq!(l.check_ack(ChunkId(0), 100, 100), AckVerdict::AlreadyDone);
+        assert_eq!(l.ack(ChunkId(0), Uuid::nil(), 100, 100), AckVerdict::AlreadyDone);
+        assert_eq!(l.state(ChunkId(0)), Some(ChunkState::Dead));
+        assert_eq!(l.ack(ChunkId(1), Uuid::nil(), 100, 3), AckVerdict::Done, "a late result was saved after all");
         assert_eq!((l.done(), l.dead()), (1, 1));
     }
 
@@ -589,14 +596,14 @@ mod tests {
         l.lease("a", now, TTL).expect("pending");
         assert_eq!(l.leases_of("a"), 2);
         l.expire(now + TTL);
-        assert_eq!((l.deaths(g.chunk), l.deaths(1), l.deaths(2)), (1, 1, 0));
+        assert_eq!((l.deaths(g.chunk), l.deaths(ChunkId(1)), l.deaths(ChunkId(2))), (1, 1, 0));
         // Skip the suspects: chunk 2 is leased although 0 and 1 are ahead of it.
         let next = l.lease_where("b", now + TTL, TTL, |_, deaths| deaths == 0).expect("an innocent chunk");
-        assert_eq!(next.chunk, 2);
+        assert_eq!(next.chunk, ChunkId(2));
         l.forgive(g.chunk);
         assert_eq!(l.deaths(g.chunk), 0);
         let again = l.lease("b", now + TTL, TTL).expect("an expired chunk, from the front").chunk;
-        assert!(again < 2, "{again}");
+        assert!(again < ChunkId(2), "{again}");
     }
 
     #[test]
@@ -605,7 +612,7 @@ mod tests {
         let now = Instant::now();
         let g = l.lease("a", now, TTL).expect("pending");
         l.expire(now + TTL);
-        assert_eq!(l.ack(u64::from(g.chunk), g.lease, 100, 0), AckVerdict::Done);
+        assert_eq!(l.ack(g.chunk, g.lease, 100, 0), AckVerdict::Done);
         let next = l.lease("b", now + TTL, TTL).expect("the other chunk");
         assert_ne!(next.chunk, g.chunk);
         assert_eq!(l.lease("b", now + TTL, TTL), None);

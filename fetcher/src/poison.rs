@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use common::protocol::Skip;
+use common::protocol::{ChunkId, Skip};
 use uuid::Uuid;
 
 /// Searches that may end without finding an object before the chunk is given up on whole.
@@ -98,7 +98,7 @@ pub struct LeasePlan {
 /// The chunks under suspicion.
 #[derive(Debug)]
 pub struct Suspects {
-    chunks: HashMap<u32, Suspect>,
+    chunks: HashMap<ChunkId, Suspect>,
     max_deaths: u32,
 }
 
@@ -109,13 +109,13 @@ impl Suspects {
     }
 
     /// Whether the chunk is being searched (leased only as a probe, alone).
-    pub fn searching(&self, chunk: u32) -> bool {
+    pub fn searching(&self, chunk: ChunkId) -> bool {
         self.chunks.get(&chunk).is_some_and(|s| s.search.is_some())
     }
 
     /// How to lease `chunk` of `objects` objects, as lease `lease`: a probe while searching,
     /// else a normal lease with the killers found so far skipped.
-    pub fn plan(&mut self, chunk: u32, objects: u32, lease: Uuid) -> LeasePlan {
+    pub fn plan(&mut self, chunk: ChunkId, objects: u32, lease: Uuid) -> LeasePlan {
         let Some(suspect) = self.chunks.get_mut(&chunk) else { return LeasePlan { probe: false, skip: vec![] } };
         let killers = |s: &Suspect| -> Vec<Skip> {
             s.killers.iter().map(|(&index, error)| Skip { index, error: error.clone() }).collect()
@@ -135,7 +135,7 @@ impl Suspects {
     }
 
     /// A lease of `chunk` expired; `deaths` is the chunk's count of expiries.
-    pub fn expired(&mut self, chunk: u32, lease: Uuid, deaths: u32, objects: u32) -> Verdict {
+    pub fn expired(&mut self, chunk: ChunkId, lease: Uuid, deaths: u32, objects: u32) -> Verdict {
         let max = self.max_deaths;
         let suspect = self.chunks.entry(chunk).or_default();
         match &mut suspect.search {
@@ -174,7 +174,7 @@ impl Suspects {
     }
 
     /// A probe of `chunk` came back: the objects it ran do not kill.
-    pub fn probed(&mut self, chunk: u32, lease: Uuid) -> Verdict {
+    pub fn probed(&mut self, chunk: ChunkId, lease: Uuid) -> Verdict {
         let Some(suspect) = self.chunks.get_mut(&chunk) else { return Verdict::Nothing };
         let Some(search) = suspect.search.as_mut().filter(|s| s.probe == Some(lease)) else { return Verdict::Nothing };
         search.probe = None;
@@ -194,7 +194,7 @@ impl Suspects {
     }
 
     /// The chunk is done or dead: nothing to find any more.
-    pub fn settled(&mut self, chunk: u32) {
+    pub fn settled(&mut self, chunk: ChunkId) {
         self.chunks.remove(&chunk);
     }
 }
@@ -212,14 +212,14 @@ mod tests {
         loop {
             let lease = Uuid::new_v4();
             leases += 1;
-            let plan = s.plan(0, objects, lease);
+            let plan = s.plan(ChunkId(0), objects, lease);
             let skipped: Vec<u32> = plan.skip.iter().map(|k| k.index).collect();
             let dies = !skipped.contains(&killer);
             let verdict = if dies {
                 deaths += 1;
-                s.expired(0, lease, deaths, objects)
+                s.expired(ChunkId(0), lease, deaths, objects)
             } else if plan.probe {
-                s.probed(0, lease)
+                s.probed(ChunkId(0), lease)
             } else {
                 return (Verdict::Nothing, leases); // a normal lease that passes: the chunk is saved
             };
@@ -250,14 +250,14 @@ mod tests {
     fn once_found_the_killer_is_skipped_with_its_reason_and_the_rest_is_leased_normally() {
         let mut s = Suspects::new(1);
         let mut lease = Uuid::new_v4();
-        assert_eq!(s.expired(0, lease, 1, 2), Verdict::Searching(2));
+        assert_eq!(s.expired(ChunkId(0), lease, 1, 2), Verdict::Searching(2));
         lease = Uuid::new_v4();
-        assert!(s.plan(0, 2, lease).probe);
-        assert_eq!(s.expired(0, lease, 2, 2), Verdict::Searching(1), "the probe of object 0 died");
+        assert!(s.plan(ChunkId(0), 2, lease).probe);
+        assert_eq!(s.expired(ChunkId(0), lease, 2, 2), Verdict::Searching(1), "the probe of object 0 died");
         lease = Uuid::new_v4();
-        assert_eq!(s.plan(0, 2, lease).skip.iter().map(|k| k.index).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(s.expired(0, lease, 3, 2), Verdict::Found(0));
-        let plan = s.plan(0, 2, Uuid::new_v4());
+        assert_eq!(s.plan(ChunkId(0), 2, lease).skip.iter().map(|k| k.index).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(s.expired(ChunkId(0), lease, 3, 2), Verdict::Found(0));
+        let plan = s.plan(ChunkId(0), 2, Uuid::new_v4());
         assert!(!plan.probe);
         assert_eq!(plan.skip.len(), 1);
         assert!(plan.skip[0].error.contains("its mapper died 1 times"), "{:?}", plan.skip);
@@ -268,10 +268,10 @@ mod tests {
         let mut s = Suspects::new(1);
         for search in 1..=3 {
             let lease = Uuid::new_v4();
-            assert_eq!(s.expired(0, lease, 1, 1), Verdict::Searching(1));
+            assert_eq!(s.expired(ChunkId(0), lease, 1, 1), Verdict::Searching(1));
             let probe = Uuid::new_v4();
-            assert!(s.plan(0, 1, probe).probe);
-            let verdict = s.probed(0, probe);
+            assert!(s.plan(ChunkId(0), 1, probe).probe);
+            let verdict = s.probed(ChunkId(0), probe);
             if search < 3 {
                 assert_eq!(verdict, Verdict::Forgive);
             } else {
@@ -283,11 +283,11 @@ mod tests {
     #[test]
     fn events_of_other_leases_change_nothing() {
         let mut s = Suspects::new(2);
-        assert_eq!(s.expired(0, Uuid::new_v4(), 1, 10), Verdict::Nothing, "one death is not enough");
-        assert_eq!(s.probed(0, Uuid::new_v4()), Verdict::Nothing);
-        assert_eq!(s.expired(0, Uuid::new_v4(), 2, 10), Verdict::Searching(10));
-        assert_eq!(s.expired(0, Uuid::new_v4(), 3, 10), Verdict::Nothing, "not the probe's lease");
-        s.settled(0);
-        assert!(!s.searching(0));
+        assert_eq!(s.expired(ChunkId(0), Uuid::new_v4(), 1, 10), Verdict::Nothing, "one death is not enough");
+        assert_eq!(s.probed(ChunkId(0), Uuid::new_v4()), Verdict::Nothing);
+        assert_eq!(s.expired(ChunkId(0), Uuid::new_v4(), 2, 10), Verdict::Searching(10));
+        assert_eq!(s.expired(ChunkId(0), Uuid::new_v4(), 3, 10), Verdict::Nothing, "not the probe's lease");
+        s.settled(ChunkId(0));
+        assert!(!s.searching(ChunkId(0)));
     }
 }

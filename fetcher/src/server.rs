@@ -13,9 +13,9 @@ use common::backoff::Backoff;
 use common::events::{Event, EventBody};
 use common::input::{ChunkReader, InputError, InputIndex, ReadErrorKind};
 use common::protocol::{
-    self, AckReply, AckRequest, AckVerdict, ChunkHead, ChunksHead, ExtendReply, ExtendRequest, JobReply, JobRequest,
-    ProtocolError, ReleaseReason, ReleaseReply, ReleaseRequest, ResultHead, ResultReply, ResultStatus, Subjects,
-    WorkReplyKind, WorkRequest, VERSION,
+    self, AckReply, AckRequest, AckVerdict, ChunkHead, ChunkId, ChunksHead, ExtendReply, ExtendRequest, JobReply,
+    JobRequest, ProtocolError, ReleaseReason, ReleaseReply, ReleaseRequest, ResultHead, ResultReply, ResultStatus,
+    Subjects, WorkReplyKind, WorkRequest, VERSION,
 };
 use common::text::{escaped, held_back, RateLimit};
 use futures::StreamExt;
@@ -114,7 +114,7 @@ pub struct Server {
     complete_at_start: bool,
     /// Chunks given up on whose dead letter is not durable yet (the store failed): retried
     /// every tick, and only then dead.
-    dying: Vec<(u32, String)>,
+    dying: Vec<(ChunkId, String)>,
     /// Dead-letter records for people that could not be written yet: retried every tick.
     unwritten_records: VecDeque<serde_json::Value>,
     /// Whether the durable store works, for readiness, a metric and one log line per outage.
@@ -130,7 +130,7 @@ pub struct Server {
     sink: Option<String>,
     /// Dead-lettered chunks whose record is not in the sink yet: the run completes once a saver
     /// has saved each (see [`Server::send_marker`]).
-    unmarked: HashSet<u32>,
+    unmarked: HashSet<ChunkId>,
     /// Mappers that asked for work, and whether they can run the job.
     mappers: HashMap<String, MapperSeen>,
     /// The `status` endpoint, taken by `serve`.
@@ -150,11 +150,11 @@ pub struct Server {
     changed: HashMap<u32, String>,
     /// Dead chunks whose record the sink refused (it never will take it): the run must not wait
     /// for them.
-    refused_markers: (RefusedMarkers, tokio::sync::mpsc::UnboundedReceiver<(u32, String)>),
+    refused_markers: (RefusedMarkers, tokio::sync::mpsc::UnboundedReceiver<(ChunkId, String)>),
 }
 
 /// Where marker tasks report a dead chunk whose record the sink refused, with its error.
-type RefusedMarkers = tokio::sync::mpsc::UnboundedSender<(u32, String)>;
+type RefusedMarkers = tokio::sync::mpsc::UnboundedSender<(ChunkId, String)>;
 
 impl Server {
     /// A server for `index` under `job`, resuming from `recovered`.
@@ -178,7 +178,7 @@ impl Server {
         }
         // Which dead chunks have their record in the sink is not in the ledger: send them all
         // again (saving one twice is a duplicate).
-        let unmarked: HashSet<u32> = recovered
+        let unmarked: HashSet<ChunkId> = recovered
             .dead
             .iter()
             .copied()
@@ -285,8 +285,9 @@ impl Server {
         }
         let spans = &self.index.chunks;
         let blocked = (0..spans.len() as u32)
+            .map(ChunkId)
             .filter(|c| self.ledger.state(*c) == Some(crate::ledger::ChunkState::Pending))
-            .try_fold(0u64, |n, c| self.changed.contains_key(&spans[c as usize].object).then_some(n + 1))?;
+            .try_fold(0u64, |n, c| self.changed.contains_key(&spans[c.index()].object).then_some(n + 1))?;
         let mut objects: Vec<&String> = self.changed.values().collect();
         objects.sort();
         let listing: Vec<&str> = objects.iter().map(|m| m.as_str()).collect();
@@ -375,7 +376,7 @@ impl Server {
                 Some(reply) = self.page.recv() => drop(reply.send(self.status())),
                 Some((chunk, error)) = self.refused_markers.1.recv() => {
                     tracing::error!(
-                        chunk,
+                        chunk = chunk.0,
                         "the sink refused the record of dead-lettered chunk {chunk} ({}); the run does not wait for it, and verify will report its objects missing",
                         escaped(&error)
                     );
@@ -623,7 +624,7 @@ impl Server {
             let Some(next) = self.ledger.next_pending() else { break };
             // Stop before a chunk that may not fit: its bytes are at most its span, plus its
             // head (ids, and line numbers when they are not consecutive).
-            let next_span = self.index.chunks[next as usize];
+            let next_span = self.index.chunks[next.index()];
             let estimate = next_span.len as usize + 512 + 12 * next_span.objects as usize;
             if !chunks.is_empty() && size + estimate > max_payload {
                 break;
@@ -634,7 +635,7 @@ impl Server {
                 Leased::Stop => break,
             };
             let entry = protocol::chunk_entry_size(&chunk, &objects);
-            let lease = (chunk.chunk as u32, chunk.lease);
+            let lease = (chunk.chunk, chunk.lease);
             if !chunks.is_empty() && size + entry > max_payload {
                 // Fits alone, not with the others: it goes in the next reply.
                 self.ledger.unlease(lease.0, lease.1);
@@ -642,7 +643,7 @@ impl Server {
             }
             if protocol::chunks_reply_overhead(&head) + entry > max_payload {
                 tracing::error!(
-                    chunk = lease.0,
+                    chunk = lease.0.0,
                     "chunk {} (input line {}) is {} bytes, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it. Lower --chunk-size or raise max_payload",
                     lease.0,
                     chunk.first_line,
@@ -655,7 +656,7 @@ impl Server {
             }
             if chunk.attempt > 1 {
                 tracing::info!(
-                    chunk = lease.0,
+                    chunk = lease.0 .0,
                     attempt = chunk.attempt,
                     "re-leasing chunk {} to {} (attempt {})",
                     lease.0,
@@ -685,11 +686,11 @@ impl Server {
         let suspects = &self.suspects;
         let (changed, spans) = (&self.changed, &self.index.chunks);
         let grant = self.ledger.lease_where(&waiter.mapper, Instant::now(), self.config.lease_timeout, |c, deaths| {
-            let unchanged = changed.is_empty() || !changed.contains_key(&spans[c as usize].object);
+            let unchanged = changed.is_empty() || !changed.contains_key(&spans[c.index()].object);
             unchanged && (alone || (deaths == 0 && !suspects.searching(c)))
         });
         let Some(grant) = grant else { return Leased::Stop };
-        let span = self.index.chunks[grant.chunk as usize];
+        let span = self.index.chunks[grant.chunk.index()];
         let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
         // Off the runtime thread when it may wait on the store (its retries included), so that
         // NATS, the metrics and the lock keep running; the caller waits for it, so the ledger
@@ -701,7 +702,7 @@ impl Server {
                 self.ledger.unlease(grant.chunk, grant.lease);
                 if self.changed.insert(span.object, e.message.clone()).is_none() {
                     tracing::error!(
-                        chunk = grant.chunk,
+                        chunk = grant.chunk.0,
                         "{e}; its chunks are no longer handed out (the others go on; the run stops when they are done)"
                     );
                 }
@@ -709,18 +710,18 @@ impl Server {
             }
             Err(InputError::Read(e)) if e.kind == ReadErrorKind::Unavailable => {
                 self.ledger.unlease(grant.chunk, grant.lease);
-                tracing::warn!(chunk = grant.chunk, "cannot read chunk {} now: {e}; it stays pending", grant.chunk);
+                tracing::warn!(chunk = grant.chunk.0, "cannot read chunk {} now: {e}; it stays pending", grant.chunk);
                 return Leased::Stop;
             }
             Err(e) => {
-                tracing::error!(chunk = grant.chunk, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
+                tracing::error!(chunk = grant.chunk.0, "cannot read chunk {}: {e}; dead-lettering it", grant.chunk);
                 self.dead_letter(grant.chunk, &e.to_string()).await;
                 return Leased::Skipped;
             }
         };
         let plan = self.suspects.plan(grant.chunk, span.objects, grant.lease);
         let head = ChunkHead {
-            chunk: u64::from(grant.chunk),
+            chunk: grant.chunk,
             lease: grant.lease,
             attempt: grant.attempt,
             first_line: span.first_line,
@@ -782,11 +783,7 @@ impl Server {
         };
         let now = Instant::now();
         let ttl = self.config.lease_timeout;
-        let valid = request
-            .leases
-            .iter()
-            .map(|l| u32::try_from(l.chunk).is_ok_and(|c| self.ledger.extend(c, l.lease, now, ttl)))
-            .collect();
+        let valid = request.leases.iter().map(|l| self.ledger.extend(l.chunk, l.lease, now, ttl)).collect();
         if let Some(reply) = &message.reply {
             let body = protocol::encode(&ExtendReply { v: VERSION, lease_ms: ttl.as_millis() as u64, valid });
             self.reply(reply, body).await;
@@ -799,16 +796,17 @@ impl Server {
             Err(e) => return self.malformed(&message, &e),
         };
         let failed = request.reason == ReleaseReason::Failed;
-        let outcome = match u32::try_from(request.lease.chunk) {
-            Ok(chunk) => self.ledger.release(chunk, request.lease.lease, failed, self.config.max_attempts),
-            Err(_) => ReleaseOutcome::NotCurrent,
-        };
+        let outcome = self.ledger.release(request.lease.chunk, request.lease.lease, failed, self.config.max_attempts);
         let chunk = request.lease.chunk;
         let error = request.error.as_deref().unwrap_or("no reason given");
         let mapper = escaped(&request.mapper);
         match (outcome, request.reason) {
             (ReleaseOutcome::Requeued, ReleaseReason::Failed) => {
-                tracing::warn!(chunk, "chunk {chunk} failed on {mapper}: {}; it will be retried", escaped(error))
+                tracing::warn!(
+                    chunk = chunk.0,
+                    "chunk {chunk} failed on {mapper}: {}; it will be retried",
+                    escaped(error)
+                )
             }
             (ReleaseOutcome::Requeued, ReleaseReason::CannotRun) => {
                 if self.cannot_run.len() < MAX_MAPPERS && self.cannot_run.insert(request.mapper.clone()) {
@@ -820,22 +818,24 @@ impl Server {
                 }
             }
             (ReleaseOutcome::Requeued, ReleaseReason::Probed) => {
-                let verdict = self.suspects.probed(chunk as u32, request.lease.lease);
-                self.act_on(chunk as u32, verdict).await;
+                let verdict = self.suspects.probed(chunk, request.lease.lease);
+                self.act_on(chunk, verdict).await;
             }
             (ReleaseOutcome::Requeued, _) => {
-                tracing::info!(chunk, "chunk {chunk} handed back by {mapper} (shutting down)")
+                tracing::info!(chunk = chunk.0, "chunk {chunk} handed back by {mapper} (shutting down)")
             }
             (ReleaseOutcome::DeadLettered, _) => {
                 tracing::error!(
-                    chunk,
+                    chunk = chunk.0,
                     "chunk {chunk} failed {} times, last on {mapper}: {}; dead-lettered",
                     self.config.max_attempts,
                     escaped(error)
                 );
-                self.record_dead(chunk as u32, error).await;
+                self.record_dead(chunk, error).await;
             }
-            (ReleaseOutcome::NotCurrent, _) => tracing::debug!(chunk, "release of a lease that is no longer current"),
+            (ReleaseOutcome::NotCurrent, _) => {
+                tracing::debug!(chunk = chunk.0, "release of a lease that is no longer current")
+            }
         }
         if let Some(reply) = &message.reply {
             let accepted = outcome != ReleaseOutcome::NotCurrent;
@@ -845,28 +845,28 @@ impl Server {
     }
 
     /// Does what the search for an object that kills its mappers says.
-    async fn act_on(&mut self, chunk: u32, verdict: Verdict) {
+    async fn act_on(&mut self, chunk: ChunkId, verdict: Verdict) {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Searching(candidates) => tracing::warn!(
-                chunk,
+                chunk = chunk.0,
                 "chunk {chunk} keeps killing its mappers ({} leases expired): probing its objects to find the one that does, {candidates} candidates left",
                 self.ledger.deaths(chunk)
             ),
             Verdict::Found(index) => {
-                let line = self.index.chunks[chunk as usize].first_line + u64::from(index);
+                let line = self.index.chunks[chunk.index()].first_line + u64::from(index);
                 tracing::error!(
-                    chunk,
+                    chunk = chunk.0,
                     "object {index} of chunk {chunk} (around input line {line}) kills every mapper that transforms it: it is dead-lettered, the rest of the chunk is leased again"
                 );
                 self.ledger.forgive(chunk);
             }
             Verdict::Forgive => {
-                tracing::info!(chunk, "no object of chunk {chunk} kills on its own: its lease expiries are forgiven");
+                tracing::info!(chunk = chunk.0, "no object of chunk {chunk} kills on its own: its lease expiries are forgiven");
                 self.ledger.forgive(chunk);
             }
             Verdict::GiveUp(reason) => {
-                tracing::error!(chunk, "chunk {chunk}: {reason}; dead-lettered");
+                tracing::error!(chunk = chunk.0, "chunk {chunk}: {reason}; dead-lettered");
                 self.suspects.settled(chunk);
                 self.dead_letter(chunk, &reason).await;
             }
@@ -944,13 +944,13 @@ impl Server {
         for ack in request.acks.iter().filter(|a| a.run == self.index.run_id) {
             match self.ledger.check_ack(ack.chunk, ack.objects, ack.dead) {
                 AckVerdict::Done => {
-                    let entry = Entry::Done(ack.chunk as u32);
+                    let entry = Entry::Done(ack.chunk);
                     if !entries.contains(&entry) {
                         entries.push(entry);
                     }
                 }
                 AckVerdict::AlreadyDone => {
-                    settles_a_record |= u32::try_from(ack.chunk).is_ok_and(|c| self.unmarked.contains(&c));
+                    settles_a_record |= self.unmarked.contains(&ack.chunk);
                 }
                 _ => {}
             }
@@ -966,30 +966,25 @@ impl Server {
                 let (saver, run, ours) = (escaped(&request.saver), escaped(&ack.run), &self.index.run_id);
                 if let Some(held) = self.warnings.allow("ack_other_run", Instant::now()) {
                     tracing::warn!(
-                        chunk = ack.chunk,
+                        chunk = ack.chunk.0,
                         "ack from {saver} for run {run}, not this run ({ours}){}",
                         held_back(held, WARN_INTERVAL)
                     );
                 }
-                verdicts.push(self.ledger.ack(u64::MAX, ack.lease, ack.objects, ack.dead));
+                verdicts.push(self.ledger.unknown_ack());
                 continue;
             }
-            let holder = u32::try_from(ack.chunk)
-                .ok()
-                .and_then(|c| self.ledger.lease_of(c))
-                .filter(|lease| lease.id == ack.lease)
-                .map(|lease| lease.mapper.clone());
+            let holder =
+                self.ledger.lease_of(ack.chunk).filter(|lease| lease.id == ack.lease).map(|lease| lease.mapper.clone());
             verdicts.push(self.ledger.ack(ack.chunk, ack.lease, ack.objects, ack.dead));
             if let (Some(AckVerdict::Done), Some(seen)) =
                 (verdicts.last(), holder.and_then(|mapper| self.mappers.get_mut(&mapper)))
             {
                 seen.done += 1;
             }
-            if let Ok(chunk) = u32::try_from(ack.chunk) {
-                if verdicts.last() != Some(&AckVerdict::Unknown) {
-                    self.unmarked.remove(&chunk);
-                    self.suspects.settled(chunk);
-                }
+            if verdicts.last() != Some(&AckVerdict::Unknown) {
+                self.unmarked.remove(&ack.chunk);
+                self.suspects.settled(ack.chunk);
             }
         }
         verdicts
@@ -999,7 +994,7 @@ impl Server {
     // dead letters
 
     /// Dead-letters a chunk that can never be handed out.
-    async fn dead_letter(&mut self, chunk: u32, error: &str) {
+    async fn dead_letter(&mut self, chunk: ChunkId, error: &str) {
         self.ledger.give_up(chunk);
         self.record_dead(chunk, error).await;
     }
@@ -1007,7 +1002,7 @@ impl Server {
     /// Records a chunk the ledger gave up on ([`crate::ledger::ChunkState::Dying`]) durably,
     /// then marks it dead and sends its record to the sink; if the store fails, the chunk stays
     /// dying and is retried every tick.
-    async fn record_dead(&mut self, chunk: u32, error: &str) {
+    async fn record_dead(&mut self, chunk: ChunkId, error: &str) {
         if let Err(e) = self.store.record(&[Entry::Dead(chunk)]).await {
             self.health.failed(&e, &self.metrics, "a dead-lettered chunk waits to be recorded");
             self.dying.push((chunk, error.to_string()));
@@ -1015,7 +1010,7 @@ impl Server {
         }
         self.health.succeeded(&self.metrics);
         self.ledger.dead_letter(chunk);
-        let span = self.index.chunks[chunk as usize];
+        let span = self.index.chunks[chunk.index()];
         let ids: Vec<Option<String>> = self.chunk_ids(chunk);
         let record = serde_json::json!({
             "kind": "chunk", "run": self.index.run_id, "chunk": chunk, "first_line": span.first_line,
@@ -1026,7 +1021,7 @@ impl Server {
         self.unmarked.insert(chunk);
         self.send_marker(chunk, error.to_string());
         let body = EventBody::ChunkDead {
-            chunk: u64::from(chunk),
+            chunk,
             reason: error.to_string(),
             first_line: span.first_line,
             objects: u64::from(span.objects),
@@ -1036,7 +1031,7 @@ impl Server {
             self.recent_dead.pop_front();
         }
         self.recent_dead.push_back(crate::status::DeadLetterStatus {
-            chunk: u64::from(chunk),
+            chunk,
             first_line: span.first_line,
             objects: u64::from(span.objects),
             reason: error.to_string(),
@@ -1044,8 +1039,8 @@ impl Server {
     }
 
     /// The ids of a chunk's objects (the job's id field), for its dead-letter records.
-    fn chunk_ids(&self, chunk: u32) -> Vec<Option<String>> {
-        let span = self.index.chunks[chunk as usize];
+    fn chunk_ids(&self, chunk: ChunkId) -> Vec<Option<String>> {
+        let span = self.index.chunks[chunk.index()];
         let Some(field) = &self.job.id_field else { return vec![None; span.objects as usize] };
         self.reader
             .read_array(&span)
@@ -1064,13 +1059,13 @@ impl Server {
     /// what became of every object (`saver verify` reads nothing else): a result in which every
     /// object is dead with cause `chunk`, sent like a mapper's, resent until a saver answers
     /// `saved`. The ack that follows completes it (see [`Server::is_complete`]).
-    fn send_marker(&self, chunk: u32, error: String) {
-        let span = self.index.chunks[chunk as usize];
+    fn send_marker(&self, chunk: ChunkId, error: String) {
+        let span = self.index.chunks[chunk.index()];
         let ids = self.chunk_ids(chunk);
         let head = ResultHead {
             run: self.index.run_id.clone(),
             job: self.fingerprint.clone(),
-            chunk: u64::from(chunk),
+            chunk,
             lease: uuid::Uuid::new_v4(),
             attempt: 0,
             mapper: protocol::truncate_to(
@@ -1150,12 +1145,12 @@ impl Server {
         let mut silent = HashSet::new();
         for (chunk, lease) in self.ledger.expire(now) {
             tracing::warn!(
-                chunk,
+                chunk = chunk.0,
                 "lease of chunk {chunk} (attempt {}) held by {} expired; it will be handed out again",
                 lease.attempt,
                 escaped(&lease.mapper)
             );
-            let (deaths, objects) = (self.ledger.deaths(chunk), self.index.chunks[chunk as usize].objects);
+            let (deaths, objects) = (self.ledger.deaths(chunk), self.index.chunks[chunk.index()].objects);
             let verdict = self.suspects.expired(chunk, lease.id, deaths, objects);
             self.act_on(chunk, verdict).await;
             silent.insert(lease.mapper);

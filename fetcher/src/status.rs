@@ -58,7 +58,7 @@ pub const DEAD_LETTERS_SHOWN: usize = 20;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeadLetterStatus {
     /// The chunk.
-    pub chunk: u64,
+    pub chunk: common::protocol::ChunkId,
     /// The input line of its first object (1-based).
     pub first_line: u64,
     /// Its objects.

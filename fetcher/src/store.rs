@@ -8,6 +8,7 @@
 //! Dead-lettered chunks and skipped input records are also listed, for people, in
 //! `<run>.dead-letter.jsonl`.
 
+use common::protocol::ChunkId;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -16,9 +17,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     /// The chunk is saved.
-    Done(u32),
+    Done(ChunkId),
     /// The chunk is dead-lettered.
-    Dead(u32),
+    Dead(ChunkId),
     /// The run saves into the sink with this identity (recorded with its first ack).
     Sink(String),
 }
@@ -100,7 +101,7 @@ impl Recovered {
 
     /// Distinct chunks done or dead-lettered.
     pub fn finished(&self) -> u64 {
-        let all: std::collections::HashSet<u32> = self.done.iter().chain(&self.dead).copied().collect();
+        let all: std::collections::HashSet<ChunkId> = self.done.iter().chain(&self.dead).copied().collect();
         all.len() as u64
     }
 }
@@ -109,9 +110,9 @@ impl Recovered {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovered {
     /// Chunks done.
-    pub done: Vec<u32>,
+    pub done: Vec<ChunkId>,
     /// Chunks dead-lettered.
-    pub dead: Vec<u32>,
+    pub dead: Vec<ChunkId>,
     /// The run's sink, once its first ack was recorded.
     pub sink: Option<String>,
 }
@@ -639,7 +640,9 @@ mod tests {
         {
             let (mut store, _, _) = FileStore::open(dir.path(), &record("1111111111111111", "same")).expect("open");
             store.record_run(&record("1111111111111111", "same")).expect("record run");
-            store.record(&[Entry::Sink("sink-a".into()), Entry::Done(0), Entry::Done(1)]).expect("record");
+            store
+                .record(&[Entry::Sink("sink-a".into()), Entry::Done(ChunkId(0)), Entry::Done(ChunkId(1))])
+                .expect("record");
         }
         let (store, recovered, others) =
             FileStore::open(dir.path(), &record("2222222222222222", "same")).expect("open");
@@ -674,19 +677,22 @@ mod tests {
             let (mut store, recovered, others) =
                 FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("open");
             assert_eq!((recovered, others), (Recovered::default(), vec![]));
-            store.record(&[Entry::Done(3), Entry::Done(5), Entry::Dead(7)]).expect("record");
+            store.record(&[Entry::Done(ChunkId(3)), Entry::Done(ChunkId(5)), Entry::Dead(ChunkId(7))]).expect("record");
         }
         let mut log = OpenOptions::new().append(true).open(dir.path().join("0123456789abcdef.ledger")).expect("log");
         log.write_all(b"d 9").expect("torn write");
         {
             let (mut store, recovered, _) =
                 FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("reopen");
-            assert_eq!(recovered, Recovered { done: vec![3, 5], dead: vec![7], sink: None });
+            assert_eq!(recovered, Recovered { done: vec![ChunkId(3), ChunkId(5)], dead: vec![ChunkId(7)], sink: None });
             // Appended after the torn entry, not glued onto it.
-            store.record(&[Entry::Done(11)]).expect("record");
+            store.record(&[Entry::Done(ChunkId(11))]).expect("record");
         }
         let (_store, recovered, _) = FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("reopen");
-        assert_eq!(recovered, Recovered { done: vec![3, 5, 11], dead: vec![7], sink: None });
+        assert_eq!(
+            recovered,
+            Recovered { done: vec![ChunkId(3), ChunkId(5), ChunkId(11)], dead: vec![ChunkId(7)], sink: None }
+        );
     }
 
     #[test]

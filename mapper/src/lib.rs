@@ -478,7 +478,7 @@ async fn take_chunks(
 /// Hands a chunk this mapper cannot use back as failed, so that it counts towards the
 /// fetcher's --max-attempts instead of waiting for its lease to expire.
 async fn give_back_failed(shared: &Arc<Shared>, lease: LeaseRef, error: String) {
-    tracing::error!(chunk = lease.chunk, "{error}; handing it back as failed");
+    tracing::error!(chunk = lease.chunk.0, "{error}; handing it back as failed");
     shared.metrics.failures.with_label_values(&["chunk"]).inc();
     shared.given_back.fetch_add(1, Ordering::Relaxed);
     release(shared, lease, ReleaseReason::Failed, error).await;
@@ -532,7 +532,7 @@ async fn transformer(
             work::Transformed::GiveBack(reason, error, permit) => {
                 if reason == ReleaseReason::Failed {
                     shared.metrics.failures.with_label_values(&["chunk"]).inc();
-                    tracing::error!(chunk = lease.chunk, "chunk {} failed: {}", lease.chunk, escaped(&error));
+                    tracing::error!(chunk = lease.chunk.0, "chunk {} failed: {}", lease.chunk, escaped(&error));
                 }
                 give_back(&shared, lease, reason, error).await;
                 drop(permit);
@@ -561,7 +561,7 @@ async fn finish(shared: &Arc<Shared>, lease: LeaseRef, objects: u64, outcome: De
         Delivery::GiveBack(reason, error) => {
             if reason == ReleaseReason::Failed {
                 shared.metrics.failures.with_label_values(&["chunk"]).inc();
-                tracing::error!(chunk = lease.chunk, "chunk {} failed: {}", lease.chunk, escaped(&error));
+                tracing::error!(chunk = lease.chunk.0, "chunk {} failed: {}", lease.chunk, escaped(&error));
             }
             give_back(shared, lease, reason, error).await;
         }
@@ -571,7 +571,7 @@ async fn finish(shared: &Arc<Shared>, lease: LeaseRef, objects: u64, outcome: De
 fn lost(shared: &Arc<Shared>, lease: LeaseRef) {
     shared.drop_lease(&lease);
     shared.given_back.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(chunk = lease.chunk, "lease of chunk {} is no longer ours; dropping its result", lease.chunk);
+    tracing::info!(chunk = lease.chunk.0, "lease of chunk {} is no longer ours; dropping its result", lease.chunk);
 }
 
 async fn give_back(shared: &Arc<Shared>, lease: LeaseRef, reason: ReleaseReason, error: String) {
@@ -629,7 +629,7 @@ async fn deliver(shared: &Arc<Shared>, lease: LeaseRef, body: Bytes) -> Delivery
             Err(e) => format!("sending the result failed: {e}"),
         };
         if backoff.first_failure() {
-            tracing::warn!(chunk = lease.chunk, "chunk {}: {problem}; retrying", lease.chunk);
+            tracing::warn!(chunk = lease.chunk.0, "chunk {}: {problem}; retrying", lease.chunk);
         }
         if !backoff.wait(&shared.hard_stop).await {
             return Delivery::GiveBack(ReleaseReason::Shutdown, "shutting down".into());
@@ -648,7 +648,7 @@ async fn release(shared: &Arc<Shared>, lease: LeaseRef, reason: ReleaseReason, e
     let request = async_nats::Request::new().payload(body).timeout(Some(Duration::from_secs(2)));
     if let Err(e) = shared.client.send_request(shared.subjects.release.clone(), request).await {
         tracing::warn!(
-            chunk = lease.chunk,
+            chunk = lease.chunk.0,
             "could not hand chunk {} back ({e}); its lease will expire instead",
             lease.chunk
         );

@@ -82,7 +82,7 @@ pub(crate) async fn transform_chunk(shared: &Arc<Shared>, in_hand: InHand) -> Tr
             if mapped.dead > 0 {
                 shared.metrics.failures.with_label_values(&["object"]).inc_by(mapped.dead);
                 tracing::warn!(
-                    chunk,
+                    chunk = chunk.0,
                     "chunk {chunk}: {} objects could not be transformed; they go to the dead-letter record",
                     mapped.dead
                 );
@@ -210,7 +210,7 @@ mod tests {
 
     fn head() -> ChunkHead {
         ChunkHead {
-            chunk: 3,
+            chunk: common::protocol::ChunkId(3),
             lease: Uuid::from_u128(9),
             attempt: 1,
             first_line: 301,
@@ -224,7 +224,7 @@ mod tests {
         ResultHead {
             run: "0123456789abcdef".into(),
             job: "00000000000000aa".into(),
-            chunk: 3,
+            chunk: common::protocol::ChunkId(3),
             lease: Uuid::from_u128(9),
             attempt: 1,
             mapper: "m1".into(),

@@ -86,7 +86,7 @@ mod tests {
         let head = ResultHead {
             run: "0123456789abcdef".into(),
             job: "00000000000000aa".into(),
-            chunk: 1,
+            chunk: common::protocol::ChunkId(1),
             lease: Uuid::nil(),
             attempt: 1,
             mapper: "m".into(),

@@ -279,7 +279,7 @@ async fn save(shared: &Shared, result: Arc<Decoded>) -> Result<(SaveOutcome, u64
         SaveOutcome::Saved | SaveOutcome::SavedRefusing(_) => {
             if let SaveOutcome::SavedRefusing(refused) = saved {
                 tracing::warn!(
-                    chunk = result.head.chunk,
+                    chunk = result.head.chunk.0,
                     "chunk {} of run {}: the sink refused {refused} object(s); they are dead-lettered with its reason",
                     result.head.chunk,
                     result.head.run
@@ -322,7 +322,7 @@ async fn ack(shared: &Shared, result: &Decoded, _saved: SaveOutcome, dead: u64) 
             let error = format!(
                 "the fetcher does not accept chunk {chunk} of run {run} (another run, or a wrong object count)"
             );
-            tracing::warn!(chunk, "{error}");
+            tracing::warn!(chunk = chunk.0, "{error}");
             Outcome::Rejected(error)
         }
         Some(AckVerdict::WrongSink) => {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::input::{scan_source, ChunkReader, ChunkSpan, InputError, ScanOptions};
-use common::protocol::{Cause, DeadObject};
+use common::protocol::{Cause, ChunkId, DeadObject};
 use futures::StreamExt;
 use rayon::prelude::*;
 use transform::{Job, ObjectError, Outputs, Registry, Transform};
@@ -508,14 +508,16 @@ pub fn verify(
     };
     let chunks = input.index.chunks.len();
     let read_chunk = |chunk: u64| -> Result<Option<Saved>, VerifyError> {
-        let path = run_dir.join(chunk_file_name(chunk));
+        // The index numbers chunks with u32 (ChunkId), so every index below its length fits.
+        let id = ChunkId(chunk as u32);
+        let path = run_dir.join(chunk_file_name(id));
         let text = match fs::read(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(VerifyError::Sink { path, source }),
         };
         let lines: Vec<Vec<u8>> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
-        let dead_path = run_dir.join(dead_file_name(chunk));
+        let dead_path = run_dir.join(dead_file_name(id));
         let dead = match fs::read_to_string(&dead_path) {
             Ok(text) => text
                 .lines()
@@ -771,7 +773,7 @@ mod tests {
         let dir = run_dir(out.path(), &file, &expectation);
         for c in 0..3u32 {
             let records: String = (c * 10..c * 10 + 10).map(|i| record(i) + "\n").collect();
-            fs::write(dir.join(chunk_file_name(u64::from(c))), records).expect("chunk");
+            fs::write(dir.join(chunk_file_name(ChunkId(c))), records).expect("chunk");
         }
         let index = scan_input(file.path(), 10, &expectation).expect("scan");
         // Rewrite one record of chunk 1 in place, after the scan: that chunk can no longer be read.
@@ -801,22 +803,22 @@ mod tests {
             )
         };
         // Chunk 0: a forged result listing every object as dead without its id (saved empty).
-        fs::write(dir.join(chunk_file_name(0)), "").expect("chunk 0");
+        fs::write(dir.join(chunk_file_name(ChunkId(0))), "").expect("chunk 0");
         let forged: String = (0..10).map(|i| dead(i, None, "crash") + "\n").collect();
-        fs::write(dir.join(dead_file_name(0)), forged).expect("dead 0");
+        fs::write(dir.join(dead_file_name(ChunkId(0))), forged).expect("dead 0");
         // Chunk 1: object 3 honestly dead-lettered (a crash); a repeat, an index past the chunk and
         // another chunk's id do not count.
         let records: String = (10..20).filter(|i| *i != 13).map(|i| record(i) + "\n").collect();
-        fs::write(dir.join(chunk_file_name(1)), records).expect("chunk 1");
+        fs::write(dir.join(chunk_file_name(ChunkId(1))), records).expect("chunk 1");
         let entries = [
             dead(3, Some(id(13)), "crash"),
             dead(3, Some(id(13)), "crash"),
             dead(10, Some(id(13)), "crash"),
             dead(4, Some(id(2)), "crash"),
         ];
-        fs::write(dir.join(dead_file_name(1)), entries.join("\n") + "\n").expect("dead 1");
+        fs::write(dir.join(dead_file_name(ChunkId(1))), entries.join("\n") + "\n").expect("dead 1");
         // Chunk 2: only a dead file (a crash between the two writes): the chunk is not saved.
-        fs::write(dir.join(dead_file_name(2)), dead(0, Some(id(20)), "crash") + "\n").expect("dead 2");
+        fs::write(dir.join(dead_file_name(ChunkId(2))), dead(0, Some(id(20)), "crash") + "\n").expect("dead 2");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert_eq!(report.expected, 30, "{report}");
         assert_eq!((report.found, report.dead_lettered), (9, 1), "{report}");
@@ -834,9 +836,9 @@ mod tests {
         let expectation = digest();
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
-        fs::write(dir.join(chunk_file_name(0)), "").expect("chunk");
+        fs::write(dir.join(chunk_file_name(ChunkId(0))), "").expect("chunk");
         let entry = r#"{"index":0,"id":"URN:UUID:00000000-0000-4000-8000-000000000001","cause":"transform","error":"not a UUID"}"#;
-        fs::write(dir.join(dead_file_name(0)), format!("{entry}\n")).expect("dead");
+        fs::write(dir.join(dead_file_name(ChunkId(0))), format!("{entry}\n")).expect("dead");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert_eq!((report.wrong, report.dead_lettered), (1, 0), "{report}");
         assert!(report.to_string().contains("but the transform maps it"), "{report}");
@@ -854,8 +856,8 @@ mod tests {
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
         let chunk0: String = (0..11).filter(|i| *i != 5).map(|i| record(i) + "\n").collect();
-        fs::write(dir.join(chunk_file_name(0)), chunk0).expect("chunk 0");
-        fs::write(dir.join(chunk_file_name(1)), record(11) + "\n").expect("chunk 1");
+        fs::write(dir.join(chunk_file_name(ChunkId(0))), chunk0).expect("chunk 0");
+        fs::write(dir.join(chunk_file_name(ChunkId(1))), record(11) + "\n").expect("chunk 1");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert!(report.ok(), "{report}");
         assert_eq!((report.expected, report.found, report.bad_input), (11, 11, 1), "{report}");
@@ -878,13 +880,14 @@ mod tests {
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
         // The 0, 2 and 1 values of the three objects, in order; then with two values swapped.
-        fs::write(dir.join(chunk_file_name(0)), "{\"i\":0}\n{\"i\": 1}\n{\"i\":0}\n").expect("chunk");
+        fs::write(dir.join(chunk_file_name(ChunkId(0))), "{\"i\":0}\n{\"i\": 1}\n{\"i\":0}\n").expect("chunk");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert!(report.ok() && report.found == 3 && report.compared, "{report}");
-        fs::write(dir.join(chunk_file_name(0)), "{\"i\":1}\n{\"i\":0}\n{\"i\":0}\n").expect("chunk");
+        fs::write(dir.join(chunk_file_name(ChunkId(0))), "{\"i\":1}\n{\"i\":0}\n{\"i\":0}\n").expect("chunk");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert_eq!(report.wrong, 1, "{report}");
-        fs::write(dir.join(chunk_file_name(0)), "{\"i\":0}\n{\"i\":1}\n{\"i\":0}\n{\"i\":9}\n").expect("chunk");
+        fs::write(dir.join(chunk_file_name(ChunkId(0))), "{\"i\":0}\n{\"i\":1}\n{\"i\":0}\n{\"i\":9}\n")
+            .expect("chunk");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert_eq!(report.unexpected, 1, "{report}");
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{SaveOutcome, SinkError};
 use crate::decoded::Decoded;
+use common::protocol::ChunkId;
 
 /// The file holding a sink directory's identity.
 pub const SINK_ID_FILE: &str = ".chunkmill-sink-id";
@@ -29,12 +30,12 @@ pub struct FileSink {
 }
 
 /// The final name of a chunk's file.
-pub fn chunk_file_name(chunk: u64) -> String {
+pub fn chunk_file_name(chunk: ChunkId) -> String {
     format!("chunk-{chunk:08}.jsonl")
 }
 
 /// The final name of a chunk's dead-letter file.
-pub fn dead_file_name(chunk: u64) -> String {
+pub fn dead_file_name(chunk: ChunkId) -> String {
     format!("chunk-{chunk:08}.dead.jsonl")
 }
 
@@ -281,7 +282,7 @@ mod tests {
         let head = ResultHead {
             run: "0123456789abcdef".into(),
             job: "00000000000000aa".into(),
-            chunk,
+            chunk: ChunkId(chunk as u32),
             lease: uuid::Uuid::nil(),
             attempt: 1,
             mapper: "m".into(),
@@ -322,7 +323,7 @@ mod tests {
             vec![SaveOutcome::Saved, SaveOutcome::Duplicate, SaveOutcome::Saved, SaveOutcome::Duplicate]
         );
         let run = dir.path().join("0123456789abcdef");
-        assert_eq!(fs::read_to_string(run.join(chunk_file_name(3))).expect("chunk 3").lines().count(), 2);
+        assert_eq!(fs::read_to_string(run.join(chunk_file_name(ChunkId(3)))).expect("chunk 3").lines().count(), 2);
         assert_eq!(fs::read_dir(&run).expect("list").count(), 3, "three chunk files, no temporary file");
     }
 
@@ -331,7 +332,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let sink = FileSink::open(dir.path()).expect("open");
         sink.save(&result(1, 2, &[1])).expect("save");
-        let dead = fs::read_to_string(dir.path().join("0123456789abcdef").join(dead_file_name(1))).expect("dead file");
+        let dead = fs::read_to_string(dir.path().join("0123456789abcdef").join(dead_file_name(ChunkId(1))))
+            .expect("dead file");
         let entry: DeadObject = serde_json::from_str(dead.trim()).expect("a dead object");
         assert_eq!((entry.index, entry.cause, entry.line), (1, Cause::Transform, Some(9)));
     }

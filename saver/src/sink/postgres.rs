@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use common::backoff::Backoff;
 use common::config::Secret;
-use common::protocol::{Cause, DeadObject};
+use common::protocol::{Cause, ChunkId, DeadObject};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
@@ -571,7 +571,7 @@ impl PgSink {
 
     /// [`PgSink::write`], retried after deadlocks and serialisation failures, and redone with
     /// INSERT when COPY meets an id that is already saved.
-    async fn write_retrying(&self, batch: &[&Decoded]) -> Result<HashSet<(String, u64)>, Failure> {
+    async fn write_retrying(&self, batch: &[&Decoded]) -> Result<HashSet<(String, ChunkId)>, Failure> {
         let mut attempt = 0;
         let mut copy = true;
         loop {
@@ -604,7 +604,7 @@ impl PgSink {
         let dead_at: HashSet<u32> = result.dead.iter().map(|d| d.index).collect();
         let mut refused = Vec::new();
         let mut written = 0i32;
-        let (run, chunk) = (&result.head.run, result.head.chunk as i64);
+        let (run, chunk) = (&result.head.run, i64::from(result.head.chunk.0));
         for index in (0..result.objects()).filter(|i| !dead_at.contains(&(*i as u32))) {
             let savepoint = tx.savepoint("object").await.map_err(|e| Failure::new("set a savepoint", &e))?;
             let id = result.id_of(index).map(pg_text);
@@ -627,7 +627,7 @@ impl PgSink {
                 Some(failure) if failure.refuses_value() => {
                     savepoint.rollback().await.map_err(|e| Failure::new("roll back a savepoint", &e))?;
                     tracing::warn!(
-                        chunk = result.head.chunk,
+                        chunk = result.head.chunk.0,
                         "chunk {} of run {run}: PostgreSQL cannot store object {index}: {}; dead-lettering it",
                         result.head.chunk,
                         failure.detail
@@ -657,10 +657,10 @@ impl PgSink {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         batch: &[&Decoded],
-    ) -> Result<HashSet<(String, u64)>, Failure> {
+    ) -> Result<HashSet<(String, ChunkId)>, Failure> {
         let claim = tx.prepare_cached(CLAIM).await.map_err(|e| Failure::new("prepare the chunk claim", &e))?;
         let runs: Vec<&str> = batch.iter().map(|r| r.head.run.as_str()).collect();
-        let chunks: Vec<i64> = batch.iter().map(|r| r.head.chunk as i64).collect();
+        let chunks: Vec<i64> = batch.iter().map(|r| i64::from(r.head.chunk.0)).collect();
         let objects: Vec<i32> = batch.iter().map(|r| r.objects() as i32).collect();
         let dead: Vec<i32> = batch.iter().map(|r| r.dead.len() as i32).collect();
         let outputs: Vec<i32> = batch.iter().map(|r| r.value_count() as i32).collect();
@@ -677,7 +677,10 @@ impl PgSink {
         for row in &rows {
             let run: String = row.try_get(0).map_err(|e| Failure::new("read a claimed chunk", &e))?;
             let chunk: i64 = row.try_get(1).map_err(|e| Failure::new("read a claimed chunk", &e))?;
-            claimed.insert((run, chunk as u64));
+            // The claim returns the indexes this batch inserted, each from a ChunkId.
+            if let Ok(chunk) = u32::try_from(chunk) {
+                claimed.insert((run, ChunkId(chunk)));
+            }
         }
         Ok(claimed)
     }
@@ -687,7 +690,7 @@ impl PgSink {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         run: &str,
-        chunk: u64,
+        chunk: ChunkId,
         dead: &[DeadObject],
     ) -> Result<(), Failure> {
         if dead.is_empty() {
@@ -695,7 +698,7 @@ impl PgSink {
         }
         let insert = tx.prepare_cached(DEAD).await.map_err(|e| Failure::new("prepare the dead-letter insert", &e))?;
         let runs = vec![run; dead.len()];
-        let chunks = vec![chunk as i64; dead.len()];
+        let chunks = vec![i64::from(chunk.0); dead.len()];
         let indexes: Vec<i32> = dead.iter().map(|d| d.index as i32).collect();
         let ids: Vec<Option<std::borrow::Cow<'_, str>>> = dead.iter().map(|d| d.id.as_deref().map(pg_text)).collect();
         let errors: Vec<std::borrow::Cow<'_, str>> = dead.iter().map(|d| pg_text(&d.error)).collect();
@@ -709,7 +712,7 @@ impl PgSink {
 
     /// One transaction: claim the chunks, write the claimed ones' outputs and dead objects,
     /// commit. Returns the claimed chunks.
-    async fn write(&self, batch: &[&Decoded], copy: bool) -> Result<HashSet<(String, u64)>, Failure> {
+    async fn write(&self, batch: &[&Decoded], copy: bool) -> Result<HashSet<(String, ChunkId)>, Failure> {
         if batch.is_empty() {
             return Ok(HashSet::new());
         }
@@ -729,7 +732,7 @@ impl PgSink {
             let types = [Type::TEXT, Type::INT8, Type::INT4, Type::INT4, Type::TEXT, Type::JSONB];
             let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
             for result in &mine {
-                let chunk = result.head.chunk as i64;
+                let chunk = i64::from(result.head.chunk.0);
                 for (index, out, value) in result.values() {
                     let (idx, out) = (index as i32, out as i32);
                     let id = result.id_of(index).map(pg_text);
@@ -751,7 +754,7 @@ impl PgSink {
             for result in &mine {
                 for (index, out, value) in result.values() {
                     runs.push(result.head.run.as_str());
-                    chunks.push(result.head.chunk as i64);
+                    chunks.push(i64::from(result.head.chunk.0));
                     idxs.push(index as i32);
                     outs.push(out as i32);
                     ids.push(result.id_of(index).map(pg_text));
@@ -785,7 +788,7 @@ fn cause_name(cause: Cause) -> String {
 }
 
 /// Saved or duplicate, for a chunk of a committed batch.
-fn claimed_outcome(claimed: &HashSet<(String, u64)>, result: &Decoded) -> SaveOutcome {
+fn claimed_outcome(claimed: &HashSet<(String, ChunkId)>, result: &Decoded) -> SaveOutcome {
     if claimed.contains(&(result.head.run.clone(), result.head.chunk)) {
         SaveOutcome::Saved
     } else {
@@ -796,8 +799,7 @@ fn claimed_outcome(claimed: &HashSet<(String, u64)>, result: &Decoded) -> SaveOu
 /// Checks that a result fits the schema's integer columns (it has passed `validate`).
 fn representable(result: &Decoded) -> Result<(), String> {
     let fits_i32 = |n: u64| i32::try_from(n).is_ok();
-    if i64::try_from(result.head.chunk).is_err()
-        || !fits_i32(result.objects() as u64)
+    if !fits_i32(result.objects() as u64)
         || !fits_i32(result.value_count() as u64)
         || !fits_i32(u64::from(result.head.attempt))
     {
