@@ -392,7 +392,31 @@ fn verdict(record: &[u8], options: &ScanOptions<'_>, dup_check: bool) -> Verdict
     Ok(if dup_check { options.id.and_then(|id| id(record)).map(|id| id_hash(&id)) } else { None })
 }
 
-impl ChunkBuilder<'_> {
+impl<'a> ChunkBuilder<'a> {
+    fn new(
+        chunk_size: u32,
+        objects: usize,
+        dups: crate::dups::DupCheck,
+        known: Option<&'a crate::dups::Known>,
+        options: ScanOptions<'a>,
+    ) -> Self {
+        ChunkBuilder {
+            chunk_size,
+            object: 0,
+            base: 0,
+            chunks: Vec::new(),
+            current: None,
+            objects: 0,
+            lines_before: 0,
+            last_line: 0,
+            begun: Vec::with_capacity(objects),
+            many: objects > 1,
+            dups,
+            known,
+            options,
+        }
+    }
+
     /// Whether ids are checked for duplicates in this pass.
     fn dup_check(&self) -> bool {
         self.options.id.is_some() && self.known.is_none()
@@ -532,69 +556,24 @@ fn scan_pass(
     }
     let budget = if options.dup_memory == 0 { DEFAULT_DUP_MEMORY } else { options.dup_memory };
     let spill_dir = options.spill_dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
-    let mut builder = ChunkBuilder {
-        chunk_size,
-        object: 0,
-        base: 0,
-        chunks: Vec::new(),
-        current: None,
-        objects: 0,
-        lines_before: 0,
-        last_line: 0,
-        begun: Vec::with_capacity(source.count()),
-        many: source.count() > 1,
-        dups: crate::dups::DupCheck::new(budget, &spill_dir),
-        known,
-        options: *options,
-    };
+    let dups = crate::dups::DupCheck::new(budget, &spill_dir);
+    let mut builder = ChunkBuilder::new(chunk_size, source.count(), dups, known, *options);
     let mut bad = Vec::new();
     let mut parts = Vec::with_capacity(source.count());
-    let single = source.is_single_file() && source.count() == 1;
-    let mut single_content = None;
-    let mut input_hasher = Sha256::new();
-    input_hasher.update(b"chunkmill input v2\n");
-    input_hasher.update((source.count() as u64).to_le_bytes());
+    let mut content = ContentHash::new(source.as_ref());
     for object in 0..source.count() {
-        let name = source.name(object);
-        let path = PathBuf::from(&name);
-        builder.begin_object(&name);
-        let reader = source.open(object).map_err(InputError::Read)?;
-        let mut reader = BufReader::with_capacity(1 << 20, reader);
-        let head = reader.fill_buf().map_err(|e| io_failure(&path, e))?;
-        let bom = head.starts_with(BOM);
-        let first = head.iter().skip(if bom { BOM.len() } else { 0 }).find(|b| !is_ws(**b)).copied();
-        let format = match first {
-            Some(b'[') => InputFormat::JsonArray,
-            _ => InputFormat::JsonLines,
-        };
-        let mut hasher = Sha256::new();
-        let len = match format {
-            InputFormat::JsonLines => scan_lines(&path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
-            InputFormat::JsonArray => scan_array(&path, reader, bom, &mut builder, &mut bad, &mut hasher)?,
-        };
-        builder.end_object(len);
-        let digest: [u8; 32] = hasher.finalize().into();
-        if single {
-            single_content = Some(digest);
-        } else {
-            let identity = source.identity(object);
-            put_field(&mut input_hasher, identity.key.as_bytes());
-            input_hasher.update(identity.size.to_le_bytes());
-            put_field(&mut input_hasher, identity.version.as_deref().unwrap_or("").as_bytes());
-            input_hasher.update(len.to_le_bytes());
-            input_hasher.update(digest);
-        }
-        parts.push(ScannedObject { name, format, bom, len });
+        let (part, digest) = scan_object(source.as_ref(), object, &mut builder, &mut bad)?;
+        content.add(source.as_ref(), object, part.len, digest);
+        parts.push(part);
     }
     let (chunks, objects, late) = builder.finish()?;
     if objects == 0 && bad.is_empty() {
         return Err(InputError::Empty(PathBuf::from(input)));
     }
-    // A single file: its bytes' SHA-256, as before inputs could be many objects (its runs resume).
-    let content_hash: [u8; 32] = single_content.unwrap_or_else(|| input_hasher.finalize().into());
+    let single = content.single;
+    let content_hash = content.finish();
     let run = if single {
-        let skipped: Vec<u64> = bad.iter().map(|b| b.offset).collect();
-        run_id(&content_hash, chunk_size, options.job, &skipped)
+        run_id(&content_hash, chunk_size, options.job, &bad.iter().map(|b| b.offset).collect::<Vec<_>>())
     } else {
         let skipped: Vec<(u32, u64)> = bad.iter().map(|b| (b.object, b.offset)).collect();
         run_id_of_objects(&content_hash, chunk_size, options.job, &skipped)
@@ -613,6 +592,70 @@ fn scan_pass(
         source: Arc::clone(source),
     };
     Ok((index, late))
+}
+
+/// Scans object `object` of `source` (its format detected from its first byte) into `builder`
+/// and `bad`: what the index keeps of it, and its bytes' SHA-256.
+fn scan_object(
+    source: &dyn ObjectSource,
+    object: usize,
+    builder: &mut ChunkBuilder<'_>,
+    bad: &mut Vec<BadRecord>,
+) -> Result<(ScannedObject, [u8; 32]), InputError> {
+    let name = source.name(object);
+    let path = PathBuf::from(&name);
+    builder.begin_object(&name);
+    let reader = source.open(object).map_err(InputError::Read)?;
+    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let head = reader.fill_buf().map_err(|e| io_failure(&path, e))?;
+    let bom = head.starts_with(BOM);
+    let first = head.iter().skip(if bom { BOM.len() } else { 0 }).find(|b| !is_ws(**b)).copied();
+    let format = match first {
+        Some(b'[') => InputFormat::JsonArray,
+        _ => InputFormat::JsonLines,
+    };
+    let mut hasher = Sha256::new();
+    let len = match format {
+        InputFormat::JsonLines => scan_lines(&path, reader, bom, builder, bad, &mut hasher)?,
+        InputFormat::JsonArray => scan_array(&path, reader, bom, builder, bad, &mut hasher)?,
+    };
+    builder.end_object(len);
+    Ok((ScannedObject { name, format, bom, len }, hasher.finalize().into()))
+}
+
+/// The input's content identity, built object by object. A single file: its bytes' SHA-256,
+/// as before inputs could be many objects (so its runs resume). Several objects: a hash of each
+/// one's key, size, version, length and content.
+struct ContentHash {
+    single: bool,
+    single_content: Option<[u8; 32]>,
+    hasher: Sha256,
+}
+
+impl ContentHash {
+    fn new(source: &dyn ObjectSource) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"chunkmill input v2\n");
+        hasher.update((source.count() as u64).to_le_bytes());
+        ContentHash { single: source.is_single_file() && source.count() == 1, single_content: None, hasher }
+    }
+
+    fn add(&mut self, source: &dyn ObjectSource, object: usize, len: u64, digest: [u8; 32]) {
+        if self.single {
+            self.single_content = Some(digest);
+            return;
+        }
+        let identity = source.identity(object);
+        put_field(&mut self.hasher, identity.key.as_bytes());
+        self.hasher.update(identity.size.to_le_bytes());
+        put_field(&mut self.hasher, identity.version.as_deref().unwrap_or("").as_bytes());
+        self.hasher.update(len.to_le_bytes());
+        self.hasher.update(digest);
+    }
+
+    fn finish(self) -> [u8; 32] {
+        self.single_content.unwrap_or_else(|| self.hasher.finalize().into())
+    }
 }
 
 /// Bytes of JSON Lines read, hashed and validated as one block: large enough that the block's
@@ -657,7 +700,6 @@ fn scan_lines(
     bad: &mut Vec<BadRecord>,
     hasher: &mut Sha256,
 ) -> Result<u64, InputError> {
-    use rayon::prelude::*;
     let mut buf: Vec<u8> = Vec::with_capacity(BLOCK);
     let mut base = 0u64;
     let mut number = 0u64;
@@ -665,18 +707,7 @@ fn scan_lines(
     let mut eof = false;
     let dup_check = builder.dup_check();
     loop {
-        while buf.len() < want && !eof {
-            let old = buf.len();
-            buf.resize(want, 0);
-            match reader.read(&mut buf[old..]) {
-                Ok(n) => {
-                    buf.truncate(old + n);
-                    eof = n == 0;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(old),
-                Err(source) => return Err(io_failure(path, source)),
-            }
-        }
+        eof = fill(&mut reader, &mut buf, want, eof).map_err(|source| io_failure(path, source))?;
         if buf.is_empty() {
             return Ok(base);
         }
@@ -694,21 +725,8 @@ fn scan_lines(
         let block = &buf[..cut];
         let skip = if base == 0 && bom { BOM.len() } else { 0 };
         let options = builder.options;
-        let ((), (lines, verdicts)) = rayon::join(
-            || hasher.update(block),
-            || {
-                let lines = lines_of(block, skip);
-                let verdicts: Vec<Option<Verdict>> = lines
-                    .par_iter()
-                    .with_min_len(256)
-                    .map(|line| {
-                        let record = &block[line.record.clone()];
-                        (!record.is_empty()).then(|| verdict(record, &options, dup_check))
-                    })
-                    .collect();
-                (lines, verdicts)
-            },
-        );
+        let ((), (lines, verdicts)) =
+            rayon::join(|| hasher.update(block), || block_verdicts(block, skip, &options, dup_check));
         for (line, verdict) in lines.iter().zip(verdicts) {
             number += 1;
             let Some(verdict) = verdict else { continue };
@@ -726,6 +744,48 @@ fn scan_lines(
         buf.drain(..cut);
         base += cut as u64;
     }
+}
+
+/// Reads from `reader` until `buf` holds `want` bytes or the end is reached: whether it was
+/// (`eof` already true reads nothing).
+fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, want: usize, mut eof: bool) -> io::Result<bool> {
+    while buf.len() < want && !eof {
+        let old = buf.len();
+        buf.resize(want, 0);
+        match reader.read(&mut buf[old..]) {
+            Ok(n) => {
+                buf.truncate(old + n);
+                eof = n == 0;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(old),
+            Err(e) => {
+                buf.truncate(old);
+                return Err(e);
+            }
+        }
+    }
+    Ok(eof)
+}
+
+/// A block's lines, and the verdict on each one's record (none for a blank line), checked on
+/// all cores.
+fn block_verdicts(
+    block: &[u8],
+    skip: usize,
+    options: &ScanOptions<'_>,
+    dup_check: bool,
+) -> (Vec<Line>, Vec<Option<Verdict>>) {
+    use rayon::prelude::*;
+    let lines = lines_of(block, skip);
+    let verdicts = lines
+        .par_iter()
+        .with_min_len(256)
+        .map(|line| {
+            let record = &block[line.record.clone()];
+            (!record.is_empty()).then(|| verdict(record, options, dup_check))
+        })
+        .collect();
+    (lines, verdicts)
 }
 
 /// Trims whitespace around a line; returns the start of the record within it and the record.
@@ -1077,32 +1137,16 @@ impl ChunkReader {
     /// record's line.
     fn records_into(&self, span: &ChunkSpan, raw: &[u8], out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
         let (path, format) = self.part(span)?;
+        let changed = |message: String| InputError::Syntax { path: path.clone(), line: span.first_line, message };
         if raw.len() as u64 != span.len {
-            return Err(InputError::Syntax {
-                path: path.clone(),
-                line: span.first_line,
-                message: format!("the input changed since it was scanned: {} bytes read of {}", raw.len(), span.len),
-            });
+            return Err(changed(format!(
+                "the input changed since it was scanned: {} bytes read of {}",
+                raw.len(),
+                span.len
+            )));
         }
-        let ranges: Vec<std::ops::Range<usize>> = match format {
-            InputFormat::JsonLines => {
-                let mut ranges = Vec::with_capacity(span.objects as usize);
-                let mut start = 0;
-                for line in raw.split(|b| *b == b'\n') {
-                    let (lead, record) = trim_record(line);
-                    if !record.is_empty() {
-                        ranges.push(start + lead..start + lead + record.len());
-                    }
-                    start += line.len() + 1;
-                }
-                ranges
-            }
-            InputFormat::JsonArray => split_array_elements(raw).map_err(|message| InputError::Syntax {
-                path: path.clone(),
-                line: span.first_line,
-                message: format!("the file changed since it was scanned: {message}"),
-            })?,
-        };
+        let ranges = record_ranges(*format, raw, span.objects as usize)
+            .map_err(|message| changed(format!("the file changed since it was scanned: {message}")))?;
         let mut taken = 0u32;
         let mut lines = Vec::with_capacity(span.objects as usize);
         let (mut line, mut counted) = (span.first_line, 0usize);
@@ -1117,14 +1161,10 @@ impl ChunkReader {
             // The scan checked every byte; a record that is no longer UTF-8 was rewritten since,
             // and must not reach a mapper (it could not decode the chunk at all).
             if let Err(e) = std::str::from_utf8(&raw[range.clone()]) {
-                return Err(InputError::Syntax {
-                    path: path.clone(),
-                    line: span.first_line,
-                    message: format!(
-                        "the file changed since it was scanned: invalid UTF-8 at byte {}",
-                        offset + e.valid_up_to() as u64
-                    ),
-                });
+                return Err(changed(format!(
+                    "the file changed since it was scanned: invalid UTF-8 at byte {}",
+                    offset + e.valid_up_to() as u64
+                )));
             }
             if taken > 0 {
                 out.push(b',');
@@ -1133,16 +1173,32 @@ impl ChunkReader {
             taken += 1;
         }
         if taken != span.objects {
-            return Err(InputError::Syntax {
-                path: path.clone(),
-                line: span.first_line,
-                message: format!(
-                    "the file changed since it was scanned: expected {} records in this chunk, found {taken}",
-                    span.objects
-                ),
-            });
+            return Err(changed(format!(
+                "the file changed since it was scanned: expected {} records in this chunk, found {taken}",
+                span.objects
+            )));
         }
         Ok(lines)
+    }
+}
+
+/// Where the records of a chunk's bytes `raw` are: its non-blank lines (trimmed), or the
+/// elements of a piece of a JSON array.
+fn record_ranges(format: InputFormat, raw: &[u8], expected: usize) -> Result<Vec<std::ops::Range<usize>>, String> {
+    match format {
+        InputFormat::JsonLines => {
+            let mut ranges = Vec::with_capacity(expected);
+            let mut start = 0;
+            for line in raw.split(|b| *b == b'\n') {
+                let (lead, record) = trim_record(line);
+                if !record.is_empty() {
+                    ranges.push(start + lead..start + lead + record.len());
+                }
+                start += line.len() + 1;
+            }
+            Ok(ranges)
+        }
+        InputFormat::JsonArray => split_array_elements(raw),
     }
 }
 

@@ -186,8 +186,27 @@ async fn options(
     name: &str,
     state: &Arc<ConnectionState>,
 ) -> Result<ConnectOptions, ConnectError> {
-    let events = state.clone();
-    let url = endpoint.display.clone();
+    let options = authenticated(args, endpoint).await?;
+    let (state, url) = (state.clone(), endpoint.display.clone());
+    Ok(options
+        .name(name)
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        // async-nats counts the very first attempt as 1: no delay for it (it cost every start
+        // 200 ms), then 100 ms doubling to 2 s.
+        .reconnect_delay_callback(|attempts| match attempts {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_millis((100u64 << (n - 2).min(5)).min(2000)),
+        })
+        .event_callback(move |event| {
+            let (state, url) = (state.clone(), url.clone());
+            async move { on_event(&state, &url, event) }
+        }))
+}
+
+/// Options with the credentials and TLS settings of `args` and `endpoint`: a credentials file,
+/// then the URL's user or token, then the explicit settings, which override them.
+async fn authenticated(args: &NatsArgs, endpoint: &Endpoint) -> Result<ConnectOptions, ConnectError> {
     let mut options = match &args.nats_creds_file {
         Some(path) => ConnectOptions::new().credentials_file(path).await.map_err(|source| ConnectError::File {
             what: "NATS credentials file",
@@ -196,7 +215,6 @@ async fn options(
         })?,
         None => ConnectOptions::new(),
     };
-    // Credentials from the URL first; explicit settings below override them.
     if let Some((user, password)) = &endpoint.user {
         options = options.user_and_password(user.clone(), password.expose().to_string());
     }
@@ -225,46 +243,33 @@ async fn options(
     if let (Some(cert), Some(key)) = (&args.nats_tls_cert_file, &args.nats_tls_key_file) {
         options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
     }
-    Ok(options
-        .name(name)
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        // async-nats counts the very first attempt as 1: no delay for it (it cost every start
-        // 200 ms), then 100 ms doubling to 2 s.
-        .reconnect_delay_callback(|attempts| match attempts {
-            0 | 1 => Duration::ZERO,
-            n => Duration::from_millis((100u64 << (n - 2).min(5)).min(2000)),
-        })
-        .event_callback(move |event| {
-            let state = events.clone();
-            let url = url.clone();
-            async move {
-                match event {
-                    Event::Connected => {
-                        state.connected.store(true, Ordering::Relaxed);
-                        if state.lost.swap(false, Ordering::Relaxed) {
-                            state.reconnects.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!("reconnected to NATS at {url}");
-                        }
-                    }
-                    Event::Disconnected => {
-                        state.connected.store(false, Ordering::Relaxed);
-                        state.lost.store(true, Ordering::Relaxed);
-                        tracing::warn!("disconnected from NATS at {url}; reconnecting, work is kept meanwhile");
-                    }
-                    Event::SlowConsumer(sid) => {
-                        state.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(
-                            "NATS slow consumer on subscription {sid}: messages were dropped; in-flight limits are too high"
-                        );
-                    }
-                    Event::Closed => {
-                        state.connected.store(false, Ordering::Relaxed);
-                    }
-                    other => tracing::warn!("NATS: {other}"),
-                }
+    Ok(options)
+}
+
+/// Keeps `state` and the log in step with the connection to `url`.
+fn on_event(state: &ConnectionState, url: &str, event: Event) {
+    match event {
+        Event::Connected => {
+            state.connected.store(true, Ordering::Relaxed);
+            if state.lost.swap(false, Ordering::Relaxed) {
+                state.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("reconnected to NATS at {url}");
             }
-        }))
+        }
+        Event::Disconnected => {
+            state.connected.store(false, Ordering::Relaxed);
+            state.lost.store(true, Ordering::Relaxed);
+            tracing::warn!("disconnected from NATS at {url}; reconnecting, work is kept meanwhile");
+        }
+        Event::SlowConsumer(sid) => {
+            state.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "NATS slow consumer on subscription {sid}: messages were dropped; in-flight limits are too high"
+            );
+        }
+        Event::Closed => state.connected.store(false, Ordering::Relaxed),
+        other => tracing::warn!("NATS: {other}"),
+    }
 }
 
 fn is_tls_alert(error: &async_nats::ConnectError) -> bool {

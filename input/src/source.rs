@@ -303,35 +303,7 @@ fn list_local(location: &Location) -> Result<Vec<(ObjectInfo, PathBuf)>, SourceE
     let input = location.to_string();
     let paths: Vec<PathBuf> = match location {
         Location::File(path) => vec![path.clone()],
-        Location::Glob(pattern) => {
-            let matches = glob::glob(pattern).map_err(|e| SourceError::Location {
-                input: input.clone(),
-                problem: format!("not a valid glob ({e})"),
-                fix: "a pattern such as 'data/part-*.jsonl' ('*' and '?' within a name, '**' across directories)"
-                    .into(),
-            })?;
-            let mut paths = Vec::new();
-            for entry in matches {
-                let path = entry.map_err(|e| {
-                    let path = e.path().to_path_buf();
-                    io_error(&path, io::Error::from(e))
-                })?;
-                if std::fs::metadata(&path).map_err(|e| io_error(&path, e))?.is_file() {
-                    paths.push(path);
-                }
-            }
-            paths.sort();
-            if paths.is_empty() {
-                return Err(SourceError::NoObjects {
-                    input,
-                    what: "file",
-                    fix: "check the pattern and the working directory, and quote it ('data/part-*.jsonl') so that \
-                          the shell does not expand it"
-                        .into(),
-                });
-            }
-            paths
-        }
+        Location::Glob(pattern) => glob_files(pattern, &input)?,
         _ => unreachable!("list_local is only called on local locations"),
     };
     let mut objects = Vec::with_capacity(paths.len());
@@ -364,6 +336,36 @@ fn list_local(location: &Location) -> Result<Vec<(ObjectInfo, PathBuf)>, SourceE
         objects.push((ObjectInfo::local(canonical.to_string_lossy().into_owned(), key, &meta), canonical));
     }
     Ok(objects)
+}
+
+/// The files (not directories) matching a local glob `pattern`, in path order; at least one.
+fn glob_files(pattern: &str, input: &str) -> Result<Vec<PathBuf>, SourceError> {
+    let matches = glob::glob(pattern).map_err(|e| SourceError::Location {
+        input: input.to_string(),
+        problem: format!("not a valid glob ({e})"),
+        fix: "a pattern such as 'data/part-*.jsonl' ('*' and '?' within a name, '**' across directories)".into(),
+    })?;
+    let mut paths = Vec::new();
+    for entry in matches {
+        let path = entry.map_err(|e| {
+            let path = e.path().to_path_buf();
+            io_error(&path, io::Error::from(e))
+        })?;
+        if std::fs::metadata(&path).map_err(|e| io_error(&path, e))?.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    if paths.is_empty() {
+        return Err(SourceError::NoObjects {
+            input: input.to_string(),
+            what: "file",
+            fix: "check the pattern and the working directory, and quote it ('data/part-*.jsonl') so that \
+                  the shell does not expand it"
+                .into(),
+        });
+    }
+    Ok(paths)
 }
 
 /// The literal directory part of a key pattern, to list under.

@@ -290,92 +290,30 @@ impl CommandTransform {
     }
 
     fn stream(&self, slot: &mut Option<Worker>, inputs: &[&[u8]], results: &mut Vec<Result<Outputs, ObjectError>>) {
-        let name = common::text::escaped(&self.spec.name).to_string();
         // Whether the child in the slot has been given inputs[results.len()..].
         let mut fed = false;
         // Failed tries of the object at results.len().
         let mut failures: u32 = 0;
-        if let Some(worker) = slot.as_mut() {
-            // Between runs a child should be silent; if it died or wrote, it is out of step.
-            let stale = match worker.lines.try_recv() {
-                Ok(_) => Some("it wrote a line no object asked for"),
-                Err(TryRecvError::Disconnected) => Some("it had exited while idle"),
-                Err(TryRecvError::Empty) => None,
-            };
-            if let Some(why) = stale {
-                if let Some(old) = slot.take() {
-                    self.replace(slot, old, why);
-                }
-            }
-        }
+        self.check_idle(slot);
         while results.len() < inputs.len() {
             let k = results.len();
-            if slot.is_none() {
-                match Worker::spawn(&self.spec) {
-                    Ok(worker) => {
-                        tracing::warn!(
-                            "command {name}: started a child again ([{}]) after it could not be",
-                            worker.pid
-                        );
-                        *slot = Some(worker);
-                    }
-                    Err(why) => {
-                        let message = format!("{why} (while restarting it)");
-                        results.resize_with(inputs.len(), || {
-                            Err(ObjectError { cause: Cause::Crash, message: message.clone() })
-                        });
-                        return;
-                    }
-                }
+            if let Err(message) = self.ensure_child(slot) {
+                results
+                    .resize_with(inputs.len(), || Err(ObjectError { cause: Cause::Crash, message: message.clone() }));
+                return;
             }
             let Some(worker) = slot.as_mut() else { continue };
             if !fed {
                 worker.feed(&inputs[k..]);
                 fed = true;
             }
-            let (cause, message, why) = match worker.lines.recv_timeout(self.options.timeout) {
-                Ok(Line::Value(line)) => match common::json::check_value(&line) {
-                    Ok(()) => {
-                        let mut out = Outputs::default();
-                        out.push_json(&line);
-                        results.push(Ok(out));
-                        failures = 0;
-                        continue;
-                    }
-                    Err(e) => {
-                        let text = String::from_utf8_lossy(&line);
-                        let shown = common::text::escaped(text.trim_end_matches('\r'));
-                        (
-                            Cause::Transform,
-                            format!(
-                                "command {name} answered this object with a line that is not JSON ({e}): `{shown}`"
-                            ),
-                            "it answered with a line that is not JSON".to_string(),
-                        )
-                    }
-                },
-                Ok(Line::TooLong) => (
-                    Cause::Transform,
-                    format!("command {name} answered this object with a line longer than {} MiB", MAX_LINE_BYTES >> 20),
-                    "it wrote a line too long to read".to_string(),
-                ),
-                Err(RecvTimeoutError::Timeout) => {
-                    let limit = humantime::format_duration(self.options.timeout);
-                    (
-                        Cause::Timeout,
-                        format!("command {name} took longer than {limit} on this object"),
-                        format!("it took longer than {limit} on an object"),
-                    )
+            let (cause, message, why) = match self.answer(worker) {
+                Ok(out) => {
+                    results.push(Ok(out));
+                    failures = 0;
+                    continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = describe_status(worker.exit_status(EXIT_GRACE));
-                    let note = worker.last_stderr_note();
-                    (
-                        Cause::Crash,
-                        format!("command {name} died on this object ({status}){note}"),
-                        format!("it died on an object ({status})"),
-                    )
-                }
+                Err(failed) => failed,
             };
             failures += 1;
             if failures > self.options.retries {
@@ -386,6 +324,81 @@ impl CommandTransform {
                 self.replace(slot, old, &why);
             }
             fed = false;
+        }
+    }
+
+    /// Between runs a child should be silent; if it died or wrote, it is out of step and is
+    /// replaced.
+    fn check_idle(&self, slot: &mut Option<Worker>) {
+        let Some(worker) = slot.as_mut() else { return };
+        let stale = match worker.lines.try_recv() {
+            Ok(_) => Some("it wrote a line no object asked for"),
+            Err(TryRecvError::Disconnected) => Some("it had exited while idle"),
+            Err(TryRecvError::Empty) => None,
+        };
+        if let Some(why) = stale {
+            if let Some(old) = slot.take() {
+                self.replace(slot, old, why);
+            }
+        }
+    }
+
+    /// A child in `slot`, started again if the last one could not be: the error message for the
+    /// chunk's remaining objects if it cannot.
+    fn ensure_child(&self, slot: &mut Option<Worker>) -> Result<(), String> {
+        if slot.is_some() {
+            return Ok(());
+        }
+        let worker = Worker::spawn(&self.spec).map_err(|why| format!("{why} (while restarting it)"))?;
+        let name = common::text::escaped(&self.spec.name);
+        tracing::warn!("command {name}: started a child again ([{}]) after it could not be", worker.pid);
+        *slot = Some(worker);
+        Ok(())
+    }
+
+    /// The child's answer for the next object: its output, or why not (the object's cause and
+    /// message, and the reason the child is replaced).
+    fn answer(&self, worker: &mut Worker) -> Result<Outputs, (Cause, String, String)> {
+        let name = common::text::escaped(&self.spec.name);
+        match worker.lines.recv_timeout(self.options.timeout) {
+            Ok(Line::Value(line)) => match common::json::check_value(&line) {
+                Ok(()) => {
+                    let mut out = Outputs::default();
+                    out.push_json(&line);
+                    Ok(out)
+                }
+                Err(e) => {
+                    let text = String::from_utf8_lossy(&line);
+                    let shown = common::text::escaped(text.trim_end_matches('\r'));
+                    Err((
+                        Cause::Transform,
+                        format!("command {name} answered this object with a line that is not JSON ({e}): `{shown}`"),
+                        "it answered with a line that is not JSON".to_string(),
+                    ))
+                }
+            },
+            Ok(Line::TooLong) => Err((
+                Cause::Transform,
+                format!("command {name} answered this object with a line longer than {} MiB", MAX_LINE_BYTES >> 20),
+                "it wrote a line too long to read".to_string(),
+            )),
+            Err(RecvTimeoutError::Timeout) => {
+                let limit = humantime::format_duration(self.options.timeout);
+                Err((
+                    Cause::Timeout,
+                    format!("command {name} took longer than {limit} on this object"),
+                    format!("it took longer than {limit} on an object"),
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = describe_status(worker.exit_status(EXIT_GRACE));
+                let note = worker.last_stderr_note();
+                Err((
+                    Cause::Crash,
+                    format!("command {name} died on this object ({status}){note}"),
+                    format!("it died on an object ({status})"),
+                ))
+            }
         }
     }
 
