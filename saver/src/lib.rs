@@ -110,36 +110,68 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     // Kept to the end of the run: dropping it would leave the NATS service API.
     let _micro = service.register(&client, &config.nats.subject_prefix, &shutdown).await;
     let subjects = Subjects::new(&config.nats.subject_prefix);
-    let mut results = client
+    let results = client
         .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())
         .await
         .map_err(|source| SaverError::Subscribe { subject: subjects.result.clone(), source })?;
     tracing::info!("saver {name}: saving to {} (sink {})", sink.describe(), sink.id());
-    let sink_id = sink.id().to_string();
     metrics.common.watch_subjects(&[&subjects.result]);
     service.set_ready();
-    let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
-    let acker_config = AckerConfig {
-        client: client.clone(),
-        subject: subjects.ack.clone(),
-        saver: name.clone(),
-        sink: sink_id.clone(),
+    let (shared, tasks) = Shared::start(client, &subjects, name.clone(), sink, metrics);
+    serve(&shared, results, config.max_in_flight, &shutdown).await;
+    let summary = SaverSummary {
+        saved: shared.saved.load(std::sync::atomic::Ordering::Relaxed),
+        duplicates: shared.duplicates.load(std::sync::atomic::Ordering::Relaxed),
     };
-    let acker = tokio::spawn(batch::acker(acker_config, ack_queue));
-    let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
-    let writer = tokio::spawn(batch::writer(sink, write_queue, metrics.clone()));
-    let shared = Arc::new(Shared {
-        warnings: std::sync::Mutex::new(common::text::RateLimit::new(WARN_INTERVAL)),
-        client,
-        writes,
-        acks,
-        saved: Default::default(),
-        duplicates: Default::default(),
-        metrics,
-        sink_id,
-        refused_runs: Default::default(),
-    });
-    let limit = Arc::new(Semaphore::new(config.max_in_flight as usize));
+    drop(shared);
+    for task in tasks {
+        let _ = task.await;
+    }
+    tracing::info!("saver {name} stopped: {} chunks saved, {} duplicates absorbed", summary.saved, summary.duplicates);
+    Ok(summary)
+}
+
+impl Shared {
+    /// The state every result's task shares, with the writer and acker tasks it feeds (they end
+    /// once the last `Shared` is dropped and their queues are drained).
+    fn start(
+        client: Client,
+        subjects: &Subjects,
+        saver: String,
+        sink: Sink,
+        metrics: metrics::SaverMetrics,
+    ) -> (Arc<Shared>, [tokio::task::JoinHandle<()>; 2]) {
+        let sink_id = sink.id().to_string();
+        let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
+        let acker_config =
+            AckerConfig { client: client.clone(), subject: subjects.ack.clone(), saver, sink: sink_id.clone() };
+        let acker = tokio::spawn(batch::acker(acker_config, ack_queue));
+        let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
+        let writer = tokio::spawn(batch::writer(sink, write_queue, metrics.clone()));
+        let shared = Arc::new(Shared {
+            warnings: std::sync::Mutex::new(common::text::RateLimit::new(WARN_INTERVAL)),
+            client,
+            writes,
+            acks,
+            saved: Default::default(),
+            duplicates: Default::default(),
+            metrics,
+            sink_id,
+            refused_runs: Default::default(),
+        });
+        (shared, [writer, acker])
+    }
+}
+
+/// Handles results from `results`, at most `max_in_flight` at once, until `shutdown`; then stops
+/// taking results (unsaved ones are resent by their mappers) and finishes the ones in hand.
+async fn serve(
+    shared: &Arc<Shared>,
+    mut results: async_nats::Subscriber,
+    max_in_flight: u32,
+    shutdown: &CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(max_in_flight as usize));
     let tracker = TaskTracker::new();
     loop {
         // Take a message only when a slot is free: back-pressure instead of unbounded tasks.
@@ -159,19 +191,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
             drop(permit);
         });
     }
-    // Stop taking results (unsaved ones are resent by their mappers), finish the ones in hand.
     let _ = results.unsubscribe().await;
     tracker.close();
     tracker.wait().await;
-    let summary = SaverSummary {
-        saved: shared.saved.load(std::sync::atomic::Ordering::Relaxed),
-        duplicates: shared.duplicates.load(std::sync::atomic::Ordering::Relaxed),
-    };
-    drop(shared);
-    let _ = writer.await;
-    let _ = acker.await;
-    tracing::info!("saver {name} stopped: {} chunks saved, {} duplicates absorbed", summary.saved, summary.duplicates);
-    Ok(summary)
 }
 
 /// What became of one result, as its mapper is told.

@@ -236,28 +236,46 @@ fn check_chunk(
     let mut report = VerifyReport::default();
     // Not saved, or its input cannot be read any more (the file changed since the scan): every
     // object stays expected, so all of them are missing, never nothing.
-    let (Some(saved), Some(_)) = (saved, inputs) else {
+    let (Some(saved), Some(inputs)) = (saved, inputs) else {
         report.missing = n as u64;
         return report;
     };
     // As the mapper sends them: an id too long for the protocol is sent as null.
-    let ids: Vec<Option<String>> = match (inputs, &expectation.job.id_field) {
-        (Some(inputs), Some(field)) => {
+    let ids: Vec<Option<String>> = match &expectation.job.id_field {
+        Some(field) => {
             inputs.iter().map(|i| field.extract(i).filter(|id| id.len() <= common::protocol::MAX_ID)).collect()
         }
-        _ => vec![None; n],
+        None => vec![None; n],
     };
-    let expected: Option<Vec<Result<Outputs, ObjectError>>> = match (inputs, &expectation.transform) {
-        (Some(inputs), Some(transform)) => Some(transform.apply_chunk(inputs)),
-        _ => None,
+    let expected = expectation.transform.as_ref().map(|transform| transform.apply_chunk(inputs));
+    let dead = match_dead(saved.dead, &ids, expectation, &mut report);
+    let flat = matches!(saved.values, SavedValues::Flat(_));
+    let values = match saved.values {
+        SavedValues::ByObject(map) => map,
+        SavedValues::Flat(lines) => place_flat(lines, n, &dead, expected.as_deref(), &mut report),
     };
-    // Dead entries: by index and id, once each, within the chunk.
+    // Each object's line in the input: consecutive from the chunk's first unless the reader
+    // said otherwise (blank lines, skipped records, a pretty-printed array).
+    let line = |i: usize| lines.and_then(|lines| lines.get(i).copied()).unwrap_or(span.first_line + i as u64);
+    let check = ChunkCheck { chunk, ids: &ids, expected: expected.as_deref(), flat, expectation, line: &line };
+    check.objects(n, &dead, values, &mut report);
+    report
+}
+
+/// The chunk's dead entries that name one of its objects (by index, and by id when the job has
+/// ids), once each; the others count as unmatched.
+fn match_dead(
+    entries: Vec<DeadObject>,
+    ids: &[Option<String>],
+    expectation: &Expectation,
+    report: &mut VerifyReport,
+) -> BTreeMap<u32, DeadObject> {
     let mut dead: BTreeMap<u32, DeadObject> = BTreeMap::new();
-    for entry in saved.dead {
+    for entry in entries {
         let i = entry.index as usize;
         // A whole dead chunk's record may carry no ids (the fetcher could not read them): its
         // entries are matched by index alone.
-        let names_it = i < n
+        let names_it = i < ids.len()
             && (expectation.job.id_field.is_none()
                 || entry.id == ids[i]
                 || (entry.cause == Cause::Chunk && entry.id.is_none()));
@@ -267,116 +285,125 @@ fn check_chunk(
             report.unmatched_dead += 1;
         }
     }
-    // Each object's line in the input: consecutive from the chunk's first unless the reader
-    // said otherwise (blank lines, skipped records, a pretty-printed array).
-    let line = |i: usize| lines.and_then(|lines| lines.get(i).copied()).unwrap_or(span.first_line + i as u64);
-    let flat = matches!(saved.values, SavedValues::Flat(_));
-    let objects_values: BTreeMap<u32, Vec<Vec<u8>>> = match saved.values {
-        SavedValues::ByObject(map) => map,
-        SavedValues::Flat(lines) => {
-            // The file sink keeps a chunk's values in order: each object not dead-lettered takes
-            // as many as the transform gives it (one, for a command).
-            let mut lines = lines.into_iter();
-            let mut map = BTreeMap::new();
-            for i in 0..n {
-                if dead.contains_key(&(i as u32)) {
-                    continue;
-                }
-                let want = match &expected {
-                    Some(expected) => expected[i].as_ref().map_or(0, Outputs::len),
-                    None => 1,
-                };
-                map.insert(i as u32, lines.by_ref().take(want).collect());
-            }
-            report.unexpected += lines.count() as u64;
-            map
-        }
-    };
-    finish_chunk(chunk, n, &ids, expected.as_deref(), dead, objects_values, flat, expectation, &mut report, line);
-    report
+    dead
 }
 
-/// The part of [`check_chunk`] after the sink's values are placed by object.
-#[allow(clippy::too_many_arguments)]
-fn finish_chunk(
-    chunk: u64,
+/// The file sink keeps a chunk's values in order: each object not dead-lettered takes as many
+/// as the transform gives it (one, for a command); values left over are unexpected.
+fn place_flat(
+    lines: Vec<Vec<u8>>,
     n: usize,
-    ids: &[Option<String>],
+    dead: &BTreeMap<u32, DeadObject>,
     expected: Option<&[Result<Outputs, ObjectError>]>,
-    dead: BTreeMap<u32, DeadObject>,
-    mut values: BTreeMap<u32, Vec<Vec<u8>>>,
-    flat: bool,
-    expectation: &Expectation,
     report: &mut VerifyReport,
-    line: impl Fn(usize) -> u64,
-) {
-    let examples = expectation.examples;
+) -> BTreeMap<u32, Vec<Vec<u8>>> {
+    let mut lines = lines.into_iter();
+    let mut map = BTreeMap::new();
     for i in 0..n {
-        let index = i as u32;
-        let saved = values.remove(&index);
-        if let Some(entry) = dead.get(&index) {
-            if saved.as_ref().is_some_and(|v| !v.is_empty()) {
-                report.duplicated += 1;
+        if dead.contains_key(&(i as u32)) {
+            continue;
+        }
+        let want = match expected {
+            Some(expected) => expected[i].as_ref().map_or(0, Outputs::len),
+            None => 1,
+        };
+        map.insert(i as u32, lines.by_ref().take(want).collect());
+    }
+    report.unexpected += lines.count() as u64;
+    map
+}
+
+/// One chunk's objects being checked once the sink's values are placed by object.
+struct ChunkCheck<'a> {
+    chunk: u64,
+    ids: &'a [Option<String>],
+    expected: Option<&'a [Result<Outputs, ObjectError>]>,
+    /// Whether the values came as a flat list (the file sink), where too few values for an
+    /// object mean missing ones rather than wrong ones.
+    flat: bool,
+    expectation: &'a Expectation,
+    line: &'a dyn Fn(usize) -> u64,
+}
+
+impl ChunkCheck<'_> {
+    fn objects(
+        &self,
+        n: usize,
+        dead: &BTreeMap<u32, DeadObject>,
+        mut values: BTreeMap<u32, Vec<Vec<u8>>>,
+        report: &mut VerifyReport,
+    ) {
+        for i in 0..n {
+            let saved = values.remove(&(i as u32));
+            match dead.get(&(i as u32)) {
+                Some(entry) => self.dead_object(i, entry, saved, report),
+                None => self.saved_object(i, saved.unwrap_or_default(), report),
             }
-            let maps_it = matches!(expected.map(|e| &e[i]), Some(Ok(_)));
-            if entry.cause == Cause::Transform && maps_it && expectation.job.transform.deterministic() {
-                report.wrong += 1;
-                if report.wrong_examples.len() < examples {
-                    report.wrong_examples.push(format!(
-                        "chunk {chunk} object {i} (line {}): dead-lettered as refused by the transform ({}), but the transform maps it",
-                        entry.line.unwrap_or_else(|| line(i)),
-                        common::text::escaped(&entry.error)
-                    ));
-                }
-                continue;
-            }
-            report.dead_lettered += 1;
-            if report.dead_examples.len() < examples {
-                let id = ids[i].as_deref().map(|id| format!(", id {}", common::text::escaped(id))).unwrap_or_default();
-                report.dead_examples.push(format!(
-                    "chunk {chunk} object {i} (line {}{id}): {}: {}",
-                    entry.line.unwrap_or_else(|| line(i)),
-                    serde_json::to_value(entry.cause)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+        }
+        // Values for objects past the chunk, from the database.
+        report.unexpected += values.values().map(|v| v.len() as u64).sum::<u64>();
+    }
+
+    /// Object `i`, dead-lettered as `entry`, with the values `saved` under it too if any.
+    fn dead_object(&self, i: usize, entry: &DeadObject, saved: Option<Vec<Vec<u8>>>, report: &mut VerifyReport) {
+        let (chunk, examples) = (self.chunk, self.expectation.examples);
+        let line = entry.line.unwrap_or_else(|| (self.line)(i));
+        if saved.as_ref().is_some_and(|v| !v.is_empty()) {
+            report.duplicated += 1;
+        }
+        let maps_it = matches!(self.expected.map(|e| &e[i]), Some(Ok(_)));
+        if entry.cause == Cause::Transform && maps_it && self.expectation.job.transform.deterministic() {
+            report.wrong += 1;
+            if report.wrong_examples.len() < examples {
+                report.wrong_examples.push(format!(
+                    "chunk {chunk} object {i} (line {line}): dead-lettered as refused by the transform ({}), but the transform maps it",
                     common::text::escaped(&entry.error)
                 ));
             }
-            continue;
+            return;
         }
-        let saved = saved.unwrap_or_default();
-        match expected.map(|e| &e[i]) {
+        report.dead_lettered += 1;
+        if report.dead_examples.len() < examples {
+            let id = self.ids[i].as_deref().map(|id| format!(", id {}", common::text::escaped(id))).unwrap_or_default();
+            let cause =
+                serde_json::to_value(entry.cause).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            report.dead_examples.push(format!(
+                "chunk {chunk} object {i} (line {line}{id}): {cause}: {}",
+                common::text::escaped(&entry.error)
+            ));
+        }
+    }
+
+    /// Object `i`, not dead-lettered, with the values `saved` under it.
+    fn saved_object(&self, i: usize, saved: Vec<Vec<u8>>, report: &mut VerifyReport) {
+        let (chunk, examples, line) = (self.chunk, self.expectation.examples, (self.line)(i));
+        let wrong = |report: &mut VerifyReport, why: String| {
+            report.wrong += 1;
+            if report.wrong_examples.len() < examples {
+                report.wrong_examples.push(format!("chunk {chunk} object {i} (line {line}): {why}"));
+            }
+        };
+        match self.expected.map(|e| &e[i]) {
             Some(Ok(outputs)) => {
                 let want: Vec<&[u8]> = outputs.iter().collect();
                 if want.len() == saved.len() && want.iter().zip(&saved).all(|(a, b)| same_json(a, b)) {
                     report.found += 1;
-                } else if flat && saved.len() < want.len() {
+                } else if self.flat && saved.len() < want.len() {
                     report.missing += 1;
                 } else {
                     report.found += 1;
-                    report.wrong += 1;
-                    if report.wrong_examples.len() < examples {
-                        report.wrong_examples.push(format!(
-                            "chunk {chunk} object {i} (line {}): {} value(s) saved, the transform gives {}",
-                            line(i),
-                            saved.len(),
-                            want.len()
-                        ));
-                    }
+                    let why = format!("{} value(s) saved, the transform gives {}", saved.len(), want.len());
+                    wrong(report, why);
                 }
             }
             Some(Err(error)) => {
                 // The transform refuses it, yet it is not dead-lettered.
                 report.found += u64::from(!saved.is_empty());
-                report.wrong += 1;
-                if report.wrong_examples.len() < examples {
-                    report.wrong_examples.push(format!(
-                        "chunk {chunk} object {i} (line {}): not dead-lettered, but the transform refuses it: {}",
-                        line(i),
-                        common::text::escaped(&error.message)
-                    ));
-                }
+                let why = format!(
+                    "not dead-lettered, but the transform refuses it: {}",
+                    common::text::escaped(&error.message)
+                );
+                wrong(report, why);
             }
             // A command job without --recompute: one output, whatever it is.
             None if saved.len() == 1 => report.found += 1,
@@ -387,8 +414,6 @@ fn finish_chunk(
             }
         }
     }
-    // Values for objects past the chunk, from the database.
-    report.unexpected += values.values().map(|v| v.len() as u64).sum::<u64>();
 }
 
 /// The input, scanned as the fetcher scanned it, with its run id.
@@ -566,82 +591,24 @@ pub fn verify_postgres(
     expectation: &Expectation,
 ) -> Result<VerifyReport, VerifyError> {
     let pg = crate::sink::postgres::parse(url, password).map_err(|e| VerifyError::Database(e.to_string()))?;
-    let config = &pg.config;
-    let target = crate::sink::postgres::describe(config);
+    let target = crate::sink::postgres::describe(&pg.config);
     let input = scan_input(input, chunk_size, expectation)?;
     let run_id = input.index.run_id.clone();
-    let db = |action: &str, e: tokio_postgres::Error| {
-        // With the causes: a TLS refusal says why only there.
-        let detail =
-            e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| crate::sink::postgres::error_text(&e));
-        VerifyError::Database(format!("PostgreSQL {target}: cannot {action}: {detail}"))
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| VerifyError::Database(format!("cannot start an async runtime: {e}")))?;
     let mut report = base_report(&input, expectation, format!("{target} run {run_id}"));
     runtime.block_on(async {
-        let (client, connection) = config.connect(pg.tls.clone()).await.map_err(|e| db("connect", e))?;
+        let db = |action: &str, e| pg_error(&target, action, e);
+        let (client, connection) = pg.config.connect(pg.tls.clone()).await.map_err(|e| db("connect", e))?;
         let connection = tokio::spawn(connection);
+        let reader = PgRun { client: &client, run: &run_id, target: &target };
         let chunks = input.index.chunks.len();
         let mut first = 0usize;
         while first < chunks.max(1) {
             let last = (first + PG_CHUNKS_PER_QUERY).min(chunks);
-            let mut saved: HashMap<u64, Saved> = HashMap::new();
-            let range = [&run_id as &(dyn tokio_postgres::types::ToSql + Sync), &(first as i64), &(last as i64)];
-            for row in client
-                .query("SELECT chunk FROM chunkmill_chunks WHERE run = $1 AND chunk >= $2 AND chunk < $3", &range)
-                .await
-                .map_err(|e| db("read chunkmill_chunks", e))?
-            {
-                let chunk: i64 = row.try_get(0).map_err(|e| db("read chunkmill_chunks", e))?;
-                saved.insert(chunk as u64, Saved { values: SavedValues::ByObject(BTreeMap::new()), dead: vec![] });
-            }
-            let rows = client
-                .query_raw(
-                    "SELECT chunk, idx, out, doc::text FROM chunkmill_outputs WHERE run = $1 AND chunk >= $2 AND chunk < $3 ORDER BY chunk, idx, out",
-                    range,
-                )
-                .await
-                .map_err(|e| db("read chunkmill_outputs", e))?;
-            futures::pin_mut!(rows);
-            while let Some(row) = rows.next().await {
-                let row = row.map_err(|e| db("read chunkmill_outputs", e))?;
-                let read = |e| db("read chunkmill_outputs", e);
-                let (chunk, idx): (i64, i32) = (row.try_get(0).map_err(read)?, row.try_get(1).map_err(read)?);
-                let doc: String = row.try_get(3).map_err(read)?;
-                match saved.get_mut(&(chunk as u64)).map(|s| &mut s.values) {
-                    Some(SavedValues::ByObject(map)) => map.entry(idx as u32).or_default().push(doc.into_bytes()),
-                    // Rows without a chunk record break the one-transaction-per-chunk invariant.
-                    _ => report.mismatched_chunks += 1,
-                }
-            }
-            for row in client
-                .query(
-                    "SELECT chunk, idx, id, error, cause, line FROM chunkmill_dead_objects WHERE run = $1 AND chunk >= $2 AND chunk < $3",
-                    &range,
-                )
-                .await
-                .map_err(|e| db("read chunkmill_dead_objects", e))?
-            {
-                let read = |e| db("read chunkmill_dead_objects", e);
-                let chunk: i64 = row.try_get(0).map_err(read)?;
-                let index: i32 = row.try_get(1).map_err(read)?;
-                let cause: String = row.try_get(4).map_err(read)?;
-                let line: Option<i64> = row.try_get(5).map_err(read)?;
-                let entry = DeadObject {
-                    index: u32::try_from(index).unwrap_or(u32::MAX),
-                    id: row.try_get(2).map_err(read)?,
-                    cause: serde_json::from_value(serde_json::Value::String(cause)).unwrap_or(Cause::Transform),
-                    error: row.try_get(3).map_err(read)?,
-                    line: line.and_then(|l| u64::try_from(l).ok()),
-                };
-                match saved.get_mut(&(chunk as u64)) {
-                    Some(s) => s.dead.push(entry),
-                    None => report.unmatched_dead += 1,
-                }
-            }
+            let saved = reader.read(first..last, &mut report).await?;
             let saved = std::sync::Mutex::new(saved);
             let take = |chunk: u64| Ok(saved.lock().ok().and_then(|mut s| s.remove(&chunk)));
             let part = check_all(&input, expectation, take, first..last)?;
@@ -651,22 +618,129 @@ pub fn verify_postgres(
             }
             first = last;
         }
-        // A chunk record promises its rows: one whose counts differ breaks the invariant.
-        let mismatched: i64 = client
-            .query_one(
-                "SELECT count(*) FROM chunkmill_chunks c
-                 LEFT JOIN (SELECT chunk, count(*) AS n FROM chunkmill_outputs WHERE run = $1 GROUP BY chunk) o USING (chunk)
-                 WHERE c.run = $1 AND c.outputs <> coalesce(o.n, 0)",
-                &[&run_id],
-            )
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(|e| db("compare chunk records with rows", e))?;
-        report.mismatched_chunks += u64::try_from(mismatched).unwrap_or(0);
+        report.mismatched_chunks += reader.mismatched_chunk_records().await?;
         drop(client);
         let _ = connection.await;
         Ok(report)
     })
+}
+
+/// A database error while verifying, with its causes: a TLS refusal says why only there.
+fn pg_error(target: &str, action: &str, e: tokio_postgres::Error) -> VerifyError {
+    let detail =
+        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| crate::sink::postgres::error_text(&e));
+    VerifyError::Database(format!("PostgreSQL {target}: cannot {action}: {detail}"))
+}
+
+/// One run's rows in a PostgreSQL sink, read for verify.
+struct PgRun<'a> {
+    client: &'a tokio_postgres::Client,
+    run: &'a str,
+    target: &'a str,
+}
+
+impl PgRun<'_> {
+    fn error(&self, action: &str) -> impl Fn(tokio_postgres::Error) -> VerifyError + '_ {
+        let action = action.to_string();
+        move |e| pg_error(self.target, &action, e)
+    }
+
+    /// What the sink holds for chunks `range`: their chunk records, output rows and dead-letter
+    /// rows. Rows without a chunk record are counted in `report` (they break the
+    /// one-transaction-per-chunk invariant).
+    async fn read(
+        &self,
+        range: std::ops::Range<usize>,
+        report: &mut VerifyReport,
+    ) -> Result<HashMap<u64, Saved>, VerifyError> {
+        let (first, last) = (range.start as i64, range.end as i64);
+        let params = [&self.run as &(dyn tokio_postgres::types::ToSql + Sync), &first, &last];
+        let mut saved: HashMap<u64, Saved> = HashMap::new();
+        let read = self.error("read chunkmill_chunks");
+        for row in self
+            .client
+            .query("SELECT chunk FROM chunkmill_chunks WHERE run = $1 AND chunk >= $2 AND chunk < $3", &params)
+            .await
+            .map_err(&read)?
+        {
+            let chunk: i64 = row.try_get(0).map_err(&read)?;
+            saved.insert(chunk as u64, Saved { values: SavedValues::ByObject(BTreeMap::new()), dead: vec![] });
+        }
+        let read = self.error("read chunkmill_outputs");
+        let rows = self
+            .client
+            .query_raw(
+                "SELECT chunk, idx, out, doc::text FROM chunkmill_outputs WHERE run = $1 AND chunk >= $2 AND chunk < $3 ORDER BY chunk, idx, out",
+                params,
+            )
+            .await
+            .map_err(&read)?;
+        futures::pin_mut!(rows);
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(&read)?;
+            let (chunk, idx): (i64, i32) = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
+            let doc: String = row.try_get(3).map_err(&read)?;
+            match saved.get_mut(&(chunk as u64)).map(|s| &mut s.values) {
+                Some(SavedValues::ByObject(map)) => map.entry(idx as u32).or_default().push(doc.into_bytes()),
+                _ => report.mismatched_chunks += 1,
+            }
+        }
+        self.read_dead(&params, &mut saved, report).await?;
+        Ok(saved)
+    }
+
+    /// The dead-letter rows of the chunks in `params`, into `saved`.
+    async fn read_dead(
+        &self,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync); 3],
+        saved: &mut HashMap<u64, Saved>,
+        report: &mut VerifyReport,
+    ) -> Result<(), VerifyError> {
+        let read = self.error("read chunkmill_dead_objects");
+        for row in self
+            .client
+            .query(
+                "SELECT chunk, idx, id, error, cause, line FROM chunkmill_dead_objects WHERE run = $1 AND chunk >= $2 AND chunk < $3",
+                params,
+            )
+            .await
+            .map_err(&read)?
+        {
+            let chunk: i64 = row.try_get(0).map_err(&read)?;
+            let index: i32 = row.try_get(1).map_err(&read)?;
+            let cause: String = row.try_get(4).map_err(&read)?;
+            let line: Option<i64> = row.try_get(5).map_err(&read)?;
+            let entry = DeadObject {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                id: row.try_get(2).map_err(&read)?,
+                cause: serde_json::from_value(serde_json::Value::String(cause)).unwrap_or(Cause::Transform),
+                error: row.try_get(3).map_err(&read)?,
+                line: line.and_then(|l| u64::try_from(l).ok()),
+            };
+            match saved.get_mut(&(chunk as u64)) {
+                Some(s) => s.dead.push(entry),
+                None => report.unmatched_dead += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk records whose output count differs from the rows saved under them: a chunk record
+    /// promises its rows.
+    async fn mismatched_chunk_records(&self) -> Result<u64, VerifyError> {
+        let mismatched: i64 = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM chunkmill_chunks c
+                 LEFT JOIN (SELECT chunk, count(*) AS n FROM chunkmill_outputs WHERE run = $1 GROUP BY chunk) o USING (chunk)
+                 WHERE c.run = $1 AND c.outputs <> coalesce(o.n, 0)",
+                &[&self.run],
+            )
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(self.error("compare chunk records with rows"))?;
+        Ok(u64::try_from(mismatched).unwrap_or(0))
+    }
 }
 
 /// The `verify` subcommand with `registry` (the stock saver's built-ins, or a user's binary with

@@ -118,75 +118,20 @@ impl FileSink {
     /// then linked into place, then each directory is fsynced once. A chunk's name still appears
     /// only after its data is durable. One outcome per result, in order.
     pub fn save_batch(&self, results: &[&Decoded]) -> Vec<Result<SaveOutcome, SinkError>> {
-        struct Pending {
-            index: usize,
-            dir: PathBuf,
-            files: Vec<(PathBuf, PathBuf, File)>,
-        }
         let mut outcomes: Vec<Option<Result<SaveOutcome, SinkError>>> = (0..results.len()).map(|_| None).collect();
         let mut pending = Vec::new();
         for (index, result) in results.iter().enumerate() {
-            let prepared = (|| {
-                let dir = self.run_dir(&result.head.run)?;
-                let target = dir.join(chunk_file_name(result.head.chunk));
-                if target.exists() {
-                    return Ok(None);
-                }
-                let mut files = Vec::with_capacity(2);
-                if !result.dead.is_empty() {
-                    let dead = dir.join(dead_file_name(result.head.chunk));
-                    if !dead.exists() {
-                        let lines: Vec<Vec<u8>> =
-                            result.dead.iter().map(|d| serde_json::to_vec(d).unwrap_or_default()).collect();
-                        let (tmp, file) = write_tmp(&dir, &dead, lines.iter().map(Vec::as_slice))?;
-                        files.push((tmp, dead, file));
-                    }
-                }
-                let (tmp, file) = write_tmp(&dir, &target, result.values().map(|(_, _, v)| v))?;
-                files.push((tmp, target, file));
-                Ok(Some(Pending { index, dir, files }))
-            })();
-            match prepared {
+            match self.prepare(index, result) {
                 Ok(Some(p)) => pending.push(p),
                 Ok(None) => outcomes[index] = Some(Ok(SaveOutcome::Duplicate)),
                 Err(e) => outcomes[index] = Some(Err(e)),
             }
         }
-        // Make every file's data durable, concurrently.
-        let synced: Vec<Result<(), SinkError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = pending
-                .iter()
-                .map(|p| {
-                    scope.spawn(move || {
-                        p.files.iter().try_for_each(|(tmp, _, file)| file.sync_all().map_err(io("fsync", tmp)))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(SinkError::Io {
-                            action: "fsync",
-                            path: PathBuf::new(),
-                            source: std::io::Error::other("panic"),
-                        })
-                    })
-                })
-                .collect()
-        });
+        let synced = sync_concurrently(&pending);
         let mut dirs: Vec<PathBuf> = Vec::new();
         for (p, synced) in pending.into_iter().zip(synced) {
-            let outcome = synced.and_then(|()| {
-                let mut outcome = SaveOutcome::Saved;
-                for (tmp, target, _) in &p.files {
-                    outcome = link_into_place(tmp, target)?;
-                }
-                Ok(outcome)
-            });
-            for (tmp, _, _) in &p.files {
-                let _ = fs::remove_file(tmp);
-            }
+            let outcome = synced.and_then(|()| p.link_into_place());
+            p.remove_temporaries();
             if outcome.is_ok() && !dirs.contains(&p.dir) {
                 dirs.push(p.dir.clone());
             }
@@ -210,10 +155,80 @@ impl FileSink {
         outcomes.into_iter().map(|o| o.unwrap_or(Ok(SaveOutcome::Duplicate))).collect()
     }
 
+    /// Writes result `index`'s files (its dead-letter file first, if any) as temporary files,
+    /// not yet synced; `None` when the chunk is already saved.
+    fn prepare(&self, index: usize, result: &Decoded) -> Result<Option<Pending>, SinkError> {
+        let dir = self.run_dir(&result.head.run)?;
+        let target = dir.join(chunk_file_name(result.head.chunk));
+        if target.exists() {
+            return Ok(None);
+        }
+        let mut files = Vec::with_capacity(2);
+        if !result.dead.is_empty() {
+            let dead = dir.join(dead_file_name(result.head.chunk));
+            if !dead.exists() {
+                let lines: Vec<Vec<u8>> =
+                    result.dead.iter().map(|d| serde_json::to_vec(d).unwrap_or_default()).collect();
+                let (tmp, file) = write_tmp(&dir, &dead, lines.iter().map(Vec::as_slice))?;
+                files.push((tmp, dead, file));
+            }
+        }
+        let (tmp, file) = write_tmp(&dir, &target, result.values().map(|(_, _, v)| v))?;
+        files.push((tmp, target, file));
+        Ok(Some(Pending { index, dir, files }))
+    }
+
     /// Saves one chunk (the result must have passed `validate`, which vets the run id).
     pub fn save(&self, result: &Decoded) -> Result<SaveOutcome, SinkError> {
         self.save_batch(&[result]).pop().unwrap_or(Ok(SaveOutcome::Duplicate))
     }
+}
+
+/// One chunk's files written as temporary files, waiting for their fsync and link.
+struct Pending {
+    /// The result's position in the batch.
+    index: usize,
+    dir: PathBuf,
+    /// (temporary file, final name, open file), the chunk file last.
+    files: Vec<(PathBuf, PathBuf, File)>,
+}
+
+impl Pending {
+    /// Links each synced file to its final name, the chunk file last (so its name means the
+    /// dead-letter file is there too): the chunk file's outcome.
+    fn link_into_place(&self) -> Result<SaveOutcome, SinkError> {
+        self.files.iter().try_fold(SaveOutcome::Saved, |_, (tmp, target, _)| link_into_place(tmp, target))
+    }
+
+    /// Removes the temporary names, linked or not.
+    fn remove_temporaries(&self) {
+        for (tmp, _, _) in &self.files {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Fsyncs every pending file, one thread per chunk so that the kernel can fold the syncs into
+/// few journal commits. One result per pending chunk, in order.
+fn sync_concurrently(pending: &[Pending]) -> Vec<Result<(), SinkError>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pending
+            .iter()
+            .map(|p| {
+                scope.spawn(move || {
+                    p.files.iter().try_for_each(|(tmp, _, file)| file.sync_all().map_err(io("fsync", tmp)))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SinkError::Io { action: "fsync", path: PathBuf::new(), source: std::io::Error::other("panic") })
+                })
+            })
+            .collect()
+    })
 }
 
 /// The sink directory's identity: read from [`SINK_ID_FILE`], or made and stored (fsynced)

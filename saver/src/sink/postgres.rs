@@ -24,9 +24,9 @@
 //! stops the saver, as a wrong password does; waiting would not fix it.
 
 mod tls;
+mod url;
 
 use std::collections::HashSet;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::{SaveOutcome, SinkError};
 use crate::decoded::Decoded;
 pub use tls::{MakeTls, Roots, SslMode, TlsError, TlsOptions};
+pub use url::{describe, is_postgres_url, parse, redacted, PgConfig, PgOptions};
 
 /// The schema the sink writes to; applied idempotently at start-up.
 pub const SCHEMA: &str = include_str!("schema.sql");
@@ -72,113 +73,6 @@ const RECOUNT: &str = "UPDATE chunkmill_chunks SET dead = $3, outputs = $4 WHERE
 
 /// Transactions retried after a deadlock or serialisation failure before giving up on a batch.
 const CONFLICT_RETRIES: u32 = 3;
-
-/// How to reach the database.
-#[derive(Clone)]
-pub struct PgOptions {
-    /// `postgres://user@host:port/database?...` (a password in it works but belongs in a file).
-    pub url: String,
-    /// The password, from `SAVER_PG_PASSWORD_FILE` or `SAVER_PG_PASSWORD`; overrides the URL's.
-    pub password: Option<Secret>,
-    /// Connections in the pool: batches committed concurrently by this saver.
-    pub pool_size: usize,
-    /// This saver's instance name, recorded with each chunk it commits.
-    pub saver: String,
-}
-
-impl std::fmt::Debug for PgOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgOptions")
-            .field("url", &redacted(&self.url))
-            .field("password", &self.password)
-            .field("pool_size", &self.pool_size)
-            .field("saver", &self.saver)
-            .finish()
-    }
-}
-
-/// A parsed connection string: tokio-postgres's configuration and the TLS connector its
-/// `sslmode` and `sslrootcert` call for.
-#[derive(Clone)]
-pub struct PgConfig {
-    /// Where to connect, as whom (`sslmode` reduced to the three tokio-postgres knows).
-    pub config: tokio_postgres::Config,
-    /// The TLS settings asked for.
-    pub tls_options: TlsOptions,
-    /// Connects over TLS with the certificate check `tls_options` ask for.
-    pub tls: MakeTls,
-}
-
-impl std::fmt::Debug for PgConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgConfig")
-            .field("config", &describe(&self.config))
-            .field("tls_options", &self.tls_options)
-            .finish()
-    }
-}
-
-/// Parses a connection URL (or `key=value` string) and applies a separate password; reads the
-/// CA file of `sslrootcert` (an unreadable one fails here, at start).
-pub fn parse(url: &str, password: Option<&str>) -> Result<PgConfig, SinkError> {
-    let invalid = |e: &dyn std::fmt::Display| {
-        SinkError::Config(format!(
-            "the PostgreSQL connection string ({}) is not valid: {e}; write postgres://USER@HOST:PORT/DATABASE",
-            redacted(url)
-        ))
-    };
-    let (rest, tls_options) = tls::split(url).map_err(|e| invalid(&e))?;
-    let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| invalid(&e))?;
-    let tls =
-        MakeTls::new(&tls_options).map_err(|e| SinkError::Config(format!("PostgreSQL {}: {e}", describe(&config))))?;
-    if let Some(password) = password {
-        config.password(password);
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("chunkmill-saver");
-    }
-    Ok(PgConfig { config, tls_options, tls })
-}
-
-/// Where a configuration points, without its password: `postgres://user@host:port/database`.
-pub fn describe(config: &tokio_postgres::Config) -> String {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            let port = config.get_ports().get(i).or(config.get_ports().first()).copied().unwrap_or(5432);
-            match host {
-                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
-                tokio_postgres::config::Host::Unix(path) => format!("{}:{port}", path.display()),
-            }
-        })
-        .collect();
-    format!(
-        "postgres://{}@{}/{}",
-        config.get_user().unwrap_or("?"),
-        hosts.join(","),
-        config.get_dbname().unwrap_or_else(|| config.get_user().unwrap_or("?"))
-    )
-}
-
-/// A connection string for logs and `Debug`: [`describe`] when it parses, else a placeholder
-/// (an unparsable string may hold a password anywhere).
-pub fn redacted(url: &str) -> String {
-    tls::split(url)
-        .ok()
-        .and_then(|(rest, _)| tokio_postgres::Config::from_str(&rest).ok())
-        .map(|c| describe(&c))
-        .unwrap_or_else(|| "<unparsable connection string>".into())
-}
-
-/// True for a `postgres://` or `postgresql://` URL.
-pub fn is_postgres_url(text: &str) -> bool {
-    text.starts_with("postgres://") || text.starts_with("postgresql://")
-}
 
 /// A database failure, kept apart from [`SinkError`] so one failure can answer a whole batch.
 #[derive(Debug, Clone)]
@@ -723,56 +617,9 @@ impl PgSink {
             batch.iter().copied().filter(|r| claimed.contains(&(r.head.run.clone(), r.head.chunk))).collect();
         let total: usize = mine.iter().map(|r| r.value_count()).sum();
         if total > 0 && copy {
-            // COPY is the fast path, but it has no ON CONFLICT: a repeated id aborts the
-            // transaction with a unique violation, and the caller retries with the INSERT path.
-            let sink = tx
-                .copy_in("COPY chunkmill_outputs (run, chunk, idx, out, id, doc) FROM STDIN BINARY")
-                .await
-                .map_err(|e| Failure::new("start copying outputs", &e))?;
-            let types = [Type::TEXT, Type::INT8, Type::INT4, Type::INT4, Type::TEXT, Type::JSONB];
-            let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
-            for result in &mine {
-                let chunk = i64::from(result.head.chunk.0);
-                for (index, out, value) in result.values() {
-                    let (idx, out) = (index as i32, out as i32);
-                    let id = result.id_of(index).map(pg_text);
-                    let row: [&(dyn ToSql + Sync); 6] = [&result.head.run, &chunk, &idx, &out, &id, &RawJson(value)];
-                    writer.as_mut().write(&row).await.map_err(|e| Failure::new("copy outputs", &e))?;
-                }
-            }
-            writer.as_mut().finish().await.map_err(|e| Failure::new("copy outputs", &e))?;
+            copy_outputs(&tx, &mine).await?;
         } else if total > 0 {
-            let insert = tx.prepare_cached(OUTPUTS).await.map_err(|e| Failure::new("prepare the output insert", &e))?;
-            let (mut runs, mut chunks, mut idxs, mut outs, mut ids, mut docs) = (
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-            );
-            for result in &mine {
-                for (index, out, value) in result.values() {
-                    runs.push(result.head.run.as_str());
-                    chunks.push(i64::from(result.head.chunk.0));
-                    idxs.push(index as i32);
-                    outs.push(out as i32);
-                    ids.push(result.id_of(index).map(pg_text));
-                    docs.push(RawJson(value));
-                }
-            }
-            let inserted = tx
-                .execute(&insert, &[&runs, &chunks, &idxs, &outs, &ids, &docs])
-                .await
-                .map_err(|e| Failure::new("insert outputs", &e))?;
-            if inserted < total as u64 {
-                // Only possible when the fetcher ran with --no-duplicate-check on an input with
-                // repeated ids: the first copy stays, `verify` reports the rest.
-                tracing::warn!(
-                    "{} of {total} outputs were already saved under the same id by another chunk; kept the first copy",
-                    total as u64 - inserted
-                );
-            }
+            insert_outputs(&tx, &mine, total).await?;
         }
         for result in &mine {
             self.insert_dead(&tx, &result.head.run, result.head.chunk, &result.dead).await?;
@@ -780,6 +627,70 @@ impl PgSink {
         tx.commit().await.map_err(|e| Failure::new("commit", &e))?;
         Ok(claimed)
     }
+}
+
+/// Writes the outputs of `results` with one binary COPY, the fast path. COPY has no
+/// ON CONFLICT: a repeated id aborts the transaction with a unique violation, and the caller
+/// retries with [`insert_outputs`].
+async fn copy_outputs(tx: &deadpool_postgres::Transaction<'_>, results: &[&Decoded]) -> Result<(), Failure> {
+    let sink = tx
+        .copy_in("COPY chunkmill_outputs (run, chunk, idx, out, id, doc) FROM STDIN BINARY")
+        .await
+        .map_err(|e| Failure::new("start copying outputs", &e))?;
+    let types = [Type::TEXT, Type::INT8, Type::INT4, Type::INT4, Type::TEXT, Type::JSONB];
+    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
+    for result in results {
+        let chunk = i64::from(result.head.chunk.0);
+        for (index, out, value) in result.values() {
+            let (idx, out) = (index as i32, out as i32);
+            let id = result.id_of(index).map(pg_text);
+            let row: [&(dyn ToSql + Sync); 6] = [&result.head.run, &chunk, &idx, &out, &id, &RawJson(value)];
+            writer.as_mut().write(&row).await.map_err(|e| Failure::new("copy outputs", &e))?;
+        }
+    }
+    writer.as_mut().finish().await.map_err(|e| Failure::new("copy outputs", &e))?;
+    Ok(())
+}
+
+/// Writes the `total` outputs of `results` with one `INSERT .. ON CONFLICT DO NOTHING` of
+/// arrays: keeps the first copy of a repeated id.
+async fn insert_outputs(
+    tx: &deadpool_postgres::Transaction<'_>,
+    results: &[&Decoded],
+    total: usize,
+) -> Result<(), Failure> {
+    let insert = tx.prepare_cached(OUTPUTS).await.map_err(|e| Failure::new("prepare the output insert", &e))?;
+    let (mut runs, mut chunks, mut idxs, mut outs, mut ids, mut docs) = (
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+    );
+    for result in results {
+        for (index, out, value) in result.values() {
+            runs.push(result.head.run.as_str());
+            chunks.push(i64::from(result.head.chunk.0));
+            idxs.push(index as i32);
+            outs.push(out as i32);
+            ids.push(result.id_of(index).map(pg_text));
+            docs.push(RawJson(value));
+        }
+    }
+    let inserted = tx
+        .execute(&insert, &[&runs, &chunks, &idxs, &outs, &ids, &docs])
+        .await
+        .map_err(|e| Failure::new("insert outputs", &e))?;
+    if inserted < total as u64 {
+        // Only possible when the fetcher ran with --no-duplicate-check on an input with
+        // repeated ids: the first copy stays, `verify` reports the rest.
+        tracing::warn!(
+            "{} of {total} outputs were already saved under the same id by another chunk; kept the first copy",
+            total as u64 - inserted
+        );
+    }
+    Ok(())
 }
 
 /// The protocol's name of a cause (`transform`, `crash`...), for the `cause` column.
@@ -816,42 +727,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn descriptions_never_show_the_password() {
-        let url = "postgres://chunkmill:s3cret@db.example:6543/pipeline?sslmode=disable";
-        assert_eq!(redacted(url), "postgres://chunkmill@db.example:6543/pipeline");
-        let config = parse(url, Some("other")).expect("parses");
-        assert!(!describe(&config.config).contains("s3cret"));
-        let options =
-            PgOptions { url: url.into(), password: Some(Secret::new("other")), pool_size: 2, saver: "s".into() };
-        let debug = format!("{options:?}");
-        assert!(!debug.contains("s3cret") && !debug.contains("other"), "{debug}");
-        assert_eq!(redacted("postgres://u:p@[::1"), "<unparsable connection string>");
-    }
-
-    #[test]
-    fn tls_parameters_reach_the_connector_and_tokio_postgres_gets_what_it_knows() {
-        use tokio_postgres::config::SslMode as ClientMode;
-        let config = parse("postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", None);
-        let err = config.expect_err("the CA file is read at start").to_string();
-        assert!(err.contains("/nonexistent/ca.pem") && err.contains("postgres://u@h:5432/db"), "{err}");
-        assert!(!err.contains("pw"), "{err}");
-        let config = parse("postgres://u@h/db?sslmode=require", None).expect("parses");
-        assert_eq!(config.config.get_ssl_mode(), ClientMode::Require);
-        assert_eq!(config.tls_options, TlsOptions { mode: SslMode::Require, root_cert: None });
-        let config = parse("host=h user=u sslmode=disable", None).expect("parses");
-        assert_eq!(config.config.get_ssl_mode(), ClientMode::Disable);
-        assert_eq!(config.config.get_user(), Some("u"));
-        let config = parse("postgres://u@h/db", None).expect("parses");
-        assert_eq!(config.config.get_ssl_mode(), ClientMode::Prefer, "libpq's default");
-        assert_eq!(
-            redacted("postgres://u:s3cret@h/db?sslmode=verify-ca&sslrootcert=/ca.pem"),
-            "postgres://u@h:5432/db"
-        );
-        let err = parse("postgres://u:s3cret@h/db?sslmode=verify", None).unwrap_err().to_string();
-        assert!(err.contains("sslmode=verify is not") && !err.contains("s3cret"), "{err}");
-    }
-
-    #[test]
     fn tls_refusals_are_fatal_and_keep_their_hint() {
         let refused = Failure {
             action: "connect",
@@ -862,12 +737,6 @@ mod tests {
         assert!(!refused.transient());
         assert!(refused.connection_lost(), "mid-run, the batch is answered as for a lost connection");
         assert!(refused.into_error("t").to_string().ends_with("; fix sslrootcert"));
-    }
-
-    #[test]
-    fn a_separate_password_overrides_the_urls() {
-        let config = parse("postgres://u:inline@h/db", Some("from-file")).expect("parses");
-        assert_eq!(config.config.get_password(), Some(&b"from-file"[..]));
     }
 
     #[test]
