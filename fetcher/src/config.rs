@@ -204,6 +204,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where the ledger is kept, for people: the state directory or the JetStream bucket.
+    pub fn ledger_location(&self) -> String {
+        match self.ledger {
+            LedgerKind::File => self.state_dir.display().to_string(),
+            LedgerKind::Kv => format!("JetStream bucket {}", self.kv_bucket),
+        }
+    }
+
     /// A configuration for `input` with defaults (tests and tools).
     pub fn new(input: impl Into<PathBuf>, nats: NatsArgs) -> Self {
         Config {

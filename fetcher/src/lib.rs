@@ -35,7 +35,7 @@ use events::Publisher;
 use ledger::LedgerStats;
 use metrics::FetcherMetrics;
 use server::{Io, Server};
-use store::{FileStore, KvStore, LedgerStore, OtherRun, RunRecord};
+use store::{FileStore, KvStore, LedgerStore, OtherRun, Recovered, RunRecord};
 
 /// Why the fetcher stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -224,13 +224,33 @@ pub async fn load_input(
     }
     let done = CancellationToken::new();
     let reporter = tokio::spawn(scan::report(source.clone(), metrics.clone(), done.clone()));
+    let index = scan_in_pool(config, job, transform, source, &input).await;
+    done.cancel();
+    let _ = reporter.await;
+    let index = index?;
+    if index.bom {
+        tracing::info!("input {} starts with a UTF-8 byte-order mark; skipped", index.input);
+    }
+    apply_bad_records(config.bad_records, &index)?;
+    Ok(index)
+}
+
+/// Scans `source` under `job` on the blocking pool: the records' checks, the duplicate-id check
+/// (bounded by `--duplicate-check-memory`, spilling into the state directory) and the chunks.
+async fn scan_in_pool(
+    config: &Config,
+    job: &Job,
+    transform: Option<std::sync::Arc<dyn Transform>>,
+    source: input::Source,
+    input: &str,
+) -> Result<InputIndex, FetcherError> {
     let chunk_size = config.chunk_size;
     let id_field = job.id_field.clone().filter(|_| !config.no_duplicate_check);
     let fingerprint = job.fingerprint();
     let dup_memory = config.duplicate_check_memory.saturating_mul(1 << 20) as usize;
     let spill_dir = config.state_dir.clone();
-    let scanned_input = input.clone();
-    let index = tokio::task::spawn_blocking(move || {
+    let input = input.to_string();
+    tokio::task::spawn_blocking(move || {
         let check = |record: &[u8]| transform.as_ref().map_or(Ok(()), |t| t.check(record));
         let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.extract(record));
         let options = ScanOptions {
@@ -240,46 +260,47 @@ pub async fn load_input(
             dup_memory,
             spill_dir: Some(&spill_dir),
         };
-        common::input::scan_source(std::sync::Arc::new(source), &scanned_input, chunk_size, &options)
+        common::input::scan_source(std::sync::Arc::new(source), &input, chunk_size, &options)
     })
     .await
-    .map_err(|e| FetcherError::Scan(e.to_string()));
-    done.cancel();
-    let _ = reporter.await;
-    let index = index??;
-    if index.bom {
-        tracing::info!("input {} starts with a UTF-8 byte-order mark; skipped", index.input);
+    .map_err(|e| FetcherError::Scan(e.to_string()))?
+    .map_err(FetcherError::from)
+}
+
+/// The bad-records policy: with `fail`, invalid records stop the run before it starts (the
+/// first 20 listed); with `skip`, each is logged and left out.
+fn apply_bad_records(policy: BadRecords, index: &InputIndex) -> Result<(), FetcherError> {
+    if index.bad.is_empty() {
+        return Ok(());
     }
-    if !index.bad.is_empty() {
-        let listing: String = index
-            .bad
-            .iter()
-            .take(20)
-            .map(|b| format!("  {}: {}\n", index.locate(b), b.error))
-            .chain((index.bad.len() > 20).then(|| format!("  ... and {} more\n", index.bad.len() - 20)))
-            .collect();
-        match config.bad_records {
-            BadRecords::Fail => {
-                return Err(FetcherError::BadRecords {
-                    path: index.input.clone(),
-                    count: index.bad.len(),
-                    listing: listing.trim_end().to_string(),
-                })
+    match policy {
+        BadRecords::Fail => {
+            let listing: String = index
+                .bad
+                .iter()
+                .take(20)
+                .map(|b| format!("  {}: {}\n", index.locate(b), b.error))
+                .chain((index.bad.len() > 20).then(|| format!("  ... and {} more\n", index.bad.len() - 20)))
+                .collect();
+            Err(FetcherError::BadRecords {
+                path: index.input.clone(),
+                count: index.bad.len(),
+                listing: listing.trim_end().to_string(),
+            })
+        }
+        BadRecords::Skip => {
+            for bad in &index.bad {
+                tracing::warn!(
+                    line = bad.line,
+                    "skipping invalid record in {}, {}: {}",
+                    index.input,
+                    index.locate(bad),
+                    bad.error
+                );
             }
-            BadRecords::Skip => {
-                for bad in &index.bad {
-                    tracing::warn!(
-                        line = bad.line,
-                        "skipping invalid record in {}, {}: {}",
-                        index.input,
-                        index.locate(bad),
-                        bad.error
-                    );
-                }
-            }
+            Ok(())
         }
     }
-    Ok(index)
 }
 
 /// Refuses to start a run while an unfinished run of the same input with another job is in the
@@ -350,45 +371,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let client = service.connect(&config.nats, &shutdown).await?;
     let name = service.name.clone();
     let (job, transform) = load_job(&config)?;
-    let input_metrics = scan::InputMetrics::new(&metrics.common.registry);
+    let input_metrics = scan::InputMetrics::new(metrics.common.maker());
     let scan_started = std::time::Instant::now();
     let index = load_input(&config, &job, transform, &input_metrics).await?;
     let scan = scan_started.elapsed();
-    let input_bytes: u64 = index.parts.iter().map(|p| p.len).sum();
-    tracing::info!(
-        run = %index.run_id,
-        "input {}: {} objects in {} chunks of up to {} ({} invalid records skipped), {:.1} MB scanned in {:.2} s ({:.0} MB/s); job: {}",
-        index.input,
-        index.objects,
-        index.chunks.len(),
-        index.chunk_size,
-        index.bad.len(),
-        input_bytes as f64 / 1e6,
-        scan.as_secs_f64(),
-        input_bytes as f64 / 1e6 / seconds(scan),
-        job.describe()
-    );
-    let record = RunRecord {
-        run: index.run_id.clone(),
-        input: index.input.clone(),
-        content: index.content.clone(),
-        chunk_size: index.chunk_size,
-        chunks: index.chunks.len() as u64,
-        objects: index.objects,
-        job: serde_json::to_value(&job).unwrap_or_default(),
-        describe: job.describe(),
-    };
-    let (store, recovered, others) = match config.ledger {
-        config::LedgerKind::File => {
-            let (store, recovered, others) = FileStore::open(&config.state_dir, &record)?;
-            (LedgerStore::File(store), recovered, others)
-        }
-        config::LedgerKind::Kv => {
-            let (store, recovered, others) =
-                KvStore::open(&client, &config.kv_bucket, &record, &name, config.lock_ttl, config.kv_replicas).await?;
-            (LedgerStore::Kv(Box::new(store)), recovered, others)
-        }
-    };
+    log_scan(&index, scan, &job);
+    let record = run_record(&index, &job);
+    let (store, recovered, others) = open_store(&config, &client, &record, &name).await?;
     check_other_runs(&config, &record, &others)?;
     store.record_run(&record).await?;
     let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
@@ -414,6 +403,59 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         write_summary(&path, &summary)?;
     }
     Ok(summary)
+}
+
+/// The scan's one summary line.
+fn log_scan(index: &InputIndex, scan: Duration, job: &Job) {
+    let input_bytes: u64 = index.parts.iter().map(|p| p.len).sum();
+    tracing::info!(
+        run = %index.run_id,
+        "input {}: {} objects in {} chunks of up to {} ({} invalid records skipped), {:.1} MB scanned in {:.2} s ({:.0} MB/s); job: {}",
+        index.input,
+        index.objects,
+        index.chunks.len(),
+        index.chunk_size,
+        index.bad.len(),
+        input_bytes as f64 / 1e6,
+        scan.as_secs_f64(),
+        input_bytes as f64 / 1e6 / seconds(scan),
+        job.describe()
+    );
+}
+
+/// What the store records about this run.
+fn run_record(index: &InputIndex, job: &Job) -> RunRecord {
+    RunRecord {
+        run: index.run_id.clone(),
+        input: index.input.clone(),
+        content: index.content.clone(),
+        chunk_size: index.chunk_size,
+        chunks: index.chunks.len() as u64,
+        objects: index.objects,
+        job: serde_json::to_value(job).unwrap_or_default(),
+        describe: job.describe(),
+    }
+}
+
+/// Opens the ledger's store (`--ledger`): what it recovered of this run, and the other runs it
+/// holds.
+async fn open_store(
+    config: &Config,
+    client: &async_nats::Client,
+    record: &RunRecord,
+    name: &str,
+) -> Result<(LedgerStore, Recovered, Vec<OtherRun>), FetcherError> {
+    Ok(match config.ledger {
+        config::LedgerKind::File => {
+            let (store, recovered, others) = FileStore::open(&config.state_dir, record)?;
+            (LedgerStore::File(store), recovered, others)
+        }
+        config::LedgerKind::Kv => {
+            let (store, recovered, others) =
+                KvStore::open(client, &config.kv_bucket, record, name, config.lock_ttl, config.kv_replicas).await?;
+            (LedgerStore::Kv(Box::new(store)), recovered, others)
+        }
+    })
 }
 
 /// The `status` endpoint (`fetcher status`) of the fetcher's NATS micro service, if the server

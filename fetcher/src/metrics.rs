@@ -3,8 +3,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::metrics::{register, CommonMetrics};
-use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+use common::metrics::CommonMetrics;
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 
 use crate::ledger::{Ledger, LedgerStats};
 
@@ -38,80 +38,40 @@ fn unix_now() -> f64 {
 
 impl FetcherMetrics {
     /// Registers the fetcher's metrics.
-    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
         let common = CommonMetrics::new("fetcher");
-        let r = &common.registry;
-        let counter = |name: &str, help: &str| register(r, IntCounter::new(name, help).expect("valid metric"));
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            register(r, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
-        };
+        let m = common.maker();
         let metrics = FetcherMetrics {
-            chunks: register(
-                r,
-                IntGaugeVec::new(Opts::new("chunkmill_fetcher_chunks", "Chunks of the run by state"), &["state"])
-                    .expect("valid metric"),
+            chunks: m.int_gauge_vec("chunkmill_fetcher_chunks", "Chunks of the run by state", "state"),
+            run_objects: m.int_gauge("chunkmill_fetcher_run_objects", "Valid objects in the run"),
+            run_objects_done: m.int_gauge("chunkmill_fetcher_run_objects_done", "Objects of the run durably saved"),
+            objects_done: m.counter("chunkmill_fetcher_objects_done_total", "Objects acknowledged as saved"),
+            eta: m.gauge("chunkmill_fetcher_eta_seconds", "Estimated seconds to completion at the current rate"),
+            leases: m.counter("chunkmill_fetcher_leases_granted_total", "Leases granted"),
+            expiries: m.counter("chunkmill_fetcher_lease_expiries_total", "Leases that expired"),
+            re_leases: m.counter("chunkmill_fetcher_re_leases_total", "Leases granted for chunks leased before"),
+            releases: m.counter_vec("chunkmill_fetcher_releases_total", "Leases handed back by mappers", "reason"),
+            acks: m.counter_vec("chunkmill_fetcher_acks_total", "Saver acknowledgements by verdict", "verdict"),
+            started: m.gauge("chunkmill_fetcher_run_start_timestamp_seconds", "When the run started (Unix time)"),
+            completed: m.gauge(
+                "chunkmill_fetcher_run_complete_timestamp_seconds",
+                "When the run completed (Unix time), 0 until then",
             ),
-            run_objects: register(
-                r,
-                IntGauge::new("chunkmill_fetcher_run_objects", "Valid objects in the run").expect("valid metric"),
-            ),
-            run_objects_done: register(
-                r,
-                IntGauge::new("chunkmill_fetcher_run_objects_done", "Objects of the run durably saved")
-                    .expect("valid metric"),
-            ),
-            objects_done: counter("chunkmill_fetcher_objects_done_total", "Objects acknowledged as saved"),
-            eta: register(
-                r,
-                Gauge::new("chunkmill_fetcher_eta_seconds", "Estimated seconds to completion at the current rate")
-                    .expect("valid metric"),
-            ),
-            leases: counter("chunkmill_fetcher_leases_granted_total", "Leases granted"),
-            expiries: counter("chunkmill_fetcher_lease_expiries_total", "Leases that expired"),
-            re_leases: counter("chunkmill_fetcher_re_leases_total", "Leases granted for chunks leased before"),
-            releases: counter_vec("chunkmill_fetcher_releases_total", "Leases handed back by mappers", "reason"),
-            acks: counter_vec("chunkmill_fetcher_acks_total", "Saver acknowledgements by verdict", "verdict"),
-            started: register(
-                r,
-                Gauge::new("chunkmill_fetcher_run_start_timestamp_seconds", "When the run started (Unix time)")
-                    .expect("valid metric"),
-            ),
-            completed: register(
-                r,
-                Gauge::new(
-                    "chunkmill_fetcher_run_complete_timestamp_seconds",
-                    "When the run completed (Unix time), 0 until then",
-                )
-                .expect("valid metric"),
-            ),
-            store_errors: counter(
+            store_errors: m.counter(
                 "chunkmill_fetcher_store_write_errors_total",
                 "Writes to the durable ledger that failed (a full disk, JetStream unavailable)",
             ),
-            store_ok: register(
-                r,
-                IntGauge::new(
-                    "chunkmill_fetcher_store_ok",
-                    "1 while the durable ledger can be written, 0 while it fails",
-                )
-                .expect("valid metric"),
-            ),
-            refused: counter_vec(
+            store_ok: m
+                .int_gauge("chunkmill_fetcher_store_ok", "1 while the durable ledger can be written, 0 while it fails"),
+            refused: m.counter_vec(
                 "chunkmill_fetcher_refused_requests_total",
                 "Well-formed requests refused to protect the fetcher, by reason",
                 "reason",
             ),
-            mappers: register(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "chunkmill_fetcher_mappers_asking",
-                        "Mappers that asked for work in the last 10 s, by whether they can run the run's job",
-                    ),
-                    &["able"],
-                )
-                .expect("valid metric"),
+            mappers: m.int_gauge_vec(
+                "chunkmill_fetcher_mappers_asking",
+                "Mappers that asked for work in the last 10 s, by whether they can run the run's job",
+                "able",
             ),
             common,
             seen: LedgerStats::default(),

@@ -9,10 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::metrics::register;
 use indicatif::{ProgressBar, ProgressStyle};
 use input::{FailureCallback, FailureKind, Location, Source, SourceError, SourceOptions};
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge};
 use tokio_util::sync::CancellationToken;
 
 /// The input's metrics.
@@ -25,28 +24,21 @@ pub struct InputMetrics {
 }
 
 impl InputMetrics {
-    /// Registers them in `registry`.
-    #[allow(clippy::expect_used)]
-    pub fn new(registry: &Registry) -> Self {
-        let gauge = |name: &str, help: &str| register(registry, IntGauge::new(name, help).expect("valid metric"));
-        let failures = register(
-            registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "chunkmill_fetcher_input_store_failures_total",
-                    "Transient input store failures (retried with backoff), by kind",
-                ),
-                &["kind"],
-            )
-            .expect("valid metric"),
+    /// Registers them with `m`.
+    pub fn new(m: common::metrics::Maker<'_>) -> Self {
+        let failures = m.counter_vec(
+            "chunkmill_fetcher_input_store_failures_total",
+            "Transient input store failures (retried with backoff), by kind",
+            "kind",
         );
         for kind in FailureKind::ALL {
             failures.with_label_values(&[kind.label()]);
         }
         InputMetrics {
-            scanned: gauge("chunkmill_fetcher_input_bytes_scanned", "Bytes of the input read by the scan so far"),
-            total: gauge("chunkmill_fetcher_input_bytes", "Stored bytes of the input (compressed size for .gz/.zst)"),
-            objects: gauge("chunkmill_fetcher_input_objects", "Objects (files) in the input"),
+            scanned: m.int_gauge("chunkmill_fetcher_input_bytes_scanned", "Bytes of the input read by the scan so far"),
+            total: m
+                .int_gauge("chunkmill_fetcher_input_bytes", "Stored bytes of the input (compressed size for .gz/.zst)"),
+            objects: m.int_gauge("chunkmill_fetcher_input_objects", "Objects (files) in the input"),
             failures,
         }
     }

@@ -29,7 +29,7 @@ use crate::ledger::{Ledger, ReleaseOutcome};
 use crate::metrics::FetcherMetrics;
 use crate::poison::{Suspects, Verdict};
 use crate::progress::{milestone, Progress};
-use crate::store::{Entry, LedgerStore, Recovered, StoreHealth};
+use crate::store::{DeadLetter, Entry, LedgerStore, Recovered, StoreHealth};
 use crate::{FetcherError, RunSummary};
 
 /// Longest a work request is held when nothing is pending (the mapper asks again after that).
@@ -116,7 +116,7 @@ pub struct Server {
     /// every tick, and only then dead.
     dying: Vec<(ChunkId, String)>,
     /// Dead-letter records for people that could not be written yet: retried every tick.
-    unwritten_records: VecDeque<serde_json::Value>,
+    unwritten_records: VecDeque<DeadLetter>,
     /// Whether the durable store works, for readiness, a metric and one log line per outage.
     health: StoreHealth,
     /// Rate limit for warnings about what peers send.
@@ -153,6 +153,32 @@ pub struct Server {
     refused_markers: (RefusedMarkers, tokio::sync::mpsc::UnboundedReceiver<(ChunkId, String)>),
 }
 
+/// The ledger of `index` with what the store `recovered` marked done and dead, and the dead
+/// chunks whose record must be sent to the sink again: which of them have theirs in the sink is
+/// not in the ledger, so all are sent (saving one twice is a duplicate).
+fn resume(index: &InputIndex, recovered: &Recovered) -> (Ledger, HashSet<ChunkId>) {
+    let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
+    for chunk in &recovered.done {
+        ledger.mark_done(*chunk);
+    }
+    for chunk in &recovered.dead {
+        ledger.dead_letter(*chunk);
+    }
+    let unmarked =
+        recovered.dead.iter().copied().filter(|c| ledger.state(*c) == Some(crate::ledger::ChunkState::Dead)).collect();
+    (ledger, unmarked)
+}
+
+/// The subscriptions the fetcher serves.
+struct Inbox {
+    work: async_nats::Subscriber,
+    job: async_nats::Subscriber,
+    extend: async_nats::Subscriber,
+    release: async_nats::Subscriber,
+    ack: async_nats::Subscriber,
+    status: futures::stream::BoxStream<'static, async_nats::service::Request>,
+}
+
 /// Where marker tasks report a dead chunk whose record the sink refused, with its error.
 type RefusedMarkers = tokio::sync::mpsc::UnboundedSender<(ChunkId, String)>;
 
@@ -168,31 +194,13 @@ impl Server {
     ) -> Result<Self, FetcherError> {
         let Io { client, metrics, events, ready, status, page } = io;
         let reader = ChunkReader::open(&index)?;
-        let mut ledger = Ledger::new(index.chunks.iter().map(|c| c.objects).collect());
-        let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
-        for chunk in &recovered.done {
-            ledger.mark_done(*chunk);
-        }
-        for chunk in &recovered.dead {
-            ledger.dead_letter(*chunk);
-        }
-        // Which dead chunks have their record in the sink is not in the ledger: send them all
-        // again (saving one twice is a duplicate).
-        let unmarked: HashSet<ChunkId> = recovered
-            .dead
-            .iter()
-            .copied()
-            .filter(|c| ledger.state(*c) == Some(crate::ledger::ChunkState::Dead))
-            .collect();
-        if !fresh {
+        let (ledger, unmarked) = resume(&index, &recovered);
+        if !(recovered.done.is_empty() && recovered.dead.is_empty()) {
             tracing::info!(
                 run = %index.run_id,
                 "resuming run {} from {}: {} chunks already done, {} dead-lettered, {} to go",
                 index.run_id,
-                match config.ledger {
-                    crate::config::LedgerKind::File => config.state_dir.display().to_string(),
-                    crate::config::LedgerKind::Kv => format!("JetStream bucket {}", config.kv_bucket),
-                },
+                config.ledger_location(),
                 ledger.done(),
                 ledger.dead(),
                 ledger.pending()
@@ -239,13 +247,14 @@ impl Server {
     /// Lists a fresh run's skipped input records in the dead-letter record.
     pub async fn record_bad_records(&self) -> Result<(), FetcherError> {
         for bad in &self.index.bad {
-            let mut record = serde_json::json!({
-                "kind": "bad_record", "run": self.index.run_id, "input": self.index.input,
-                "line": bad.line, "error": bad.error,
-            });
-            if let (true, Some(part)) = (self.index.parts.len() > 1, self.index.parts.get(bad.object as usize)) {
-                record["object"] = part.name.clone().into();
-            }
+            let several = self.index.parts.len() > 1;
+            let record = DeadLetter::BadRecord {
+                run: self.index.run_id.clone(),
+                input: self.index.input.clone(),
+                object: self.index.parts.get(bad.object as usize).filter(|_| several).map(|part| part.name.clone()),
+                line: bad.line,
+                error: bad.error.clone(),
+            };
             self.store.dead_letter(&record).await?;
         }
         if !self.index.bad.is_empty() {
@@ -334,24 +343,8 @@ impl Server {
 
     /// Serves until the run is complete (with `--exit-when-done`) or `shutdown`.
     pub async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
-        let mut work = self.subscribe(&self.subjects.work).await?;
-        let mut job = self.subscribe(&self.subjects.job).await?;
-        let mut extend = self.subscribe(&self.subjects.extend).await?;
-        let mut release = self.subscribe(&self.subjects.release).await?;
-        let mut ack = self.subscribe(&self.subjects.ack).await?;
-        let mut status: futures::stream::BoxStream<'static, async_nats::service::Request> = match self.status.take() {
-            Some(endpoint) => endpoint.boxed(),
-            None => futures::stream::pending().boxed(),
-        };
+        let mut inbox = self.inbox().await?;
         self.metrics.start(self.index.objects);
-        let subjects = &self.subjects;
-        self.metrics.common.watch_subjects(&[
-            &subjects.work,
-            &subjects.job,
-            &subjects.extend,
-            &subjects.release,
-            &subjects.ack,
-        ]);
         self.health.ready.store(true, Ordering::Relaxed);
         for chunk in self.unmarked.clone() {
             self.send_marker(chunk, "dead-lettered before this fetcher started (see the dead-letter record)".into());
@@ -367,21 +360,14 @@ impl Server {
                     let why = self.lock.as_ref().map(|lock| lock.why()).unwrap_or_default();
                     break Err(FetcherError::LockLost(why));
                 }
-                Some(message) = ack.next() => if self.serving() { self.on_ack(message).await },
-                Some(message) = extend.next() => if self.serving() { self.on_extend(message).await },
-                Some(message) = release.next() => if self.serving() { self.on_release(message).await },
-                Some(message) = job.next() => if self.serving() { self.on_job(message).await },
-                Some(message) = work.next() => if self.serving() { self.on_work(message).await },
-                Some(request) = status.next() => self.on_status(request).await,
+                Some(message) = inbox.ack.next() => if self.serving() { self.on_ack(message).await },
+                Some(message) = inbox.extend.next() => if self.serving() { self.on_extend(message).await },
+                Some(message) = inbox.release.next() => if self.serving() { self.on_release(message).await },
+                Some(message) = inbox.job.next() => if self.serving() { self.on_job(message).await },
+                Some(message) = inbox.work.next() => if self.serving() { self.on_work(message).await },
+                Some(request) = inbox.status.next() => self.on_status(request).await,
                 Some(reply) = self.page.recv() => drop(reply.send(self.status())),
-                Some((chunk, error)) = self.refused_markers.1.recv() => {
-                    tracing::error!(
-                        chunk = chunk.0,
-                        "the sink refused the record of dead-lettered chunk {chunk} ({}); the run does not wait for it, and verify will report its objects missing",
-                        escaped(&error)
-                    );
-                    self.unmarked.remove(&chunk);
-                }
+                Some((chunk, error)) = self.refused_markers.1.recv() => self.on_refused_marker(chunk, &error),
                 _ = tick.tick() => self.on_tick().await,
             }
             self.check_milestone();
@@ -395,6 +381,46 @@ impl Server {
                 }
             }
         };
+        self.wind_down(outcome).await
+    }
+
+    /// Subscribes to every subject the fetcher answers, and takes the `status` endpoint.
+    async fn inbox(&mut self) -> Result<Inbox, FetcherError> {
+        let subjects = &self.subjects;
+        let inbox = Inbox {
+            work: self.subscribe(&subjects.work).await?,
+            job: self.subscribe(&subjects.job).await?,
+            extend: self.subscribe(&subjects.extend).await?,
+            release: self.subscribe(&subjects.release).await?,
+            ack: self.subscribe(&subjects.ack).await?,
+            status: match self.status.take() {
+                Some(endpoint) => endpoint.boxed(),
+                None => futures::stream::pending().boxed(),
+            },
+        };
+        let subjects = &self.subjects;
+        self.metrics.common.watch_subjects(&[
+            &subjects.work,
+            &subjects.job,
+            &subjects.extend,
+            &subjects.release,
+            &subjects.ack,
+        ]);
+        Ok(inbox)
+    }
+
+    /// A dead chunk's record the sink refused: the run does not wait for it.
+    fn on_refused_marker(&mut self, chunk: ChunkId, error: &str) {
+        tracing::error!(
+            chunk = chunk.0,
+            "the sink refused the record of dead-lettered chunk {chunk} ({}); the run does not wait for it, and verify will report its objects missing",
+            escaped(error)
+        );
+        self.unmarked.remove(&chunk);
+    }
+
+    /// After serving: the last replies and events leave, then the summary (or the error).
+    async fn wind_down(mut self, outcome: Result<(), FetcherError>) -> Result<RunSummary, FetcherError> {
         self.markers.cancel();
         // Make sure the last replies (acks, "done") leave before we go.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
@@ -642,16 +668,7 @@ impl Server {
                 break;
             }
             if protocol::chunks_reply_overhead(&head) + entry > max_payload {
-                tracing::error!(
-                    chunk = lease.0.0,
-                    "chunk {} (input line {}) is {} bytes, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it. Lower --chunk-size or raise max_payload",
-                    lease.0,
-                    chunk.first_line,
-                    entry
-                );
-                let error =
-                    format!("chunk is {entry} bytes, over the NATS server's max_payload of {max_payload} bytes");
-                self.dead_letter(lease.0, &error).await;
+                self.dead_letter_oversized(&chunk, entry, max_payload).await;
                 continue;
             }
             if chunk.attempt > 1 {
@@ -676,6 +693,19 @@ impl Server {
         let body = protocol::encode_chunks_reply(&head, &chunks);
         self.reply(&waiter.reply, body.into()).await;
         true
+    }
+
+    /// A chunk too large for any reply under the server's `max_payload` (`entry` bytes with its
+    /// head): dead-lettered at once, since no retry can make it fit.
+    async fn dead_letter_oversized(&mut self, chunk: &ChunkHead, entry: usize, max_payload: usize) {
+        tracing::error!(
+            chunk = chunk.chunk.0,
+            "chunk {} (input line {}) is {entry} bytes, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it. Lower --chunk-size or raise max_payload",
+            chunk.chunk,
+            chunk.first_line,
+        );
+        let error = format!("chunk is {entry} bytes, over the NATS server's max_payload of {max_payload} bytes");
+        self.dead_letter(chunk.chunk, &error).await;
     }
 
     /// Leases the next chunk `waiter` may have and reads its objects from the input.
@@ -1012,10 +1042,14 @@ impl Server {
         self.ledger.dead_letter(chunk);
         let span = self.index.chunks[chunk.index()];
         let ids: Vec<Option<String>> = self.chunk_ids(chunk);
-        let record = serde_json::json!({
-            "kind": "chunk", "run": self.index.run_id, "chunk": chunk, "first_line": span.first_line,
-            "objects": span.objects, "ids": ids.iter().flatten().collect::<Vec<_>>(), "error": error,
-        });
+        let record = DeadLetter::Chunk {
+            run: self.index.run_id.clone(),
+            chunk,
+            first_line: span.first_line,
+            objects: span.objects,
+            ids: ids.into_iter().flatten().collect(),
+            error: error.to_string(),
+        };
         self.unwritten_records.push_back(record);
         self.write_records().await;
         self.unmarked.insert(chunk);

@@ -67,6 +67,51 @@ impl RunRecord {
     }
 }
 
+/// One entry of a run's dead-letter record, for people (`<run>.dead-letter.jsonl`, or the
+/// `<run>.dl.*` keys of `--ledger kv`): an invalid input record left out, or a chunk given up on.
+/// docs/PROTOCOL.md describes the format.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeadLetter {
+    /// An input record that is not valid, skipped (`--bad-records skip`).
+    BadRecord {
+        /// The run.
+        run: String,
+        /// The input, as given.
+        input: String,
+        /// The input object (file or key) it is in, when the input has several.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        object: Option<String>,
+        /// 1-based line where it starts, within its object.
+        line: u64,
+        /// What is wrong with it.
+        error: String,
+    },
+    /// A chunk given up on after its attempts.
+    Chunk {
+        /// The run.
+        run: String,
+        /// The chunk.
+        chunk: ChunkId,
+        /// The line of its first object.
+        first_line: u64,
+        /// Objects in it.
+        objects: u32,
+        /// Its objects' ids (the job's id field), where they could be read.
+        ids: Vec<String>,
+        /// Why it was given up on.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for DeadLetter {
+    /// One line of JSON, as the record stores it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let line = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(&line)
+    }
+}
+
 /// Another run of the same input in the store, and how far it got.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OtherRun {
@@ -253,7 +298,7 @@ impl FileStore {
     }
 
     /// Appends one JSON record to the run's dead-letter file (for people; made durable).
-    pub fn dead_letter(&self, record: &serde_json::Value) -> Result<(), StoreError> {
+    pub fn dead_letter(&self, record: &DeadLetter) -> Result<(), StoreError> {
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -493,7 +538,7 @@ impl KvStore {
             .map_err(|e| kv_error("write", self.kv.name.as_str(), e))
     }
 
-    async fn dead_letter(&self, record: &serde_json::Value) -> Result<(), StoreError> {
+    async fn dead_letter(&self, record: &DeadLetter) -> Result<(), StoreError> {
         let key = format!("{}.dl.{}", self.run, uuid::Uuid::new_v4().simple());
         self.kv
             .put(key, record.to_string().into())
@@ -530,7 +575,7 @@ impl LedgerStore {
     }
 
     /// Adds a record for people to the dead-letter list.
-    pub async fn dead_letter(&self, record: &serde_json::Value) -> Result<(), StoreError> {
+    pub async fn dead_letter(&self, record: &DeadLetter) -> Result<(), StoreError> {
         match self {
             LedgerStore::File(store) => store.dead_letter(record),
             LedgerStore::Kv(store) => store.dead_letter(record).await,
