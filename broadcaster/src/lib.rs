@@ -177,24 +177,14 @@ async fn set_up_until(
     }
 }
 
+/// The events stream with the replicas' durable consumer, and the bucket of claims, created or
+/// brought to the configured settings.
 async fn set_up(
     js: &jetstream::Context,
     config: &Config,
 ) -> Result<(PullConsumer, jetstream::kv::Store), BroadcasterError> {
     let replicas = config.jetstream_replicas;
-    let setup = |what: &'static str, name: &str| {
-        let name = name.to_string();
-        move |error: &(dyn std::error::Error + 'static)| match common::jetstream::ReplicasRefused::of(error) {
-            Some(refused) => BroadcasterError::Replicas {
-                what,
-                name,
-                replicas,
-                why: refused.describe(replicas),
-                permanent: refused.is_permanent(),
-            },
-            None => BroadcasterError::Setup { what, name, error: error.to_string() },
-        }
-    };
+    let stream_error = setup_error("stream", &config.stream, replicas);
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
             name: config.stream.clone(),
@@ -206,10 +196,8 @@ async fn set_up(
             ..Default::default()
         })
         .await
-        .map_err(|e| setup("stream", &config.stream)(&e))?;
-    set_replicas(js, stream.cached_info().config.clone(), replicas)
-        .await
-        .map_err(|e| setup("stream", &config.stream)(&e))?;
+        .map_err(|e| stream_error(&e))?;
+    set_replicas(js, stream.cached_info().config.clone(), replicas).await.map_err(|e| stream_error(&e))?;
     // Create-or-update: every replica asks for the same settings, and a changed setting (a new
     // ack wait) applies on the next rollout.
     let consumer = stream
@@ -224,14 +212,20 @@ async fn set_up(
             ..Default::default()
         })
         .await
-        .map_err(|e| setup("consumer", &config.consumer)(&e))?;
-    let kv = match js.get_key_value(&config.dedup_bucket).await {
+        .map_err(|e| setup_error("consumer", &config.consumer, replicas)(&e))?;
+    Ok((consumer, claims_bucket(js, config).await?))
+}
+
+/// The key-value bucket of claims (one key per event ever claimed), created or brought to the
+/// configured replicas.
+async fn claims_bucket(js: &jetstream::Context, config: &Config) -> Result<jetstream::kv::Store, BroadcasterError> {
+    let replicas = config.jetstream_replicas;
+    let error = setup_error("key-value bucket", &config.dedup_bucket, replicas);
+    match js.get_key_value(&config.dedup_bucket).await {
         Ok(kv) => {
-            let status = kv.status().await.map_err(|e| setup("key-value bucket", &config.dedup_bucket)(&e))?;
-            set_replicas(js, status.info.config, replicas)
-                .await
-                .map_err(|e| setup("key-value bucket", &config.dedup_bucket)(&e))?;
-            kv
+            let status = kv.status().await.map_err(|e| error(&e))?;
+            set_replicas(js, status.info.config, replicas).await.map_err(|e| error(&e))?;
+            Ok(kv)
         }
         Err(_) => js
             .create_key_value(jetstream::kv::Config {
@@ -246,9 +240,28 @@ async fn set_up(
                 ..Default::default()
             })
             .await
-            .map_err(|e| setup("key-value bucket", &config.dedup_bucket)(&e))?,
-    };
-    Ok((consumer, kv))
+            .map_err(|e| error(&e)),
+    }
+}
+
+/// The error for a failed set-up of `what` called `name`: a refused replica count says why and
+/// whether waiting can help.
+fn setup_error(
+    what: &'static str,
+    name: &str,
+    replicas: usize,
+) -> impl Fn(&(dyn std::error::Error + 'static)) -> BroadcasterError {
+    let name = name.to_string();
+    move |error| match common::jetstream::ReplicasRefused::of(error) {
+        Some(refused) => BroadcasterError::Replicas {
+            what,
+            name: name.clone(),
+            replicas,
+            why: refused.describe(replicas),
+            permanent: refused.is_permanent(),
+        },
+        None => BroadcasterError::Setup { what, name: name.clone(), error: error.to_string() },
+    }
 }
 
 /// Changes an existing stream (or a bucket's stream) to `replicas` copies, nothing else, if it
@@ -348,17 +361,33 @@ impl Worker {
         };
         let id = &event.id;
         let key = dedup_key(id);
+        if !self.claim(&message, id, &key).await {
+            return;
+        }
+        let record = self.send(&message, &event).await;
+        // Informative only (the claim alone prevents a second send), so a failure is harmless.
+        if let Err(e) = self.kv.put(&key, record.into()).await {
+            tracing::debug!(event = %id, "cannot record the outcome of event {id}: {e}");
+        }
+        ack(&message, AckKind::Ack).await;
+    }
+}
+
+impl Worker {
+    /// Claims event `id` under `key`, so no other delivery or replica sends it. False when it
+    /// must not be sent now (already claimed, or the claim's fate is unknown); the message is
+    /// then answered.
+    async fn claim(&self, message: &jetstream::Message, id: &str, key: &str) -> bool {
         let claim = format!("claimed by {} at {}", self.instance, common::events::unix_ms());
-        let claimed = tokio::time::timeout(CLAIM_TIMEOUT, self.kv.create(&key, claim.into())).await;
-        match claimed {
-            Ok(Ok(_)) => {}
+        match tokio::time::timeout(CLAIM_TIMEOUT, self.kv.create(key, claim.into())).await {
+            Ok(Ok(_)) => true,
             Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => {
                 // A redelivery, the same fact emitted twice, or our own claim whose answer was
                 // lost: in every case someone (maybe nobody, if it died) has it. Never send.
                 tracing::info!(event = %id, "event {id} was already claimed; not sending it again");
                 self.metrics.duplicates.inc();
-                ack(&message, AckKind::Ack).await;
-                return;
+                ack(message, AckKind::Ack).await;
+                false
             }
             outcome => {
                 let why = match outcome {
@@ -369,17 +398,22 @@ impl Worker {
                 // duplicate. Leave it to a redelivery, which sends it unless the claim exists.
                 tracing::warn!(event = %id, "cannot claim event {id} ({why}); not sending it now, it will be redelivered");
                 self.metrics.claim_errors.inc();
-                ack(&message, AckKind::Nak(Some(Duration::from_secs(2)))).await;
-                return;
+                ack(message, AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                false
             }
         }
-        let text = message::render(&event);
+    }
+
+    /// Sends a claimed event to the chat: the outcome, as its claim's record.
+    async fn send(&self, message: &jetstream::Message, event: &common::events::Event) -> String {
+        let id = &event.id;
+        let text = message::render(event);
         let started = Instant::now();
-        let report = with_progress(&message, self.progress_every, self.sender.send(&self.target, &text)).await;
+        let report = with_progress(message, self.progress_every, self.sender.send(&self.target, &text)).await;
         self.metrics.send_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.retries.inc_by(u64::from(report.attempts.saturating_sub(1)));
         self.metrics.rate_limited.inc_by(u64::from(report.rate_limited));
-        let record = match &report.outcome {
+        match &report.outcome {
             Ok(()) => {
                 self.metrics.sent.with_label_values(&[event.kind()]).inc();
                 tracing::info!(event = %id, "sent event {id} ({}) to {}", event.kind(), self.target.describe());
@@ -397,12 +431,7 @@ impl Worker {
                 );
                 format!("failed by {} at {}: {}", self.instance, common::events::unix_ms(), reason.label())
             }
-        };
-        // Informative only (the claim alone prevents a second send), so a failure is harmless.
-        if let Err(e) = self.kv.put(&key, record.into()).await {
-            tracing::debug!(event = %id, "cannot record the outcome of event {id}: {e}");
         }
-        ack(&message, AckKind::Ack).await;
     }
 }
 

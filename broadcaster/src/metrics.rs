@@ -2,8 +2,8 @@
 //! Labels are low-cardinality (event kinds, failure reasons); no event id or URL ever becomes a
 //! label.
 
-use common::metrics::{register, CommonMetrics};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+use common::metrics::CommonMetrics;
+use prometheus::{Histogram, IntCounter, IntCounterVec};
 
 use crate::send::FailReason;
 
@@ -32,48 +32,39 @@ pub struct BroadcasterMetrics {
 
 impl BroadcasterMetrics {
     /// Registers the metrics.
-    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
         let common = CommonMetrics::new("broadcaster");
-        let r = &common.registry;
-        let counter = |name: &str, help: &str| register(r, IntCounter::new(name, help).expect("valid metric"));
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            register(r, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
-        };
+        let m = common.maker();
         let metrics = BroadcasterMetrics {
-            received: counter(
+            received: m.counter(
                 "chunkmill_broadcaster_events_received_total",
                 "Event deliveries taken from the stream (redeliveries included)",
             ),
-            sent: counter_vec(
+            sent: m.counter_vec(
                 "chunkmill_broadcaster_events_sent_total",
                 "Messages delivered to the chat, by event kind",
                 "kind",
             ),
-            duplicates: counter(
+            duplicates: m.counter(
                 "chunkmill_broadcaster_events_skipped_duplicate_total",
                 "Events not sent because they were already claimed (a redelivery or a repeat)",
             ),
-            failed: counter_vec("chunkmill_broadcaster_events_failed_total", "Messages given up, by reason", "reason"),
-            claim_errors: counter(
+            failed: m.counter_vec(
+                "chunkmill_broadcaster_events_failed_total",
+                "Messages given up, by reason",
+                "reason",
+            ),
+            claim_errors: m.counter(
                 "chunkmill_broadcaster_claim_errors_total",
                 "Claims that failed for another reason than 'already claimed'; the event is redelivered",
             ),
-            retries: counter(
-                "chunkmill_broadcaster_http_retries_total",
-                "HTTP requests retried (429, 5xx, no connection)",
-            ),
-            rate_limited: counter("chunkmill_broadcaster_http_429_total", "HTTP 429 Too Many Requests answers"),
-            send_seconds: register(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "chunkmill_broadcaster_send_seconds",
-                        "Time to deliver or give up one message, retries and waits included",
-                    )
-                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
-                )
-                .expect("valid metric"),
+            retries: m
+                .counter("chunkmill_broadcaster_http_retries_total", "HTTP requests retried (429, 5xx, no connection)"),
+            rate_limited: m.counter("chunkmill_broadcaster_http_429_total", "HTTP 429 Too Many Requests answers"),
+            send_seconds: m.histogram(
+                "chunkmill_broadcaster_send_seconds",
+                "Time to deliver or give up one message, retries and waits included",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
             ),
             common,
         };

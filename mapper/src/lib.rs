@@ -115,6 +115,48 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(
+        client: Client,
+        subjects: Subjects,
+        name: String,
+        pool: rayon::ThreadPool,
+        jobs: jobs::Jobs,
+        metrics: metrics::MapperMetrics,
+    ) -> Self {
+        Shared {
+            client,
+            subjects,
+            name,
+            pool,
+            jobs,
+            held: Mutex::default(),
+            lease_ms: AtomicU64::new(5000),
+            chunks: AtomicU64::new(0),
+            objects: AtomicU64::new(0),
+            given_back: AtomicU64::new(0),
+            metrics,
+            new_lease: tokio::sync::Notify::new(),
+            hard_stop: CancellationToken::new(),
+        }
+    }
+
+    /// What this mapper did, logged.
+    fn summary(&self) -> MapperSummary {
+        let summary = MapperSummary {
+            chunks: self.chunks.load(Ordering::Relaxed),
+            objects: self.objects.load(Ordering::Relaxed),
+            given_back: self.given_back.load(Ordering::Relaxed),
+        };
+        tracing::info!(
+            "mapper {} stopped: {} chunks, {} objects saved, {} given back",
+            escaped(&self.name),
+            summary.chunks,
+            summary.objects,
+            summary.given_back
+        );
+        summary
+    }
+
     fn hold(&self, lease: LeaseRef) {
         if let Ok(mut held) = self.held.lock() {
             held.insert(lease, Held { alive: true, confirmed: Instant::now() });
@@ -177,10 +219,10 @@ pub async fn run_with(
         .thread_name(|i| format!("transform-{i}"))
         .build()
         .map_err(|source| MapperError::Pool { threads, source })?;
-    let mut registry = registry.with_command_options(config.command_options());
-    for command in &config.commands {
-        registry = registry.with_command(command.clone());
-    }
+    let registry = config
+        .commands
+        .iter()
+        .fold(registry.with_command_options(config.command_options()), |r, c| r.with_command(c.clone()));
     let metrics = metrics::MapperMetrics::new();
     let subjects = Subjects::new(&config.nats.subject_prefix);
     metrics.common.watch_subjects(&[&subjects.work]);
@@ -206,43 +248,10 @@ pub async fn run_with(
         config.concurrency,
         config.results_in_flight
     );
-    let shared = Arc::new(Shared {
-        jobs: jobs::Jobs::new(registry),
-        client,
-        subjects,
-        name,
-        pool,
-        held: Mutex::default(),
-        lease_ms: AtomicU64::new(5000),
-        chunks: AtomicU64::new(0),
-        objects: AtomicU64::new(0),
-        given_back: AtomicU64::new(0),
-        metrics,
-        new_lease: tokio::sync::Notify::new(),
-        hard_stop: CancellationToken::new(),
-    });
+    let shared = Arc::new(Shared::new(client, subjects, name, pool, jobs::Jobs::new(registry), metrics));
     let heartbeat = tokio::spawn(heartbeat(shared.clone()));
-    let room = Arc::new(Semaphore::new(config.concurrency as usize));
-    let (queue, chunks) = mpsc::channel::<InHand>(config.concurrency as usize);
-    let chunks = Arc::new(tokio::sync::Mutex::new(chunks));
-    let deliveries =
-        Deliveries { tasks: TaskTracker::new(), room: Arc::new(Semaphore::new(config.results_in_flight as usize)) };
-    let mut stages = tokio::task::JoinSet::new();
-    stages.spawn(pump(shared.clone(), room.clone(), queue, shutdown.clone(), config.exit_when_done));
-    for _ in 0..TRANSFORMERS {
-        stages.spawn(transformer(shared.clone(), chunks.clone(), deliveries.clone()));
-    }
-    let grace = config.shutdown_grace;
-    let hard_stop = shared.hard_stop.clone();
-    let timer = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-            tracing::warn!("shutdown grace period ({grace:?}) is over: handing back held chunks");
-            hard_stop.cancel();
-        }
-    });
+    let (mut stages, deliveries) = start_stages(&shared, &config, &shutdown);
+    let timer = tokio::spawn(grace_timer(shutdown.clone(), config.shutdown_grace, shared.hard_stop.clone()));
     while stages.join_next().await.is_some() {}
     deliveries.tasks.close();
     deliveries.tasks.wait().await;
@@ -250,19 +259,36 @@ pub async fn run_with(
     shared.hard_stop.cancel();
     heartbeat.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), shared.client.flush()).await;
-    let summary = MapperSummary {
-        chunks: shared.chunks.load(Ordering::Relaxed),
-        objects: shared.objects.load(Ordering::Relaxed),
-        given_back: shared.given_back.load(Ordering::Relaxed),
-    };
-    tracing::info!(
-        "mapper {} stopped: {} chunks, {} objects saved, {} given back",
-        escaped(&shared.name),
-        summary.chunks,
-        summary.objects,
-        summary.given_back
-    );
-    Ok(summary)
+    Ok(shared.summary())
+}
+
+/// The pump (asks for work, up to `--concurrency` chunks in hand) and the transformers, which
+/// hand each result to a delivery task (up to `--results-in-flight`).
+fn start_stages(
+    shared: &Arc<Shared>,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> (tokio::task::JoinSet<()>, Deliveries) {
+    let room = Arc::new(Semaphore::new(config.concurrency as usize));
+    let (queue, chunks) = mpsc::channel::<InHand>(config.concurrency as usize);
+    let chunks = Arc::new(tokio::sync::Mutex::new(chunks));
+    let deliveries =
+        Deliveries { tasks: TaskTracker::new(), room: Arc::new(Semaphore::new(config.results_in_flight as usize)) };
+    let mut stages = tokio::task::JoinSet::new();
+    stages.spawn(pump(shared.clone(), room, queue, shutdown.clone(), config.exit_when_done));
+    for _ in 0..TRANSFORMERS {
+        stages.spawn(transformer(shared.clone(), chunks.clone(), deliveries.clone()));
+    }
+    (stages, deliveries)
+}
+
+/// After `shutdown`, waits out the grace period, then stops everything still in hand: held
+/// chunks are handed back.
+async fn grace_timer(shutdown: CancellationToken, grace: Duration, hard_stop: CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+    tracing::warn!("shutdown grace period ({grace:?}) is over: handing back held chunks");
+    hard_stop.cancel();
 }
 
 /// A whole mapper binary that runs `registry`'s transforms: parses the command line (including
@@ -300,46 +326,16 @@ async fn pump(
             }
             Asked::Stop => break,
             Asked::Failed(e) => {
-                if backoff.first_failure() {
-                    match e.kind() {
-                        RequestErrorKind::NoResponders => {
-                            tracing::warn!("no fetcher is listening on {}; waiting for one", shared.subjects.work)
-                        }
-                        _ => tracing::warn!("asking for work failed ({e}); retrying"),
-                    }
-                }
                 drop(permits);
-                // "No responders" is the NATS server's own instant answer and costs the fetcher
-                // nothing, so keep asking often: a fetcher that has just finished its scan gets
-                // its mappers within NO_FETCHER_RETRY, not after a long backoff. Anything else
-                // (a timeout: the fetcher may be overloaded) backs off to 2 s.
-                let cap =
-                    if e.kind() == RequestErrorKind::NoResponders { NO_FETCHER_RETRY } else { Duration::from_secs(2) };
-                backoff.wait_up_to(cap, &shutdown).await;
+                wait_after_failed_ask(&shared, &e, &mut backoff, &shutdown).await;
                 continue;
             }
         };
         let reply: WorkReply = match protocol::decode(&message.payload) {
             Ok(reply) => reply,
             Err(e) => {
-                shared.metrics.common.malformed(&message.subject);
-                // Chunks we cannot read are leased to us all the same: give them back as failed,
-                // so the fetcher counts them towards --max-attempts instead of re-leasing them
-                // forever.
-                if let Some(leases) = protocol::decode_leases_only(&message.payload) {
-                    for lease in leases {
-                        give_back_failed(
-                            &shared,
-                            lease,
-                            format!("the mapper cannot decode chunk {}: {e}", lease.chunk),
-                        )
-                        .await;
-                    }
-                    continue;
-                }
-                tracing::warn!(subject = %message.subject, "ignoring a work reply: {}", escaped(&e.to_string()));
                 drop(permits);
-                pause(Duration::from_secs(1), &shutdown).await;
+                on_undecodable(&shared, &message, &e, &shutdown).await;
                 continue;
             }
         };
@@ -356,16 +352,65 @@ async fn pump(
             }
             kind => {
                 drop(permits);
-                if let Some(why) = reply.reason.filter(|why| *why != told_why) {
-                    tracing::warn!("the fetcher has no work for this mapper: {}", escaped(&why));
-                    told_why = why;
-                }
-                let retry = Duration::from_millis(reply.retry_ms.unwrap_or(500).min(5000));
-                if kind == WorkReplyKind::Idle || kind == WorkReplyKind::Done {
-                    pause(retry, &shutdown).await;
-                }
+                no_work(reply, kind, &mut told_why, &shutdown).await;
             }
         }
+    }
+}
+
+/// After a failed request for work: logs the first failure of a streak, then waits.
+async fn wait_after_failed_ask(
+    shared: &Shared,
+    e: &async_nats::RequestError,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) {
+    if backoff.first_failure() {
+        match e.kind() {
+            RequestErrorKind::NoResponders => {
+                tracing::warn!("no fetcher is listening on {}; waiting for one", shared.subjects.work)
+            }
+            _ => tracing::warn!("asking for work failed ({e}); retrying"),
+        }
+    }
+    // "No responders" is the NATS server's own instant answer and costs the fetcher nothing, so
+    // keep asking often: a fetcher that has just finished its scan gets its mappers within
+    // NO_FETCHER_RETRY, not after a long backoff. Anything else (a timeout: the fetcher may be
+    // overloaded) backs off to 2 s.
+    let cap = if e.kind() == RequestErrorKind::NoResponders { NO_FETCHER_RETRY } else { Duration::from_secs(2) };
+    backoff.wait_up_to(cap, shutdown).await;
+}
+
+/// A work reply this mapper cannot decode. Chunks we cannot read are leased to us all the same:
+/// they are given back as failed, so the fetcher counts them towards --max-attempts instead of
+/// re-leasing them forever. A reply without readable leases is ignored, after a pause.
+async fn on_undecodable(
+    shared: &Arc<Shared>,
+    message: &async_nats::Message,
+    e: &protocol::ProtocolError,
+    shutdown: &CancellationToken,
+) {
+    shared.metrics.common.malformed(&message.subject);
+    if let Some(leases) = protocol::decode_leases_only(&message.payload) {
+        for lease in leases {
+            give_back_failed(shared, lease, format!("the mapper cannot decode chunk {}: {e}", lease.chunk)).await;
+        }
+        return;
+    }
+    tracing::warn!(subject = %message.subject, "ignoring a work reply: {}", escaped(&e.to_string()));
+    pause(Duration::from_secs(1), shutdown).await;
+}
+
+/// A reply without chunks (idle, done, or this mapper cannot run the job): says why once per
+/// reason, then waits as long as the fetcher asks before the next request.
+async fn no_work(reply: WorkReply<'_>, kind: WorkReplyKind, told_why: &mut String, shutdown: &CancellationToken) {
+    if let Some(why) = reply.reason.filter(|why| why != &*told_why) {
+        tracing::warn!("the fetcher has no work for this mapper: {}", escaped(&why));
+        *told_why = why;
+    }
+    let retry = Duration::from_millis(reply.retry_ms.unwrap_or(500).min(5000));
+    if kind == WorkReplyKind::Idle || kind == WorkReplyKind::Done {
+        pause(retry, shutdown).await;
     }
 }
 

@@ -1,7 +1,7 @@
 //! The mapper's metrics.
 
-use common::metrics::{register, CommonMetrics};
-use prometheus::{Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use common::metrics::{exponential_buckets, CommonMetrics};
+use prometheus::{Counter, Histogram, IntCounter, IntCounterVec, IntGauge};
 
 /// The mapper's metrics.
 #[derive(Clone)]
@@ -26,51 +26,25 @@ pub struct MapperMetrics {
 
 impl MapperMetrics {
     /// Registers the mapper's metrics.
-    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
         let common = CommonMetrics::new("mapper");
-        let r = &common.registry;
+        let m = common.maker();
         let metrics = MapperMetrics {
-            chunks: register(
-                r,
-                IntCounter::new("chunkmill_mapper_chunks_processed_total", "Chunks transformed and confirmed saved")
-                    .expect("valid metric"),
+            chunks: m.counter("chunkmill_mapper_chunks_processed_total", "Chunks transformed and confirmed saved"),
+            objects: m.counter("chunkmill_mapper_objects_processed_total", "Objects transformed and confirmed saved"),
+            transform: m.histogram(
+                "chunkmill_mapper_transform_duration_seconds",
+                "Transform time per chunk",
+                exponential_buckets(0.0005, 2.0, 16),
             ),
-            objects: register(
-                r,
-                IntCounter::new("chunkmill_mapper_objects_processed_total", "Objects transformed and confirmed saved")
-                    .expect("valid metric"),
+            busy: m.float_counter("chunkmill_mapper_busy_seconds_total", "Seconds spent transforming chunks"),
+            idle: m.float_counter("chunkmill_mapper_idle_seconds_total", "Seconds workers waited for work"),
+            failures: m.counter_vec(
+                "chunkmill_mapper_failures_total",
+                "Failures: whole chunks, or single objects",
+                "kind",
             ),
-            transform: register(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new("chunkmill_mapper_transform_duration_seconds", "Transform time per chunk")
-                        .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets")),
-                )
-                .expect("valid metric"),
-            ),
-            busy: register(
-                r,
-                Counter::new("chunkmill_mapper_busy_seconds_total", "Seconds spent transforming chunks")
-                    .expect("valid metric"),
-            ),
-            idle: register(
-                r,
-                Counter::new("chunkmill_mapper_idle_seconds_total", "Seconds workers waited for work")
-                    .expect("valid metric"),
-            ),
-            failures: register(
-                r,
-                IntCounterVec::new(
-                    Opts::new("chunkmill_mapper_failures_total", "Failures: whole chunks, or single objects"),
-                    &["kind"],
-                )
-                .expect("valid metric"),
-            ),
-            in_flight: register(
-                r,
-                IntGauge::new("chunkmill_mapper_in_flight_chunks", "Chunks in hand").expect("valid metric"),
-            ),
+            in_flight: m.int_gauge("chunkmill_mapper_in_flight_chunks", "Chunks in hand"),
             common,
         };
         for kind in ["chunk", "object"] {
