@@ -10,6 +10,8 @@
 #   JOB="--transform jq --filter '{id: .uuid, n: (.friends | length)}'" ./scripts/bench-e2e.sh
 #   STORE=s3 ./scripts/bench-e2e.sh          # the input from an S3 server (moto) on 127.0.0.1
 #   COMPRESS=zst ./scripts/bench-e2e.sh      # the input compressed first (zst or gz)
+#   CHUNK_SIZE=10 MAPPERS_LIST="50 200" MAPPER_THREADS=1 CONCURRENCY=2 ROUNDS_LIST=0 \
+#     ./scripts/bench-e2e.sh                # the fetcher's ceiling: many mappers, small chunks
 #
 # JOB replaces --rounds with other job flags (the same for the fetcher and the ideal); the
 # rounds column then reads "job".
@@ -18,7 +20,10 @@
 # of it (the fetcher's --summary-json scan_seconds) and its rate in MB/s of records, objects/s, the
 # ideal's time, efficiency = ideal / pipeline, re-leases (chunks handed out more than once),
 # duplicate saves absorbed, CPU busy (the CPU time of the fetcher, mappers, saver and nats-server
-# over the run, as a share of all cores' wall time), and peak RSS (VmHWM) of each service.
+# over the run, as a share of all cores' wall time), chunks/s (chunks leased, saved and acked per
+# second) and the fetcher's own CPU time, and peak RSS (VmHWM) of each service.
+# CHUNK_SIZE sets the fetcher's --chunk-size (default 100); MAPPER_THREADS (each mapper's rayon
+# threads) and CONCURRENCY (chunks in hand per mapper) are passed to the mappers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -28,6 +33,7 @@ MAPPERS_LIST=${MAPPERS_LIST:-"1 2 4"}
 OBJECTS=${OBJECTS:-100000}
 DATA=${DATA:-data/users.jsonl}
 CONCURRENCY=${CONCURRENCY:-}
+CHUNK_SIZE=${CHUNK_SIZE:-100}
 JOB=${JOB:-}
 [ -z "$JOB" ] || ROUNDS_LIST=job
 
@@ -88,8 +94,8 @@ nats=${pids[0]}
 hz=$(getconf CLK_TCK)
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD), binaries in $BIN, input $input"
-printf '| rounds | mappers | pipeline s | scan s | scan MB/s | objects/s | ideal s | efficiency | CPU busy | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
-printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| rounds | mappers | pipeline s | scan s | scan MB/s | objects/s | ideal s | efficiency | CPU busy | chunks/s | fetcher CPU s | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
+printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for rounds in $ROUNDS_LIST; do
   if [ -n "$JOB" ]; then eval "job=($JOB)"; else job=(--rounds "$rounds"); fi
   ideal=$($BIN/examples/ideal --input "$DATA" "${job[@]}" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
@@ -111,12 +117,13 @@ for rounds in $ROUNDS_LIST; do
     # GNU time reports the fetcher's peak RSS at its exit; polling /proc would cost CPU the run
     # needs.
     /usr/bin/time -f "%M %U %S" -o "$work/fetcher.rss" \
-      $BIN/fetcher --input "$input" "${job[@]}" --state-dir "$work/state" --exit-when-done \
+      $BIN/fetcher --input "$input" "${job[@]}" --chunk-size "$CHUNK_SIZE" --state-dir "$work/state" --exit-when-done \
       --summary-json "$work/summary.json" >"$work/fetcher.log" 2>&1 \
       || { echo "fetcher failed:"; tail "$work/fetcher.log"; exit 1; }
     ms=$(( $(now_ms) - start ))
     fetcher_mb=$(awk '{printf "%.1f", $1/1024}' "$work/fetcher.rss")
     cpu=$(awk -v hz="$hz" '{printf "%.0f", ($2 + $3) * hz}' "$work/fetcher.rss")
+    fetcher_cpu=$(awk '{printf "%.2f", $2 + $3}' "$work/fetcher.rss")
     cpu=$(( cpu + $(ticks "$nats") - nats_before + $(ticks "$saver") ))
     for pid in "${mpids[@]}"; do cpu=$(( cpu + $(ticks "$pid") )); done
     saver_mb=$(hwm "$saver")
@@ -134,9 +141,11 @@ for rounds in $ROUNDS_LIST; do
     scan_rate=$(awk -v b="$bytes" -v s="$scan" 'BEGIN{printf "%.0f", b / 1e6 / (s > 0 ? s : 1e-6)}')
     scan=$(awk -v s="$scan" 'BEGIN{printf "%.3f", s}')
     busy=$(awk -v c="$cpu" -v hz="$hz" -v s="$secs" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}')
-    printf '| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" "$scan" "$scan_rate" \
+    chunks=$(( (objects + CHUNK_SIZE - 1) / CHUNK_SIZE ))
+    printf '| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %.0f | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" "$scan" "$scan_rate" \
       "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$ideal" \
-      "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "$busy" "${releases:-?}" "${dups:-?}" \
+      "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "$busy" \
+      "$(awk -v n="$chunks" -v s="$secs" 'BEGIN{print n/s}')" "$fetcher_cpu" "${releases:-?}" "${dups:-?}" \
       "$fetcher_mb" "$mapper_mb" "$saver_mb"
   done
 done
