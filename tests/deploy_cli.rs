@@ -404,6 +404,8 @@ struct EnvVar {
 /// A container of one of our binaries.
 struct Container {
     source: String,
+    /// Deployment, Job, ...
+    workload: String,
     run: Invocation,
     spec: Value,
     /// envFrom references that cannot be resolved.
@@ -513,7 +515,8 @@ fn containers_of(objects: &[Value], source: &str, lookup: &[&Value], examples: &
             }
             let mut args: Vec<String> = cmd[1..].to_vec();
             args.extend(list(&c["args"]).iter().filter_map(text));
-            out.push(Container { source, run: Invocation { binary, args, env: last }, spec: c.clone(), unresolved });
+            let run = Invocation { binary, args, env: last };
+            out.push(Container { source, workload: kind(o).to_string(), run, spec: c.clone(), unresolved });
         }
     }
     out
@@ -756,7 +759,11 @@ fn container_ports_are_the_ports_the_binaries_serve() {
     for rnd in &m.apps {
         let workloads: Vec<&Value> =
             rnd.objects.iter().filter(|o| ["Deployment", "StatefulSet", "DaemonSet"].contains(&kind(o))).collect();
-        for c in m.containers(rnd).iter().filter(|c| c.source.contains("Deployment/") || c.source.contains("Set/")) {
+        for c in m
+            .containers(rnd)
+            .iter()
+            .filter(|c| ["Deployment", "StatefulSet", "DaemonSet"].contains(&c.workload.as_str()))
+        {
             let ports: BTreeMap<String, i64> = list(&c.spec["ports"])
                 .iter()
                 .filter_map(|port| Some((port["name"].as_str()?.to_string(), port["containerPort"].as_i64()?)))
