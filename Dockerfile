@@ -14,13 +14,13 @@
 # protocol versions. The binaries add a few MB to each image at most, and a node that runs
 # several services pulls the layers once. Kubernetes and compose pick the service with `command`.
 #
-# The image name below is what deploy/ and compose.yaml use; scripts/check-deploy.sh checks that
+# The image name below is what deploy/ and compose.yaml use; tests/deploy_cli.rs checks that
 # every manifest refers to exactly this name, that the LABEL's tag is the binaries' --version and
 # that the manifests never run a re-pushable tag with imagePullPolicy IfNotPresent
 # (deploy/components/image sets the build they run).
 #
 # Both base images are pinned by digest: a rebuild gets the same compiler and the same runtime
-# libraries, not whatever the tag points at that day (scripts/check-deploy.sh requires a digest on
+# libraries, not whatever the tag points at that day (tests/deploy_cli.rs requires a digest on
 # every FROM). To move to newer ones, look the digest up and replace it, e.g.
 #   docker buildx imagetools inspect rust:1-bookworm --format '{{json .Manifest.Digest}}'
 #   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot --format '{{json .Manifest.Digest}}'

