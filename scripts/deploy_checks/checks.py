@@ -44,6 +44,10 @@ DEPLOY = ROOT / "deploy"
 # installed kubernetes-validate knows. Override: K8S_VERSIONS="1.34.0 1.36.0".
 DEFAULT_K8S_VERSIONS = ["1.33.0", "latest"]
 
+# libyaml's parser where PyYAML has it: the renders and the vendored CRDs are large.
+FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+FAST_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "ReplicaSet", "Pod"}
 
 
@@ -90,7 +94,7 @@ def rel(p: Path) -> str:
 
 def load_yaml_docs(path: Path) -> list[dict]:
     with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+        return [d for d in yaml.load_all(f, Loader=FAST_LOADER) if d]
 
 
 def parse_cpu(q: Any) -> float:
@@ -198,7 +202,7 @@ class Manifests:
             p = subprocess.run([self.kubectl, "kustomize", str(d)], capture_output=True, text=True)
             if p.returncode != 0:
                 raise RuntimeError(f"{rel(d)}: kubectl kustomize failed: {p.stderr.strip()}")
-            self._cache[d] = [o for o in yaml.safe_load_all(p.stdout) if o]
+            self._cache[d] = [o for o in yaml.load_all(p.stdout, Loader=FAST_LOADER) if o]
         return self._cache[d]
 
     def try_render(self, d: Path, result: Result) -> list[dict] | None:
@@ -326,7 +330,7 @@ def check_policy(m: Manifests, r: Result) -> None:
         files = {}
         for rnd in [*m.renders, *m.jobs]:
             f = re.sub(r"[^A-Za-z0-9_.-]+", "_", rnd.name) + ".yaml"
-            Path(tmp, f).write_text(yaml.safe_dump_all(rnd.objects, sort_keys=False))
+            Path(tmp, f).write_text(yaml.dump_all(rnd.objects, Dumper=FAST_DUMPER, sort_keys=False))
             files[f] = rnd.name
         p = subprocess.run([checkov, "--config-file", str(ROOT / ".checkov.yaml"), "-d", tmp, "-o", "json"],
                            capture_output=True, text=True, cwd=tmp)
