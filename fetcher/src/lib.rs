@@ -380,7 +380,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let (store, recovered, others) = open_store(&config, &client, &record, &name).await?;
     check_other_runs(&config, &record, &others)?;
     store.record_run(&record).await?;
-    let fresh = recovered.done.is_empty() && recovered.dead.is_empty();
+    let fresh = recovered.is_fresh();
     let events = match config.events {
         config::Events::On => Publisher::start(client.clone(), config.nats.subject_prefix.clone()),
         config::Events::Off => Publisher::off(),

@@ -195,7 +195,7 @@ impl Server {
         let Io { client, metrics, events, ready, status, page } = io;
         let reader = ChunkReader::open(&index)?;
         let (ledger, unmarked) = resume(&index, &recovered);
-        if !(recovered.done.is_empty() && recovered.dead.is_empty()) {
+        if !recovered.is_fresh() {
             tracing::info!(
                 run = %index.run_id,
                 "resuming run {} from {}: {} chunks already done, {} dead-lettered, {} to go",

@@ -162,6 +162,13 @@ pub struct Recovered {
     pub sink: Option<String>,
 }
 
+impl Recovered {
+    /// Nothing of the run was finished before: a fresh run, not a resumed one.
+    pub fn is_fresh(&self) -> bool {
+        self.done.is_empty() && self.dead.is_empty()
+    }
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
