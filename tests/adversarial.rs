@@ -378,9 +378,9 @@ fn an_object_that_kills_every_mapper_is_found_alone_and_only_it_is_dead_lettered
     let log = fetcher.log();
     assert!(log.contains("probing its objects") && log.contains("kills every mapper"), "{log}");
     assert_eq!(p.summary_number("fetcher", "/dead"), 0, "{log}");
-    let dead = std::fs::read_to_string(p.out.join(p.run_id()).join("chunk-00000001.dead.jsonl")).expect("dead file");
-    assert_eq!(dead.lines().count(), 1, "{dead}");
-    let entry: serde_json::Value = serde_json::from_str(dead.trim()).expect("json");
+    let dead = p.saved_chunk(1).remove(0).dead;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let entry = serde_json::to_value(&dead[0]).expect("json");
     assert_eq!((entry["index"].as_u64(), entry["id"].as_str()), (Some(50), Some(killer_id.as_str())));
     assert_eq!(entry["cause"], "killed");
     assert!(entry["error"].as_str().unwrap_or_default().contains("its mapper died 2 times"), "{entry}");

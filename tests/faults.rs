@@ -201,9 +201,9 @@ fn a_poison_object_is_dead_lettered_by_name_and_the_run_completes() {
     let mut fetcher = p.fetcher(&[]);
     assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete with a dead letter:\n{}", fetcher.log());
     assert_eq!(p.summary_number("fetcher", "/stats/objects_dead"), 1);
-    let dead_file = p.out.join(p.run_id()).join("chunk-00000001.dead.jsonl");
-    let dead = std::fs::read_to_string(&dead_file).expect("dead-letter record");
-    assert!(dead.contains(&poison_id) && dead.contains("panicked"), "{dead}");
+    let dead = p.saved_chunk(1).remove(0).dead;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].id.as_deref() == Some(poison_id.as_str()) && dead[0].error.contains("panicked"), "{dead:?}");
     assert!(mapper.log().contains("could not be transformed"), "{}", mapper.log());
     let (ok, report) = p.verify();
     assert!(ok && report.contains("299 found") && report.contains("1 dead-lettered"), "{report}");

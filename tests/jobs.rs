@@ -34,34 +34,27 @@ fn write_lines(p: &Pipeline, objects: &[serde_json::Value]) {
     std::fs::write(&p.input, text).expect("write input");
 }
 
-/// Every output value saved for the run, by chunk file, in order.
+/// Every output value saved for the run, chunk after chunk, in order.
 fn saved_values(p: &Pipeline) -> Vec<serde_json::Value> {
-    let dir = p.out.join(p.run_id());
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("run directory")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|f| f.to_string_lossy().ends_with(".jsonl") && !f.to_string_lossy().ends_with(".dead.jsonl"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| std::fs::read_to_string(f).expect("chunk file").lines().map(str::to_string).collect::<Vec<_>>())
-        .map(|l| serde_json::from_str(&l).expect("a saved value is JSON"))
+    let reader = saver::sink::file::layout::RunReader::open(&p.out.join(p.run_id())).expect("run directory");
+    reader
+        .chunks()
+        .into_iter()
+        .flat_map(|chunk| reader.chunk(chunk).expect("readable"))
+        .flat_map(|copy| copy.values)
+        .map(|v| serde_json::from_slice(&v).expect("a saved value is JSON"))
         .collect()
 }
 
 /// Every dead-letter entry saved for the run.
 fn dead_entries(p: &Pipeline) -> Vec<serde_json::Value> {
-    let dir = p.out.join(p.run_id());
-    std::fs::read_dir(&dir)
-        .expect("run directory")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".dead.jsonl"))
-        .flat_map(|e| {
-            std::fs::read_to_string(e.path()).expect("dead file").lines().map(str::to_string).collect::<Vec<_>>()
-        })
-        .map(|l| serde_json::from_str(&l).expect("a dead entry is JSON"))
+    let reader = saver::sink::file::layout::RunReader::open(&p.out.join(p.run_id())).expect("run directory");
+    reader
+        .chunks()
+        .into_iter()
+        .flat_map(|chunk| reader.chunk(chunk).expect("readable"))
+        .flat_map(|copy| copy.dead)
+        .map(|d| serde_json::to_value(d).expect("a dead entry is JSON"))
         .collect()
 }
 

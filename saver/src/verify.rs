@@ -19,7 +19,7 @@ use futures::StreamExt;
 use rayon::prelude::*;
 use transform::{Job, ObjectError, Outputs, Registry, Transform};
 
-use crate::sink::file::{chunk_file_name, dead_file_name};
+use crate::sink::file::layout::{ReadError, RunReader};
 use crate::sink::SinkConfig;
 
 /// The outcome of a verification.
@@ -198,6 +198,8 @@ struct Saved {
     values: SavedValues,
     /// Its dead-letter entries.
     dead: Vec<DeadObject>,
+    /// Values and entries of further copies of the chunk (saved more than once).
+    duplicates: u64,
 }
 
 #[derive(Debug)]
@@ -233,7 +235,7 @@ fn check_chunk(
     expectation: &Expectation,
 ) -> VerifyReport {
     let n = span.objects as usize;
-    let mut report = VerifyReport::default();
+    let mut report = VerifyReport { duplicated: saved.as_ref().map_or(0, |s| s.duplicates), ..Default::default() };
     // Not saved, or its input cannot be read any more (the file changed since the scan): every
     // object stays expected, so all of them are missing, never nothing.
     let (Some(saved), Some(inputs)) = (saved, inputs) else {
@@ -526,56 +528,40 @@ pub fn verify(
 ) -> Result<VerifyReport, VerifyError> {
     let input = scan_input(input, chunk_size, expectation)?;
     let run_dir = out.join(&input.index.run_id);
-    let names: Vec<String> = match fs::read_dir(&run_dir) {
-        Ok(entries) => entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(source) => return Err(VerifyError::Sink { path: run_dir, source }),
-    };
+    let reader = RunReader::open(&run_dir)?;
     let chunks = input.index.chunks.len();
     let read_chunk = |chunk: u64| -> Result<Option<Saved>, VerifyError> {
         // The index numbers chunks with u32 (ChunkId), so every index below its length fits.
-        let id = ChunkId(chunk as u32);
-        let path = run_dir.join(chunk_file_name(id));
-        let text = match fs::read(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(VerifyError::Sink { path, source }),
-        };
-        let lines: Vec<Vec<u8>> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
-        let dead_path = run_dir.join(dead_file_name(id));
-        let dead = match fs::read_to_string(&dead_path) {
-            Ok(text) => text
-                .lines()
-                .enumerate()
-                .map(|(i, line)| {
-                    serde_json::from_str::<DeadObject>(line).map_err(|e| VerifyError::Corrupt {
-                        path: dead_path.clone(),
-                        line: i + 1,
-                        error: format!("not a dead-letter entry: {e}"),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => return Err(VerifyError::Sink { path: dead_path, source }),
-        };
-        Ok(Some(Saved { values: SavedValues::Flat(lines), dead }))
+        let mut copies = reader.chunk(ChunkId(chunk as u32))?.into_iter();
+        let Some(first) = copies.next() else { return Ok(None) };
+        // A chunk saved twice: every value and dead-letter entry of the later copies is one
+        // too many.
+        let duplicates = copies.map(|c| (c.values.len() + c.dead.len()) as u64).sum();
+        Ok(Some(Saved { values: SavedValues::Flat(first.values), dead: first.dead, duplicates }))
     };
     let location = run_dir.display().to_string();
     let mut report = base_report(&input, expectation, location);
     report.add(check_all(&input, expectation, read_chunk, 0..chunks)?, expectation.examples);
-    // Chunk files past the run's chunks belong to no input object.
-    for name in &names {
-        let past = name
-            .strip_prefix("chunk-")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .is_some_and(|c| c >= chunks as u64);
-        if past && !name.ends_with(".dead.jsonl") {
-            let text = fs::read(run_dir.join(name)).unwrap_or_default();
-            report.unexpected += text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64;
+    // Chunks past the run's belong to no input object, nor do lines outside every chunk.
+    for chunk in reader.chunks().into_iter().filter(|c| c.index() >= chunks) {
+        for copy in reader.chunk(chunk)? {
+            report.unexpected += copy.values.len() as u64;
+            report.unmatched_dead += copy.dead.len() as u64;
         }
     }
+    let stray = reader.stray()?;
+    report.unexpected += stray.values;
+    report.unmatched_dead += stray.dead;
     Ok(report)
+}
+
+impl From<ReadError> for VerifyError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io { path, source } => VerifyError::Sink { path, source },
+            ReadError::Corrupt { path, line, error } => VerifyError::Corrupt { path, line, error },
+        }
+    }
 }
 
 /// Chunks read from the database at once: bounded memory for a run of any size.
@@ -664,7 +650,10 @@ impl PgRun<'_> {
             .map_err(&read)?
         {
             let chunk: i64 = row.try_get(0).map_err(&read)?;
-            saved.insert(chunk as u64, Saved { values: SavedValues::ByObject(BTreeMap::new()), dead: vec![] });
+            saved.insert(
+                chunk as u64,
+                Saved { values: SavedValues::ByObject(BTreeMap::new()), dead: vec![], duplicates: 0 },
+            );
         }
         let read = self.error("read chunkmill_outputs");
         let rows = self
@@ -832,6 +821,33 @@ mod tests {
         String::from_utf8(value).expect("utf-8")
     }
 
+    /// Writes chunk `chunk` into run directory `dir` as the file sink lays it out, whatever
+    /// `values` (one per line) and `dead` (entries without their chunk) hold.
+    fn save_raw(dir: &Path, chunk: u32, values: &str, dead: &[String]) {
+        use crate::sink::file::layout::{part_file_name, IndexEntry, DEAD_FILE, INDEX_FILE};
+        let append = |name: &str, text: &str| -> u64 {
+            let mut file =
+                fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).expect("open a sink file");
+            let at = file.metadata().expect("size").len();
+            file.write_all(text.as_bytes()).expect("append");
+            at
+        };
+        let offset = append(&part_file_name(0), values);
+        let dead_text: String = dead.iter().map(|d| format!("{{\"chunk\":{chunk},{}\n", &d[1..])).collect();
+        let dead_offset = append(DEAD_FILE, &dead_text);
+        let entry = IndexEntry {
+            chunk: ChunkId(chunk),
+            part: 0,
+            offset,
+            bytes: values.len() as u64,
+            values: values.lines().count() as u64,
+            dead: dead.len() as u64,
+            dead_offset,
+            dead_bytes: dead_text.len() as u64,
+        };
+        append(INDEX_FILE, &entry.line());
+    }
+
     fn run_dir(out: &Path, file: &tempfile::NamedTempFile, expectation: &Expectation) -> PathBuf {
         let run = scan_input(file.path(), 10, expectation).expect("scan").index.run_id;
         let dir = out.join(run);
@@ -847,7 +863,7 @@ mod tests {
         let dir = run_dir(out.path(), &file, &expectation);
         for c in 0..3u32 {
             let records: String = (c * 10..c * 10 + 10).map(|i| record(i) + "\n").collect();
-            fs::write(dir.join(chunk_file_name(ChunkId(c))), records).expect("chunk");
+            save_raw(&dir, c, &records, &[]);
         }
         let index = scan_input(file.path(), 10, &expectation).expect("scan");
         // Rewrite one record of chunk 1 in place, after the scan: that chunk can no longer be read.
@@ -858,7 +874,7 @@ mod tests {
         let span = index.index.chunks[1];
         let inputs = read_inputs(&index.reader, &span);
         assert!(inputs.is_none(), "the chunk is unreadable now");
-        let saved = Saved { values: SavedValues::Flat(vec![b"{}".to_vec(); 10]), dead: vec![] };
+        let saved = Saved { values: SavedValues::Flat(vec![b"{}".to_vec(); 10]), dead: vec![], duplicates: 0 };
         let report = check_chunk(1, &span, None, None, Some(saved), &expectation);
         assert_eq!((report.found, report.missing), (0, 10), "{report}");
     }
@@ -877,27 +893,27 @@ mod tests {
             )
         };
         // Chunk 0: a forged result listing every object as dead without its id (saved empty).
-        fs::write(dir.join(chunk_file_name(ChunkId(0))), "").expect("chunk 0");
-        let forged: String = (0..10).map(|i| dead(i, None, "crash") + "\n").collect();
-        fs::write(dir.join(dead_file_name(ChunkId(0))), forged).expect("dead 0");
+        let forged: Vec<String> = (0..10).map(|i| dead(i, None, "crash")).collect();
+        save_raw(&dir, 0, "", &forged);
         // Chunk 1: object 3 honestly dead-lettered (a crash); a repeat, an index past the chunk and
         // another chunk's id do not count.
         let records: String = (10..20).filter(|i| *i != 13).map(|i| record(i) + "\n").collect();
-        fs::write(dir.join(chunk_file_name(ChunkId(1))), records).expect("chunk 1");
         let entries = [
             dead(3, Some(id(13)), "crash"),
             dead(3, Some(id(13)), "crash"),
             dead(10, Some(id(13)), "crash"),
             dead(4, Some(id(2)), "crash"),
         ];
-        fs::write(dir.join(dead_file_name(ChunkId(1))), entries.join("\n") + "\n").expect("dead 1");
-        // Chunk 2: only a dead file (a crash between the two writes): the chunk is not saved.
-        fs::write(dir.join(dead_file_name(ChunkId(2))), dead(0, Some(id(20)), "crash") + "\n").expect("dead 2");
+        save_raw(&dir, 1, &records, &entries);
+        // Chunk 2: a dead-letter entry no index line names (the tail of a batch whose saver died
+        // before committing it): the chunk is not saved, and the entry matches nothing.
+        let mut stray = fs::OpenOptions::new().append(true).open(dir.join("dead.jsonl")).expect("dead file");
+        writeln!(stray, r#"{{"chunk":2,{}"#, &dead(0, Some(id(20)), "crash")[1..]).expect("append");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert_eq!(report.expected, 30, "{report}");
         assert_eq!((report.found, report.dead_lettered), (9, 1), "{report}");
         assert_eq!(report.missing, 20, "{report}");
-        assert_eq!(report.unmatched_dead, 13, "{report}");
+        assert_eq!(report.unmatched_dead, 14, "{report}");
         assert!(!report.ok(), "{report}");
     }
 
@@ -910,9 +926,8 @@ mod tests {
         let expectation = digest();
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
-        fs::write(dir.join(chunk_file_name(ChunkId(0))), "").expect("chunk");
         let entry = r#"{"index":0,"id":"URN:UUID:00000000-0000-4000-8000-000000000001","cause":"transform","error":"not a UUID"}"#;
-        fs::write(dir.join(dead_file_name(ChunkId(0))), format!("{entry}\n")).expect("dead");
+        save_raw(&dir, 0, "", &[entry.to_string()]);
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert_eq!((report.wrong, report.dead_lettered), (1, 0), "{report}");
         assert!(report.to_string().contains("but the transform maps it"), "{report}");
@@ -929,9 +944,11 @@ mod tests {
         let expectation = digest();
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
+        // Written one file per chunk, as savers did before the segment files: still read.
+        use crate::sink::file::layout::legacy_chunk_file_name;
         let chunk0: String = (0..11).filter(|i| *i != 5).map(|i| record(i) + "\n").collect();
-        fs::write(dir.join(chunk_file_name(ChunkId(0))), chunk0).expect("chunk 0");
-        fs::write(dir.join(chunk_file_name(ChunkId(1))), record(11) + "\n").expect("chunk 1");
+        fs::write(dir.join(legacy_chunk_file_name(ChunkId(0))), chunk0).expect("chunk 0");
+        fs::write(dir.join(legacy_chunk_file_name(ChunkId(1))), record(11) + "\n").expect("chunk 1");
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
         assert!(report.ok(), "{report}");
         assert_eq!((report.expected, report.found, report.bad_input), (11, 11, 1), "{report}");
@@ -953,16 +970,38 @@ mod tests {
         let expectation = Expectation::new(&args, &Registry::builtin(), false, 10).expect("jq");
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
+        let saved_as = |values: &str| {
+            fs::remove_dir_all(&dir).expect("empty the run");
+            fs::create_dir_all(&dir).expect("run dir");
+            save_raw(&dir, 0, values, &[]);
+            verify(file.path(), out.path(), 10, &expectation).expect("verify")
+        };
         // The 0, 2 and 1 values of the three objects, in order; then with two values swapped.
-        fs::write(dir.join(chunk_file_name(ChunkId(0))), "{\"i\":0}\n{\"i\": 1}\n{\"i\":0}\n").expect("chunk");
-        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        let report = saved_as("{\"i\":0}\n{\"i\": 1}\n{\"i\":0}\n");
         assert!(report.ok() && report.found == 3 && report.compared, "{report}");
-        fs::write(dir.join(chunk_file_name(ChunkId(0))), "{\"i\":1}\n{\"i\":0}\n{\"i\":0}\n").expect("chunk");
+        assert_eq!(saved_as("{\"i\":1}\n{\"i\":0}\n{\"i\":0}\n").wrong, 1);
+        assert_eq!(saved_as("{\"i\":0}\n{\"i\":1}\n{\"i\":0}\n{\"i\":9}\n").unexpected, 1);
+    }
+
+    #[test]
+    fn a_chunk_committed_twice_is_duplicated_and_lines_outside_every_chunk_are_unexpected() {
+        let file = input(20);
+        let expectation = digest();
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        let chunk = |c: u32| -> String { (c * 10..c * 10 + 10).map(|i| record(i) + "\n").collect() };
+        save_raw(&dir, 0, &chunk(0), &[]);
+        save_raw(&dir, 1, &chunk(1), &[]);
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
-        assert_eq!(report.wrong, 1, "{report}");
-        fs::write(dir.join(chunk_file_name(ChunkId(0))), "{\"i\":0}\n{\"i\":1}\n{\"i\":0}\n{\"i\":9}\n")
-            .expect("chunk");
+        assert!(report.ok() && report.found == 20, "{report}");
+        save_raw(&dir, 1, &chunk(1), &[]);
         let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
-        assert_eq!(report.unexpected, 1, "{report}");
+        assert_eq!((report.found, report.duplicated), (20, 10), "{report}");
+        // Lines no index entry names: what a saver wrote before dying uncommitted.
+        let mut part = fs::OpenOptions::new().append(true).open(dir.join("part-00000.jsonl")).expect("part");
+        write!(part, "{}\n{}\n", record(3), record(4)).expect("append");
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("verify");
+        assert_eq!(report.unexpected, 2, "{report}");
+        assert!(!report.ok(), "{report}");
     }
 }

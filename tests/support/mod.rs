@@ -343,17 +343,20 @@ impl Pipeline {
         self.spawn_with_env(name, "saver", &args, &[("SAVER_PG_PASSWORD_FILE", &password)])
     }
 
-    /// Chunk files in the sink so far.
+    /// Chunks in the sink so far (committed in any run's index).
     pub fn saved_chunks(&self) -> usize {
         let Ok(runs) = std::fs::read_dir(&self.out) else { return 0 };
         runs.flatten()
-            .filter_map(|run| std::fs::read_dir(run.path()).ok())
-            .flat_map(|files| files.flatten())
-            .filter(|f| {
-                let name = f.file_name().to_string_lossy().into_owned();
-                name.starts_with("chunk-") && !name.ends_with(".dead.jsonl")
-            })
-            .count()
+            .filter(|run| run.path().is_dir())
+            .filter_map(|run| saver::sink::file::layout::RunReader::open(&run.path()).ok())
+            .map(|reader| reader.chunks().len())
+            .sum()
+    }
+
+    /// Every saved copy of `chunk` of this pipeline's run, read through the sink's index.
+    pub fn saved_chunk(&self, chunk: u32) -> Vec<saver::sink::file::layout::SavedChunk> {
+        let reader = saver::sink::file::layout::RunReader::open(&self.out.join(self.run_id())).expect("run directory");
+        reader.chunk(common::protocol::ChunkId(chunk)).expect("readable")
     }
 
     /// Waits until at least `n` chunks are in the sink.
