@@ -21,7 +21,8 @@
 # ideal's time, efficiency = ideal / pipeline, re-leases (chunks handed out more than once),
 # duplicate saves absorbed, CPU busy (the CPU time of the fetcher, mappers, saver and nats-server
 # over the run, as a share of all cores' wall time), chunks/s (chunks leased, saved and acked per
-# second) and the fetcher's own CPU time, and peak RSS (VmHWM) of each service.
+# second), the fetcher's own CPU time and that of the mappers (together), the saver and
+# nats-server, and peak RSS (VmHWM) of each service.
 # CHUNK_SIZE sets the fetcher's --chunk-size (default 100); MAPPER_THREADS (each mapper's rayon
 # threads) and CONCURRENCY (chunks in hand per mapper) are passed to the mappers.
 set -euo pipefail
@@ -94,8 +95,8 @@ nats=${pids[0]}
 hz=$(getconf CLK_TCK)
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD), binaries in $BIN, input $input"
-printf '| rounds | mappers | pipeline s | scan s | scan MB/s | objects/s | ideal s | efficiency | CPU busy | chunks/s | fetcher CPU s | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
-printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| rounds | mappers | pipeline s | scan s | scan MB/s | objects/s | ideal s | efficiency | CPU busy | chunks/s | fetcher CPU s | mappers / saver / nats CPU s | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
+printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for rounds in $ROUNDS_LIST; do
   if [ -n "$JOB" ]; then eval "job=($JOB)"; else job=(--rounds "$rounds"); fi
   ideal=$($BIN/examples/ideal --input "$DATA" "${job[@]}" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
@@ -124,8 +125,14 @@ for rounds in $ROUNDS_LIST; do
     fetcher_mb=$(awk '{printf "%.1f", $1/1024}' "$work/fetcher.rss")
     cpu=$(awk -v hz="$hz" '{printf "%.0f", ($2 + $3) * hz}' "$work/fetcher.rss")
     fetcher_cpu=$(awk '{printf "%.2f", $2 + $3}' "$work/fetcher.rss")
-    cpu=$(( cpu + $(ticks "$nats") - nats_before + $(ticks "$saver") ))
-    for pid in "${mpids[@]}"; do cpu=$(( cpu + $(ticks "$pid") )); done
+    nats_ticks=$(( $(ticks "$nats") - nats_before ))
+    saver_ticks=$(ticks "$saver")
+    mapper_ticks=0
+    for pid in "${mpids[@]}"; do mapper_ticks=$(( mapper_ticks + $(ticks "$pid") )); done
+    cpu=$(( cpu + nats_ticks + saver_ticks + mapper_ticks ))
+    # Where the CPU went: mappers (all), saver, nats-server, in seconds.
+    split=$(awk -v m="$mapper_ticks" -v s="$saver_ticks" -v n="$nats_ticks" -v hz="$hz" \
+      'BEGIN{printf "%.2f / %.2f / %.2f", m/hz, s/hz, n/hz}')
     saver_mb=$(hwm "$saver")
     mapper_mb=0
     for pid in "${mpids[@]}"; do
@@ -142,10 +149,10 @@ for rounds in $ROUNDS_LIST; do
     scan=$(awk -v s="$scan" 'BEGIN{printf "%.3f", s}')
     busy=$(awk -v c="$cpu" -v hz="$hz" -v s="$secs" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}')
     chunks=$(( (objects + CHUNK_SIZE - 1) / CHUNK_SIZE ))
-    printf '| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %.0f | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" "$scan" "$scan_rate" \
+    printf '| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" "$scan" "$scan_rate" \
       "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$ideal" \
       "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "$busy" \
-      "$(awk -v n="$chunks" -v s="$secs" 'BEGIN{print n/s}')" "$fetcher_cpu" "${releases:-?}" "${dups:-?}" \
+      "$(awk -v n="$chunks" -v s="$secs" 'BEGIN{print n/s}')" "$fetcher_cpu" "$split" "${releases:-?}" "${dups:-?}" \
       "$fetcher_mb" "$mapper_mb" "$saver_mb"
   done
 done
