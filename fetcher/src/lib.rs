@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
+pub mod early;
 pub mod events;
 pub mod generate;
 pub mod kv_lock;
@@ -371,6 +372,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let client = service.connect(&config.nats, &shutdown).await?;
     let name = service.name.clone();
     let (job, transform) = load_job(&config)?;
+    // Mappers asking while we scan are held, not told "no responders" (which pauses them).
+    let early = early::EarlyWork::start(&client, &Subjects::new(&config.nats.subject_prefix).work).await?;
     let input_metrics = scan::InputMetrics::new(metrics.common.maker());
     let scan_started = std::time::Instant::now();
     let index = load_input(&config, &job, transform, &input_metrics).await?;
@@ -391,7 +394,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
         Some(micro) => status_endpoint(micro, &config.nats.subject_prefix).await,
         None => None,
     };
-    let io = Io { client, metrics, events, ready: service.readiness(), status, page };
+    let early = early.finish().await;
+    let io = Io { client, metrics, events, ready: service.readiness(), status, page, early };
     let summary_json = config.summary_json.clone();
     let mut server = Server::new(config, job, index, io, store, recovered)?;
     if fresh {

@@ -62,6 +62,8 @@ pub struct Io {
     pub status: Option<async_nats::service::endpoint::Endpoint>,
     /// Status requests of the status page (`/status.json`, [`crate::page`]).
     pub page: crate::page::StatusRequests,
+    /// The work subscription made before the scan, with the requests held meanwhile.
+    pub early: Option<crate::early::Held>,
 }
 
 /// A held work request.
@@ -145,6 +147,8 @@ pub struct Server {
     markers: CancellationToken,
     /// Chunks whose leases keep expiring: the search for the object that kills their mappers.
     suspects: Suspects,
+    /// The work subscription made before the scan and its held requests, taken by `serve`.
+    early: Option<crate::early::Held>,
     /// Input objects that changed since the scan (by index, with the message): their chunks are
     /// no longer handed out, and the run stops once nothing else can be done.
     changed: HashMap<u32, String>,
@@ -192,7 +196,7 @@ impl Server {
         store: LedgerStore,
         recovered: Recovered,
     ) -> Result<Self, FetcherError> {
-        let Io { client, metrics, events, ready, status, page } = io;
+        let Io { client, metrics, events, ready, status, page, early } = io;
         let reader = ChunkReader::open(&index)?;
         let (ledger, unmarked) = resume(&index, &recovered);
         if !recovered.is_fresh() {
@@ -234,6 +238,7 @@ impl Server {
             cannot_run: HashSet::new(),
             markers: CancellationToken::new(),
             suspects: Suspects::new(config.max_attempts),
+            early,
             changed: HashMap::new(),
             refused_markers: tokio::sync::mpsc::unbounded_channel(),
             status,
@@ -343,9 +348,14 @@ impl Server {
 
     /// Serves until the run is complete (with `--exit-when-done`) or `shutdown`.
     pub async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
-        let mut inbox = self.inbox().await?;
+        let (mut inbox, held) = self.inbox().await?;
         self.metrics.start(self.index.objects);
         self.health.ready.store(true, Ordering::Relaxed);
+        for (message, received) in held {
+            if self.serving() {
+                self.on_work(message, received).await;
+            }
+        }
         for chunk in self.unmarked.clone() {
             self.send_marker(chunk, "dead-lettered before this fetcher started (see the dead-letter record)".into());
         }
@@ -364,7 +374,7 @@ impl Server {
                 Some(message) = inbox.extend.next() => if self.serving() { self.on_extend(message).await },
                 Some(message) = inbox.release.next() => if self.serving() { self.on_release(message).await },
                 Some(message) = inbox.job.next() => if self.serving() { self.on_job(message).await },
-                Some(message) = inbox.work.next() => if self.serving() { self.on_work(message).await },
+                Some(message) = inbox.work.next() => if self.serving() { self.on_work(message, Instant::now()).await },
                 Some(request) = inbox.status.next() => self.on_status(request).await,
                 Some(reply) = self.page.recv() => drop(reply.send(self.status())),
                 Some((chunk, error)) = self.refused_markers.1.recv() => self.on_refused_marker(chunk, &error),
@@ -384,11 +394,16 @@ impl Server {
         self.wind_down(outcome).await
     }
 
-    /// Subscribes to every subject the fetcher answers, and takes the `status` endpoint.
-    async fn inbox(&mut self) -> Result<Inbox, FetcherError> {
+    /// Subscribes to every subject the fetcher answers (the work subject was subscribed to before
+    /// the scan), and takes the `status` endpoint. Also the work requests held during the scan.
+    async fn inbox(&mut self) -> Result<(Inbox, Vec<(Message, Instant)>), FetcherError> {
+        let (work, held) = match self.early.take() {
+            Some(early) => (early.subscriber, early.requests),
+            None => (self.subscribe(&self.subjects.work).await?, Vec::new()),
+        };
         let subjects = &self.subjects;
         let inbox = Inbox {
-            work: self.subscribe(&subjects.work).await?,
+            work,
             job: self.subscribe(&subjects.job).await?,
             extend: self.subscribe(&subjects.extend).await?,
             release: self.subscribe(&subjects.release).await?,
@@ -406,7 +421,7 @@ impl Server {
             &subjects.release,
             &subjects.ack,
         ]);
-        Ok(inbox)
+        Ok((inbox, held))
     }
 
     /// A dead chunk's record the sink refused: the run does not wait for it.
@@ -579,7 +594,9 @@ impl Server {
         }
     }
 
-    async fn on_work(&mut self, message: Message) {
+    /// A work request that came at `received` (earlier than now if it was held during the scan):
+    /// its wait runs from then.
+    async fn on_work(&mut self, message: Message, received: Instant) {
         let request: WorkRequest = match protocol::decode_bounded(&message.payload) {
             Ok(r) => r,
             Err(ProtocolError::Version(1)) => {
@@ -620,7 +637,7 @@ impl Server {
         }
         let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
         let max = request.max.clamp(1, protocol::MAX_CHUNKS_PER_REPLY);
-        let waiter = Waiter { reply, mapper: request.mapper, max, deadline: Instant::now() + wait };
+        let waiter = Waiter { reply, mapper: request.mapper, max, deadline: received + wait };
         if !self.hand_out(&waiter).await {
             if wait.is_zero() {
                 self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200, None)).await;
