@@ -440,6 +440,25 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_twice_in_a_failed_batch_fails_twice_and_is_never_a_duplicate_of_nothing() {
+        // A re-leased chunk's two results in one batch, and the batch's write fails: the second
+        // copy must not be reported a duplicate (it would be acknowledged, unsaved).
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sink = FileSink::open(dir.path()).expect("open");
+        sink.save(&result(1, 2, &[])).expect("save");
+        let part = dir.path().join(RUN).join("part-00000.jsonl");
+        fs::OpenOptions::new().write(true).open(&part).expect("open").set_len(5).expect("cut");
+        let (a, b) = (result(2, 1, &[]), result(2, 1, &[]));
+        let outcomes = sink.save_batch(&[&a, &b]);
+        assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
+        // Once it can be written, the first copy is saved and the second is its duplicate.
+        fs::remove_dir_all(dir.path().join(RUN)).expect("start the run over");
+        let sink = FileSink::open(dir.path()).expect("reopen");
+        let outcomes: Vec<SaveOutcome> = sink.save_batch(&[&a, &b]).into_iter().map(|o| o.expect("saved")).collect();
+        assert_eq!(outcomes, vec![SaveOutcome::Saved, SaveOutcome::Duplicate]);
+    }
+
+    #[test]
     fn the_example_of_protocol_section_8_4_is_what_the_sink_writes() {
         // docs/PROTOCOL.md §3.8's jq result, saved: §8.4 shows the three files' lines.
         let body = r#"{"v":2,"run":"240caf8379597e2e","job":"af7b6558502d9ffb","chunk":0,"lease":"fbb1becc-354c-41f0-8ce3-ba666507ed13","attempt":1,"mapper":"worker-c","ids":["c15c0289-ec2d-4a91-a7ec-8e65a18debbe","5e5532fb-eea2-43f8-8bc9-42ee9086c171","b9b501d1-d854-4b71-8002-1590ff0b4dc3"],"dead":[{"index":2,"id":"b9b501d1-d854-4b71-8002-1590ff0b4dc3","cause":"transform","error":"too many friends","line":4}],"outputs":[[{"friend":"6d2c075a-68e2-4c65-9ce0-dc482f6f6170"},{"friend":"4514a41f-6569-4663-b51d-d84e6aa60b10"}],[{"id":"5e5532fb-eea2-43f8-8bc9-42ee9086c171","name":"Yukihiro Hamilton"}],[]]}"#;

@@ -119,7 +119,9 @@ impl RunFiles {
     }
 
     /// Saves `results` (all of this run): the chunks no saver has saved yet are committed
-    /// together, the others are duplicates. One outcome per result, in order.
+    /// together, the others are duplicates. One outcome per result, in order; a chunk that
+    /// comes twice in the batch (a re-leased chunk's two results) is a duplicate only if its
+    /// first copy was saved, else it fails with it: never acknowledged unsaved.
     pub(super) fn save(&mut self, results: &[&Decoded]) -> Vec<Result<SaveOutcome, SinkError>> {
         let _locked = match Locked::take(&self.lock, &self.state.dir) {
             Ok(locked) => locked,
@@ -128,39 +130,48 @@ impl RunFiles {
         if let Err(e) = self.state.catch_up() {
             return replicate(e, results.len());
         }
-        let mut seen = HashSet::new();
-        let fresh: Vec<bool> =
-            results.iter().map(|r| !self.state.claimed.contains(&r.head.chunk) && seen.insert(r.head.chunk)).collect();
-        let to_save: Vec<&Decoded> = results.iter().zip(&fresh).filter(|(_, f)| **f).map(|(r, _)| *r).collect();
-        let mut errors = match self.state.commit(&to_save) {
-            Ok(()) => Vec::new(),
-            Err(e) => replicate(e, to_save.len()),
+        // For each result: None if saved before, else the position of its chunk's first copy in
+        // the batch.
+        let mut first_of: Vec<Option<usize>> = Vec::with_capacity(results.len());
+        let mut to_save: Vec<&Decoded> = Vec::new();
+        let mut positions = std::collections::HashMap::new();
+        for result in results {
+            let chunk = result.head.chunk;
+            first_of.push((!self.state.claimed.contains(&chunk)).then(|| {
+                *positions.entry(chunk).or_insert_with(|| {
+                    to_save.push(*result);
+                    to_save.len() - 1
+                })
+            }));
         }
-        .into_iter();
-        fresh
+        let committed = self.state.commit(&to_save);
+        let mut seen = vec![false; to_save.len()];
+        first_of
             .into_iter()
-            .map(|fresh| match (fresh, errors.next()) {
-                (false, _) => Ok(SaveOutcome::Duplicate),
-                (true, Some(error)) => error,
-                (true, None) => Ok(SaveOutcome::Saved),
+            .map(|first| match (first, &committed) {
+                (None, _) => Ok(SaveOutcome::Duplicate),
+                (Some(at), Ok(())) => {
+                    Ok(if std::mem::replace(&mut seen[at], true) { SaveOutcome::Duplicate } else { SaveOutcome::Saved })
+                }
+                (Some(_), Err(e)) => Err(copy_error(e)),
             })
             .collect()
     }
 }
 
-/// `error` as the outcome of `n` results (the first gets the error itself).
+/// `error` as the outcome of `n` results.
 fn replicate(error: SinkError, n: usize) -> Vec<Result<SaveOutcome, SinkError>> {
-    let copy = || match &error {
+    (0..n).map(|_| Err(copy_error(&error))).collect()
+}
+
+/// Another error saying what `error` says, for another result of the batch.
+fn copy_error(error: &SinkError) -> SinkError {
+    match error {
         SinkError::Io { action, path, source } => {
             SinkError::Io { action, path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
         }
         other => SinkError::Config(other.to_string()),
-    };
-    let mut outcomes: Vec<_> = (1..n).map(|_| Err(copy())).collect();
-    if n > 0 {
-        outcomes.insert(0, Err(error));
     }
-    outcomes
 }
 
 impl RunState {
@@ -179,6 +190,9 @@ impl RunState {
         if len == self.index_len {
             return Ok(());
         }
+        // Another saver appended these lines; if it died before its fsync returned they may not
+        // be durable yet, and a duplicate reported on their word is acknowledged: sync first.
+        self.index.sync_data().map_err(io("fsync", &path))?;
         let mut text = vec![0; (len - self.index_len) as usize];
         self.index.read_exact_at(&mut text, self.index_len).map_err(io("read", &path))?;
         let entries = parse_index(&path, &text, self.index_lines + 1).map_err(corrupt)?;
