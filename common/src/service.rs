@@ -183,10 +183,17 @@ where
     Fut: Future<Output = anyhow::Result<ExitCode>>,
 {
     crate::telemetry::init_logging();
-    let built = match runtime {
-        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        Runtime::Workers(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    let mut builder = match runtime {
+        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Runtime::Workers(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
     };
+    // Named after the service (workers and blocking pool alike): `top -H` and a profile of the
+    // whole pipeline tell whose threads they are.
+    let built = builder.thread_name(format!("{kind}-rt")).enable_all().build();
     let result = match built {
         Ok(rt) => rt.block_on(async { body(crate::shutdown::on_signals()).await }),
         Err(e) => Err(anyhow::Error::new(e).context("cannot start the tokio runtime")),
