@@ -28,9 +28,12 @@ pub type WriteSlot = (Arc<Decoded>, oneshot::Sender<Result<SaveOutcome, SinkErro
 /// did not answer).
 pub type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
 
-/// Saves queued results in batches until the queue closes. A database sink commits several
-/// batches at once, one per pooled connection.
-pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: SaverMetrics) {
+/// Saves queued results in batches until the queue closes. A batch takes what queued while the
+/// previous one was saved, and whatever comes within `window` of its first result: at a
+/// moderate rate that folds several chunks into one commit (two fsyncs, or one transaction, and
+/// one ack request) instead of one each. A database sink commits several batches at once, one
+/// per pooled connection.
+pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: SaverMetrics, window: Duration) {
     let slots = Arc::new(Semaphore::new(sink.parallel_batches()));
     let tracker = TaskTracker::new();
     loop {
@@ -40,9 +43,11 @@ pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: S
         if queue.recv_many(&mut batch, WRITE_BATCH).await == 0 {
             break;
         }
+        gather(&mut queue, &mut batch, window).await;
         let (results, waiters): (Vec<Arc<Decoded>>, Vec<_>) = batch.into_iter().unzip();
         let sink = sink.clone();
         let metrics = metrics.clone();
+        metrics.batch.observe(results.len() as f64);
         tracker.spawn(async move {
             let started = std::time::Instant::now();
             let outcomes = sink.save_batch(results).await;
@@ -56,6 +61,19 @@ pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: S
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Adds to `batch` what comes within `window` from now, until it is full.
+async fn gather(queue: &mut mpsc::Receiver<WriteSlot>, batch: &mut Vec<WriteSlot>, window: Duration) {
+    let until = tokio::time::Instant::now() + window;
+    while batch.len() < WRITE_BATCH {
+        let room = WRITE_BATCH - batch.len();
+        match tokio::time::timeout_at(until, queue.recv_many(batch, room)).await {
+            Ok(n) if n > 0 => {}
+            // The window is over, or the queue closed (what it holds is saved all the same).
+            _ => break,
+        }
+    }
 }
 
 /// Who the acker is and where it sends.
@@ -115,5 +133,54 @@ pub async fn acker(config: AckerConfig, mut queue: mpsc::Receiver<AckSlot>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use common::protocol::{self, ChunkId, ResultHead};
+
+    fn slot(chunk: u32) -> WriteSlot {
+        let head = ResultHead {
+            run: "0123456789abcdef".into(),
+            job: "00000000000000aa".into(),
+            chunk: ChunkId(chunk),
+            lease: uuid::Uuid::nil(),
+            attempt: 1,
+            mapper: "m".into(),
+        };
+        let body = protocol::encode_result(&head, std::iter::once(std::iter::once(&b"{}"[..])), None, &[]);
+        (Arc::new(Decoded::decode(Bytes::from(body)).expect("valid")), oneshot::channel().0)
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_comes_within_its_window_and_a_full_one_does_not_wait() {
+        let (tx, mut rx) = mpsc::channel(2 * WRITE_BATCH);
+        tx.send(slot(0)).await.expect("queued");
+        let mut batch = Vec::new();
+        rx.recv_many(&mut batch, WRITE_BATCH).await;
+        // A result sent while the window is open joins the batch.
+        let late = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            late.send(slot(1)).await.expect("queued");
+        });
+        gather(&mut rx, &mut batch, Duration::from_millis(300)).await;
+        assert_eq!(batch.len(), 2);
+        // A full batch does not wait out its window (an hour: the test would hang).
+        for chunk in 2..(WRITE_BATCH as u32 + 12) {
+            tx.send(slot(chunk)).await.expect("queued");
+        }
+        let mut full = Vec::new();
+        rx.recv_many(&mut full, 1).await;
+        gather(&mut rx, &mut full, Duration::from_secs(3600)).await;
+        assert_eq!(full.len(), WRITE_BATCH);
+        // Without a window, only what has queued (and the queue closing ends the wait too).
+        drop(tx);
+        let mut rest = Vec::new();
+        gather(&mut rx, &mut rest, Duration::ZERO).await;
+        assert_eq!(rest.len(), 10);
     }
 }

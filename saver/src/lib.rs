@@ -117,7 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     tracing::info!("saver {name}: saving to {} (sink {})", sink.describe(), sink.id());
     metrics.common.watch_subjects(&[&subjects.result]);
     service.set_ready();
-    let (shared, tasks) = Shared::start(client, &subjects, name.clone(), sink, metrics);
+    let (shared, tasks) = Shared::start(client, &subjects, name.clone(), sink, metrics, config.commit_window);
     serve(&shared, results, config.max_in_flight, &shutdown).await;
     let summary = SaverSummary {
         saved: shared.saved.load(std::sync::atomic::Ordering::Relaxed),
@@ -140,6 +140,7 @@ impl Shared {
         saver: String,
         sink: Sink,
         metrics: metrics::SaverMetrics,
+        commit_window: Duration,
     ) -> (Arc<Shared>, [tokio::task::JoinHandle<()>; 2]) {
         let sink_id = sink.id().to_string();
         let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
@@ -147,7 +148,7 @@ impl Shared {
             AckerConfig { client: client.clone(), subject: subjects.ack.clone(), saver, sink: sink_id.clone() };
         let acker = tokio::spawn(batch::acker(acker_config, ack_queue));
         let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
-        let writer = tokio::spawn(batch::writer(sink, write_queue, metrics.clone()));
+        let writer = tokio::spawn(batch::writer(sink, write_queue, metrics.clone(), commit_window));
         let shared = Arc::new(Shared {
             warnings: std::sync::Mutex::new(common::text::RateLimit::new(WARN_INTERVAL)),
             client,

@@ -16,6 +16,8 @@ pub struct SaverMetrics {
     pub duplicates: IntCounter,
     /// Time to save one chunk durably.
     pub write: Histogram,
+    /// Chunks per commit (group commit: how many share one round of fsyncs or one transaction).
+    pub batch: Histogram,
     /// Saves that failed (nothing acknowledged).
     pub failures: IntCounter,
     /// Results being saved or acknowledged.
@@ -36,6 +38,11 @@ impl SaverMetrics {
                 "chunkmill_saver_write_duration_seconds",
                 "Time to save one chunk durably",
                 exponential_buckets(0.0001, 2.0, 16),
+            ),
+            batch: m.histogram(
+                "chunkmill_saver_batch_chunks",
+                "Chunks per commit (one round of fsyncs, or one transaction); see --commit-window",
+                exponential_buckets(1.0, 2.0, 8),
             ),
             failures: m.counter("chunkmill_saver_write_failures_total", "Saves that failed; nothing was acknowledged"),
             in_flight: m.int_gauge("chunkmill_saver_in_flight", "Results being saved or acknowledged"),
