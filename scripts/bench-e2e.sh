@@ -24,7 +24,9 @@
 # second), the fetcher's own CPU time and that of the mappers (together), the saver and
 # nats-server, and peak RSS (VmHWM) of each service.
 # CHUNK_SIZE sets the fetcher's --chunk-size (default 100); MAPPER_THREADS (each mapper's rayon
-# threads) and CONCURRENCY (chunks in hand per mapper) are passed to the mappers.
+# threads; default: this machine's cores shared out among the mappers, at least one each, as a
+# pod's CPU limit gives it on Kubernetes) and CONCURRENCY (chunks in hand per mapper) are passed
+# to the mappers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -95,8 +97,8 @@ nats=${pids[0]}
 hz=$(getconf CLK_TCK)
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD), binaries in $BIN, input $input"
-printf '| rounds | mappers | pipeline s | scan s | scan MB/s | objects/s | ideal s | efficiency | CPU busy | chunks/s | fetcher CPU s | mappers / saver / nats CPU s | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
-printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| rounds | mappers | threads each | pipeline s | scan s | scan MB/s | objects/s | ideal s | efficiency | CPU busy | chunks/s | fetcher CPU s | mappers / saver / nats CPU s | re-leases | dup saves | fetcher MB | mapper MB (max) | saver MB |\n'
+printf '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for rounds in $ROUNDS_LIST; do
   if [ -n "$JOB" ]; then eval "job=($JOB)"; else job=(--rounds "$rounds"); fi
   ideal=$($BIN/examples/ideal --input "$DATA" "${job[@]}" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
@@ -105,8 +107,9 @@ for rounds in $ROUNDS_LIST; do
     $BIN/saver --out "$work/out" >"$work/saver.log" 2>&1 &
     saver=$!
     mpids=()
+    threads=$(mapper_threads "$mappers")
     for i in $(seq "$mappers"); do
-      $BIN/mapper ${CONCURRENCY:+--concurrency "$CONCURRENCY"} >"$work/mapper-$i.log" 2>&1 &
+      $BIN/mapper --threads "$threads" ${CONCURRENCY:+--concurrency "$CONCURRENCY"} >"$work/mapper-$i.log" 2>&1 &
       mpids+=($!)
     done
     # Start timing once everyone is connected.
@@ -149,7 +152,7 @@ for rounds in $ROUNDS_LIST; do
     scan=$(awk -v s="$scan" 'BEGIN{printf "%.3f", s}')
     busy=$(awk -v c="$cpu" -v hz="$hz" -v s="$secs" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}')
     chunks=$(( (objects + CHUNK_SIZE - 1) / CHUNK_SIZE ))
-    printf '| %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$secs" "$scan" "$scan_rate" \
+    printf '| %s | %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$threads" "$secs" "$scan" "$scan_rate" \
       "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$ideal" \
       "$(awk -v i="$ideal" -v s="$secs" 'BEGIN{print 100*i/s}')" "$busy" \
       "$(awk -v n="$chunks" -v s="$secs" 'BEGIN{print n/s}')" "$fetcher_cpu" "$split" "${releases:-?}" "${dups:-?}" \

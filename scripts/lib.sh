@@ -135,3 +135,12 @@ ensure_chromium() {
   apt_install chromium-headless-shell fonts-dejavu-core
   command -v chromium-headless-shell >/dev/null 2>&1
 }
+
+# Transform threads for each of N mappers on this machine: its cores shared out, at least one
+# each (what a pod's CPU limit gives a mapper on Kubernetes; without it every mapper would run
+# one thread per core and N of them would oversubscribe the cores N to 1). MAPPER_THREADS wins.
+mapper_threads() {
+  local cores
+  cores=$(nproc)
+  echo "${MAPPER_THREADS:-$(( cores / $1 > 0 ? cores / $1 : 1 ))}"
+}

@@ -56,8 +56,9 @@ echo "nats-server on $NATS_URL; logs of the other services in $work" >&2
 echo "live status page during the run: http://127.0.0.1:9101/" >&2
 METRICS_ADDR=127.0.0.1:9103 $BIN/saver --out "$OUT" >"$work/saver.log" 2>&1 &
 pids+=($!)
+threads=$(mapper_threads "$MAPPERS")
 for i in $(seq "$MAPPERS"); do
-  METRICS_ADDR=127.0.0.1:$((9110 + i)) $BIN/mapper --instance "mapper-$i" \
+  METRICS_ADDR=127.0.0.1:$((9110 + i)) $BIN/mapper --instance "mapper-$i" --threads "$threads" \
     --command "enrich=python3 examples/commands/enrich.py" >"$work/mapper-$i.log" 2>&1 &
   pids+=($!)
 done
