@@ -92,12 +92,14 @@ impl FileSink {
         &self.root
     }
 
-    /// The run directory `run`, opened once.
+    /// The run directory `run`, opened once (again if it was removed or replaced since).
     fn run(&self, run: &str) -> Result<Arc<Mutex<RunFiles>>, SinkError> {
         let poisoned = || SinkError::Task("a batch of this run panicked earlier".into());
         let mut runs = self.runs.lock().map_err(|_| poisoned())?;
         if let Some(files) = runs.get(run) {
-            return Ok(files.clone());
+            if files.lock().map(|f| f.is_current()).unwrap_or(false) {
+                return Ok(files.clone());
+            }
         }
         let files = Arc::new(Mutex::new(RunFiles::open(&self.root, run, self.part_limit)?));
         runs.insert(run.to_string(), files.clone());
@@ -319,6 +321,17 @@ mod tests {
         fs::write(run.join(".chunk-00000001.jsonl.abc.tmp"), b"half").expect("stray");
         FileSink::open(dir.path()).expect("open");
         assert_eq!(fs::read_dir(&run).expect("list").count(), 0);
+    }
+
+    #[test]
+    fn a_run_directory_removed_while_the_saver_runs_is_saved_anew_not_called_duplicate() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sink = FileSink::open(dir.path()).expect("open");
+        sink.save(&result(1, 2, &[])).expect("save");
+        // Someone removes the run's output to run it again; the saver stays up.
+        fs::remove_dir_all(dir.path().join(RUN)).expect("remove the run");
+        assert_eq!(sink.save(&result(1, 2, &[])).expect("save again"), SaveOutcome::Saved);
+        assert_eq!(copies(&saved(dir.path()), 1).len(), 1);
     }
 
     #[test]

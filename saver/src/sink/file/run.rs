@@ -118,6 +118,18 @@ impl RunFiles {
         Ok(RunFiles { lock, state })
     }
 
+    /// Whether the directory still holds the files this writer has open. Someone who removes a
+    /// run's directory (to run it again) while the saver runs must get the run saved anew, not
+    /// "duplicate" from what this writer remembers of the old one.
+    pub(super) fn is_current(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let same = |file: &File, name: &str| match (file.metadata(), fs::metadata(self.state.dir.join(name))) {
+            (Ok(open), Ok(named)) => (open.dev(), open.ino()) == (named.dev(), named.ino()),
+            _ => false,
+        };
+        same(&self.lock, LOCK_FILE) && same(&self.state.index, INDEX_FILE)
+    }
+
     /// Saves `results` (all of this run): the chunks no saver has saved yet are committed
     /// together, the others are duplicates. One outcome per result, in order; a chunk that
     /// comes twice in the batch (a re-leased chunk's two results) is a duplicate only if its
