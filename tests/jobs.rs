@@ -34,28 +34,22 @@ fn write_lines(p: &Pipeline, objects: &[serde_json::Value]) {
     std::fs::write(&p.input, text).expect("write input");
 }
 
+/// Every chunk saved for the run, in chunk order (each copy, were one saved twice).
+fn saved_chunks(p: &Pipeline) -> Vec<saver::sink::file::layout::SavedChunk> {
+    let reader = saver::sink::file::layout::RunReader::open(&p.out.join(p.run_id())).expect("run directory");
+    reader.chunks().into_iter().flat_map(|chunk| reader.chunk(chunk).expect("readable")).collect()
+}
+
 /// Every output value saved for the run, chunk after chunk, in order.
 fn saved_values(p: &Pipeline) -> Vec<serde_json::Value> {
-    let reader = saver::sink::file::layout::RunReader::open(&p.out.join(p.run_id())).expect("run directory");
-    reader
-        .chunks()
-        .into_iter()
-        .flat_map(|chunk| reader.chunk(chunk).expect("readable"))
-        .flat_map(|copy| copy.values)
-        .map(|v| serde_json::from_slice(&v).expect("a saved value is JSON"))
-        .collect()
+    let values = saved_chunks(p).into_iter().flat_map(|copy| copy.values);
+    values.map(|v| serde_json::from_slice(&v).expect("a saved value is JSON")).collect()
 }
 
 /// Every dead-letter entry saved for the run.
 fn dead_entries(p: &Pipeline) -> Vec<serde_json::Value> {
-    let reader = saver::sink::file::layout::RunReader::open(&p.out.join(p.run_id())).expect("run directory");
-    reader
-        .chunks()
-        .into_iter()
-        .flat_map(|chunk| reader.chunk(chunk).expect("readable"))
-        .flat_map(|copy| copy.dead)
-        .map(|d| serde_json::to_value(d).expect("a dead entry is JSON"))
-        .collect()
+    let entries = saved_chunks(p).into_iter().flat_map(|copy| copy.dead);
+    entries.map(|d| serde_json::to_value(d).expect("a dead entry is JSON")).collect()
 }
 
 #[test]
