@@ -12,6 +12,10 @@
 #   COMPRESS=zst ./scripts/bench-e2e.sh      # the input compressed first (zst or gz)
 #   CHUNK_SIZE=10 MAPPERS_LIST="50 200" MAPPER_THREADS=1 CONCURRENCY=2 ROUNDS_LIST=0 \
 #     ./scripts/bench-e2e.sh                # the fetcher's ceiling: many mappers, small chunks
+#   PROFILE=/tmp/prof ROUNDS_LIST=0 MAPPERS_LIST=2 ./scripts/bench-e2e.sh
+#                                           # perf record -a -g of each run's whole machine,
+#                                           # fetcher start to exit: /tmp/prof-r0-m2.data
+#                                           # (the row's times then include perf's start and stop)
 #
 # JOB replaces --rounds with other job flags (the same for the fetcher and the ideal); the
 # rounds column then reads "job".
@@ -120,8 +124,10 @@ for rounds in $ROUNDS_LIST; do
     nats_before=$(ticks "$nats")
     # GNU time reports the fetcher's peak RSS at its exit; polling /proc would cost CPU the run
     # needs.
+    profile=()
+    [ -z "${PROFILE:-}" ] || profile=(perf record -a -g -F 999 -o "$PROFILE-r$rounds-m$mappers.data" --)
     /usr/bin/time -f "%M %U %S" -o "$work/fetcher.rss" \
-      $BIN/fetcher --input "$input" "${job[@]}" --chunk-size "$CHUNK_SIZE" --state-dir "$work/state" --exit-when-done \
+      "${profile[@]}" $BIN/fetcher --input "$input" "${job[@]}" --chunk-size "$CHUNK_SIZE" --state-dir "$work/state" --exit-when-done \
       --summary-json "$work/summary.json" >"$work/fetcher.log" 2>&1 \
       || { echo "fetcher failed:"; tail "$work/fetcher.log"; exit 1; }
     ms=$(( $(now_ms) - start ))
