@@ -94,9 +94,6 @@ case "$STORE" in
 esac
 
 hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-# CPU time (user + system) of a running process, in clock ticks.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 nats=${pids[0]}
 hz=$(getconf CLK_TCK)
 
@@ -140,8 +137,7 @@ for rounds in $ROUNDS_LIST; do
     for pid in "${mpids[@]}"; do mapper_ticks=$(( mapper_ticks + $(ticks "$pid") )); done
     cpu=$(( cpu + nats_ticks + saver_ticks + mapper_ticks ))
     # Where the CPU went: mappers (all), saver, nats-server, in seconds.
-    split=$(awk -v m="$mapper_ticks" -v s="$saver_ticks" -v n="$nats_ticks" -v hz="$hz" \
-      'BEGIN{printf "%.2f / %.2f / %.2f", m/hz, s/hz, n/hz}')
+    split=$(cpu_split "$mapper_ticks" "$saver_ticks" "$nats_ticks")
     saver_mb=$(hwm "$saver")
     mapper_mb=0
     for pid in "${mpids[@]}"; do
@@ -156,7 +152,7 @@ for rounds in $ROUNDS_LIST; do
     bytes=$(sed -n 's/.*"input_bytes": *\([0-9]*\).*/\1/p' "$work/summary.json")
     scan_rate=$(awk -v b="$bytes" -v s="$scan" 'BEGIN{printf "%.0f", b / 1e6 / (s > 0 ? s : 1e-6)}')
     scan=$(awk -v s="$scan" 'BEGIN{printf "%.3f", s}')
-    busy=$(awk -v c="$cpu" -v hz="$hz" -v s="$secs" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}')
+    busy=$(busy_share "$cpu" "$secs")
     chunks=$(( (objects + CHUNK_SIZE - 1) / CHUNK_SIZE ))
     printf '| %s | %s | %s | %s | %s | %s | %.0f | %s | %.1f%% | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$rounds" "$mappers" "$threads" "$secs" "$scan" "$scan_rate" \
       "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$ideal" \

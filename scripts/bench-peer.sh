@@ -53,9 +53,6 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-# CPU time (user + system) of a running process, in clock ticks.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 hz=$(getconf CLK_TCK)
 failed=0
 
@@ -107,9 +104,8 @@ for rounds in $ROUNDS_LIST; do
 
     cpu=$(( fetcher_ticks + nats_ticks + saver_ticks + mapper_ticks ))
     secs=$(awk -v ms="$ms" 'BEGIN{printf "%.3f", ms/1000}')
-    busy=$(awk -v c="$cpu" -v hz="$hz" -v s="$secs" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}')
-    split=$(awk -v m="$mapper_ticks" -v s="$saver_ticks" -v n="$nats_ticks" -v hz="$hz" \
-      'BEGIN{printf "%.2f / %.2f / %.2f", m/hz, s/hz, n/hz}')
+    busy=$(busy_share "$cpu" "$secs")
+    split=$(cpu_split "$mapper_ticks" "$saver_ticks" "$nats_ticks")
     dups=$(grep -o "[0-9]* duplicates" "$row/saver.log" | cut -d' ' -f1)
     files=$(find "$row/out" -maxdepth 1 -name 'chunk-*.jsonl' | wc -l)
     lines=$(find "$row/out" -maxdepth 1 -name 'chunk-*.jsonl' -print0 | xargs -0 cat | wc -l)

@@ -144,3 +144,15 @@ mapper_threads() {
   cores=$(nproc)
   echo "${MAPPER_THREADS:-$(( cores / $1 > 0 ? cores / $1 : 1 ))}"
 }
+
+# The benchmarks' clocks: milliseconds now; the CPU time (user + system) of a running process
+# in clock ticks; a CPU time as a share of all cores' wall time; mappers / saver / nats-server
+# CPU in seconds.
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+busy_share() { # ticks, seconds
+  awk -v c="$1" -v hz="$(getconf CLK_TCK)" -v s="$2" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", 100 * c / hz / s / n}'
+}
+cpu_split() { # mapper ticks, saver ticks, nats-server ticks
+  awk -v m="$1" -v s="$2" -v n="$3" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.2f / %.2f / %.2f", m/hz, s/hz, n/hz}'
+}
