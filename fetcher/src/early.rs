@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message, Subscriber};
-use common::protocol::{self, WorkReplyKind, WorkRequest};
+use common::protocol::{self, Subjects, WorkReplyKind, WorkRequest};
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,8 @@ use crate::FetcherError;
 const MAX_WAIT: Duration = Duration::from_secs(5);
 /// Most requests held; past that they are answered `idle` at once.
 const MAX_HELD: usize = 1024;
+/// Longest the fetcher waits for the server to confirm the work subscription.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The work subscription and the requests held on it, handed to the server.
 pub struct Held {
@@ -36,11 +38,21 @@ pub struct EarlyWork {
 
 impl EarlyWork {
     /// Subscribes to the work subject and starts holding requests.
-    pub async fn start(client: &Client, subject: &str) -> Result<Self, FetcherError> {
-        let subscriber = client
-            .subscribe(subject.to_string())
-            .await
-            .map_err(|source| FetcherError::Subscribe { subject: subject.to_string(), source })?;
+    pub async fn start(client: &Client, subjects: &Subjects) -> Result<Self, FetcherError> {
+        let subject = subjects.work.clone();
+        let subscriber =
+            client.subscribe(subject.clone()).await.map_err(|source| FetcherError::Subscribe { subject, source })?;
+        // The subscription counts once the server has it, and a flush only writes it out. A
+        // request answers only after the server read everything before it on this connection:
+        // one to the status subject, which the fetcher may publish to (an answer, or "no
+        // responders" while no fetcher serves, both do). Mappers asking from then on, on their
+        // own connections, are held. If it fails the scan runs all the same; mappers retry.
+        let sync = client.request(subjects.status.clone(), bytes::Bytes::new());
+        if let Ok(Err(e)) = tokio::time::timeout(SYNC_TIMEOUT, sync).await {
+            if e.kind() != async_nats::RequestErrorKind::NoResponders {
+                tracing::debug!("the work subscription may not be in place before the scan: {e}");
+            }
+        }
         let stop = CancellationToken::new();
         let task = tokio::spawn(hold(client.clone(), subscriber, stop.clone()));
         Ok(EarlyWork { stop, task: Some(task) })
@@ -131,26 +143,27 @@ mod tests {
         let nats = NatsServer::start();
         let fetcher = async_nats::connect(nats.url()).await.unwrap();
         let mapper = async_nats::connect(nats.url()).await.unwrap();
-        let early = EarlyWork::start(&fetcher, "t.work").await.unwrap();
+        let subjects = Subjects::new("t");
+        let early = EarlyWork::start(&fetcher, &subjects).await.unwrap();
         // Held for its wait (no "no responders", no answer before), then idle, ask again at once.
         let asked = Instant::now();
-        let reply = mapper.request("t.work", ask(300)).await.unwrap();
+        let reply = mapper.request(subjects.work.clone(), ask(300)).await.unwrap();
         assert!(asked.elapsed() >= Duration::from_millis(300), "answered before its wait ended");
         let reply: WorkReply = protocol::decode(&reply.payload).unwrap();
         assert_eq!((reply.kind, reply.retry_ms), (WorkReplyKind::Idle, Some(0)));
         // A request still waiting when the scan ends goes to the server, with its subscription.
         let mut waiting = mapper.subscribe("t.inbox").await.unwrap();
-        mapper.publish_with_reply("t.work", "t.inbox", ask(5000)).await.unwrap();
+        mapper.publish_with_reply(subjects.work.clone(), "t.inbox", ask(5000)).await.unwrap();
         // One connection's messages arrive in order: once a later request is answered, the
         // holder has this one.
-        let probe = mapper.request("t.work", ask(0)).await.unwrap();
+        let probe = mapper.request(subjects.work.clone(), ask(0)).await.unwrap();
         assert_eq!(protocol::decode::<WorkReply>(&probe.payload).unwrap().kind, WorkReplyKind::Idle);
         let held = early.finish().await.unwrap();
         assert_eq!(held.requests.len(), 1, "the 5 s request is handed over, the answered ones are not");
         assert_eq!(held.requests[0].0.reply.as_deref(), Some("t.inbox"));
         assert!(tokio::time::timeout(Duration::from_millis(100), waiting.next()).await.is_err(), "not answered");
         let mut subscriber = held.subscriber;
-        mapper.publish("t.work", ask(1)).await.unwrap();
+        mapper.publish(subjects.work.clone(), ask(1)).await.unwrap();
         assert!(subscriber.next().await.is_some(), "the subscription is the server's now");
     }
 }

@@ -373,7 +373,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let name = service.name.clone();
     let (job, transform) = load_job(&config)?;
     // Mappers asking while we scan are held, not told "no responders" (which pauses them).
-    let early = early::EarlyWork::start(&client, &Subjects::new(&config.nats.subject_prefix).work).await?;
+    let early = early::EarlyWork::start(&client, &Subjects::new(&config.nats.subject_prefix)).await?;
     let input_metrics = scan::InputMetrics::new(metrics.common.maker());
     let scan_started = std::time::Instant::now();
     let index = load_input(&config, &job, transform, &input_metrics).await?;
