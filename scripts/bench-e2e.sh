@@ -16,6 +16,7 @@
 #                                           # perf record -a -g of each run's whole machine,
 #                                           # fetcher start to exit: /tmp/prof-r0-m2.data
 #                                           # (the row's times then include perf's start and stop)
+#   SAVER_ARGS="--commit-window 10ms" ./scripts/bench-e2e.sh   # flags added to the saver's
 #
 # JOB replaces --rounds with other job flags (the same for the fetcher and the ideal); the
 # rounds column then reads "job".
@@ -105,7 +106,7 @@ for rounds in $ROUNDS_LIST; do
   ideal=$($BIN/examples/ideal --input "$DATA" "${job[@]}" | sed -n 's/.*threads: \([0-9.]*\) s.*/\1/p')
   for mappers in $MAPPERS_LIST; do
     rm -rf "$work/out" "$work/state"
-    $BIN/saver --out "$work/out" >"$work/saver.log" 2>&1 &
+    $BIN/saver --out "$work/out" ${SAVER_ARGS:-} >"$work/saver.log" 2>&1 &
     saver=$!
     mpids=()
     threads=$(mapper_threads "$mappers")

@@ -29,13 +29,16 @@ pub type WriteSlot = (Arc<Decoded>, oneshot::Sender<Result<SaveOutcome, SinkErro
 pub type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
 
 /// Saves queued results in batches until the queue closes. A batch takes what queued while the
-/// previous one was saved, and whatever comes within `window` of its first result: at a
+/// previous one was saved, and whatever comes within its window of its first result: at a
 /// moderate rate that folds several chunks into one commit (two fsyncs, or one transaction, and
-/// one ack request) instead of one each. A database sink commits several batches at once, one
-/// per pooled connection.
-pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: SaverMetrics, window: Duration) {
+/// one ack request) instead of one each. The window is [`Pace::GAPS`] mean gaps between
+/// results, at most `most`: long enough to fold a few chunks at any rate, and short enough that
+/// the last batch of a run waits only a few chunks' worth of time. A database sink commits
+/// several batches at once, one per pooled connection.
+pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: SaverMetrics, most: Duration) {
     let slots = Arc::new(Semaphore::new(sink.parallel_batches()));
     let tracker = TaskTracker::new();
+    let mut pace = Pace::default();
     loop {
         // Wait for a free slot before gathering, so the batch takes everything that queued meanwhile.
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
@@ -43,7 +46,8 @@ pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: S
         if queue.recv_many(&mut batch, WRITE_BATCH).await == 0 {
             break;
         }
-        gather(&mut queue, &mut batch, window).await;
+        gather(&mut queue, &mut batch, pace.window(most)).await;
+        pace.observe(batch.len(), std::time::Instant::now(), most);
         let (results, waiters): (Vec<Arc<Decoded>>, Vec<_>) = batch.into_iter().unzip();
         let sink = sink.clone();
         let metrics = metrics.clone();
@@ -61,6 +65,37 @@ pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: S
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// The mean time between results, measured over whole batches (from one batch's gathering to the
+/// next's, divided by the results the later one took), as a moving average.
+#[derive(Debug, Default)]
+struct Pace {
+    last: Option<std::time::Instant>,
+    gap: Option<Duration>,
+}
+
+impl Pace {
+    /// A batch waits for about this many more results.
+    const GAPS: u32 = 8;
+
+    /// How long the next batch waits for more: nothing until two batches have shown the pace.
+    fn window(&self, most: Duration) -> Duration {
+        self.gap.map_or(Duration::ZERO, |gap| gap.saturating_mul(Self::GAPS).min(most))
+    }
+
+    /// A batch of `results` finished gathering at `now`. A gap longer than `most` counts as
+    /// `most`, so that the pause between two runs does not keep the window long into the next.
+    fn observe(&mut self, results: usize, now: std::time::Instant, most: Duration) {
+        if let Some(last) = self.last {
+            let gap = (now.saturating_duration_since(last) / results.max(1) as u32).min(most);
+            self.gap = Some(match self.gap {
+                None => gap,
+                Some(mean) => (mean * 7 + gap * 3) / 10,
+            });
+        }
+        self.last = Some(now);
+    }
 }
 
 /// Adds to `batch` what comes within `window` from now, until it is full.
@@ -153,6 +188,36 @@ mod tests {
         };
         let body = protocol::encode_result(&head, std::iter::once(std::iter::once(&b"{}"[..])), None, &[]);
         (Arc::new(Decoded::decode(Bytes::from(body)).expect("valid")), oneshot::channel().0)
+    }
+
+    #[test]
+    fn the_window_is_a_few_gaps_between_results_and_at_most_the_limit() {
+        let most = Duration::from_millis(50);
+        let mut pace = Pace::default();
+        let start = std::time::Instant::now();
+        // No pace known yet: the first batches commit what has queued.
+        assert_eq!(pace.window(most), Duration::ZERO);
+        pace.observe(1, start, most);
+        assert_eq!(pace.window(most), Duration::ZERO);
+        // 4 results a batch, a batch every 2 ms: a result every 0.5 ms, a window of 8 of them.
+        for i in 1..=20 {
+            pace.observe(4, start + Duration::from_millis(2 * i), most);
+        }
+        assert_eq!(pace.window(most), Duration::from_millis(4));
+        // One result every 20 ms: 8 gaps would be 160 ms, the limit holds it at 50.
+        for i in 1..=20 {
+            pace.observe(1, start + Duration::from_millis(40 + 20 * i), most);
+        }
+        assert_eq!(pace.window(most), most);
+        // A pause of a minute counts as the limit: a brisk pace after it shrinks the window soon.
+        let resumed = start + Duration::from_secs(60);
+        pace.observe(1, resumed, most);
+        for i in 1..=15 {
+            pace.observe(10, resumed + Duration::from_millis(i), most);
+        }
+        assert!(pace.window(most) < Duration::from_millis(5), "{:?}", pace.window(most));
+        // No limit, no wait.
+        assert_eq!(pace.window(Duration::ZERO), Duration::ZERO);
     }
 
     #[tokio::test]

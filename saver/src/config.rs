@@ -87,11 +87,12 @@ pub struct Config {
     #[arg(long, env = "SAVER_PG_POOL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pg_pool: u32,
 
-    /// How long a batch waits for more results after its first: at a moderate rate several
-    /// chunks then share one commit (two fsyncs, or one transaction) and one ack request, which
-    /// saves CPU in the saver, the fetcher and NATS; each chunk is saved up to this much later.
-    /// 0 commits whatever has queued at once.
-    #[arg(long, env = "SAVER_COMMIT_WINDOW", default_value = "10ms", value_parser = common::config::parse_duration)]
+    /// The most a batch waits for more results after its first. It waits for about 8 of the
+    /// recent gaps between results, up to this: at a moderate rate several chunks then share one
+    /// commit (two fsyncs, or one transaction) and one ack request, which saves CPU in the saver,
+    /// the fetcher and NATS, while the last batch of a run waits only a few chunks' worth of time.
+    /// Each chunk is saved up to this much later. 0 commits whatever has queued at once.
+    #[arg(long, env = "SAVER_COMMIT_WINDOW", default_value = "50ms", value_parser = common::config::parse_duration)]
     pub commit_window: std::time::Duration,
 
     /// Results saved at once; more wait in NATS's buffer, bounded by the mappers' concurrency.
@@ -116,7 +117,7 @@ impl Config {
             sink: SinkArgs::default(),
             pg_pool: 4,
             max_in_flight: 64,
-            commit_window: std::time::Duration::from_millis(10),
+            commit_window: std::time::Duration::from_millis(50),
             metrics_addr: Some("127.0.0.1:0".into()),
             nats,
         }
