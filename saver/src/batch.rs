@@ -32,8 +32,8 @@ pub type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
 /// previous one was saved, and whatever comes within its window of its first result: at a
 /// moderate rate that folds several chunks into one commit (two fsyncs, or one transaction, and
 /// one ack request) instead of one each. The window is [`Pace::GAPS`] mean gaps between
-/// results, at most `most`: long enough to fold a few chunks at any rate, and short enough that
-/// the last batch of a run waits only a few chunks' worth of time. A database sink commits
+/// results, at least [`Pace::LEAST`] and at most `most`: long enough to fold a few chunks at any
+/// rate, and short enough that the last batch of a run waits only a few chunks' worth of time. A database sink commits
 /// several batches at once, one per pooled connection.
 pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: SaverMetrics, most: Duration) {
     let slots = Arc::new(Semaphore::new(sink.parallel_batches()));
@@ -79,9 +79,14 @@ impl Pace {
     /// A batch waits for about this many more results.
     const GAPS: u32 = 8;
 
-    /// How long the next batch waits for more: nothing until two batches have shown the pace.
+    /// A batch waits at least this long (or `most`, if shorter) once the pace is known: at a high
+    /// rate a shorter wait would fold fewer chunks and cost more fsyncs than its tail saves.
+    const LEAST: Duration = Duration::from_millis(10);
+
+    /// How long the next batch waits for more: the least wait until two batches have shown the
+    /// pace.
     fn window(&self, most: Duration) -> Duration {
-        self.gap.map_or(Duration::ZERO, |gap| gap.saturating_mul(Self::GAPS).min(most))
+        self.gap.map_or(Self::LEAST, |gap| gap.saturating_mul(Self::GAPS).max(Self::LEAST)).min(most)
     }
 
     /// A batch of `results` finished gathering at `now`. A gap longer than `most` counts as
@@ -195,18 +200,25 @@ mod tests {
         let most = Duration::from_millis(50);
         let mut pace = Pace::default();
         let start = std::time::Instant::now();
-        // No pace known yet: the first batches commit what has queued.
-        assert_eq!(pace.window(most), Duration::ZERO);
+        // No pace known yet: the first batches wait the least.
+        assert_eq!(pace.window(most), Pace::LEAST);
         pace.observe(1, start, most);
-        assert_eq!(pace.window(most), Duration::ZERO);
-        // 4 results a batch, a batch every 2 ms: a result every 0.5 ms, a window of 8 of them.
+        assert_eq!(pace.window(most), Pace::LEAST);
+        // 4 results a batch, a batch every 2 ms: a result every 0.5 ms; 8 of them are 4 ms,
+        // less than the least wait.
         for i in 1..=20 {
             pace.observe(4, start + Duration::from_millis(2 * i), most);
         }
-        assert_eq!(pace.window(most), Duration::from_millis(4));
+        assert_eq!(pace.window(most), Pace::LEAST);
+        // A result every 3 ms: a window of 8 of them.
+        for i in 1..=20 {
+            pace.observe(1, start + Duration::from_millis(40 + 3 * i), most);
+        }
+        let window = pace.window(most);
+        assert!(window > Duration::from_millis(23) && window <= Duration::from_millis(24), "{window:?}");
         // One result every 20 ms: 8 gaps would be 160 ms, the limit holds it at 50.
         for i in 1..=20 {
-            pace.observe(1, start + Duration::from_millis(40 + 20 * i), most);
+            pace.observe(1, start + Duration::from_millis(100 + 20 * i), most);
         }
         assert_eq!(pace.window(most), most);
         // A pause of a minute counts as the limit: a brisk pace after it shrinks the window soon.
@@ -215,8 +227,9 @@ mod tests {
         for i in 1..=15 {
             pace.observe(10, resumed + Duration::from_millis(i), most);
         }
-        assert!(pace.window(most) < Duration::from_millis(5), "{:?}", pace.window(most));
-        // No limit, no wait.
+        assert_eq!(pace.window(most), Pace::LEAST);
+        // A limit below the least wait is the wait; no limit, no wait.
+        assert_eq!(pace.window(Duration::from_millis(3)), Duration::from_millis(3));
         assert_eq!(pace.window(Duration::ZERO), Duration::ZERO);
     }
 

@@ -88,7 +88,7 @@ pub struct Config {
     pub pg_pool: u32,
 
     /// The most a batch waits for more results after its first. It waits for about 8 of the
-    /// recent gaps between results, up to this: at a moderate rate several chunks then share one
+    /// recent gaps between results, at least 10 ms, up to this: at a moderate rate several chunks then share one
     /// commit (two fsyncs, or one transaction) and one ack request, which saves CPU in the saver,
     /// the fetcher and NATS, while the last batch of a run waits only a few chunks' worth of time.
     /// Each chunk is saved up to this much later. 0 commits whatever has queued at once.
