@@ -33,8 +33,8 @@ pub type AckSlot = (Ack, oneshot::Sender<Option<AckVerdict>>);
 /// moderate rate that folds several chunks into one commit (two fsyncs, or one transaction, and
 /// one ack request) instead of one each. The window is [`Pace::GAPS`] mean gaps between
 /// results, at least [`Pace::LEAST`] and at most `most`: long enough to fold a few chunks at any
-/// rate, and short enough that the last batch of a run waits only a few chunks' worth of time. A database sink commits
-/// several batches at once, one per pooled connection.
+/// rate, and short enough that the last batch of a run waits only a few chunks' worth of time.
+/// A database sink commits several batches at once, one per pooled connection.
 pub async fn writer(sink: Sink, mut queue: mpsc::Receiver<WriteSlot>, metrics: SaverMetrics, most: Duration) {
     let slots = Arc::new(Semaphore::new(sink.parallel_batches()));
     let tracker = TaskTracker::new();

@@ -88,10 +88,11 @@ pub struct Config {
     pub pg_pool: u32,
 
     /// The most a batch waits for more results after its first. It waits for about 8 of the
-    /// recent gaps between results, at least 10 ms, up to this: at a moderate rate several chunks then share one
-    /// commit (two fsyncs, or one transaction) and one ack request, which saves CPU in the saver,
-    /// the fetcher and NATS, while the last batch of a run waits only a few chunks' worth of time.
-    /// Each chunk is saved up to this much later. 0 commits whatever has queued at once.
+    /// recent gaps between results, at least 10 ms, up to this: at a moderate rate several
+    /// chunks then share one commit (two fsyncs, or one transaction) and one ack request, which
+    /// saves CPU in the saver, the fetcher and NATS, while the last batch of a run waits only a
+    /// few chunks' worth of time. Each chunk is saved up to this much later. 0 commits whatever
+    /// has queued at once.
     #[arg(long, env = "SAVER_COMMIT_WINDOW", default_value = "50ms", value_parser = common::config::parse_duration)]
     pub commit_window: std::time::Duration,
 
