@@ -277,3 +277,123 @@ fn killing_mappers_mid_run_in_a_jq_job_and_in_a_command_job_loses_and_doubles_no
         );
     }
 }
+
+fn faulty_command(extra: &str) -> String {
+    format!("faulty=python3 {} {extra}", repo("examples/commands/faulty.py"))
+}
+
+/// Issue 36, item 1: a child that writes two lines for one object, or none, is out of step; no
+/// answer that is not provably its object's own is saved, and only the guilty objects are
+/// dead-lettered.
+#[test]
+fn a_command_child_out_of_step_never_has_another_objects_answer_saved() {
+    let p = Pipeline::orders(300, &["--transform", "command", "--command", "faulty"]);
+    let mut objects = lines(&p);
+    objects[13]["fault"] = "extra".into();
+    objects[140]["fault"] = "silent".into();
+    write_lines(&p, &objects);
+    let _saver = p.saver("saver-1");
+    // Long enough for a fresh python child to start on a loaded machine: only the silent
+    // object may time out.
+    let _mapper = p.mapper("mapper-1", &["--command", &faulty_command(""), "--command-timeout", "3s"]);
+    let mut fetcher = p.fetcher(&[]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete with dead letters:\n{}", fetcher.log());
+    let dead: BTreeMap<u64, String> = dead_entries(&p)
+        .iter()
+        .map(|d| (d["line"].as_u64().expect("line"), d["cause"].as_str().expect("cause").to_string()))
+        .collect();
+    let expected: BTreeMap<u64, String> = [(14, "transform".to_string()), (141, "timeout".to_string())].into();
+    assert_eq!(dead, expected, "exactly the two objects that broke the contract");
+    // faulty.py echoes each object: every saved value is its own object, in order.
+    let echoed: Vec<&serde_json::Value> =
+        objects.iter().enumerate().filter(|(i, _)| ![13, 140].contains(i)).map(|(_, o)| o).collect();
+    let saved = saved_values(&p);
+    assert_eq!(saved.len(), echoed.len());
+    for (i, (saved, own)) in saved.iter().zip(&echoed).enumerate() {
+        assert_eq!(saved, *own, "saved value {i} is another object's answer");
+    }
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("298 found") && report.contains("2 dead-lettered"), "{report}");
+}
+
+/// Issue 36, item 9: a child that floods stderr costs the mapper's log a few lines, and the
+/// child is not slowed into a timeout by a log that cannot keep up.
+#[test]
+fn a_command_child_flooding_stderr_is_logged_a_hundred_lines_at_a_time_and_loses_no_object() {
+    let p = Pipeline::orders(200, &["--transform", "command", "--command", "faulty"]);
+    let mut objects = lines(&p);
+    for i in [3, 60, 61, 62, 150] {
+        objects[i]["fault"] = "flood".into();
+    }
+    write_lines(&p, &objects);
+    let _saver = p.saver("saver-1");
+    let mapper = p.mapper("mapper-1", &["--command", &faulty_command(""), "--threads", "1"]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, LONG);
+    let log = mapper.log();
+    let flood_lines = log.lines().filter(|l| l.contains("a flood of stderr")).count();
+    assert!(flood_lines <= 1_000, "{flood_lines} stderr lines of one child logged (100 000 were written)");
+    assert!(log.contains("more than 100 stderr lines in 10 s: the rest are counted, not logged"), "{log}");
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("200 found") && report.contains("0 dead-lettered"), "{report}");
+}
+
+/// Issue 36, item 6: a wrapper script's children and grandchildren go when its child is
+/// restarted and when the mapper stops.
+#[test]
+fn a_command_childs_whole_process_group_is_stopped_on_restart_and_when_the_mapper_stops() {
+    let p = Pipeline::orders(50, &["--transform", "command", "--command", "wrapped"]);
+    let mut objects = lines(&p);
+    objects[20]["fault"] = "crash".into();
+    write_lines(&p, &objects);
+    let pids = p.logs().join("command-pids");
+    let wrapper = format!(
+        "wrapped=sh -c 'sleep 3600 & echo $! >> {pids}; python3 {faulty} --pid-file {pids}; true'",
+        pids = pids.display(),
+        faulty = repo("examples/commands/faulty.py")
+    );
+    let _saver = p.saver("saver-1");
+    let mut mapper = p.mapper("mapper-1", &["--command", &wrapper, "--threads", "1"]);
+    let mut fetcher = p.fetcher(&[]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(3), "{}", fetcher.log());
+    mapper.signal("TERM");
+    assert_eq!(mapper.wait_exit(Duration::from_secs(30)), Some(0), "{}", mapper.log());
+    let started: Vec<u32> = std::fs::read_to_string(&pids)
+        .expect("the wrapper wrote its pids")
+        .lines()
+        .map(|pid| pid.trim().parse().expect("a pid"))
+        .collect();
+    assert!(started.len() >= 4, "a first child and a restarted one, each with its helper: {started:?}");
+    for pid in started {
+        wait_until(&format!("process {pid}, started by a wrapper script, to be gone"), Duration::from_secs(10), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+        });
+    }
+}
+
+/// Issue 36, item 17: a command whose every fresh child fails at once (here: exits 0 right
+/// after the start probe) is broken on its mapper; its chunks go back as `cannot_run` and no
+/// object becomes a dead letter; a mapper with a working program then completes the run.
+#[test]
+fn a_broken_command_hands_its_chunks_back_instead_of_dead_lettering_the_data_set() {
+    let p = Pipeline::orders(300, &["--transform", "command", "--command", "faulty"]);
+    let _saver = p.saver("saver-1");
+    let quits = "faulty=sh -c 'sleep 0.15; exit 0'";
+    let broken = p.mapper("broken", &["--command", quits, "--command-breaker", "4"]);
+    let (mut fetcher, port) = p.fetcher_named("fetcher", &["--exit-when-done"]);
+    broken.wait_for_log("command faulty is broken on this mapper: 4 fresh children in a row", LONG);
+    wait_until("the fetcher to see the broken mapper as unable", LONG, || {
+        metric(port, "chunkmill_fetcher_mappers_asking{able=\"false\"}") == Some(1.0)
+    });
+    assert_eq!(
+        metric(port, "chunkmill_fetcher_chunks{state=\"done\"}"),
+        Some(0.0),
+        "nothing saved, not even dead letters"
+    );
+    let _fixed = p.mapper("fixed", &["--command", &faulty_command("")]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(0), "complete, nothing dead-lettered:\n{}", fetcher.log());
+    assert!(dead_entries(&p).is_empty());
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("300 found") && report.contains("0 dead-lettered"), "{report}");
+}

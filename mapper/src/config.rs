@@ -31,6 +31,12 @@ pub struct Config {
     #[arg(long, env = "MAPPER_COMMAND_WORKERS", default_value_t = 0)]
     pub command_workers: usize,
 
+    /// Fresh children of a command that may fail in a row before answering anything; then the
+    /// command is broken on this mapper: its chunks are handed back as `cannot_run` instead of
+    /// their objects being dead-lettered (a program that exits at once, a missing model file).
+    #[arg(long, env = "MAPPER_COMMAND_BREAKER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub command_breaker: u32,
+
     /// Chunks in hand at once (leased and not yet transformed): a few transform while the next
     /// wait in hand, so the cores never wait for a round trip to the fetcher.
     #[arg(long, env = "MAPPER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -75,6 +81,7 @@ impl Config {
             commands: Vec::new(),
             command_timeout: Duration::from_secs(30),
             command_workers: 0,
+            command_breaker: 10,
             concurrency: 8,
             results_in_flight: 32,
             threads: 0,
@@ -97,6 +104,11 @@ impl Config {
     /// How command children run.
     pub fn command_options(&self) -> CommandOptions {
         let workers = if self.command_workers == 0 { self.transform_threads() } else { self.command_workers };
-        CommandOptions { workers, timeout: self.command_timeout, ..CommandOptions::default() }
+        CommandOptions {
+            workers,
+            timeout: self.command_timeout,
+            breaker: self.command_breaker,
+            ..CommandOptions::default()
+        }
     }
 }

@@ -62,7 +62,11 @@ pub(crate) async fn transform_chunk(shared: &Arc<Shared>, in_hand: InHand) -> Tr
         attempt: head.attempt,
         mapper: shared.name.clone(),
     };
+    if let Some(why) = built.transform.broken() {
+        return Transformed::GiveBack(ReleaseReason::CannotRun, why, permit);
+    }
     let started = Instant::now();
+    let transform = Arc::clone(&built.transform);
     let mapped = tokio::select! {
         mapped = on_rayon(&shared.pool, move || {
             let inputs: Vec<&[u8]> = objects.iter().map(|r| &payload[r.clone()]).collect();
@@ -70,6 +74,11 @@ pub(crate) async fn transform_chunk(shared: &Arc<Shared>, in_hand: InHand) -> Tr
         }) => Some(mapped),
         _ = shared.hard_stop.cancelled() => None,
     };
+    // A transform that broke down on this chunk (a command whose fresh children all fail): its
+    // objects' failures say nothing about them, so none is dead-lettered.
+    if let Some(why) = transform.broken() {
+        return Transformed::GiveBack(ReleaseReason::CannotRun, why, permit);
+    }
     let took = started.elapsed().as_secs_f64();
     shared.metrics.busy.inc_by(took);
     match mapped {

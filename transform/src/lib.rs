@@ -113,6 +113,13 @@ pub trait Transform: Send + Sync {
     fn apply_chunk(&self, inputs: &[&[u8]]) -> Vec<Result<Outputs, ObjectError>> {
         inputs.par_iter().map(|input| apply_caught(self, input)).collect()
     }
+
+    /// Why this transform can no longer run here at all (a command whose every fresh child
+    /// fails at once), if it cannot: the mapper then hands the chunk back as `cannot_run`
+    /// instead of dead-lettering its objects. The default never breaks.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// [`Transform::apply`] with a panic turned into [`Cause::Crash`].
