@@ -1,14 +1,21 @@
 //! The chaos tests: full runs of the real binaries while a seeded random schedule SIGKILLs and
 //! restarts mappers, the saver and the fetcher, SIGSTOPs a mapper past its lease, restarts
 //! nats-server, and fills the fetcher's state disk and the file sink's disk (real size-limited
-//! tmpfs mounts: ENOSPC); with the PostgreSQL sink, it also stops and restarts the database. At
-//! the end `saver verify` must report 0 missing, 0 duplicated, 0 wrong.
+//! tmpfs mounts: ENOSPC); with the PostgreSQL sink, it also stops and restarts the database. A
+//! third test runs a command job over an input in an S3 store: the store goes away (its
+//! connections cut) mid-run, a mapper living in a network namespace of its own is partitioned
+//! from NATS (its veth down: packets dropped) for longer than a lease, and command children are
+//! crashed (SIGKILL), hung (SIGSTOP, past `--command-timeout`) and made to flood their stderr.
+//! Every run injects at least [`MIN_FAULTS`] faults (the work is heavy enough to leave room for
+//! them). At the end `saver verify` must report 0 missing, 0 duplicated, 0 wrong (the command
+//! job's outputs recomputed).
 //!
 //! `CHAOS_SEED=N` replays one schedule (in each test); `CHAOS_RUNS=K` runs K seeds of the
-//! file-sink test (default 2), `CHAOS_PG_RUNS=K` K seeds of the PostgreSQL one (default 1). Each
-//! run prints its seed, the faults injected by kind and the longest recovery seen after each kind:
-//! the time from the fault until the sink grows again (after a full disk, until the space is back
-//! and the sink grows again). docs/RELIABILITY.md records a many-seed session.
+//! file-sink test (default 2), `CHAOS_PG_RUNS=K` K seeds of the PostgreSQL one (default 1),
+//! `CHAOS_MIXED_RUNS=K` K seeds of the command-job one (default 1). Each run prints its seed, the
+//! faults injected by kind and the longest recovery seen after each kind: the time from the fault
+//! until the sink grows again (after a full disk, until the space is back and the sink grows
+//! again). docs/RELIABILITY.md records a many-seed session.
 
 mod support;
 
@@ -17,11 +24,23 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chunkmill::fetcher::generate::SplitMix64;
-use common::harness::Service;
+use common::harness::{Service, TcpProxy};
+use support::netns::Netns;
 use support::postgres::PgServer;
+use support::s3::S3Server;
 use support::{metric, Pipeline, Tmpfs};
 
 const LEASE: Duration = Duration::from_secs(1);
+/// Every run injects at least this many faults; the work is heavy enough to leave room for them.
+const MIN_FAULTS: u32 = 10;
+/// The digest's rounds in the file and PostgreSQL runs: about 20 s of work on 2 cores.
+const ROUNDS: u32 = 25_000;
+/// The command job's rounds of SHA-256 per object (in python): about as heavy.
+const COMMAND_ROUNDS: u32 = 1_000;
+const COMMAND_TIMEOUT: &str = "2s";
+/// The command job's input: this many objects of 100 users each under an S3 prefix, so that the
+/// fetcher reads the store all through the run (a chunk never spans two objects).
+const STORE_OBJECTS: u64 = OBJECTS / 100;
 const OBJECTS: u64 = 20_000;
 /// Small chunks, so that the fetcher's ledger (`d 1234` per chunk) spans several 4 KiB pages: a
 /// full disk fails an append only when it needs a new page (200 chunks fit in one).
@@ -38,6 +57,61 @@ const FILE_KINDS: [&str; 7] =
     ["kill-mapper", "kill-saver", "kill-fetcher", "stop-mapper", "restart-nats", "fill-state", "fill-sink"];
 const PG_KINDS: [&str; 7] =
     ["kill-mapper", "kill-saver", "kill-fetcher", "stop-mapper", "restart-nats", "fill-state", "restart-postgres"];
+const MIXED_KINDS: [&str; 10] = [
+    "kill-mapper",
+    "kill-saver",
+    "kill-fetcher",
+    "stop-mapper",
+    "restart-nats",
+    "partition-mapper",
+    "store-outage",
+    "child-crash",
+    "child-hang",
+    "child-flood",
+];
+
+/// Which chaos test.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The digest job into the file sink.
+    File,
+    /// The digest job into PostgreSQL.
+    Postgres,
+    /// A command job over an S3 input into the file sink, one mapper in a namespace of its own.
+    Mixed,
+}
+
+impl Mode {
+    fn kinds(self) -> &'static [&'static str] {
+        match self {
+            Mode::File => &FILE_KINDS,
+            Mode::Postgres => &PG_KINDS,
+            Mode::Mixed => &MIXED_KINDS,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::File => "file",
+            Mode::Postgres => "PostgreSQL",
+            Mode::Mixed => "command job, S3 input",
+        }
+    }
+}
+
+/// The command job's surroundings: the input store behind a proxy that can be cut, and the
+/// namespace of mapper 0 with its way to NATS.
+struct Mixed {
+    store_proxy: TcpProxy,
+    nats_proxy: TcpProxy,
+    netns: Netns,
+    _s3: S3Server,
+}
+
+fn chaos_command() -> String {
+    let script = format!("{}/tests/support/chaos_command.py", env!("CARGO_MANIFEST_DIR"));
+    format!("chaos=python3 {script} {COMMAND_ROUNDS}")
+}
 
 #[derive(Default)]
 struct Report {
@@ -96,6 +170,8 @@ struct Chaos {
     /// PostgreSQL: chunks saved by the savers killed so far (as far as their counters said).
     saved_by_killed: u64,
     mappers: Vec<Service>,
+    mode: Mode,
+    mixed: Option<Mixed>,
     state: Tmpfs,
     sink: Sink,
     ledger: PathBuf,
@@ -114,26 +190,91 @@ fn spawn_fetcher(p: &Pipeline, lease: &str, name: &str) -> (Service, u16) {
     p.fetcher_named(name, &["--exit-when-done", "--lease-timeout", lease, "--chunk-size", &chunk_size])
 }
 
+/// Mapper `i` of generation `generation`: in the command job, with the command registered and
+/// one child (one thread) each, and mapper 0 inside the test's network namespace, reaching NATS
+/// through the proxy on the host's end of its veth pair.
+fn spawn_mapper(p: &Pipeline, mixed: Option<&Mixed>, i: usize, generation: u32) -> Service {
+    let name = format!("mapper-{i}-{generation}");
+    let Some(mixed) = mixed else { return p.mapper(&name, &[]) };
+    let command = chaos_command();
+    let args = ["--command", command.as_str(), "--command-timeout", COMMAND_TIMEOUT, "--threads", "1"];
+    if i != 0 {
+        return p.mapper(&name, &args);
+    }
+    let prefix = mixed.netns.prefix();
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let mut all = vec!["--instance", name.as_str()];
+    all.extend_from_slice(&args);
+    let url = mixed.nats_proxy.url();
+    let env = [("NATS_URL", url.as_str()), ("METRICS_ADDR", "127.0.0.1:0")];
+    Service::spawn_prefixed(&name, &prefix, "mapper", &all, &env, p.logs())
+}
+
+/// The command children of the mapper with `pid` (its child processes).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| children.split_whitespace().filter_map(|c| c.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+fn signal_pid(pid: u32, signal: &str) -> bool {
+    std::process::Command::new("kill").args(["-s", signal, &pid.to_string()]).status().is_ok_and(|s| s.success())
+}
+
 fn pause(d: Duration) {
     std::thread::sleep(d);
 }
 
+/// Puts the pipeline's users into a new S3 server as [`STORE_OBJECTS`] objects under a prefix,
+/// and points the pipeline's input (the fetcher's and verify's) at it through a proxy.
+fn store_input(p: &mut Pipeline) -> (S3Server, TcpProxy) {
+    let s3 = S3Server::start();
+    s3.create_bucket("chaos");
+    let text = std::fs::read_to_string(&p.input).expect("the generated users");
+    let lines: Vec<&str> = text.lines().collect();
+    let per_object = lines.len().div_ceil(STORE_OBJECTS as usize);
+    for (i, part) in lines.chunks(per_object).enumerate() {
+        s3.put("chaos", &format!("users/part-{i:04}.jsonl"), (part.join("\n") + "\n").as_bytes());
+    }
+    let proxy = TcpProxy::start(s3.port());
+    p.input = PathBuf::from("s3://chaos/users/");
+    p.input_env = s3.env_at(&format!("http://127.0.0.1:{}", proxy.port()));
+    (s3, proxy)
+}
+
 impl Chaos {
-    fn start(seed: u64, postgres: bool) -> Self {
-        let p = Pipeline::new(OBJECTS, 2000);
+    fn start(seed: u64, mode: Mode) -> Self {
+        let rounds = if mode == Mode::Mixed { 0 } else { ROUNDS };
+        let mut p = Pipeline::new(OBJECTS, rounds);
         // The ledger of 2 000 chunks is about 13 kB: 256 KiB leaves room for the lock and the
         // run's record, and fills at once.
         let state = Tmpfs::mount(p.state_dir(), 256);
-        let sink = if postgres {
+        let sink = if mode == Mode::Postgres {
             Sink::Postgres(PgServer::start())
         } else {
             // 2 000 chunk files of one page each (8 MiB), with room to spare.
             Sink::File(Tmpfs::mount(p.out.clone(), 32 << 10))
         };
+        let mixed = (mode == Mode::Mixed).then(|| {
+            let (s3, store_proxy) = store_input(&mut p);
+            p.job = vec!["--transform".into(), "command".into(), "--command".into(), "chaos".into()];
+            let netns = Netns::create();
+            let nats_proxy = TcpProxy::start_on(netns.host_addr(), p.nats.port());
+            Mixed { store_proxy, nats_proxy, netns, _s3: s3 }
+        });
+        // The ledger (for fill-state, not a fault of the command job's run, whose run id comes
+        // from the store's listing).
+        let ledger = if mode == Mode::Mixed {
+            PathBuf::new()
+        } else {
+            p.state_dir().join(format!("{}.ledger", p.run_id_at(CHUNK_SIZE)))
+        };
         let lease = format!("{}ms", LEASE.as_millis());
         let (saver, saver_port) = spawn_saver(&p, &sink, "saver-0");
-        let mappers: Vec<Service> = (0..3).map(|i| p.mapper(&format!("mapper-{i}-0"), &[])).collect();
-        let ledger = p.state_dir().join(format!("{}.ledger", p.run_id_at(CHUNK_SIZE)));
+        let mappers: Vec<Service> = (0..3).map(|i| spawn_mapper(&p, mixed.as_ref(), i, 0)).collect();
         let (fetcher, fetcher_port) = spawn_fetcher(&p, &lease, "fetcher-0");
         Chaos {
             seed,
@@ -147,6 +288,8 @@ impl Chaos {
             saver_seen: Default::default(),
             saved_by_killed: 0,
             mappers,
+            mode,
+            mixed,
             state,
             sink,
             ledger,
@@ -198,7 +341,7 @@ impl Chaos {
             "kill-mapper" => {
                 let i = self.below(self.mappers.len() as u64) as usize;
                 self.mappers[i].kill();
-                self.mappers[i] = self.p.mapper(&format!("mapper-{i}-{}", self.generation), &[]);
+                self.mappers[i] = spawn_mapper(&self.p, self.mixed.as_ref(), i, self.generation);
             }
             "kill-saver" => {
                 self.saved();
@@ -300,6 +443,42 @@ impl Chaos {
                 pause(outage); // the outage itself
                 db.start_again();
             }
+            "partition-mapper" | "store-outage" => {
+                let mixed = self.mixed.as_ref().expect("a fault of the command job's run");
+                let outage = if kind == "partition-mapper" {
+                    mixed.netns.cut();
+                    LEASE * 5 / 2 // past its leases: the fault itself
+                } else {
+                    mixed.store_proxy.cut();
+                    Duration::from_millis(1000 + self.below(2000))
+                };
+                pause(outage);
+                let mixed = self.mixed.as_ref().expect("still there");
+                if kind == "partition-mapper" {
+                    mixed.netns.restore();
+                } else {
+                    mixed.store_proxy.restore();
+                }
+            }
+            "child-crash" | "child-hang" | "child-flood" => {
+                let mut children = Vec::new();
+                while children.is_empty() {
+                    // A mapper that was just restarted has none until it builds the job.
+                    assert!(at.elapsed() < ROOM, "seed {seed}: no command child to hit");
+                    if self.finished() {
+                        return None;
+                    }
+                    children = self.mappers.iter().flat_map(|m| children_of(m.pid())).collect();
+                    pause(Duration::from_millis(10));
+                }
+                let child = children[self.below(children.len() as u64) as usize];
+                let signal = match kind {
+                    "child-crash" => "KILL",
+                    "child-hang" => "STOP", // the mapper's --command-timeout kills it
+                    _ => "USR1",            // chaos_command.py floods its stderr
+                };
+                signal_pid(child, signal);
+            }
             other => unreachable!("unknown fault {other}"),
         }
         Some(Injected { at, before, store: false })
@@ -324,7 +503,12 @@ impl Chaos {
 
     fn verify(&self) -> (bool, String) {
         let chunk_size = CHUNK_SIZE.to_string();
-        let flags = ["--chunk-size", chunk_size.as_str()];
+        let command = chaos_command();
+        let mut flags = vec!["--chunk-size", chunk_size.as_str()];
+        if self.mode == Mode::Mixed {
+            // The command's outputs recomputed: a shifted answer would be a wrong value.
+            flags.extend(["--recompute-with", command.as_str()]);
+        }
         match &self.sink {
             Sink::File(_) => self.p.verify_with_flags(&flags),
             Sink::Postgres(db) => self.p.verify_postgres_with_flags(db, &flags),
@@ -332,22 +516,33 @@ impl Chaos {
     }
 }
 
-fn run_once(seed: u64, postgres: bool) -> Report {
-    let sink = if postgres { "PostgreSQL" } else { "file" };
-    println!("chaos ({sink} sink): seed {seed} (replay with CHAOS_SEED={seed})");
+fn run_once(seed: u64, mode: Mode) -> Report {
+    let sink = mode.name();
+    println!("chaos ({sink}): seed {seed} (replay with CHAOS_SEED={seed})");
     let started = Instant::now();
-    let mut chaos = Chaos::start(seed, postgres);
-    let kinds: &[&'static str] = if postgres { &PG_KINDS } else { &FILE_KINDS };
+    let mut chaos = Chaos::start(seed, mode);
+    let kinds = mode.kinds();
     let mut report = Report::default();
     support::wait_until("5 chunks saved", ROOM, || chaos.saved() >= 5);
-    for _ in 0..8 {
+    let mut injected_faults = 0;
+    // Kinds are dealt from a shuffled deck, so a run of MIN_FAULTS faults meets each kind.
+    let mut deck: Vec<&'static str> = Vec::new();
+    while injected_faults < MIN_FAULTS {
         let wait = Duration::from_millis(200 + chaos.below(600));
         if chaos.fetcher.wait_exit(wait).is_some() {
             break; // the run finished
         }
         chaos.generation += 1;
-        let kind = kinds[chaos.below(kinds.len() as u64) as usize];
+        if deck.is_empty() {
+            deck = kinds.to_vec();
+            for i in (1..deck.len()).rev() {
+                let j = chaos.below(i as u64 + 1) as usize;
+                deck.swap(i, j);
+            }
+        }
+        let kind = deck.pop().expect("dealt a full deck");
         let Some(injected) = chaos.inject(kind) else { break };
+        injected_faults += 1;
         *report.faults.entry(kind).or_default() += 1;
         let over = !chaos.recovered(kind, &injected);
         let longest = report.longest_recovery.entry(kind).or_default();
@@ -358,8 +553,12 @@ fn run_once(seed: u64, postgres: bool) -> Report {
     }
     let code = chaos.fetcher.wait_exit(Duration::from_secs(300));
     assert_eq!(code, Some(0), "seed {seed}: the run did not finish:\n{}", chaos.fetcher.log());
+    assert!(
+        injected_faults >= MIN_FAULTS,
+        "seed {seed}: the run ended after {injected_faults} faults, fewer than {MIN_FAULTS}: make its work heavier"
+    );
     let (ok, verify) = chaos.verify();
-    println!("chaos ({sink} sink): seed {seed}: {verify}");
+    println!("chaos ({sink}): seed {seed}: {verify}");
     assert!(ok, "seed {seed}: {verify}");
     assert!(verify.contains("20000 found, 0 missing, 0 duplicated, 0 wrong"), "seed {seed}: {verify}");
     if let Sink::Postgres(db) = &chaos.sink {
@@ -369,7 +568,7 @@ fn run_once(seed: u64, postgres: bool) -> Report {
         let chunks = db.count(&format!("SELECT count(*) FROM chunkmill_chunks WHERE run = '{run}'"));
         assert_eq!((rows, ids, chunks), (OBJECTS, OBJECTS, CHUNKS), "seed {seed}: rows, distinct ids, chunks");
     }
-    println!("chaos ({sink} sink): seed {seed}: {} | run took {:.1} s", report.line(), started.elapsed().as_secs_f64());
+    println!("chaos ({sink}): seed {seed}: {} | run took {:.1} s", report.line(), started.elapsed().as_secs_f64());
     report
 }
 
@@ -386,23 +585,27 @@ fn seeds(runs_var: &str, default_runs: u64) -> Vec<u64> {
     }
 }
 
-fn chaos(postgres: bool, runs_var: &str, default_runs: u64) {
+fn chaos(mode: Mode, runs_var: &str, default_runs: u64) {
     let mut total = Report::default();
     let seeds = seeds(runs_var, default_runs);
     let runs = seeds.len();
     for seed in seeds {
-        total.add(run_once(seed, postgres));
+        total.add(run_once(seed, mode));
     }
-    let sink = if postgres { "PostgreSQL" } else { "file" };
-    println!("chaos total ({sink} sink, {runs} runs): {} | lost 0, duplicated 0", total.line());
+    println!("chaos total ({}, {runs} runs): {} | lost 0, duplicated 0", mode.name(), total.line());
 }
 
 #[test]
 fn a_run_under_random_crashes_restarts_and_full_disks_saves_everything_exactly_once() {
-    chaos(false, "CHAOS_RUNS", 2);
+    chaos(Mode::File, "CHAOS_RUNS", 2);
 }
 
 #[test]
 fn a_run_into_postgres_under_random_crashes_and_database_restarts_saves_everything_exactly_once() {
-    chaos(true, "CHAOS_PG_RUNS", 1);
+    chaos(Mode::Postgres, "CHAOS_PG_RUNS", 1);
+}
+
+#[test]
+fn a_command_job_from_a_store_under_partitions_outages_and_child_faults_saves_everything_exactly_once() {
+    chaos(Mode::Mixed, "CHAOS_MIXED_RUNS", 1);
 }

@@ -152,9 +152,30 @@ pub struct Service {
 impl Service {
     /// Starts `bin(binary)` with `args`, environment `env`, logging into `log_dir`.
     pub fn spawn(name: &str, binary: &str, args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Self {
+        Self::spawn_prefixed(name, &[], binary, args, env, log_dir)
+    }
+
+    /// [`Service::spawn`] through a program that execs it (`prefix`, e.g. `ip netns exec NS`),
+    /// so that the service's pid is the binary's.
+    pub fn spawn_prefixed(
+        name: &str,
+        prefix: &[&str],
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Self {
         let log = log_dir.join(format!("{name}.log"));
         let file = File::options().create(true).append(true).open(&log).expect("service log file");
-        let child = Command::new(bin(binary))
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(bin(binary));
+                command
+            }
+            None => Command::new(bin(binary)),
+        };
+        let child = command
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -263,6 +284,7 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
 /// new ones refused) and restore on the same port: a network partition between one client and
 /// its server, while other clients still reach the server directly.
 pub struct TcpProxy {
+    addr: std::net::IpAddr,
     port: u16,
     target: u16,
     state: std::sync::Arc<ProxyState>,
@@ -278,7 +300,17 @@ struct ProxyState {
 impl TcpProxy {
     /// Starts forwarding a free port to `target`.
     pub fn start(target: u16) -> Self {
-        let proxy = TcpProxy { port: free_port(), target, state: Default::default() };
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), target)
+    }
+
+    /// Starts forwarding a free port of `addr` (a local address, e.g. the host's end of a
+    /// test's veth pair) to `target` on 127.0.0.1.
+    pub fn start_on(addr: std::net::IpAddr, target: u16) -> Self {
+        let port = TcpListener::bind((addr, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("cannot bind a free port on {addr}: {e}"));
+        let proxy = TcpProxy { addr, port, target, state: Default::default() };
         proxy.listen();
         proxy
     }
@@ -288,14 +320,14 @@ impl TcpProxy {
         self.port
     }
 
-    /// `nats://127.0.0.1:PORT` through the proxy.
+    /// `nats://ADDR:PORT` through the proxy.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.addr, self.port)
     }
 
     fn listen(&self) {
         use std::sync::atomic::Ordering;
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("bind the proxy port");
+        let listener = TcpListener::bind((self.addr, self.port)).expect("bind the proxy port");
         listener.set_nonblocking(true).expect("non-blocking listener");
         let state = self.state.clone();
         let generation = state.generation.load(Ordering::SeqCst);
@@ -338,7 +370,7 @@ impl TcpProxy {
         }
         // Wait until the listener is gone, so the port refuses connections.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+        while TcpStream::connect((self.addr, self.port)).is_ok() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod jwt;
+pub mod netns;
 pub mod postgres;
 pub mod s3;
 
