@@ -3,6 +3,7 @@
 //! a chunk is either fully present or absent, and saving it again changes nothing.
 
 pub mod file;
+pub(crate) mod object;
 pub mod postgres;
 
 use std::path::PathBuf;
