@@ -2,7 +2,8 @@
 //! job, chunk by chunk and object by object. Every input object must be saved or dead-lettered,
 //! once. For a deterministic job (digest, jq, a Rust transform) it recomputes the transform
 //! through the same registry as the mappers and compares every output value, in order, per input
-//! object; for a command job, which may not be deterministic, it checks completeness (one output
+//! object, exactly ([`common::exact`]: numbers by their text, repeated keys kept) after only what
+//! the sink is documented to do to a value (`Normalise`); for a command job, which may not be deterministic, it checks completeness (one output
 //! per object), or recomputes with `--recompute`. It costs as much CPU as the run's transform.
 //!
 //! The sink is the whole record: a dead-lettered chunk has its record there too (every object
@@ -13,6 +14,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::exact;
 use common::input::{scan_source, ChunkReader, ChunkSpan, InputError, ScanOptions};
 use common::protocol::{Cause, ChunkId, DeadObject};
 use futures::StreamExt;
@@ -214,14 +216,38 @@ impl Default for SavedValues {
     }
 }
 
-/// Whether two JSON values are equal: the same bytes, or the same value (another mapper may
-/// write keys in another order, or numbers another way).
-fn same_json(a: &[u8], b: &[u8]) -> bool {
-    a == b
-        || matches!(
-            (serde_json::from_slice::<serde_json::Value>(a), serde_json::from_slice::<serde_json::Value>(b)),
-            (Ok(x), Ok(y)) if x == y
-        )
+/// What a sink does to an output value it keeps, applied to an expected value before it is
+/// compared with the saved one: each sink documents it and says it next to its code (the file
+/// sink keeps values as written: [`as_written`]; PostgreSQL's `jsonb` has its own rules,
+/// `sink::postgres::jsonb`). `None`: the sink cannot keep this value at all.
+pub(crate) type Normalise = for<'a> fn(exact::Value<'a>) -> Option<exact::Value<'a>>;
+
+/// A sink that keeps every value as it was sent (whitespace aside, which parsing ignores).
+pub(crate) fn as_written(value: exact::Value<'_>) -> Option<exact::Value<'_>> {
+    Some(value)
+}
+
+/// Whether the saved value `saved` is the `expected` one once `normalise`d as its sink keeps it:
+/// the same bytes, or the same value exactly ([`exact::Value::same`]: numbers by their text,
+/// repeated keys kept; another mapper may still write keys in another order).
+fn same_value(expected: &[u8], saved: &[u8], normalise: Normalise) -> bool {
+    if expected == saved {
+        return true;
+    }
+    let (Ok(expected), Ok(saved)) = (exact::parse(expected), exact::parse(saved)) else { return false };
+    normalise(expected).is_some_and(|expected| expected.same(&saved))
+}
+
+/// Why object values differ, for people: the first value that differs, both sides cut short.
+fn difference(expected: &[&[u8]], saved: &[Vec<u8>], normalise: Normalise) -> String {
+    if expected.len() != saved.len() {
+        return format!("{} value(s) saved, the transform gives {}", saved.len(), expected.len());
+    }
+    let shown = |bytes: &[u8]| common::text::escaped_max(&String::from_utf8_lossy(bytes), 120).to_string();
+    match expected.iter().zip(saved).position(|(a, b)| !same_value(a, b, normalise)) {
+        Some(k) => format!("value {k} is {}, the transform gives {}", shown(&saved[k]), shown(expected[k])),
+        None => "its values differ".into(),
+    }
 }
 
 /// Checks one chunk: `inputs` (None when verify cannot read them), what the sink holds for it
@@ -233,6 +259,7 @@ fn check_chunk(
     lines: Option<&[u64]>,
     saved: Option<Saved>,
     expectation: &Expectation,
+    normalise: Normalise,
 ) -> VerifyReport {
     let n = span.objects as usize;
     let mut report = VerifyReport { duplicated: saved.as_ref().map_or(0, |s| s.duplicates), ..Default::default() };
@@ -259,7 +286,8 @@ fn check_chunk(
     // Each object's line in the input: consecutive from the chunk's first unless the reader
     // said otherwise (blank lines, skipped records, a pretty-printed array).
     let line = |i: usize| lines.and_then(|lines| lines.get(i).copied()).unwrap_or(span.first_line + i as u64);
-    let check = ChunkCheck { chunk, ids: &ids, expected: expected.as_deref(), flat, expectation, line: &line };
+    let check =
+        ChunkCheck { chunk, ids: &ids, expected: expected.as_deref(), flat, expectation, line: &line, normalise };
     check.objects(n, &dead, values, &mut report);
     report
 }
@@ -325,6 +353,8 @@ struct ChunkCheck<'a> {
     flat: bool,
     expectation: &'a Expectation,
     line: &'a dyn Fn(usize) -> u64,
+    /// What the sink does to a value it keeps.
+    normalise: Normalise,
 }
 
 impl ChunkCheck<'_> {
@@ -388,14 +418,14 @@ impl ChunkCheck<'_> {
         match self.expected.map(|e| &e[i]) {
             Some(Ok(outputs)) => {
                 let want: Vec<&[u8]> = outputs.iter().collect();
-                if want.len() == saved.len() && want.iter().zip(&saved).all(|(a, b)| same_json(a, b)) {
+                let normalise = self.normalise;
+                if want.len() == saved.len() && want.iter().zip(&saved).all(|(a, b)| same_value(a, b, normalise)) {
                     report.found += 1;
                 } else if self.flat && saved.len() < want.len() {
                     report.missing += 1;
                 } else {
                     report.found += 1;
-                    let why = format!("{} value(s) saved, the transform gives {}", saved.len(), want.len());
-                    wrong(report, why);
+                    wrong(report, difference(&want, &saved, normalise));
                 }
             }
             Some(Err(error)) => {
@@ -490,6 +520,7 @@ fn check_all(
     expectation: &Expectation,
     saved: impl Fn(u64) -> Result<Option<Saved>, VerifyError> + Sync,
     chunks: std::ops::Range<usize>,
+    normalise: Normalise,
 ) -> Result<VerifyReport, VerifyError> {
     let reports: Vec<VerifyReport> = chunks
         .into_par_iter()
@@ -499,7 +530,7 @@ fn check_all(
             let slices: Option<Vec<&[u8]>> =
                 inputs.as_ref().map(|(array, ranges, _)| ranges.iter().map(|r| &array[r.clone()]).collect());
             let lines = inputs.as_ref().and_then(|(_, _, lines)| lines.as_deref());
-            Ok(check_chunk(c as u64, &span, slices.as_deref(), lines, saved(c as u64)?, expectation))
+            Ok(check_chunk(c as u64, &span, slices.as_deref(), lines, saved(c as u64)?, expectation, normalise))
         })
         .collect::<Result<_, VerifyError>>()?;
     let mut total = VerifyReport::default();
@@ -541,7 +572,7 @@ pub fn verify(
     };
     let location = run_dir.display().to_string();
     let mut report = base_report(&input, expectation, location);
-    report.add(check_all(&input, expectation, read_chunk, 0..chunks)?, expectation.examples);
+    report.add(check_all(&input, expectation, read_chunk, 0..chunks, as_written)?, expectation.examples);
     // Chunks past the run's belong to no input object, nor do lines outside every chunk.
     for chunk in reader.chunks().into_iter().filter(|c| c.index() >= chunks) {
         for copy in reader.chunk(chunk)? {
@@ -597,7 +628,7 @@ pub fn verify_postgres(
             let saved = reader.read(first..last, &mut report).await?;
             let saved = std::sync::Mutex::new(saved);
             let take = |chunk: u64| Ok(saved.lock().ok().and_then(|mut s| s.remove(&chunk)));
-            let part = check_all(&input, expectation, take, first..last)?;
+            let part = check_all(&input, expectation, take, first..last, crate::sink::postgres::jsonb::normalise)?;
             report.add(part, expectation.examples);
             if last == chunks {
                 break;
@@ -875,7 +906,7 @@ mod tests {
         let inputs = read_inputs(&index.reader, &span);
         assert!(inputs.is_none(), "the chunk is unreadable now");
         let saved = Saved { values: SavedValues::Flat(vec![b"{}".to_vec(); 10]), dead: vec![], duplicates: 0 };
-        let report = check_chunk(1, &span, None, None, Some(saved), &expectation);
+        let report = check_chunk(1, &span, None, None, Some(saved), &expectation, as_written);
         assert_eq!((report.found, report.missing), (0, 10), "{report}");
     }
 
@@ -981,6 +1012,41 @@ mod tests {
         assert!(report.ok() && report.found == 3 && report.compared, "{report}");
         assert_eq!(saved_as("{\"i\":1}\n{\"i\":0}\n{\"i\":0}\n").wrong, 1);
         assert_eq!(saved_as("{\"i\":0}\n{\"i\":1}\n{\"i\":0}\n{\"i\":9}\n").unexpected, 1);
+    }
+
+    #[test]
+    fn a_decimal_cut_short_an_integer_past_2_64_off_by_one_and_false_data_before_a_repeated_key_are_wrong() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for record in [r#"{"x":0.1000000000000000000001}"#, r#"{"x":18446744073709551617}"#, r#"{"k":"real","n":1.50}"#]
+        {
+            writeln!(file, "{record}").expect("write");
+        }
+        let expectation = Expectation::new(&transform::JobArgs::jq("."), &Registry::builtin(), false, 10).expect("jq");
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        let saved_as = |values: &str| {
+            fs::remove_dir_all(&dir).expect("empty the run");
+            fs::create_dir_all(&dir).expect("run dir");
+            save_raw(&dir, 0, values, &[]);
+            verify(file.path(), out.path(), 10, &expectation).expect("verify")
+        };
+        // The values exactly, written another way (whitespace, key order): OK.
+        let report = saved_as(
+            "{ \"x\": 0.1000000000000000000001 }\n{\"x\":18446744073709551617}\n{\"n\":1.50,\"k\":\"real\"}\n",
+        );
+        assert!(report.ok() && report.found == 3, "{report}");
+        // Each tampering alone: a double would call every one of them equal.
+        for (tampered, object) in [
+            ("{\"x\":0.1}\n{\"x\":18446744073709551617}\n{\"k\":\"real\",\"n\":1.50}\n", 0),
+            ("{\"x\":0.1000000000000000000001}\n{\"x\":18446744073709551616}\n{\"k\":\"real\",\"n\":1.50}\n", 1),
+            ("{\"x\":0.1000000000000000000001}\n{\"x\":18446744073709551617}\n{\"k\":\"forged\",\"k\":\"real\",\"n\":1.50}\n", 2),
+            ("{\"x\":0.1000000000000000000001}\n{\"x\":18446744073709551617}\n{\"k\":\"real\",\"n\":1.5}\n", 2),
+        ] {
+            let report = saved_as(tampered);
+            assert_eq!((report.wrong, report.found), (1, 3), "{tampered}: {report}");
+            assert!(report.wrong_examples[0].contains(&format!("object {object} ")), "{report}");
+            assert!(report.wrong_examples[0].contains("value 0 is"), "names the value: {report}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@
 
 mod tls;
 mod url;
+pub mod jsonb;
 
 use std::collections::HashSet;
 use std::sync::Arc;
