@@ -223,9 +223,10 @@ fn concurrent_savers_in_opposite_orders_never_deadlock_and_save_each_chunk_once(
 }
 
 #[test]
-fn an_object_id_already_saved_by_another_chunk_keeps_its_first_row_and_the_chunk_still_saves() {
-    // Only possible when the fetcher skipped its duplicate-id check: the fast COPY path meets a
-    // unique violation, and the batch is saved again with INSERT .. ON CONFLICT DO NOTHING.
+fn an_object_id_already_saved_by_another_chunk_is_stored_without_its_id_and_no_value_is_dropped() {
+    // Possible when the fetcher skipped its duplicate-id check, or for ids that differ only in
+    // their JSON type (`1` and `"1"`: both sent as the text 1). The fast COPY path meets a unique
+    // violation, and the batch is saved again with the clashing row's id NULL.
     let db = PgServer::start();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let outcomes = runtime.block_on(async {
@@ -234,15 +235,22 @@ fn an_object_id_already_saved_by_another_chunk_keeps_its_first_row_and_the_chunk
         let first = result(1);
         let mut ids: Vec<String> = (0..10).map(|i| format!("2-{i}")).collect();
         ids[0] = "1-0".into();
+        ids[5] = "2-4".into();
         let second = result_with_ids(2, &ids, "Second Copy");
         let mut outcomes = sink.save_batch(&[first]).await;
         outcomes.extend(sink.save_batch(&[second]).await);
         outcomes.into_iter().map(|o| o.expect("saved")).collect::<Vec<_>>()
     });
     assert_eq!(outcomes, vec![SaveOutcome::Saved, SaveOutcome::Saved]);
-    assert_eq!(db.count("SELECT count(*) FROM chunkmill_outputs"), 19);
-    assert_eq!(db.query("SELECT doc->>'name' FROM chunkmill_outputs WHERE id = '1-0'"), "A B", "the first row stays");
-    assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 2);
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_outputs"), 20, "every value is kept");
+    assert_eq!(
+        db.query("SELECT doc->>'name' FROM chunkmill_outputs WHERE id = '1-0'"),
+        "A B",
+        "the first holder keeps it"
+    );
+    let nulled = "SELECT string_agg(chunk || '/' || idx, ',' ORDER BY idx) FROM chunkmill_outputs WHERE id IS NULL";
+    assert_eq!(db.query(nulled), "2/0,2/5", "a clash within the batch, too");
+    assert_eq!(db.count("SELECT sum(outputs) FROM chunkmill_chunks"), 20);
 }
 
 /// The report's reproduction (`"fn":"a\u0000b"`: valid JSON, but PostgreSQL text cannot hold a
