@@ -493,3 +493,24 @@ fn numbers_with_exponents_and_repeated_keys_saved_into_postgres_are_verified_as_
     let (ok, report) = p.verify_postgres_with_flags(&db, &["--recompute-with", "echo=cat"]);
     assert!(!ok && report.contains("1 wrong") && report.contains("object 6 "), "{report}");
 }
+
+/// Issue 36, item 12 end to end: ids `1` and `"1"` are two records (jq tells them apart), `1.0`
+/// repeats `1` (`1 == 1.0` in jq) and is skipped; both records are saved into PostgreSQL, where
+/// their ids have one text: the second holder's rows keep their values with id NULL.
+#[test]
+fn ids_that_differ_only_in_their_json_type_are_both_saved_and_one_that_repeats_a_number_is_skipped() {
+    let db = PgServer::start();
+    let p = Pipeline::orders(1, &["--transform", "jq", "--filter", ".", "--id-field", ".id"]);
+    let records = [r#"{"id":1,"v":"number"}"#, r#"{"id":"1","v":"string"}"#, r#"{"id":1.0,"v":"repeat"}"#];
+    std::fs::write(&p.input, records.map(|r| format!("{r}\n")).concat()).expect("write input");
+    let (_saver, port) = p.saver_postgres("saver-1", &db);
+    wait_ready(port);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&["--bad-records", "skip"]);
+    assert_eq!(fetcher.wait_exit(Duration::from_secs(120)), Some(3), "{}", fetcher.log());
+    assert!(fetcher.log().contains("duplicate id 1 (first on line 1)"), "{}", fetcher.log());
+    let (ok, report) = p.verify_postgres(&db);
+    assert!(ok && report.contains("2 expected, 2 found") && report.contains("1 invalid input records"), "{report}");
+    let saved = db.query("SELECT coalesce(id, 'NULL') || ':' || (doc->>'v') FROM chunkmill_outputs ORDER BY idx");
+    assert_eq!(saved, "1:number\nNULL:string", "{saved}");
+}

@@ -477,7 +477,7 @@ fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Resul
     // The same duplicate-id check as the fetcher's scan: it decides which records are expected
     // and so where the chunks are cut.
     let id_field = job.id_field.as_ref().filter(|_| expectation.duplicate_check);
-    let id = |record: &[u8]| id_field.and_then(|f| f.extract(record));
+    let id = |record: &[u8]| id_field.and_then(|f| f.key(record));
     let options = ScanOptions {
         check: Some(&check),
         id: Some(&id).filter(|_| id_field.is_some()).map(|f| f as _),
