@@ -20,12 +20,17 @@
 //! refuses inputs with repeated ids). Deadlock and serialisation failures are retried anyway, and a
 //! concurrent saver storing the same id text first makes the batch fail and be saved again.
 //!
+//! [`config`] is how `--sink postgres://...` opens it, [`reader`] how `saver verify` reads a run
+//! back, [`jsonb`] what the database does to a value it stores.
+//!
 //! TLS follows libpq's `sslmode` (`disable`, `prefer` — the default —, `require`, `verify-ca`,
 //! `verify-full`) and `sslrootcert` parameters of the connection string: see [`tls`]. A TLS
 //! failure at start (untrusted certificate, wrong host name, server without TLS under `require`)
 //! stops the saver, as a wrong password does; waiting would not fix it.
 
+pub mod config;
 pub mod jsonb;
+pub(crate) mod reader;
 mod tls;
 mod url;
 
@@ -44,6 +49,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{SaveOutcome, SinkError};
 use crate::decoded::Decoded;
+pub use config::PgArgs;
+pub(crate) use config::POSTGRES;
 pub use tls::{MakeTls, Roots, SslMode, TlsError, TlsOptions};
 pub use url::{describe, is_postgres_url, parse, redacted, PgConfig, PgOptions};
 
@@ -211,7 +218,7 @@ fn hint(code: Option<&SqlState>) -> &'static str {
         }
         Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "create the database, or fix its name in SAVER_SINK",
         Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
-            "grant the role CREATE and INSERT on the schema, or apply saver/src/sink/schema.sql as an owner"
+            "grant the role CREATE and INSERT on the schema, or apply saver/src/sink/postgres/schema.sql as an owner"
         }
         Some(_) => "the saver retries; results stay unacknowledged until saved",
         None => "check that PostgreSQL is running and reachable; the saver retries meanwhile",
