@@ -85,7 +85,7 @@ fn sinks(c: &mut Criterion) {
     group.measurement_time(std::time::Duration::from_secs(8));
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = Sink::File(Arc::new(FileSink::open(dir.path().join("out")).expect("file sink")));
+    let file = Sink::new(Arc::new(FileSink::open(dir.path().join("out")).expect("file sink")));
     group.throughput(Throughput::Elements(CHUNKS * OBJECTS));
     group.bench_function("file: 1 batch", |b| {
         b.iter_batched(|| batches(&next, 1), |b| save(&runtime, &file, b), BatchSize::PerIteration)
@@ -110,7 +110,7 @@ fn sinks(c: &mut Criterion) {
     let pg = runtime
         .block_on(PgSink::connect(options, &Default::default()))
         .expect("connect")
-        .map(Sink::Postgres)
+        .map(Sink::new)
         .expect("not stopped");
     group.bench_function("postgres: 1 batch", |b| {
         b.iter_batched(|| batches(&next, 1), |b| save(&runtime, &pg, b), BatchSize::PerIteration)

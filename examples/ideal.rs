@@ -42,7 +42,7 @@ fn main() {
     let fingerprint = job.fingerprint();
     let check = |record: &[u8]| transform.check(record);
     let id_field = job.id_field.clone();
-    let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.extract(record));
+    let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.key(record));
     let options = ScanOptions { check: Some(&check), id: Some(&id), job: &fingerprint, ..ScanOptions::default() };
     let index = scan(&args.input, args.chunk_size, &options).expect("scan input");
     let reader = ChunkReader::open(&index).expect("open input");

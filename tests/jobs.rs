@@ -397,3 +397,69 @@ fn a_broken_command_hands_its_chunks_back_instead_of_dead_lettering_the_data_set
     let (ok, report) = p.verify();
     assert!(ok && report.contains("300 found") && report.contains("0 dead-lettered"), "{report}");
 }
+
+/// A nats-server whose max_payload is 64 KiB, with its config file (kept while it runs).
+fn small_payload_server() -> (common::harness::NatsServer, tempfile::NamedTempFile) {
+    let conf = tempfile::NamedTempFile::new().expect("conf file");
+    std::fs::write(conf.path(), "max_payload: 65536\n").expect("write conf");
+    (common::harness::NatsServer::start_with(&["-c", conf.path().to_str().expect("path")]), conf)
+}
+
+/// `objects` records `{"id":"o-I","n":N}`, `n(i)` each, for the jq job `range(.n)` with ids.
+fn range_job(n: impl Fn(usize) -> u64, objects: usize) -> (Pipeline, tempfile::NamedTempFile) {
+    let mut p = Pipeline::orders(1, &["--transform", "jq", "--filter", "range(.n)", "--id-field", ".id"]);
+    let records: Vec<serde_json::Value> =
+        (0..objects).map(|i| serde_json::json!({"id": format!("o-{i}"), "n": n(i)})).collect();
+    write_lines(&p, &records);
+    let (nats, conf) = small_payload_server();
+    p.nats = nats;
+    (p, conf)
+}
+
+/// Issue 36, item 10: one object with 20 000 outputs (110 KB) in a chunk of ten, over a 64 KiB
+/// max_payload. Its nine neighbours used to be dead-lettered with it, unnamed.
+#[test]
+fn an_object_whose_outputs_cannot_fit_one_message_is_dead_lettered_alone_by_name_and_its_chunk_saved() {
+    let (p, _conf) = range_job(|i| if i == 13 { 20_000 } else { 3 }, 30);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "10"]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete, one object dead-lettered:\n{}", fetcher.log());
+    assert_eq!(p.summary_number("fetcher", "/dead"), 0, "no chunk is dead-lettered");
+    let reader = saver::sink::file::layout::RunReader::open(&p.out.join(p.run_id_at(10))).expect("run directory");
+    let copies: Vec<_> = reader.chunks().into_iter().flat_map(|c| reader.chunk(c).expect("readable")).collect();
+    assert_eq!(copies.iter().map(|c| c.values.len()).sum::<usize>(), 29 * 3);
+    let dead: Vec<_> = copies.iter().flat_map(|c| c.dead.clone()).collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].index, dead[0].id.as_deref()), (3, Some("o-13")));
+    assert_eq!(dead[0].cause, common::protocol::Cause::TooLarge);
+    assert!(dead[0].error.contains("its 20000 outputs are") && dead[0].error.contains("65536 bytes"), "{dead:?}");
+    let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
+    assert!(
+        ok && report.contains("30 expected, 29 found, 0 missing") && report.contains("1 dead-lettered"),
+        "{report}"
+    );
+    assert!(report.contains("too_large"), "{report}");
+}
+
+/// Issue 36, item 10, the other half: ten objects of 14 KB each fit one message alone but not
+/// together. The chunk is released with advice that names its largest objects and a chunk size
+/// that fits, not a bare "lower --chunk-size".
+#[test]
+fn a_chunk_too_large_though_each_object_fits_is_released_naming_its_largest_objects_and_a_chunk_size() {
+    let (p, _conf) = range_job(|i| 3_000 + i as u64, 20);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "10", "--max-attempts", "2"]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete, chunks dead-lettered:\n{}", fetcher.log());
+    let dead_letters = std::fs::read_to_string(p.state_dir().join(format!("{}.dead-letter.jsonl", p.run_id_at(10))))
+        .expect("the fetcher's dead letters");
+    assert_eq!(dead_letters.lines().count(), 2, "{dead_letters}");
+    for (chunk, largest) in [(0, "object 9 (line 10, id o-9): "), (1, "object 9 (line 20, id o-19): ")] {
+        let line = dead_letters.lines().find(|l| l.contains(&format!("\"chunk\":{chunk},"))).expect("its line");
+        assert!(line.contains("the largest: ") && line.contains(largest), "{line}");
+        assert!(line.contains("--chunk-size of at most 4 "), "{line}");
+    }
+    let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
+    assert!(ok && report.contains("20 dead-lettered"), "{report}");
+}

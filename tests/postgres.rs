@@ -223,9 +223,10 @@ fn concurrent_savers_in_opposite_orders_never_deadlock_and_save_each_chunk_once(
 }
 
 #[test]
-fn an_object_id_already_saved_by_another_chunk_keeps_its_first_row_and_the_chunk_still_saves() {
-    // Only possible when the fetcher skipped its duplicate-id check: the fast COPY path meets a
-    // unique violation, and the batch is saved again with INSERT .. ON CONFLICT DO NOTHING.
+fn an_object_id_already_saved_by_another_chunk_is_stored_without_its_id_and_no_value_is_dropped() {
+    // Possible when the fetcher skipped its duplicate-id check, or for ids that differ only in
+    // their JSON type (`1` and `"1"`: both sent as the text 1). The fast COPY path meets a unique
+    // violation, and the batch is saved again with the clashing row's id NULL.
     let db = PgServer::start();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let outcomes = runtime.block_on(async {
@@ -234,15 +235,22 @@ fn an_object_id_already_saved_by_another_chunk_keeps_its_first_row_and_the_chunk
         let first = result(1);
         let mut ids: Vec<String> = (0..10).map(|i| format!("2-{i}")).collect();
         ids[0] = "1-0".into();
+        ids[5] = "2-4".into();
         let second = result_with_ids(2, &ids, "Second Copy");
         let mut outcomes = sink.save_batch(&[first]).await;
         outcomes.extend(sink.save_batch(&[second]).await);
         outcomes.into_iter().map(|o| o.expect("saved")).collect::<Vec<_>>()
     });
     assert_eq!(outcomes, vec![SaveOutcome::Saved, SaveOutcome::Saved]);
-    assert_eq!(db.count("SELECT count(*) FROM chunkmill_outputs"), 19);
-    assert_eq!(db.query("SELECT doc->>'name' FROM chunkmill_outputs WHERE id = '1-0'"), "A B", "the first row stays");
-    assert_eq!(db.count("SELECT count(*) FROM chunkmill_chunks"), 2);
+    assert_eq!(db.count("SELECT count(*) FROM chunkmill_outputs"), 20, "every value is kept");
+    assert_eq!(
+        db.query("SELECT doc->>'name' FROM chunkmill_outputs WHERE id = '1-0'"),
+        "A B",
+        "the first holder keeps it"
+    );
+    let nulled = "SELECT string_agg(chunk || '/' || idx, ',' ORDER BY idx) FROM chunkmill_outputs WHERE id IS NULL";
+    assert_eq!(db.query(nulled), "2/0,2/5", "a clash within the batch, too");
+    assert_eq!(db.count("SELECT sum(outputs) FROM chunkmill_chunks"), 20);
 }
 
 /// The report's reproduction (`"fn":"a\u0000b"`: valid JSON, but PostgreSQL text cannot hold a
@@ -402,4 +410,107 @@ fn require_against_a_server_without_tls_stops_the_saver_with_a_clear_error() {
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("server does not support TLS") && log.contains("ssl = off"), "{log}");
     assert!(!log.contains("waiting for PostgreSQL"), "{log}");
+}
+
+/// Issue 36, item 8: `saver verify` follows `jsonb`'s documented normalisation exactly, as this
+/// server applies it: numbers as `numeric` prints them (exponents applied, trailing zeros of the
+/// fraction kept, `-0` as `0`), the last of repeated keys, keys in any order.
+#[test]
+fn the_jsonb_normalisation_verify_applies_is_the_servers_own() {
+    use saver::sink::postgres::jsonb;
+    let db = PgServer::start();
+    let numbers = [
+        "1E2",
+        "1e400",
+        "1.5e+10",
+        "-0",
+        "-0.0",
+        "1.50",
+        "0.000",
+        "1.230e-5",
+        "1.50e1",
+        "100e-2",
+        "0.0e5",
+        "-12.5E-1",
+        "18446744073709551617",
+        "0.1000000000000000000001",
+        "1e-300",
+        "123456789.123456789e-3",
+        "5E-0",
+        "-1",
+        "1.0E+0",
+    ];
+    let objects = [
+        r#"{"k":"forged","k":"real","n":1E2}"#,
+        r#"{"b":[1.0,{"x":1,"x":-0}],"a":"\u00e9\n","aa":null,"c":true}"#,
+        r#"{"a":{"c":1},"a":{"d":2e1}}"#,
+    ];
+    let values: Vec<&str> = numbers.iter().chain(&objects).copied().collect();
+    let array = values.iter().map(|v| format!("$j${v}$j$")).collect::<Vec<_>>().join(",");
+    let stored =
+        db.query(&format!("SELECT j::jsonb::text FROM unnest(ARRAY[{array}]) WITH ORDINALITY AS t(j, n) ORDER BY n"));
+    let stored: Vec<&str> = stored.lines().collect();
+    assert_eq!(stored.len(), values.len(), "{stored:?}");
+    for (number, text) in numbers.iter().zip(&stored) {
+        assert_eq!(jsonb::numeric_text(number).as_deref(), Some(*text), "{number}");
+    }
+    for (value, text) in values.iter().zip(&stored) {
+        let expected = jsonb::normalise(common::exact::parse(value.as_bytes()).expect("JSON")).expect("storable");
+        let kept = common::exact::parse(text.as_bytes()).expect("the server's text is JSON");
+        assert!(expected.same(&kept), "{value}: the server keeps {text}, verify expects {expected:?}");
+    }
+}
+
+/// Issue 36, items 5 and 8 end to end: a command job that passes records through unchanged
+/// (`cat`), numbers with exponents and a repeated key saved into PostgreSQL, where `jsonb`
+/// normalises them; `saver verify --recompute-with` calls the save correct, and a tampered row
+/// wrong.
+#[test]
+fn numbers_with_exponents_and_repeated_keys_saved_into_postgres_are_verified_as_correct() {
+    let db = PgServer::start();
+    let p = Pipeline::orders(1, &["--transform", "command", "--command", "echo"]);
+    let records = [
+        r#"{"n":1E2}"#,
+        r#"{"n":1e400}"#,
+        r#"{"n":1.5e+10,"m":-0}"#,
+        r#"{"n":1.230e-5,"m":1.50}"#,
+        r#"{"k":"forged","k":"real"}"#,
+        r#"{"n":18446744073709551617}"#,
+        r#"{"n":0.1000000000000000000001}"#,
+    ];
+    std::fs::write(&p.input, records.map(|r| format!("{r}\n")).concat()).expect("write input");
+    let (_saver, port) = p.saver_postgres("saver-1", &db);
+    wait_ready(port);
+    let _mapper = p.mapper("mapper-1", &["--command", "echo=cat"]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    assert_eq!(db.query("SELECT doc::text FROM chunkmill_outputs WHERE idx = 0"), r#"{"n": 100}"#);
+    let (ok, report) = p.verify_postgres_with_flags(&db, &["--recompute-with", "echo=cat"]);
+    assert!(ok && report.contains("7 expected, 7 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+    assert!(report.contains("outputs compared"), "{report}");
+    // A long decimal cut short in the database: wrong, though a double cannot tell.
+    db.query("UPDATE chunkmill_outputs SET doc = '{\"n\": 0.1}' WHERE idx = 6");
+    let (ok, report) = p.verify_postgres_with_flags(&db, &["--recompute-with", "echo=cat"]);
+    assert!(!ok && report.contains("1 wrong") && report.contains("object 6 "), "{report}");
+}
+
+/// Issue 36, item 12 end to end: ids `1` and `"1"` are two records (jq tells them apart), `1.0`
+/// repeats `1` (`1 == 1.0` in jq) and is skipped; both records are saved into PostgreSQL, where
+/// their ids have one text: the second holder's rows keep their values with id NULL.
+#[test]
+fn ids_that_differ_only_in_their_json_type_are_both_saved_and_one_that_repeats_a_number_is_skipped() {
+    let db = PgServer::start();
+    let p = Pipeline::orders(1, &["--transform", "jq", "--filter", ".", "--id-field", ".id"]);
+    let records = [r#"{"id":1,"v":"number"}"#, r#"{"id":"1","v":"string"}"#, r#"{"id":1.0,"v":"repeat"}"#];
+    std::fs::write(&p.input, records.map(|r| format!("{r}\n")).concat()).expect("write input");
+    let (_saver, port) = p.saver_postgres("saver-1", &db);
+    wait_ready(port);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&["--bad-records", "skip"]);
+    assert_eq!(fetcher.wait_exit(Duration::from_secs(120)), Some(3), "{}", fetcher.log());
+    assert!(fetcher.log().contains("duplicate id 1 (first on line 1)"), "{}", fetcher.log());
+    let (ok, report) = p.verify_postgres(&db);
+    assert!(ok && report.contains("2 expected, 2 found") && report.contains("1 invalid input records"), "{report}");
+    let saved = db.query("SELECT coalesce(id, 'NULL') || ':' || (doc->>'v') FROM chunkmill_outputs ORDER BY idx");
+    assert_eq!(saved, "1:number\nNULL:string", "{saved}");
 }

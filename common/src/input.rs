@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 
 /// A job's own check of a record: `Err` says what is wrong with it.
 pub type RecordCheck<'a> = dyn Fn(&[u8]) -> Result<(), String> + Sync + 'a;
-/// A record's id, if it has one.
+/// A record's id, if it has one, as text that is equal for two records exactly when their ids
+/// are duplicates (`transform::IdField::key`: typed, numbers canonical); it is also what the
+/// duplicate's error shows.
 pub type RecordId<'a> = dyn Fn(&[u8]) -> Option<String> + Sync + 'a;
 
 /// What the scan checks beyond strict JSON, and what names the run. The job's own rules come in

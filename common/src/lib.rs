@@ -1,5 +1,5 @@
 //! What chunkmill's services share, and nothing else: the wire protocol and the pipeline events,
-//! strict JSON, the input reader (the fetcher chunks it, `saver verify` re-reads it), configuration shared by every binary, the NATS connection, JetStream replicas, logging,
+//! strict JSON and JSON values compared exactly, the input reader (the fetcher chunks it, `saver verify` re-reads it), configuration shared by every binary, the NATS connection, JetStream replicas, logging,
 //! shutdown, and (behind the `test-support` feature) the integration-test harness.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod config;
 pub mod dups;
 pub mod events;
+pub mod exact;
 pub mod input;
 pub mod jetstream;
 pub mod json;

@@ -605,6 +605,9 @@ pub enum Cause {
     Sink,
     /// Its whole chunk was dead-lettered by the fetcher (`--max-attempts`, over max_payload).
     Chunk,
+    /// Its own outputs are more bytes than one result message may carry (the NATS server's
+    /// max_payload): the mapper dead-letters it alone rather than its whole chunk.
+    TooLarge,
 }
 
 /// An input object that has no outputs, and why.

@@ -253,7 +253,7 @@ async fn scan_in_pool(
     let input = input.to_string();
     tokio::task::spawn_blocking(move || {
         let check = |record: &[u8]| transform.as_ref().map_or(Ok(()), |t| t.check(record));
-        let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.extract(record));
+        let id = |record: &[u8]| id_field.as_ref().and_then(|f| f.key(record));
         let options = ScanOptions {
             check: Some(&check),
             id: Some(&id).filter(|_| id_field.is_some()).map(|f| f as _),

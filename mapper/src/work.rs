@@ -67,10 +67,11 @@ pub(crate) async fn transform_chunk(shared: &Arc<Shared>, in_hand: InHand) -> Tr
     }
     let started = Instant::now();
     let transform = Arc::clone(&built.transform);
+    let limit = common::nats::max_payload(&shared.client);
     let mapped = tokio::select! {
         mapped = on_rayon(&shared.pool, move || {
             let inputs: Vec<&[u8]> = objects.iter().map(|r| &payload[r.clone()]).collect();
-            Ok(map_chunk(&inputs, &head, &result_head, &built))
+            map_chunk(&inputs, &head, &result_head, &built, limit).map_err(|e| e.to_string())
         }) => Some(mapped),
         _ = shared.hard_stop.cancelled() => None,
     };
@@ -159,11 +160,63 @@ impl Transform for Hooked<'_> {
     }
 }
 
-/// Transforms one chunk's objects under `built` and encodes the result. Objects the fetcher
-/// said to skip are dead-lettered as `killed` without being run.
-pub fn map_chunk(inputs: &[&[u8]], head: &ChunkHead, result: &ResultHead, built: &Built) -> MappedChunk {
-    let skip: HashMap<u32, &str> = head.skip.iter().map(|s| (s.index, s.error.as_str())).collect();
-    let run: Vec<usize> = (0..inputs.len()).filter(|i| !skip.contains_key(&(*i as u32))).collect();
+/// A chunk whose result is over the NATS server's max_payload although each object's outputs
+/// fit one message alone: the lease is released with this, and a smaller chunk size would help.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "chunk {chunk}: its result is {bytes} bytes, over the NATS server's max_payload ({limit} bytes), though each object's outputs fit alone; the largest: {largest}; a fetcher --chunk-size of at most {fits} would fit them (that is another run), or raise max_payload"
+)]
+pub struct ResultTooLarge {
+    chunk: protocol::ChunkId,
+    bytes: usize,
+    limit: usize,
+    /// The largest objects, for people: `object 3 (line 4, id X): 600000 bytes, ...`.
+    largest: String,
+    /// How many of this chunk's largest objects fit one result.
+    fits: usize,
+}
+
+/// What became of each object of a chunk: its outputs, its error, or `None` when the fetcher
+/// said to skip it.
+type PerObject = Vec<Option<Result<Outputs, ObjectError>>>;
+
+/// Transforms one chunk's objects under `built` and encodes the result, in at most `limit` bytes
+/// (the NATS server's max_payload). Objects the fetcher said to skip are dead-lettered as
+/// `killed` without being run; an object whose own outputs cannot fit one message is
+/// dead-lettered alone as `too_large`. If the rest still does not fit, nothing is sent: the
+/// error names the largest objects and a chunk size that would fit.
+pub fn map_chunk(
+    inputs: &[&[u8]],
+    head: &ChunkHead,
+    result: &ResultHead,
+    built: &Built,
+    limit: usize,
+) -> Result<MappedChunk, ResultTooLarge> {
+    let mut per_object = transform_objects(inputs, head, built);
+    // An id longer than the protocol allows is sent as null: the saver would refuse the whole
+    // result otherwise, and an object without a usable id is still saved by index.
+    let ids: Option<Vec<Option<String>>> = built.job.id_field.as_ref().map(|field| {
+        inputs.iter().map(|input| field.extract(input).filter(|id| id.len() <= protocol::MAX_ID)).collect()
+    });
+    let chunk = Encoding { head, result, ids: ids.as_deref() };
+    let mut dead = chunk.dead(&per_object);
+    let mut body = chunk.encode(&per_object, &dead);
+    if body.len() > limit {
+        chunk.set_aside_too_large(&mut per_object, limit);
+        dead = chunk.dead(&per_object);
+        body = chunk.encode(&per_object, &dead);
+        if body.len() > limit {
+            return Err(chunk.too_large(&per_object, &dead, body.len(), limit));
+        }
+    }
+    Ok(MappedChunk { body, objects: inputs.len() as u64, dead: dead.len() as u64 })
+}
+
+/// Runs the transform (with the test hooks, when set) on the objects the fetcher did not say to
+/// skip.
+fn transform_objects(inputs: &[&[u8]], head: &ChunkHead, built: &Built) -> PerObject {
+    let skip: std::collections::HashSet<u32> = head.skip.iter().map(|s| s.index).collect();
+    let run: Vec<usize> = (0..inputs.len()).filter(|i| !skip.contains(&(*i as u32))).collect();
     let run_inputs: Vec<&[u8]> = run.iter().map(|&i| inputs[i]).collect();
     let (panic_on, abort_on) = hooks();
     let outcomes = if panic_on.is_some() || abort_on.is_some() {
@@ -177,37 +230,120 @@ pub fn map_chunk(inputs: &[&[u8]], head: &ChunkHead, result: &ResultHead, built:
     } else {
         built.transform.apply_chunk(&run_inputs)
     };
-    let mut per_object: Vec<Option<Result<Outputs, ObjectError>>> = (0..inputs.len()).map(|_| None).collect();
+    let mut per_object: PerObject = (0..inputs.len()).map(|_| None).collect();
     for (i, outcome) in run.into_iter().zip(outcomes) {
         per_object[i] = Some(outcome);
     }
-    // An id longer than the protocol allows is sent as null: the saver would refuse the whole
-    // result otherwise, and an object without a usable id is still saved by index.
-    let ids: Option<Vec<Option<String>>> = built.job.id_field.as_ref().map(|field| {
-        inputs.iter().map(|input| field.extract(input).filter(|id| id.len() <= protocol::MAX_ID)).collect()
-    });
-    let mut dead = Vec::new();
-    let empty = Outputs::default();
-    for (i, outcome) in per_object.iter().enumerate() {
-        let (cause, error) = match outcome {
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => (e.cause, e.message.clone()),
-            None => (Cause::Killed, skip.get(&(i as u32)).map(|s| s.to_string()).unwrap_or_default()),
-        };
-        dead.push(DeadObject {
-            index: i as u32,
-            id: ids.as_ref().and_then(|ids| ids[i].clone()),
-            cause,
-            error: protocol::truncate_to(error, protocol::MAX_REASON),
-            line: Some(head.line_of(i)),
-        });
+    per_object
+}
+
+/// The bytes an object's outputs take in a result: `[v1,v2]`.
+fn encoded_size(outputs: &Outputs) -> usize {
+    2 + outputs.iter().map(<[u8]>::len).sum::<usize>() + outputs.len().saturating_sub(1)
+}
+
+/// How one chunk's result is written.
+struct Encoding<'a> {
+    head: &'a ChunkHead,
+    result: &'a ResultHead,
+    ids: Option<&'a [Option<String>]>,
+}
+
+impl Encoding<'_> {
+    /// The dead objects of `per_object`, by ascending index.
+    fn dead(&self, per_object: &PerObject) -> Vec<DeadObject> {
+        let skip: HashMap<u32, &str> = self.head.skip.iter().map(|s| (s.index, s.error.as_str())).collect();
+        let mut dead = Vec::new();
+        for (i, outcome) in per_object.iter().enumerate() {
+            let (cause, error) = match outcome {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => (e.cause, e.message.clone()),
+                None => (Cause::Killed, skip.get(&(i as u32)).map(|s| s.to_string()).unwrap_or_default()),
+            };
+            dead.push(DeadObject {
+                index: i as u32,
+                id: self.ids.and_then(|ids| ids[i].clone()),
+                cause,
+                error: protocol::truncate_to(error, protocol::MAX_REASON),
+                line: Some(self.head.line_of(i)),
+            });
+        }
+        dead
     }
-    let values = per_object.iter().map(|o| match o {
-        Some(Ok(outputs)) => outputs.iter(),
-        _ => empty.iter(),
-    });
-    let body = protocol::encode_result(result, values, ids.as_deref(), &dead);
-    MappedChunk { body, objects: inputs.len() as u64, dead: dead.len() as u64 }
+
+    fn encode(&self, per_object: &PerObject, dead: &[DeadObject]) -> Vec<u8> {
+        let empty = Outputs::default();
+        let values = per_object.iter().map(|o| match o {
+            Some(Ok(outputs)) => outputs.iter(),
+            _ => empty.iter(),
+        });
+        protocol::encode_result(self.result, values, self.ids, dead)
+    }
+
+    /// The result's bytes besides the objects' outputs: the head, the ids, the dead objects, a
+    /// `[]` per object.
+    fn overhead(&self, per_object: &PerObject) -> usize {
+        let nothing: PerObject = per_object.iter().map(|_| None).collect();
+        self.encode(&nothing, &self.dead(per_object)).len()
+    }
+
+    /// Dead-letters as `too_large` each object whose outputs cannot fit one result beside the
+    /// rest of it; again as long as setting one aside (its entry takes room) makes another so.
+    fn set_aside_too_large(&self, per_object: &mut PerObject, limit: usize) {
+        loop {
+            let overhead = self.overhead(per_object);
+            let mut more = false;
+            for outcome in per_object.iter_mut() {
+                let Some(Ok(outputs)) = outcome else { continue };
+                let size = encoded_size(outputs);
+                if overhead.saturating_sub(2) + size > limit {
+                    let message = format!(
+                        "its {} outputs are {size} bytes in a result, and one result message holds at most {limit} bytes (the NATS server's max_payload), so they cannot be sent; raise max_payload or make the transform give less for it",
+                        outputs.len()
+                    );
+                    *outcome = Some(Err(ObjectError { cause: Cause::TooLarge, message }));
+                    more = true;
+                }
+            }
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Why a result of `bytes` bytes with every object fitting alone is still over `limit`.
+    fn too_large(&self, per_object: &PerObject, dead: &[DeadObject], bytes: usize, limit: usize) -> ResultTooLarge {
+        let mut sizes: Vec<(usize, usize)> = per_object
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                Some(Ok(outputs)) => Some((i, encoded_size(outputs))),
+                _ => None,
+            })
+            .collect();
+        sizes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let nothing: PerObject = per_object.iter().map(|_| None).collect();
+        let mut room = limit.saturating_sub(self.encode(&nothing, dead).len());
+        let mut fits = 0;
+        for &(_, size) in &sizes {
+            if size > room {
+                break;
+            }
+            room -= size;
+            fits += 1;
+        }
+        let largest = sizes
+            .iter()
+            .take(3)
+            .map(|&(i, size)| {
+                let id = self.ids.and_then(|ids| ids[i].as_deref());
+                let id = id.map(|id| format!(", id {}", common::text::escaped_max(id, 64))).unwrap_or_default();
+                format!("object {i} (line {}{id}): {size} bytes", self.head.line_of(i))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        ResultTooLarge { chunk: self.result.chunk, bytes, limit, largest, fits: fits.max(1) }
+    }
 }
 
 #[cfg(test)]
@@ -251,7 +387,7 @@ mod tests {
             br#"{"uuid":"6f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Ada","ln":"Lovelace","friends":["a"]}"#,
             br#"{"uuid":"7f1c2f64-3b7e-4b8e-9a51-0c7d2b0c9d11","fn":"Alan","ln":"Turing","friends":[]}"#,
         ];
-        let mapped = map_chunk(&inputs, &head(), &result_head(), &built(JobArgs::digest(1)));
+        let mapped = map_chunk(&inputs, &head(), &result_head(), &built(JobArgs::digest(1)), usize::MAX).unwrap();
         assert_eq!((mapped.objects, mapped.dead), (2, 0));
         let result: ChunkResult = protocol::decode(&mapped.body).unwrap();
         assert_eq!(result.head, result_head());
@@ -271,7 +407,7 @@ mod tests {
         ];
         let mut head = head();
         head.skip = vec![Skip { index: 2, error: "its mapper died 3 times".into() }];
-        let mapped = map_chunk(&inputs, &head, &result_head(), &built(JobArgs::digest(0)));
+        let mapped = map_chunk(&inputs, &head, &result_head(), &built(JobArgs::digest(0)), usize::MAX).unwrap();
         let result: ChunkResult = protocol::decode(&mapped.body).unwrap();
         assert_eq!(result.outputs.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 0, 0]);
         assert_eq!(result.dead.len(), 2);
@@ -280,6 +416,50 @@ mod tests {
         assert_eq!((result.dead[1].index, result.dead[1].cause), (2, Cause::Killed));
         assert_eq!(result.dead[1].error, "its mapper died 3 times");
         assert!(result.validate().is_ok());
+    }
+
+    fn jq_with_ids(filter: &str) -> Built {
+        let mut args = JobArgs::jq(filter);
+        args.id_field = Some(".id".into());
+        built(args)
+    }
+
+    #[test]
+    fn an_object_whose_outputs_cannot_fit_one_message_is_dead_lettered_alone_with_its_size_and_the_limit() {
+        let records: Vec<String> =
+            (0..10).map(|i| format!(r#"{{"id":"o-{i}","n":{}}}"#, if i == 3 { 2000 } else { 3 })).collect();
+        let inputs: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        let mapped =
+            map_chunk(&inputs, &head(), &result_head(), &jq_with_ids("range(.n)"), 4096).expect("the rest fits");
+        assert!(mapped.body.len() <= 4096, "{} bytes", mapped.body.len());
+        assert_eq!((mapped.objects, mapped.dead), (10, 1));
+        let result: ChunkResult = protocol::decode(&mapped.body).unwrap();
+        assert!(result.validate().is_ok());
+        let dead = &result.dead[0];
+        assert_eq!(
+            (dead.index, dead.id.as_deref(), dead.cause, dead.line),
+            (3, Some("o-3"), Cause::TooLarge, Some(304))
+        );
+        assert!(
+            dead.error.contains("its 2000 outputs are") && dead.error.contains("at most 4096 bytes"),
+            "{}",
+            dead.error
+        );
+        assert_eq!(result.outputs.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 3, 0, 3, 3, 3, 3, 3, 3]);
+    }
+
+    #[test]
+    fn a_result_over_the_limit_whose_objects_each_fit_names_the_largest_and_a_chunk_size_that_fits() {
+        let records: Vec<String> = (0..10).map(|i| format!(r#"{{"id":"o-{i}","n":{}}}"#, 300 + i)).collect();
+        let inputs: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        let error = map_chunk(&inputs, &head(), &result_head(), &jq_with_ids("[range(.n)]"), 4096)
+            .expect_err("over the limit")
+            .to_string();
+        assert!(error.contains("chunk 3: its result is") && error.contains("max_payload (4096 bytes)"), "{error}");
+        assert!(error.contains("the largest: object 9 (line 310, id o-9): 1"), "{error}");
+        assert!(error.contains("--chunk-size of at most 3 "), "{error}");
+        // Under the limit, the same chunk is one result as before.
+        assert!(map_chunk(&inputs, &head(), &result_head(), &jq_with_ids("[range(.n)]"), 1 << 20).is_ok());
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use common::config::{NatsArgs, Secret, SecretFileError};
+use common::config::NatsArgs;
 
-use crate::sink::SinkConfig;
+use crate::sink::{SinkConfig, SinkContext, SinkError, SinkKind, SINKS};
 
 /// Where the metrics endpoint listens when `--metrics-addr` is not given.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9103";
@@ -125,7 +125,7 @@ impl Config {
     }
 }
 
-/// The sink choice and its secret, shared by saving and `verify`.
+/// The sink choice and each sink's own flags, shared by saving and `verify`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SinkArgs {
     /// `file` (the default: --out) or a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE; put the
@@ -135,32 +135,48 @@ pub struct SinkArgs {
     #[arg(long, env = "SAVER_SINK", hide_env_values = true, default_value = "file", value_parser = SinkParser)]
     pub sink: SinkChoice,
 
-    /// File holding the PostgreSQL password (a mounted Secret).
-    #[arg(long, env = "SAVER_PG_PASSWORD_FILE")]
-    pub pg_password_file: Option<PathBuf>,
-
-    /// PostgreSQL password (prefer --pg-password-file: environment variables are easy to leak).
-    #[arg(long, env = "SAVER_PG_PASSWORD", hide_env_values = true)]
-    pub pg_password: Option<Secret>,
+    /// The PostgreSQL sink's flags.
+    #[command(flatten)]
+    pub postgres: crate::sink::postgres::PgArgs,
 }
 
-/// A parsed `--sink`.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub enum SinkChoice {
-    /// Files under `--out`.
-    #[default]
-    File,
-    /// A PostgreSQL connection string (may hold a password: never print it, use [`Self::describe`]).
-    Postgres(String),
+/// A parsed `--sink`: the kind of sink it names, and its text (which may hold a password: never
+/// print it, use [`Self::describe`]).
+#[derive(Clone)]
+pub struct SinkChoice {
+    kind: &'static dyn SinkKind,
+    text: String,
 }
+
+impl Default for SinkChoice {
+    fn default() -> Self {
+        SinkChoice { kind: SINKS[0], text: String::new() }
+    }
+}
+
+impl PartialEq for SinkChoice {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind.name() == other.kind.name() && self.text == other.text
+    }
+}
+
+impl Eq for SinkChoice {}
 
 impl SinkChoice {
-    /// For logs: the URL without its password.
+    /// The sink `text` names, if any does.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        SINKS.iter().find(|kind| kind.accepts(text)).map(|kind| SinkChoice { kind: *kind, text: text.to_string() })
+    }
+
+    /// Its kind's name: `file`, `postgres`.
+    pub fn kind(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// For logs: without its secrets.
     pub fn describe(&self) -> String {
-        match self {
-            SinkChoice::File => "file".into(),
-            SinkChoice::Postgres(url) => crate::sink::postgres::redacted(url),
-        }
+        self.kind.redacted(&self.text)
     }
 }
 
@@ -186,52 +202,46 @@ impl clap::builder::TypedValueParser for SinkParser {
         value: &std::ffi::OsStr,
     ) -> Result<SinkChoice, clap::Error> {
         let unknown =
-            || clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{UNKNOWN_SINK}\n")).with_cmd(cmd);
-        let text = value.to_str().ok_or_else(unknown)?.trim();
-        if text.is_empty() || text == "file" {
-            Ok(SinkChoice::File)
-        } else if crate::sink::postgres::is_postgres_url(text) {
-            Ok(SinkChoice::Postgres(text.to_string()))
-        } else {
-            Err(unknown())
-        }
+            || clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{}\n", unknown_sink())).with_cmd(cmd);
+        value.to_str().and_then(SinkChoice::parse).ok_or_else(unknown)
     }
 }
 
-/// The message for an unknown `--sink`.
-pub const UNKNOWN_SINK: &str =
-    "--sink (SAVER_SINK) is neither `file` nor a postgres://USER@HOST:PORT/DATABASE URL; fix it (its value is not shown: it may hold a password)";
+/// The message for a `--sink` no sink takes: what each takes.
+pub fn unknown_sink() -> String {
+    let usages: Vec<&str> = SINKS.iter().map(|kind| kind.usage()).collect();
+    format!(
+        "--sink (SAVER_SINK) is none of: {}; fix it (its value is not shown: it may hold a password)",
+        usages.join(", ")
+    )
+}
 
 impl SinkArgs {
-    /// The password to use, if any: the file's (trimmed, as every secret file), else `--pg-password`.
-    pub fn password(&self) -> Result<Option<Secret>, SecretFileError> {
-        Secret::resolve(self.pg_password.as_ref(), self.pg_password_file.as_deref(), "SAVER_PG_PASSWORD_FILE")
-    }
-
     /// A PostgreSQL sink at `url` with no separate password (tests and tools).
     pub fn postgres(url: impl Into<String>) -> Self {
-        SinkArgs { sink: SinkChoice::Postgres(url.into()), ..Default::default() }
+        let sink = SinkChoice::parse(&url.into()).filter(|s| s.kind() == "postgres").expect("a postgres:// URL");
+        SinkArgs { sink, ..Default::default() }
     }
 
     /// The whole sink configuration, with the file sink's directory, the saver's pool size and
-    /// name: the one place the choice is matched and its secret read.
-    pub fn config(&self, out: &std::path::Path, pool_size: usize, saver: &str) -> Result<SinkConfig, SecretFileError> {
-        Ok(match &self.sink {
-            SinkChoice::File => SinkConfig::File { out: out.to_path_buf() },
-            SinkChoice::Postgres(url) => SinkConfig::Postgres(crate::sink::postgres::PgOptions {
-                url: url.clone(),
-                password: self.password()?,
-                pool_size,
-                saver: saver.to_string(),
-            }),
-        })
+    /// name: the one place the choice becomes a sink and its secret is read.
+    pub fn config(
+        &self,
+        out: &std::path::Path,
+        pool_size: usize,
+        saver: &str,
+    ) -> Result<Box<dyn SinkConfig>, SinkError> {
+        let context = SinkContext { args: self, out, pool_size, saver };
+        self.sink.kind.configure(&self.sink.text, &context)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::postgres::PgArgs;
     use clap::Parser;
+    use common::config::Secret;
 
     #[test]
     fn a_postgres_url_never_shows_in_debug_output_or_parse_errors() {
@@ -247,7 +257,32 @@ mod tests {
             assert!(Cli::try_parse_from([std::ffi::OsStr::new("saver"), "--sink".as_ref(), bytes]).is_err());
         }
         let cli = Cli::try_parse_from(["saver"]).expect("parses");
-        assert_eq!(cli.run.sink.sink, SinkChoice::File, "the file sink is the default");
+        assert_eq!(cli.run.sink.sink.kind(), "file", "the file sink is the default");
+        assert!(
+            error.contains("`file` (the default") && error.contains("postgres://USER@HOST:PORT/DATABASE"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn every_sink_value_is_taken_by_exactly_one_registered_sink_and_the_refusal_lists_them_all() {
+        for (value, kind) in [
+            ("", "file"),
+            ("file", "file"),
+            (" file ", "file"),
+            ("postgres://u@h/d", "postgres"),
+            ("postgresql://u@h/d", "postgres"),
+        ] {
+            let takers: Vec<&str> = SINKS.iter().filter(|k| k.accepts(value.trim())).map(|k| k.name()).collect();
+            assert_eq!(takers, [kind], "{value:?}");
+            assert_eq!(SinkChoice::parse(value).map(|c| c.kind()), Some(kind), "{value:?}");
+        }
+        for value in ["files", "s3://bucket/prefix/", "file:///abs/dir/", "mysql://h/d"] {
+            assert!(SinkChoice::parse(value).is_none(), "{value:?}");
+        }
+        for kind in SINKS {
+            assert!(unknown_sink().contains(kind.usage()), "{}", kind.name());
+        }
     }
 
     #[test]
@@ -255,13 +290,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("password");
         std::fs::write(&file, "from-file\n").expect("write");
-        let args = SinkArgs {
-            pg_password_file: Some(file),
-            pg_password: Some(Secret::new("env")),
-            ..SinkArgs::postgres("postgres://h/d")
-        };
+        let args = PgArgs { pg_password_file: Some(file), pg_password: Some(Secret::new("env")) };
         assert_eq!(args.password().expect("reads").as_ref().map(Secret::expose), Some("from-file"));
-        let missing = SinkArgs { pg_password_file: Some(dir.path().join("nope")), ..Default::default() };
+        let missing = PgArgs { pg_password_file: Some(dir.path().join("nope")), ..Default::default() };
         assert!(missing.password().unwrap_err().to_string().contains("nope"));
     }
 }

@@ -40,9 +40,6 @@ pub enum SaverError {
     /// The metrics endpoint or the NATS connection could not start.
     #[error(transparent)]
     Start(#[from] common::service::StartError),
-    /// The sink's password file cannot be read.
-    #[error(transparent)]
-    Secret(#[from] common::config::SecretFileError),
     /// The subscription could not be made.
     #[error("cannot subscribe to {subject}: {source}")]
     Subscribe {
@@ -364,7 +361,7 @@ async fn ack(shared: &Shared, result: &Decoded, _saved: SaveOutcome, dead: u64) 
     }
 }
 
-/// Opens the configured sink; `None` if shut down while waiting for a database.
+/// Opens the configured sink; `None` if shut down while waiting for it (a database not up yet).
 async fn open_sink(config: &Config, name: &str, shutdown: &CancellationToken) -> Result<Option<Sink>, SaverError> {
     let sink = config.sink.config(&config.out, config.pg_pool as usize, name)?;
     Ok(sink.open(shutdown).await?)

@@ -1,26 +1,28 @@
-//! `saver verify`: checks a sink (a directory or a PostgreSQL database) against its input and
-//! job, chunk by chunk and object by object. Every input object must be saved or dead-lettered,
-//! once. For a deterministic job (digest, jq, a Rust transform) it recomputes the transform
-//! through the same registry as the mappers and compares every output value, in order, per input
-//! object; for a command job, which may not be deterministic, it checks completeness (one output
-//! per object), or recomputes with `--recompute`. It costs as much CPU as the run's transform.
+//! `saver verify`: checks a sink against its input and job, chunk by chunk and object by object.
+//! Every input object must be saved or dead-lettered, once. For a deterministic job (digest, jq, a
+//! Rust transform) it recomputes the transform through the same registry as the mappers and
+//! compares every output value, in order, per input object, exactly ([`common::exact`]: numbers
+//! by their text, repeated keys kept) after only what the sink is documented to do to a value;
+//! for a command job, which may not be deterministic, it checks completeness (one output per
+//! object), or recomputes with `--recompute`. It costs as much CPU as the run's transform.
 //!
-//! The sink is the whole record: a dead-lettered chunk has its record there too (every object
-//! dead with cause `chunk`), so verify reads nothing of the fetcher's state.
+//! It reads every sink the same way, through the sink's [`crate::sink::SinkReader`] (what it holds of each
+//! chunk, how it keeps a value, what it holds outside every chunk): nothing here knows which
+//! sinks exist. The sink is the whole record: a dead-lettered chunk has its record there too
+//! (every object dead with cause `chunk`), so verify reads nothing of the fetcher's state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::exact;
 use common::input::{scan_source, ChunkReader, ChunkSpan, InputError, ScanOptions};
-use common::protocol::{Cause, ChunkId, DeadObject};
-use futures::StreamExt;
+use common::protocol::{Cause, DeadObject};
 use rayon::prelude::*;
 use transform::{Job, ObjectError, Outputs, Registry, Transform};
 
-use crate::sink::file::layout::{ReadError, RunReader};
-use crate::sink::SinkConfig;
+use crate::sink::{Normalise, ReadError, SinkConfig, SinkError, StoredChunk, StoredValues};
 
 /// The outcome of a verification.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -130,27 +132,12 @@ pub enum VerifyError {
     /// The transform cannot be built here.
     #[error("{0}")]
     Transform(String),
-    /// The sink cannot be read.
-    #[error("cannot read {path}: {source}")]
-    Sink {
-        /// The file or directory.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The database cannot be read.
-    #[error("{0}")]
-    Database(String),
-    /// A sink file holds something that is not what the sink writes.
-    #[error("{path}, line {line}: {error}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// Why.
-        error: String,
-    },
+    /// The sink cannot be configured (a secret file that cannot be read).
+    #[error(transparent)]
+    Config(#[from] SinkError),
+    /// The sink cannot be read, or its run is not committed yet.
+    #[error(transparent)]
+    Read(#[from] ReadError),
 }
 
 /// What to verify against.
@@ -190,38 +177,27 @@ impl Expectation {
     }
 }
 
-/// One chunk as the sink holds it.
-#[derive(Debug, Default)]
-struct Saved {
-    /// Its output values: a flat list (the file sink: lines in order) or by object and position
-    /// (the database).
-    values: SavedValues,
-    /// Its dead-letter entries.
-    dead: Vec<DeadObject>,
-    /// Values and entries of further copies of the chunk (saved more than once).
-    duplicates: u64,
-}
-
-#[derive(Debug)]
-enum SavedValues {
-    Flat(Vec<Vec<u8>>),
-    ByObject(BTreeMap<u32, Vec<Vec<u8>>>),
-}
-
-impl Default for SavedValues {
-    fn default() -> Self {
-        SavedValues::Flat(Vec::new())
+/// Whether the saved value `saved` is the `expected` one once `normalise`d as its sink keeps it:
+/// the same bytes, or the same value exactly ([`exact::Value::same`]: numbers by their text,
+/// repeated keys kept; another mapper may still write keys in another order).
+fn same_value(expected: &[u8], saved: &[u8], normalise: Normalise) -> bool {
+    if expected == saved {
+        return true;
     }
+    let (Ok(expected), Ok(saved)) = (exact::parse(expected), exact::parse(saved)) else { return false };
+    normalise(expected).is_some_and(|expected| expected.same(&saved))
 }
 
-/// Whether two JSON values are equal: the same bytes, or the same value (another mapper may
-/// write keys in another order, or numbers another way).
-fn same_json(a: &[u8], b: &[u8]) -> bool {
-    a == b
-        || matches!(
-            (serde_json::from_slice::<serde_json::Value>(a), serde_json::from_slice::<serde_json::Value>(b)),
-            (Ok(x), Ok(y)) if x == y
-        )
+/// Why object values differ, for people: the first value that differs, both sides cut short.
+fn difference(expected: &[&[u8]], saved: &[Vec<u8>], normalise: Normalise) -> String {
+    if expected.len() != saved.len() {
+        return format!("{} value(s) saved, the transform gives {}", saved.len(), expected.len());
+    }
+    let shown = |bytes: &[u8]| common::text::escaped_max(&String::from_utf8_lossy(bytes), 120).to_string();
+    match expected.iter().zip(saved).position(|(a, b)| !same_value(a, b, normalise)) {
+        Some(k) => format!("value {k} is {}, the transform gives {}", shown(&saved[k]), shown(expected[k])),
+        None => "its values differ".into(),
+    }
 }
 
 /// Checks one chunk: `inputs` (None when verify cannot read them), what the sink holds for it
@@ -231,8 +207,9 @@ fn check_chunk(
     span: &ChunkSpan,
     inputs: Option<&[&[u8]]>,
     lines: Option<&[u64]>,
-    saved: Option<Saved>,
+    saved: Option<StoredChunk>,
     expectation: &Expectation,
+    normalise: Normalise,
 ) -> VerifyReport {
     let n = span.objects as usize;
     let mut report = VerifyReport { duplicated: saved.as_ref().map_or(0, |s| s.duplicates), ..Default::default() };
@@ -251,15 +228,16 @@ fn check_chunk(
     };
     let expected = expectation.transform.as_ref().map(|transform| transform.apply_chunk(inputs));
     let dead = match_dead(saved.dead, &ids, expectation, &mut report);
-    let flat = matches!(saved.values, SavedValues::Flat(_));
+    let flat = matches!(saved.values, StoredValues::InOrder(_));
     let values = match saved.values {
-        SavedValues::ByObject(map) => map,
-        SavedValues::Flat(lines) => place_flat(lines, n, &dead, expected.as_deref(), &mut report),
+        StoredValues::ByObject(map) => map,
+        StoredValues::InOrder(lines) => place_flat(lines, n, &dead, expected.as_deref(), &mut report),
     };
     // Each object's line in the input: consecutive from the chunk's first unless the reader
     // said otherwise (blank lines, skipped records, a pretty-printed array).
     let line = |i: usize| lines.and_then(|lines| lines.get(i).copied()).unwrap_or(span.first_line + i as u64);
-    let check = ChunkCheck { chunk, ids: &ids, expected: expected.as_deref(), flat, expectation, line: &line };
+    let check =
+        ChunkCheck { chunk, ids: &ids, expected: expected.as_deref(), flat, expectation, line: &line, normalise };
     check.objects(n, &dead, values, &mut report);
     report
 }
@@ -325,6 +303,8 @@ struct ChunkCheck<'a> {
     flat: bool,
     expectation: &'a Expectation,
     line: &'a dyn Fn(usize) -> u64,
+    /// What the sink does to a value it keeps.
+    normalise: Normalise,
 }
 
 impl ChunkCheck<'_> {
@@ -388,14 +368,14 @@ impl ChunkCheck<'_> {
         match self.expected.map(|e| &e[i]) {
             Some(Ok(outputs)) => {
                 let want: Vec<&[u8]> = outputs.iter().collect();
-                if want.len() == saved.len() && want.iter().zip(&saved).all(|(a, b)| same_json(a, b)) {
+                let normalise = self.normalise;
+                if want.len() == saved.len() && want.iter().zip(&saved).all(|(a, b)| same_value(a, b, normalise)) {
                     report.found += 1;
                 } else if self.flat && saved.len() < want.len() {
                     report.missing += 1;
                 } else {
                     report.found += 1;
-                    let why = format!("{} value(s) saved, the transform gives {}", saved.len(), want.len());
-                    wrong(report, why);
+                    wrong(report, difference(&want, &saved, normalise));
                 }
             }
             Some(Err(error)) => {
@@ -447,7 +427,7 @@ fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Resul
     // The same duplicate-id check as the fetcher's scan: it decides which records are expected
     // and so where the chunks are cut.
     let id_field = job.id_field.as_ref().filter(|_| expectation.duplicate_check);
-    let id = |record: &[u8]| id_field.and_then(|f| f.extract(record));
+    let id = |record: &[u8]| id_field.and_then(|f| f.key(record));
     let options = ScanOptions {
         check: Some(&check),
         id: Some(&id).filter(|_| id_field.is_some()).map(|f| f as _),
@@ -484,29 +464,31 @@ fn read_inputs(
     (ranges.len() == span.objects as usize).then_some((array, ranges, lines))
 }
 
-/// Checks every chunk with `saved(chunk)` telling what the sink holds; in parallel.
+/// Checks chunks `range` against what the sink holds of them (`stored`, by chunk), in parallel.
 fn check_all(
     input: &Input,
     expectation: &Expectation,
-    saved: impl Fn(u64) -> Result<Option<Saved>, VerifyError> + Sync,
-    chunks: std::ops::Range<usize>,
-) -> Result<VerifyReport, VerifyError> {
+    mut stored: HashMap<u64, StoredChunk>,
+    range: std::ops::Range<usize>,
+    normalise: Normalise,
+) -> VerifyReport {
+    let chunks: Vec<(usize, Option<StoredChunk>)> = range.map(|c| (c, stored.remove(&(c as u64)))).collect();
     let reports: Vec<VerifyReport> = chunks
         .into_par_iter()
-        .map(|c| {
+        .map(|(c, saved)| {
             let span = input.index.chunks[c];
             let inputs = read_inputs(&input.reader, &span);
             let slices: Option<Vec<&[u8]>> =
                 inputs.as_ref().map(|(array, ranges, _)| ranges.iter().map(|r| &array[r.clone()]).collect());
             let lines = inputs.as_ref().and_then(|(_, _, lines)| lines.as_deref());
-            Ok(check_chunk(c as u64, &span, slices.as_deref(), lines, saved(c as u64)?, expectation))
+            check_chunk(c as u64, &span, slices.as_deref(), lines, saved, expectation, normalise)
         })
-        .collect::<Result<_, VerifyError>>()?;
+        .collect();
     let mut total = VerifyReport::default();
     for report in reports {
         total.add(report, expectation.examples);
     }
-    Ok(total)
+    total
 }
 
 fn base_report(input: &Input, expectation: &Expectation, location: String) -> VerifyReport {
@@ -519,217 +501,36 @@ fn base_report(input: &Input, expectation: &Expectation, location: String) -> Ve
     }
 }
 
-/// Verifies the sink directory `out` against `input`.
-pub fn verify(
+/// Compares what the sink `config` holds of `input`'s run with what `expectation` says it should
+/// hold, reading it through the sink's [`crate::sink::SinkReader`] a few chunks at a time.
+pub fn verify_sink(
+    config: &dyn SinkConfig,
     input: &Path,
-    out: &Path,
     chunk_size: u32,
     expectation: &Expectation,
 ) -> Result<VerifyReport, VerifyError> {
     let input = scan_input(input, chunk_size, expectation)?;
-    let run_dir = out.join(&input.index.run_id);
-    let reader = RunReader::open(&run_dir)?;
+    let reader = config.reader(&input.index.run_id)?;
+    let mut report = base_report(&input, expectation, reader.location());
     let chunks = input.index.chunks.len();
-    let read_chunk = |chunk: u64| -> Result<Option<Saved>, VerifyError> {
-        // The index numbers chunks with u32 (ChunkId), so every index below its length fits.
-        let mut copies = reader.chunk(ChunkId(chunk as u32))?.into_iter();
-        let Some(first) = copies.next() else { return Ok(None) };
-        // A chunk saved twice: every value and dead-letter entry of the later copies is one
-        // too many.
-        let duplicates = copies.map(|c| (c.values.len() + c.dead.len()) as u64).sum();
-        Ok(Some(Saved { values: SavedValues::Flat(first.values), dead: first.dead, duplicates }))
-    };
-    let location = run_dir.display().to_string();
-    let mut report = base_report(&input, expectation, location);
-    report.add(check_all(&input, expectation, read_chunk, 0..chunks)?, expectation.examples);
-    // Chunks past the run's belong to no input object, nor do lines outside every chunk.
-    for chunk in reader.chunks().into_iter().filter(|c| c.index() >= chunks) {
-        for copy in reader.chunk(chunk)? {
-            report.unexpected += copy.values.len() as u64;
-            report.unmatched_dead += copy.dead.len() as u64;
-        }
+    let step = reader.chunks_per_read().max(1);
+    for first in (0..chunks).step_by(step) {
+        let last = (first + step).min(chunks);
+        let stored = reader.read(first..last)?;
+        count_unaccounted(&mut report, stored.unaccounted);
+        let part = check_all(&input, expectation, stored.chunks, first..last, reader.normalise());
+        report.add(part, expectation.examples);
     }
-    let stray = reader.stray()?;
-    report.unexpected += stray.values;
-    report.unmatched_dead += stray.dead;
+    count_unaccounted(&mut report, reader.rest(chunks)?);
     Ok(report)
 }
 
-impl From<ReadError> for VerifyError {
-    fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::Io { path, source } => VerifyError::Sink { path, source },
-            ReadError::Corrupt { path, line, error } => VerifyError::Corrupt { path, line, error },
-        }
-    }
-}
-
-/// Chunks read from the database at once: bounded memory for a run of any size.
-const PG_CHUNKS_PER_QUERY: usize = 200;
-
-/// Verifies what a PostgreSQL sink saved for `input`'s run: its output rows, dead-letter rows
-/// and chunk records.
-pub fn verify_postgres(
-    input: &Path,
-    url: &str,
-    password: Option<&str>,
-    chunk_size: u32,
-    expectation: &Expectation,
-) -> Result<VerifyReport, VerifyError> {
-    let pg = crate::sink::postgres::parse(url, password).map_err(|e| VerifyError::Database(e.to_string()))?;
-    let target = crate::sink::postgres::describe(&pg.config);
-    let input = scan_input(input, chunk_size, expectation)?;
-    let run_id = input.index.run_id.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| VerifyError::Database(format!("cannot start an async runtime: {e}")))?;
-    let mut report = base_report(&input, expectation, format!("{target} run {run_id}"));
-    runtime.block_on(async {
-        let db = |action: &str, e| pg_error(&target, action, e);
-        let (client, connection) = pg.config.connect(pg.tls.clone()).await.map_err(|e| db("connect", e))?;
-        let connection = tokio::spawn(connection);
-        let reader = PgRun { client: &client, run: &run_id, target: &target };
-        let chunks = input.index.chunks.len();
-        let mut first = 0usize;
-        while first < chunks.max(1) {
-            let last = (first + PG_CHUNKS_PER_QUERY).min(chunks);
-            let saved = reader.read(first..last, &mut report).await?;
-            let saved = std::sync::Mutex::new(saved);
-            let take = |chunk: u64| Ok(saved.lock().ok().and_then(|mut s| s.remove(&chunk)));
-            let part = check_all(&input, expectation, take, first..last)?;
-            report.add(part, expectation.examples);
-            if last == chunks {
-                break;
-            }
-            first = last;
-        }
-        report.mismatched_chunks += reader.mismatched_chunk_records().await?;
-        drop(client);
-        let _ = connection.await;
-        Ok(report)
-    })
-}
-
-/// A database error while verifying, with its causes: a TLS refusal says why only there.
-fn pg_error(target: &str, action: &str, e: tokio_postgres::Error) -> VerifyError {
-    let detail =
-        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| crate::sink::postgres::error_text(&e));
-    VerifyError::Database(format!("PostgreSQL {target}: cannot {action}: {detail}"))
-}
-
-/// One run's rows in a PostgreSQL sink, read for verify.
-struct PgRun<'a> {
-    client: &'a tokio_postgres::Client,
-    run: &'a str,
-    target: &'a str,
-}
-
-impl PgRun<'_> {
-    fn error(&self, action: &str) -> impl Fn(tokio_postgres::Error) -> VerifyError + '_ {
-        let action = action.to_string();
-        move |e| pg_error(self.target, &action, e)
-    }
-
-    /// What the sink holds for chunks `range`: their chunk records, output rows and dead-letter
-    /// rows. Rows without a chunk record are counted in `report` (they break the
-    /// one-transaction-per-chunk invariant).
-    async fn read(
-        &self,
-        range: std::ops::Range<usize>,
-        report: &mut VerifyReport,
-    ) -> Result<HashMap<u64, Saved>, VerifyError> {
-        let (first, last) = (range.start as i64, range.end as i64);
-        let params = [&self.run as &(dyn tokio_postgres::types::ToSql + Sync), &first, &last];
-        let mut saved: HashMap<u64, Saved> = HashMap::new();
-        let read = self.error("read chunkmill_chunks");
-        for row in self
-            .client
-            .query("SELECT chunk FROM chunkmill_chunks WHERE run = $1 AND chunk >= $2 AND chunk < $3", &params)
-            .await
-            .map_err(&read)?
-        {
-            let chunk: i64 = row.try_get(0).map_err(&read)?;
-            saved.insert(
-                chunk as u64,
-                Saved { values: SavedValues::ByObject(BTreeMap::new()), dead: vec![], duplicates: 0 },
-            );
-        }
-        let read = self.error("read chunkmill_outputs");
-        let rows = self
-            .client
-            .query_raw(
-                "SELECT chunk, idx, out, doc::text FROM chunkmill_outputs WHERE run = $1 AND chunk >= $2 AND chunk < $3 ORDER BY chunk, idx, out",
-                params,
-            )
-            .await
-            .map_err(&read)?;
-        futures::pin_mut!(rows);
-        while let Some(row) = rows.next().await {
-            let row = row.map_err(&read)?;
-            let (chunk, idx): (i64, i32) = (row.try_get(0).map_err(&read)?, row.try_get(1).map_err(&read)?);
-            let doc: String = row.try_get(3).map_err(&read)?;
-            match saved.get_mut(&(chunk as u64)).map(|s| &mut s.values) {
-                Some(SavedValues::ByObject(map)) => map.entry(idx as u32).or_default().push(doc.into_bytes()),
-                _ => report.mismatched_chunks += 1,
-            }
-        }
-        self.read_dead(&params, &mut saved, report).await?;
-        Ok(saved)
-    }
-
-    /// The dead-letter rows of the chunks in `params`, into `saved`.
-    async fn read_dead(
-        &self,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync); 3],
-        saved: &mut HashMap<u64, Saved>,
-        report: &mut VerifyReport,
-    ) -> Result<(), VerifyError> {
-        let read = self.error("read chunkmill_dead_objects");
-        for row in self
-            .client
-            .query(
-                "SELECT chunk, idx, id, error, cause, line FROM chunkmill_dead_objects WHERE run = $1 AND chunk >= $2 AND chunk < $3",
-                params,
-            )
-            .await
-            .map_err(&read)?
-        {
-            let chunk: i64 = row.try_get(0).map_err(&read)?;
-            let index: i32 = row.try_get(1).map_err(&read)?;
-            let cause: String = row.try_get(4).map_err(&read)?;
-            let line: Option<i64> = row.try_get(5).map_err(&read)?;
-            let entry = DeadObject {
-                index: u32::try_from(index).unwrap_or(u32::MAX),
-                id: row.try_get(2).map_err(&read)?,
-                cause: serde_json::from_value(serde_json::Value::String(cause)).unwrap_or(Cause::Transform),
-                error: row.try_get(3).map_err(&read)?,
-                line: line.and_then(|l| u64::try_from(l).ok()),
-            };
-            match saved.get_mut(&(chunk as u64)) {
-                Some(s) => s.dead.push(entry),
-                None => report.unmatched_dead += 1,
-            }
-        }
-        Ok(())
-    }
-
-    /// Chunk records whose output count differs from the rows saved under them: a chunk record
-    /// promises its rows.
-    async fn mismatched_chunk_records(&self) -> Result<u64, VerifyError> {
-        let mismatched: i64 = self
-            .client
-            .query_one(
-                "SELECT count(*) FROM chunkmill_chunks c
-                 LEFT JOIN (SELECT chunk, count(*) AS n FROM chunkmill_outputs WHERE run = $1 GROUP BY chunk) o USING (chunk)
-                 WHERE c.run = $1 AND c.outputs <> coalesce(o.n, 0)",
-                &[&self.run],
-            )
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(self.error("compare chunk records with rows"))?;
-        Ok(u64::try_from(mismatched).unwrap_or(0))
-    }
+/// What the sink holds that no chunk of the run accounts for: values are unexpected, dead-letter
+/// entries unmatched, chunk records that promise other rows mismatched.
+fn count_unaccounted(report: &mut VerifyReport, unaccounted: crate::sink::Unaccounted) {
+    report.unexpected += unaccounted.values;
+    report.unmatched_dead += unaccounted.dead;
+    report.mismatched_chunks += unaccounted.mismatched_chunks;
 }
 
 /// The `verify` subcommand with `registry` (the stock saver's built-ins, or a user's binary with
@@ -742,26 +543,8 @@ pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<Verif
     let recompute = args.recompute || !args.recompute_with.is_empty();
     let mut expectation = Expectation::new(&args.job, &registry, recompute, args.show_dead)?;
     expectation.duplicate_check = !args.no_duplicate_check;
-    let sink = args.sink.config(&args.out, 1, "verify").map_err(|e| VerifyError::Database(e.to_string()))?;
-    sink.verify(&args.input, args.chunk_size, &expectation)
-}
-
-impl SinkConfig {
-    /// Compares this sink with `input` as `expectation` says it should hold it.
-    pub fn verify(
-        &self,
-        input: &Path,
-        chunk_size: u32,
-        expectation: &Expectation,
-    ) -> Result<VerifyReport, VerifyError> {
-        match self {
-            SinkConfig::File { out } => verify(input, out, chunk_size, expectation),
-            SinkConfig::Postgres(options) => {
-                let password = options.password.as_ref().map(common::config::Secret::expose);
-                verify_postgres(input, &options.url, password, chunk_size, expectation)
-            }
-        }
-    }
+    let sink = args.sink.config(&args.out, 1, "verify")?;
+    verify_sink(sink.as_ref(), &args.input, args.chunk_size, &expectation)
 }
 
 /// A whole `verify` command with `registry` (a user's binary with its own Rust transforms:
@@ -795,6 +578,7 @@ pub fn main_with(registry: Registry) -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::protocol::ChunkId;
     use std::io::Write;
 
     fn user(i: u32) -> String {
@@ -807,6 +591,17 @@ mod tests {
             writeln!(file, "{}", user(i)).expect("write");
         }
         file
+    }
+
+    /// Verifies the file sink under `out`.
+    fn verify(
+        input: &Path,
+        out: &Path,
+        chunk_size: u32,
+        expectation: &Expectation,
+    ) -> Result<VerifyReport, VerifyError> {
+        let sink = crate::sink::file::FileConfig { out: out.to_path_buf() };
+        verify_sink(&sink, input, chunk_size, expectation)
     }
 
     fn digest() -> Expectation {
@@ -874,8 +669,9 @@ mod tests {
         let span = index.index.chunks[1];
         let inputs = read_inputs(&index.reader, &span);
         assert!(inputs.is_none(), "the chunk is unreadable now");
-        let saved = Saved { values: SavedValues::Flat(vec![b"{}".to_vec(); 10]), dead: vec![], duplicates: 0 };
-        let report = check_chunk(1, &span, None, None, Some(saved), &expectation);
+        let saved =
+            StoredChunk { values: StoredValues::InOrder(vec![b"{}".to_vec(); 10]), dead: vec![], duplicates: 0 };
+        let report = check_chunk(1, &span, None, None, Some(saved), &expectation, crate::sink::as_written);
         assert_eq!((report.found, report.missing), (0, 10), "{report}");
     }
 
@@ -981,6 +777,41 @@ mod tests {
         assert!(report.ok() && report.found == 3 && report.compared, "{report}");
         assert_eq!(saved_as("{\"i\":1}\n{\"i\":0}\n{\"i\":0}\n").wrong, 1);
         assert_eq!(saved_as("{\"i\":0}\n{\"i\":1}\n{\"i\":0}\n{\"i\":9}\n").unexpected, 1);
+    }
+
+    #[test]
+    fn a_decimal_cut_short_an_integer_past_2_64_off_by_one_and_false_data_before_a_repeated_key_are_wrong() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for record in [r#"{"x":0.1000000000000000000001}"#, r#"{"x":18446744073709551617}"#, r#"{"k":"real","n":1.50}"#]
+        {
+            writeln!(file, "{record}").expect("write");
+        }
+        let expectation = Expectation::new(&transform::JobArgs::jq("."), &Registry::builtin(), false, 10).expect("jq");
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        let saved_as = |values: &str| {
+            fs::remove_dir_all(&dir).expect("empty the run");
+            fs::create_dir_all(&dir).expect("run dir");
+            save_raw(&dir, 0, values, &[]);
+            verify(file.path(), out.path(), 10, &expectation).expect("verify")
+        };
+        // The values exactly, written another way (whitespace, key order): OK.
+        let report = saved_as(
+            "{ \"x\": 0.1000000000000000000001 }\n{\"x\":18446744073709551617}\n{\"n\":1.50,\"k\":\"real\"}\n",
+        );
+        assert!(report.ok() && report.found == 3, "{report}");
+        // Each tampering alone: a double would call every one of them equal.
+        for (tampered, object) in [
+            ("{\"x\":0.1}\n{\"x\":18446744073709551617}\n{\"k\":\"real\",\"n\":1.50}\n", 0),
+            ("{\"x\":0.1000000000000000000001}\n{\"x\":18446744073709551616}\n{\"k\":\"real\",\"n\":1.50}\n", 1),
+            ("{\"x\":0.1000000000000000000001}\n{\"x\":18446744073709551617}\n{\"k\":\"forged\",\"k\":\"real\",\"n\":1.50}\n", 2),
+            ("{\"x\":0.1000000000000000000001}\n{\"x\":18446744073709551617}\n{\"k\":\"real\",\"n\":1.5}\n", 2),
+        ] {
+            let report = saved_as(tampered);
+            assert_eq!((report.wrong, report.found), (1, 3), "{tampered}: {report}");
+            assert!(report.wrong_examples[0].contains(&format!("object {object} ")), "{report}");
+            assert!(report.wrong_examples[0].contains("value 0 is"), "names the value: {report}");
+        }
     }
 
     #[test]

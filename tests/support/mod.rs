@@ -246,7 +246,7 @@ impl Pipeline {
         let fingerprint = job.fingerprint();
         let transform = transform::Registry::builtin().build(&job.transform).ok();
         let check = |record: &[u8]| transform.as_ref().map_or(Ok(()), |t| t.check(record));
-        let id = |record: &[u8]| job.id_field.as_ref().and_then(|f| f.extract(record));
+        let id = |record: &[u8]| job.id_field.as_ref().and_then(|f| f.key(record));
         let options = common::input::ScanOptions {
             check: Some(&check),
             id: Some(&id).filter(|_| job.id_field.is_some()).map(|f| f as _),

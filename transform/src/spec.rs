@@ -70,16 +70,28 @@ impl TransformSpec {
     }
 }
 
-/// Where a record's id is: a path of object keys, `.order_id` or `.customer.id`.
+/// Where a record's id is: a path of object keys, `.order_id`, `.customer.id`, `."order id"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct IdField {
     keys: Vec<String>,
 }
 
+/// Why some text is not an id field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{path}` is not a supported id path ({why}): write a path of object keys, .order_id or .customer.id, a key other than letters, digits and _ in quotes (.\"order id\"); array indexes, pipes and other jq are not supported"
+)]
+pub struct IdFieldError {
+    /// The text, escaped for a log line.
+    path: String,
+    /// What is wrong in it.
+    why: &'static str,
+}
+
 impl TryFrom<String> for IdField {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
+    type Error = IdFieldError;
+    fn try_from(text: String) -> Result<Self, IdFieldError> {
         text.parse()
     }
 }
@@ -90,45 +102,106 @@ impl From<IdField> for String {
     }
 }
 
+/// A key jq reads after a dot without quotes: letters, digits and `_`, not starting with a digit.
+fn is_identifier(key: &str) -> bool {
+    key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The key at the start of `rest` (an identifier, or a quoted JSON string) and what follows it.
+fn next_key(rest: &str) -> Result<(String, &str), &'static str> {
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let mut escaped = false;
+        let end = quoted
+            .char_indices()
+            .find(|&(_, c)| {
+                let closes = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes
+            })
+            .map(|(at, _)| at)
+            .ok_or("a quoted key without its closing quote")?;
+        let key =
+            serde_json::from_str::<String>(&rest[..end + 2]).map_err(|_| "a quoted key that is not a JSON string")?;
+        return Ok((key, &quoted[end + 1..]));
+    }
+    let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+    match &rest[..end] {
+        "" => Err("a key is missing"),
+        key if !is_identifier(key) => Err("a key starts with a digit"),
+        key => Ok((key.to_string(), &rest[end..])),
+    }
+}
+
 impl std::str::FromStr for IdField {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = IdFieldError;
+    fn from_str(text: &str) -> Result<Self, IdFieldError> {
+        let error = |why| IdFieldError { path: common::text::escaped(text).to_string(), why };
         let path = text.trim();
-        let path = path.strip_prefix('.').unwrap_or(path);
-        let keys: Vec<String> = path.split('.').map(str::to_string).collect();
-        if keys.iter().any(|k| k.is_empty() || k.chars().any(|c| c.is_control() || c == '"')) {
-            return Err(format!(
-                "`{}` is not an id field: write a path of object keys such as .order_id or .customer.id",
-                common::text::escaped(text)
-            ));
+        let mut rest = path.strip_prefix('.').unwrap_or(path);
+        let mut keys = Vec::new();
+        loop {
+            let (key, after) = next_key(rest).map_err(error)?;
+            keys.push(key);
+            if after.is_empty() {
+                return Ok(IdField { keys });
+            }
+            rest = after.strip_prefix('.').ok_or_else(|| error("only a dot may follow a key"))?;
         }
-        Ok(IdField { keys })
     }
 }
 
 impl std::fmt::Display for IdField {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for key in &self.keys {
-            write!(f, ".{key}")?;
+            if is_identifier(key) {
+                write!(f, ".{key}")?;
+            } else {
+                let quoted = serde_json::to_string(key).expect("a string always serialises");
+                write!(f, ".{quoted}")?;
+            }
         }
         Ok(())
     }
 }
 
 impl IdField {
-    /// The id of `record` (strict JSON of one object): a string as it is, a number or a boolean
-    /// as its JSON text; `None` when the path leads nowhere or to null, an array or an object.
+    /// The id of `record` (strict JSON of one object) as the protocol sends it: a string as it
+    /// is, a number or a boolean as its JSON text; `None` when the path leads nowhere or to null,
+    /// an array or an object. Of a repeated key, the last counts, as in jq.
     pub fn extract(&self, record: &[u8]) -> Option<String> {
-        let mut value = record;
-        for key in &self.keys {
-            value = member(value, key)?;
-        }
+        let value = self.value(record)?;
         let text = std::str::from_utf8(value).ok()?;
         match text.as_bytes().first()? {
             b'"' => serde_json::from_str::<String>(text).ok(),
             b'{' | b'[' | b'n' => None,
             _ => Some(text.to_string()),
         }
+    }
+
+    /// The id of `record` as jq compares it, for the duplicate-id check: its JSON text with its
+    /// type (`"1"` is not `1`), a number in its one canonical form (`1`, `1.0` and `10e-1` are
+    /// one id, as `1 == 1.0` in jq). `None` when it has no id, as [`IdField::extract`].
+    pub fn key(&self, record: &[u8]) -> Option<String> {
+        let value = self.value(record)?;
+        let text = std::str::from_utf8(value).ok()?;
+        match text.as_bytes().first()? {
+            b'"' => serde_json::from_str::<String>(text)
+                .ok()
+                .map(|id| serde_json::to_string(&id).expect("a string always serialises")),
+            b'{' | b'[' | b'n' => None,
+            b't' | b'f' => Some(text.to_string()),
+            _ => Some(common::exact::Decimal::parse(text).map_or_else(|| text.to_string(), |d| d.canonical())),
+        }
+    }
+
+    /// The raw value at the path in `record`.
+    fn value<'r>(&self, record: &'r [u8]) -> Option<&'r [u8]> {
+        let mut value = record;
+        for key in &self.keys {
+            value = member(value, key)?;
+        }
+        Some(value)
     }
 }
 
@@ -144,8 +217,9 @@ fn member<'a>(object: &'a [u8], key: &str) -> Option<&'a [u8]> {
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut found = None;
+            // Of a repeated key the last counts, as in jq and PostgreSQL's jsonb.
             while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if found.is_none() && name == self.0 {
+                if name == self.0 {
                     found = Some(map.next_value::<&'de RawValue>()?);
                 } else {
                     map.next_value::<IgnoredAny>()?;
@@ -309,7 +383,9 @@ impl JobArgs {
         }
         let id_field = match (&self.id_field, &transform) {
             (Some(path), _) if path.is_empty() => None,
-            (Some(path), _) => Some(path.parse().map_err(flags)?),
+            (Some(path), _) => {
+                Some(path.parse().map_err(|e: IdFieldError| flags(format!("--id-field (FETCHER_ID_FIELD): {e}")))?)
+            }
             (None, TransformSpec::Digest { .. }) => Some(IdField { keys: vec!["uuid".into()] }),
             (None, _) => None,
         };
@@ -360,5 +436,44 @@ mod tests {
         let plain: IdField = "order_id".parse().unwrap();
         assert_eq!(plain.extract(br#"{"order_id":"o\u002d7"}"#).as_deref(), Some("o-7"));
         assert!(".a..b".parse::<IdField>().is_err());
+    }
+
+    #[test]
+    fn id_paths_jq_reads_otherwise_are_refused_at_start_naming_the_flag_and_what_is_supported() {
+        for path in [".a[0]", ".a[", ".a | .b", ".a.1b", ".", ".a.", ".a b", ".\"a", ".a-b", ".a\"b\""] {
+            let args = JobArgs { id_field: Some(path.into()), ..JobArgs::jq(".") };
+            let error = args.job().expect_err(path).to_string();
+            assert!(error.starts_with("--id-field (FETCHER_ID_FIELD): "), "{path}: {error}");
+            assert!(error.contains(".customer.id") && error.contains("not supported"), "{path}: {error}");
+        }
+        let quoted: IdField = r#".order."id no.""#.parse().expect("a quoted key");
+        assert_eq!(quoted.keys, ["order", "id no."]);
+        assert_eq!(quoted.to_string(), r#".order."id no.""#, "the normal form quotes it again");
+        assert_eq!(quoted.extract(br#"{"order":{"id no.":7}}"#).as_deref(), Some("7"));
+        assert_eq!("_a.B9".parse::<IdField>().expect("plain keys").to_string(), "._a.B9");
+        assert_eq!(r#"."plain""#.parse::<IdField>().expect("quoted").to_string(), ".plain");
+    }
+
+    #[test]
+    fn ids_are_compared_with_their_json_type_and_numbers_as_jq_compares_them() {
+        let field: IdField = ".id".parse().expect("a path");
+        let key = |record: &str| field.key(record.as_bytes()).expect("an id");
+        assert_ne!(key(r#"{"id":1}"#), key(r#"{"id":"1"}"#));
+        assert_ne!(key(r#"{"id":true}"#), key(r#"{"id":"true"}"#));
+        assert_eq!(key(r#"{"id":1}"#), key(r#"{"id":1.0}"#));
+        assert_eq!(key(r#"{"id":100}"#), key(r#"{"id":1E2}"#));
+        assert_ne!(key(r#"{"id":100000000000000000001}"#), key(r#"{"id":100000000000000000000}"#));
+        assert_eq!(key(r#"{"id":"o\u002d7"}"#), key(r#"{"id":"o-7"}"#));
+        assert_eq!(field.key(br#"{"id":null}"#), None);
+        assert_eq!(field.extract(br#"{"id":1.0}"#).as_deref(), Some("1.0"), "sent as written");
+    }
+
+    #[test]
+    fn of_a_repeated_key_the_last_is_the_id_as_in_jq() {
+        let field: IdField = ".c.id".parse().expect("a path");
+        let record = br#"{"c":{"id":"first","id":"last"}}"#;
+        assert_eq!(field.extract(record).as_deref(), Some("last"));
+        assert_eq!(field.key(record).as_deref(), Some(r#""last""#));
+        assert_eq!(field.extract(br#"{"c":{"id":1},"c":{"id":2}}"#).as_deref(), Some("2"));
     }
 }

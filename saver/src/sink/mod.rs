@@ -1,17 +1,138 @@
-//! Where saved chunks go. Each sink is one module; [`Sink`] picks one by configuration, and adding
-//! a sink is one module and one match arm. Every sink saves a chunk atomically and idempotently:
-//! a chunk is either fully present or absent, and saving it again changes nothing.
+//! Where saved chunks go. A sink is one folder under `sink/` (`file/`, `postgres/`: its
+//! configuration, its writer, its reader, its tests) and one line in [`SINKS`]; nothing else in
+//! the saver or in `saver verify` knows which sinks exist. Its parts implement four traits:
+//!
+//! - [`SinkKind`]: which `--sink` values name it, and how they become a [`SinkConfig`];
+//! - [`SinkConfig`]: the configuration resolved at start-up (its secrets read), which opens the
+//!   sink for writing ([`SinkWriter`]) and, for `saver verify`, one run for reading
+//!   ([`SinkReader`]);
+//! - [`SinkWriter`]: saves batches of chunks atomically and idempotently (a chunk is either fully
+//!   present or absent, and saving it again changes nothing), durably before it answers `Saved`,
+//!   under one identity every saver writing into it reports; and commits a run once it is
+//!   complete, for a sink that needs that step ([`SinkWriter::commit_run`]);
+//! - [`SinkReader`]: gives back what the sink holds of a run, chunk by chunk, with what the sink
+//!   does to a value it keeps ([`Normalise`]), and says when a run is not committed yet.
+//!
+//! ARCHITECTURE.md ("How to add a sink") walks through adding one.
 
 pub mod file;
 pub(crate) mod object;
 pub mod postgres;
 
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::protocol::DeadObject;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::SinkArgs;
 use crate::decoded::Decoded;
+
+/// Every sink this saver knows, the default (`--sink file`) first. Registering a sink is one
+/// line here (and one `#[command(flatten)]` in [`SinkArgs`] if it has flags of its own).
+pub(crate) const SINKS: &[&dyn SinkKind] = &[&file::FILE, &postgres::POSTGRES];
+
+/// A kind of sink: the `--sink` values that name it, and the configuration they make.
+pub trait SinkKind: Send + Sync {
+    /// Its name, for people: `file`, `postgres`.
+    fn name(&self) -> &'static str;
+    /// How `--sink` names it, for the message about a value no sink takes: "`file` (the
+    /// default)", "a postgres://USER@HOST:PORT/DATABASE URL".
+    fn usage(&self) -> &'static str;
+    /// Whether `--sink` value `sink` (trimmed) names this kind. Kinds must not overlap.
+    fn accepts(&self, sink: &str) -> bool;
+    /// `sink` without any secret it holds, for logs and `Debug`.
+    fn redacted(&self, sink: &str) -> String;
+    /// The sink `sink` names, with the saver's other settings (`args`, `out`), its pool size and
+    /// instance name; its secrets are read here, once.
+    fn configure(&self, sink: &str, context: &SinkContext<'_>) -> Result<Box<dyn SinkConfig>, SinkError>;
+}
+
+/// What a sink's configuration is made from besides its `--sink` value.
+pub struct SinkContext<'a> {
+    /// The sink flags (each sink's own flags are flattened into them).
+    pub args: &'a SinkArgs,
+    /// `--out`: the file sink's directory.
+    pub out: &'a Path,
+    /// Connections a database sink may open (`--pg-pool`; 1 for verify).
+    pub pool_size: usize,
+    /// The saver's instance name (`verify` for `saver verify`).
+    pub saver: &'a str,
+}
+
+/// A sink's whole configuration, resolved from the command line once (its secret read): what
+/// the saver opens and `saver verify` reads.
+pub trait SinkConfig: std::fmt::Debug + Send + Sync {
+    /// Opens the sink for writing, waiting (with backoff) for a store that is not up yet; `None`
+    /// if `shutdown` came first.
+    fn open<'a>(&'a self, shutdown: &'a CancellationToken) -> BoxFuture<'a, Result<Option<Sink>, SinkError>>;
+    /// Opens run `run` for reading (blocking: verify runs on its own threads).
+    /// [`ReadError::NotCommitted`] if the sink commits runs and this one is not committed yet.
+    fn reader(&self, run: &str) -> Result<Box<dyn SinkReader>, ReadError>;
+}
+
+/// An open sink, saving chunks.
+pub trait SinkWriter: std::fmt::Debug + Send + Sync {
+    /// Saves several chunks together (one round of syncs, or one transaction); one outcome per
+    /// result, in order. `Saved` means durable.
+    fn save_batch(&self, results: Vec<Arc<Decoded>>) -> BoxFuture<'_, Vec<Result<SaveOutcome, SinkError>>>;
+    /// The sink's identity: which sink a run saves into (docs/PROTOCOL.md §6.5).
+    fn id(&self) -> &str;
+    /// Batches worth saving at once (a database: one per pooled connection).
+    fn parallel_batches(&self) -> usize {
+        1
+    }
+    /// Where it writes, for logs (never a secret).
+    fn describe(&self) -> String;
+    /// Run `run` is complete: each of its `chunks` chunks is saved here (its outputs, or its
+    /// dead-letter record). A sink whose saved chunks are not yet the run's result (parts
+    /// staged, a manifest and a `_SUCCESS` marker to write) makes them so here: idempotently,
+    /// since it may be asked again (by another saver, or after a crash half way). The file and
+    /// PostgreSQL sinks need no such step: a saved chunk is already part of the result.
+    fn commit_run<'a>(&'a self, run: &'a str, chunks: u64) -> BoxFuture<'a, Result<(), SinkError>> {
+        let _ = (run, chunks);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// The open sink. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sink(Arc<dyn SinkWriter>);
+
+impl Sink {
+    /// The sink `writer` is.
+    pub fn new(writer: impl SinkWriter + 'static) -> Self {
+        Sink(Arc::new(writer))
+    }
+
+    /// See [`SinkWriter::save_batch`].
+    pub async fn save_batch(&self, results: Vec<Arc<Decoded>>) -> Vec<Result<SaveOutcome, SinkError>> {
+        self.0.save_batch(results).await
+    }
+
+    /// See [`SinkWriter::id`].
+    pub fn id(&self) -> &str {
+        self.0.id()
+    }
+
+    /// See [`SinkWriter::parallel_batches`].
+    pub fn parallel_batches(&self) -> usize {
+        self.0.parallel_batches()
+    }
+
+    /// See [`SinkWriter::describe`].
+    pub fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    /// See [`SinkWriter::commit_run`].
+    pub async fn commit_run(&self, run: &str, chunks: u64) -> Result<(), SinkError> {
+        self.0.commit_run(run, chunks).await
+    }
+}
 
 /// What saving a chunk did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +147,8 @@ pub enum SaveOutcome {
     Duplicate,
 }
 
-/// Why a chunk could not be saved. Nothing is acknowledged for it.
+/// Why a chunk could not be saved, or a sink not configured or opened. Nothing is acknowledged
+/// for it.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// A file-system operation failed.
@@ -54,6 +176,9 @@ pub enum SinkError {
     /// The sink's configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// A secret of the sink's configuration cannot be read.
+    #[error(transparent)]
+    Secret(#[from] common::config::SecretFileError),
     /// The result can never be saved by this sink (the saver rejects it rather than retrying).
     #[error("{0}")]
     Invalid(String),
@@ -62,73 +187,123 @@ pub enum SinkError {
     Task(String),
 }
 
-/// A sink's whole configuration, resolved from the command line once (its secret read): what
-/// the saver opens and `saver verify` reads.
-#[derive(Debug, Clone)]
-pub enum SinkConfig {
-    /// One JSON Lines file per chunk under `out`.
-    File {
-        /// The directory.
-        out: PathBuf,
+/// One run as a sink holds it, read back for `saver verify`.
+pub trait SinkReader: Send + Sync {
+    /// What is checked, for the report: the run directory, or the database and run.
+    fn location(&self) -> String;
+    /// What the sink does to a value it keeps.
+    fn normalise(&self) -> Normalise;
+    /// Chunks read at once: verify holds this many chunks' values at a time.
+    fn chunks_per_read(&self) -> usize {
+        200
+    }
+    /// What the sink holds of chunks `range` (a chunk it does not hold is absent), and what it
+    /// holds for them that no chunk record accounts for.
+    fn read(&self, range: Range<usize>) -> Result<StoredChunks, ReadError>;
+    /// What the sink holds for the run beyond its `chunks` chunks, or outside every chunk.
+    fn rest(&self, chunks: usize) -> Result<Unaccounted, ReadError>;
+}
+
+/// What a sink does to an output value it keeps, applied by `saver verify` to the value it
+/// expects before comparing it with the saved one (each sink documents it: the file sink keeps
+/// values as written, [`as_written`]; PostgreSQL's `jsonb` has its own rules). `None`: the sink
+/// cannot keep this value at all.
+pub type Normalise = for<'a> fn(common::exact::Value<'a>) -> Option<common::exact::Value<'a>>;
+
+/// A sink that keeps every value as it was sent (whitespace aside, which parsing ignores).
+pub fn as_written(value: common::exact::Value<'_>) -> Option<common::exact::Value<'_>> {
+    Some(value)
+}
+
+/// Chunks as a sink holds them, by chunk index.
+#[derive(Debug, Default)]
+pub struct StoredChunks {
+    /// Each chunk the sink holds.
+    pub chunks: HashMap<u64, StoredChunk>,
+    /// What the sink holds for these chunks that no chunk record accounts for.
+    pub unaccounted: Unaccounted,
+}
+
+/// One chunk as the sink holds it.
+#[derive(Debug, Default)]
+pub struct StoredChunk {
+    /// Its output values.
+    pub values: StoredValues,
+    /// Its dead-letter entries.
+    pub dead: Vec<DeadObject>,
+    /// Values and entries of further copies of the chunk (saved more than once).
+    pub duplicates: u64,
+}
+
+/// A chunk's output values.
+#[derive(Debug)]
+pub enum StoredValues {
+    /// In order, without saying which object each belongs to (the file sink's lines): verify
+    /// places them by recomputing the transform.
+    InOrder(Vec<Vec<u8>>),
+    /// By object index, each object's in order (the database's rows).
+    ByObject(BTreeMap<u32, Vec<Vec<u8>>>),
+}
+
+impl Default for StoredValues {
+    fn default() -> Self {
+        StoredValues::InOrder(Vec::new())
+    }
+}
+
+/// What a sink holds that belongs to no chunk of the run, or that its chunk records do not
+/// account for.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Unaccounted {
+    /// Output values: of chunks past the run's, outside every chunk's range.
+    pub values: u64,
+    /// Dead-letter entries likewise.
+    pub dead: u64,
+    /// Chunk records that do not match what is saved under them (rows without a chunk record,
+    /// chunk records whose counts differ from their rows).
+    pub mismatched_chunks: u64,
+}
+
+impl std::ops::AddAssign for Unaccounted {
+    fn add_assign(&mut self, other: Self) {
+        self.values += other.values;
+        self.dead += other.dead;
+        self.mismatched_chunks += other.mismatched_chunks;
+    }
+}
+
+/// Why a sink cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
     },
-    /// Rows in PostgreSQL tables.
-    Postgres(postgres::PgOptions),
-}
-
-impl SinkConfig {
-    /// Opens the sink, waiting (with backoff) for a database that is not up yet; `None` if
-    /// `shutdown` came first.
-    pub async fn open(self, shutdown: &CancellationToken) -> Result<Option<Sink>, SinkError> {
-        match self {
-            SinkConfig::File { out } => Ok(Some(Sink::File(Arc::new(file::FileSink::open_blocking_pool(out).await?)))),
-            SinkConfig::Postgres(options) => {
-                Ok(postgres::PgSink::connect(options, shutdown).await?.map(Sink::Postgres))
-            }
-        }
-    }
-}
-
-/// The configured sink. Cheap to clone.
-#[derive(Debug, Clone)]
-pub enum Sink {
-    /// One JSON Lines file per chunk under a directory.
-    File(Arc<file::FileSink>),
-    /// Rows in PostgreSQL tables.
-    Postgres(postgres::PgSink),
-}
-
-impl Sink {
-    /// Saves several chunks together (one round of syncs, or one transaction); one outcome per
-    /// result, in order. `Saved` means durable.
-    pub async fn save_batch(&self, results: Vec<Arc<Decoded>>) -> Vec<Result<SaveOutcome, SinkError>> {
-        match self {
-            Sink::File(sink) => file::FileSink::save_on_blocking_pool(sink, results).await,
-            Sink::Postgres(sink) => sink.save_batch(&results).await,
-        }
-    }
-
-    /// The sink's identity: which sink a run saves into.
-    pub fn id(&self) -> &str {
-        match self {
-            Sink::File(sink) => sink.id(),
-            Sink::Postgres(sink) => sink.id(),
-        }
-    }
-
-    /// Batches worth saving at once: the file sink folds everything into one round of syncs;
-    /// the database commits one batch per pooled connection.
-    pub fn parallel_batches(&self) -> usize {
-        match self {
-            Sink::File(_) => 1,
-            Sink::Postgres(sink) => sink.connections(),
-        }
-    }
-
-    /// Where it writes, for logs (never a password).
-    pub fn describe(&self) -> String {
-        match self {
-            Sink::File(sink) => format!("directory {}", sink.root().display()),
-            Sink::Postgres(sink) => format!("PostgreSQL {}", sink.target()),
-        }
-    }
+    /// A file holds something that is not what the sink writes.
+    #[error("{path}, line {line}: {error}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// Why.
+        error: String,
+    },
+    /// A database cannot be read; the message names it (never its password) and what failed.
+    #[error("{0}")]
+    Database(String),
+    /// The sink commits runs, and this run is not committed yet: nothing of it is a result yet.
+    #[error("run {run} in {location} is not committed yet ({why}); verify it once its run is complete")]
+    NotCommitted {
+        /// The run.
+        run: String,
+        /// Where, without secrets.
+        location: String,
+        /// What is missing.
+        why: String,
+    },
 }

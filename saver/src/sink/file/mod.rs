@@ -7,9 +7,12 @@
 //! also when another saver sharing the directory saved it ([`run`] says how they take turns).
 //! Dead-lettered objects go to `OUT/<run>/dead.jsonl`, durable before the index line too. The
 //! sink's identity (`OUT/.chunkmill-sink-id`, made once) tells the fetcher which sink a run
-//! saves into.
+//! saves into. [`config`] is how `--sink file` opens it, [`reader`] how `saver verify` reads a run
+//! back.
 
+pub mod config;
 pub mod layout;
+pub(crate) mod reader;
 mod run;
 
 use std::collections::HashMap;
@@ -20,6 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use super::{SaveOutcome, SinkError};
 use crate::decoded::Decoded;
+pub use config::FileConfig;
+pub(crate) use config::FILE;
 use run::RunFiles;
 
 /// The file holding a sink directory's identity.

@@ -9,20 +9,28 @@
 //! chunks this transaction owns; the others were saved before (or by a concurrent saver, whose
 //! commit this insert waited for), so they are duplicates and nothing of theirs is written. Only
 //! the claimed chunks' outputs are written, in the same transaction (binary COPY of the values as
-//! they arrived; on a repeated id, possible only without the fetcher's duplicate check, the batch
-//! is redone with `INSERT .. ON CONFLICT DO NOTHING`), so a chunk row exists if and only if all
-//! its outputs do. The caller acknowledges a chunk only after the commit returned.
+//! they arrived; on an id another object of the run already holds, the batch is redone with an
+//! INSERT that stores such rows with `id` NULL), so a chunk row exists if and only if all its
+//! outputs do. Ids are text: two objects can hold one only without the fetcher's duplicate check,
+//! or when their ids differ only in their JSON type (`1` and `"1"`, which jq tells apart). The caller acknowledges a chunk only after the commit returned.
 //!
 //! Concurrent savers cannot deadlock on each other: every batch claims its chunks in one order,
 //! `(run, chunk)`, and a claim is the first row lock a transaction takes, so two transactions wait
 //! for each other in one direction only. Output rows cannot conflict across chunks (the fetcher
-//! refuses inputs with repeated ids). Deadlock and serialisation failures are retried anyway.
+//! refuses inputs with repeated ids). Deadlock and serialisation failures are retried anyway, and a
+//! concurrent saver storing the same id text first makes the batch fail and be saved again.
+//!
+//! [`config`] is how `--sink postgres://...` opens it, [`reader`] how `saver verify` reads a run
+//! back, [`jsonb`] what the database does to a value it stores.
 //!
 //! TLS follows libpq's `sslmode` (`disable`, `prefer` — the default —, `require`, `verify-ca`,
 //! `verify-full`) and `sslrootcert` parameters of the connection string: see [`tls`]. A TLS
 //! failure at start (untrusted certificate, wrong host name, server without TLS under `require`)
 //! stops the saver, as a wrong password does; waiting would not fix it.
 
+pub mod config;
+pub mod jsonb;
+pub(crate) mod reader;
 mod tls;
 mod url;
 
@@ -41,6 +49,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{SaveOutcome, SinkError};
 use crate::decoded::Decoded;
+pub use config::PgArgs;
+pub(crate) use config::POSTGRES;
 pub use tls::{MakeTls, Roots, SslMode, TlsError, TlsOptions};
 pub use url::{describe, is_postgres_url, parse, redacted, PgConfig, PgOptions};
 
@@ -58,12 +68,20 @@ const CLAIM: &str = "INSERT INTO chunkmill_chunks (run, chunk, objects, dead, ou
      SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int4[], $5::int4[], $6::uuid[], $7::int4[], $8::text[], $9::text[], $10::text[]) \
      ON CONFLICT (run, chunk) DO NOTHING RETURNING run, chunk";
 
+/// The outputs of a batch whose COPY met an id another object of the run holds: such a row is
+/// stored with `id` NULL (the first holder keeps it), so no value is ever dropped for its id.
 const OUTPUTS: &str = "INSERT INTO chunkmill_outputs (run, chunk, idx, out, id, doc) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int4[], $5::text[], $6::jsonb[]) \
-     ON CONFLICT DO NOTHING";
+     SELECT t.run, t.chunk, t.idx, t.out, \
+       CASE WHEN row_number() OVER (PARTITION BY t.run, t.id, t.out ORDER BY t.chunk, t.idx) > 1 \
+         OR EXISTS (SELECT 1 FROM chunkmill_outputs o WHERE o.run = t.run AND o.id = t.id AND o.out = t.out) \
+       THEN NULL ELSE t.id END, t.doc \
+     FROM unnest($1::text[], $2::int8[], $3::int4[], $4::int4[], $5::text[], $6::jsonb[]) AS t(run, chunk, idx, out, id, doc)";
 
-const OUTPUT: &str = "INSERT INTO chunkmill_outputs (run, chunk, idx, out, id, doc) VALUES ($1, $2, $3, $4, $5, $6) \
-     ON CONFLICT DO NOTHING";
+/// One output row, as [`OUTPUTS`] stores it.
+const OUTPUT: &str = "INSERT INTO chunkmill_outputs (run, chunk, idx, out, id, doc) \
+     SELECT $1::text, $2::int8, $3::int4, $4::int4, \
+       CASE WHEN EXISTS (SELECT 1 FROM chunkmill_outputs o WHERE o.run = $1::text AND o.id = $5::text AND o.out = $4::int4) \
+       THEN NULL ELSE $5::text END, $6::jsonb";
 
 const DEAD: &str = "INSERT INTO chunkmill_dead_objects (run, chunk, idx, id, error, cause, line) \
      SELECT * FROM unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
@@ -200,7 +218,7 @@ fn hint(code: Option<&SqlState>) -> &'static str {
         }
         Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "create the database, or fix its name in SAVER_SINK",
         Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
-            "grant the role CREATE and INSERT on the schema, or apply saver/src/sink/schema.sql as an owner"
+            "grant the role CREATE and INSERT on the schema, or apply saver/src/sink/postgres/schema.sql as an owner"
         }
         Some(_) => "the saver retries; results stay unacknowledged until saved",
         None => "check that PostgreSQL is running and reachable; the saver retries meanwhile",
@@ -630,7 +648,7 @@ impl PgSink {
 }
 
 /// Writes the outputs of `results` with one binary COPY, the fast path. COPY has no
-/// ON CONFLICT: a repeated id aborts the transaction with a unique violation, and the caller
+/// ON CONFLICT: an id already held aborts the transaction with a unique violation, and the caller
 /// retries with [`insert_outputs`].
 async fn copy_outputs(tx: &deadpool_postgres::Transaction<'_>, results: &[&Decoded]) -> Result<(), Failure> {
     let sink = tx
@@ -652,8 +670,8 @@ async fn copy_outputs(tx: &deadpool_postgres::Transaction<'_>, results: &[&Decod
     Ok(())
 }
 
-/// Writes the `total` outputs of `results` with one `INSERT .. ON CONFLICT DO NOTHING` of
-/// arrays: keeps the first copy of a repeated id.
+/// Writes the `total` outputs of `results` with one INSERT of arrays ([`OUTPUTS`]): a row whose
+/// id another object of the run holds is stored with `id` NULL.
 async fn insert_outputs(
     tx: &deadpool_postgres::Transaction<'_>,
     results: &[&Decoded],
@@ -678,18 +696,15 @@ async fn insert_outputs(
             docs.push(RawJson(value));
         }
     }
-    let inserted = tx
-        .execute(&insert, &[&runs, &chunks, &idxs, &outs, &ids, &docs])
+    tx.execute(&insert, &[&runs, &chunks, &idxs, &outs, &ids, &docs])
         .await
         .map_err(|e| Failure::new("insert outputs", &e))?;
-    if inserted < total as u64 {
-        // Only possible when the fetcher ran with --no-duplicate-check on an input with
-        // repeated ids: the first copy stays, `verify` reports the rest.
-        tracing::warn!(
-            "{} of {total} outputs were already saved under the same id by another chunk; kept the first copy",
-            total as u64 - inserted
-        );
-    }
+    // Only possible when the fetcher ran with --no-duplicate-check on an input with repeated
+    // ids, or ids that differ only in their JSON type: every value is kept, findable by chunk
+    // and index.
+    tracing::warn!(
+        "an id of a batch of {total} outputs is already held by another object of its run; such outputs are stored with id NULL"
+    );
     Ok(())
 }
 
