@@ -25,10 +25,11 @@
 //! prints it: NaN becomes `null`, ±Infinity becomes ±1.7976931348623157e+308 (the largest
 //! finite double), and a string's invalid UTF-8 becomes U+FFFD. What jq has no equivalent for
 //! (jaq's byte strings from `tobytes`, object keys that are not strings, nesting deeper than
-//! [`MAX_DEPTH`]) makes the object's error instead of invalid JSON. An input nested deeper than
-//! [`MAX_DEPTH`] is refused too, before jaq reads it: jaq reads and drops values recursively,
-//! and a record nested 100 000 deep (valid JSON, which the fetcher accepts) would overflow the
-//! mapper's stack.
+//! [`MAX_DEPTH`]) makes the object's error instead of invalid JSON. A number read from the input
+//! keeps its text, `-0` included (jaq reads it as the integer 0; it is read here as the decimal
+//! `-0`, which jaq keeps as text). An input nested deeper than [`MAX_DEPTH`] is refused too,
+//! before jaq reads it: jaq reads and drops values recursively, and a record nested 100 000 deep
+//! (valid JSON, which the fetcher accepts) would overflow the mapper's stack.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -267,15 +268,7 @@ impl Transform for JqTransform {
     // allocation per string, array and object), running the filter, and writing its outputs
     // to one buffer (then copied once into `out`).
     fn apply(&self, input: &[u8], out: &mut Outputs) -> Result<(), ObjectError> {
-        // jaq reads and drops values recursively: a record nested 100 000 deep would overflow
-        // the thread's stack and abort the mapper.
-        if nesting_exceeds(input, MAX_DEPTH) {
-            return Err(ObjectError::refused(format!(
-                "the object is nested more than {MAX_DEPTH} levels deep, more than jq reads in chunkmill"
-            )));
-        }
-        let value = jaq_json::read::parse_single(input)
-            .map_err(|e| ObjectError::refused(format!("jq cannot read the object: {e}")))?;
+        let value = read_object(input)?;
         let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new([]));
         // Outputs are kept here until the program is done: an error after some outputs
         // refuses the whole object, and `out` has no way to take values back.
@@ -301,10 +294,84 @@ impl Transform for JqTransform {
     }
 }
 
-/// Whether the arrays and objects of `json` (valid JSON) nest more than `max` levels deep.
-fn nesting_exceeds(json: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in json {
+/// Reads one input object into a jaq value, refusing what jaq could not read safely.
+fn read_object(input: &[u8]) -> Result<Val, ObjectError> {
+    let shape = Shape::of(input);
+    // jaq reads and drops values recursively: a record nested 100 000 deep would overflow the
+    // stack.
+    if shape.too_deep {
+        return Err(ObjectError::refused(format!(
+            "the object is nested more than {MAX_DEPTH} levels deep, more than jq reads in chunkmill"
+        )));
+    }
+    let unreadable = |e: jaq_json::read::Error| ObjectError::refused(format!("jq cannot read the object: {e}"));
+    // jaq reads the number `-0` as the integer 0, which it writes as `0`; a number read from
+    // the input keeps its text (PROTOCOL §7.6), so each `-0` is read as the decimal `-0`, which
+    // jaq keeps as text. jaq's reader takes any bytes in a string, so every `-0` is first
+    // replaced by a string of bytes no valid UTF-8 input can hold, and that string by the number.
+    if shape.negative_zero && std::str::from_utf8(input).is_ok() {
+        let mut value = jaq_json::read::parse_single(&mark_negative_zeros(input)).map_err(unreadable)?;
+        restore_negative_zeros(&mut value);
+        return Ok(value);
+    }
+    jaq_json::read::parse_single(input).map_err(unreadable)
+}
+
+/// What [`read_object`] needs to know about an input before jaq reads it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Shape {
+    /// Arrays and objects nest more than [`MAX_DEPTH`] levels deep.
+    too_deep: bool,
+    /// It holds the number `-0` (not `-0.0`, not `-0e1`: those are decimals jaq keeps as text).
+    negative_zero: bool,
+}
+
+impl Shape {
+    /// One pass over `json` (valid JSON), outside strings.
+    fn of(json: &[u8]) -> Shape {
+        let (mut shape, mut depth, mut in_string, mut escaped) = (Shape::default(), 0usize, false, false);
+        for (i, &b) in json.iter().enumerate() {
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        shape.too_deep = true;
+                        return shape;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b'-' if is_negative_zero(json, i) => shape.negative_zero = true,
+                _ => {}
+            }
+        }
+        shape
+    }
+}
+
+/// Whether the number at `json[at..]` (outside strings, starting with `-`) is exactly `-0`.
+fn is_negative_zero(json: &[u8], at: usize) -> bool {
+    json.get(at + 1) == Some(&b'0') && !matches!(json.get(at + 2), Some(b'0'..=b'9' | b'.' | b'e' | b'E'))
+}
+
+/// The string that stands in for `-0` while jaq reads an input: 0xFF is never in UTF-8, and
+/// no escape sequence makes it, so no string of a valid input is these bytes.
+const NEGATIVE_ZERO_MARK: &[u8] = b"\xff-0";
+
+/// `json` with every number `-0` (outside strings) written as the string [`NEGATIVE_ZERO_MARK`].
+fn mark_negative_zeros(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len() + 16);
+    let (mut in_string, mut escaped, mut i) = (false, false, 0);
+    while let Some(&b) = json.get(i) {
         if in_string {
             match (escaped, b) {
                 (true, _) => escaped = false,
@@ -312,21 +379,32 @@ fn nesting_exceeds(json: &[u8], max: usize) -> bool {
                 (false, b'"') => in_string = false,
                 _ => {}
             }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b'-' && is_negative_zero(json, i) {
+            out.push(b'"');
+            out.extend_from_slice(NEGATIVE_ZERO_MARK);
+            out.push(b'"');
+            i += 2;
             continue;
         }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+        out.push(b);
+        i += 1;
     }
-    false
+    out
+}
+
+/// Puts the decimal `-0` back where [`mark_negative_zeros`] left its mark (a value, never a
+/// key: object keys are strings in the input).
+fn restore_negative_zeros(value: &mut Val) {
+    match value {
+        Val::TStr(text) if text.as_ref().as_ref() == NEGATIVE_ZERO_MARK => {
+            *value = Val::Num(Num::Dec(jaq_json::Rc::new("-0".to_string())));
+        }
+        Val::Arr(items) => jaq_json::Rc::make_mut(items).iter_mut().for_each(restore_negative_zeros),
+        Val::Obj(members) => jaq_json::Rc::make_mut(members).values_mut().for_each(restore_negative_zeros),
+        _ => {}
+    }
 }
 
 /// The object's error for what stopped the program: jaq's message, capped.
@@ -584,7 +662,7 @@ mod tests {
         let input = r#"{"s": "tab\there \"q\" \\ é 😀 \u0001", "n": [1, 2.50, -0, 1e2, 12345678901234567890123]}"#;
         assert_eq!(
             run(".", input).unwrap(),
-            vec![r#"{"s":"tab\there \"q\" \\ é 😀 \u0001","n":[1,2.50,0,1e2,12345678901234567890123]}"#]
+            vec![r#"{"s":"tab\there \"q\" \\ é 😀 \u0001","n":[1,2.50,-0,1e2,12345678901234567890123]}"#]
         );
         assert_eq!(
             run("[nan, infinite, -infinite, 0.1 + 0.2]", "{}").unwrap(),
@@ -706,6 +784,20 @@ mod tests {
         assert!(err.message.contains("nested more than"), "{err}");
         let fine = format!(r#"{{"x":{}"[[{{\"}}"{}}}"#, "[".repeat(125), "]".repeat(125));
         assert_eq!(run(".x | length", &fine).unwrap(), vec!["1"]);
+    }
+
+    #[test]
+    fn a_negative_zero_read_from_the_input_keeps_its_text() {
+        let input = r#"{"z": -0, "a": [-0, 0, -0.0, -0e1], "s": "-0 \" -0", "-0": {"k": -0}}"#;
+        assert_eq!(run(".", input).unwrap(), vec![r#"{"z":-0,"a":[-0,0,-0.0,-0e1],"s":"-0 \" -0","-0":{"k":-0}}"#]);
+        assert_eq!(run("-0", "{}").unwrap(), vec!["0"], "a literal in the program is not read from the input");
+        assert_eq!(run(".z | tostring", input).unwrap(), vec![r#""-0""#]);
+        assert_eq!(run(".z == 0", input).unwrap(), vec!["true"]);
+        assert_eq!(run("[.z, .a[0]] | map(. * 2)", input).unwrap(), vec!["[-0.0,-0.0]"]);
+        // Nothing else of the input changes on the way.
+        let plain = r#"{"n": -10, "m": -0.5, "t": "x-0"}"#;
+        assert_eq!(run(".", plain).unwrap(), vec![r#"{"n":-10,"m":-0.5,"t":"x-0"}"#]);
+        assert_eq!(Shape::of(plain.as_bytes()), Shape::default());
     }
 
     #[test]
