@@ -185,14 +185,18 @@ impl std::fmt::Display for RunSummary {
     }
 }
 
-/// The job from the flags, and the transform built from it when this process can build it
-/// (digest and jq: to refuse a jq program that does not compile before any chunk is leased, and
-/// to check records by the job's own rules in the scan).
+/// The job from the flags, checked, and the transform built from it when the scan checks
+/// records by its rules (the digest's users schema). A jq program is compiled here, so one that
+/// does not compile is refused before any chunk is leased; it is run only by mappers.
 pub fn load_job(config: &Config) -> Result<(Job, Option<std::sync::Arc<dyn Transform>>), FetcherError> {
     let job = config.job.job()?;
     let built = match &job.transform {
-        transform::TransformSpec::Digest { .. } | transform::TransformSpec::Jq { .. } => {
+        transform::TransformSpec::Digest { .. } => {
             Some(Registry::builtin().build(&job.transform).map_err(|e| FetcherError::Transform(e.to_string()))?)
+        }
+        transform::TransformSpec::Jq { filter } => {
+            transform::jq::check(filter).map_err(|e| FetcherError::Transform(e.to_string()))?;
+            None
         }
         // Commands and Rust transforms live in the mappers; the fetcher only names them.
         _ => None,

@@ -735,7 +735,7 @@ impl PgRun<'_> {
 /// The `verify` subcommand with `registry` (the stock saver's built-ins, or a user's binary with
 /// its Rust transforms): prints the report; true if it is OK.
 pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<VerifyReport, VerifyError> {
-    let mut registry = registry;
+    let mut registry = registry.with_jq_options(args.jq.options("saver verify"));
     for command in &args.recompute_with {
         registry = registry.with_command(command.clone());
     }
@@ -769,6 +769,8 @@ impl SinkConfig {
 /// the report, exits 0 if it is OK, 1 if not, 2 if it could not verify.
 pub fn main_with(registry: Registry) -> std::process::ExitCode {
     use clap::Parser;
+    // jq is recomputed in sandboxes of this binary: one must become a sandbox before anything else.
+    transform::jq::sandbox::enter_if_child();
     #[derive(clap::Parser)]
     #[command(name = "verify", version = common::metrics::LONG_VERSION)]
     struct Args {
@@ -796,6 +798,14 @@ pub fn main_with(registry: Registry) -> std::process::ExitCode {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    transform::jq_sandbox_entry!();
+
+    fn jq(filter: &str, options: transform::jq::JqOptions) -> Expectation {
+        let registry =
+            Registry::builtin().with_jq_options(transform::jq::JqOptions { setting: "saver verify", ..options });
+        Expectation::new(&transform::JobArgs::jq(filter), &registry, false, 10).expect("jq")
+    }
 
     fn user(i: u32) -> String {
         format!(r#"{{"uuid":"00000000-0000-4000-8000-{i:012}","fn":"F{i}","ln":"L{i}","friends":[]}}"#)
@@ -966,8 +976,7 @@ mod tests {
         for n in [0, 2, 1] {
             writeln!(file, "{{\"n\":{n}}}").expect("write");
         }
-        let args = transform::JobArgs::jq("range(.n) | {i: .}");
-        let expectation = Expectation::new(&args, &Registry::builtin(), false, 10).expect("jq");
+        let expectation = jq("range(.n) | {i: .}", jq_test_options());
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
         let saved_as = |values: &str| {
