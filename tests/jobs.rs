@@ -101,6 +101,25 @@ fn a_jq_program_that_does_not_compile_is_refused_by_the_fetcher_before_any_chunk
 }
 
 #[test]
+fn a_jq_program_that_does_not_compile_stops_the_fetcher_at_once_without_any_nats_server() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, "{\"order_id\":\"o-1\"}\n").expect("input");
+    // Nothing listens there: a fetcher that connected first would wait for it.
+    let nowhere = format!("nats://127.0.0.1:{}", common::harness::free_port());
+    let state = dir.path().join("state");
+    let (input, state) = (input.display().to_string(), state.display().to_string());
+    let args =
+        ["--input", &input, "--state-dir", &state, "--transform", "jq", "--filter", "{a: .b", "--exit-when-done"];
+    let env = [("NATS_URL", nowhere.as_str()), ("METRICS_ADDR", "127.0.0.1:0")];
+    let mut fetcher = common::harness::Service::spawn("fetcher", "fetcher", &args, &env, dir.path());
+    assert_eq!(fetcher.wait_exit(Duration::from_secs(15)), Some(1), "{}", fetcher.log());
+    let log = fetcher.log();
+    assert!(log.contains("does not compile") && log.contains("line 1, column"), "{log}");
+    assert!(!log.contains("waiting for NATS"), "{log}");
+}
+
+#[test]
 fn a_command_job_runs_the_shipped_python_example_and_verify_checks_it() {
     let p = Pipeline::orders(3_000, &["--transform", "command", "--command", "enrich"]);
     let _saver = p.saver("saver-1");
