@@ -29,6 +29,8 @@ struct Args {
 }
 
 fn main() {
+    // A jq job runs in sandboxes of this binary, as in a mapper.
+    transform::jq::sandbox::enter_if_child();
     let args = Args::parse();
     let threads = if args.threads == 0 {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)

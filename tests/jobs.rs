@@ -101,6 +101,78 @@ fn a_jq_program_that_does_not_compile_is_refused_by_the_fetcher_before_any_chunk
 }
 
 #[test]
+fn a_jq_program_that_does_not_compile_stops_the_fetcher_at_once_without_any_nats_server() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, "{\"order_id\":\"o-1\"}\n").expect("input");
+    // Nothing listens there: a fetcher that connected first would wait for it.
+    let nowhere = format!("nats://127.0.0.1:{}", common::harness::free_port());
+    let state = dir.path().join("state");
+    let (input, state) = (input.display().to_string(), state.display().to_string());
+    let args =
+        ["--input", &input, "--state-dir", &state, "--transform", "jq", "--filter", "{a: .b", "--exit-when-done"];
+    let env = [("NATS_URL", nowhere.as_str()), ("METRICS_ADDR", "127.0.0.1:0")];
+    let mut fetcher = common::harness::Service::spawn("fetcher", "fetcher", &args, &env, dir.path());
+    assert_eq!(fetcher.wait_exit(Duration::from_secs(15)), Some(1), "{}", fetcher.log());
+    let log = fetcher.log();
+    assert!(log.contains("does not compile") && log.contains("line 1, column"), "{log}");
+    assert!(!log.contains("waiting for NATS"), "{log}");
+}
+
+/// jq: objects marked `f` run away (never end, recurse without end, allocate without bound: a
+/// string doubled 64 times, which reaches the memory limit in a fraction of the time limit);
+/// the others give their order's id and item count.
+const RUNAWAY: &str = r#"if .f == "spin" then last(range(1e15))
+    elif .f == "recurse" then (def f: [f]; f)
+    elif .f == "alloc" then reduce range(64) as $i ("x"; . + .) | length
+    else {order: .order_id, items: (.items | length)} end"#;
+
+#[test]
+fn runaway_jq_programs_dead_letter_only_their_objects_with_the_limit_and_verify_agrees() {
+    let p = Pipeline::orders(300, &["--transform", "jq", "--filter", RUNAWAY, "--id-field", ".order_id"]);
+    let mut objects = lines(&p);
+    for (i, fault) in [(10, "spin"), (150, "recurse"), (250, "alloc")] {
+        objects[i]["f"] = fault.into();
+    }
+    write_lines(&p, &objects);
+    let limits = ["--jq-timeout", "3s", "--jq-memory", "256MiB"];
+    let _saver = p.saver("saver-1");
+    let mut args = vec!["--instance".to_string(), "mapper-1".into()];
+    args.extend(limits.iter().map(|s| s.to_string()));
+    let (mapper, port) = p.spawn_with_metrics("mapper-1", "mapper", &args);
+    let mut fetcher = p.fetcher(&[]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(3), "complete with dead letters:\n{}", fetcher.log());
+
+    let dead: BTreeMap<u64, (String, String)> = dead_entries(&p)
+        .iter()
+        .map(|d| {
+            let (cause, error) = (d["cause"].as_str().expect("cause"), d["error"].as_str().expect("error"));
+            (d["line"].as_u64().expect("line"), (cause.to_string(), error.to_string()))
+        })
+        .collect();
+    assert_eq!(dead.keys().copied().collect::<Vec<_>>(), vec![11, 151, 251], "exactly those objects: {dead:?}");
+    assert_eq!(dead[&11].0, "timeout");
+    assert_eq!(dead[&11].1, "jq took longer than 3s on this object (time limit, `mapper --jq-timeout`), twice");
+    assert_eq!(dead[&151].0, "crash");
+    assert!(dead[&151].1.starts_with("jq recursion too deep (stack overflow)"), "{dead:?}");
+    assert_eq!(dead[&251].0, "crash");
+    assert_eq!(dead[&251].1, "jq used more than 256 MiB on this object (memory limit, `mapper --jq-memory`), twice");
+    assert_eq!(saved_values(&p).len(), 297);
+
+    // One mapper did it all: its sandboxes died, it did not.
+    assert!(mapper.log().contains("jq sandbox"), "{}", mapper.log());
+    assert!(!mapper.log().contains("panicked"), "{}", mapper.log());
+    for reason in ["timeout", "stack", "memory"] {
+        let series = format!("chunkmill_mapper_jq_sandbox_restarts_total{{reason=\"{reason}\"}}");
+        assert!(metric(port, &series).is_some_and(|n| n >= 2.0), "{series}: {:?}", metric(port, &series));
+    }
+    let (ok, report) = p.verify_with_flags(&limits);
+    assert!(ok, "{report}");
+    assert!(report.contains("297 found") && report.contains("3 dead-lettered"), "{report}");
+    assert_eq!(report.matches("verify: the same cause").count(), 3, "{report}");
+}
+
+#[test]
 fn a_command_job_runs_the_shipped_python_example_and_verify_checks_it() {
     let p = Pipeline::orders(3_000, &["--transform", "command", "--command", "enrich"]);
     let _saver = p.saver("saver-1");

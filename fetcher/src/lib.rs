@@ -185,14 +185,18 @@ impl std::fmt::Display for RunSummary {
     }
 }
 
-/// The job from the flags, and the transform built from it when this process can build it
-/// (digest and jq: to refuse a jq program that does not compile before any chunk is leased, and
-/// to check records by the job's own rules in the scan).
+/// The job from the flags, checked, and the transform built from it when the scan checks
+/// records by its rules (the digest's users schema). A jq program is compiled here, so one that
+/// does not compile is refused before the fetcher connects anywhere; it is run only by mappers.
 pub fn load_job(config: &Config) -> Result<(Job, Option<std::sync::Arc<dyn Transform>>), FetcherError> {
     let job = config.job.job()?;
     let built = match &job.transform {
-        transform::TransformSpec::Digest { .. } | transform::TransformSpec::Jq { .. } => {
+        transform::TransformSpec::Digest { .. } => {
             Some(Registry::builtin().build(&job.transform).map_err(|e| FetcherError::Transform(e.to_string()))?)
+        }
+        transform::TransformSpec::Jq { filter } => {
+            transform::jq::check(filter).map_err(|e| FetcherError::Transform(e.to_string()))?;
+            None
         }
         // Commands and Rust transforms live in the mappers; the fetcher only names them.
         _ => None,
@@ -358,6 +362,9 @@ fn check_other_runs(config: &Config, record: &RunRecord, others: &[OtherRun]) ->
 
 /// Runs the fetcher until the run completes (with `exit_when_done`) or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
+    // First: a job that cannot run (a jq program that does not compile) is refused at once, not
+    // once NATS is reachable.
+    let (job, transform) = load_job(&config)?;
     let metrics = FetcherMetrics::new();
     let service = Service::start(
         "fetcher",
@@ -371,7 +378,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     service.set_pages(pages);
     let client = service.connect(&config.nats, &shutdown).await?;
     let name = service.name.clone();
-    let (job, transform) = load_job(&config)?;
     // Mappers asking while we scan are held, not told "no responders" (which pauses them).
     let early = early::EarlyWork::start(&client, &Subjects::new(&config.nats.subject_prefix)).await?;
     let input_metrics = scan::InputMetrics::new(metrics.common.maker());

@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "MAPPER_COMMAND_BREAKER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub command_breaker: u32,
 
+    /// Time and memory limits of a jq job's objects (each transform thread runs jq in a sandbox
+    /// process of this binary).
+    #[command(flatten)]
+    pub jq: transform::jq::JqLimitArgs,
+
     /// Chunks in hand at once (leased and not yet transformed): a few transform while the next
     /// wait in hand, so the cores never wait for a round trip to the fetcher.
     #[arg(long, env = "MAPPER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -82,6 +87,7 @@ impl Config {
             command_timeout: Duration::from_secs(30),
             command_workers: 0,
             command_breaker: 10,
+            jq: transform::jq::JqLimitArgs::default(),
             concurrency: 8,
             results_in_flight: 32,
             threads: 0,

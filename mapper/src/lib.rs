@@ -224,6 +224,7 @@ pub async fn run_with(
         .iter()
         .fold(registry.with_command_options(config.command_options()), |r, c| r.with_command(c.clone()));
     let metrics = metrics::MapperMetrics::new();
+    let registry = registry.with_jq_options(jq_options(&config, &metrics));
     let subjects = Subjects::new(&config.nats.subject_prefix);
     metrics.common.watch_subjects(&[&subjects.work]);
     let service = Service::start(
@@ -262,6 +263,13 @@ pub async fn run_with(
     Ok(shared.summary())
 }
 
+/// How this mapper runs jq: its `--jq-timeout` and `--jq-memory`, sandbox restarts counted.
+fn jq_options(config: &Config, metrics: &metrics::MapperMetrics) -> transform::jq::JqOptions {
+    let restarts = metrics.jq_restarts.clone();
+    let count = move |why: transform::jq::Restart| restarts.with_label_values(&[why.as_str()]).inc();
+    transform::jq::JqOptions { on_restart: Some(Arc::new(count)), ..config.jq.options("mapper") }
+}
+
 /// The pump (asks for work, up to `--concurrency` chunks in hand) and the transformers, which
 /// hand each result to a delivery task (up to `--results-in-flight`).
 fn start_stages(
@@ -291,11 +299,14 @@ async fn grace_timer(shutdown: CancellationToken, grace: Duration, hard_stop: Ca
     hard_stop.cancel();
 }
 
-/// A whole mapper binary that runs `registry`'s transforms: parses the command line (including
-/// `--command`), logs, and runs until SIGTERM/Ctrl-C. A user's binary with their own Rust
-/// transforms is `fn main() -> ExitCode { mapper::main_with(Registry::builtin().with("mine", ...)) }`.
+/// A whole mapper binary that runs `registry`'s transforms: serves as a jq sandbox if started
+/// as one, else parses the command line (including `--command`), logs, and runs until
+/// SIGTERM/Ctrl-C. A user's binary with their own Rust transforms is
+/// `fn main() -> ExitCode { mapper::main_with(Registry::builtin().with("mine", ...)) }`.
 pub fn main_with(registry: Registry) -> std::process::ExitCode {
     use clap::Parser;
+    // A jq sandbox is this binary started again: it must become one before anything else.
+    transform::jq::sandbox::enter_if_child();
     let config = Config::parse();
     // One tokio thread for messaging; the cores belong to the rayon transform pool.
     common::service::main("mapper", common::service::Runtime::CurrentThread, |shutdown| async move {

@@ -22,6 +22,8 @@ pub struct MapperMetrics {
     pub failures: IntCounterVec,
     /// Chunks in hand.
     pub in_flight: IntGauge,
+    /// jq sandboxes killed and started again, by why (timeout, memory, stack, died).
+    pub jq_restarts: IntCounterVec,
 }
 
 impl MapperMetrics {
@@ -45,10 +47,18 @@ impl MapperMetrics {
                 "kind",
             ),
             in_flight: m.int_gauge("chunkmill_mapper_in_flight_chunks", "Chunks in hand"),
+            jq_restarts: m.counter_vec(
+                "chunkmill_mapper_jq_sandbox_restarts_total",
+                "jq sandboxes killed on an object and started again, by reason",
+                "reason",
+            ),
             common,
         };
         for kind in ["chunk", "object"] {
             metrics.failures.with_label_values(&[kind]);
+        }
+        for reason in ["timeout", "memory", "stack", "died"] {
+            metrics.jq_restarts.with_label_values(&[reason]);
         }
         metrics
     }

@@ -353,6 +353,8 @@ mod tests {
     use transform::{JobArgs, Registry};
     use uuid::Uuid;
 
+    transform::jq_sandbox_entry!();
+
     fn head() -> ChunkHead {
         ChunkHead {
             chunk: common::protocol::ChunkId(3),
@@ -378,7 +380,8 @@ mod tests {
 
     fn built(args: JobArgs) -> Built {
         let job = args.job().unwrap();
-        Built { transform: Registry::builtin().build(&job.transform).unwrap(), job }
+        let registry = Registry::builtin().with_jq_options(jq_test_options());
+        Built { transform: registry.build(&job.transform).unwrap(), job }
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct VerifyArgs {
     /// The fetcher's chunk size (part of the run id).
     #[arg(long, env = "FETCHER_CHUNK_SIZE", default_value_t = 100)]
     pub chunk_size: u32,
+    /// The mappers' jq limits (MAPPER_JQ_* too): an object over them is expected dead-lettered.
+    #[command(flatten)]
+    pub jq: transform::jq::JqLimitArgs,
     /// For a command job: run the command too and compare its outputs (needs --recompute-with).
     #[arg(long)]
     pub recompute: bool,

@@ -1,4 +1,5 @@
-//! `saver`: parse the command line, then save results until SIGTERM/Ctrl-C, or run `verify`.
+//! `saver`: parse the command line, then save results until SIGTERM/Ctrl-C, or run `verify`
+//! (or serve as a jq sandbox of a `verify`).
 
 use std::process::ExitCode;
 
@@ -8,6 +9,9 @@ use common::service::Runtime;
 use saver::config::{Cli, Command};
 
 fn main() -> ExitCode {
+    // `saver verify` recomputes jq jobs in sandboxes of this binary: one must become a sandbox
+    // before anything else.
+    transform::jq::sandbox::enter_if_child();
     let cli = Cli::parse();
     if let Some(Command::Verify(args)) = cli.command {
         return common::service::command("saver", || {

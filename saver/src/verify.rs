@@ -269,7 +269,9 @@ fn match_dead(
 }
 
 /// The file sink keeps a chunk's values in order: each object not dead-lettered takes as many
-/// as the transform gives it (one, for a command); values left over are unexpected.
+/// as the transform gives it (one, for a command); values left over are unexpected. An object
+/// verify could not recompute (a limit stopped it) has no known count: if it is the chunk's only
+/// one, it takes what the others leave.
 fn place_flat(
     lines: Vec<Vec<u8>>,
     n: usize,
@@ -277,17 +279,22 @@ fn place_flat(
     expected: Option<&[Result<Outputs, ObjectError>]>,
     report: &mut VerifyReport,
 ) -> BTreeMap<u32, Vec<Vec<u8>>> {
+    let live = || (0..n).filter(|i| !dead.contains_key(&(*i as u32)));
+    let want = |i: usize| match expected {
+        Some(expected) => match &expected[i] {
+            Ok(outputs) => Some(outputs.len()),
+            Err(e) if e.cause == Cause::Transform => Some(0),
+            Err(_) => None,
+        },
+        None => Some(1),
+    };
+    let unknown: Vec<usize> = live().filter(|&i| want(i).is_none()).collect();
+    let known: usize = live().filter_map(want).sum();
+    let rest = if unknown.len() == 1 { lines.len().saturating_sub(known) } else { 0 };
     let mut lines = lines.into_iter();
     let mut map = BTreeMap::new();
-    for i in 0..n {
-        if dead.contains_key(&(i as u32)) {
-            continue;
-        }
-        let want = match expected {
-            Some(expected) => expected[i].as_ref().map_or(0, Outputs::len),
-            None => 1,
-        };
-        map.insert(i as u32, lines.by_ref().take(want).collect());
+    for i in live() {
+        map.insert(i as u32, lines.by_ref().take(want(i).unwrap_or(rest)).collect());
     }
     report.unexpected += lines.count() as u64;
     map
@@ -347,10 +354,17 @@ impl ChunkCheck<'_> {
         report.dead_lettered += 1;
         if report.dead_examples.len() < examples {
             let id = self.ids[i].as_deref().map(|id| format!(", id {}", common::text::escaped(id))).unwrap_or_default();
-            let cause =
-                serde_json::to_value(entry.cause).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            // What the recomputation says of it: a limit (time, memory) is the machine's, so
+            // verify reports how it compares rather than counting it wrong.
+            let recomputed = match self.expected.map(|e| &e[i]) {
+                None => String::new(),
+                Some(Ok(_)) => "; verify maps it".into(),
+                Some(Err(e)) if e.cause == entry.cause => "; verify: the same cause".into(),
+                Some(Err(e)) => format!("; verify: {}: {}", cause_name(e.cause), common::text::escaped(&e.message)),
+            };
             report.dead_examples.push(format!(
-                "chunk {chunk} object {i} (line {line}{id}): {cause}: {}",
+                "chunk {chunk} object {i} (line {line}{id}): {}: {}{recomputed}",
+                cause_name(entry.cause),
                 common::text::escaped(&entry.error)
             ));
         }
@@ -378,11 +392,22 @@ impl ChunkCheck<'_> {
                     wrong(report, difference(&want, &saved, normalise));
                 }
             }
-            Some(Err(error)) => {
+            Some(Err(error)) if error.cause == Cause::Transform => {
                 // The transform refuses it, yet it is not dead-lettered.
                 report.found += u64::from(!saved.is_empty());
                 let why = format!(
                     "not dead-lettered, but the transform refuses it: {}",
+                    common::text::escaped(&error.message)
+                );
+                wrong(report, why);
+            }
+            Some(Err(error)) => {
+                // Saved, but the recomputation stopped on a limit (or crashed): its values
+                // cannot be confirmed, which is not OK either.
+                report.found += u64::from(!saved.is_empty());
+                let why = format!(
+                    "saved, but verify could not recompute it ({}: {}); give verify the mappers' limits",
+                    cause_name(error.cause),
                     common::text::escaped(&error.message)
                 );
                 wrong(report, why);
@@ -396,6 +421,11 @@ impl ChunkCheck<'_> {
             }
         }
     }
+}
+
+/// A cause as the protocol spells it (`transform`, `timeout`, ...).
+fn cause_name(cause: Cause) -> String {
+    serde_json::to_value(cause).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 /// The input, scanned as the fetcher scanned it, with its run id.
@@ -536,7 +566,7 @@ fn count_unaccounted(report: &mut VerifyReport, unaccounted: crate::sink::Unacco
 /// The `verify` subcommand with `registry` (the stock saver's built-ins, or a user's binary with
 /// its Rust transforms): prints the report; true if it is OK.
 pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<VerifyReport, VerifyError> {
-    let mut registry = registry;
+    let mut registry = registry.with_jq_options(args.jq.options("saver verify"));
     for command in &args.recompute_with {
         registry = registry.with_command(command.clone());
     }
@@ -552,6 +582,8 @@ pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<Verif
 /// the report, exits 0 if it is OK, 1 if not, 2 if it could not verify.
 pub fn main_with(registry: Registry) -> std::process::ExitCode {
     use clap::Parser;
+    // jq is recomputed in sandboxes of this binary: one must become a sandbox before anything else.
+    transform::jq::sandbox::enter_if_child();
     #[derive(clap::Parser)]
     #[command(name = "verify", version = common::metrics::LONG_VERSION)]
     struct Args {
@@ -580,6 +612,14 @@ mod tests {
     use super::*;
     use common::protocol::ChunkId;
     use std::io::Write;
+
+    transform::jq_sandbox_entry!();
+
+    fn jq(filter: &str, options: transform::jq::JqOptions) -> Expectation {
+        let registry =
+            Registry::builtin().with_jq_options(transform::jq::JqOptions { setting: "saver verify", ..options });
+        Expectation::new(&transform::JobArgs::jq(filter), &registry, false, 10).expect("jq")
+    }
 
     fn user(i: u32) -> String {
         format!(r#"{{"uuid":"00000000-0000-4000-8000-{i:012}","fn":"F{i}","ln":"L{i}","friends":[]}}"#)
@@ -757,13 +797,41 @@ mod tests {
     }
 
     #[test]
+    fn an_object_over_the_jq_limits_is_reported_against_its_dead_letter_instead_of_stopping_verify() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        for f in ["ok", "spin", "recurse", "ok"] {
+            writeln!(file, "{{\"f\":\"{f}\"}}").expect("write");
+        }
+        let filter = r#"if .f == "spin" then last(range(1e15)) elif .f == "recurse" then (def f: [f]; f) else .f end"#;
+        let limits = transform::jq::JqOptions { timeout: std::time::Duration::from_millis(500), ..jq_test_options() };
+        let expectation = jq(filter, limits);
+        let out = tempfile::tempdir().expect("out");
+        let dir = run_dir(out.path(), &file, &expectation);
+        let dead =
+            |index: u32, cause: &str| format!(r#"{{"index":{index},"cause":"{cause}","error":"as the mapper said"}}"#);
+        save_raw(&dir, 0, "\"ok\"\n\"ok\"\n", &[dead(1, "timeout"), dead(2, "crash")]);
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("a verdict, not a crash");
+        assert!(report.ok(), "{report}");
+        assert_eq!((report.found, report.dead_lettered), (2, 2), "{report}");
+        let text = report.to_string();
+        assert!(text.contains("object 1 (line 2): timeout: as the mapper said; verify: the same cause"), "{text}");
+        assert!(text.contains("object 2 (line 3): crash: as the mapper said; verify: the same cause"), "{text}");
+        // Saved with a value where verify runs out of time: not confirmed, so not OK.
+        fs::remove_dir_all(&dir).expect("empty the run");
+        fs::create_dir_all(&dir).expect("run dir");
+        save_raw(&dir, 0, "\"ok\"\n1\n\"ok\"\n", &[dead(2, "crash")]);
+        let report = verify(file.path(), out.path(), 10, &expectation).expect("a verdict");
+        assert_eq!(report.wrong, 1, "{report}");
+        assert!(report.to_string().contains("verify could not recompute it (timeout: jq took longer than 500ms on this object (time limit, `saver verify --jq-timeout`)"), "{report}");
+    }
+
+    #[test]
     fn every_value_is_compared_in_order_per_object() {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
         for n in [0, 2, 1] {
             writeln!(file, "{{\"n\":{n}}}").expect("write");
         }
-        let args = transform::JobArgs::jq("range(.n) | {i: .}");
-        let expectation = Expectation::new(&args, &Registry::builtin(), false, 10).expect("jq");
+        let expectation = jq("range(.n) | {i: .}", jq_test_options());
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
         let saved_as = |values: &str| {
@@ -786,7 +854,13 @@ mod tests {
         {
             writeln!(file, "{record}").expect("write");
         }
-        let expectation = Expectation::new(&transform::JobArgs::jq("."), &Registry::builtin(), false, 10).expect("jq");
+        let expectation = Expectation::new(
+            &transform::JobArgs::jq("."),
+            &Registry::builtin().with_jq_options(jq_test_options()),
+            false,
+            10,
+        )
+        .expect("jq");
         let out = tempfile::tempdir().expect("out");
         let dir = run_dir(out.path(), &file, &expectation);
         let saved_as = |values: &str| {

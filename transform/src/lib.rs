@@ -5,9 +5,9 @@
 //! object's dead-letter entry.
 //!
 //! The built-in kinds, one module each: [`digest`] (the course's users data through iterated
-//! SHA-256), [`jq`] (a jq program, run in-process with jaq) and [`command`] (a program the mapper's
-//! operator registered, spoken to in JSON Lines). A user's own Rust transform implements
-//! [`Transform`] and is registered by name (see `mapper::run_with`).
+//! SHA-256), [`jq`] (a jq program, run with jaq in sandbox processes) and [`command`] (a program
+//! the mapper's operator registered, spoken to in JSON Lines). A user's own Rust transform
+//! implements [`Transform`] and is registered by name (see `mapper::run_with`).
 //!
 //! Every kind runs on the caller's thread: the mapper calls [`Transform::apply_chunk`] on its
 //! rayon pool, never on tokio's threads.
@@ -67,6 +67,12 @@ impl Outputs {
     pub fn push_json(&mut self, json: &[u8]) {
         self.bytes.extend_from_slice(&common::json::compact(json));
         self.ends.push(self.bytes.len());
+    }
+
+    /// Values already compact and on one line each, one after another in `bytes`, each ending
+    /// at its `ends` (ascending, the last at `bytes.len()`): a jq sandbox's answer.
+    pub(crate) fn from_compact(bytes: Vec<u8>, ends: Vec<usize>) -> Self {
+        Outputs { bytes, ends }
     }
 
     /// Appends one value serialised with serde_json (compact).

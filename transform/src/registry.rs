@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::command::{CommandOptions, CommandSpec, CommandTransform};
 use crate::digest::DigestTransform;
-use crate::jq::JqTransform;
+use crate::jq::{JqOptions, JqTransform};
 use crate::{Transform, TransformSpec};
 
 /// Builds a user's Rust transform from its parameters (`--transform-params`, JSON).
@@ -38,6 +38,7 @@ pub struct Registry {
     custom: BTreeMap<String, Factory>,
     commands: BTreeMap<String, CommandSpec>,
     command_options: CommandOptions,
+    jq_options: JqOptions,
 }
 
 impl std::fmt::Debug for Registry {
@@ -74,6 +75,12 @@ impl Registry {
         self
     }
 
+    /// How jq programs are run (time and memory limits per object, how sandboxes start).
+    pub fn with_jq_options(mut self, options: JqOptions) -> Self {
+        self.jq_options = options;
+        self
+    }
+
     /// What a mapper with this registry can run: `digest`, `jq`, `command:<name>`..., and the
     /// names of its Rust transforms.
     pub fn capabilities(&self) -> Vec<String> {
@@ -88,13 +95,14 @@ impl Registry {
         self.capabilities().contains(&spec.capability())
     }
 
-    /// Builds the transform `spec` names: compiles a jq program, starts a command's children.
+    /// Builds the transform `spec` names: starts a jq program's first sandbox (which compiles
+    /// it), starts a command's children.
     pub fn build(&self, spec: &TransformSpec) -> Result<Arc<dyn Transform>, BuildError> {
         let not_offered =
             || BuildError::NotOffered { capability: spec.capability(), offered: self.capabilities().join(", ") };
         Ok(match spec {
             TransformSpec::Digest { rounds } => Arc::new(DigestTransform { rounds: *rounds }),
-            TransformSpec::Jq { filter } => Arc::new(JqTransform::compile(filter).map_err(BuildError::Invalid)?),
+            TransformSpec::Jq { filter } => Arc::new(JqTransform::start(filter, &self.jq_options)?),
             TransformSpec::Command { name } => {
                 let command = self.commands.get(name).ok_or_else(not_offered)?;
                 Arc::new(CommandTransform::start(command, &self.command_options).map_err(BuildError::Start)?)

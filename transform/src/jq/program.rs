@@ -1,10 +1,10 @@
-//! jq programs, run in-process with jaq (the jaq-core, jaq-std and jaq-json crates): the
-//! fetcher's operator writes the program (`--transform jq --filter '...'`), every mapper compiles
-//! it once per job with [`JqTransform::compile`] and runs it on each object of its chunks.
+//! One jq program, compiled with jaq (the jaq-core, jaq-std and jaq-json crates) and run on one
+//! object at a time: what a jq sandbox does inside (see `super::sandbox`), and how the fetcher
+//! checks a program before it starts (`Program::compile`).
 //!
-//! The program runs inside the mapper, so it gets the jq language and none of the ways out of it
-//! (enforced at compile time: a program that uses one does not compile, and the message says the
-//! function is not available in chunkmill):
+//! The program gets the jq language and none of the ways out of it (enforced at compile time: a
+//! program that uses one does not compile, and the message says the function is not available
+//! in chunkmill):
 //!
 //! - `env`, `$ENV`: the mapper's environment holds its NATS credentials;
 //! - `input`, `inputs`, `input_filename`, `input_line_number`: a program sees one object at a
@@ -25,10 +25,10 @@
 //! prints it: NaN becomes `null`, ±Infinity becomes ±1.7976931348623157e+308 (the largest
 //! finite double), and a string's invalid UTF-8 becomes U+FFFD. What jq has no equivalent for
 //! (jaq's byte strings from `tobytes`, object keys that are not strings, nesting deeper than
-//! [`MAX_DEPTH`]) makes the object's error instead of invalid JSON. An input nested deeper than
-//! [`MAX_DEPTH`] is refused too, before jaq reads it: jaq reads and drops values recursively,
-//! and a record nested 100 000 deep (valid JSON, which the fetcher accepts) would overflow the
-//! mapper's stack.
+//! [`MAX_DEPTH`]) makes the object's error instead of invalid JSON. A number read from the input
+//! keeps its text, `-0` included (jaq reads it as the integer 0; it is read here as the decimal
+//! `-0`, which jaq keeps as text). An input nested deeper than [`MAX_DEPTH`] is refused too,
+//! before jaq reads it: jaq reads and drops values recursively.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -38,7 +38,7 @@ use jaq_core::load::{self, Arena, File, Loader};
 use jaq_core::{compile, data, Compiler, Ctx, Vars};
 use jaq_json::{Num, Val};
 
-use crate::{ObjectError, Outputs, Transform};
+use crate::ObjectError;
 
 /// The longest a runtime error message gets, in bytes: jaq quotes the values it could not use,
 /// and those can be whole objects.
@@ -87,26 +87,33 @@ const HARMLESS_DEFS: &str = "def debug: .; def debug(msgs): .; def stderr: .;";
 /// A compiled jq program.
 ///
 /// The compiled filter owns everything it needs (jaq copies literals out of the program text
-/// while compiling), so the arena and loader live only inside [`JqTransform::compile`] and
-/// nothing is leaked. With jaq-json's `sync` feature its values are `Arc`-based, so one
-/// compiled program is shared by every rayon thread.
-pub struct JqTransform {
+/// while compiling), so the arena and loader live only inside `Program::compile` and nothing
+/// is leaked.
+pub(crate) struct Program {
     filter: jaq_core::Filter<Data>,
 }
 
-impl std::fmt::Debug for JqTransform {
+impl std::fmt::Debug for Program {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JqTransform").finish_non_exhaustive()
+        f.debug_struct("Program").finish_non_exhaustive()
     }
 }
 
-impl JqTransform {
+/// The outputs of one object: compact strict JSON values, one after another, and where each
+/// ends in `bytes`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Values {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) ends: Vec<usize>,
+}
+
+impl Program {
     /// Compiles `filter`, or says where and why it does not compile (`line:column`, what was
     /// expected, the offending text), so the fetcher can refuse the job at start.
-    pub fn compile(filter: &str) -> Result<Self, String> {
+    pub(crate) fn compile(filter: &str) -> Result<Self, String> {
         // jaq is not expected to panic on any program, but a mapper must not die on one.
         match catch_unwind(AssertUnwindSafe(|| compile_filter(filter))) {
-            Ok(result) => result.map(|filter| JqTransform { filter }),
+            Ok(result) => result.map(|filter| Program { filter }),
             Err(_) => {
                 Err("the jq program does not compile: jaq panicked on it (a jaq bug); simplify the program".into())
             }
@@ -262,49 +269,111 @@ fn describe_compile_errors(program: &str, errors: compile::Errors<&str, ()>) -> 
     format!("the jq program does not compile: {}", all.join("; "))
 }
 
-impl Transform for JqTransform {
-    // Per object, what remains after compiling once: parsing the input into jaq values (one
-    // allocation per string, array and object), running the filter, and writing its outputs
-    // to one buffer (then copied once into `out`).
-    fn apply(&self, input: &[u8], out: &mut Outputs) -> Result<(), ObjectError> {
-        // jaq reads and drops values recursively: a record nested 100 000 deep would overflow
-        // the thread's stack and abort the mapper.
-        if nesting_exceeds(input, MAX_DEPTH) {
-            return Err(ObjectError::refused(format!(
-                "the object is nested more than {MAX_DEPTH} levels deep, more than jq reads in chunkmill"
-            )));
-        }
-        let value = jaq_json::read::parse_single(input)
-            .map_err(|e| ObjectError::refused(format!("jq cannot read the object: {e}")))?;
+impl Program {
+    /// Runs the program on one object (strict JSON bytes): its outputs, or why it has none.
+    ///
+    /// Per object, what remains after compiling once: parsing the input into jaq values (one
+    /// allocation per string, array and object), running the filter, and writing its outputs
+    /// to one buffer. Every value jaq made is dropped before this returns.
+    pub(crate) fn run(&self, input: &[u8]) -> Result<Values, ObjectError> {
+        let value = read_object(input)?;
         let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new([]));
         // Outputs are kept here until the program is done: an error after some outputs
-        // refuses the whole object, and `out` has no way to take values back.
-        let mut bytes = Vec::with_capacity(input.len());
-        let mut ends = Vec::new();
+        // refuses the whole object.
+        let mut values = Values { bytes: Vec::with_capacity(input.len()), ends: Vec::new() };
         for result in self.filter.id.run((ctx, value)) {
             let value = result.map_err(runtime_error)?;
-            write_value(&mut bytes, &value, 0).map_err(ObjectError::refused)?;
-            ends.push(bytes.len());
-            if ends.len() > MAX_OUTPUTS || bytes.len() > MAX_OUTPUT_BYTES {
+            write_value(&mut values.bytes, &value, 0).map_err(ObjectError::refused)?;
+            values.ends.push(values.bytes.len());
+            if values.ends.len() > MAX_OUTPUTS || values.bytes.len() > MAX_OUTPUT_BYTES {
                 return Err(ObjectError::refused(format!(
                     "the jq program gave more than {MAX_OUTPUTS} outputs or {} MiB for this object; is it an endless generator such as repeat(.)? use limit(n; f) or first(f)",
                     MAX_OUTPUT_BYTES >> 20
                 )));
             }
         }
-        let mut start = 0;
-        for end in ends {
-            out.push_json(&bytes[start..end]);
-            start = end;
-        }
-        Ok(())
+        Ok(values)
     }
 }
 
-/// Whether the arrays and objects of `json` (valid JSON) nest more than `max` levels deep.
-fn nesting_exceeds(json: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in json {
+/// Reads one input object into a jaq value, refusing what jaq could not read safely.
+fn read_object(input: &[u8]) -> Result<Val, ObjectError> {
+    let shape = Shape::of(input);
+    // jaq reads and drops values recursively: a record nested 100 000 deep would overflow the
+    // stack.
+    if shape.too_deep {
+        return Err(ObjectError::refused(format!(
+            "the object is nested more than {MAX_DEPTH} levels deep, more than jq reads in chunkmill"
+        )));
+    }
+    let unreadable = |e: jaq_json::read::Error| ObjectError::refused(format!("jq cannot read the object: {e}"));
+    // jaq reads the number `-0` as the integer 0, which it writes as `0`; a number read from
+    // the input keeps its text (PROTOCOL §7.6), so each `-0` is read as the decimal `-0`, which
+    // jaq keeps as text. jaq's reader takes any bytes in a string, so every `-0` is first
+    // replaced by a string of bytes no valid UTF-8 input can hold, and that string by the number.
+    if shape.negative_zero && std::str::from_utf8(input).is_ok() {
+        let mut value = jaq_json::read::parse_single(&mark_negative_zeros(input)).map_err(unreadable)?;
+        restore_negative_zeros(&mut value);
+        return Ok(value);
+    }
+    jaq_json::read::parse_single(input).map_err(unreadable)
+}
+
+/// What [`read_object`] needs to know about an input before jaq reads it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Shape {
+    /// Arrays and objects nest more than [`MAX_DEPTH`] levels deep.
+    too_deep: bool,
+    /// It holds the number `-0` (not `-0.0`, not `-0e1`: those are decimals jaq keeps as text).
+    negative_zero: bool,
+}
+
+impl Shape {
+    /// One pass over `json` (valid JSON), outside strings.
+    fn of(json: &[u8]) -> Shape {
+        let (mut shape, mut depth, mut in_string, mut escaped) = (Shape::default(), 0usize, false, false);
+        for (i, &b) in json.iter().enumerate() {
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        shape.too_deep = true;
+                        return shape;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b'-' if is_negative_zero(json, i) => shape.negative_zero = true,
+                _ => {}
+            }
+        }
+        shape
+    }
+}
+
+/// Whether the number at `json[at..]` (outside strings, starting with `-`) is exactly `-0`.
+fn is_negative_zero(json: &[u8], at: usize) -> bool {
+    json.get(at + 1) == Some(&b'0') && !matches!(json.get(at + 2), Some(b'0'..=b'9' | b'.' | b'e' | b'E'))
+}
+
+/// The string that stands in for `-0` while jaq reads an input: 0xFF is never in UTF-8, and
+/// no escape sequence makes it, so no string of a valid input is these bytes.
+const NEGATIVE_ZERO_MARK: &[u8] = b"\xff-0";
+
+/// `json` with every number `-0` (outside strings) written as the string [`NEGATIVE_ZERO_MARK`].
+fn mark_negative_zeros(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len() + 16);
+    let (mut in_string, mut escaped, mut i) = (false, false, 0);
+    while let Some(&b) = json.get(i) {
         if in_string {
             match (escaped, b) {
                 (true, _) => escaped = false,
@@ -312,21 +381,32 @@ fn nesting_exceeds(json: &[u8], max: usize) -> bool {
                 (false, b'"') => in_string = false,
                 _ => {}
             }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b'-' && is_negative_zero(json, i) {
+            out.push(b'"');
+            out.extend_from_slice(NEGATIVE_ZERO_MARK);
+            out.push(b'"');
+            i += 2;
             continue;
         }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+        out.push(b);
+        i += 1;
     }
-    false
+    out
+}
+
+/// Puts the decimal `-0` back where [`mark_negative_zeros`] left its mark (a value, never a
+/// key: object keys are strings in the input).
+fn restore_negative_zeros(value: &mut Val) {
+    match value {
+        Val::TStr(text) if text.as_ref().as_ref() == NEGATIVE_ZERO_MARK => {
+            *value = Val::Num(Num::Dec(jaq_json::Rc::new("-0".to_string())));
+        }
+        Val::Arr(items) => jaq_json::Rc::make_mut(items).iter_mut().for_each(restore_negative_zeros),
+        Val::Obj(members) => jaq_json::Rc::make_mut(members).values_mut().for_each(restore_negative_zeros),
+        _ => {}
+    }
 }
 
 /// The object's error for what stopped the program: jaq's message, capped.
@@ -546,21 +626,17 @@ mod tests {
     use crate::Cause;
 
     fn run(filter: &str, input: &str) -> Result<Vec<String>, ObjectError> {
-        let jq = JqTransform::compile(filter).unwrap();
-        let mut out = Outputs::default();
-        jq.apply(input.as_bytes(), &mut out)?;
-        let values: Vec<String> = out.iter().map(|v| String::from_utf8(v.to_vec()).unwrap()).collect();
+        let values = Program::compile(filter).unwrap().run(input.as_bytes())?;
+        let starts = std::iter::once(0).chain(values.ends.iter().copied());
+        let values: Vec<String> = starts
+            .zip(values.ends.iter().copied())
+            .map(|(start, end)| String::from_utf8(values.bytes[start..end].to_vec()).unwrap())
+            .collect();
         for value in &values {
             common::json::check_value(value.as_bytes()).unwrap_or_else(|e| panic!("{value}: {e}"));
             assert!(!value.contains('\n'), "{value}");
         }
         Ok(values)
-    }
-
-    #[test]
-    fn a_compiled_program_is_shared_by_threads() {
-        fn send_sync<T: Send + Sync>() {}
-        send_sync::<JqTransform>();
     }
 
     #[test]
@@ -584,7 +660,7 @@ mod tests {
         let input = r#"{"s": "tab\there \"q\" \\ é 😀 \u0001", "n": [1, 2.50, -0, 1e2, 12345678901234567890123]}"#;
         assert_eq!(
             run(".", input).unwrap(),
-            vec![r#"{"s":"tab\there \"q\" \\ é 😀 \u0001","n":[1,2.50,0,1e2,12345678901234567890123]}"#]
+            vec![r#"{"s":"tab\there \"q\" \\ é 😀 \u0001","n":[1,2.50,-0,1e2,12345678901234567890123]}"#]
         );
         assert_eq!(
             run("[nan, infinite, -infinite, 0.1 + 0.2]", "{}").unwrap(),
@@ -610,15 +686,15 @@ mod tests {
 
     #[test]
     fn a_program_that_does_not_compile_is_refused_with_the_place() {
-        let err = JqTransform::compile(".a | ").unwrap_err();
+        let err = Program::compile(".a | ").unwrap_err();
         assert!(err.contains("line 1, column 6"), "{err}");
         assert!(err.contains("expected term"), "{err}");
-        let err = JqTransform::compile(".a |\n  {b: .c").unwrap_err();
+        let err = Program::compile(".a |\n  {b: .c").unwrap_err();
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("{b: .c"), "{err}");
-        let err = JqTransform::compile(".a | frobnicate(1)").unwrap_err();
+        let err = Program::compile(".a | frobnicate(1)").unwrap_err();
         assert!(err.contains("line 1, column 6") && err.contains("undefined filter `frobnicate/1`"), "{err}");
-        let err = JqTransform::compile("\"\\q\"").unwrap_err();
+        let err = Program::compile("\"\\q\"").unwrap_err();
         assert!(err.contains("escape"), "{err}");
     }
 
@@ -636,16 +712,16 @@ mod tests {
             "localtime",
             "0 | strflocaltime(\"%H\")",
         ] {
-            let err = JqTransform::compile(program).err().unwrap_or_else(|| panic!("{program} compiled"));
+            let err = Program::compile(program).err().unwrap_or_else(|| panic!("{program} compiled"));
             assert!(err.contains("is not available in chunkmill"), "{program}: {err}");
         }
-        let err = JqTransform::compile("$ENV.NATS_PASSWORD").unwrap_err();
+        let err = Program::compile("$ENV.NATS_PASSWORD").unwrap_err();
         assert!(err.contains("`$ENV`") && err.contains("environment"), "{err}");
-        let err = JqTransform::compile("include \"etc/passwd\"; .").unwrap_err();
+        let err = Program::compile("include \"etc/passwd\"; .").unwrap_err();
         assert!(err.contains("cannot be included or imported"), "{err}");
-        let err = JqTransform::compile("import \"/etc/passwd\" as $data; $data").unwrap_err();
+        let err = Program::compile("import \"/etc/passwd\" as $data; $data").unwrap_err();
         assert!(err.contains("data files cannot be imported"), "{err}");
-        let err = JqTransform::compile("input_filename").unwrap_err();
+        let err = Program::compile("input_filename").unwrap_err();
         assert!(err.contains("not available"), "{err}");
         // debug and stderr pass the value through and print nothing.
         assert_eq!(run("debug | stderr | debug(\"x\") | .a", r#"{"a":1}"#).unwrap(), vec!["1"]);
@@ -663,9 +739,6 @@ mod tests {
         // Outputs before the error are not kept.
         let err = run("1, 2, error(\"late\")", "{}").unwrap_err();
         assert_eq!(err.message, "late");
-        let mut out = Outputs::default();
-        JqTransform::compile("1, error(\"late\")").unwrap().apply(b"{}", &mut out).unwrap_err();
-        assert!(out.is_empty());
         // A message quoting a big value is cut.
         let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(100_000));
         let err = run(".a | error", &big).unwrap_err();
@@ -683,29 +756,26 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_gives_its_results_in_order() {
-        let jq = JqTransform::compile(".id | if . == 3 then error(\"three\") else {id: ., sq: (. * .)} end").unwrap();
-        let inputs: Vec<String> = (0..6).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
-        let inputs: Vec<&[u8]> = inputs.iter().map(|s| s.as_bytes()).collect();
-        let outcomes = jq.apply_chunk(&inputs);
-        assert_eq!(outcomes.len(), 6);
-        for (i, outcome) in outcomes.iter().enumerate() {
-            if i == 3 {
-                assert_eq!(outcome.as_ref().unwrap_err().message, "three");
-            } else {
-                let values: Vec<&[u8]> = outcome.as_ref().unwrap().iter().collect();
-                assert_eq!(values, vec![format!(r#"{{"id":{i},"sq":{}}}"#, i * i).as_bytes()]);
-            }
-        }
-    }
-
-    #[test]
     fn a_record_nested_too_deep_for_jaq_is_refused_not_fatal() {
         let deep = format!(r#"{{"id":1,"x":{}{}}}"#, "[".repeat(100_000), "]".repeat(100_000));
         let err = run(".id", &deep).unwrap_err();
         assert!(err.message.contains("nested more than"), "{err}");
         let fine = format!(r#"{{"x":{}"[[{{\"}}"{}}}"#, "[".repeat(125), "]".repeat(125));
         assert_eq!(run(".x | length", &fine).unwrap(), vec!["1"]);
+    }
+
+    #[test]
+    fn a_negative_zero_read_from_the_input_keeps_its_text() {
+        let input = r#"{"z": -0, "a": [-0, 0, -0.0, -0e1], "s": "-0 \" -0", "-0": {"k": -0}}"#;
+        assert_eq!(run(".", input).unwrap(), vec![r#"{"z":-0,"a":[-0,0,-0.0,-0e1],"s":"-0 \" -0","-0":{"k":-0}}"#]);
+        assert_eq!(run("-0", "{}").unwrap(), vec!["0"], "a literal in the program is not read from the input");
+        assert_eq!(run(".z | tostring", input).unwrap(), vec![r#""-0""#]);
+        assert_eq!(run(".z == 0", input).unwrap(), vec!["true"]);
+        assert_eq!(run("[.z, .a[0]] | map(. * 2)", input).unwrap(), vec!["[-0.0,-0.0]"]);
+        // Nothing else of the input changes on the way.
+        let plain = r#"{"n": -10, "m": -0.5, "t": "x-0"}"#;
+        assert_eq!(run(".", plain).unwrap(), vec![r#"{"n":-10,"m":-0.5,"t":"x-0"}"#]);
+        assert_eq!(Shape::of(plain.as_bytes()), Shape::default());
     }
 
     #[test]
