@@ -265,25 +265,37 @@ def check_schemas(m: Manifests, r: Result) -> None:
                     r.fail(f"{what}: Kubernetes {v}: {e.message} (at {path or '.'})")
     r.note(f"{counted} objects validated strictly, {crds} custom objects against their CRDs' schemas "
            f"({', '.join(sorted(f'{g} {k}' for g, k in vendored_crds().values()))}; vendored)")
-    # ServiceMonitors must find the pipeline's Services.
-    base = m.render("deploy/base")
-    services = [o for o in base.objects if o["kind"] == "Service"] if base else []
-    for x in m.renders:
-        for o in x.objects:
-            if (o.get("apiVersion"), o.get("kind")) == ("monitoring.coreos.com/v1", "ServiceMonitor"):
-                sel = o.get("spec", {}).get("selector") or {}
-                matched = [s for s in services if label_selector_matches(sel, s["metadata"].get("labels", {}))]
-                name = f"{x.name}: ServiceMonitor/{o['metadata'].get('name')}"
-                if not matched:
-                    # A monitor for something else (e.g. NATS) is fine; say so.
-                    r.note(f"{name} selects no chunkmill Service (selector {sel}): not one of ours")
-                    continue
+    check_service_monitors(m, r)
+
+
+def check_service_monitors(m: Manifests, r: Result) -> None:
+    """Every Service with a `metrics` port, in every render that deploys the pipeline (the base,
+    each overlay, each component on the base), is selected by a ServiceMonitor of
+    deploy/monitoring, on a port the Service has: a component's resources do not get the base's
+    labels, so a Service can silently fall out of the selector."""
+    monitors = [(x.name, o) for x in m.renders for o in x.objects
+                if (o.get("apiVersion"), o.get("kind")) == ("monitoring.coreos.com/v1", "ServiceMonitor")]
+    if not monitors:
+        r.fail("no ServiceMonitor in any render (deploy/monitoring): no Service of ours is scraped")
+    scraped = 0
+    for rnd in m.app_renders():
+        for s in (o for o in rnd.objects if o["kind"] == "Service"):
+            ports = {p.get("name") for p in s["spec"].get("ports", [])}
+            if "metrics" not in ports:
+                continue
+            labels = s["metadata"].get("labels", {})
+            by = [(src, o) for src, o in monitors if label_selector_matches(o["spec"].get("selector") or {}, labels)]
+            if not by:
+                r.fail(f"{rnd.name}: Service/{s['metadata']['name']} (labels {labels}) is selected by no ServiceMonitor: "
+                       "its metrics are never scraped")
+                continue
+            scraped += 1
+            for src, o in by:
                 for ep in o["spec"].get("endpoints", []):
-                    for s in matched:
-                        names = {p.get("name") for p in s["spec"].get("ports", [])}
-                        if ep.get("port") and ep["port"] not in names:
-                            r.fail(f"{name}: endpoint port {ep['port']!r} is not a port of Service/{s['metadata']['name']} {sorted(names)}")
-                r.note(f"{name} scrapes Service(s) {', '.join(s['metadata']['name'] for s in matched)}")
+                    if ep.get("port") and ep["port"] not in ports:
+                        r.fail(f"{src}: ServiceMonitor/{o['metadata']['name']}: endpoint port {ep['port']!r} is not a "
+                               f"port of Service/{s['metadata']['name']} {sorted(ports)} ({rnd.name})")
+    r.note(f"{scraped} metrics Services over every render, each selected by a ServiceMonitor")
 
 
 # --------------------------------------------------------------------------------------------
