@@ -13,7 +13,8 @@ Run through scripts/check-deploy.sh, which installs the tools first. Checks:
                  .checkov.yaml; no Secret in any kustomization
   4 consistency  what no tool knows: the NATS values, JetStream's durability, autoscalers,
                  NetworkPolicies (netpol.py), fail-over, the deploy/README.md walk-through
-                 (walkthrough.py), compose.yaml's profiles
+                 (walkthrough.py), compose.yaml's profiles; the alerts (promtool check rules,
+                 promtool test rules)
   5 hadolint     the Dockerfile, with every ignored rule explained
 
 The manifests against the binaries (env vars, arguments, ports, images, settings that must agree)
@@ -250,6 +251,8 @@ def check_schemas(m: Manifests, r: Result) -> None:
     for source, objs in sets:
         for o in objs:
             what = f"{source}: {o.get('kind')}/{o.get('metadata', {}).get('name') or o.get('metadata', {}).get('generateName')}"
+            if (o.get("apiVersion"), o.get("kind")) == ("monitoring.coreos.com/v1", "PrometheusRule"):
+                continue  # its spec is a Prometheus rules file: promtool checks it (check 4h)
             if str(o.get("apiVersion", "")).split("/")[0] in {g for g, _ in vendored_crds().values()}:
                 crds += 1
                 check_crd_schema(o, what, r)
@@ -755,6 +758,41 @@ def check_compose_profiles(r: Result) -> None:
             r.fail(f"compose.yaml: service {n} needs JetStream: run nats with -js")
 
 
+def check_alerts(m: Manifests, r: Result) -> None:
+    """The PrometheusRule of deploy/monitoring: its spec, a Prometheus rules file, passes
+    `promtool check rules`, and `promtool test rules` passes deploy/monitoring/alerts-test.yaml,
+    in which every alert both fires (on what it is for) and stays quiet (on a healthy run)."""
+    promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if not promtool:
+        r.fail("promtool not found (scripts/check-deploy.sh installs it: ensure_prometheus in scripts/lib.sh)")
+        return
+    rules = [o for x in m.renders if x.name == "deploy/monitoring" for o in x.objects if o.get("kind") == "PrometheusRule"]
+    if not rules:
+        r.fail("deploy/monitoring renders no PrometheusRule: nothing alerts")
+        return
+    tests_file = DEPLOY / "monitoring" / "alerts-test.yaml"
+    tests = yaml.safe_load(open(tests_file))
+    alerts = [rule["alert"] for o in rules for g in o["spec"]["groups"] for rule in g["rules"] if "alert" in rule]
+    cases = [c for t in tests.get("tests") or [] for c in t.get("alert_rule_test") or []]
+    for a in alerts:
+        if not any(c["alertname"] == a and c.get("exp_alerts") for c in cases):
+            r.fail(f"{rel(tests_file)}: no test in which {a} fires")
+        if not any(c["alertname"] == a and not c.get("exp_alerts") for c in cases):
+            r.fail(f"{rel(tests_file)}: no test in which {a} stays quiet")
+    with tempfile.TemporaryDirectory(prefix="chunkmill-promtool-") as tmp:
+        groups = [g for o in rules for g in o["spec"]["groups"]]
+        Path(tmp, "alerts.rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        shutil.copy(tests_file, Path(tmp, tests_file.name))
+        for args in (["check", "rules", "alerts.rules.yaml"], ["test", "rules", tests_file.name]):
+            p = subprocess.run([promtool, *args], capture_output=True, text=True, cwd=tmp)
+            if p.returncode != 0:
+                r.fail(f"promtool {' '.join(args)} (the PrometheusRule's spec; {rel(tests_file)}):\n"
+                       + (p.stdout + p.stderr).strip()[-3000:])
+    v = subprocess.run([promtool, "--version"], capture_output=True, text=True)
+    version = (v.stdout or v.stderr).splitlines()[0] if (v.stdout or v.stderr) else "promtool"
+    r.note(f"{version}: {len(alerts)} alerts ({', '.join(alerts)}), {len(cases)} test cases")
+
+
 # --------------------------------------------------------------------------------------------
 # Check 5: hadolint
 
@@ -833,6 +871,8 @@ def main() -> int:
     run(r4f, check_walkthrough, m, r4f)
     r4g = Result("4g", "compose: the optional profiles (broadcaster, postgres) agree with each other")
     run(r4g, check_compose_profiles, r4g)
+    r4h = Result("4h", "alerts: promtool check rules and promtool test rules on the PrometheusRule")
+    run(r4h, check_alerts, m, r4h)
     r5 = Result("5", "hadolint: Dockerfile passes, every ignored rule explained")
     run(r5, check_hadolint, r5)
 
