@@ -408,6 +408,8 @@ struct Container {
     workload: String,
     run: Invocation,
     spec: Value,
+    /// The pod spec it runs in (its volumes).
+    pod: Value,
     /// envFrom references that cannot be resolved.
     unresolved: Vec<String>,
 }
@@ -516,7 +518,8 @@ fn containers_of(objects: &[Value], source: &str, lookup: &[&Value], examples: &
             let mut args: Vec<String> = cmd[1..].to_vec();
             args.extend(list(&c["args"]).iter().filter_map(text));
             let run = Invocation { binary, args, env: last };
-            out.push(Container { source, workload: kind(o).to_string(), run, spec: c.clone(), unresolved });
+            let (spec, pod) = (c.clone(), ps.clone());
+            out.push(Container { source, workload: kind(o).to_string(), run, spec, pod, unresolved });
         }
     }
     out
@@ -1251,4 +1254,69 @@ fn jetstream_copies_match_the_nats_servers() {
         });
     }
     p.assert_none("JetStream copies vs the NATS values");
+}
+
+/// Where a container's binary writes, as its parsed settings say (defaults included): the
+/// fetcher its state directory (the file ledger, the duplicate-id check's spill past
+/// --duplicate-check-memory, the spool of compressed inputs) and --summary-json, the saver its
+/// file sink, `saver verify` the temporary directory (its spill and spool), `fetcher generate`
+/// the output's directory. Relative paths are relative to the image's working directory, `/`.
+fn written_paths(c: &Container) -> Result<Vec<(PathBuf, &'static str)>, String> {
+    let m = c.run.parse()?;
+    let path = |id: &str| -> Result<Option<PathBuf>, String> { Ok(raw(&m, id)?.map(|p| Path::new("/").join(p))) };
+    let mut out = Vec::new();
+    match (c.run.binary.as_str(), c.run.subcommand()) {
+        ("fetcher", None) => {
+            out.extend(path("state_dir")?.map(|p| (p, "its state directory (--state-dir: ledger, id-check spill, spool)")));
+            if let Some(summary) = path("summary_json")? {
+                out.push((summary.parent().unwrap_or(Path::new("/")).to_path_buf(), "--summary-json"));
+            }
+        }
+        ("fetcher", Some("generate")) => {
+            let output = path("output")?.unwrap_or_default();
+            out.push((output.parent().unwrap_or(Path::new("/")).to_path_buf(), "--output's directory"));
+        }
+        ("saver", None) if raw(&m, "sink")?.as_deref() == Some("file") => {
+            out.extend(path("out")?.map(|p| (p, "the file sink (--out)")));
+        }
+        ("saver", Some("verify")) => {
+            let tmp = c.literal("TMPDIR").unwrap_or("/tmp");
+            out.push((PathBuf::from(tmp), "the temporary directory (TMPDIR: id-check spill, spool)"));
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// Every path a service writes to is on a writable volume: the containers run with a read-only
+/// root file system, so a path that is not lands on it and fails at run time (the spill of the
+/// duplicate-id check past about 0.9 M ids, the spool of a compressed remote input).
+#[test]
+fn every_path_a_service_writes_to_is_on_a_writable_volume() {
+    let m = manifests();
+    let mut p = Problems::default();
+    let mut checked = 0;
+    for c in m.all_containers() {
+        let Ok(paths) = written_paths(&c) else { continue }; // reported by the parse test
+        let read_only_root = c.spec["securityContext"]["readOnlyRootFilesystem"] == Value::Bool(true);
+        for (path, what) in paths {
+            checked += 1;
+            let mount = list(&c.spec["volumeMounts"])
+                .iter()
+                .filter(|v| v["mountPath"].as_str().is_some_and(|mp| path.starts_with(mp)))
+                .max_by_key(|v| v["mountPath"].as_str().map_or(0, str::len));
+            let volume = mount.and_then(|v| list(&c.pod["volumes"]).iter().find(|x| x["name"] == v["name"]));
+            let writable = mount.is_some_and(|v| v["readOnly"] != Value::Bool(true))
+                && volume.is_some_and(|v| v.get("secret").is_none() && v.get("configMap").is_none());
+            p.check(writable || !read_only_root, || {
+                format!(
+                    "{}: writes {what} at {}, which is on no writable volume (the root file system is read-only): mount an emptyDir or a claim there",
+                    c.source,
+                    path.display()
+                )
+            });
+        }
+    }
+    p.check(checked > 0, || "no container writes anything: the check found nothing to check".into());
+    p.assert_none("written paths vs volumes");
 }

@@ -678,8 +678,9 @@ def check_fail_over(m: Manifests, r: Result) -> None:
             if tol.get(key) is None or tol[key] > 60:
                 r.fail(f"{rnd.name}: the fetcher (--ledger kv) tolerates {key} for {tol.get(key) or 'the default 300'} s: "
                        "set tolerationSeconds <= 60, its lock protects against a double fetcher")
-        if env_value(c, "FETCHER_STATE_DIR") or any("chunkmill-fetcher-state" in json.dumps(v) for v in ps.get("volumes") or []):
-            r.fail(f"{rnd.name}: the fetcher with --ledger kv still uses the state volume")
+        if any("chunkmill-fetcher-state" in json.dumps(v) for v in ps.get("volumes") or []):
+            r.fail(f"{rnd.name}: the fetcher with --ledger kv still uses the state volume (its state directory is "
+                   "scratch space then: an emptyDir)")
         if any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "chunkmill-fetcher-state" for o in rnd.objects):
             r.fail(f"{rnd.name}: --ledger kv but the PVC chunkmill-fetcher-state is still rendered")
         r.note(f"{rnd.name}: fetcher with --ledger kv leaves a lost node after {max(tol.values())} s")
