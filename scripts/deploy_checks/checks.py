@@ -548,6 +548,14 @@ def check_keda_triggers(o: dict, what: str, container: dict, r: Result) -> None:
             r.fail(f"{what}: threshold {md.get('threshold')} chunks per mapper != MAPPER_CONCURRENCY {conc}")
         if not re.match(r"^https?://", md.get("serverAddress", "")):
             r.fail(f"{what}: serverAddress {md.get('serverAddress')!r} is not a Prometheus URL")
+        # A query that returns nothing (a wrong label, namespace or address) must not read as 0.
+        if o["spec"].get("minReplicaCount", 0) == 0 and str(md.get("ignoreNullValues", "true")).lower() != "false":
+            r.fail(f"{what}: ignoreNullValues is not \"false\" with minReplicaCount 0: a query that returns "
+                   "nothing scales the mappers to zero forever instead of failing")
+    fb = o["spec"].get("fallback") or {}
+    if not fb or fb.get("replicas", 0) < 1:
+        r.fail(f"{what}: no fallback with replicas >= 1: while KEDA cannot read the backlog the mappers "
+               "stay wherever they were (zero, with minReplicaCount 0)")
 
 
 @functools.cache
