@@ -694,6 +694,23 @@ def check_fail_over(m: Manifests, r: Result) -> None:
         r.note(f"{rnd.name}: fetcher with --ledger kv leaves a lost node after {max(tol.values())} s")
 
 
+def check_disruption_budgets(m: Manifests, r: Result) -> None:
+    """A PodDisruptionBudget never blocks a node drain because its pods are not Ready: ours are
+    not Ready while NATS is down (/readyz), and with the default unhealthyPodEvictionPolicy
+    (IfHealthyBudget) unready pods count against the budget, so no eviction would be allowed."""
+    n = 0
+    for rnd in [*m.app_renders(), *m.jobs]:
+        for o in rnd.objects:
+            if o.get("kind") != "PodDisruptionBudget":
+                continue
+            n += 1
+            policy = (o.get("spec") or {}).get("unhealthyPodEvictionPolicy", "IfHealthyBudget")
+            if policy != "AlwaysAllow":
+                r.fail(f"{rnd.name}: PodDisruptionBudget/{o['metadata']['name']}: unhealthyPodEvictionPolicy {policy}: "
+                       "while NATS is down its pods are not Ready and drains block; set AlwaysAllow")
+    r.note(f"{n} PodDisruptionBudgets let unready pods go")
+
+
 def check_jetstream(r: Result) -> None:
     """JetStream keeps what it is asked to keep: fsync before every ack, and a production NATS
     of an odd number (at least 3) of servers, one per node. (That each service asks for as many
@@ -876,6 +893,8 @@ def main() -> int:
     run(r4d, check_network_policies, m, r4d)
     r4e = Result("4e", "fail-over: a fetcher with --ledger kv leaves a lost node quickly, without a state volume")
     run(r4e, check_fail_over, m, r4e)
+    r4i = Result("4i", "disruption: no PodDisruptionBudget blocks drains while its pods are not Ready")
+    run(r4i, check_disruption_budgets, m, r4i)
     r4f = Result("4f", "walk-through: deploy/README.md's commands in order, each finding what it needs")
     run(r4f, check_walkthrough, m, r4f)
     r4g = Result("4g", "compose: the optional profiles (broadcaster, postgres) agree with each other")
