@@ -621,6 +621,12 @@ def check_network_policies(m: Manifests, r: Result) -> None:
     prometheus = netpol.Pod("prometheus-0", "monitoring", {"app.kubernetes.io/name": "prometheus"})
     dns = netpol.Pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53})
     outside = netpol.External("the internet")
+    # NodeLocal DNSCache: a hostNetwork pod on every node, answering on a link-local address.
+    node_dns = netpol.External("NodeLocal DNS", "169.254.20.10")
+    # Who must reach what outside: the object-store input (443) the fetcher and verify read,
+    # PostgreSQL (5432) the savers write and verify reads, a chat webhook on any port.
+    may_443 = {"fetcher", "verify", "broadcaster"}
+    may_5432 = {"saver", "verify"}
     rendered_any = False
     for rnd in m.app_renders():
         policies = [o for o in rnd.objects if o.get("kind") == "NetworkPolicy"]
@@ -646,19 +652,25 @@ def check_network_policies(m: Manifests, r: Result) -> None:
             must(pol.selecting(x, "Ingress") and pol.selecting(x, "Egress"),
                  f"{x.name} is not isolated (no policy with Ingress and Egress selects it): everything may reach it")
             must(pol.can_reach(x, nats, 4222), f"{x.name} cannot reach NATS on 4222")
+            name = x.labels.get("app.kubernetes.io/name")
             must(pol.can_reach(x, dns, 53, "UDP"), f"{x.name} cannot reach the cluster DNS (UDP 53)")
-            must(not pol.can_reach(x, outside, 443) or x.labels.get("app.kubernetes.io/name") == "broadcaster",
-                 f"{x.name} may connect to the internet on 443 (only broadcasters need it)")
-            must(not pol.can_reach(x, outside, 5432) or x.labels.get("app.kubernetes.io/name") == "saver",
-                 f"{x.name} may connect to port 5432 outside (only savers need PostgreSQL)")
+            must(pol.can_reach(x, node_dns, 53, "UDP") and pol.can_reach(x, node_dns, 53, "TCP"),
+                 f"{x.name} cannot reach NodeLocal DNS on 169.254.20.10:53 (clusters with NodeLocal DNSCache)")
+            must(not pol.can_reach(x, outside, 443) or name in may_443,
+                 f"{x.name} may connect to the internet on 443 (only {', '.join(sorted(may_443))} need it)")
+            # (The broadcaster may reach any port: a generic webhook's URL may name any.)
+            must(not pol.can_reach(x, outside, 5432) or name in may_5432 | {"broadcaster"},
+                 f"{x.name} may connect to port 5432 outside (only {', '.join(sorted(may_5432))} need PostgreSQL)")
+            if name in may_443:
+                must(pol.can_reach(x, outside, 443), f"{x.name} cannot reach HTTPS (443) outside: the object-store "
+                     "input (fetcher, verify) or the chat (broadcaster)")
+            if name in may_5432:
+                must(pol.can_reach(x, outside, 5432), f"{x.name} cannot reach PostgreSQL (5432)")
+            if name == "broadcaster":
+                must(pol.can_reach(x, outside, 8443), "the broadcaster cannot reach a webhook on another port (8443)")
             if "metrics" in x.ports:
                 must(pol.can_reach(prometheus, x, "metrics"), f"Prometheus (namespace monitoring) cannot scrape {x.name}")
                 must(not pol.can_reach(stranger, x, "metrics"), f"a pod that is not ours can reach {x.name}'s metrics port")
-            name = x.labels.get("app.kubernetes.io/name")
-            if name == "saver":
-                must(pol.can_reach(x, outside, 5432), "the saver cannot reach PostgreSQL (5432)")
-            if name == "broadcaster":
-                must(pol.can_reach(x, outside, 443), "the broadcaster cannot reach the chat over HTTPS (443)")
         must(pol.selecting(nats, "Ingress"), "no policy selects the NATS pods (labels of the my-nats release)")
         must(not pol.can_reach(stranger, nats, 4222), "a pod that is not ours can reach NATS on 4222")
         must(pol.can_reach(nats_box, nats, 4222), "nats-box cannot reach NATS on 4222")
