@@ -706,6 +706,61 @@ def check_fail_over(m: Manifests, r: Result) -> None:
         r.note(f"{rnd.name}: fetcher with --ledger kv leaves a lost node after {max(tol.values())} s")
 
 
+def check_volume_affinity(m: Manifests, r: Result) -> None:
+    """A pod that mounts several ReadWriteOnce claims (the verify Job: data and out) can only run
+    where all of them are: every long-lived workload (and run Job) that also mounts one of those
+    claims must be tied to it by REQUIRED pod affinity on kubernetes.io/hostname (directly or
+    through others). A preference can put a claim's first user, and so the claim, on another node
+    or zone, and the pod would stay Pending forever. One-off writers that finish first (the
+    generate Job) are not tied."""
+    def hostname_requirements(o: dict) -> list[dict]:
+        terms = ((((pod_spec(o) or {}).get("affinity") or {}).get("podAffinity") or {})
+                 .get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+        return [t.get("labelSelector") or {} for t in terms if t.get("topologyKey") == "kubernetes.io/hostname"]
+
+    def claims(o: dict) -> set[str]:
+        return {v["persistentVolumeClaim"]["claimName"] for v in (pod_spec(o) or {}).get("volumes") or []
+                if "persistentVolumeClaim" in v}
+
+    def one_off(o: dict) -> bool:
+        c = ((pod_spec(o) or {}).get("containers") or [{}])[0]
+        return o["kind"] == "Job" and (c.get("args") or [""])[0] == "generate"
+
+    checked = 0
+    for rnd in m.app_renders():
+        rendered = {o["metadata"]["name"] for o in rnd.objects if o["kind"] == "PersistentVolumeClaim"}
+        # A Job goes with a render whose claims it finds (the file-sink verify Job does not go
+        # with overlays/postgres, which has no chunkmill-out: verify reads the database there).
+        jobs = [o for j in m.jobs for o in j.objects if claims(o) <= rendered | {"chunkmill-data"}]
+        objs = [*rnd.objects, *jobs]
+        rwo = {o["metadata"]["name"] for o in objs if o["kind"] == "PersistentVolumeClaim"
+               and set(o["spec"].get("accessModes") or []) == {"ReadWriteOnce"}}
+        pods = [o for o in objs if pod_spec(o) is not None and not one_off(o)]
+        tied = {id(a): {id(a)} for a in pods}  # connected components of required hostname affinity
+        for a in pods:
+            for sel in hostname_requirements(a):
+                for b in pods:
+                    if b is not a and label_selector_matches(sel, pod_labels(b)):
+                        merged = tied[id(a)] | tied[id(b)]
+                        for x in merged:
+                            tied[x] = merged
+        for a in pods:
+            mine = claims(a) & rwo
+            if len(mine) < 2:
+                continue
+            checked += 1
+            for b in pods:
+                if b is a or not claims(b) & mine:
+                    continue
+                if id(b) not in tied[id(a)]:
+                    r.fail(f"{rnd.name}: {a['kind']}/{a['metadata']['name']} mounts the ReadWriteOnce claims "
+                           f"{', '.join(sorted(mine))}, and {b['kind']}/{b['metadata']['name']} mounts "
+                           f"{', '.join(sorted(claims(b) & mine))}, but no required pod affinity (kubernetes.io/hostname) "
+                           "ties them to one node: the claims can end up on different nodes or zones, and the "
+                           "pod Pending forever")
+    r.note(f"{checked} pods that mount several ReadWriteOnce claims, each tied to the claims' other users")
+
+
 def check_disruption_budgets(m: Manifests, r: Result) -> None:
     """A PodDisruptionBudget never blocks a node drain because its pods are not Ready: ours are
     not Ready while NATS is down (/readyz), and with the default unhealthyPodEvictionPolicy
@@ -905,6 +960,8 @@ def main() -> int:
     run(r4d, check_network_policies, m, r4d)
     r4e = Result("4e", "fail-over: a fetcher with --ledger kv leaves a lost node quickly, without a state volume")
     run(r4e, check_fail_over, m, r4e)
+    r4j = Result("4j", "volumes: pods sharing ReadWriteOnce claims are tied to one node by required affinity")
+    run(r4j, check_volume_affinity, m, r4j)
     r4i = Result("4i", "disruption: no PodDisruptionBudget blocks drains while its pods are not Ready")
     run(r4i, check_disruption_budgets, m, r4i)
     r4f = Result("4f", "walk-through: deploy/README.md's commands in order, each finding what it needs")
