@@ -81,7 +81,7 @@ impl Service {
     /// the health endpoint reports the connection's state from then on.
     pub async fn connect(&self, nats: &NatsArgs, shutdown: &CancellationToken) -> Result<Client, StartError> {
         let client_name = format!("chunkmill-{} {}", self.kind, self.name);
-        Ok(crate::nats::connect(nats, &client_name, &self.connection, shutdown).await?)
+        Ok(crate::nats::connect(nats, self.kind, &client_name, &self.connection, shutdown).await?)
     }
 
     /// Registers with the NATS micro-service protocol, so that `nats micro ls|info|stats` and
