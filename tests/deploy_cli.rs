@@ -1267,7 +1267,9 @@ fn written_paths(c: &Container) -> Result<Vec<(PathBuf, &'static str)>, String> 
     let mut out = Vec::new();
     match (c.run.binary.as_str(), c.run.subcommand()) {
         ("fetcher", None) => {
-            out.extend(path("state_dir")?.map(|p| (p, "its state directory (--state-dir: ledger, id-check spill, spool)")));
+            out.extend(
+                path("state_dir")?.map(|p| (p, "its state directory (--state-dir: ledger, id-check spill, spool)")),
+            );
             if let Some(summary) = path("summary_json")? {
                 out.push((summary.parent().unwrap_or(Path::new("/")).to_path_buf(), "--summary-json"));
             }
