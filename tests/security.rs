@@ -360,8 +360,10 @@ fn each_role_reaches_only_its_own_streams_buckets_and_replies() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let login = |role: &str| {
             let tx = tx.clone();
+            // nats-box's `box` user is the nats CLI, with NATS's default inbox prefix.
+            let prefix = if role == "box" { "_INBOX".to_string() } else { common::nats::inbox_prefix(role) };
             async_nats::ConnectOptions::with_user_and_password(role.into(), support::role_password(role))
-                .custom_inbox_prefix(common::nats::inbox_prefix(role))
+                .custom_inbox_prefix(prefix)
                 .event_callback(move |event| {
                     let tx = tx.clone();
                     async move {
@@ -406,8 +408,15 @@ fn each_role_reaches_only_its_own_streams_buckets_and_replies() {
         let _shared = mapper.subscribe("_INBOX.>").await.expect("subscribe call");
         let _fetchers = mapper.subscribe(format!("{}.>", common::nats::inbox_prefix("fetcher"))).await.expect("call");
         mapper.flush().await.expect("flush");
+        // nats-box's `box` user watches and lists (with the nats CLI's own _INBOX), never acks.
+        let box_user = login("box").await.expect("the box user logs in");
+        let _watch = box_user.subscribe("chunkmill.>").await.expect("box watches the pipeline");
+        let services = box_user.request("$SRV.PING", "".into());
+        let _ = tokio::time::timeout(Duration::from_secs(1), services).await;
+        box_user.publish("chunkmill.ack", "{}".into()).await.expect("publish call");
+        box_user.flush().await.expect("flush");
         let mut violations = Vec::new();
-        while violations.len() < 5 {
+        while violations.len() < 6 {
             match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
                 Ok(Some(error)) => violations.push(error),
                 _ => break,
@@ -422,8 +431,14 @@ fn each_role_reaches_only_its_own_streams_buckets_and_replies() {
         "publish to \"$js.api.stream.delete.kv_chunkmill-broadcast\"",
         "subscription to \"_inbox.>\"",
         "subscription to \"_inbox_fetcher.>\"",
+        "publish to \"chunkmill.ack\"",
     ] {
         assert!(all.contains(expected), "no permissions violation for {expected}: {violations:?}");
     }
+    // What the box user may do (watch the pipeline, ping the services) was not refused.
+    for allowed in ["subscription to \"chunkmill.>\"", "publish to \"$srv.ping\""] {
+        assert!(!all.contains(allowed), "box was refused {allowed}: {violations:?}");
+    }
+    assert_eq!(all.matches("subscription to \"_inbox.").count(), 1, "box's own inbox refused: {violations:?}");
     assert!(!p.nats.log().contains("Violation for Publish to \"$KV.chunkmill-ledger"), "{}", p.nats.log());
 }

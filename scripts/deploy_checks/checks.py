@@ -470,10 +470,51 @@ def check_nats_values(m: Manifests, r: Result) -> None:
             r.fail(f"deploy/nats/values.yaml: user {u.get('user')}'s password must be << $VARIABLE >> (from a Secret)")
         elif m_.group(1) not in env:
             r.fail(f"deploy/nats/values.yaml: user {u.get('user')}'s password ${m_.group(1)} is not in container.env")
-    if {u.get("user") for u in users} != {"fetcher", "mapper", "saver", "broadcaster"}:
-        r.fail("deploy/nats/values.yaml: config.merge.authorization.users must be the four roles")
+    if {u.get("user") for u in users} != {"fetcher", "mapper", "saver", "broadcaster", "box"}:
+        r.fail("deploy/nats/values.yaml: config.merge.authorization.users must be the four roles and nats-box's `box`")
+    check_nats_pod_security(prod_values(values), r)
+    box_env = ((values.get("natsBox") or {}).get("container") or {}).get("env") or {}
+    ref = ((box_env.get("NATS_PASSWORD") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+    if box_env.get("NATS_USER") != "box" or ref.get("name") != "chunkmill-nats-box":
+        r.fail("deploy/nats/values.yaml: nats-box has no credentials (natsBox.container.env NATS_USER box and "
+               "NATS_PASSWORD from the Secret chunkmill-nats-box): with the role users it cannot log in")
     r.note(f"deploy/nats/values*.yaml: every key is one of the chart's ({rel(chart_file)}); "
            f"{len(users)} role users, rendered into {rel(conf)}")
+
+
+def prod_values(values: dict) -> dict:
+    """values.yaml with values-production.yaml layered on it, as Helm merges them."""
+    import walkthrough
+
+    prod_file = DEPLOY / "nats" / "values-production.yaml"
+    return walkthrough.merge(values, yaml.safe_load(open(prod_file)) or {}) if prod_file.exists() else values
+
+
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def check_nats_pod_security(values: dict, r: Result) -> None:
+    """The NATS release can run in a namespace that enforces the restricted Pod Security
+    Standard: every container the chart runs (the server, the config reloader, the exporter,
+    nats-box) without privilege escalation or capabilities and with the RuntimeDefault seccomp
+    profile, and both pods as a non-root user (the chart sets none of it by default)."""
+    get = lambda d, *ks: [d := (d or {}).get(k) for k in ks][-1]  # noqa: E731
+    containers = {"container (nats)": get(values, "container", "merge", "securityContext"),
+                  "reloader": get(values, "reloader", "merge", "securityContext"),
+                  "natsBox.container": get(values, "natsBox", "container", "merge", "securityContext")}
+    if get(values, "promExporter", "enabled"):
+        containers["promExporter"] = get(values, "promExporter", "merge", "securityContext")
+    for what, sc in containers.items():
+        for k, want in RESTRICTED_CONTAINER.items():
+            if (sc or {}).get(k) != want:
+                r.fail(f"deploy/nats/values.yaml: {what}: securityContext.{k} must be {want} for the restricted "
+                       "Pod Security Standard (set it under .merge.securityContext)")
+    for what, keys in (("podTemplate", ("podTemplate",)), ("natsBox.podTemplate", ("natsBox", "podTemplate"))):
+        sc = get(values, *keys, "merge", "spec", "securityContext") or {}
+        if sc.get("runAsNonRoot") is not True or not sc.get("runAsUser"):
+            r.fail(f"deploy/nats/values.yaml: {what}: merge.spec.securityContext needs runAsNonRoot: true and a "
+                   "non-zero runAsUser (the images run as root by default; restricted refuses that)")
 
 
 def autoscalers(objs: list[dict]) -> list[tuple[dict, str]]:
@@ -813,6 +854,8 @@ def check_walkthrough(m: Manifests, r: Result) -> None:
 
     n = walkthrough.walk(ROOT, m.render_dir, r.fail)
     r.note(f"deploy/README.md: {n} commands of the walk-through run against an empty namespace")
+    k = walkthrough.rotation(ROOT, m.render_dir, r.fail)
+    r.note(f"deploy/README.md: rotating a NATS password restarts {k} workloads")
 
 
 def check_compose_profiles(r: Result) -> None:

@@ -132,6 +132,10 @@ class Namespace:
         args = [a for a in argv[1:] if a != "--install"]
         if not args or args[0] not in ("install", "upgrade"):
             return
+        version = flag(args, "--version")
+        if not version:
+            self.fail(f"{where}: `{' '.join(argv)}` has no --version: a chart's next release may change or drop "
+                      "the values these files set")
         pos = [a for i, a in enumerate(args[1:], 1) if not a.startswith("-") and not args[i - 1] in ("-f", "--values", "--namespace", "-n", "--set", "--version")]
         if len(pos) < 2:
             return
@@ -141,6 +145,10 @@ class Namespace:
                 self.crds.add(group)
         if chart != "nats/nats":
             return
+        vendored = nats_chart_version(self.root)
+        if version and version != vendored:
+            self.fail(f"{where}: `{' '.join(argv)}` installs chart {version}, but deploy/nats/values*.yaml were checked "
+                      f"against the vendored chart {vendored} (scripts/deploy_checks/vendor/README.md)")
         values: dict = {}
         for i, a in enumerate(args):
             if a in ("-f", "--values") and i + 1 < len(args):
@@ -272,6 +280,38 @@ def needs(o: dict) -> list[tuple[str, str]]:
                 if ref and not ref.get("optional"):
                     out.append((k, ref["name"]))
     return out
+
+
+def nats_chart_version(root: Path) -> str:
+    """The NATS chart version whose values.yaml is vendored (vendor/README.md says which)."""
+    text = (root / "scripts" / "deploy_checks" / "vendor" / "README.md").read_text()
+    m = re.search(r"`nats-chart/values.yaml`[^|]*\|[^|]*\(chart (\d+\.\d+\.\d+)", text)
+    return m.group(1) if m else "?"
+
+
+def rotation(root: Path, render: Callable[[Path], list[dict]], fail: Callable[[str], None]) -> int:
+    """deploy/README.md's recipe for rotating a NATS password restarts what reads the passwords:
+    the NATS servers (their environment, set at start), nats-box, and every Deployment that
+    mounts a chunkmill-nats-* Secret (read when it connects). Returns the restarts it names."""
+    readme = (root / "deploy" / "README.md").read_text()
+    at = readme.find("Rotating a NATS password")
+    block = re.search(r"```sh\n(.*?)```", readme[at:], re.S) if at >= 0 else None
+    if not block:
+        fail("deploy/README.md: no recipe for rotating a NATS password (a ```sh block after \"Rotating a NATS password\")")
+        return 0
+    restarted = set()
+    for argv, _ in commands(block.group(1)):
+        if argv[:3] == ["kubectl", "rollout", "restart"]:
+            restarted |= {a for a in argv[3:] if "/" in a}
+    needed = {"statefulset/my-nats", "deploy/my-nats-box"}
+    for o in render(root / "deploy" / "overlays" / "broadcaster"):
+        spec = ((o.get("spec") or {}).get("template") or {}).get("spec") or {}
+        if o.get("kind") == "Deployment" and any(
+                str((v.get("secret") or {}).get("secretName", "")).startswith("chunkmill-nats-") for v in spec.get("volumes") or []):
+            needed.add(f"deploy/{o['metadata']['name']}")
+    for n in sorted(needed - restarted):
+        fail(f"deploy/README.md, rotating a NATS password: nothing restarts {n}, which keeps the old password")
+    return len(restarted)
 
 
 def merge(a: dict, b: dict) -> dict:
