@@ -208,9 +208,14 @@ pub fn command(kind: &str, body: impl FnOnce() -> anyhow::Result<ExitCode>) -> E
     body().unwrap_or_else(|e| fail(kind, &e))
 }
 
-/// Reports a fatal error as every binary does: one log line, one line on stderr, exit status 1.
+/// Reports a fatal error as every binary does, once, and exits with status 1: as a JSON log
+/// line (level ERROR, the whole error chain in `error`) under `LOG_FORMAT=json`, so a log
+/// collector sees it like any other line; else as one plain line `kind: error` on stderr.
 pub fn fail(kind: &str, error: &anyhow::Error) -> ExitCode {
-    tracing::error!("{error:#}");
-    eprintln!("{kind}: {error:#}");
+    if crate::telemetry::json_logs() {
+        tracing::error!(error = %format!("{error:#}"), "{kind}: {error:#}");
+    } else {
+        eprintln!("{kind}: {error:#}");
+    }
     ExitCode::FAILURE
 }
