@@ -176,7 +176,7 @@ class Manifests:
                 self.renders.append(Render(rel(d), objs))
                 result.note(f"{rel(d)}: {len(objs)} objects")
         for d in sorted((DEPLOY / "components").glob("*/kustomization.yaml")):
-            if d.parent.name == "image":  # every render includes it
+            if d.parent.name in ("image", "job", "config"):  # deploy/base includes them
                 continue
             objs = self.render_component(d.parent, result)
             if objs is not None:
@@ -792,6 +792,10 @@ def check_volume_affinity(m: Manifests, r: Result) -> None:
             checked += 1
             for b in pods:
                 if b is a or not claims(b) & mine:
+                    continue
+                # The fetcher Deployment and the run Job are alternatives, never together (one
+                # ledger, one lock): nothing ties one to the other.
+                if pod_labels(a).get("app.kubernetes.io/name") == pod_labels(b).get("app.kubernetes.io/name") == "fetcher":
                     continue
                 if id(b) not in tied[id(a)]:
                     r.fail(f"{rnd.name}: {a['kind']}/{a['metadata']['name']} mounts the ReadWriteOnce claims "
