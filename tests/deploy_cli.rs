@@ -75,11 +75,13 @@ fn clap_error(e: &clap::Error) -> String {
     lines.join(" ").trim_start_matches("error: ").to_string()
 }
 
-/// What a container or compose service runs: its binary, arguments and environment.
+/// What a container or compose service runs: its binary, arguments and environment, and the
+/// job file its `--job` (FETCHER_JOB) names, with its content from the ConfigMap mounted there.
 struct Invocation {
     binary: String,
     args: Vec<String>,
     env: Vec<EnvVar>,
+    job_file: Option<(PathBuf, String)>,
 }
 
 impl Invocation {
@@ -111,6 +113,19 @@ impl Invocation {
             .map(|a| a.split('=').next().unwrap_or(a).to_string())
             .collect();
         let mut cmd = hermetic(command(&self.binary));
+        // The job file's settings are the defaults of their flags, as the binaries read it
+        // (transform::job_file); variables and arguments, given below as flags or switch defaults, win.
+        if let Some((path, text)) = &self.job_file {
+            let file = transform::job_file::JobFile::parse(text, path).map_err(|e| e.to_string())?;
+            cmd = match &sub {
+                Some(s) => {
+                    let target = cmd.find_subcommand(s).cloned().expect("the subcommand");
+                    let applied = file.apply(target, path).map_err(|e| e.to_string())?;
+                    cmd.mut_subcommand(s, |_| applied)
+                }
+                None => file.apply(cmd, path).map_err(|e| e.to_string())?,
+            };
+        }
         let mut argv = vec![self.binary.clone()];
         argv.extend(self.args.iter().cloned());
         for var in &self.env {
@@ -358,9 +373,10 @@ fn manifests() -> &'static Manifests {
             apps.push(Render { name: rel(&d), objects: kustomize(&d, &rel(&d)) });
         }
         // Each component on top of the base, so that one no overlay uses is checked too (the
-        // image component is in every render already).
+        // image, job and config components are in every render already).
         for c in dirs_with_kustomization(&deploy.join("components")) {
-            if c.file_name() == Some(OsStr::new("image")) {
+            if [Some(OsStr::new("image")), Some(OsStr::new("job")), Some(OsStr::new("config"))].contains(&c.file_name())
+            {
                 continue;
             }
             let tmp = tempfile::tempdir().expect("temp dir");
@@ -408,6 +424,8 @@ struct Container {
     workload: String,
     run: Invocation,
     spec: Value,
+    /// The pod spec it runs in (its volumes).
+    pod: Value,
     /// envFrom references that cannot be resolved.
     unresolved: Vec<String>,
 }
@@ -449,6 +467,38 @@ fn value_from(vf: &Value, container: &Value, lookup: &[&Value]) -> Option<String
     let r = vf.get("configMapKeyRef")?;
     let cm = lookup.iter().find(|o| kind(o) == "ConfigMap" && name(o) == r["name"].as_str().unwrap_or(""))?;
     text(&cm["data"][r["key"].as_str()?])
+}
+
+/// The job file a container's `--job` or FETCHER_JOB names, read from the ConfigMap mounted at
+/// its directory (None without one; an error if it is on no ConfigMap of the render).
+fn job_file_of(
+    args: &[String],
+    env: &[EnvVar],
+    container: &Value,
+    pod: &Value,
+    lookup: &[&Value],
+) -> Result<Option<(PathBuf, String)>, String> {
+    let from_args = args.iter().position(|a| a == "--job").and_then(|i| args.get(i + 1)).cloned();
+    let from_args = from_args.or_else(|| args.iter().find_map(|a| a.strip_prefix("--job=").map(str::to_string)));
+    let Some(path) = from_args.or_else(|| env.iter().find(|v| v.name == "FETCHER_JOB").and_then(|v| v.value.clone()))
+    else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(path);
+    let (dir, key) = (path.parent().unwrap_or(Path::new("/")), path.file_name().unwrap_or_default());
+    let mount = list(&container["volumeMounts"]).iter().find(|m| m["mountPath"].as_str().map(Path::new) == Some(dir));
+    let volume = mount.and_then(|m| list(&pod["volumes"]).iter().find(|v| v["name"] == m["name"]));
+    let cm_name = volume.and_then(|v| v["configMap"]["name"].as_str());
+    let cm = cm_name.and_then(|n| lookup.iter().find(|o| kind(o) == "ConfigMap" && name(o) == n));
+    let content = cm.and_then(|cm| cm["data"][key.to_string_lossy().as_ref()].as_str());
+    match content {
+        Some(text) => Ok(Some((path, text.to_string()))),
+        None => Err(format!(
+            "the job file {} is in no ConfigMap of the render mounted at {} (ConfigMap {cm_name:?})",
+            path.display(),
+            dir.display()
+        )),
+    }
 }
 
 fn containers_of(objects: &[Value], source: &str, lookup: &[&Value], examples: &[Value]) -> Vec<Container> {
@@ -515,8 +565,16 @@ fn containers_of(objects: &[Value], source: &str, lookup: &[&Value], examples: &
             }
             let mut args: Vec<String> = cmd[1..].to_vec();
             args.extend(list(&c["args"]).iter().filter_map(text));
-            let run = Invocation { binary, args, env: last };
-            out.push(Container { source, workload: kind(o).to_string(), run, spec: c.clone(), unresolved });
+            let job_file = match job_file_of(&args, &last, c, ps, lookup) {
+                Ok(found) => found,
+                Err(e) => {
+                    unresolved.push(format!("{source}: {e}"));
+                    None
+                }
+            };
+            let run = Invocation { binary, args, env: last, job_file };
+            let (spec, pod) = (c.clone(), ps.clone());
+            out.push(Container { source, workload: kind(o).to_string(), run, spec, pod, unresolved });
         }
     }
     out
@@ -605,7 +663,7 @@ fn compose() -> Vec<ComposeService> {
                     .collect(),
                 _ => Vec::new(),
             };
-            Invocation { binary: binary.clone(), args: command[1..].to_vec(), env }
+            Invocation { binary: binary.clone(), args: command[1..].to_vec(), env, job_file: None }
         });
         out.push(ComposeService { name: svc_name.clone(), spec: spec.clone(), command, run });
     }
@@ -697,6 +755,7 @@ fn a_wrong_variable_value_or_flag_is_caught() {
         binary: "fetcher".into(),
         args: args.iter().map(|a| a.to_string()).collect(),
         env,
+        job_file: None,
     };
     let good = run(&[], vec![var("FETCHER_INPUT", "/data/x.jsonl"), var("FETCHER_CHUNK_SIZE", "100")]);
     let mut p = Problems::default();
@@ -1251,4 +1310,131 @@ fn jetstream_copies_match_the_nats_servers() {
         });
     }
     p.assert_none("JetStream copies vs the NATS values");
+}
+
+/// Where a container's binary writes, as its parsed settings say (defaults included): the
+/// fetcher its state directory (the file ledger, the duplicate-id check's spill past
+/// --duplicate-check-memory, the spool of compressed inputs) and --summary-json, the saver its
+/// file sink, `saver verify` the temporary directory (its spill and spool), `fetcher generate`
+/// the output's directory. Relative paths are relative to the image's working directory, `/`.
+fn written_paths(c: &Container) -> Result<Vec<(PathBuf, &'static str)>, String> {
+    let m = c.run.parse()?;
+    let path = |id: &str| -> Result<Option<PathBuf>, String> { Ok(raw(&m, id)?.map(|p| Path::new("/").join(p))) };
+    let mut out = Vec::new();
+    match (c.run.binary.as_str(), c.run.subcommand()) {
+        ("fetcher", None) => {
+            out.extend(
+                path("state_dir")?.map(|p| (p, "its state directory (--state-dir: ledger, id-check spill, spool)")),
+            );
+            if let Some(summary) = path("summary_json")? {
+                out.push((summary.parent().unwrap_or(Path::new("/")).to_path_buf(), "--summary-json"));
+            }
+        }
+        ("fetcher", Some("generate")) => {
+            let output = path("output")?.unwrap_or_default();
+            out.push((output.parent().unwrap_or(Path::new("/")).to_path_buf(), "--output's directory"));
+        }
+        ("saver", None) if raw(&m, "sink")?.as_deref() == Some("file") => {
+            out.extend(path("out")?.map(|p| (p, "the file sink (--out)")));
+        }
+        ("saver", Some("verify")) => {
+            let tmp = c.literal("TMPDIR").unwrap_or("/tmp");
+            out.push((PathBuf::from(tmp), "the temporary directory (TMPDIR: id-check spill, spool)"));
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// Every path a service writes to is on a writable volume: the containers run with a read-only
+/// root file system, so a path that is not lands on it and fails at run time (the spill of the
+/// duplicate-id check past about 0.9 M ids, the spool of a compressed remote input).
+#[test]
+fn every_path_a_service_writes_to_is_on_a_writable_volume() {
+    let m = manifests();
+    let mut p = Problems::default();
+    let mut checked = 0;
+    for c in m.all_containers() {
+        let Ok(paths) = written_paths(&c) else { continue }; // reported by the parse test
+        let read_only_root = c.spec["securityContext"]["readOnlyRootFilesystem"] == Value::Bool(true);
+        for (path, what) in paths {
+            checked += 1;
+            let mount = list(&c.spec["volumeMounts"])
+                .iter()
+                .filter(|v| v["mountPath"].as_str().is_some_and(|mp| path.starts_with(mp)))
+                .max_by_key(|v| v["mountPath"].as_str().map_or(0, str::len));
+            let volume = mount.and_then(|v| list(&c.pod["volumes"]).iter().find(|x| x["name"] == v["name"]));
+            let writable = mount.is_some_and(|v| v["readOnly"] != Value::Bool(true))
+                && volume.is_some_and(|v| v.get("secret").is_none() && v.get("configMap").is_none());
+            p.check(writable || !read_only_root, || {
+                format!(
+                    "{}: writes {what} at {}, which is on no writable volume (the root file system is read-only): mount an emptyDir or a claim there",
+                    c.source,
+                    path.display()
+                )
+            });
+        }
+    }
+    p.check(checked > 0, || "no container writes anything: the check found nothing to check".into());
+    p.assert_none("written paths vs volumes");
+}
+
+/// deploy/jobs/run is a run as a Kubernetes Job: the fetcher with `--exit-when-done` and the
+/// job file verify reads (the same run), a true singleton (a replacement pod only once the old
+/// one has terminated), failed at once by the fetcher's verdicts (exit 1 and 3), kept after it
+/// finished, its pod the fetcher Service's and its ledger on the state claim.
+#[test]
+fn the_run_job_is_the_fetcher_exiting_when_done_as_a_singleton_job_of_the_verified_job() {
+    let m = manifests();
+    let mut p = Problems::default();
+    let jobs = m.job_containers();
+    let run = jobs.iter().find(|(r, c)| r.name == "deploy/jobs/run" && c.run.binary == "fetcher");
+    let verify = jobs.iter().find(|(_, c)| c.run.subcommand() == Some("verify"));
+    let (Some((render, fetcher)), Some((_, verify))) = (run, verify) else {
+        panic!("deploy/jobs/run has no fetcher Job (or deploy/jobs/verify no verify)");
+    };
+    let job = render.objects.iter().find(|o| kind(o) == "Job").expect("a Job");
+    let spec = &job["spec"];
+    p.check(spec["podReplacementPolicy"] == "Failed", || {
+        "podReplacementPolicy must be Failed: a replacement pod only once the old one terminated".into()
+    });
+    p.check(spec["backoffLimit"].as_u64().is_some(), || "no backoffLimit".into());
+    p.check(spec["ttlSecondsAfterFinished"].as_u64().is_some(), || "no ttlSecondsAfterFinished".into());
+    p.check(spec["parallelism"].as_u64().unwrap_or(1) == 1 && spec["completions"].as_u64().unwrap_or(1) == 1, || {
+        "one pod at a time, one completion".into()
+    });
+    let fails: BTreeSet<u64> = list(&spec["podFailurePolicy"]["rules"])
+        .iter()
+        .filter(|r| r["action"] == "FailJob" && r["onExitCodes"]["operator"] == "In")
+        .flat_map(|r| list(&r["onExitCodes"]["values"]).iter().filter_map(Value::as_u64).collect::<Vec<_>>())
+        .collect();
+    p.check(fails.contains(&1) && fails.contains(&3), || {
+        format!("podFailurePolicy must fail the Job on the fetcher's verdicts 1 and 3, has {fails:?}")
+    });
+    match (fetcher.run.parse(), verify.run.parse()) {
+        (Ok(fm), Ok(vm)) => {
+            p.check(flag_is_set(&fm, "exit_when_done").unwrap_or(false), || {
+                "the run Job's fetcher must exit when done".into()
+            });
+            for id in ["input", "chunk_size", "transform", "rounds", "id_field"] {
+                let (a, b) = (raw(&fm, id), raw(&vm, id));
+                p.check(a.is_ok() && a == b, || format!("the run's {id} {a:?} != verify's {b:?}"));
+            }
+            let state = raw(&fm, "state_dir").ok().flatten().unwrap_or_default();
+            let claim = list(&fetcher.spec["volumeMounts"])
+                .iter()
+                .find(|v| v["mountPath"].as_str() == Some(state.as_str()))
+                .and_then(|v| list(&fetcher.pod["volumes"]).iter().find(|x| x["name"] == v["name"]))
+                .and_then(|v| v["persistentVolumeClaim"]["claimName"].as_str());
+            p.check(claim == Some("chunkmill-fetcher-state"), || {
+                format!("the run's ledger ({state}) must be on the claim chunkmill-fetcher-state, is on {claim:?}")
+            });
+        }
+        (a, b) => p.add(format!("the run or verify does not parse: {:?} / {:?}", a.err(), b.err())),
+    }
+    let labels = &job["spec"]["template"]["metadata"]["labels"];
+    let service = m.app("deploy/base").find("Service", "fetcher").expect("the fetcher Service");
+    let selected = service["spec"]["selector"].as_object().into_iter().flatten().all(|(k, v)| labels[k] == *v);
+    p.check(selected, || format!("the fetcher Service does not select the run's pod (labels {labels})"));
+    p.assert_none("the run Job");
 }

@@ -238,13 +238,13 @@ fn the_jetstream_ledger_resumes_a_killed_fetcher_and_locks_out_a_second_one() {
     let kv = ["--exit-when-done", "--ledger", "kv", "--instance"];
     let (mut first, _) = p.fetcher_named("fetcher-1", &[&kv[..], &["fetcher-main"]].concat());
     p.wait_saved(40, LONG);
-    let (mut intruder, _) = p.fetcher_named("intruder", &[&kv[..], &["another-fetcher"]].concat());
-    assert_eq!(intruder.wait_exit(Duration::from_secs(30)), Some(1), "{}", intruder.log());
-    assert!(
-        intruder.log().contains("another fetcher is running") && intruder.log().contains("fetcher-main"),
-        "{}",
-        intruder.log()
-    );
+    // A second fetcher of another name waits for the lock (not ready, serving nothing) instead
+    // of exiting: under Kubernetes an exit is a crash loop.
+    let (mut intruder, intruder_port) = p.fetcher_named("intruder", &[&kv[..], &["another-fetcher"]].concat());
+    intruder.wait_for_log("waiting for the fetcher lock", Duration::from_secs(30));
+    assert!(intruder.log().contains("held by fetcher-main"), "{}", intruder.log());
+    assert!(!matches!(common::harness::http_get(intruder_port, "/readyz"), Ok((200, _))), "the waiting one is ready");
+    intruder.kill();
     first.kill();
     // The same instance (a restarted pod with a stable name) takes the lock over at once.
     let (mut second, _) = p.fetcher_named("fetcher-2", &[&kv[..], &["fetcher-main"]].concat());
@@ -278,14 +278,45 @@ fn after_a_nats_outage_longer_than_the_kv_lock_ttl_only_one_fetcher_serves() {
     p.nats.restart();
     a.wait_for_log("took it again and serves on", Duration::from_secs(30));
     wait_ready(port_a);
-    let (mut b, _) = p.fetcher_named("fetcher-b", &[&kv[..], &["fetcher-b"]].concat());
-    assert_eq!(b.wait_exit(Duration::from_secs(30)), Some(1), "a second fetcher serves:\n{}", b.log());
-    assert!(b.log().contains("another fetcher is running") && b.log().contains("fetcher-a"), "{}", b.log());
+    let (mut b, port_b) = p.fetcher_named("fetcher-b", &[&kv[..], &["fetcher-b"]].concat());
+    b.wait_for_log("waiting for the fetcher lock", Duration::from_secs(30));
+    assert!(b.log().contains("held by fetcher-a"), "a second fetcher does not wait for A:\n{}", b.log());
+    assert!(!matches!(common::harness::http_get(port_b, "/readyz"), Ok((200, _))), "B is ready beside A");
     assert!(!a.log().contains("wrong last sequence"), "{}", a.log());
     // A still serves the run, alone.
     let _saver = p.saver("saver-1");
     let _m1 = p.mapper("mapper-1", &[]);
     wait_until("the run to complete", LONG, || done_chunks(port_a) == 200.0);
+    let (ok, report) = p.verify();
+    assert!(ok, "{report}");
+    assert!(!b.log().contains("took the fetcher lock"), "B took the lock while A held it:\n{}", b.log());
+    b.kill();
+}
+
+/// Issue 34: a fetcher with `--ledger kv` that is stopped (SIGTERM, as Kubernetes stops a pod)
+/// deletes its lock, and a successor that was waiting for it (not exiting, which under
+/// Kubernetes is a crash loop) takes it at once, long before the lock's TTL, and finishes the
+/// run.
+#[test]
+fn a_stopped_kv_fetcher_releases_its_lock_and_a_waiting_successor_takes_over_at_once() {
+    let p = Pipeline::new(20_000, 300);
+    let kv = ["--ledger", "kv", "--lock-ttl", "120s", "--exit-when-done", "--instance"];
+    let (mut a, port_a) = p.fetcher_named("fetcher-a", &[&kv[..], &["fetcher-a"]].concat());
+    wait_ready(port_a);
+    let (mut b, port_b) = p.fetcher_named("fetcher-b", &[&kv[..], &["fetcher-b"]].concat());
+    b.wait_for_log("waiting for the fetcher lock", Duration::from_secs(30));
+    assert!(b.log().contains("held by fetcher-a"), "{}", b.log());
+    assert!(!matches!(common::harness::http_get(port_b, "/readyz"), Ok((200, _))), "B is ready beside A");
+    let stopped = std::time::Instant::now();
+    a.signal("TERM");
+    assert_eq!(a.wait_exit(Duration::from_secs(30)), Some(0), "{}", a.log());
+    assert!(a.log().contains("released the fetcher lock"), "{}", a.log());
+    b.wait_for_log("took the fetcher lock", Duration::from_secs(30));
+    wait_ready(port_b);
+    assert!(stopped.elapsed() < Duration::from_secs(60), "B waited for the TTL, not the release");
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    finish(&mut b, LONG);
     let (ok, report) = p.verify();
     assert!(ok, "{report}");
 }

@@ -273,6 +273,8 @@ fn a_mappers_forged_acks_are_refused_by_nats_permissions_and_the_run_completes()
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let client =
             async_nats::ConnectOptions::with_user_and_password("mapper".into(), support::role_password("mapper"))
+                // As a mapper connects (its role's replies only, common::nats::inbox_prefix).
+                .custom_inbox_prefix(common::nats::inbox_prefix("mapper"))
                 .event_callback(move |event| {
                     let tx = tx.clone();
                     async move {
@@ -343,4 +345,100 @@ fn a_mappers_forged_acks_are_refused_by_nats_permissions_and_the_run_completes()
     assert!(ok, "{report}");
     assert!(report.contains("3000 found, 0 missing, 0 duplicated"), "{report}");
     assert!(p.nats.log().contains("Publish Violation"), "the server logs the refusal:\n{}", p.nats.log());
+}
+
+/// Issue 34: each role is confined to its own JetStream objects and its own replies. The
+/// Internet-facing broadcaster may not delete (nor read) the fetcher's ledger bucket, the fetcher
+/// may not touch the broadcaster's event stream, and a mapper may read neither NATS's shared
+/// inboxes nor the fetcher's (`_INBOX_<role>`, common::nats::inbox_prefix): the server refuses
+/// each with a permissions violation, and what a role does need still works.
+#[test]
+fn each_role_reaches_only_its_own_streams_buckets_and_replies() {
+    let p = support::Pipeline::new(10, 0).with_role_users();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let violations = runtime.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let login = |role: &str| {
+            let tx = tx.clone();
+            // nats-box's `box` user is the nats CLI, with NATS's default inbox prefix.
+            let prefix = if role == "box" { "_INBOX".to_string() } else { common::nats::inbox_prefix(role) };
+            async_nats::ConnectOptions::with_user_and_password(role.into(), support::role_password(role))
+                .custom_inbox_prefix(prefix)
+                .event_callback(move |event| {
+                    let tx = tx.clone();
+                    async move {
+                        if let async_nats::Event::ServerError(e) = event {
+                            let _ = tx.send(e.to_string().to_lowercase());
+                        }
+                    }
+                })
+                .connect(p.nats.url())
+        };
+        let (fetcher, broadcaster, mapper) = (
+            login("fetcher").await.expect("the fetcher user logs in"),
+            login("broadcaster").await.expect("the broadcaster user logs in"),
+            login("mapper").await.expect("the mapper user logs in"),
+        );
+        // What each needs: the fetcher its ledger bucket, the broadcaster its claims bucket.
+        let ledger = async_nats::jetstream::new(fetcher.clone())
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "chunkmill-ledger".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("the fetcher creates its ledger bucket");
+        ledger.put("run.job", "{}".into()).await.expect("the fetcher writes its ledger");
+        async_nats::jetstream::new(broadcaster.clone())
+            .create_key_value(async_nats::jetstream::kv::Config {
+                bucket: "chunkmill-broadcast".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("the broadcaster creates its claims bucket");
+        // What they may not do.
+        let short = |client: &async_nats::Client| {
+            async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(client.clone())
+        };
+        let deleted = short(&broadcaster).delete_stream("KV_chunkmill-ledger").await;
+        assert!(deleted.is_err(), "the broadcaster deleted the fetcher's ledger");
+        let read = short(&broadcaster).get_key_value("chunkmill-ledger").await;
+        assert!(read.is_err(), "the broadcaster opened the fetcher's ledger");
+        let events = short(&fetcher).delete_stream("KV_chunkmill-broadcast").await;
+        assert!(events.is_err(), "the fetcher deleted the broadcaster's claims");
+        let _shared = mapper.subscribe("_INBOX.>").await.expect("subscribe call");
+        let _fetchers = mapper.subscribe(format!("{}.>", common::nats::inbox_prefix("fetcher"))).await.expect("call");
+        mapper.flush().await.expect("flush");
+        // nats-box's `box` user watches and lists (with the nats CLI's own _INBOX), never acks.
+        let box_user = login("box").await.expect("the box user logs in");
+        let _watch = box_user.subscribe("chunkmill.>").await.expect("box watches the pipeline");
+        let services = box_user.request("$SRV.PING", "".into());
+        let _ = tokio::time::timeout(Duration::from_secs(1), services).await;
+        box_user.publish("chunkmill.ack", "{}".into()).await.expect("publish call");
+        box_user.flush().await.expect("flush");
+        let mut violations = Vec::new();
+        while violations.len() < 6 {
+            match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                Ok(Some(error)) => violations.push(error),
+                _ => break,
+            }
+        }
+        violations
+    });
+    let all = violations.join("\n");
+    for expected in [
+        "publish to \"$js.api.stream.delete.kv_chunkmill-ledger\"",
+        "publish to \"$js.api.stream.info.kv_chunkmill-ledger\"",
+        "publish to \"$js.api.stream.delete.kv_chunkmill-broadcast\"",
+        "subscription to \"_inbox.>\"",
+        "subscription to \"_inbox_fetcher.>\"",
+        "publish to \"chunkmill.ack\"",
+    ] {
+        assert!(all.contains(expected), "no permissions violation for {expected}: {violations:?}");
+    }
+    // What the box user may do (watch the pipeline, ping the services) was not refused.
+    for allowed in ["subscription to \"chunkmill.>\"", "publish to \"$srv.ping\""] {
+        assert!(!all.contains(allowed), "box was refused {allowed}: {violations:?}");
+    }
+    assert_eq!(all.matches("subscription to \"_inbox.").count(), 1, "box's own inbox refused: {violations:?}");
+    assert!(!p.nats.log().contains("Violation for Publish to \"$KV.chunkmill-ledger"), "{}", p.nats.log());
 }

@@ -180,16 +180,25 @@ fn missing_in_dir(path: std::path::PathBuf) -> ConnectError {
     }
 }
 
+/// The inbox prefix of a service of `role` (`fetcher`, `mapper`, `saver`, `broadcaster`): its
+/// replies arrive under `_INBOX_<role>.`, not NATS's shared `_INBOX.`, so that a server's
+/// permissions can let each role read its own replies and no other role's
+/// (deploy/nats/values.yaml, docs/PROTOCOL.md §2).
+pub fn inbox_prefix(role: &str) -> String {
+    format!("_INBOX_{role}")
+}
+
 async fn options(
     args: &NatsArgs,
     endpoint: &Endpoint,
-    name: &str,
+    (role, name): (&str, &str),
     state: &Arc<ConnectionState>,
 ) -> Result<ConnectOptions, ConnectError> {
     let options = authenticated(args, endpoint).await?;
     let (state, url) = (state.clone(), endpoint.display.clone());
     Ok(options
         .name(name)
+        .custom_inbox_prefix(inbox_prefix(role))
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         // async-nats counts the very first attempt as 1: no delay for it (it cost every start
@@ -280,8 +289,10 @@ fn is_tls_alert(error: &async_nats::ConnectError) -> bool {
 /// Connects to NATS, reporting into `state`. An unreachable server is waited for (logged, retried
 /// with backoff) so a service may start before nats-server; once connected, the client reconnects
 /// by itself forever. Bad credentials or TLS fail at once with a clear error instead of a hang.
+/// `role` is the service's kind ([`inbox_prefix`]), `name` the connection's name.
 pub async fn connect(
     args: &NatsArgs,
+    role: &str,
     name: &str,
     state: &Arc<ConnectionState>,
     shutdown: &CancellationToken,
@@ -290,7 +301,7 @@ pub async fn connect(
     let url = endpoint.display.clone();
     let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        let attempt = options(args, &endpoint, name, state).await?.connect(endpoint.servers.clone()).await;
+        let attempt = options(args, &endpoint, (role, name), state).await?.connect(endpoint.servers.clone()).await;
         let error = match attempt {
             Ok(client) => {
                 state.connected.store(true, Ordering::Relaxed);

@@ -81,7 +81,7 @@ impl Service {
     /// the health endpoint reports the connection's state from then on.
     pub async fn connect(&self, nats: &NatsArgs, shutdown: &CancellationToken) -> Result<Client, StartError> {
         let client_name = format!("chunkmill-{} {}", self.kind, self.name);
-        Ok(crate::nats::connect(nats, &client_name, &self.connection, shutdown).await?)
+        Ok(crate::nats::connect(nats, self.kind, &client_name, &self.connection, shutdown).await?)
     }
 
     /// Registers with the NATS micro-service protocol, so that `nats micro ls|info|stats` and
@@ -208,9 +208,14 @@ pub fn command(kind: &str, body: impl FnOnce() -> anyhow::Result<ExitCode>) -> E
     body().unwrap_or_else(|e| fail(kind, &e))
 }
 
-/// Reports a fatal error as every binary does: one log line, one line on stderr, exit status 1.
+/// Reports a fatal error as every binary does, once, and exits with status 1: as a JSON log
+/// line (level ERROR, the whole error chain in `error`) under `LOG_FORMAT=json`, so a log
+/// collector sees it like any other line; else as one plain line `kind: error` on stderr.
 pub fn fail(kind: &str, error: &anyhow::Error) -> ExitCode {
-    tracing::error!("{error:#}");
-    eprintln!("{kind}: {error:#}");
+    if crate::telemetry::json_logs() {
+        tracing::error!(error = %format!("{error:#}"), "{kind}: {error:#}");
+    } else {
+        eprintln!("{kind}: {error:#}");
+    }
     ExitCode::FAILURE
 }

@@ -10,10 +10,15 @@ use tracing_subscriber::EnvFilter;
 /// which the saver reports itself as a lost connection).
 const DEFAULT_FILTER: &str = "info,async_nats=warn,tokio_postgres=warn";
 
+/// Whether logs are JSON (`LOG_FORMAT=json`): one object per line, for log collectors.
+pub fn json_logs() -> bool {
+    std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"))
+}
+
 /// Installs the global tracing subscriber. Call once, first thing in `main`.
 pub fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let json = std::env::var("LOG_FORMAT").map(|f| f.eq_ignore_ascii_case("json")).unwrap_or(false);
+    let json = json_logs();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();

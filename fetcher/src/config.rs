@@ -17,6 +17,22 @@ fn parse_lock_ttl(text: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{text}` is not a percentage from 0 to 100")),
+    }
+}
+
+/// The process's command line, after the job file of `--job` (`FETCHER_JOB`): its settings are
+/// the defaults of their flags (transform::job_file). Exits as clap does on an error.
+pub fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = transform::job_file::parse(Cli::command(), std::env::args_os().collect())
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    parsed.unwrap_or_else(|e| e.exit())
+}
+
 /// Where the metrics endpoint listens when `--metrics-addr` is not given.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9101";
 
@@ -189,6 +205,15 @@ pub struct Config {
     #[arg(long, env = "FETCHER_LOCK_TTL", default_value = "15s", value_parser = parse_lock_ttl)]
     pub lock_ttl: Duration,
 
+    /// How often the progress line is logged while the run is not complete (e.g. 10s, 1m).
+    #[arg(long, env = "FETCHER_PROGRESS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub progress_interval: Duration,
+
+    /// Also log the progress line each time this many percent more of the run's chunks are
+    /// finished, at most once a second (0: by time only).
+    #[arg(long, env = "FETCHER_PROGRESS_STEP", default_value_t = 1.0, value_parser = parse_percent)]
+    pub progress_step: f64,
+
     /// Pipeline events for the broadcaster (docs/PROTOCOL.md §11): `on` or `off`.
     #[arg(long, env = "FETCHER_EVENTS", value_enum, default_value = "on")]
     pub events: Events,
@@ -212,6 +237,11 @@ impl Config {
         }
     }
 
+    /// When progress lines are due.
+    pub fn progress(&self) -> crate::progress::Settings {
+        crate::progress::Settings { interval: self.progress_interval, step_percent: self.progress_step }
+    }
+
     /// A configuration for `input` with defaults (tests and tools).
     pub fn new(input: impl Into<PathBuf>, nats: NatsArgs) -> Self {
         Config {
@@ -233,6 +263,8 @@ impl Config {
             kv_replicas: 1,
             lock_ttl: crate::store::KV_LOCK_TTL,
             events: Events::On,
+            progress_interval: std::time::Duration::from_secs(10),
+            progress_step: 1.0,
             nats,
         }
     }

@@ -18,7 +18,13 @@
 //! [`LockStatus::held`] is false and the fetcher answers nothing and reports not-ready; a lost
 //! lock cancels [`LockStatus::lost`] and the fetcher exits. So two fetchers never serve at once:
 //! the other can take the key only after it expired on the server, which is after our deadline.
+//!
+//! A fetcher that stops (SIGTERM, or its run complete) deletes the lock at the revision it last
+//! wrote ([`LockStatus::wait_released`]), so a successor takes it at once instead of after the
+//! TTL; and a fetcher that finds the lock held by another waits for it ([`take`], not ready
+//! meanwhile) instead of exiting, which under Kubernetes would be a crash loop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,12 +34,20 @@ use tokio_util::sync::CancellationToken;
 /// The key of the lock in its bucket.
 const KEY: &str = "fetcher";
 
+/// How often a fetcher waiting for the lock reads it.
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
 /// What the serving loop needs to know about the lock.
 #[derive(Debug)]
 pub struct LockStatus {
     held_until: Mutex<Instant>,
     lost: CancellationToken,
     why: Mutex<String>,
+    /// Cancelled when the fetcher stops: the keeper deletes the lock and ends.
+    release: CancellationToken,
+    /// The keeper has ended (the lock released, or lost).
+    ended: AtomicBool,
+    ended_notify: tokio::sync::Notify,
 }
 
 impl LockStatus {
@@ -50,6 +64,27 @@ impl LockStatus {
     /// Why it was lost.
     pub fn why(&self) -> String {
         self.why.lock().map(|w| w.clone()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` until the keeper has released the lock (asked for when the
+    /// [`LockKeeper`] is dropped) or ended otherwise, so that the process does not exit first.
+    pub async fn wait_released(&self, timeout: Duration) {
+        self.release.cancel();
+        let ended = async {
+            while !self.ended.load(Ordering::Acquire) {
+                let notified = self.ended_notify.notified();
+                if self.ended.load(Ordering::Acquire) {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, ended).await;
+    }
+
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.ended_notify.notify_waiters();
     }
 
     fn refreshed(&self, until: Instant) {
@@ -70,9 +105,9 @@ impl LockStatus {
 /// Why the lock could not be taken.
 #[derive(Debug)]
 pub enum TakeError {
-    /// Another fetcher holds it.
-    Held {
-        /// Its instance name.
+    /// The fetcher was stopped while it waited for another fetcher's lock.
+    Stopped {
+        /// The holder's instance name.
         holder: String,
     },
     /// JetStream did not answer as expected.
@@ -89,39 +124,87 @@ fn instance_of(value: &str) -> &str {
     value.rsplit_once(" #").map_or(value, |(instance, _)| instance)
 }
 
-/// Takes the lock as `owner` (see the module docs) and keeps it in a background task until the
-/// returned keeper is dropped.
-pub async fn take(lock: Store, bucket: String, owner: &str, ttl: Duration) -> Result<LockKeeper, TakeError> {
-    let mine = value(owner, &uuid::Uuid::new_v4().simple().to_string());
-    let sent = Instant::now();
+/// What one attempt to take the lock found.
+enum Attempt {
+    /// Taken, at this revision.
+    Taken(u64),
+    /// Another fetcher holds it.
+    Held(String),
+}
+
+/// One attempt to take the lock as `owner` with the value `mine`.
+async fn attempt(lock: &Store, owner: &str, mine: &str) -> Result<Attempt, TakeError> {
     let js = |e: &dyn std::fmt::Display| TakeError::JetStream(e.to_string());
-    let revision = match lock.create(KEY, mine.clone().into()).await {
-        Ok(revision) => revision,
+    match lock.create(KEY, mine.to_string().into()).await {
+        Ok(revision) => Ok(Attempt::Taken(revision)),
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
             let entry = lock.entry(KEY).await.map_err(|e| js(&e))?;
             let holder = entry.as_ref().map(|e| String::from_utf8_lossy(&e.value).to_string()).unwrap_or_default();
             match entry {
-                Some(entry) if instance_of(&holder) == owner => {
-                    lock.update(KEY, mine.clone().into(), entry.revision).await.map_err(|e| js(&e))?
-                }
-                _ => return Err(TakeError::Held { holder: instance_of(&holder).to_string() }),
+                Some(entry) if instance_of(&holder) == owner => Ok(Attempt::Taken(
+                    lock.update(KEY, mine.to_string().into(), entry.revision).await.map_err(|e| js(&e))?,
+                )),
+                // Deleted or expired between the two reads: try again.
+                Some(entry) if entry.operation != Operation::Put => Ok(Attempt::Held(String::new())),
+                _ => Ok(Attempt::Held(instance_of(&holder).to_string())),
             }
         }
-        Err(e) => return Err(js(&e)),
+        Err(e) => Err(js(&e)),
+    }
+}
+
+/// Takes the lock as `owner` (see the module docs), waiting while another fetcher holds it
+/// (saying so once) until it is released or expires, or `shutdown`; keeps it in a background
+/// task until the returned keeper is dropped, which releases it.
+pub async fn take(
+    lock: Store,
+    bucket: String,
+    owner: &str,
+    ttl: Duration,
+    shutdown: &CancellationToken,
+) -> Result<LockKeeper, TakeError> {
+    let mine = value(owner, &uuid::Uuid::new_v4().simple().to_string());
+    let mut said = String::new();
+    let (revision, sent) = loop {
+        let sent = Instant::now();
+        match attempt(&lock, owner, &mine).await? {
+            Attempt::Taken(revision) => break (revision, sent),
+            Attempt::Held(holder) => {
+                if !holder.is_empty() && holder != said {
+                    tracing::warn!(
+                        "waiting for the fetcher lock in {bucket}, held by {holder}: another fetcher serves this pipeline; this one takes over when it stops or its lock expires ({ttl:?} after its last refresh)"
+                    );
+                    said = holder;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(TakeError::Stopped { holder: said }),
+                    _ = tokio::time::sleep(WAIT_POLL) => {}
+                }
+            }
+        }
     };
+    if !said.is_empty() {
+        tracing::info!("took the fetcher lock in {bucket} (it was held by {said})");
+    }
     let status = Arc::new(LockStatus {
         held_until: Mutex::new(sent + ttl),
         lost: CancellationToken::new(),
         why: Mutex::new(String::new()),
+        release: CancellationToken::new(),
+        ended: AtomicBool::new(false),
+        ended_notify: tokio::sync::Notify::new(),
     });
     let keeper = Keeper { lock, bucket, mine, revision, ttl, status: status.clone() };
     let task = tokio::spawn(keeper.run());
     Ok(LockKeeper { status, task })
 }
 
-/// Keeps the lock while it lives; the lock itself expires by its TTL once this is dropped.
+/// Keeps the lock while it lives; dropped, it asks its task to release (delete) the lock, which
+/// [`LockStatus::wait_released`] waits for. (A process killed outright leaves the lock to expire
+/// by its TTL.)
 pub struct LockKeeper {
     status: Arc<LockStatus>,
+    #[allow(dead_code)] // detached on drop: it finishes the release on its own
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -134,7 +217,7 @@ impl LockKeeper {
 
 impl Drop for LockKeeper {
     fn drop(&mut self) {
-        self.task.abort();
+        self.status.release.cancel();
     }
 }
 
@@ -160,11 +243,33 @@ enum Found {
 }
 
 impl Keeper {
-    async fn run(mut self) {
+    async fn run(self) {
+        let status = self.status.clone();
+        self.keep().await;
+        status.end();
+    }
+
+    /// Deletes the lock if it is still ours (at the revision we last wrote), so a successor
+    /// takes it at once.
+    async fn release(&self) {
+        match self.lock.delete_expect_revision(KEY, Some(self.revision)).await {
+            Ok(()) => tracing::info!("released the fetcher lock in {}", self.bucket),
+            Err(e) => tracing::warn!(
+                "could not release the fetcher lock in {} ({e}); it expires {:?} after its last refresh",
+                self.bucket,
+                self.ttl
+            ),
+        }
+    }
+
+    async fn keep(mut self) {
         let mut period = self.ttl / 3;
         let mut failing = false;
         loop {
-            tokio::time::sleep(period).await;
+            tokio::select! {
+                _ = self.status.release.cancelled() => return self.release().await,
+                _ = tokio::time::sleep(period) => {}
+            }
             let sent = Instant::now();
             let found = match self.lock.update(KEY, self.mine.clone().into(), self.revision).await {
                 Ok(revision) => Found::Ours(revision),

@@ -386,7 +386,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSumma
     let scan = scan_started.elapsed();
     log_scan(&index, scan, &job);
     let record = run_record(&index, &job);
-    let (store, recovered, others) = open_store(&config, &client, &record, &name).await?;
+    let (store, recovered, others) = open_store(&config, &client, &record, &name, &shutdown).await?;
+    // With --ledger kv: released when the store is dropped (the run served, or an error), so a
+    // successor takes it at once; waited for below, so the process does not exit first.
+    let lock = store.lock();
+    let parts = Parts { job, index, scan, client, metrics, service, page, early };
+    let outcome = serve(config, parts, store, (recovered, others, record), shutdown).await;
+    if let Some(lock) = lock {
+        lock.wait_released(Duration::from_secs(2)).await;
+    }
+    outcome
+}
+
+/// What [`serve`] needs of what [`run`] set up.
+struct Parts {
+    job: Job,
+    index: InputIndex,
+    /// How long the input scan took.
+    scan: Duration,
+    client: async_nats::Client,
+    metrics: FetcherMetrics,
+    service: Service,
+    page: page::StatusRequests,
+    early: early::EarlyWork,
+}
+
+/// Checks the other runs in the store, records this one, and serves it until it completes (with
+/// `--exit-when-done`) or `shutdown`.
+async fn serve(
+    config: Config,
+    parts: Parts,
+    store: LedgerStore,
+    (recovered, others, record): (Recovered, Vec<OtherRun>, RunRecord),
+    shutdown: CancellationToken,
+) -> Result<RunSummary, FetcherError> {
+    let Parts { job, index, scan, client, metrics, service, page, early } = parts;
+    let name = service.name.clone();
     check_other_runs(&config, &record, &others)?;
     store.record_run(&record).await?;
     let fresh = recovered.is_fresh();
@@ -454,6 +489,7 @@ async fn open_store(
     client: &async_nats::Client,
     record: &RunRecord,
     name: &str,
+    shutdown: &CancellationToken,
 ) -> Result<(LedgerStore, Recovered, Vec<OtherRun>), FetcherError> {
     Ok(match config.ledger {
         config::LedgerKind::File => {
@@ -462,7 +498,8 @@ async fn open_store(
         }
         config::LedgerKind::Kv => {
             let (store, recovered, others) =
-                KvStore::open(client, &config.kv_bucket, record, name, config.lock_ttl, config.kv_replicas).await?;
+                KvStore::open(client, &config.kv_bucket, record, name, config.lock_ttl, config.kv_replicas, shutdown)
+                    .await?;
             (LedgerStore::Kv(Box::new(store)), recovered, others)
         }
     })

@@ -3,12 +3,11 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use common::service::Runtime;
-use fetcher::config::{Cli, Command};
+use fetcher::config::Command;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = fetcher::config::parse_cli();
     if let Some(Command::Generate(args)) = cli.command {
         return common::service::command("fetcher", || {
             fetcher::generate::generate(args.kind, args.objects, args.seed, args.format, &args.output)

@@ -133,7 +133,8 @@ impl FetcherMetrics {
         self.eta.set(0.0);
     }
 
-    /// Copies the ledger's state; `eta` in seconds if known.
+    /// Copies the ledger's state; `eta` in seconds if known (over recent progress: see
+    /// [`crate::progress::Rate`]).
     pub fn sync(&mut self, ledger: &Ledger, eta: Option<f64>) {
         self.chunks.with_label_values(&["pending"]).set(ledger.pending() as i64);
         self.chunks.with_label_values(&["leased"]).set(ledger.leased() as i64);
@@ -142,9 +143,8 @@ impl FetcherMetrics {
         self.run_objects_done.set(ledger.objects_done() as i64);
         self.objects_done.inc_by(ledger.objects_done().saturating_sub(self.seen_objects));
         self.seen_objects = ledger.objects_done();
-        if let Some(eta) = eta {
-            self.eta.set(eta);
-        }
+        // Unknown (no progress in the last minute, or none yet) is NaN, never 0: 0 reads as done.
+        self.eta.set(eta.unwrap_or(f64::NAN));
         let now = ledger.stats();
         let was = &self.seen;
         self.leases.inc_by(now.leases_granted - was.leases_granted);

@@ -218,7 +218,7 @@ impl Server {
             job,
             events,
             subjects: Subjects::new(&config.nats.subject_prefix),
-            progress: Progress::new(index.objects).with_bar_on_terminal(index.chunks.len() as u64),
+            progress: Progress::new(index.objects, config.progress()).with_bar_on_terminal(index.chunks.len() as u64),
             client,
             metrics,
             index,
@@ -486,7 +486,7 @@ impl Server {
             dead: self.ledger.dead(),
             objects: self.index.objects,
             objects_done: self.ledger.objects_done(),
-            objects_per_second: self.ledger.objects_done() as f64 / crate::seconds(elapsed),
+            objects_per_second: self.progress.rate(now).unwrap_or(0.0),
             eta_seconds: if complete { None } else { self.progress.eta(&self.ledger, now) },
             elapsed_seconds: elapsed.as_secs_f64(),
             complete,
@@ -619,6 +619,7 @@ impl Server {
         let Some(reply) = message.reply.clone() else {
             return self.malformed(&message, &"work request without a reply subject");
         };
+        self.progress.asked(Instant::now());
         if self.is_complete() {
             return self.reply(&reply, protocol::encode_status_reply(WorkReplyKind::Done, 1000, None)).await;
         }
@@ -1195,12 +1196,14 @@ impl Server {
         let now = Instant::now();
         let mut silent = HashSet::new();
         for (chunk, lease) in self.ledger.expire(now) {
-            tracing::warn!(
+            // Summed into one line per interval by the progress report.
+            tracing::debug!(
                 chunk = chunk.0,
-                "lease of chunk {chunk} (attempt {}) held by {} expired; it will be handed out again",
+                "lease of chunk {chunk} (attempt {}) held by {} expired",
                 lease.attempt,
                 escaped(&lease.mapper)
             );
+            self.progress.expired(chunk.0, &lease.mapper);
             let (deaths, objects) = (self.ledger.deaths(chunk), self.index.chunks[chunk.index()].objects);
             let verdict = self.suspects.expired(chunk, lease.id, deaths, objects);
             self.act_on(chunk, verdict).await;
@@ -1213,6 +1216,7 @@ impl Server {
                 self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0, None)).await;
             }
         }
+        self.progress.observe(&self.ledger, now);
         let eta = self.progress.eta(&self.ledger, now);
         self.metrics.sync(&self.ledger, eta);
         let (able, unable) = self.asking(now);
@@ -1224,9 +1228,7 @@ impl Server {
                     tracing::warn!("{note}: start mappers that can run it (mapper --command NAME=PROGRAM, or a mapper binary with the Rust transform)");
                 }
             }
-            if let Some(line) = self.progress.line(&self.ledger, now, false, note.as_deref()) {
-                tracing::info!("{line}");
-            }
+            self.progress.tick(&self.index.run_id, &self.ledger, now, note.as_deref());
         }
     }
 
@@ -1238,9 +1240,7 @@ impl Server {
             self.completed_logged = true;
             self.metrics.sync(&self.ledger, None);
             self.metrics.complete();
-            if let Some(line) = self.progress.line(&self.ledger, Instant::now(), true, None) {
-                tracing::info!("{line}");
-            }
+            self.progress.report(&self.index.run_id, &self.ledger, Instant::now(), true, None);
             self.progress.finish();
             let summary = self.summary();
             tracing::info!(run = %self.index.run_id, "{summary}");

@@ -149,7 +149,7 @@ pub async fn request(nats: &NatsArgs, timeout: Duration) -> Result<Status, Statu
     let subject = Subjects::new(&nats.subject_prefix).status;
     let no_answer = |reason: String| StatusError::NoAnswer { subject: subject.clone(), timeout, reason };
     let (give_up, state) = (CancellationToken::new(), Arc::new(ConnectionState::default()));
-    let connecting = common::nats::connect(nats, "chunkmill-fetcher-status", &state, &give_up);
+    let connecting = common::nats::connect(nats, "fetcher", "chunkmill-fetcher-status", &state, &give_up);
     let client = match tokio::time::timeout(timeout, connecting).await {
         Ok(client) => client?,
         Err(_) => return Err(no_answer("no NATS connection".into())),

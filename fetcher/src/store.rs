@@ -200,6 +200,14 @@ pub enum StoreError {
         /// What the lock file says about its holder.
         holder: String,
     },
+    /// Stopped while waiting for another fetcher's lock (`--ledger kv`).
+    #[error("stopped while waiting for the fetcher lock in JetStream bucket {bucket}, held by {holder}")]
+    StoppedWaiting {
+        /// The lock bucket.
+        bucket: String,
+        /// Its holder.
+        holder: String,
+    },
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -470,8 +478,9 @@ async fn read_batches(
 }
 
 impl KvStore {
-    /// Takes the lock (entries expiring after `lock_ttl`) and reads the run's entries from
-    /// bucket `name`; both buckets keep `replicas` copies.
+    /// Takes the lock (entries expiring after `lock_ttl`; waiting while another fetcher holds
+    /// it, until `shutdown`) and reads the run's entries from bucket `name`; both buckets keep
+    /// `replicas` copies.
     pub async fn open(
         client: &async_nats::Client,
         name: &str,
@@ -479,6 +488,7 @@ impl KvStore {
         owner: &str,
         lock_ttl: std::time::Duration,
         replicas: usize,
+        shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<(Self, Recovered, Vec<OtherRun>), StoreError> {
         let run = record.run.as_str();
         use futures::StreamExt;
@@ -486,16 +496,10 @@ impl KvStore {
         let kv = bucket(&js, name, std::time::Duration::ZERO, replicas).await?;
         let lock_name = format!("{name}-lock");
         let lock_bucket = bucket(&js, &lock_name, lock_ttl, replicas).await?;
-        let lock = match crate::kv_lock::take(lock_bucket, lock_name.clone(), owner, lock_ttl).await {
+        let lock = match crate::kv_lock::take(lock_bucket, lock_name.clone(), owner, lock_ttl, shutdown).await {
             Ok(lock) => lock,
-            Err(crate::kv_lock::TakeError::Held { holder }) => {
-                return Err(StoreError::Locked {
-                    dir: PathBuf::from(format!("JetStream bucket {lock_name}")),
-                    holder: format!(
-                        "held by {holder}; if that fetcher died, its lock expires within {} s",
-                        lock_ttl.as_secs_f64()
-                    ),
-                })
+            Err(crate::kv_lock::TakeError::Stopped { holder }) => {
+                return Err(StoreError::StoppedWaiting { bucket: lock_name, holder })
             }
             Err(crate::kv_lock::TakeError::JetStream(e)) => return Err(kv_error("lock", &lock_name, e)),
         };

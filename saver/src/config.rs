@@ -8,6 +8,16 @@ use common::config::NatsArgs;
 
 use crate::sink::{SinkConfig, SinkContext, SinkError, SinkKind, SINKS};
 
+/// The process's command line, after the job file of `saver verify --job` (`FETCHER_JOB`): its
+/// settings are the defaults of verify's flags (transform::job_file). Exits as clap does on an
+/// error.
+pub fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = transform::job_file::parse(Cli::command(), std::env::args_os().collect())
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    parsed.unwrap_or_else(|e| e.exit())
+}
+
 /// Where the metrics endpoint listens when `--metrics-addr` is not given.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9103";
 

@@ -4,15 +4,14 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use common::service::Runtime;
-use saver::config::{Cli, Command};
+use saver::config::Command;
 
 fn main() -> ExitCode {
     // `saver verify` recomputes jq jobs in sandboxes of this binary: one must become a sandbox
     // before anything else.
     transform::jq::sandbox::enter_if_child();
-    let cli = Cli::parse();
+    let cli = saver::config::parse_cli();
     if let Some(Command::Verify(args)) = cli.command {
         return common::service::command("saver", || {
             let report = saver::verify::run(&args, transform::Registry::builtin())

@@ -13,7 +13,8 @@ Run through scripts/check-deploy.sh, which installs the tools first. Checks:
                  .checkov.yaml; no Secret in any kustomization
   4 consistency  what no tool knows: the NATS values, JetStream's durability, autoscalers,
                  NetworkPolicies (netpol.py), fail-over, the deploy/README.md walk-through
-                 (walkthrough.py), compose.yaml's profiles
+                 (walkthrough.py), compose.yaml's profiles; the alerts (promtool check rules,
+                 promtool test rules)
   5 hadolint     the Dockerfile, with every ignored rule explained
 
 The manifests against the binaries (env vars, arguments, ports, images, settings that must agree)
@@ -175,7 +176,7 @@ class Manifests:
                 self.renders.append(Render(rel(d), objs))
                 result.note(f"{rel(d)}: {len(objs)} objects")
         for d in sorted((DEPLOY / "components").glob("*/kustomization.yaml")):
-            if d.parent.name == "image":  # every render includes it
+            if d.parent.name in ("image", "job", "config"):  # deploy/base includes them
                 continue
             objs = self.render_component(d.parent, result)
             if objs is not None:
@@ -250,6 +251,8 @@ def check_schemas(m: Manifests, r: Result) -> None:
     for source, objs in sets:
         for o in objs:
             what = f"{source}: {o.get('kind')}/{o.get('metadata', {}).get('name') or o.get('metadata', {}).get('generateName')}"
+            if (o.get("apiVersion"), o.get("kind")) == ("monitoring.coreos.com/v1", "PrometheusRule"):
+                continue  # its spec is a Prometheus rules file: promtool checks it (check 4h)
             if str(o.get("apiVersion", "")).split("/")[0] in {g for g, _ in vendored_crds().values()}:
                 crds += 1
                 check_crd_schema(o, what, r)
@@ -265,25 +268,37 @@ def check_schemas(m: Manifests, r: Result) -> None:
                     r.fail(f"{what}: Kubernetes {v}: {e.message} (at {path or '.'})")
     r.note(f"{counted} objects validated strictly, {crds} custom objects against their CRDs' schemas "
            f"({', '.join(sorted(f'{g} {k}' for g, k in vendored_crds().values()))}; vendored)")
-    # ServiceMonitors must find the pipeline's Services.
-    base = m.render("deploy/base")
-    services = [o for o in base.objects if o["kind"] == "Service"] if base else []
-    for x in m.renders:
-        for o in x.objects:
-            if (o.get("apiVersion"), o.get("kind")) == ("monitoring.coreos.com/v1", "ServiceMonitor"):
-                sel = o.get("spec", {}).get("selector") or {}
-                matched = [s for s in services if label_selector_matches(sel, s["metadata"].get("labels", {}))]
-                name = f"{x.name}: ServiceMonitor/{o['metadata'].get('name')}"
-                if not matched:
-                    # A monitor for something else (e.g. NATS) is fine; say so.
-                    r.note(f"{name} selects no chunkmill Service (selector {sel}): not one of ours")
-                    continue
+    check_service_monitors(m, r)
+
+
+def check_service_monitors(m: Manifests, r: Result) -> None:
+    """Every Service with a `metrics` port, in every render that deploys the pipeline (the base,
+    each overlay, each component on the base), is selected by a ServiceMonitor of
+    deploy/monitoring, on a port the Service has: a component's resources do not get the base's
+    labels, so a Service can silently fall out of the selector."""
+    monitors = [(x.name, o) for x in m.renders for o in x.objects
+                if (o.get("apiVersion"), o.get("kind")) == ("monitoring.coreos.com/v1", "ServiceMonitor")]
+    if not monitors:
+        r.fail("no ServiceMonitor in any render (deploy/monitoring): no Service of ours is scraped")
+    scraped = 0
+    for rnd in m.app_renders():
+        for s in (o for o in rnd.objects if o["kind"] == "Service"):
+            ports = {p.get("name") for p in s["spec"].get("ports", [])}
+            if "metrics" not in ports:
+                continue
+            labels = s["metadata"].get("labels", {})
+            by = [(src, o) for src, o in monitors if label_selector_matches(o["spec"].get("selector") or {}, labels)]
+            if not by:
+                r.fail(f"{rnd.name}: Service/{s['metadata']['name']} (labels {labels}) is selected by no ServiceMonitor: "
+                       "its metrics are never scraped")
+                continue
+            scraped += 1
+            for src, o in by:
                 for ep in o["spec"].get("endpoints", []):
-                    for s in matched:
-                        names = {p.get("name") for p in s["spec"].get("ports", [])}
-                        if ep.get("port") and ep["port"] not in names:
-                            r.fail(f"{name}: endpoint port {ep['port']!r} is not a port of Service/{s['metadata']['name']} {sorted(names)}")
-                r.note(f"{name} scrapes Service(s) {', '.join(s['metadata']['name'] for s in matched)}")
+                    if ep.get("port") and ep["port"] not in ports:
+                        r.fail(f"{src}: ServiceMonitor/{o['metadata']['name']}: endpoint port {ep['port']!r} is not a "
+                               f"port of Service/{s['metadata']['name']} {sorted(ports)} ({rnd.name})")
+    r.note(f"{scraped} metrics Services over every render, each selected by a ServiceMonitor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,10 +470,51 @@ def check_nats_values(m: Manifests, r: Result) -> None:
             r.fail(f"deploy/nats/values.yaml: user {u.get('user')}'s password must be << $VARIABLE >> (from a Secret)")
         elif m_.group(1) not in env:
             r.fail(f"deploy/nats/values.yaml: user {u.get('user')}'s password ${m_.group(1)} is not in container.env")
-    if {u.get("user") for u in users} != {"fetcher", "mapper", "saver", "broadcaster"}:
-        r.fail("deploy/nats/values.yaml: config.merge.authorization.users must be the four roles")
+    if {u.get("user") for u in users} != {"fetcher", "mapper", "saver", "broadcaster", "box"}:
+        r.fail("deploy/nats/values.yaml: config.merge.authorization.users must be the four roles and nats-box's `box`")
+    check_nats_pod_security(prod_values(values), r)
+    box_env = ((values.get("natsBox") or {}).get("container") or {}).get("env") or {}
+    ref = ((box_env.get("NATS_PASSWORD") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+    if box_env.get("NATS_USER") != "box" or ref.get("name") != "chunkmill-nats-box":
+        r.fail("deploy/nats/values.yaml: nats-box has no credentials (natsBox.container.env NATS_USER box and "
+               "NATS_PASSWORD from the Secret chunkmill-nats-box): with the role users it cannot log in")
     r.note(f"deploy/nats/values*.yaml: every key is one of the chart's ({rel(chart_file)}); "
            f"{len(users)} role users, rendered into {rel(conf)}")
+
+
+def prod_values(values: dict) -> dict:
+    """values.yaml with values-production.yaml layered on it, as Helm merges them."""
+    import walkthrough
+
+    prod_file = DEPLOY / "nats" / "values-production.yaml"
+    return walkthrough.merge(values, yaml.safe_load(open(prod_file)) or {}) if prod_file.exists() else values
+
+
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def check_nats_pod_security(values: dict, r: Result) -> None:
+    """The NATS release can run in a namespace that enforces the restricted Pod Security
+    Standard: every container the chart runs (the server, the config reloader, the exporter,
+    nats-box) without privilege escalation or capabilities and with the RuntimeDefault seccomp
+    profile, and both pods as a non-root user (the chart sets none of it by default)."""
+    get = lambda d, *ks: [d := (d or {}).get(k) for k in ks][-1]  # noqa: E731
+    containers = {"container (nats)": get(values, "container", "merge", "securityContext"),
+                  "reloader": get(values, "reloader", "merge", "securityContext"),
+                  "natsBox.container": get(values, "natsBox", "container", "merge", "securityContext")}
+    if get(values, "promExporter", "enabled"):
+        containers["promExporter"] = get(values, "promExporter", "merge", "securityContext")
+    for what, sc in containers.items():
+        for k, want in RESTRICTED_CONTAINER.items():
+            if (sc or {}).get(k) != want:
+                r.fail(f"deploy/nats/values.yaml: {what}: securityContext.{k} must be {want} for the restricted "
+                       "Pod Security Standard (set it under .merge.securityContext)")
+    for what, keys in (("podTemplate", ("podTemplate",)), ("natsBox.podTemplate", ("natsBox", "podTemplate"))):
+        sc = get(values, *keys, "merge", "spec", "securityContext") or {}
+        if sc.get("runAsNonRoot") is not True or not sc.get("runAsUser"):
+            r.fail(f"deploy/nats/values.yaml: {what}: merge.spec.securityContext needs runAsNonRoot: true and a "
+                   "non-zero runAsUser (the images run as root by default; restricted refuses that)")
 
 
 def autoscalers(objs: list[dict]) -> list[tuple[dict, str]]:
@@ -533,6 +589,14 @@ def check_keda_triggers(o: dict, what: str, container: dict, r: Result) -> None:
             r.fail(f"{what}: threshold {md.get('threshold')} chunks per mapper != MAPPER_CONCURRENCY {conc}")
         if not re.match(r"^https?://", md.get("serverAddress", "")):
             r.fail(f"{what}: serverAddress {md.get('serverAddress')!r} is not a Prometheus URL")
+        # A query that returns nothing (a wrong label, namespace or address) must not read as 0.
+        if o["spec"].get("minReplicaCount", 0) == 0 and str(md.get("ignoreNullValues", "true")).lower() != "false":
+            r.fail(f"{what}: ignoreNullValues is not \"false\" with minReplicaCount 0: a query that returns "
+                   "nothing scales the mappers to zero forever instead of failing")
+    fb = o["spec"].get("fallback") or {}
+    if not fb or fb.get("replicas", 0) < 1:
+        r.fail(f"{what}: no fallback with replicas >= 1: while KEDA cannot read the backlog the mappers "
+               "stay wherever they were (zero, with minReplicaCount 0)")
 
 
 @functools.cache
@@ -598,6 +662,12 @@ def check_network_policies(m: Manifests, r: Result) -> None:
     prometheus = netpol.Pod("prometheus-0", "monitoring", {"app.kubernetes.io/name": "prometheus"})
     dns = netpol.Pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53})
     outside = netpol.External("the internet")
+    # NodeLocal DNSCache: a hostNetwork pod on every node, answering on a link-local address.
+    node_dns = netpol.External("NodeLocal DNS", "169.254.20.10")
+    # Who must reach what outside: the object-store input (443) the fetcher and verify read,
+    # PostgreSQL (5432) the savers write and verify reads, a chat webhook on any port.
+    may_443 = {"fetcher", "verify", "broadcaster"}
+    may_5432 = {"saver", "verify"}
     rendered_any = False
     for rnd in m.app_renders():
         policies = [o for o in rnd.objects if o.get("kind") == "NetworkPolicy"]
@@ -623,19 +693,25 @@ def check_network_policies(m: Manifests, r: Result) -> None:
             must(pol.selecting(x, "Ingress") and pol.selecting(x, "Egress"),
                  f"{x.name} is not isolated (no policy with Ingress and Egress selects it): everything may reach it")
             must(pol.can_reach(x, nats, 4222), f"{x.name} cannot reach NATS on 4222")
+            name = x.labels.get("app.kubernetes.io/name")
             must(pol.can_reach(x, dns, 53, "UDP"), f"{x.name} cannot reach the cluster DNS (UDP 53)")
-            must(not pol.can_reach(x, outside, 443) or x.labels.get("app.kubernetes.io/name") == "broadcaster",
-                 f"{x.name} may connect to the internet on 443 (only broadcasters need it)")
-            must(not pol.can_reach(x, outside, 5432) or x.labels.get("app.kubernetes.io/name") == "saver",
-                 f"{x.name} may connect to port 5432 outside (only savers need PostgreSQL)")
+            must(pol.can_reach(x, node_dns, 53, "UDP") and pol.can_reach(x, node_dns, 53, "TCP"),
+                 f"{x.name} cannot reach NodeLocal DNS on 169.254.20.10:53 (clusters with NodeLocal DNSCache)")
+            must(not pol.can_reach(x, outside, 443) or name in may_443,
+                 f"{x.name} may connect to the internet on 443 (only {', '.join(sorted(may_443))} need it)")
+            # (The broadcaster may reach any port: a generic webhook's URL may name any.)
+            must(not pol.can_reach(x, outside, 5432) or name in may_5432 | {"broadcaster"},
+                 f"{x.name} may connect to port 5432 outside (only {', '.join(sorted(may_5432))} need PostgreSQL)")
+            if name in may_443:
+                must(pol.can_reach(x, outside, 443), f"{x.name} cannot reach HTTPS (443) outside: the object-store "
+                     "input (fetcher, verify) or the chat (broadcaster)")
+            if name in may_5432:
+                must(pol.can_reach(x, outside, 5432), f"{x.name} cannot reach PostgreSQL (5432)")
+            if name == "broadcaster":
+                must(pol.can_reach(x, outside, 8443), "the broadcaster cannot reach a webhook on another port (8443)")
             if "metrics" in x.ports:
                 must(pol.can_reach(prometheus, x, "metrics"), f"Prometheus (namespace monitoring) cannot scrape {x.name}")
                 must(not pol.can_reach(stranger, x, "metrics"), f"a pod that is not ours can reach {x.name}'s metrics port")
-            name = x.labels.get("app.kubernetes.io/name")
-            if name == "saver":
-                must(pol.can_reach(x, outside, 5432), "the saver cannot reach PostgreSQL (5432)")
-            if name == "broadcaster":
-                must(pol.can_reach(x, outside, 443), "the broadcaster cannot reach the chat over HTTPS (443)")
         must(pol.selecting(nats, "Ingress"), "no policy selects the NATS pods (labels of the my-nats release)")
         must(not pol.can_reach(stranger, nats, 4222), "a pod that is not ours can reach NATS on 4222")
         must(pol.can_reach(nats_box, nats, 4222), "nats-box cannot reach NATS on 4222")
@@ -663,11 +739,88 @@ def check_fail_over(m: Manifests, r: Result) -> None:
             if tol.get(key) is None or tol[key] > 60:
                 r.fail(f"{rnd.name}: the fetcher (--ledger kv) tolerates {key} for {tol.get(key) or 'the default 300'} s: "
                        "set tolerationSeconds <= 60, its lock protects against a double fetcher")
-        if env_value(c, "FETCHER_STATE_DIR") or any("chunkmill-fetcher-state" in json.dumps(v) for v in ps.get("volumes") or []):
-            r.fail(f"{rnd.name}: the fetcher with --ledger kv still uses the state volume")
+        if any("chunkmill-fetcher-state" in json.dumps(v) for v in ps.get("volumes") or []):
+            r.fail(f"{rnd.name}: the fetcher with --ledger kv still uses the state volume (its state directory is "
+                   "scratch space then: an emptyDir)")
         if any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "chunkmill-fetcher-state" for o in rnd.objects):
             r.fail(f"{rnd.name}: --ledger kv but the PVC chunkmill-fetcher-state is still rendered")
         r.note(f"{rnd.name}: fetcher with --ledger kv leaves a lost node after {max(tol.values())} s")
+
+
+def check_volume_affinity(m: Manifests, r: Result) -> None:
+    """A pod that mounts several ReadWriteOnce claims (the verify Job: data and out) can only run
+    where all of them are: every long-lived workload (and run Job) that also mounts one of those
+    claims must be tied to it by REQUIRED pod affinity on kubernetes.io/hostname (directly or
+    through others). A preference can put a claim's first user, and so the claim, on another node
+    or zone, and the pod would stay Pending forever. One-off writers that finish first (the
+    generate Job) are not tied."""
+    def hostname_requirements(o: dict) -> list[dict]:
+        terms = ((((pod_spec(o) or {}).get("affinity") or {}).get("podAffinity") or {})
+                 .get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+        return [t.get("labelSelector") or {} for t in terms if t.get("topologyKey") == "kubernetes.io/hostname"]
+
+    def claims(o: dict) -> set[str]:
+        return {v["persistentVolumeClaim"]["claimName"] for v in (pod_spec(o) or {}).get("volumes") or []
+                if "persistentVolumeClaim" in v}
+
+    def one_off(o: dict) -> bool:
+        c = ((pod_spec(o) or {}).get("containers") or [{}])[0]
+        return o["kind"] == "Job" and (c.get("args") or [""])[0] == "generate"
+
+    checked = 0
+    for rnd in m.app_renders():
+        rendered = {o["metadata"]["name"] for o in rnd.objects if o["kind"] == "PersistentVolumeClaim"}
+        # A Job goes with a render whose claims it finds (the file-sink verify Job does not go
+        # with overlays/postgres, which has no chunkmill-out: verify reads the database there).
+        jobs = [o for j in m.jobs for o in j.objects if claims(o) <= rendered | {"chunkmill-data"}]
+        objs = [*rnd.objects, *jobs]
+        rwo = {o["metadata"]["name"] for o in objs if o["kind"] == "PersistentVolumeClaim"
+               and set(o["spec"].get("accessModes") or []) == {"ReadWriteOnce"}}
+        pods = [o for o in objs if pod_spec(o) is not None and not one_off(o)]
+        tied = {id(a): {id(a)} for a in pods}  # connected components of required hostname affinity
+        for a in pods:
+            for sel in hostname_requirements(a):
+                for b in pods:
+                    if b is not a and label_selector_matches(sel, pod_labels(b)):
+                        merged = tied[id(a)] | tied[id(b)]
+                        for x in merged:
+                            tied[x] = merged
+        for a in pods:
+            mine = claims(a) & rwo
+            if len(mine) < 2:
+                continue
+            checked += 1
+            for b in pods:
+                if b is a or not claims(b) & mine:
+                    continue
+                # The fetcher Deployment and the run Job are alternatives, never together (one
+                # ledger, one lock): nothing ties one to the other.
+                if pod_labels(a).get("app.kubernetes.io/name") == pod_labels(b).get("app.kubernetes.io/name") == "fetcher":
+                    continue
+                if id(b) not in tied[id(a)]:
+                    r.fail(f"{rnd.name}: {a['kind']}/{a['metadata']['name']} mounts the ReadWriteOnce claims "
+                           f"{', '.join(sorted(mine))}, and {b['kind']}/{b['metadata']['name']} mounts "
+                           f"{', '.join(sorted(claims(b) & mine))}, but no required pod affinity (kubernetes.io/hostname) "
+                           "ties them to one node: the claims can end up on different nodes or zones, and the "
+                           "pod Pending forever")
+    r.note(f"{checked} pods that mount several ReadWriteOnce claims, each tied to the claims' other users")
+
+
+def check_disruption_budgets(m: Manifests, r: Result) -> None:
+    """A PodDisruptionBudget never blocks a node drain because its pods are not Ready: ours are
+    not Ready while NATS is down (/readyz), and with the default unhealthyPodEvictionPolicy
+    (IfHealthyBudget) unready pods count against the budget, so no eviction would be allowed."""
+    n = 0
+    for rnd in [*m.app_renders(), *m.jobs]:
+        for o in rnd.objects:
+            if o.get("kind") != "PodDisruptionBudget":
+                continue
+            n += 1
+            policy = (o.get("spec") or {}).get("unhealthyPodEvictionPolicy", "IfHealthyBudget")
+            if policy != "AlwaysAllow":
+                r.fail(f"{rnd.name}: PodDisruptionBudget/{o['metadata']['name']}: unhealthyPodEvictionPolicy {policy}: "
+                       "while NATS is down its pods are not Ready and drains block; set AlwaysAllow")
+    r.note(f"{n} PodDisruptionBudgets let unready pods go")
 
 
 def check_jetstream(r: Result) -> None:
@@ -705,6 +858,8 @@ def check_walkthrough(m: Manifests, r: Result) -> None:
 
     n = walkthrough.walk(ROOT, m.render_dir, r.fail)
     r.note(f"deploy/README.md: {n} commands of the walk-through run against an empty namespace")
+    k = walkthrough.rotation(ROOT, m.render_dir, r.fail)
+    r.note(f"deploy/README.md: rotating a NATS password restarts {k} workloads")
 
 
 def check_compose_profiles(r: Result) -> None:
@@ -741,6 +896,41 @@ def check_compose_profiles(r: Result) -> None:
         cmd = svc[n].get("command") or []
         if cmd[:1] == ["broadcaster"] and "-js" not in (svc.get("nats", {}).get("command") or []):
             r.fail(f"compose.yaml: service {n} needs JetStream: run nats with -js")
+
+
+def check_alerts(m: Manifests, r: Result) -> None:
+    """The PrometheusRule of deploy/monitoring: its spec, a Prometheus rules file, passes
+    `promtool check rules`, and `promtool test rules` passes deploy/monitoring/alerts-test.yaml,
+    in which every alert both fires (on what it is for) and stays quiet (on a healthy run)."""
+    promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if not promtool:
+        r.fail("promtool not found (scripts/check-deploy.sh installs it: ensure_prometheus in scripts/lib.sh)")
+        return
+    rules = [o for x in m.renders if x.name == "deploy/monitoring" for o in x.objects if o.get("kind") == "PrometheusRule"]
+    if not rules:
+        r.fail("deploy/monitoring renders no PrometheusRule: nothing alerts")
+        return
+    tests_file = DEPLOY / "monitoring" / "alerts-test.yaml"
+    tests = yaml.safe_load(open(tests_file))
+    alerts = [rule["alert"] for o in rules for g in o["spec"]["groups"] for rule in g["rules"] if "alert" in rule]
+    cases = [c for t in tests.get("tests") or [] for c in t.get("alert_rule_test") or []]
+    for a in alerts:
+        if not any(c["alertname"] == a and c.get("exp_alerts") for c in cases):
+            r.fail(f"{rel(tests_file)}: no test in which {a} fires")
+        if not any(c["alertname"] == a and not c.get("exp_alerts") for c in cases):
+            r.fail(f"{rel(tests_file)}: no test in which {a} stays quiet")
+    with tempfile.TemporaryDirectory(prefix="chunkmill-promtool-") as tmp:
+        groups = [g for o in rules for g in o["spec"]["groups"]]
+        Path(tmp, "alerts.rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        shutil.copy(tests_file, Path(tmp, tests_file.name))
+        for args in (["check", "rules", "alerts.rules.yaml"], ["test", "rules", tests_file.name]):
+            p = subprocess.run([promtool, *args], capture_output=True, text=True, cwd=tmp)
+            if p.returncode != 0:
+                r.fail(f"promtool {' '.join(args)} (the PrometheusRule's spec; {rel(tests_file)}):\n"
+                       + (p.stdout + p.stderr).strip()[-3000:])
+    v = subprocess.run([promtool, "--version"], capture_output=True, text=True)
+    version = (v.stdout or v.stderr).splitlines()[0] if (v.stdout or v.stderr) else "promtool"
+    r.note(f"{version}: {len(alerts)} alerts ({', '.join(alerts)}), {len(cases)} test cases")
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,10 +1007,16 @@ def main() -> int:
     run(r4d, check_network_policies, m, r4d)
     r4e = Result("4e", "fail-over: a fetcher with --ledger kv leaves a lost node quickly, without a state volume")
     run(r4e, check_fail_over, m, r4e)
+    r4j = Result("4j", "volumes: pods sharing ReadWriteOnce claims are tied to one node by required affinity")
+    run(r4j, check_volume_affinity, m, r4j)
+    r4i = Result("4i", "disruption: no PodDisruptionBudget blocks drains while its pods are not Ready")
+    run(r4i, check_disruption_budgets, m, r4i)
     r4f = Result("4f", "walk-through: deploy/README.md's commands in order, each finding what it needs")
     run(r4f, check_walkthrough, m, r4f)
     r4g = Result("4g", "compose: the optional profiles (broadcaster, postgres) agree with each other")
     run(r4g, check_compose_profiles, r4g)
+    r4h = Result("4h", "alerts: promtool check rules and promtool test rules on the PrometheusRule")
+    run(r4h, check_alerts, m, r4h)
     r5 = Result("5", "hadolint: Dockerfile passes, every ignored rule explained")
     run(r5, check_hadolint, r5)
 

@@ -6,12 +6,13 @@ namespace selects it with Ingress (Egress) in policyTypes; an isolated pod accep
 what some selecting policy's rule allows, the union of all of them. A rule with no `from`/`to`
 allows every peer, with no `ports` every port. A peer is a podSelector (pods of the policy's own
 namespace), a namespaceSelector (every pod of the matching namespaces), both (those pods of those
-namespaces) or an ipBlock (here: only addresses outside the cluster). A named port in a rule is
+namespaces) or an ipBlock (here: only addresses outside the pod network, by CIDR and except). A named port in a rule is
 resolved on the destination pod's container ports. Protocol defaults to TCP.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 
@@ -25,8 +26,10 @@ class Pod:
 
 @dataclass
 class External:
-    """An address outside the cluster (a managed database, a chat API)."""
+    """An address outside the pod network (a managed database, a chat API, an object store, the
+    node-local DNS cache on its link-local address)."""
     name: str
+    ip: str = "203.0.113.7"
 
 
 def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
@@ -69,7 +72,12 @@ class Policies:
 
     def _peer_matches(self, peer: dict, other: Pod | External) -> bool:
         if "ipBlock" in peer:
-            return isinstance(other, External)
+            if not isinstance(other, External):
+                return False
+            block = peer["ipBlock"]
+            ip = ipaddress.ip_address(other.ip)
+            inside = lambda cidr: ip in ipaddress.ip_network(cidr, strict=False)  # noqa: E731
+            return inside(block["cidr"]) and not any(inside(c) for c in block.get("except") or [])
         if isinstance(other, External):
             return False
         if "namespaceSelector" in peer:

@@ -1,6 +1,7 @@
 """deploy/README.md read from an empty namespace's point of view: every shell command of the
 walk-through (Prerequisites and the numbered steps), in order, run against a model of the
-namespace. Each command that applies objects must find what those objects need (their
+namespace and of the images (built, pushed to the user's registry, loaded into the nodes, and
+what scripts/set-image.sh points the manifests at: a user can pull what is deployed). Each command that applies objects must find what those objects need (their
 ServiceAccount, claims, ConfigMaps and Secrets that are not optional, the CRDs of custom kinds)
 already there or applied with them, and each command that names an object (`deploy/fetcher`,
 `job/chunkmill-verify`, a pod) must find it. A Job found by label (`kubectl wait job -l ...`)
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+
+# The image name the manifests carry: the project's own registry, where a user cannot push.
+PROJECT_REGISTRY = "ghcr.io/chunkmill/"
 
 # Kinds whose objects need a CRD, and the Helm chart that installs it.
 CRD_GROUPS = {"monitoring.coreos.com": "prometheus-community/kube-prometheus-stack", "keda.sh": "kedacore/keda"}
@@ -116,6 +120,12 @@ class Namespace:
         self.objects: set[tuple[str, str]] = set()
         self.crds: set[str] = set()
         self.namespace: str | None = None
+        # Images: built, pushed to a registry, loaded into the cluster's nodes; and what
+        # scripts/set-image.sh points the manifests at (name, tag, pull policy).
+        self.built: set[str] = set()
+        self.pushed: set[str] = set()
+        self.loaded: set[str] = set()
+        self.image: dict[str, str] = {}
 
     def has(self, kind: str, name: str) -> bool:
         return (kind, name) in self.objects
@@ -127,11 +137,74 @@ class Namespace:
             self.helm(where, argv)
         elif argv[0] == "kubectl":
             self.kubectl(where, argv[1:], heredoc)
+        elif argv[0] in ("docker", "kind", "k3d", "minikube") or argv[0].endswith("set-image.sh"):
+            self.images(where, argv)
+
+    def images(self, where: str, argv: list[str]) -> None:
+        """docker build/buildx build/push, kind load docker-image, k3d image import, minikube image
+        load, scripts/set-image.sh: what exists where, and what the manifests will run."""
+        words = [a for a in argv if not a.startswith("-")]
+        if argv[0] == "docker" and "build" in argv[1:3]:
+            tags = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-t", "--tag")]
+            self.built |= set(tags)
+            if "--push" in argv:
+                self.push(where, argv, tags)
+        elif argv[0] == "docker" and argv[1:2] == ["push"]:
+            for t in argv[2:]:
+                if t not in self.built:
+                    self.fail(f"{where}: `{' '.join(argv)}` pushes {t}, which the walk-through did not build")
+            self.push(where, argv, argv[2:])
+        elif words[:3] == ["kind", "load", "docker-image"] or words[:3] in (["k3d", "image", "import"], ["minikube", "image", "load"]):
+            for t in words[3:]:
+                if t not in self.built:
+                    self.fail(f"{where}: `{' '.join(argv)}` loads {t}, which the walk-through did not build")
+                self.loaded.add(t)
+        elif argv[0].endswith("set-image.sh"):
+            for key in ("name", "tag", "digest", "pull-policy"):
+                value = flag(argv, f"--{key}")
+                if value:
+                    self.image[key] = value
+
+    def push(self, where: str, argv: list[str], tags: list[str]) -> None:
+        for t in tags:
+            if t.startswith(PROJECT_REGISTRY):
+                self.fail(f"{where}: `{' '.join(argv)}` pushes to {PROJECT_REGISTRY}, the project's registry, where "
+                          "a user cannot push: push to your own ($REGISTRY)")
+            self.pushed.add(t)
+
+    def check_images(self, where: str, command: str, objs: list[dict]) -> None:
+        """Every container of ours runs an image the walk-through pushed to a registry or loaded
+        into the nodes, after scripts/set-image.sh; a loaded-only image with a pull policy that
+        does not pull when the node has it."""
+        for o in objs:
+            spec = ((o.get("spec") or {}).get("template") or {}).get("spec") or (o.get("spec") if o.get("kind") == "Pod" else {}) or {}
+            for c in spec.get("containers") or []:
+                image = str(c.get("image", ""))
+                if not image.startswith(PROJECT_REGISTRY):
+                    continue
+                name = self.image.get("name") or image.rsplit(":", 1)[0]
+                tag = self.image.get("tag") or image.rsplit(":", 1)[-1]
+                policy = self.image.get("pull-policy") or c.get("imagePullPolicy", "IfNotPresent")
+                ref = f"{name}:{tag}"
+                if ref in self.pushed:
+                    continue
+                if ref in self.loaded:
+                    if policy == "Always":
+                        self.fail(f"{where}: `{command}`: {o['kind']}/{o['metadata']['name']} runs {ref}, which was only "
+                                  "loaded into the nodes, with imagePullPolicy Always: the kubelet pulls it from a registry "
+                                  "that does not have it (set-image.sh --pull-policy IfNotPresent)")
+                    continue
+                self.fail(f"{where}: `{command}`: {o['kind']}/{o['metadata']['name']} runs {ref}, which the walk-through "
+                          "neither pushed to a registry nor loaded into the cluster: nobody can pull it")
 
     def helm(self, where: str, argv: list[str]) -> None:
         args = [a for a in argv[1:] if a != "--install"]
         if not args or args[0] not in ("install", "upgrade"):
             return
+        version = flag(args, "--version")
+        if not version:
+            self.fail(f"{where}: `{' '.join(argv)}` has no --version: a chart's next release may change or drop "
+                      "the values these files set")
         pos = [a for i, a in enumerate(args[1:], 1) if not a.startswith("-") and not args[i - 1] in ("-f", "--values", "--namespace", "-n", "--set", "--version")]
         if len(pos) < 2:
             return
@@ -141,6 +214,10 @@ class Namespace:
                 self.crds.add(group)
         if chart != "nats/nats":
             return
+        vendored = nats_chart_version(self.root)
+        if version and version != vendored:
+            self.fail(f"{where}: `{' '.join(argv)}` installs chart {version}, but deploy/nats/values*.yaml were checked "
+                      f"against the vendored chart {vendored} (scripts/deploy_checks/vendor/README.md)")
         values: dict = {}
         for i, a in enumerate(args):
             if a in ("-f", "--values") and i + 1 < len(args):
@@ -219,6 +296,7 @@ class Namespace:
                     self.fail(f"{where}: `kubectl cp`: pod {m.group(1)} does not exist at this point")
 
     def apply(self, where: str, command: str, objs: list[dict]) -> None:
+        self.check_images(where, command, objs)
         incoming = {(o.get("kind"), (o.get("metadata") or {}).get("name")) for o in objs}
         have = self.objects | incoming
         for o in objs:
@@ -249,6 +327,8 @@ def needs(o: dict) -> list[tuple[str, str]]:
     else:
         return []
     out = []
+    for secret in ps.get("imagePullSecrets") or []:
+        out.append(("Secret", secret["name"]))
     sa = ps.get("serviceAccountName")
     if sa and sa != "default":
         out.append(("ServiceAccount", sa))
@@ -272,6 +352,38 @@ def needs(o: dict) -> list[tuple[str, str]]:
                 if ref and not ref.get("optional"):
                     out.append((k, ref["name"]))
     return out
+
+
+def nats_chart_version(root: Path) -> str:
+    """The NATS chart version whose values.yaml is vendored (vendor/README.md says which)."""
+    text = (root / "scripts" / "deploy_checks" / "vendor" / "README.md").read_text()
+    m = re.search(r"`nats-chart/values.yaml`[^|]*\|[^|]*\(chart (\d+\.\d+\.\d+)", text)
+    return m.group(1) if m else "?"
+
+
+def rotation(root: Path, render: Callable[[Path], list[dict]], fail: Callable[[str], None]) -> int:
+    """deploy/README.md's recipe for rotating a NATS password restarts what reads the passwords:
+    the NATS servers (their environment, set at start), nats-box, and every Deployment that
+    mounts a chunkmill-nats-* Secret (read when it connects). Returns the restarts it names."""
+    readme = (root / "deploy" / "README.md").read_text()
+    at = readme.find("Rotating a NATS password")
+    block = re.search(r"```sh\n(.*?)```", readme[at:], re.S) if at >= 0 else None
+    if not block:
+        fail("deploy/README.md: no recipe for rotating a NATS password (a ```sh block after \"Rotating a NATS password\")")
+        return 0
+    restarted = set()
+    for argv, _ in commands(block.group(1)):
+        if argv[:3] == ["kubectl", "rollout", "restart"]:
+            restarted |= {a for a in argv[3:] if "/" in a}
+    needed = {"statefulset/my-nats", "deploy/my-nats-box"}
+    for o in render(root / "deploy" / "overlays" / "broadcaster"):
+        spec = ((o.get("spec") or {}).get("template") or {}).get("spec") or {}
+        if o.get("kind") == "Deployment" and any(
+                str((v.get("secret") or {}).get("secretName", "")).startswith("chunkmill-nats-") for v in spec.get("volumes") or []):
+            needed.add(f"deploy/{o['metadata']['name']}")
+    for n in sorted(needed - restarted):
+        fail(f"deploy/README.md, rotating a NATS password: nothing restarts {n}, which keeps the old password")
+    return len(restarted)
 
 
 def merge(a: dict, b: dict) -> dict:

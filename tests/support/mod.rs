@@ -112,7 +112,7 @@ impl Pipeline {
     /// users and permissions of the Helm values); every service then logs in as its role.
     pub fn with_role_users(mut self) -> Self {
         let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats/chunkmill-auth.conf");
-        let passwords: Vec<(String, String)> = ["fetcher", "mapper", "saver", "broadcaster"]
+        let passwords: Vec<(String, String)> = ["fetcher", "mapper", "saver", "broadcaster", "box"]
             .iter()
             .map(|role| (format!("CHUNKMILL_{}_PASSWORD", role.to_uppercase()), role_password(role)))
             .collect();

@@ -16,6 +16,7 @@
 
 pub mod command;
 pub mod digest;
+pub mod job_file;
 pub mod jq;
 pub mod registry;
 pub mod spec;

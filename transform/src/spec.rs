@@ -266,6 +266,13 @@ impl Job {
 /// The job on the command line (`fetcher` and `saver verify` take the same flags).
 #[derive(Debug, Clone, clap::Args)]
 pub struct JobArgs {
+    /// A job file (YAML): the job and the run's settings in one file that the fetcher and
+    /// `saver verify` both read, its keys the flags' names with `_` (input, chunk_size,
+    /// transform, rounds, filter, id_field, max_attempts, sink, out, ...; README.md, "The job
+    /// file"). A flag or environment variable given as well overrides the file's value.
+    #[arg(long = "job", env = "FETCHER_JOB", value_name = "FILE")]
+    pub job_file: Option<PathBuf>,
+
     /// What to do to each object: `digest` (the users demo), `jq` (with --filter), `command`
     /// (with --command: a program the mappers registered), or the name of a Rust transform
     /// compiled into the mappers.
@@ -302,6 +309,7 @@ pub struct JobArgs {
 impl Default for JobArgs {
     fn default() -> Self {
         JobArgs {
+            job_file: None,
             transform: "digest".into(),
             rounds: crate::digest::DEFAULT_ROUNDS,
             filter: None,
