@@ -25,7 +25,7 @@ use transform::Job;
 use crate::config::Config;
 use crate::events::Publisher;
 use crate::kv_lock::LockStatus;
-use crate::ledger::{Ledger, ReleaseOutcome};
+use crate::ledger::{Extension, Ledger, ReleaseOutcome};
 use crate::metrics::FetcherMetrics;
 use crate::poison::{Suspects, Verdict};
 use crate::progress::{milestone, Progress};
@@ -830,7 +830,14 @@ impl Server {
         };
         let now = Instant::now();
         let ttl = self.config.lease_timeout;
-        let valid = request.leases.iter().map(|l| self.ledger.extend(l.chunk, l.lease, now, ttl)).collect();
+        let mut valid = Vec::with_capacity(request.leases.len());
+        for lease in &request.leases {
+            let extension = self.ledger.extend(lease.chunk, lease.lease, &request.mapper, now, ttl);
+            if extension == Extension::NotHolder {
+                self.refuse_non_holder("extend", &request.mapper, lease.chunk);
+            }
+            valid.push(extension == Extension::Extended);
+        }
         if let Some(reply) = &message.reply {
             let body = protocol::encode(&ExtendReply { v: VERSION, lease_ms: ttl.as_millis() as u64, valid });
             self.reply(reply, body).await;
@@ -843,8 +850,8 @@ impl Server {
             Err(e) => return self.malformed(&message, &e),
         };
         let failed = request.reason == ReleaseReason::Failed;
-        let outcome = self.ledger.release(request.lease.chunk, request.lease.lease, failed, self.config.max_attempts);
-        let chunk = request.lease.chunk;
+        let (chunk, lease) = (request.lease.chunk, request.lease.lease);
+        let outcome = self.ledger.release(chunk, lease, &request.mapper, failed, self.config.max_attempts);
         let error = request.error.as_deref().unwrap_or("no reason given");
         let mapper = escaped(&request.mapper);
         match (outcome, request.reason) {
@@ -883,12 +890,27 @@ impl Server {
             (ReleaseOutcome::NotCurrent, _) => {
                 tracing::debug!(chunk = chunk.0, "release of a lease that is no longer current")
             }
+            (ReleaseOutcome::NotHolder, _) => self.refuse_non_holder("release", &request.mapper, chunk),
         }
         if let Some(reply) = &message.reply {
-            let accepted = outcome != ReleaseOutcome::NotCurrent;
+            let accepted = matches!(outcome, ReleaseOutcome::Requeued | ReleaseOutcome::DeadLettered);
             self.reply(reply, protocol::encode(&ReleaseReply { v: VERSION, accepted })).await;
         }
         self.serve_waiters().await;
+    }
+
+    /// Counts and logs (rate-limited) an extend or release of a current lease by a mapper that
+    /// does not hold it: refused, as if the lease were not current.
+    fn refuse_non_holder(&mut self, what: &str, mapper: &str, chunk: ChunkId) {
+        self.metrics.refused("not_lease_holder");
+        let holder = self.ledger.lease_of(chunk).map(|lease| lease.mapper.clone()).unwrap_or_default();
+        self.warn_peer("not_lease_holder", || {
+            format!(
+                "refused a {what} of chunk {chunk}'s lease from {}: the lease is held by {}; only its holder may {what} it",
+                escaped(mapper),
+                escaped(&holder)
+            )
+        });
     }
 
     /// Does what the search for an object that kills its mappers says.
