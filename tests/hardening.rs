@@ -1,10 +1,124 @@
-//! End-to-end: what the fetcher does with hostile or broken surroundings (issue 36). Extends
-//! and releases of a lease by a mapper that does not hold it: refused and counted.
+//! End-to-end: what the fetcher does with hostile or broken surroundings (issue 36). A flood of
+//! half-open connections on its metrics port while a run goes, and chunk reads and accepts that run
+//! out of file descriptors: no chunk is dead-lettered, the run completes, the page still answers.
+//! Extends and releases of a lease by a mapper that does not hold it: refused and counted.
 
 mod support;
 
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::harness::{http_get, metric_value};
 use common::protocol::{self, LeaseRef, ReleaseReason, Subjects};
-use support::{metric, wait_ready, Pipeline};
+use support::{metric, wait_ready, wait_until, Pipeline};
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Sets the soft limit of open files of process `pid` (`prlimit`, util-linux; the hard limit
+/// stays, so that the soft one can be raised again without privileges).
+fn limit_open_files(pid: u32, limit: u64) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:")])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit --pid {pid} --nofile={limit} failed");
+}
+
+/// Raises this test process's own limit of open files to at least `needed` (it opens many
+/// connections).
+fn allow_open_files(needed: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
+    let hard: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(hard >= needed, "this test opens {needed} connections; raise the hard limit of open files (ulimit -Hn)");
+    limit_open_files(std::process::id(), hard.min(1 << 20));
+}
+
+/// Opens up to `count` connections to `port` that send half a request and then nothing
+/// (slowloris), giving up on each after a short wait and on all after 20 s.
+fn half_open_flood(port: u16, count: usize) -> Vec<TcpStream> {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    (0..count)
+        .take_while(|_| std::time::Instant::now() < deadline)
+        .filter_map(|_| {
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(100)).ok()?;
+            let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+            Some(stream)
+        })
+        .collect()
+}
+
+#[test]
+fn half_open_connections_on_the_metrics_port_neither_exhaust_descriptors_nor_dead_letter_a_chunk() {
+    let p = Pipeline::new(20_000, 300);
+    let (mut fetcher, port) = p.fetcher_named("fetcher", &["--chunk-size", "50"]);
+    wait_ready(port);
+    // The fetcher gets 256 descriptors; 1 100 half-open connections come while the run goes.
+    limit_open_files(fetcher.pid(), 256);
+    allow_open_files(2_000);
+    let flood = std::thread::spawn(move || half_open_flood(port, 1_100));
+    let _saver = p.saver("saver-1");
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let flood = flood.join().expect("the flood");
+    fetcher.wait_for_log(" complete: ", LONG);
+    let log = fetcher.log();
+    assert!(log.contains(" 0 chunks dead-lettered") && !log.contains("Too many open files"), "{log}");
+    // The page answers again once the half-open connections it holds time out.
+    wait_until("the status page to answer", LONG, || matches!(http_get(port, "/"), Ok((200, _))));
+    let (_, metrics) = http_get(port, "/metrics").expect("metrics");
+    let refused = metric_value(&metrics, "chunkmill_http_connections_refused_total").expect("refused series");
+    assert!(flood.len() > 1_000 && refused > 900.0, "{} connections made, {refused} refused", flood.len());
+    fetcher.kill();
+    drop(flood);
+    let (ok, report) = p.verify_with_flags(&["--chunk-size", "50"]);
+    assert!(ok && report.contains("20000 found, 0 missing"), "{report}");
+}
+
+#[test]
+fn a_chunk_read_or_an_accept_that_runs_out_of_file_descriptors_waits_and_dead_letters_nothing() {
+    let p = Pipeline::new(1_000, 0);
+    let (mut fetcher, port) = p.fetcher_named("fetcher", &[]);
+    wait_ready(port);
+    // Not one descriptor left: every chunk read (which opens the input file) fails with EMFILE.
+    // (A limit at the lowest free number would do, but a connection closing meanwhile frees a
+    // lower one; stdin, stdout and stderr are 0 to 2, so a limit of 3 leaves none.)
+    let pid = fetcher.pid();
+    limit_open_files(pid, 3);
+    let started = std::time::Instant::now();
+    // A connection to the metrics port meanwhile: every accept of it fails with EMFILE (the
+    // connection stays queued), which must be retried after a wait, not in a tight loop.
+    let waiting = TcpStream::connect(("127.0.0.1", port)).expect("connects (queued by the kernel)");
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    fetcher.wait_for_log("cannot read chunk 0 now", LONG);
+    fetcher.wait_for_log("metrics endpoint: accept failed", LONG);
+    let log = fetcher.log();
+    assert!(log.contains("Too many open files"), "{log}");
+    limit_open_files(pid, 1024);
+    let short = started.elapsed().as_secs_f64();
+    drop(waiting);
+    wait_until("the run to complete", LONG, || {
+        metric(port, "chunkmill_fetcher_run_complete_timestamp_seconds").is_some_and(|t| t > 0.0)
+    });
+    let errors = metric(port, "chunkmill_http_accept_errors_total").expect("accept errors series");
+    // Waits of 100 ms doubling to 1 s: about one failed accept a second (a spin made millions).
+    assert!((1.0..=short + 10.0).contains(&errors), "{errors} failed accepts in {short:.1} s");
+    let log = fetcher.log();
+    let warned = log.matches("accept failed").count() as f64;
+    assert!(warned <= short / 10.0 + 2.0, "{warned} accept warnings in {short:.1} s");
+    assert_eq!(metric(port, "chunkmill_fetcher_chunks{state=\"dead_lettered\"}"), Some(0.0), "{log}");
+    fetcher.kill();
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("1000 found, 0 missing"), "{report}");
+}
 
 #[test]
 fn extends_and_releases_from_a_mapper_that_does_not_hold_the_lease_are_refused_and_counted() {

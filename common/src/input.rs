@@ -59,10 +59,31 @@ pub enum ReadErrorKind {
     /// The object is no longer the version that was scanned: none of its chunks may be handed
     /// out any more (a run never mixes two versions of its input).
     Changed,
-    /// The store stayed unreachable after its retries: try again later.
+    /// The store stayed unreachable after its retries, or the process is out of file
+    /// descriptors ([`is_fd_shortage`]): a condition of the reader, not of the chunk; try
+    /// again later.
     Unavailable,
     /// Anything else (the chunk cannot be read).
     Other,
+}
+
+impl ReadErrorKind {
+    /// The kind of a failed read of a local file: [`ReadErrorKind::Unavailable`] when the process
+    /// (or the system) is out of file descriptors, which passes, else [`ReadErrorKind::Other`].
+    pub fn of_io(error: &io::Error) -> Self {
+        if is_fd_shortage(error) {
+            ReadErrorKind::Unavailable
+        } else {
+            ReadErrorKind::Other
+        }
+    }
+}
+
+/// Whether `error` is a shortage of file descriptors (EMFILE: this process has its most open;
+/// ENFILE: the system has): a transient condition of the reader (a flood of connections on the
+/// metrics port once caused it), never a reason to give up on the data being read.
+pub fn is_fd_shortage(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// A failed read of an object, its message naming the object and what to do.
@@ -166,7 +187,7 @@ impl ObjectSource for LocalFile {
     fn read_range(&self, _: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
         let mut raw = vec![0u8; (range.end - range.start) as usize];
         self.file.read_exact_at(&mut raw, range.start).map_err(|e| ReadError {
-            kind: ReadErrorKind::Other,
+            kind: ReadErrorKind::of_io(&e),
             message: format!("cannot read input file {}: {e}; check the path and its permissions", self.path.display()),
         })?;
         Ok(raw)
@@ -1482,6 +1503,14 @@ mod tests {
         std::fs::write(file.path(), &bytes).expect("rewrite");
         let err = ChunkReader::open(&index).expect("open").read(&index.chunks[0]).unwrap_err().to_string();
         assert!(err.contains("changed since it was scanned") && err.contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn running_out_of_file_descriptors_is_transient() {
+        let shortage = io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(is_fd_shortage(&shortage) && is_fd_shortage(&io::Error::from_raw_os_error(libc::ENFILE)));
+        assert_eq!(ReadErrorKind::of_io(&shortage), ReadErrorKind::Unavailable);
+        assert_eq!(ReadErrorKind::of_io(&io::ErrorKind::UnexpectedEof.into()), ReadErrorKind::Other);
     }
 
     #[test]

@@ -756,8 +756,12 @@ impl Server {
                 return Leased::Skipped;
             }
             Err(InputError::Read(e)) if e.kind == ReadErrorKind::Unavailable => {
+                // The store is down, or the fetcher is out of file descriptors: the chunk is not
+                // at fault. It is read again when a mapper next asks.
                 self.ledger.unlease(grant.chunk, grant.lease);
-                tracing::warn!(chunk = grant.chunk.0, "cannot read chunk {} now: {e}; it stays pending", grant.chunk);
+                self.warn_peer("input_unavailable", || {
+                    format!("cannot read chunk {} now: {e}; it stays pending and is read again later", grant.chunk)
+                });
                 return Leased::Stop;
             }
             Err(e) => {
