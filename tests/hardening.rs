@@ -1,12 +1,15 @@
 //! End-to-end: what the fetcher does with hostile or broken surroundings (issue 36). A flood of
 //! half-open connections on its metrics port while a run goes, and chunk reads and accepts that run
-//! out of file descriptors: no chunk is dead-lettered, the run completes, the page still answers.
-//! Extends and releases of a lease by a mapper that does not hold it: refused and counted.
+//! out of file descriptors: no chunk is dead-lettered, the run completes, the page still answers. A
+//! gzip bomb: refused at the spool's limit, naming the object and the setting, by the fetcher and
+//! by `saver verify`. Extends and releases of a lease by a mapper that does not hold it: refused
+//! and counted.
 
 mod support;
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -118,6 +121,53 @@ fn a_chunk_read_or_an_accept_that_runs_out_of_file_descriptors_waits_and_dead_le
     fetcher.kill();
     let (ok, report) = p.verify();
     assert!(ok && report.contains("1000 found, 0 missing"), "{report}");
+}
+
+/// `text` repeated until `bytes`, gzipped (fast level: a bomb's ratio).
+fn gzip_repeated(text: &str, bytes: usize, path: &Path) {
+    let file = std::fs::File::create(path).expect("create");
+    let mut encoder = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
+    let block = text.repeat((1 << 20) / text.len());
+    let mut written = 0;
+    while written < bytes {
+        encoder.write_all(block.as_bytes()).expect("gzip");
+        written += block.len();
+    }
+    encoder.finish().expect("gzip").flush().expect("flush");
+}
+
+#[test]
+fn a_gzip_bomb_is_refused_at_the_spool_limit_naming_the_object_and_the_setting() {
+    let mut p = Pipeline::orders(10, &["--transform", "jq", "--filter", "."]);
+    // 160 MiB of records in a few hundred kB: past the 64 MiB any object may inflate to, and
+    // far past 100 times its size.
+    let bomb = p.dir.path().join("bomb.jsonl.gz");
+    gzip_repeated("{\"a\":1}\n", 160 << 20, &bomb);
+    let stored = std::fs::metadata(&bomb).expect("bomb").len();
+    assert!(stored < 2 << 20, "{stored} bytes: not a bomb");
+    p.input = bomb.clone();
+    let mut fetcher = p.fetcher(&[]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(1), "{}", fetcher.log());
+    let log = fetcher.log();
+    let name = std::fs::canonicalize(&bomb).expect("path").display().to_string();
+    assert!(log.contains(&format!("input object {name} decompresses to more than")), "{log}");
+    assert!(log.contains("--spool-max-ratio"), "{log}");
+    let spool: Vec<_> = std::fs::read_dir(p.state_dir().join("spool")).expect("spool").flatten().collect();
+    assert!(spool.is_empty(), "the partial spool file is removed: {spool:?}");
+    let (ok, report) = p.verify();
+    assert!(!ok && report.contains(&name) && report.contains("--spool-max-ratio"), "{report}");
+
+    // An honest object past the spool's whole size: refused by --spool-max-size.
+    let honest = p.dir.path().join("orders.jsonl.gz");
+    let orders = std::fs::read(p.dir.path().join("orders.jsonl")).expect("orders");
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(&orders).expect("gzip");
+    std::fs::write(&honest, encoder.finish().expect("gzip")).expect("write");
+    p.input = honest;
+    let mut fetcher = p.fetcher(&["--spool-max-size", "1KiB"]);
+    assert_eq!(fetcher.wait_exit(LONG), Some(1), "{}", fetcher.log());
+    let log = fetcher.log();
+    assert!(log.contains("orders.jsonl.gz") && log.contains("--spool-max-size, 1024 bytes"), "{log}");
 }
 
 #[test]

@@ -35,6 +35,9 @@ pub enum ErrorKind {
     Decompress,
     /// The spool directory cannot be written or read.
     Spool,
+    /// A compressed object decompresses to more than the spool may hold (a decompression bomb,
+    /// or limits set too low).
+    SpoolLimit,
     /// A setting (environment variable, `*_FILE`, option) is wrong or missing.
     Config,
     /// A byte range outside an object.
@@ -141,6 +144,16 @@ pub enum SourceError {
         /// The OS error.
         source: io::Error,
     },
+    /// A compressed object decompresses to more than the spool may hold.
+    #[error("input object {object} {problem}: refused before it fills the disk (the spool holds each compressed object decompressed); {fix}")]
+    SpoolLimit {
+        /// The object.
+        object: String,
+        /// Which limit it passes.
+        problem: String,
+        /// The setting to change.
+        fix: String,
+    },
     /// A setting is wrong or missing.
     #[error("{setting}: {problem}")]
     Config {
@@ -180,6 +193,7 @@ impl SourceError {
             SourceError::Io { .. } => ErrorKind::Io,
             SourceError::Decompress { .. } => ErrorKind::Decompress,
             SourceError::Spool { .. } => ErrorKind::Spool,
+            SourceError::SpoolLimit { .. } => ErrorKind::SpoolLimit,
             SourceError::Config { .. } => ErrorKind::Config,
             SourceError::Range { .. } => ErrorKind::Range,
         }

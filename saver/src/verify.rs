@@ -164,6 +164,8 @@ pub struct Expectation {
     /// Whether the scan drops records whose id repeats an earlier one's, as the fetcher's scan
     /// does unless --no-duplicate-check.
     pub duplicate_check: bool,
+    /// How much verify's spool may hold, as the fetcher's `--spool-max-*`.
+    pub spool: input::SpoolLimits,
 }
 
 impl Expectation {
@@ -186,7 +188,7 @@ impl Expectation {
         } else {
             None
         };
-        Ok(Expectation { job, transform, examples, duplicate_check: true })
+        Ok(Expectation { job, transform, examples, duplicate_check: true, spool: input::SpoolLimits::default() })
     }
 }
 
@@ -439,7 +441,11 @@ impl Drop for SpoolDir {
 fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Result<Input, VerifyError> {
     let spool = SpoolDir(std::env::temp_dir().join(format!("chunkmill-verify-spool-{}", std::process::id())));
     let location = input::Location::parse(&input.display().to_string())?;
-    let options = input::SourceOptions { spool_dir: Some(spool.0.clone()), ..input::SourceOptions::default() };
+    let options = input::SourceOptions {
+        spool_dir: Some(spool.0.clone()),
+        spool_limits: expectation.spool,
+        ..input::SourceOptions::default()
+    };
     let source = Arc::new(input::Source::open_blocking(location, options)?);
     let job = &expectation.job;
     let check = |record: &[u8]| expectation.transform.as_ref().map_or(Ok(()), |t| t.check(record));
@@ -742,6 +748,7 @@ pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<Verif
     let recompute = args.recompute || !args.recompute_with.is_empty();
     let mut expectation = Expectation::new(&args.job, &registry, recompute, args.show_dead)?;
     expectation.duplicate_check = !args.no_duplicate_check;
+    expectation.spool = args.spool.limits();
     let sink = args.sink.config(&args.out, 1, "verify").map_err(|e| VerifyError::Database(e.to_string()))?;
     sink.verify(&args.input, args.chunk_size, &expectation)
 }
