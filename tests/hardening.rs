@@ -2,8 +2,10 @@
 //! half-open connections on its metrics port while a run goes, and chunk reads and accepts that run
 //! out of file descriptors: no chunk is dead-lettered, the run completes, the page still answers. A
 //! gzip bomb: refused at the spool's limit, naming the object and the setting, by the fetcher and
-//! by `saver verify`. Extends and releases of a lease by a mapper that does not hold it: refused
-//! and counted.
+//! by `saver verify`. An in-place edit of the input that keeps its size and modification time: the
+//! run stops naming the object and saves nothing from the edited bytes. A record of a gigabyte: its
+//! chunk is dead-lettered by its size while the fetcher's peak memory stays far below it. Extends
+//! and releases of a lease by a mapper that does not hold it: refused and counted.
 
 mod support;
 
@@ -168,6 +170,112 @@ fn a_gzip_bomb_is_refused_at_the_spool_limit_naming_the_object_and_the_setting()
     assert_eq!(fetcher.wait_exit(LONG), Some(1), "{}", fetcher.log());
     let log = fetcher.log();
     assert!(log.contains("orders.jsonl.gz") && log.contains("--spool-max-size, 1024 bytes"), "{log}");
+}
+
+#[test]
+fn an_in_place_edit_that_keeps_size_and_mtime_stops_the_run_naming_the_object_and_saves_nothing_edited() {
+    let p = Pipeline::new(210, 100_000);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("slow-mapper", &["--threads", "1", "--concurrency", "1"]);
+    let run = p.run_id_at(10);
+    let mut fetcher = p.fetcher(&["--chunk-size", "10"]);
+    p.wait_saved(2, LONG);
+    // As `rsync --inplace` or `cp -p` would: the same file (inode), the same size, the same
+    // modification time; the first names of the last 100 records become Z...Z.
+    let reference = p.dir.path().join("mtime");
+    assert!(Command::new("touch").arg("-r").arg(&p.input).arg(&reference).status().expect("touch").success());
+    let text = std::fs::read_to_string(&p.input).expect("input");
+    let edited: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if i < 110 {
+                return line.to_string();
+            }
+            let mut user: serde_json::Value = serde_json::from_str(line).expect("user");
+            let first = user["fn"].as_str().expect("fn").len();
+            user["fn"] = "Z".repeat(first).into();
+            serde_json::to_string(&user).expect("json")
+        })
+        .collect();
+    let edited = edited.join("\n") + "\n";
+    assert_eq!(edited.len(), text.len(), "the edit keeps the size");
+    // The fetcher is paused meanwhile, so that it never sees the new modification time between
+    // the write and its restoration: the edit looks atomic, as a quick `rsync --inplace` does.
+    fetcher.signal("STOP");
+    let mut file = std::fs::OpenOptions::new().write(true).open(&p.input).expect("open in place");
+    file.write_all(edited.as_bytes()).expect("edit in place");
+    file.sync_all().expect("sync");
+    drop(file);
+    assert!(Command::new("touch").arg("-r").arg(&reference).arg(&p.input).status().expect("touch").success());
+    fetcher.signal("CONT");
+
+    let code = fetcher.wait_exit(LONG);
+    let log = fetcher.log();
+    assert_ne!(code, Some(0), "the run must not complete on an edited input: {log}");
+    let name = std::fs::canonicalize(&p.input).expect("path").display().to_string();
+    assert!(log.contains(&format!("input object {name} changed since it was scanned")), "{log}");
+    assert!(log.contains("chunks were not handed out because their input changed"), "{log}");
+    let saved: String = std::fs::read_dir(p.out.join(run))
+        .expect("run directory")
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().starts_with("part-"))
+        .map(|f| std::fs::read_to_string(f.path()).expect("part file"))
+        .collect();
+    assert!(!saved.is_empty(), "chunks before the edit were saved");
+    assert!(!saved.contains("ZZZ"), "a value was made from the edited bytes");
+}
+
+/// The fetcher's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+#[test]
+fn a_record_of_a_gigabyte_is_dead_lettered_by_its_size_without_the_fetcher_ever_holding_it() {
+    const RECORD: usize = 1 << 30;
+    let p = Pipeline::new(300, 0);
+    let text = std::fs::read_to_string(&p.input).expect("input");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&p.input).expect("rewrite input"));
+    for (i, line) in text.lines().enumerate() {
+        if i == 150 {
+            // Line 151: a user whose first name is a gigabyte long.
+            write!(file, "{{\"uuid\":\"00000000-0000-4000-8000-0000000000ff\",\"fn\":\"").expect("write");
+            let block = vec![b'x'; 1 << 20];
+            for _ in 0..RECORD >> 20 {
+                file.write_all(&block).expect("write");
+            }
+            writeln!(file, "\",\"ln\":\"Huge\",\"friends\":[]}}").expect("write");
+        }
+        writeln!(file, "{line}").expect("write");
+    }
+    file.flush().expect("flush");
+    drop(file);
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    let (mut fetcher, port) = p.fetcher_named("fetcher", &[]);
+    wait_until("the run to complete", LONG, || {
+        metric(port, "chunkmill_fetcher_run_complete_timestamp_seconds").is_some_and(|t| t > 0.0)
+    });
+    let peak = peak_rss(fetcher.pid());
+    fetcher.kill();
+    eprintln!("the fetcher's peak RSS: {} MiB", peak >> 20);
+    assert!(peak < (RECORD / 4) as u64, "the fetcher's peak RSS was {} MiB for a 1 GiB record", peak >> 20);
+    let log = fetcher.log();
+    assert!(log.contains("chunk 1 (input line 101) holds") && log.contains("without reading it"), "{log}");
+    let dead =
+        std::fs::read_to_string(p.state_dir().join(format!("{}.dead-letter.jsonl", p.run_id()))).expect("dead letters");
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(dead.contains("\"chunk\":1") && dead.contains("max_payload"), "{dead}");
+    let (ok, report) = p.verify();
+    assert!(ok && report.contains("201 found") && report.contains("100 dead-lettered"), "{report}");
 }
 
 #[test]

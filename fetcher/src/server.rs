@@ -672,7 +672,8 @@ impl Server {
             if !chunks.is_empty() && size + estimate > max_payload {
                 break;
             }
-            let (chunk, objects, last) = match self.lease_one(waiter, chunks.is_empty()).await {
+            let room = max_payload.saturating_sub(protocol::chunks_reply_overhead(&head));
+            let (chunk, objects, last) = match self.lease_one(waiter, chunks.is_empty(), room).await {
                 Leased::Chunk { head, objects, last } => (head, objects, last),
                 Leased::Skipped => continue,
                 Leased::Stop => break,
@@ -725,8 +726,45 @@ impl Server {
         self.dead_letter(chunk.chunk, &error).await;
     }
 
-    /// Leases the next chunk `waiter` may have and reads its objects from the input.
-    async fn lease_one(&mut self, waiter: &Waiter, first: bool) -> Leased {
+    /// A chunk whose records alone take more than `room` (what a reply under the server's
+    /// `max_payload` leaves for one chunk): dead-lettered from the size the scan recorded,
+    /// without reading it (a record of a gigabyte is never loaded). True if it was.
+    async fn dead_letter_if_too_large(&mut self, grant: &crate::ledger::Grant, room: usize) -> bool {
+        let span = self.index.chunks[grant.chunk.index()];
+        let head = ChunkHead {
+            chunk: grant.chunk,
+            lease: grant.lease,
+            attempt: grant.attempt,
+            first_line: span.first_line,
+            lines: None,
+            skip: vec![],
+            probe: false,
+        };
+        // The records, the commas between them and the smallest head a chunk has.
+        let least =
+            span.bytes + u64::from(span.objects.saturating_sub(1)) + protocol::chunk_entry_size(&head, &[]) as u64;
+        if least <= room as u64 {
+            return false;
+        }
+        let max_payload = common::nats::max_payload(&self.client);
+        tracing::error!(
+            chunk = grant.chunk.0,
+            "chunk {} (input line {}) holds {} bytes of records, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it without reading it. Lower --chunk-size or raise max_payload (a single record over it can never be sent)",
+            grant.chunk,
+            span.first_line,
+            span.bytes,
+        );
+        let error = format!(
+            "chunk holds {} bytes of records, over the NATS server's max_payload of {max_payload} bytes",
+            span.bytes
+        );
+        self.dead_letter(grant.chunk, &error).await;
+        true
+    }
+
+    /// Leases the next chunk `waiter` may have and reads its objects from the input (unless
+    /// they cannot fit in `room`: see [`Server::dead_letter_if_too_large`]).
+    async fn lease_one(&mut self, waiter: &Waiter, first: bool, room: usize) -> Leased {
         // A chunk suspected of killing its mappers goes alone to a mapper that holds nothing
         // else, so that a death can be blamed on it (and a probe is a probe of one chunk).
         let alone = first && self.ledger.leases_of(&waiter.mapper) == 0;
@@ -737,6 +775,9 @@ impl Server {
             unchanged && (alone || (deaths == 0 && !suspects.searching(c)))
         });
         let Some(grant) = grant else { return Leased::Stop };
+        if self.dead_letter_if_too_large(&grant, room).await {
+            return Leased::Skipped;
+        }
         let span = self.index.chunks[grant.chunk.index()];
         let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
         // Off the runtime thread when it may wait on the store (its retries included), so that
@@ -1115,10 +1156,14 @@ impl Server {
         });
     }
 
-    /// The ids of a chunk's objects (the job's id field), for its dead-letter records.
+    /// The ids of a chunk's objects (the job's id field), for its dead-letter records; none for
+    /// a chunk too large to be sent, which is never read.
     fn chunk_ids(&self, chunk: ChunkId) -> Vec<Option<String>> {
         let span = self.index.chunks[chunk.index()];
-        let Some(field) = &self.job.id_field else { return vec![None; span.objects as usize] };
+        let too_large = span.bytes > common::nats::max_payload(&self.client) as u64;
+        let Some(field) = self.job.id_field.as_ref().filter(|_| !too_large) else {
+            return vec![None; span.objects as usize];
+        };
         self.reader
             .read_array(&span)
             .ok()

@@ -238,6 +238,10 @@ fn check_chunk(
 ) -> VerifyReport {
     let n = span.objects as usize;
     let mut report = VerifyReport { duplicated: saved.as_ref().map_or(0, |s| s.duplicates), ..Default::default() };
+    if let (Some(saved), None, true) = (&saved, inputs, span.bytes > common::input::MAX_RECORD) {
+        check_unread_chunk(chunk, span, saved, expectation, &mut report);
+        return report;
+    }
     // Not saved, or its input cannot be read any more (the file changed since the scan): every
     // object stays expected, so all of them are missing, never nothing.
     let (Some(saved), Some(inputs)) = (saved, inputs) else {
@@ -264,6 +268,33 @@ fn check_chunk(
     let check = ChunkCheck { chunk, ids: &ids, expected: expected.as_deref(), flat, expectation, line: &line };
     check.objects(n, &dead, values, &mut report);
     report
+}
+
+/// A chunk whose records are over `MAX_RECORD`: no one reads it, the fetcher dead-letters it
+/// whole by its size, so each of its objects must be dead in the sink (matched by index: its ids
+/// were never read); any value saved for it is unexpected.
+fn check_unread_chunk(
+    chunk: u64,
+    span: &ChunkSpan,
+    saved: &Saved,
+    expectation: &Expectation,
+    report: &mut VerifyReport,
+) {
+    let n = span.objects as usize;
+    let ids = vec![None; n];
+    let dead = match_dead(saved.dead.clone(), &ids, expectation, report);
+    report.unexpected += match &saved.values {
+        SavedValues::Flat(values) => values.len() as u64,
+        SavedValues::ByObject(map) => map.values().map(|v| v.len() as u64).sum(),
+    };
+    let line = |i: usize| span.first_line + i as u64;
+    let check = ChunkCheck { chunk, ids: &ids, expected: None, flat: true, expectation, line: &line };
+    for i in 0..n {
+        match dead.get(&(i as u32)) {
+            Some(entry) => check.dead_object(i, entry, None, report),
+            None => report.missing += 1,
+        }
+    }
 }
 
 /// The chunk's dead entries that name one of its objects (by index, and by id when the job has
