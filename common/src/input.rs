@@ -61,10 +61,31 @@ pub enum ReadErrorKind {
     /// The object is no longer the version that was scanned: none of its chunks may be handed
     /// out any more (a run never mixes two versions of its input).
     Changed,
-    /// The store stayed unreachable after its retries: try again later.
+    /// The store stayed unreachable after its retries, or the process is out of file
+    /// descriptors ([`is_fd_shortage`]): a condition of the reader, not of the chunk; try
+    /// again later.
     Unavailable,
     /// Anything else (the chunk cannot be read).
     Other,
+}
+
+impl ReadErrorKind {
+    /// The kind of a failed read of a local file: [`ReadErrorKind::Unavailable`] when the process
+    /// (or the system) is out of file descriptors, which passes, else [`ReadErrorKind::Other`].
+    pub fn of_io(error: &io::Error) -> Self {
+        if is_fd_shortage(error) {
+            ReadErrorKind::Unavailable
+        } else {
+            ReadErrorKind::Other
+        }
+    }
+}
+
+/// Whether `error` is a shortage of file descriptors (EMFILE: this process has its most open;
+/// ENFILE: the system has): a transient condition of the reader (a flood of connections on the
+/// metrics port once caused it), never a reason to give up on the data being read.
+pub fn is_fd_shortage(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// A failed read of an object, its message naming the object and what to do.
@@ -168,7 +189,7 @@ impl ObjectSource for LocalFile {
     fn read_range(&self, _: usize, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
         let mut raw = vec![0u8; (range.end - range.start) as usize];
         self.file.read_exact_at(&mut raw, range.start).map_err(|e| ReadError {
-            kind: ReadErrorKind::Other,
+            kind: ReadErrorKind::of_io(&e),
             message: format!("cannot read input file {}: {e}; check the path and its permissions", self.path.display()),
         })?;
         Ok(raw)
@@ -184,8 +205,16 @@ pub enum InputFormat {
     JsonArray,
 }
 
+/// The longest record the scan holds in memory and checks: 64 MiB, the largest `max_payload`
+/// a NATS server takes, so a longer record can never reach a mapper. The scan streams past such
+/// a record without holding it (its bytes still count in the run id), and puts it in its chunk
+/// unchecked; that chunk is dead-lettered by its recorded size ([`ChunkSpan::bytes`]) without
+/// being read, and [`ChunkReader`] refuses to read a chunk whose records are larger.
+pub const MAX_RECORD: u64 = 64 << 20;
+
 /// One chunk: a byte range of one input object holding `objects` valid records (and maybe some
-/// bad records, which are skipped when the chunk is read).
+/// bad records, which are skipped when the chunk is read). What the fetcher keeps of a chunk
+/// (48 bytes), all of it from the scan; the chunk's index, if persisted, would be these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkSpan {
     /// The input object it is in (its index in the source's order).
@@ -198,6 +227,13 @@ pub struct ChunkSpan {
     pub objects: u32,
     /// 1-based line of the first record.
     pub first_line: u64,
+    /// Bytes of its valid records, separators and skipped records not counted: the least a
+    /// message carrying the chunk takes, known without reading it.
+    pub bytes: u64,
+    /// CRC-32 over each valid record's line, length and own CRC-32, in order, as scanned: every
+    /// read of the chunk checks it ([`ChunkReader`]), so a chunk whose bytes were edited in
+    /// place since the scan (same size, same modification time) is never handed out.
+    pub checksum: u32,
 }
 
 /// A record that cannot be processed, with where it is.
@@ -296,6 +332,18 @@ pub enum InputError {
     /// The chunk size is zero.
     #[error("chunk size must be at least 1")]
     ChunkSize,
+    /// A chunk whose records are larger than any message can be: it is never read.
+    #[error("the chunk of {object} from line {line} holds {bytes} bytes of records, more than the {max} bytes a message can carry (no NATS server takes more): it is not read")]
+    TooLarge {
+        /// Its object.
+        object: String,
+        /// Its first line.
+        line: u64,
+        /// Bytes of its records.
+        bytes: u64,
+        /// [`MAX_RECORD`].
+        max: u64,
+    },
     /// The duplicate-id check could not spill to disk.
     #[error(transparent)]
     Spill(#[from] crate::dups::SpillError),
@@ -359,6 +407,8 @@ struct ChunkBuilder<'a> {
     base: u64,
     chunks: Vec<ChunkSpan>,
     current: Option<ChunkSpan>,
+    /// The checksum of the current chunk's records so far.
+    checksum: crc32fast::Hasher,
     objects: u64,
     /// Lines of the objects before this one: the duplicate check names a record's line by
     /// `lines_before + line`, unique across objects, and [`ChunkBuilder::first_at`] maps it back.
@@ -383,15 +433,32 @@ fn id_hash(id: &str) -> u128 {
     u128::from_le_bytes(digest[..16].try_into().unwrap_or_default())
 }
 
-/// What the parallel pass learns of one record: `Err` if it is bad, else its id's hash if the
-/// duplicate check is on and it has an id.
-type Verdict = Result<Option<u128>, String>;
+/// What the parallel pass learns of a valid record.
+struct Checked {
+    /// Its id's hash, if the duplicate check is on and it has an id.
+    id: Option<u128>,
+    /// The CRC-32 of its bytes, for its chunk's checksum.
+    crc: u32,
+}
 
-/// Checks one record (strict JSON, the job's rules) and hashes its id: the part of accepting a
-/// record that needs no other record, so it runs on all cores.
+/// What the parallel pass learns of one record: `Err` if it is bad.
+type Verdict = Result<Checked, String>;
+
+/// Checks one record (strict JSON, the job's rules), hashes its id and takes its CRC-32: the
+/// part of accepting a record that needs no other record, so it runs on all cores.
 fn verdict(record: &[u8], options: &ScanOptions<'_>, dup_check: bool) -> Verdict {
     check_record(record, options)?;
-    Ok(if dup_check { options.id.and_then(|id| id(record)).map(|id| id_hash(&id)) } else { None })
+    let id = if dup_check { options.id.and_then(|id| id(record)).map(|id| id_hash(&id)) } else { None };
+    Ok(Checked { id, crc: crc32fast::hash(record) })
+}
+
+/// Adds one record to a chunk's checksum ([`ChunkSpan::checksum`]): its line, its length and
+/// its own CRC-32, so that the scan (which takes the records' CRCs on all cores) and a read
+/// (which has the chunk's bytes) make the same value.
+fn add_record(checksum: &mut crc32fast::Hasher, line: u64, len: u64, crc: u32) {
+    checksum.update(&line.to_le_bytes());
+    checksum.update(&len.to_le_bytes());
+    checksum.update(&crc.to_le_bytes());
 }
 
 impl<'a> ChunkBuilder<'a> {
@@ -408,6 +475,7 @@ impl<'a> ChunkBuilder<'a> {
             base: 0,
             chunks: Vec::new(),
             current: None,
+            checksum: crc32fast::Hasher::new(),
             objects: 0,
             lines_before: 0,
             last_line: 0,
@@ -432,12 +500,12 @@ impl<'a> ChunkBuilder<'a> {
         offset: u64,
         line: u64,
     ) -> Result<Result<(), String>, InputError> {
-        let hash = match verdict {
-            Ok(hash) => hash,
+        let checked = match verdict {
+            Ok(checked) => checked,
             Err(error) => return Ok(Err(error)),
         };
         self.last_line = self.last_line.max(line);
-        let first = match (self.known, hash) {
+        let first = match (self.known, checked.id) {
             (Some(known), _) => known.get(&(self.base + offset)).copied(),
             (None, Some(hash)) => self.dups.insert(hash, self.base + offset, self.lines_before + line)?,
             (None, None) => None,
@@ -446,18 +514,47 @@ impl<'a> ChunkBuilder<'a> {
             let id = self.options.id.and_then(|id| id(record)).unwrap_or_default();
             return Ok(Err(format!("duplicate id {} (first {})", crate::text::escaped(&id), self.first_at(first))));
         }
-        self.push(offset, record.len() as u64, line);
+        self.push(offset, record.len() as u64, line, checked.crc);
         Ok(Ok(()))
     }
 
-    fn push(&mut self, offset: u64, len: u64, line: u64) {
+    /// Accepts a record longer than [`MAX_RECORD`] that the scan streamed past without holding
+    /// or checking it: it counts in its chunk, which is too large to be handed out or read (its
+    /// checksum entry holds no CRC of its bytes, which were never in memory at once).
+    fn admit_unchecked(&mut self, offset: u64, len: u64, line: u64) {
+        self.last_line = self.last_line.max(line);
+        self.push(offset, len, line, 0);
+    }
+
+    fn push(&mut self, offset: u64, len: u64, line: u64, crc: u32) {
         self.objects += 1;
         let object = self.object;
-        let span = self.current.get_or_insert(ChunkSpan { object, offset, len: 0, objects: 0, first_line: line });
+        if self.current.is_none() {
+            self.checksum = crc32fast::Hasher::new();
+        }
+        let span = self.current.get_or_insert(ChunkSpan {
+            object,
+            offset,
+            len: 0,
+            objects: 0,
+            first_line: line,
+            bytes: 0,
+            checksum: 0,
+        });
         span.len = offset + len - span.offset;
         span.objects += 1;
+        span.bytes += len;
+        add_record(&mut self.checksum, line, len, crc);
         if span.objects == self.chunk_size {
-            self.chunks.extend(self.current.take());
+            self.close_chunk();
+        }
+    }
+
+    /// Ends the current chunk (full, or at the end of its object) with its checksum.
+    fn close_chunk(&mut self) {
+        if let Some(mut span) = self.current.take() {
+            span.checksum = self.checksum.clone().finalize();
+            self.chunks.push(span);
         }
     }
 
@@ -469,7 +566,7 @@ impl<'a> ChunkBuilder<'a> {
     /// Ends the current object, `len` bytes long: its last chunk is cut there (a chunk never
     /// spans objects).
     fn end_object(&mut self, len: u64) {
-        self.chunks.extend(self.current.take());
+        self.close_chunk();
         self.object += 1;
         self.base += len;
         self.lines_before += self.last_line;
@@ -490,7 +587,7 @@ impl<'a> ChunkBuilder<'a> {
     }
 
     fn finish(mut self) -> Result<(Vec<ChunkSpan>, u64, Option<crate::dups::Known>), InputError> {
-        self.chunks.extend(self.current.take());
+        self.close_chunk();
         let (known, late) = self.dups.finish()?;
         Ok((self.chunks, self.objects, late.then_some(known)))
     }
@@ -714,18 +811,28 @@ fn scan_lines(
             return Ok(base);
         }
         // The block ends after its last newline; the rest waits for the next read. A line
-        // longer than the block makes the block grow until the line fits.
+        // longer than the block makes the block grow until the line fits, up to MAX_RECORD:
+        // a longer line is streamed past, never held.
+        let skip = if base == 0 && bom { BOM.len() } else { 0 };
         let cut = match memchr::memrchr(b'\n', &buf) {
             _ if eof => buf.len(),
             Some(i) => i + 1,
+            None if buf.len() as u64 >= MAX_RECORD => {
+                let long = skip_long_line(&mut reader, &mut buf, skip, hasher).map_err(|e| io_failure(path, e))?;
+                number += 1;
+                if let Some(record) = &long.record {
+                    builder.admit_unchecked(base + record.start, record.end - record.start, number);
+                }
+                (base, eof) = (base + long.len, long.eof);
+                continue;
+            }
             None => {
-                want = buf.len() * 2;
+                want = (buf.len() * 2).min(MAX_RECORD as usize);
                 continue;
             }
         };
         want = BLOCK;
         let block = &buf[..cut];
-        let skip = if base == 0 && bom { BOM.len() } else { 0 };
         let options = builder.options;
         let ((), (lines, verdicts)) =
             rayon::join(|| hasher.update(block), || block_verdicts(block, skip, &options, dup_check));
@@ -745,6 +852,43 @@ fn scan_lines(
         }
         buf.drain(..cut);
         base += cut as u64;
+    }
+}
+
+/// A line longer than [`MAX_RECORD`], streamed past by [`skip_long_line`].
+struct LongLine {
+    /// Its bytes, its newline included.
+    len: u64,
+    /// Where its record is within it (trimmed), unless it is all whitespace.
+    record: Option<Range<u64>>,
+    /// Whether the input ended with it.
+    eof: bool,
+}
+
+/// Streams past the line that starts `buf` (which holds no newline), hashing its bytes into
+/// `hasher` and finding its record's ends, without ever holding more than a block of it; `skip`
+/// leading bytes are not part of the record (a byte-order mark). `buf` keeps what follows the
+/// line's newline.
+fn skip_long_line(reader: &mut impl Read, buf: &mut Vec<u8>, skip: usize, hasher: &mut Sha256) -> io::Result<LongLine> {
+    let (mut len, mut first, mut end, mut from) = (0u64, None::<u64>, 0u64, skip);
+    loop {
+        let newline = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i);
+        let text = &buf[from..newline.unwrap_or(buf.len())];
+        if first.is_none() {
+            first = text.iter().position(|b| !is_ws(*b)).map(|i| len + (from + i) as u64);
+        }
+        if let Some(i) = text.iter().rposition(|b| !is_ws(*b)) {
+            end = len + (from + i + 1) as u64;
+        }
+        let consumed = newline.map_or(buf.len(), |i| i + 1);
+        hasher.update(&buf[..consumed]);
+        buf.drain(..consumed);
+        len += consumed as u64;
+        from = 0;
+        let eof = newline.is_none() && fill(reader, buf, BLOCK, false)? && buf.is_empty();
+        if newline.is_some() || eof {
+            return Ok(LongLine { len, record: first.map(|start| start..end), eof });
+        }
     }
 }
 
@@ -815,6 +959,11 @@ impl<R: Read> ArrayWalker<'_, R> {
 
     /// Reads more of the file; false at end of file.
     fn fill(&mut self, hasher: &mut Sha256) -> Result<bool, InputError> {
+        self.fill_by(hasher, FILL)
+    }
+
+    /// Reads `want` more bytes of the file (fewer at its end); false at end of file.
+    fn fill_by(&mut self, hasher: &mut Sha256, want: usize) -> Result<bool, InputError> {
         if self.eof {
             return Ok(false);
         }
@@ -824,17 +973,18 @@ impl<R: Read> ArrayWalker<'_, R> {
             self.pos = 0;
         }
         let old = self.buf.len();
-        self.buf.resize(old + (256 << 10), 0);
-        let n = loop {
-            match self.reader.read(&mut self.buf[old..]) {
-                Ok(n) => break n,
+        self.buf.resize(old + want, 0);
+        let mut n = 0;
+        while n < want && !self.eof {
+            match self.reader.read(&mut self.buf[old + n..]) {
+                Ok(0) => self.eof = true,
+                Ok(read) => n += read,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(io_failure(self.path, source)),
             }
-        };
+        }
         self.buf.truncate(old + n);
         hasher.update(&self.buf[old..]);
-        self.eof = n == 0;
         Ok(n > 0)
     }
 
@@ -859,8 +1009,9 @@ impl<R: Read> ArrayWalker<'_, R> {
         }
     }
 
-    /// Parses the element at the cursor; returns its (offset, line, bytes range in buf).
-    fn element(&mut self, hasher: &mut Sha256) -> Result<(u64, u64, std::ops::Range<usize>), InputError> {
+    /// Parses the element at the cursor: its (offset, line, bytes range in buf), or, past
+    /// [`MAX_RECORD`], streams past it ([`Element::Long`]).
+    fn element(&mut self, hasher: &mut Sha256) -> Result<Element, InputError> {
         loop {
             let slice = &self.buf[self.pos..];
             let mut stream = serde_json::Deserializer::from_slice(slice).into_iter::<IgnoredAny>();
@@ -870,7 +1021,7 @@ impl<R: Read> ArrayWalker<'_, R> {
                 // A value that ends exactly at the window's edge may continue (a number).
                 Some(Ok(_)) if end < slice.len() || self.eof => {
                     let range = self.pos..self.pos + end;
-                    return Ok((self.base + self.pos as u64, self.line, range));
+                    return Ok(Element::Held(self.base + self.pos as u64, self.line, range));
                 }
                 Some(Err(e)) if !e.is_eof() => {
                     return Err(self.syntax(self.line + e.line() as u64 - 1, format!("invalid JSON in the array: {e}")));
@@ -878,11 +1029,92 @@ impl<R: Read> ArrayWalker<'_, R> {
                 _ if self.eof => {
                     return Err(self.syntax(self.line, "the array is truncated: the file ends inside an element"));
                 }
+                _ if slice.len() as u64 >= MAX_RECORD => return self.skip_element(hasher),
                 _ => {
-                    self.fill(hasher)?;
+                    // Read as much again as the element holds so far (each try parses it from
+                    // its start: doubling keeps that linear), without passing MAX_RECORD.
+                    let held = slice.len();
+                    self.fill_by(hasher, held.min(MAX_RECORD as usize - held).max(FILL))?;
                 }
             }
         }
+    }
+
+    /// Streams past the element at the cursor, which is longer than [`MAX_RECORD`], by its
+    /// structure alone (strings, brackets), holding no more of it than a window.
+    fn skip_element(&mut self, hasher: &mut Sha256) -> Result<Element, InputError> {
+        let (offset, line) = (self.base + self.pos as u64, self.line);
+        let mut skipper = Skipper::default();
+        let mut len = 0u64;
+        loop {
+            let end = skipper.feed(&self.buf[self.pos..]);
+            let n = end.unwrap_or(self.buf.len() - self.pos);
+            self.advance(n);
+            len += n as u64;
+            if end.is_some() {
+                return Ok(Element::Long { offset, line, len });
+            }
+            if !self.fill(hasher)? {
+                return Err(self.syntax(self.line, "the array is truncated: the file ends inside an element"));
+            }
+        }
+    }
+}
+
+/// How much the array walker reads at a time.
+const FILL: usize = 256 << 10;
+
+/// An element of a JSON array, from [`ArrayWalker::element`].
+enum Element {
+    /// Held in the walker's window: (offset, line, its range in the window).
+    Held(u64, u64, std::ops::Range<usize>),
+    /// Longer than [`MAX_RECORD`]: streamed past (the walker is after it), unchecked.
+    Long { offset: u64, line: u64, len: u64 },
+}
+
+/// Finds where a JSON value ends by its structure alone (strings and brackets), fed a piece at
+/// a time: for an array element too long to be held and parsed.
+#[derive(Default)]
+struct Skipper {
+    depth: u64,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Skipper {
+    /// Feeds the next piece of the value: where in it the value ends (exclusive), if it does.
+    fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            if self.in_string {
+                match b {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => {
+                        self.in_string = false;
+                        if self.depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' if self.depth == 0 => return Some(i),
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                b',' if self.depth == 0 => return Some(i),
+                _ if self.depth == 0 && is_ws(b) => return Some(i),
+                _ => {}
+            }
+        }
+        None
     }
 }
 
@@ -908,14 +1140,18 @@ fn scan_array(
     } else {
         loop {
             walker.peek(hasher)?;
-            let (offset, line, range) = walker.element(hasher)?;
-            let len = range.len();
-            let record = &walker.buf[range];
-            let verdict = verdict(record, &builder.options, builder.dup_check());
-            if let Err(error) = builder.admit(record, verdict, offset, line)? {
-                bad.push(BadRecord { object: builder.object, line, offset, error });
+            match walker.element(hasher)? {
+                Element::Held(offset, line, range) => {
+                    let len = range.len();
+                    let record = &walker.buf[range];
+                    let verdict = verdict(record, &builder.options, builder.dup_check());
+                    if let Err(error) = builder.admit(record, verdict, offset, line)? {
+                        bad.push(BadRecord { object: builder.object, line, offset, error });
+                    }
+                    walker.advance(len);
+                }
+                Element::Long { offset, line, len } => builder.admit_unchecked(offset, len, line),
             }
-            walker.advance(len);
             match walker.peek(hasher)? {
                 Some(b',') => walker.advance(1),
                 Some(b']') => {
@@ -1043,7 +1279,7 @@ impl ChunkReader {
     /// may wait on the network ([`ObjectSource::read_may_wait`]) runs on the blocking pool, so
     /// that it never holds the caller's runtime thread; a local `pread` runs in place.
     pub async fn read_with_lines_async(&self, span: &ChunkSpan) -> Result<(Vec<u8>, Option<Vec<u64>>), InputError> {
-        self.part(span)?;
+        self.readable(span)?;
         let raw = if self.source.read_may_wait(span.object as usize) {
             self.read_ahead(span).await?
         } else {
@@ -1129,27 +1365,38 @@ impl ChunkReader {
         })
     }
 
+    /// The name and layout of the chunk's object, if the chunk may be read at all: one whose
+    /// records are over [`MAX_RECORD`] is refused before a byte of it is read.
+    fn readable(&self, span: &ChunkSpan) -> Result<&(PathBuf, InputFormat), InputError> {
+        let part = self.part(span)?;
+        if span.bytes > MAX_RECORD {
+            return Err(InputError::TooLarge {
+                object: part.0.display().to_string(),
+                line: span.first_line,
+                bytes: span.bytes,
+                max: MAX_RECORD,
+            });
+        }
+        Ok(part)
+    }
+
     /// The chunk's bytes: one ranged read of its object.
     fn raw(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
-        self.part(span)?;
+        self.readable(span)?;
         self.source.read_range(span.object as usize, span.offset..span.offset + span.len).map_err(InputError::Read)
     }
 
     /// Appends the records of the chunk's bytes `raw`, comma-separated, to `out`; returns each
-    /// record's line.
+    /// record's line. Bytes other than those scanned (a record count, UTF-8, or the checksum
+    /// that differs) mean the object changed: [`ReadErrorKind::Changed`], naming it.
     fn records_into(&self, span: &ChunkSpan, raw: &[u8], out: &mut Vec<u8>) -> Result<Vec<u64>, InputError> {
         let (path, format) = self.part(span)?;
-        let changed = |message: String| InputError::Syntax { path: path.clone(), line: span.first_line, message };
+        let changed = |detail: String| changed_since_scan(path, span, &detail);
         if raw.len() as u64 != span.len {
-            return Err(changed(format!(
-                "the input changed since it was scanned: {} bytes read of {}",
-                raw.len(),
-                span.len
-            )));
+            return Err(changed(format!("{} bytes read of {}", raw.len(), span.len)));
         }
-        let ranges = record_ranges(*format, raw, span.objects as usize)
-            .map_err(|message| changed(format!("the file changed since it was scanned: {message}")))?;
-        let mut taken = 0u32;
+        let ranges = record_ranges(*format, raw, span.objects as usize).map_err(changed)?;
+        let mut checksum = crc32fast::Hasher::new();
         let mut lines = Vec::with_capacity(span.objects as usize);
         let (mut line, mut counted) = (span.first_line, 0usize);
         for range in ranges {
@@ -1162,26 +1409,37 @@ impl ChunkReader {
             lines.push(line);
             // The scan checked every byte; a record that is no longer UTF-8 was rewritten since,
             // and must not reach a mapper (it could not decode the chunk at all).
-            if let Err(e) = std::str::from_utf8(&raw[range.clone()]) {
-                return Err(changed(format!(
-                    "the file changed since it was scanned: invalid UTF-8 at byte {}",
-                    offset + e.valid_up_to() as u64
-                )));
+            let record = &raw[range];
+            if let Err(e) = std::str::from_utf8(record) {
+                return Err(changed(format!("invalid UTF-8 at byte {}", offset + e.valid_up_to() as u64)));
             }
-            if taken > 0 {
+            add_record(&mut checksum, line, record.len() as u64, crc32fast::hash(record));
+            if lines.len() > 1 {
                 out.push(b',');
             }
-            out.extend_from_slice(&raw[range]);
-            taken += 1;
+            out.extend_from_slice(record);
         }
-        if taken != span.objects {
-            return Err(changed(format!(
-                "the file changed since it was scanned: expected {} records in this chunk, found {taken}",
-                span.objects
-            )));
+        if lines.len() != span.objects as usize {
+            return Err(changed(format!("expected {} records in this chunk, found {}", span.objects, lines.len())));
+        }
+        if checksum.finalize() != span.checksum {
+            return Err(changed("its records differ from their checksum at the scan: edited in place".into()));
         }
         Ok(lines)
     }
+}
+
+/// The error for a chunk whose bytes are not those scanned: its object changed (even if it
+/// kept its size and modification time, as `rsync --inplace` and `cp -p` leave it).
+fn changed_since_scan(path: &Path, span: &ChunkSpan, detail: &str) -> InputError {
+    InputError::Read(ReadError {
+        kind: ReadErrorKind::Changed,
+        message: format!(
+            "input object {} changed since it was scanned ({detail}; the chunk from line {}): a run never mixes two versions of its input; restore the object, or start a new run on the new version",
+            path.display(),
+            span.first_line
+        ),
+    })
 }
 
 /// Where the records of a chunk's bytes `raw` are: its non-blank lines (trimmed), or the
@@ -1484,6 +1742,85 @@ mod tests {
         std::fs::write(file.path(), &bytes).expect("rewrite");
         let err = ChunkReader::open(&index).expect("open").read(&index.chunks[0]).unwrap_err().to_string();
         assert!(err.contains("changed since it was scanned") && err.contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_chunk_edited_in_place_with_its_size_kept_is_refused_as_changed_by_its_checksum() {
+        let text: String = (0..30).map(|i| user(i) + "\n").collect();
+        let file = write(text.as_bytes());
+        let index = scan(file.path(), 10).expect("scan");
+        // The same bytes but one letter of a first name in chunk 1: valid JSON, valid UTF-8, the
+        // same records at the same offsets, as `rsync --inplace` leaves a small fix.
+        let mut bytes = text.into_bytes();
+        let at = index.chunks[1].offset as usize + 40;
+        let at = at + bytes[at..].iter().position(|b| b.is_ascii_lowercase()).expect("a letter");
+        bytes[at] = if bytes[at] == b'q' { b'r' } else { b'q' };
+        std::fs::write(file.path(), &bytes).expect("edit");
+        let reader = ChunkReader::open(&index).expect("open");
+        assert!(reader.read(&index.chunks[0]).is_ok() && reader.read(&index.chunks[2]).is_ok());
+        match reader.read(&index.chunks[1]) {
+            Err(InputError::Read(e)) => {
+                assert_eq!(e.kind, ReadErrorKind::Changed);
+                let name = file.path().display().to_string();
+                assert!(e.message.contains(&format!("input object {name} changed since it was scanned")), "{e}");
+                assert!(e.message.contains("checksum") && e.message.contains("line 11"), "{e}");
+            }
+            other => panic!("expected a changed object, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_record_longer_than_max_record_is_streamed_past_and_its_chunk_is_never_read() {
+        let huge = format!("{{\"a\":\"{}\"}}", "x".repeat(MAX_RECORD as usize + 10));
+        let small = |i: u32| format!("{{\"n\":{i}}}");
+        let lines = [small(0), small(1), format!("  {huge}  "), small(2), small(3), small(4)];
+        let jsonl = format!("{}\n", lines.join("\n"));
+        let array = format!("[{}]", lines.join(",\n"));
+        for text in [jsonl, array] {
+            let file = write(text.as_bytes());
+            let index = super::scan(file.path(), 2, &ScanOptions::default()).expect("scan");
+            assert_eq!(index.objects, 6, "the long record counts");
+            assert!(index.bad.is_empty(), "{:?}", index.bad);
+            let sha = Sha256::digest(text.as_bytes());
+            assert_eq!(index.content, sha.iter().map(|b| format!("{b:02x}")).collect::<String>(), "every byte hashed");
+            let long = index.chunks[1];
+            assert_eq!((long.first_line, long.objects, long.bytes), (3, 2, huge.len() as u64 + small(2).len() as u64));
+            let reader = ChunkReader::open(&index).expect("open");
+            match reader.read(&long) {
+                Err(e @ InputError::TooLarge { .. }) => assert!(e.to_string().contains("line 3"), "{e}"),
+                other => panic!("the long chunk was read: {:?}", other.map(|b| b.len())),
+            }
+            let after = reader.read_with_lines(&index.chunks[2]).expect("the next chunk reads");
+            assert_eq!(after.0, format!("{},{}", small(3), small(4)).into_bytes());
+            assert_eq!(after.1.as_deref().map_or(5, |lines| lines[0]), 5, "lines counted past the long one");
+        }
+    }
+
+    #[test]
+    fn the_skipper_finds_a_values_end_by_its_strings_and_brackets_alone() {
+        let feed = |pieces: &[&str]| {
+            let mut skipper = Skipper::default();
+            let mut seen = 0;
+            for piece in pieces {
+                if let Some(end) = skipper.feed(piece.as_bytes()) {
+                    return Some(seen + end);
+                }
+                seen += piece.len();
+            }
+            None
+        };
+        assert_eq!(feed(&[r#"{"a":"}]\"{","#, r#""b":[1,{"c":2}]},{"#]), Some(29));
+        assert_eq!(feed(&[r#""str\"ing", 1"#]), Some(10));
+        assert_eq!(feed(&["12345 ,"]), Some(5));
+        assert_eq!(feed(&["[[1,2]", ",3"]), None, "not closed yet");
+    }
+
+    #[test]
+    fn running_out_of_file_descriptors_is_transient() {
+        let shortage = io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(is_fd_shortage(&shortage) && is_fd_shortage(&io::Error::from_raw_os_error(libc::ENFILE)));
+        assert_eq!(ReadErrorKind::of_io(&shortage), ReadErrorKind::Unavailable);
+        assert_eq!(ReadErrorKind::of_io(&io::ErrorKind::UnexpectedEof.into()), ReadErrorKind::Other);
     }
 
     #[test]

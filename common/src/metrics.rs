@@ -1,8 +1,13 @@
 //! The metrics and health endpoint every service serves on one port (`--metrics-addr`):
 //! `/metrics` (Prometheus text format), `/healthz` (the process is alive) and `/readyz` (connected
 //! to NATS and able to work), and any pages a service adds ([`Pages`]: the fetcher's status page).
-//! Also the metrics all services share: build info, malformed messages by subject, and the NATS
-//! connection's state.
+//! Also the metrics all services share: build info, malformed messages by subject, the NATS
+//! connection's state, and the endpoint's own connections.
+//!
+//! The endpoint faces the network (it binds 0.0.0.0 by default), so it bounds what a client can
+//! make it hold: at most [`MAX_CONNECTIONS`] connections at once (more are closed at once), a
+//! request's headers within [`HEADER_READ_TIMEOUT`], and a failed accept (EMFILE, ENFILE) waits
+//! and is logged rate-limited rather than spinning.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,6 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -38,6 +44,32 @@ pub struct CommonMetrics {
     slow_consumers: IntCounter,
     seen_reconnects: Arc<AtomicU64>,
     seen_slow: Arc<AtomicU64>,
+    http: HttpMetrics,
+}
+
+/// The endpoint's own connections: how many are open, refused over [`MAX_CONNECTIONS`], and
+/// accepts that failed (no file descriptor left).
+#[derive(Clone)]
+struct HttpMetrics {
+    open: IntGauge,
+    refused: IntCounter,
+    accept_errors: IntCounter,
+}
+
+impl HttpMetrics {
+    fn new(m: Maker<'_>) -> Self {
+        HttpMetrics {
+            open: m.int_gauge("chunkmill_http_connections", "Connections the metrics endpoint serves now"),
+            refused: m.counter(
+                "chunkmill_http_connections_refused_total",
+                "Connections to the metrics endpoint closed at once because it already served its most",
+            ),
+            accept_errors: m.counter(
+                "chunkmill_http_accept_errors_total",
+                "Failed accepts on the metrics endpoint (out of file descriptors), each followed by a wait",
+            ),
+        }
+    }
 }
 
 /// Registers a metric, panicking only on a programming error (a duplicate or invalid name),
@@ -152,7 +184,9 @@ impl CommonMetrics {
         {
             let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         }
+        let http = HttpMetrics::new(Maker(&registry));
         CommonMetrics {
+            http,
             registry,
             malformed,
             connected,
@@ -290,37 +324,86 @@ pub async fn serve_at(
     }
 }
 
+/// Most connections the endpoint serves at once. Far above what scrapers and a few status-page
+/// tabs use; more are accepted and closed at once (and counted), so that a flood of connections
+/// never holds more than this many file descriptors of the service (1 100 half-open connections
+/// once took every descriptor of a fetcher, which then failed its chunk reads).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send a request's headers (also between requests of a
+/// kept-alive connection): a connection that sends nothing, or half a request, is closed then.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Accept errors (out of file descriptors: EMFILE, ENFILE) are logged once per this interval,
+/// with a count of the others.
+const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Binds `addr` and serves the endpoint until `shutdown`; returns the bound address.
 pub async fn serve(addr: &str, endpoint: Endpoint, shutdown: CancellationToken) -> Result<SocketAddr, ServeError> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError { addr: addr.to_string(), source })?;
     let local = listener.local_addr().map_err(|source| ServeError { addr: addr.to_string(), source })?;
     tracing::info!("serving /metrics, /healthz and /readyz on http://{local}");
-    let endpoint = Arc::new(endpoint);
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!("metrics endpoint: accept failed: {e}");
-                        continue;
-                    }
-                },
-            };
-            let endpoint = endpoint.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let endpoint = endpoint.clone();
-                    async move { Ok::<_, Infallible>(respond(&endpoint, &request).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
-            });
-        }
-    });
+    tokio::spawn(accept_loop(listener, Arc::new(endpoint), shutdown));
     Ok(local)
+}
+
+/// Accepts connections until `shutdown`: at most [`MAX_CONNECTIONS`] served at once (the rest
+/// closed at once), each with [`HEADER_READ_TIMEOUT`]; a failed accept (no file descriptor
+/// left) waits, doubling from 100 ms to 1 s, instead of spinning, and is logged rate-limited.
+async fn accept_loop(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>, shutdown: CancellationToken) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut warnings = crate::text::RateLimit::new(ACCEPT_WARN_INTERVAL);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff.reset();
+                stream
+            }
+            Err(e) => {
+                endpoint.metrics.http.accept_errors.inc();
+                if let Some(held) = warnings.allow("accept", std::time::Instant::now()) {
+                    let held = crate::text::held_back(held, ACCEPT_WARN_INTERVAL);
+                    tracing::warn!("metrics endpoint: accept failed: {e}; waiting before the next accept{held}");
+                }
+                if !backoff.wait(&shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            // Closed at once: a flood holds no more descriptors than the permits.
+            endpoint.metrics.http.refused.inc();
+            drop(stream);
+            continue;
+        };
+        tokio::spawn(serve_connection(stream, Arc::clone(&endpoint), permit));
+    }
+}
+
+/// Serves one connection (HTTP/1.1, keep-alive) while it holds its `permit`.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    endpoint: Arc<Endpoint>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    endpoint.metrics.http.open.inc();
+    let service = hyper::service::service_fn(|request| {
+        let endpoint = Arc::clone(&endpoint);
+        async move { Ok::<_, Infallible>(respond(&endpoint, &request).await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service)
+        .await;
+    endpoint.metrics.http.open.dec();
+    drop(permit);
 }
 
 async fn respond<B>(endpoint: &Endpoint, request: &Request<B>) -> Response<Full<Bytes>> {
@@ -397,6 +480,42 @@ mod tests {
             ready: Arc::default(),
             pages: Arc::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_connections_is_bounded_and_a_silent_one_is_closed_after_the_header_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let shutdown = CancellationToken::new();
+        let served = endpoint();
+        let metrics = served.metrics.clone();
+        let bound = serve("127.0.0.1:0", served, shutdown.clone()).await.expect("serves");
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            silent.push(tokio::net::TcpStream::connect(bound).await.expect("connects"));
+        }
+        while metrics.http.open.get() < MAX_CONNECTIONS as i64 {
+            tokio::task::yield_now().await;
+        }
+        // One more: accepted and closed at once (not by the header timeout), and counted.
+        let started = std::time::Instant::now();
+        let mut extra = tokio::net::TcpStream::connect(bound).await.expect("connects");
+        let mut answer = Vec::new();
+        let _ = extra.read_to_end(&mut answer).await;
+        assert!(answer.is_empty() && started.elapsed() < HEADER_READ_TIMEOUT, "{answer:?}");
+        assert_eq!(metrics.http.refused.get(), 1);
+        // The silent ones are closed once the header timeout passed, and their places are free.
+        let mut first = silent.swap_remove(0);
+        let _ = first.read_to_end(&mut answer).await;
+        assert!(started.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_millis(100), "{:?}", started.elapsed());
+        while metrics.http.open.get() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let mut stream = tokio::net::TcpStream::connect(bound).await.expect("connects");
+        stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.expect("sends");
+        let mut health = String::new();
+        stream.read_to_string(&mut health).await.expect("answers");
+        assert_eq!(health.split(' ').nth(1), Some("200"), "{health}");
+        shutdown.cancel();
     }
 
     #[tokio::test]

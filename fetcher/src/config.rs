@@ -174,6 +174,10 @@ pub struct Config {
     #[arg(long, env = "FETCHER_STATE_DIR", default_value = "state")]
     pub state_dir: PathBuf,
 
+    /// How much of the state directory the decompressed copies of compressed inputs may take.
+    #[command(flatten)]
+    pub spool: input::SpoolArgs,
+
     /// Skip the duplicate-id check of the input scan (ids at --id-field), e.g. for ids known
     /// to be unique: it saves the check's memory (see --duplicate-check-memory) or its spill.
     #[arg(long, env = "FETCHER_NO_DUPLICATE_CHECK")]
@@ -256,6 +260,7 @@ impl Config {
             bad_records: BadRecords::Fail,
             metrics_addr: Some("127.0.0.1:0".into()),
             state_dir: PathBuf::from("state"),
+            spool: input::SpoolArgs::default(),
             ledger: LedgerKind::File,
             no_duplicate_check: false,
             duplicate_check_memory: 64,

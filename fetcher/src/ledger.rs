@@ -4,6 +4,8 @@
 //! - a chunk is `pending`, `leased` (to one mapper, with a lease id, a deadline and an attempt
 //!   number), `done` or `dead` (dead-lettered after too many failures);
 //! - only a pending chunk is leased; an expired or released lease makes it pending again;
+//! - a lease is extended or released only by the mapper it was granted to (by name: one that
+//!   saw another's lease id cannot keep it alive, hand it back as failed, or bar its holder);
 //! - only a saver's acknowledgement makes a chunk done, whatever lease the saved result came
 //!   with (results are deterministic, so a late result saves the same bytes); acknowledgements
 //!   for unknown chunks or with the wrong object count change nothing.
@@ -69,6 +71,19 @@ pub enum ReleaseOutcome {
     DeadLettered,
     /// The lease was not current: nothing changed.
     NotCurrent,
+    /// The lease is current but another mapper holds it: nothing changed.
+    NotHolder,
+}
+
+/// What an extension did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extension {
+    /// The deadline moved.
+    Extended,
+    /// The lease was not current.
+    NotCurrent,
+    /// The lease is current but another mapper holds it: nothing changed.
+    NotHolder,
 }
 
 /// Counters a person (and the metrics) care about.
@@ -298,21 +313,32 @@ impl Ledger {
         }
     }
 
-    /// Pushes a lease's deadline to `now + ttl`. False if the lease is not current.
-    pub fn extend(&mut self, chunk: ChunkId, lease: Uuid, now: Instant, ttl: Duration) -> bool {
+    /// Pushes the deadline of `mapper`'s lease to `now + ttl`.
+    pub fn extend(&mut self, chunk: ChunkId, lease: Uuid, mapper: &str, now: Instant, ttl: Duration) -> Extension {
         match self.leases.get_mut(&chunk) {
-            Some(current) if current.id == lease => {
+            Some(current) if current.id == lease && current.mapper == mapper => {
                 current.deadline = now + ttl;
-                true
+                Extension::Extended
             }
-            _ => false,
+            Some(current) if current.id == lease => Extension::NotHolder,
+            _ => Extension::NotCurrent,
         }
     }
 
-    /// Takes a lease back. `failed` counts towards `max_attempts`; past it the chunk is dead.
-    pub fn release(&mut self, chunk: ChunkId, lease: Uuid, failed: bool, max_attempts: u32) -> ReleaseOutcome {
-        if !matches!(self.leases.get(&chunk), Some(current) if current.id == lease) {
-            return ReleaseOutcome::NotCurrent;
+    /// Takes `mapper`'s lease back. `failed` counts towards `max_attempts`; past it the chunk is
+    /// dead.
+    pub fn release(
+        &mut self,
+        chunk: ChunkId,
+        lease: Uuid,
+        mapper: &str,
+        failed: bool,
+        max_attempts: u32,
+    ) -> ReleaseOutcome {
+        match self.leases.get(&chunk) {
+            Some(current) if current.id == lease && current.mapper == mapper => {}
+            Some(current) if current.id == lease => return ReleaseOutcome::NotHolder,
+            _ => return ReleaseOutcome::NotCurrent,
         }
         self.leases.remove(&chunk);
         if failed {
@@ -490,9 +516,28 @@ mod tests {
         let mut l = ledger(1);
         let now = Instant::now();
         let g = l.lease("slow", now, TTL).expect("pending");
-        assert!(l.extend(g.chunk, g.lease, now + Duration::from_secs(4), TTL));
+        assert_eq!(l.extend(g.chunk, g.lease, "slow", now + Duration::from_secs(4), TTL), Extension::Extended);
         assert!(l.expire(now + Duration::from_secs(8)).is_empty());
-        assert!(!l.extend(g.chunk, Uuid::new_v4(), now, TTL), "a forged lease id extends nothing");
+        let forged = l.extend(g.chunk, Uuid::new_v4(), "slow", now, TTL);
+        assert_eq!(forged, Extension::NotCurrent, "a forged lease id extends nothing");
+    }
+
+    #[test]
+    fn only_the_holder_extends_or_releases_a_lease() {
+        let mut l = ledger(1);
+        let now = Instant::now();
+        let g = l.lease("holder", now, TTL).expect("pending");
+        // Another mapper that saw the lease id keeps nothing alive and hands nothing back.
+        assert_eq!(l.extend(g.chunk, g.lease, "other", now + TTL, TTL), Extension::NotHolder);
+        for _ in 0..3 {
+            assert_eq!(l.release(g.chunk, g.lease, "other", true, 3), ReleaseOutcome::NotHolder);
+        }
+        assert_eq!(l.expire(now + TTL).len(), 1, "its extension did not move the deadline");
+        let g = l.lease("holder", now + TTL, TTL).expect("pending again");
+        assert_eq!(l.release(g.chunk, g.lease, "other", false, 3), ReleaseOutcome::NotHolder);
+        assert_eq!(l.state(g.chunk), Some(ChunkState::Leased), "its failed releases counted nothing");
+        assert_eq!(l.release(g.chunk, g.lease, "holder", true, 3), ReleaseOutcome::Requeued, "1 failure of 3");
+        assert_eq!(l.stats().releases_failed, 1);
     }
 
     #[test]
@@ -505,7 +550,7 @@ mod tests {
         assert_eq!(l.state(g.chunk), Some(ChunkState::Done));
         assert_eq!(l.objects_done(), 100);
         assert!(!l.is_complete());
-        assert!(!l.extend(g.chunk, g.lease, now, TTL), "a done chunk's lease is gone");
+        assert_eq!(l.extend(g.chunk, g.lease, "m", now, TTL), Extension::NotCurrent, "a done chunk's lease is gone");
     }
 
     #[test]
@@ -532,11 +577,11 @@ mod tests {
         let mut l = ledger(1);
         let now = Instant::now();
         let g = l.lease("m", now, TTL).expect("pending");
-        assert_eq!(l.release(g.chunk, g.lease, false, 3), ReleaseOutcome::Requeued);
-        assert_eq!(l.release(g.chunk, g.lease, false, 3), ReleaseOutcome::NotCurrent);
+        assert_eq!(l.release(g.chunk, g.lease, "m", false, 3), ReleaseOutcome::Requeued);
+        assert_eq!(l.release(g.chunk, g.lease, "m", false, 3), ReleaseOutcome::NotCurrent);
         for attempt in 1..=3 {
             let g = l.lease("m", now, TTL).expect("pending again");
-            let outcome = l.release(g.chunk, g.lease, true, 3);
+            let outcome = l.release(g.chunk, g.lease, "m", true, 3);
             let expected = if attempt < 3 { ReleaseOutcome::Requeued } else { ReleaseOutcome::DeadLettered };
             assert_eq!(outcome, expected);
         }

@@ -216,7 +216,8 @@ pub async fn load_input(
     let state_dir = config.state_dir.clone();
     let opened = metrics.clone();
     let opened_input = input.clone();
-    let source = tokio::task::spawn_blocking(move || scan::open(&opened_input, &state_dir, &opened))
+    let spool = config.spool.limits();
+    let source = tokio::task::spawn_blocking(move || scan::open(&opened_input, &state_dir, spool, &opened))
         .await
         .map_err(|e| FetcherError::Scan(e.to_string()))??;
     if source.objects().len() > 1 {

@@ -79,7 +79,7 @@ impl FetcherMetrics {
         };
         // Make every labelled series exist from the start, so dashboards show 0, not "no data".
         metrics.store_ok.set(1);
-        for reason in ["held_requests_full", "protocol_v1", "wrong_sink"] {
+        for reason in ["held_requests_full", "protocol_v1", "wrong_sink", "not_lease_holder"] {
             metrics.refused.with_label_values(&[reason]);
         }
         for able in ["true", "false"] {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use input::{FailureCallback, FailureKind, Location, Source, SourceError, SourceOptions};
+use input::{FailureCallback, FailureKind, Location, Source, SourceError, SourceOptions, SpoolLimits};
 use prometheus::{IntCounterVec, IntGauge};
 use tokio_util::sync::CancellationToken;
 
@@ -51,11 +51,13 @@ impl InputMetrics {
 
 /// Opens `input` (blocking: call it off the runtime): lists its objects, failing at once on a
 /// missing object or bucket and on refused credentials, with the setting to fix. Compressed
-/// objects are spooled to `state_dir/spool`; spool files of other inputs are removed.
-pub fn open(input: &str, state_dir: &Path, metrics: &InputMetrics) -> Result<Source, SourceError> {
+/// objects are spooled to `state_dir/spool`, within `spool`; spool files of other inputs are
+/// removed.
+pub fn open(input: &str, state_dir: &Path, spool: SpoolLimits, metrics: &InputMetrics) -> Result<Source, SourceError> {
     let location = Location::parse(input)?;
     let options = SourceOptions {
         spool_dir: Some(state_dir.join("spool")),
+        spool_limits: spool,
         on_failure: Some(metrics.on_failure()),
         ..SourceOptions::default()
     };

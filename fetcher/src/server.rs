@@ -25,7 +25,7 @@ use transform::Job;
 use crate::config::Config;
 use crate::events::Publisher;
 use crate::kv_lock::LockStatus;
-use crate::ledger::{Ledger, ReleaseOutcome};
+use crate::ledger::{Extension, Ledger, ReleaseOutcome};
 use crate::metrics::FetcherMetrics;
 use crate::poison::{Suspects, Verdict};
 use crate::progress::{milestone, Progress};
@@ -673,7 +673,8 @@ impl Server {
             if !chunks.is_empty() && size + estimate > max_payload {
                 break;
             }
-            let (chunk, objects, last) = match self.lease_one(waiter, chunks.is_empty()).await {
+            let room = max_payload.saturating_sub(protocol::chunks_reply_overhead(&head));
+            let (chunk, objects, last) = match self.lease_one(waiter, chunks.is_empty(), room).await {
                 Leased::Chunk { head, objects, last } => (head, objects, last),
                 Leased::Skipped => continue,
                 Leased::Stop => break,
@@ -726,8 +727,45 @@ impl Server {
         self.dead_letter(chunk.chunk, &error).await;
     }
 
-    /// Leases the next chunk `waiter` may have and reads its objects from the input.
-    async fn lease_one(&mut self, waiter: &Waiter, first: bool) -> Leased {
+    /// A chunk whose records alone take more than `room` (what a reply under the server's
+    /// `max_payload` leaves for one chunk): dead-lettered from the size the scan recorded,
+    /// without reading it (a record of a gigabyte is never loaded). True if it was.
+    async fn dead_letter_if_too_large(&mut self, grant: &crate::ledger::Grant, room: usize) -> bool {
+        let span = self.index.chunks[grant.chunk.index()];
+        let head = ChunkHead {
+            chunk: grant.chunk,
+            lease: grant.lease,
+            attempt: grant.attempt,
+            first_line: span.first_line,
+            lines: None,
+            skip: vec![],
+            probe: false,
+        };
+        // The records, the commas between them and the smallest head a chunk has.
+        let least =
+            span.bytes + u64::from(span.objects.saturating_sub(1)) + protocol::chunk_entry_size(&head, &[]) as u64;
+        if least <= room as u64 {
+            return false;
+        }
+        let max_payload = common::nats::max_payload(&self.client);
+        tracing::error!(
+            chunk = grant.chunk.0,
+            "chunk {} (input line {}) holds {} bytes of records, over the NATS server's max_payload of {max_payload} bytes; dead-lettering it without reading it. Lower --chunk-size or raise max_payload (a single record over it can never be sent)",
+            grant.chunk,
+            span.first_line,
+            span.bytes,
+        );
+        let error = format!(
+            "chunk holds {} bytes of records, over the NATS server's max_payload of {max_payload} bytes",
+            span.bytes
+        );
+        self.dead_letter(grant.chunk, &error).await;
+        true
+    }
+
+    /// Leases the next chunk `waiter` may have and reads its objects from the input (unless
+    /// they cannot fit in `room`: see [`Server::dead_letter_if_too_large`]).
+    async fn lease_one(&mut self, waiter: &Waiter, first: bool, room: usize) -> Leased {
         // A chunk suspected of killing its mappers goes alone to a mapper that holds nothing
         // else, so that a death can be blamed on it (and a probe is a probe of one chunk).
         let alone = first && self.ledger.leases_of(&waiter.mapper) == 0;
@@ -738,6 +776,9 @@ impl Server {
             unchanged && (alone || (deaths == 0 && !suspects.searching(c)))
         });
         let Some(grant) = grant else { return Leased::Stop };
+        if self.dead_letter_if_too_large(&grant, room).await {
+            return Leased::Skipped;
+        }
         let span = self.index.chunks[grant.chunk.index()];
         let is_suspect = self.ledger.deaths(grant.chunk) > 0 || self.suspects.searching(grant.chunk);
         // Off the runtime thread when it may wait on the store (its retries included), so that
@@ -757,8 +798,12 @@ impl Server {
                 return Leased::Skipped;
             }
             Err(InputError::Read(e)) if e.kind == ReadErrorKind::Unavailable => {
+                // The store is down, or the fetcher is out of file descriptors: the chunk is not
+                // at fault. It is read again when a mapper next asks.
                 self.ledger.unlease(grant.chunk, grant.lease);
-                tracing::warn!(chunk = grant.chunk.0, "cannot read chunk {} now: {e}; it stays pending", grant.chunk);
+                self.warn_peer("input_unavailable", || {
+                    format!("cannot read chunk {} now: {e}; it stays pending and is read again later", grant.chunk)
+                });
                 return Leased::Stop;
             }
             Err(e) => {
@@ -831,7 +876,14 @@ impl Server {
         };
         let now = Instant::now();
         let ttl = self.config.lease_timeout;
-        let valid = request.leases.iter().map(|l| self.ledger.extend(l.chunk, l.lease, now, ttl)).collect();
+        let mut valid = Vec::with_capacity(request.leases.len());
+        for lease in &request.leases {
+            let extension = self.ledger.extend(lease.chunk, lease.lease, &request.mapper, now, ttl);
+            if extension == Extension::NotHolder {
+                self.refuse_non_holder("extend", &request.mapper, lease.chunk);
+            }
+            valid.push(extension == Extension::Extended);
+        }
         if let Some(reply) = &message.reply {
             let body = protocol::encode(&ExtendReply { v: VERSION, lease_ms: ttl.as_millis() as u64, valid });
             self.reply(reply, body).await;
@@ -844,8 +896,8 @@ impl Server {
             Err(e) => return self.malformed(&message, &e),
         };
         let failed = request.reason == ReleaseReason::Failed;
-        let outcome = self.ledger.release(request.lease.chunk, request.lease.lease, failed, self.config.max_attempts);
-        let chunk = request.lease.chunk;
+        let (chunk, lease) = (request.lease.chunk, request.lease.lease);
+        let outcome = self.ledger.release(chunk, lease, &request.mapper, failed, self.config.max_attempts);
         let error = request.error.as_deref().unwrap_or("no reason given");
         let mapper = escaped(&request.mapper);
         match (outcome, request.reason) {
@@ -884,12 +936,27 @@ impl Server {
             (ReleaseOutcome::NotCurrent, _) => {
                 tracing::debug!(chunk = chunk.0, "release of a lease that is no longer current")
             }
+            (ReleaseOutcome::NotHolder, _) => self.refuse_non_holder("release", &request.mapper, chunk),
         }
         if let Some(reply) = &message.reply {
-            let accepted = outcome != ReleaseOutcome::NotCurrent;
+            let accepted = matches!(outcome, ReleaseOutcome::Requeued | ReleaseOutcome::DeadLettered);
             self.reply(reply, protocol::encode(&ReleaseReply { v: VERSION, accepted })).await;
         }
         self.serve_waiters().await;
+    }
+
+    /// Counts and logs (rate-limited) an extend or release of a current lease by a mapper that
+    /// does not hold it: refused, as if the lease were not current.
+    fn refuse_non_holder(&mut self, what: &str, mapper: &str, chunk: ChunkId) {
+        self.metrics.refused("not_lease_holder");
+        let holder = self.ledger.lease_of(chunk).map(|lease| lease.mapper.clone()).unwrap_or_default();
+        self.warn_peer("not_lease_holder", || {
+            format!(
+                "refused a {what} of chunk {chunk}'s lease from {}: the lease is held by {}; only its holder may {what} it",
+                escaped(mapper),
+                escaped(&holder)
+            )
+        });
     }
 
     /// Does what the search for an object that kills its mappers says.
@@ -1090,10 +1157,14 @@ impl Server {
         });
     }
 
-    /// The ids of a chunk's objects (the job's id field), for its dead-letter records.
+    /// The ids of a chunk's objects (the job's id field), for its dead-letter records; none for
+    /// a chunk too large to be sent, which is never read.
     fn chunk_ids(&self, chunk: ChunkId) -> Vec<Option<String>> {
         let span = self.index.chunks[chunk.index()];
-        let Some(field) = &self.job.id_field else { return vec![None; span.objects as usize] };
+        let too_large = span.bytes > common::nats::max_payload(&self.client) as u64;
+        let Some(field) = self.job.id_field.as_ref().filter(|_| !too_large) else {
+            return vec![None; span.objects as usize];
+        };
         self.reader
             .read_array(&span)
             .ok()

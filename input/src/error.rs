@@ -23,7 +23,9 @@ pub enum ErrorKind {
     Denied,
     /// An object is no longer the version that was listed (rewritten, replaced or deleted).
     Changed,
-    /// The store stayed unreachable or failing after the bounded retries.
+    /// The store stayed unreachable or failing after the bounded retries, or the process is
+    /// out of file descriptors (`EMFILE`, `ENFILE`): a condition of the reader that passes, never
+    /// a reason to give up on the data.
     Unavailable,
     /// Any other store error.
     Store,
@@ -33,6 +35,9 @@ pub enum ErrorKind {
     Decompress,
     /// The spool directory cannot be written or read.
     Spool,
+    /// A compressed object decompresses to more than the spool may hold (a decompression bomb,
+    /// or limits set too low).
+    SpoolLimit,
     /// A setting (environment variable, `*_FILE`, option) is wrong or missing.
     Config,
     /// A byte range outside an object.
@@ -139,6 +144,16 @@ pub enum SourceError {
         /// The OS error.
         source: io::Error,
     },
+    /// A compressed object decompresses to more than the spool may hold.
+    #[error("input object {object} {problem}: refused before it fills the disk (the spool holds each compressed object decompressed); {fix}")]
+    SpoolLimit {
+        /// The object.
+        object: String,
+        /// Which limit it passes.
+        problem: String,
+        /// The setting to change.
+        fix: String,
+    },
     /// A setting is wrong or missing.
     #[error("{setting}: {problem}")]
     Config {
@@ -163,6 +178,11 @@ impl SourceError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
+            SourceError::Io { source, .. } | SourceError::Spool { source, .. }
+                if common::input::is_fd_shortage(source) =>
+            {
+                ErrorKind::Unavailable
+            }
             SourceError::Location { .. } => ErrorKind::Location,
             SourceError::NoObjects { .. } => ErrorKind::NoObjects,
             SourceError::NotFound { .. } => ErrorKind::NotFound,
@@ -173,6 +193,7 @@ impl SourceError {
             SourceError::Io { .. } => ErrorKind::Io,
             SourceError::Decompress { .. } => ErrorKind::Decompress,
             SourceError::Spool { .. } => ErrorKind::Spool,
+            SourceError::SpoolLimit { .. } => ErrorKind::SpoolLimit,
             SourceError::Config { .. } => ErrorKind::Config,
             SourceError::Range { .. } => ErrorKind::Range,
         }
@@ -193,6 +214,27 @@ impl SourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_file_descriptors_is_unavailable_not_a_fault_of_the_input() {
+        for errno in [libc_emfile(), libc_enfile()] {
+            let io = io::Error::from_raw_os_error(errno);
+            let error = SourceError::Io { path: "data/users.jsonl".into(), source: io };
+            assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        }
+        let denied =
+            SourceError::Io { path: "data/users.jsonl".into(), source: io::ErrorKind::PermissionDenied.into() };
+        assert_eq!(denied.kind(), ErrorKind::Io);
+    }
+
+    /// EMFILE and ENFILE on Linux (asm-generic/errno-base.h).
+    fn libc_emfile() -> i32 {
+        24
+    }
+
+    fn libc_enfile() -> i32 {
+        23
+    }
 
     #[test]
     fn an_io_error_made_from_a_source_error_gives_it_back() {

@@ -27,7 +27,7 @@ use crate::env::Env;
 use crate::error::SourceError;
 use crate::location::{Compression, Location, StoreKind};
 use crate::metrics::{FailureCallback, Progress, Stats};
-use crate::spool::{self, SpoolWriter, Tee};
+use crate::spool::{self, Budget, SpoolLimits, SpoolWriter, Tee, Usage};
 use crate::store::{traced, Remote, RetryPolicy};
 
 /// How many buffers of a remote object may wait between the download task and the reader.
@@ -192,6 +192,8 @@ pub struct SourceOptions {
     /// input has a compressed object. A directory of its own, e.g. `STATE_DIR/spool`: it is
     /// created if missing, and [`Source::prune_spool`] removes what is not this input's.
     pub spool_dir: Option<PathBuf>,
+    /// How much the spool may hold (a decompression bomb is refused at these limits).
+    pub spool_limits: SpoolLimits,
     /// The environment the stores' settings and credentials come from.
     pub env: Env,
     /// How transient store failures are retried.
@@ -208,6 +210,7 @@ impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
             spool_dir: None,
+            spool_limits: SpoolLimits::default(),
             env: Env::process(),
             retry: RetryPolicy::default(),
             runtime: None,
@@ -220,6 +223,7 @@ impl std::fmt::Debug for SourceOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SourceOptions")
             .field("spool_dir", &self.spool_dir)
+            .field("spool_limits", &self.spool_limits)
             .field("env", &self.env)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
@@ -261,6 +265,8 @@ struct Inner {
     remote: Option<Remote>,
     rt: Option<Rt>,
     spool_dir: Option<PathBuf>,
+    /// What the spool holds, within its limits.
+    spool_usage: Arc<Usage>,
     progress: Arc<Progress>,
     stats: Arc<Stats>,
     identity: [u8; 32],
@@ -549,6 +555,7 @@ impl Source {
         let identity: [u8; 32] = hasher.finalize().into();
         let total = listed.iter().map(|(info, _)| info.size).sum();
         let spool_dir = options.spool_dir.clone();
+        let spool_usage = Arc::new(Usage::new(options.spool_limits, listed.len()));
         let (objects, entries) = listed
             .into_iter()
             .map(|(info, target)| {
@@ -567,6 +574,7 @@ impl Source {
                 remote,
                 rt,
                 spool_dir,
+                spool_usage,
                 progress: Arc::new(Progress::new(total)),
                 stats,
                 identity,
@@ -665,6 +673,7 @@ impl Source {
         if let Some(spool_path) = &entry.spool {
             if let Ok(file) = File::open(spool_path) {
                 let len = file.metadata().map_err(|e| io_error(spool_path, e))?.len();
+                self.inner.spool_usage.set(index, len);
                 let progress = self.progress();
                 return Ok(ObjectReader::new(Scaled { file, len, size: info.size, pos: 0, credited: 0, progress }));
             }
@@ -688,10 +697,11 @@ impl Source {
                 path: spool_path.clone(),
                 source,
             })?;
+            let budget = Budget::new(Arc::clone(&self.inner.spool_usage), index, object.clone(), info.size);
             let on_error = Box::new(move |path: &Path, source: io::Error| {
                 SourceError::Spool { object: object.clone(), path: path.to_path_buf(), source }.into_io()
             });
-            return Ok(ObjectReader::new(Tee::new(decoded, writer, on_error)));
+            return Ok(ObjectReader::new(Tee::new(decoded, writer, on_error, budget)));
         }
         self.raw_reader(index)
     }

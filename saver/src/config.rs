@@ -79,6 +79,10 @@ pub struct VerifyArgs {
     /// scanned without it cuts other chunks, so verify must scan the same way).
     #[arg(long, env = "FETCHER_NO_DUPLICATE_CHECK")]
     pub no_duplicate_check: bool,
+    /// As the fetcher's: how much verify's own spool (compressed inputs decompressed into the
+    /// system's temporary directory) may hold.
+    #[command(flatten)]
+    pub spool: input::SpoolArgs,
 }
 
 fn parse_command(text: &str) -> Result<transform::command::CommandSpec, String> {

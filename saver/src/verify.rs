@@ -151,6 +151,8 @@ pub struct Expectation {
     /// Whether the scan drops records whose id repeats an earlier one's, as the fetcher's scan
     /// does unless --no-duplicate-check.
     pub duplicate_check: bool,
+    /// How much verify's spool may hold, as the fetcher's `--spool-max-*`.
+    pub spool: input::SpoolLimits,
 }
 
 impl Expectation {
@@ -173,7 +175,7 @@ impl Expectation {
         } else {
             None
         };
-        Ok(Expectation { job, transform, examples, duplicate_check: true })
+        Ok(Expectation { job, transform, examples, duplicate_check: true, spool: input::SpoolLimits::default() })
     }
 }
 
@@ -213,6 +215,10 @@ fn check_chunk(
 ) -> VerifyReport {
     let n = span.objects as usize;
     let mut report = VerifyReport { duplicated: saved.as_ref().map_or(0, |s| s.duplicates), ..Default::default() };
+    if let (Some(saved), None, true) = (&saved, inputs, span.bytes > common::input::MAX_RECORD) {
+        check_unread_chunk(chunk, span, saved, expectation, normalise, &mut report);
+        return report;
+    }
     // Not saved, or its input cannot be read any more (the file changed since the scan): every
     // object stays expected, so all of them are missing, never nothing.
     let (Some(saved), Some(inputs)) = (saved, inputs) else {
@@ -240,6 +246,34 @@ fn check_chunk(
         ChunkCheck { chunk, ids: &ids, expected: expected.as_deref(), flat, expectation, line: &line, normalise };
     check.objects(n, &dead, values, &mut report);
     report
+}
+
+/// A chunk whose records are over `MAX_RECORD`: no one reads it, the fetcher dead-letters it
+/// whole by its size, so each of its objects must be dead in the sink (matched by index: its ids
+/// were never read); any value saved for it is unexpected.
+fn check_unread_chunk(
+    chunk: u64,
+    span: &ChunkSpan,
+    saved: &StoredChunk,
+    expectation: &Expectation,
+    normalise: Normalise,
+    report: &mut VerifyReport,
+) {
+    let n = span.objects as usize;
+    let ids = vec![None; n];
+    let dead = match_dead(saved.dead.clone(), &ids, expectation, report);
+    report.unexpected += match &saved.values {
+        StoredValues::InOrder(values) => values.len() as u64,
+        StoredValues::ByObject(map) => map.values().map(|v| v.len() as u64).sum(),
+    };
+    let line = |i: usize| span.first_line + i as u64;
+    let check = ChunkCheck { chunk, ids: &ids, expected: None, flat: true, expectation, line: &line, normalise };
+    for i in 0..n {
+        match dead.get(&(i as u32)) {
+            Some(entry) => check.dead_object(i, entry, None, report),
+            None => report.missing += 1,
+        }
+    }
 }
 
 /// The chunk's dead entries that name one of its objects (by index, and by id when the job has
@@ -449,7 +483,11 @@ impl Drop for SpoolDir {
 fn scan_input(input: &Path, chunk_size: u32, expectation: &Expectation) -> Result<Input, VerifyError> {
     let spool = SpoolDir(std::env::temp_dir().join(format!("chunkmill-verify-spool-{}", std::process::id())));
     let location = input::Location::parse(&input.display().to_string())?;
-    let options = input::SourceOptions { spool_dir: Some(spool.0.clone()), ..input::SourceOptions::default() };
+    let options = input::SourceOptions {
+        spool_dir: Some(spool.0.clone()),
+        spool_limits: expectation.spool,
+        ..input::SourceOptions::default()
+    };
     let source = Arc::new(input::Source::open_blocking(location, options)?);
     let job = &expectation.job;
     let check = |record: &[u8]| expectation.transform.as_ref().map_or(Ok(()), |t| t.check(record));
@@ -573,6 +611,7 @@ pub fn run(args: &crate::config::VerifyArgs, registry: Registry) -> Result<Verif
     let recompute = args.recompute || !args.recompute_with.is_empty();
     let mut expectation = Expectation::new(&args.job, &registry, recompute, args.show_dead)?;
     expectation.duplicate_check = !args.no_duplicate_check;
+    expectation.spool = args.spool.limits();
     let sink = args.sink.config(&args.out, 1, "verify")?;
     verify_sink(sink.as_ref(), &args.input, args.chunk_size, &expectation)
 }
