@@ -68,4 +68,4 @@ pub use error::{ErrorKind, SourceError};
 pub use location::{Compression, Location, StoreKind};
 pub use metrics::{FailureCallback, FailureKind, Progress, Stats};
 pub use source::{ObjectInfo, ObjectReader, Source, SourceOptions, Version};
-pub use store::RetryPolicy;
+pub use store::{RetryPolicy, StoreClient};
