@@ -119,6 +119,7 @@ async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, 
     let mut parts = Vec::with_capacity(plan.parts.len());
     for part in &plan.parts {
         parts.push(write_part(bucket, run, &plan, part).await?);
+        abort_after_parts_for_tests(parts.len());
     }
     let dead = write_dead(bucket, run, &plan).await?;
     let manifest = Manifest {
@@ -142,6 +143,18 @@ async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, 
     bucket.put(&format!("{run}/{SUCCESS_OBJECT}"), Bytes::new()).await?;
     clean_up(bucket, run, &plan).await;
     Ok(manifest)
+}
+
+/// A test hook (tests/object_sink.rs): with `CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS=N` in its
+/// environment, a saver dies (abort, as a SIGKILL would leave things) right after writing the
+/// N-th part of a commit: after its plan, before its manifest and `_SUCCESS`. Never set it
+/// outside tests.
+fn abort_after_parts_for_tests(written: usize) {
+    let Ok(limit) = std::env::var("CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS") else { return };
+    if limit.trim().parse::<usize>().is_ok_and(|limit| limit == written) {
+        tracing::error!("test hook CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS={written}: aborting mid-commit");
+        std::process::abort();
+    }
 }
 
 /// The run's plan: the one written before, or a new one from the staged indexes, written
