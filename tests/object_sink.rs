@@ -5,7 +5,8 @@
 //! `_SUCCESS`, after which `part-*` holds every value exactly once (plain, gzip, zstd); `saver
 //! verify --sink s3://...` says OK and fails on a tampered part; a saver killed half way through
 //! the commit leaves it to the next saver, which finishes it with no duplicate part; a bad
-//! `--sink` or a missing bucket stops the saver at start naming the setting.
+//! `--sink` or a missing bucket stops the saver at start naming the setting; two savers share a
+//! run; the store cut off from the saver for a while mid-run loses nothing.
 
 mod support;
 
@@ -94,8 +95,14 @@ fn files_under(dir: &Path) -> usize {
 }
 
 fn verify_sink(p: &Pipeline, sink: &str, env: &[(&'static str, String)]) -> (bool, String) {
+    verify_sink_with(p, sink, env, &[])
+}
+
+fn verify_sink_with(p: &Pipeline, sink: &str, env: &[(&'static str, String)], flags: &[&str]) -> (bool, String) {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    p.verify_with(&["--sink".to_string(), sink.to_string()], &env)
+    let mut args = vec!["--sink".to_string(), sink.to_string()];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    p.verify_with(&args, &env)
 }
 
 #[test]
@@ -221,4 +228,68 @@ fn an_unknown_scheme_and_a_missing_bucket_stop_the_saver_at_start_naming_the_set
     let mut parquet = object_saver(&p, "saver-parquet", "s3://b/out/", &s3.env(), &["--format", "parquet"]);
     assert!(parquet.wait_exit(Duration::from_secs(30)).is_some_and(|code| code != 0), "{}", parquet.log());
     assert!(parquet.log().contains("--format parquet is not yet available"), "{}", parquet.log());
+}
+
+/// The staged batch indexes of `run` under `prefix` so far.
+fn staged_indexes(s3: &S3Server, bucket: &str, prefix: &str, run: &str) -> usize {
+    s3.list(bucket, &format!("{prefix}/{run}/_staging")).iter().filter(|k| k.ends_with(".index.json")).count()
+}
+
+#[test]
+fn two_savers_on_one_run_commit_every_value_once() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    let p = Pipeline::new(2000, 0);
+    let sink = "s3://results/two/";
+    let _a = object_saver(&p, "saver-a", sink, &s3.env(), &["--part-size", "16KiB"]);
+    let _b = object_saver(&p, "saver-b", sink, &s3.env(), &["--part-size", "16KiB"]);
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "50"]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let run = p.run_id_at(50);
+    let keys = s3.list("results", &format!("two/{run}"));
+    assert!(keys.iter().any(|k| k.ends_with("/_SUCCESS")), "no _SUCCESS: {keys:?}");
+    let local = p.dir.path().join("parts");
+    std::fs::create_dir_all(&local).expect("dir");
+    download_parts(&s3, "results", "two", &run, &local);
+    assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p));
+    let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "50"]);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn a_store_gone_for_seconds_mid_run_loses_nothing_and_the_run_commits() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    // The saver reaches moto through a proxy, cut for a while mid-run (moto keeps its objects).
+    let proxy = common::harness::TcpProxy::start(s3.port());
+    let p = Pipeline::new(600, 20_000);
+    let sink = "s3://results/outage/";
+    let env = s3.env_at(&format!("http://127.0.0.1:{}", proxy.port()));
+    let args: Vec<String> = ["--sink", sink, "--instance", "saver-1"].iter().map(|s| s.to_string()).collect();
+    let env_refs: Vec<(&'static str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (saver, port) = p.spawn_with_env("saver-1", "saver", &args, &env_refs);
+    let _mapper = p.mapper("slow-mapper", &["--threads", "1", "--concurrency", "1"]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "20"]);
+    let run = p.run_id_at(20);
+    support::wait_until("two staged batches", Duration::from_secs(60), || {
+        staged_indexes(&s3, "results", "outage", &run) >= 2
+    });
+    proxy.cut();
+    support::wait_until("the saver to count a failed save", Duration::from_secs(60), || {
+        support::metric(port, "chunkmill_saver_write_failures_total").is_some_and(|n| n >= 1.0)
+    });
+    proxy.restore();
+    finish(&mut fetcher, Duration::from_secs(180));
+    assert_eq!(p.summary_number("fetcher", "/dead"), 0, "{}", fetcher.log());
+    drop(saver);
+    let keys = s3.list("results", &format!("outage/{run}"));
+    assert!(keys.iter().any(|k| k.ends_with("/_SUCCESS")), "no _SUCCESS: {keys:?}");
+    let local = p.dir.path().join("parts");
+    std::fs::create_dir_all(&local).expect("dir");
+    download_parts(&s3, "results", "outage", &run, &local);
+    assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p));
+    let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "20"]);
+    assert!(ok, "{report}");
 }

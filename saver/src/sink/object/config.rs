@@ -227,7 +227,7 @@ mod tests {
         let mut args = crate::config::SinkArgs::default();
         args.object.format = "parquet".into();
         let context = SinkContext { args: &args, out: std::path::Path::new("out"), pool_size: 1, saver: "s" };
-        let err = OBJECT.configure("s3://bucket/prefix/", &context).err().expect("refused");
+        let Err(err) = OBJECT.configure("s3://bucket/prefix/", &context) else { panic!("--format parquet is refused") };
         assert!(err.to_string().contains("--format parquet is not yet available"), "{err}");
         args.object.format = "jsonl".into();
         let context = SinkContext { args: &args, out: std::path::Path::new("out"), pool_size: 1, saver: "s" };

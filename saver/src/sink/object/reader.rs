@@ -36,8 +36,11 @@ pub(crate) struct ObjectReader {
     dead: BTreeMap<ChunkId, Vec<DeadObject>>,
     /// The last part read, its values in order (verify reads chunks in order, and parts hold
     /// runs of chunks).
-    cached: Mutex<Option<(usize, std::sync::Arc<Vec<Vec<u8>>>)>>,
+    cached: Mutex<Option<(usize, PartValues)>>,
 }
+
+/// A part's values, in order.
+type PartValues = std::sync::Arc<Vec<Vec<u8>>>;
 
 fn store_error(e: impl std::fmt::Display) -> ReadError {
     ReadError::Database(e.to_string())
@@ -129,7 +132,7 @@ impl ObjectReader {
     }
 
     /// Part `part`'s values, in order.
-    fn part(&self, part: usize) -> Result<std::sync::Arc<Vec<Vec<u8>>>, ReadError> {
+    fn part(&self, part: usize) -> Result<PartValues, ReadError> {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, values)) = cached.as_ref() {
             if *at == part {
