@@ -176,7 +176,7 @@ fn runs_into_s3_gzip_and_zstd_are_read_back_by_duckdb_once_each_and_verify_catch
 }
 
 #[test]
-fn a_saver_killed_during_the_commit_leaves_it_to_the_next_which_finishes_it_without_a_duplicate_part() {
+fn a_saver_and_fetcher_killed_during_the_commit_leave_it_to_the_next_which_finish_it_without_a_duplicate_part() {
     let s3 = S3Server::start();
     s3.create_bucket("results");
     let p = Pipeline::new(1500, 0);
@@ -194,6 +194,11 @@ fn a_saver_killed_during_the_commit_leaves_it_to_the_next_which_finishes_it_with
     assert!(keys.iter().any(|k| k.ends_with("/_commit_plan.json")), "the plan was written first: {keys:?}");
     assert!(!keys.iter().any(|k| k.ends_with("/_SUCCESS")), "not committed yet: {keys:?}");
     assert_eq!(fetcher.wait_exit(Duration::from_secs(1)), None, "the fetcher waits for the commit");
+    // The fetcher dies too: the one restarted on the complete run knows from its ledger that the
+    // run still needs its commit, and asks for it.
+    fetcher.kill();
+    let (mut fetcher, _) = p.fetcher_named("fetcher-2", &["--exit-when-done"]);
+    fetcher.wait_for_log("asking a saver to commit it", Duration::from_secs(60));
     let _saver = object_saver(&p, "saver-2", sink, &s3.env(), &["--part-size", "32KiB"]);
     finish(&mut fetcher, Duration::from_secs(120));
     let keys = s3.list("results", &format!("out/{run}"));
