@@ -94,9 +94,18 @@ impl Bucket {
     ) -> Result<T, SinkError> {
         let object = format!("{}{name}", self.url);
         match &self.client {
-            Some(client) => {
-                client.run(&object, listing, operation).await.map_err(|source| SinkError::Store { action, source })
-            }
+            Some(client) => client.run(&object, listing, operation).await.map_err(|source| {
+                // A read of a missing object is answered inside the operation (None); a 404 that
+                // gets here, on a write or a listing, is the bucket's.
+                if source.kind() == input::ErrorKind::NotFound && action != "read" {
+                    SinkError::Config(format!(
+                        "--sink {}: the bucket does not exist (cannot {action} {object}: 404 Not Found); create the bucket, or fix --sink (SAVER_SINK)",
+                        self.url
+                    ))
+                } else {
+                    SinkError::Store { action, source }
+                }
+            }),
             None => operation.await.map_err(|e| SinkError::Io {
                 action,
                 path: self.local.clone().unwrap_or_default().join(name),
