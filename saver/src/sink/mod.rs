@@ -139,8 +139,13 @@ impl Sink {
         self.0.needs_commit()
     }
 
-    /// See [`SinkWriter::commit_run`].
+    /// See [`SinkWriter::commit_run`]. A request for a run of another sink is `WrongSink`, from
+    /// every kind of sink: a file saver in the same queue group must never answer `Committed` for
+    /// an object-store run.
     pub async fn commit_run(&self, request: &CommitRequest) -> Result<CommitStatus, SinkError> {
+        if request.sink != self.id() {
+            return Ok(CommitStatus::WrongSink);
+        }
         self.0.commit_run(request).await
     }
 }
@@ -329,4 +334,30 @@ pub enum ReadError {
         /// What is missing.
         why: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_request_for_another_sinks_run_is_wrong_sink_even_from_a_sink_without_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = file::FileConfig { out: dir.path().to_path_buf() };
+        let sink = config.open(&CancellationToken::new()).await.expect("opens").expect("a sink");
+        let mut request = CommitRequest {
+            v: common::protocol::VERSION,
+            run: "0123456789abcdef".into(),
+            sink: "obj-0123".into(),
+            job: "j".into(),
+            spec: serde_json::json!({}),
+            input: "in.jsonl".into(),
+            chunk_size: 100,
+            chunks: 1,
+            objects: 1,
+        };
+        assert_eq!(sink.commit_run(&request).await.expect("answers"), CommitStatus::WrongSink);
+        request.sink = sink.id().to_string();
+        assert_eq!(sink.commit_run(&request).await.expect("answers"), CommitStatus::Committed);
+    }
 }
