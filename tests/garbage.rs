@@ -37,6 +37,7 @@ fn garbage_on_every_subject_is_ignored_counted_and_the_run_completes() {
             v: VERSION,
             saver: "forger".into(),
             sink: "dir-forged".into(),
+            commit: false,
             acks: vec![
                 Ack {
                     run: run.clone(),

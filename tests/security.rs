@@ -298,7 +298,7 @@ fn a_mappers_forged_acks_are_refused_by_nats_permissions_and_the_run_completes()
                 outputs: 100,
             })
             .collect();
-        let forged = AckRequest { v: VERSION, saver: "forger".into(), sink: "dir-forged".into(), acks };
+        let forged = AckRequest { v: VERSION, saver: "forger".into(), sink: "dir-forged".into(), commit: false, acks };
         let asked =
             async_nats::Request::new().payload(common::protocol::encode(&forged)).timeout(Some(Duration::from_secs(2)));
         let answer = client.send_request(subjects.ack.clone(), asked).await;

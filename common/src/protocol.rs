@@ -40,6 +40,9 @@ pub struct Subjects {
     pub events: String,
     /// anyone → fetcher, request/reply: "how far is the run?" (`fetcher status`).
     pub status: String,
+    /// fetcher → saver (queue group), request/reply: "the run is complete: commit it" (a sink
+    /// whose saved chunks become the run's result only then, such as the object store's).
+    pub commit: String,
 }
 
 impl Subjects {
@@ -54,6 +57,7 @@ impl Subjects {
             ack: format!("{prefix}.ack"),
             events: format!("{prefix}.events"),
             status: format!("{prefix}.status"),
+            commit: format!("{prefix}.commit"),
         }
     }
 }
@@ -871,6 +875,10 @@ pub struct AckRequest {
     /// The identity of the sink the chunks are in (stored in the sink itself): a run has one.
     #[serde(default)]
     pub sink: String,
+    /// Whether the sink needs the run committed once it is complete (a [`CommitRequest`]); an
+    /// older saver leaves it out (false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub commit: bool,
     /// The chunks.
     pub acks: Vec<Ack>,
 }
@@ -912,6 +920,72 @@ pub struct AckReply {
     pub v: u32,
     /// Verdicts.
     pub verdicts: Vec<AckVerdict>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commit
+
+/// fetcher → saver on [`Subjects::commit`] (queue group [`SAVER_QUEUE_GROUP`]): the run is
+/// complete (every chunk saved, or its dead-letter record saved), so its sink may make the saved
+/// chunks the run's result. Sent only when the savers' acks said `commit`; repeated until a saver
+/// answers [`CommitStatus::Committed`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommitRequest {
+    /// Protocol version.
+    pub v: u32,
+    /// The run.
+    pub run: String,
+    /// The sink the run saves into (as the acks named it): a saver with another sink refuses.
+    pub sink: String,
+    /// The job's fingerprint.
+    pub job: String,
+    /// The job (as in [`JobReply`]).
+    pub spec: serde_json::Value,
+    /// The input, as the fetcher was given it.
+    pub input: String,
+    /// Objects per chunk.
+    pub chunk_size: u32,
+    /// Chunks in the run: each of `0..chunks` is in the sink.
+    pub chunks: u32,
+    /// Input objects in the run.
+    pub objects: u64,
+}
+
+impl Bounded for CommitRequest {
+    const KIND: &'static str = "commit request";
+    const MAX_BYTES: usize = 1 << 20;
+    fn check_bounds(&self) -> Result<(), ProtocolError> {
+        bounded("a run id", &self.run, 64)?;
+        bounded("the sink id", &self.sink, MAX_NAME)?;
+        bounded("a job fingerprint", &self.job, 64)?;
+        bounded("the input", &self.input, 4096)
+    }
+}
+
+/// How far a commit is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitStatus {
+    /// The run is committed (or its sink has no commit step): done.
+    Committed,
+    /// A saver is committing it: ask again later.
+    Committing,
+    /// It failed (see `error`): ask again later, it is retried.
+    Failed,
+    /// This saver's sink is not the run's: ask again (another saver may take it).
+    WrongSink,
+}
+
+/// saver → fetcher: the commit's state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommitReply {
+    /// Protocol version.
+    pub v: u32,
+    /// How far it is.
+    pub status: CommitStatus,
+    /// Why it failed, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[cfg(test)]
@@ -1061,7 +1135,9 @@ mod tests {
 
     #[test]
     fn a_sink_id_that_could_forge_a_ledger_line_is_refused() {
-        let ack = |sink: &str| encode(&AckRequest { v: VERSION, saver: "s".into(), sink: sink.into(), acks: vec![] });
+        let ack = |sink: &str| {
+            encode(&AckRequest { v: VERSION, saver: "s".into(), sink: sink.into(), commit: false, acks: vec![] })
+        };
         assert!(decode_bounded::<AckRequest>(&ack("dir-0123abcdef.x_y")).is_ok());
         for forged in ["a\nd 7", "a b", "ü", "a/b"] {
             assert!(matches!(decode_bounded::<AckRequest>(&ack(forged)), Err(ProtocolError::Invalid(_))), "{forged:?}");

@@ -8,6 +8,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod commit;
 pub mod config;
 pub mod early;
 pub mod events;

@@ -13,15 +13,16 @@ use common::backoff::Backoff;
 use common::events::{Event, EventBody};
 use common::input::{ChunkReader, InputError, InputIndex, ReadErrorKind};
 use common::protocol::{
-    self, AckReply, AckRequest, AckVerdict, ChunkHead, ChunkId, ChunksHead, ExtendReply, ExtendRequest, JobReply,
-    JobRequest, ProtocolError, ReleaseReason, ReleaseReply, ReleaseRequest, ResultHead, ResultReply, ResultStatus,
-    Subjects, WorkReplyKind, WorkRequest, VERSION,
+    self, AckReply, AckRequest, AckVerdict, ChunkHead, ChunkId, ChunksHead, CommitRequest, ExtendReply, ExtendRequest,
+    JobReply, JobRequest, ProtocolError, ReleaseReason, ReleaseReply, ReleaseRequest, ResultHead, ResultReply,
+    ResultStatus, Subjects, WorkReplyKind, WorkRequest, VERSION,
 };
 use common::text::{escaped, held_back, RateLimit};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use transform::Job;
 
+use crate::commit::{CommitState, CommitStep};
 use crate::config::Config;
 use crate::events::Publisher;
 use crate::kv_lock::LockStatus;
@@ -155,6 +156,10 @@ pub struct Server {
     /// Dead chunks whose record the sink refused (it never will take it): the run must not wait
     /// for them.
     refused_markers: (RefusedMarkers, tokio::sync::mpsc::UnboundedReceiver<(ChunkId, String)>),
+    /// The run's commit, when its sink needs one ([`crate::commit`]).
+    commit: CommitState,
+    /// Where the commit request task reports that a saver answered `committed`.
+    committed: (tokio::sync::mpsc::UnboundedSender<()>, tokio::sync::mpsc::UnboundedReceiver<()>),
 }
 
 /// The ledger of `index` with what the store `recovered` marked done and dead, and the dead
@@ -211,9 +216,12 @@ impl Server {
             );
         }
         let finished = ledger.done() + ledger.dead();
+        let commit = CommitState::recovered(recovered.commit_needed, recovered.committed);
         Ok(Server {
             milestone: milestone(finished, ledger.len() as u64),
-            complete_at_start: ledger.is_complete(),
+            complete_at_start: ledger.is_complete() && commit.settled(),
+            commit,
+            committed: tokio::sync::mpsc::unbounded_channel(),
             fingerprint: job.fingerprint(),
             job,
             events,
@@ -378,13 +386,14 @@ impl Server {
                 Some(request) = inbox.status.next() => self.on_status(request).await,
                 Some(reply) = self.page.recv() => drop(reply.send(self.status())),
                 Some((chunk, error)) = self.refused_markers.1.recv() => self.on_refused_marker(chunk, &error),
+                Some(()) = self.committed.1.recv() => self.commit.answered(),
                 _ = tick.tick() => self.on_tick().await,
             }
             self.check_milestone();
             if let Some(error) = self.stopped_by_changed_input() {
                 break Err(error);
             }
-            if self.is_complete() {
+            if self.is_complete() && self.advance_commit().await {
                 self.on_complete().await;
                 if self.config.exit_when_done {
                     break Ok(());
@@ -422,6 +431,42 @@ impl Server {
             &subjects.ack,
         ]);
         Ok((inbox, held))
+    }
+
+    /// Moves the commit of a complete run on (asks the savers, or records their answer); true
+    /// once the run needs no commit or its commit is durable.
+    async fn advance_commit(&mut self) -> bool {
+        match self.commit.step(true) {
+            CommitStep::Nothing => {}
+            CommitStep::Ask => {
+                let sink = self.sink.clone().unwrap_or_default();
+                tracing::info!(run = %self.index.run_id, "run {} is complete: asking a saver to commit it into sink {}", self.index.run_id, escaped(&sink));
+                let request = CommitRequest {
+                    v: VERSION,
+                    run: self.index.run_id.clone(),
+                    sink,
+                    job: self.fingerprint.clone(),
+                    spec: serde_json::to_value(&self.job).expect("a job serialises: plain fields"),
+                    input: self.index.input.clone(),
+                    chunk_size: self.index.chunk_size,
+                    chunks: self.ledger.len() as u32,
+                    objects: self.index.objects,
+                };
+                let (client, subject) = (self.client.clone(), self.subjects.commit.clone());
+                let (done, stop) = (self.committed.0.clone(), self.markers.clone());
+                tokio::spawn(crate::commit::ask(client, subject, request, done, stop));
+                self.commit.asked();
+            }
+            CommitStep::Record => match self.store.record(&[Entry::Committed]).await {
+                Ok(()) => {
+                    self.health.succeeded(&self.metrics);
+                    self.commit.recorded_committed();
+                    tracing::info!(run = %self.index.run_id, "run {} is committed", self.index.run_id);
+                }
+                Err(e) => self.health.failed(&e, &self.metrics, "the run's commit waits to be recorded"),
+            },
+        }
+        self.commit.settled()
     }
 
     /// A dead chunk's record the sink refused: the run does not wait for it.
@@ -474,7 +519,8 @@ impl Server {
             })
             .collect();
         mappers.sort_by(|a, b| a.name.cmp(&b.name));
-        let complete = self.is_complete();
+        let chunks_complete = self.is_complete();
+        let complete = chunks_complete && self.commit.settled();
         crate::status::Status {
             run: self.index.run_id.clone(),
             input: self.index.input.clone(),
@@ -490,6 +536,7 @@ impl Server {
             eta_seconds: if complete { None } else { self.progress.eta(&self.ledger, now) },
             elapsed_seconds: elapsed.as_secs_f64(),
             complete,
+            committing: self.commit.committing(chunks_complete),
             mappers,
             dead_letters: self.recent_dead.iter().cloned().collect(),
         }
@@ -507,7 +554,7 @@ impl Server {
             elapsed: self.progress.elapsed(),
             scan: Duration::ZERO,
             input_bytes: self.index.parts.iter().map(|p| p.len).sum(),
-            complete: self.is_complete(),
+            complete: self.is_complete() && self.commit.settled(),
         }
     }
 
@@ -1018,12 +1065,21 @@ impl Server {
         if let Some(sink) = &new_sink {
             entries.insert(0, Entry::Sink(sink.clone()));
         }
+        // A sink that commits runs says so on every ack: recorded once, before the answer, so
+        // that a restarted fetcher asks for the commit too.
+        let commit_needed = self.commit.needs_recording(request.commit) && (self.sink.is_some() || new_sink.is_some());
+        if commit_needed {
+            entries.push(Entry::CommitNeeded);
+        }
         if let Err(e) = self.store.record(&entries).await {
             self.health.failed(&e, &self.metrics, "not answering acks until it can; the savers resend them");
             return;
         }
         if !entries.is_empty() {
             self.health.succeeded(&self.metrics);
+        }
+        if commit_needed {
+            self.commit.recorded_needed();
         }
         if let Some(sink) = new_sink {
             tracing::info!("run {} saves into sink {}", self.index.run_id, escaped(&sink));
@@ -1292,6 +1348,9 @@ impl Server {
         self.metrics.sync(&self.ledger, eta);
         let (able, unable) = self.asking(now);
         self.metrics.mappers(able, unable);
+        if self.commit.committing(self.is_complete()) && self.warnings.allow("committing", now).is_some() {
+            tracing::info!(run = %self.index.run_id, "run {} is complete: committing (waiting for a saver to commit it)", self.index.run_id);
+        }
         if !self.ledger.is_complete() {
             let note = self.nobody_can(now);
             if let Some(note) = &note {

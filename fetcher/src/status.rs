@@ -41,8 +41,11 @@ pub struct Status {
     pub eta_seconds: Option<f64>,
     /// Seconds since the run started (after the scan).
     pub elapsed_seconds: f64,
-    /// Every chunk done or dead-lettered.
+    /// Every chunk done or dead-lettered (and the run committed, when its sink needs a commit).
     pub complete: bool,
+    /// Every chunk is done or dead-lettered and a saver is committing the run into its sink.
+    #[serde(default)]
+    pub committing: bool,
     /// The mappers that asked for work, by name.
     pub mappers: Vec<MapperStatus>,
     /// The latest chunks this fetcher dead-lettered (at most [`DEAD_LETTERS_SHOWN`], newest
@@ -91,6 +94,7 @@ impl std::fmt::Display for Status {
         writeln!(f, "run {} on {} ({})", self.run, self.input, self.transform)?;
         let eta = match (self.complete, self.eta_seconds) {
             (true, _) => "complete".to_string(),
+            (false, _) if self.committing => "committing".to_string(),
             (false, Some(eta)) => format!("ETA {eta:.0} s"),
             (false, None) => "ETA unknown".to_string(),
         };

@@ -22,6 +22,10 @@ pub enum Entry {
     Dead(ChunkId),
     /// The run saves into the sink with this identity (recorded with its first ack).
     Sink(String),
+    /// The run's sink needs the run committed once complete (its savers' acks said so).
+    CommitNeeded,
+    /// A saver committed the run (its sink's result is durable, e.g. `_SUCCESS` written).
+    Committed,
 }
 
 impl Entry {
@@ -31,6 +35,8 @@ impl Entry {
             Entry::Done(chunk) => format!("d{separator}{chunk}"),
             Entry::Dead(chunk) => format!("x{separator}{chunk}"),
             Entry::Sink(id) => format!("s{separator}{id}"),
+            Entry::CommitNeeded => "c".to_string(),
+            Entry::Committed => "C".to_string(),
         }
     }
 }
@@ -129,6 +135,8 @@ fn parse_entry(text: &str) -> Option<Entry> {
         "d" => rest.parse().ok().map(Entry::Done),
         "x" => rest.parse().ok().map(Entry::Dead),
         "s" if !rest.is_empty() => Some(Entry::Sink(rest.to_string())),
+        "c" if rest.is_empty() => Some(Entry::CommitNeeded),
+        "C" if rest.is_empty() => Some(Entry::Committed),
         _ => None,
     }
 }
@@ -141,6 +149,8 @@ impl Recovered {
             Entry::Sink(id) => {
                 self.sink.get_or_insert(id);
             }
+            Entry::CommitNeeded => self.commit_needed = true,
+            Entry::Committed => self.committed = true,
         }
     }
 
@@ -160,6 +170,10 @@ pub struct Recovered {
     pub dead: Vec<ChunkId>,
     /// The run's sink, once its first ack was recorded.
     pub sink: Option<String>,
+    /// The run's sink needs it committed once complete.
+    pub commit_needed: bool,
+    /// The run was committed.
+    pub committed: bool,
 }
 
 impl Recovered {
@@ -727,6 +741,25 @@ mod tests {
     }
 
     #[test]
+    fn a_needed_commit_and_the_commit_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let run = record("0123456789abcdef", "c");
+        {
+            let (mut store, _, _) = FileStore::open(dir.path(), &run).expect("open");
+            store.record(&[Entry::Sink("obj-1".into()), Entry::CommitNeeded, Entry::Done(ChunkId(0))]).expect("record");
+        }
+        {
+            let (mut store, recovered, _) = FileStore::open(dir.path(), &run).expect("reopen");
+            assert!(recovered.commit_needed && !recovered.committed, "{recovered:?}");
+            store.record(&[Entry::Committed]).expect("record");
+        }
+        let (_store, recovered, _) = FileStore::open(dir.path(), &run).expect("reopen");
+        assert!(recovered.commit_needed && recovered.committed, "{recovered:?}");
+        assert_eq!(parse_entry(&Entry::Committed.text("")), Some(Entry::Committed), "the KV form reads back too");
+        assert_eq!(parse_entry(&Entry::CommitNeeded.text("")), Some(Entry::CommitNeeded));
+    }
+
+    #[test]
     fn recorded_entries_survive_a_reopen_and_a_torn_line_is_cut_off() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
@@ -740,14 +773,21 @@ mod tests {
         {
             let (mut store, recovered, _) =
                 FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("reopen");
-            assert_eq!(recovered, Recovered { done: vec![ChunkId(3), ChunkId(5)], dead: vec![ChunkId(7)], sink: None });
+            assert_eq!(
+                recovered,
+                Recovered { done: vec![ChunkId(3), ChunkId(5)], dead: vec![ChunkId(7)], ..Recovered::default() }
+            );
             // Appended after the torn entry, not glued onto it.
             store.record(&[Entry::Done(ChunkId(11))]).expect("record");
         }
         let (_store, recovered, _) = FileStore::open(dir.path(), &record("0123456789abcdef", "c")).expect("reopen");
         assert_eq!(
             recovered,
-            Recovered { done: vec![ChunkId(3), ChunkId(5), ChunkId(11)], dead: vec![ChunkId(7)], sink: None }
+            Recovered {
+                done: vec![ChunkId(3), ChunkId(5), ChunkId(11)],
+                dead: vec![ChunkId(7)],
+                ..Recovered::default()
+            }
         );
     }
 

@@ -69,4 +69,4 @@ pub use location::{Compression, Location, StoreKind};
 pub use metrics::{FailureCallback, FailureKind, Progress, Stats};
 pub use source::{ObjectInfo, ObjectReader, Source, SourceOptions, Version};
 pub use spool::{parse_size, SizeError, SpoolArgs, SpoolLimits, RATIO_FLOOR};
-pub use store::RetryPolicy;
+pub use store::{RetryPolicy, StoreClient};

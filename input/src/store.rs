@@ -393,6 +393,44 @@ impl Remote {
     }
 }
 
+/// A client of one bucket (container), for writing as well as reading: what the object-store
+/// sink of the saver uses, with the same credential environment, `*_FILE` secrets, retries and
+/// error explanations as inputs.
+#[derive(Debug, Clone)]
+pub struct StoreClient {
+    remote: Remote,
+}
+
+impl StoreClient {
+    /// A client for `bucket` in `kind`, configured from `env` (secrets from `*_FILE`s too). Makes
+    /// no request: a wrong key or a missing bucket shows at the first one.
+    pub fn connect(kind: StoreKind, bucket: &str, env: &Env, policy: &RetryPolicy) -> Result<Self, SourceError> {
+        Ok(StoreClient { remote: Remote::store(kind, bucket, env, policy, Arc::new(Stats::default()))? })
+    }
+
+    /// The `object_store` client.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.remote.store
+    }
+
+    /// Transient failures retried so far, by kind (each also counted by [`Stats`]).
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.remote.stats
+    }
+
+    /// Runs an operation on `object`, turning its failure into a [`SourceError`] that says
+    /// whether the object or bucket is missing (`listing`: a listing's 404 is the bucket), the
+    /// credentials are refused, or the store is unreachable, with the settings to check.
+    pub async fn run<T>(
+        &self,
+        object: &str,
+        listing: bool,
+        operation: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, SourceError> {
+        self.remote.run(object, listing, operation).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

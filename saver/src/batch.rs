@@ -126,6 +126,8 @@ pub struct AckerConfig {
     pub saver: String,
     /// The sink's identity.
     pub sink: String,
+    /// Whether the sink needs runs committed once complete (said in every ack).
+    pub commit: bool,
 }
 
 /// Sends saved chunks to the fetcher in batches and hands each waiting task its verdict, until
@@ -136,8 +138,13 @@ pub async fn acker(config: AckerConfig, mut queue: mpsc::Receiver<AckSlot>) {
     let mut batch = Vec::with_capacity(ACK_BATCH);
     while queue.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let (acks, waiters): (Vec<Ack>, Vec<_>) = batch.drain(..).unzip();
-        let body =
-            protocol::encode(&AckRequest { v: VERSION, saver: config.saver.clone(), sink: config.sink.clone(), acks });
+        let body = protocol::encode(&AckRequest {
+            v: VERSION,
+            saver: config.saver.clone(),
+            sink: config.sink.clone(),
+            commit: config.commit,
+            acks,
+        });
         let mut verdicts = None;
         for _ in 0..3 {
             let request = async_nats::Request::new().payload(body.clone()).timeout(Some(Duration::from_secs(5)));

@@ -145,7 +145,9 @@ impl Config {
 /// The sink choice and each sink's own flags, shared by saving and `verify`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SinkArgs {
-    /// `file` (the default: --out) or a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE; put the
+    /// `file` (the default: --out), an object-store prefix, s3://BUCKET/PREFIX/ (gs://, az://, or
+    /// file:///DIR/ for the same layout in a directory: parts, a manifest and _SUCCESS per run), or
+    /// a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE; put the
     /// password in --pg-password-file rather than in the URL. TLS as libpq: ?sslmode=disable,
     /// prefer (default), require, verify-ca or verify-full, and &sslrootcert=/path/ca.pem (the CA
     /// to trust; without it verify-* trust the system's roots).
@@ -155,6 +157,10 @@ pub struct SinkArgs {
     /// The PostgreSQL sink's flags.
     #[command(flatten)]
     pub postgres: crate::sink::postgres::PgArgs,
+
+    /// The object-store sink's flags.
+    #[command(flatten)]
+    pub object: crate::sink::object::ObjectArgs,
 }
 
 /// A parsed `--sink`: the kind of sink it names, and its text (which may hold a password: never
@@ -289,12 +295,16 @@ mod tests {
             (" file ", "file"),
             ("postgres://u@h/d", "postgres"),
             ("postgresql://u@h/d", "postgres"),
+            ("s3://bucket/prefix/", "object store"),
+            ("gs://bucket/prefix/", "object store"),
+            ("az://container/prefix/", "object store"),
+            ("file:///abs/dir/", "object store"),
         ] {
             let takers: Vec<&str> = SINKS.iter().filter(|k| k.accepts(value.trim())).map(|k| k.name()).collect();
             assert_eq!(takers, [kind], "{value:?}");
             assert_eq!(SinkChoice::parse(value).map(|c| c.kind()), Some(kind), "{value:?}");
         }
-        for value in ["files", "s3://bucket/prefix/", "file:///abs/dir/", "mysql://h/d"] {
+        for value in ["files", "ftp://host/dir/", "mysql://h/d"] {
             assert!(SinkChoice::parse(value).is_none(), "{value:?}");
         }
         for kind in SINKS {

@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod batch;
+mod commit;
 pub mod config;
 pub mod decoded;
 pub mod metrics;
@@ -111,8 +112,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
         .queue_subscribe(subjects.result.clone(), SAVER_QUEUE_GROUP.to_string())
         .await
         .map_err(|source| SaverError::Subscribe { subject: subjects.result.clone(), source })?;
+    let commits = client
+        .queue_subscribe(subjects.commit.clone(), SAVER_QUEUE_GROUP.to_string())
+        .await
+        .map_err(|source| SaverError::Subscribe { subject: subjects.commit.clone(), source })?;
     tracing::info!("saver {name}: saving to {} (sink {})", sink.describe(), sink.id());
-    metrics.common.watch_subjects(&[&subjects.result]);
+    metrics.common.watch_subjects(&[&subjects.result, &subjects.commit]);
+    let committer = tokio::spawn(commit::serve(client.clone(), sink.clone(), commits, shutdown.clone()));
     service.set_ready();
     let (shared, tasks) = Shared::start(client, &subjects, name.clone(), sink, metrics, config.commit_window);
     serve(&shared, results, config.max_in_flight, &shutdown).await;
@@ -124,6 +130,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<SaverSum
     for task in tasks {
         let _ = task.await;
     }
+    let _ = committer.await;
     tracing::info!("saver {name} stopped: {} chunks saved, {} duplicates absorbed", summary.saved, summary.duplicates);
     Ok(summary)
 }
@@ -141,8 +148,13 @@ impl Shared {
     ) -> (Arc<Shared>, [tokio::task::JoinHandle<()>; 2]) {
         let sink_id = sink.id().to_string();
         let (acks, ack_queue) = mpsc::channel(4 * ACK_BATCH);
-        let acker_config =
-            AckerConfig { client: client.clone(), subject: subjects.ack.clone(), saver, sink: sink_id.clone() };
+        let acker_config = AckerConfig {
+            client: client.clone(),
+            subject: subjects.ack.clone(),
+            saver,
+            sink: sink_id.clone(),
+            commit: sink.needs_commit(),
+        };
         let acker = tokio::spawn(batch::acker(acker_config, ack_queue));
         let (writes, write_queue) = mpsc::channel(WRITE_BATCH);
         let writer = tokio::spawn(batch::writer(sink, write_queue, metrics.clone(), commit_window));

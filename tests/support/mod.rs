@@ -297,7 +297,8 @@ impl Pipeline {
         self.verify_with(&args, &[("SAVER_PG_PASSWORD_FILE", &password)])
     }
 
-    fn verify_with(&self, sink: &[String], env: &[(&str, &str)]) -> (bool, String) {
+    /// Runs `saver verify` with `sink` flags and extra environment; returns (success, its report).
+    pub fn verify_with(&self, sink: &[String], env: &[(&str, &str)]) -> (bool, String) {
         let output = Command::new(bin("saver"))
             .args(["verify", "--input"])
             .arg(&self.input)

@@ -110,11 +110,48 @@ impl S3Server {
         assert_eq!(status, 200, "create bucket {bucket}");
     }
 
+    /// A signed client of `bucket`.
+    fn client(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        // As the input crate does: ring's provider for rustls (Err: one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test-key-id")
+            .with_secret_access_key("test-secret-key")
+            .with_bucket_name(bucket)
+            .build()
+            .expect("an S3 client")
+    }
+
+    /// The keys under `prefix` in `bucket`, sorted.
+    pub fn list(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let store = self.client(bucket);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let prefix = object_store::path::Path::from(prefix);
+        let listed: Vec<object_store::ObjectMeta> =
+            runtime.block_on(store.list(Some(&prefix)).try_collect()).expect("list objects");
+        let mut keys: Vec<String> = listed.into_iter().map(|meta| meta.location.to_string()).collect();
+        keys.sort();
+        keys
+    }
+
+    /// The bytes of an object.
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        use object_store::ObjectStoreExt;
+        let store = self.client(bucket);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let path = object_store::path::Path::from(key);
+        runtime.block_on(async { store.get(&path).await?.bytes().await }).expect("get object").to_vec()
+    }
+
     /// Puts (or overwrites) an object, signed as a client would (moto refuses unsigned writes
     /// once signed requests have been seen).
     pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
         use object_store::ObjectStoreExt;
-        // As the input crate does: ring's provider for rustls (Err: one is installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let store = object_store::aws::AmazonS3Builder::new()
             .with_endpoint(self.endpoint())

@@ -16,7 +16,7 @@
 //! ARCHITECTURE.md ("How to add a sink") walks through adding one.
 
 pub mod file;
-pub(crate) mod object;
+pub mod object;
 pub mod postgres;
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,7 +24,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::protocol::DeadObject;
+use common::protocol::{CommitRequest, CommitStatus, DeadObject};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +33,7 @@ use crate::decoded::Decoded;
 
 /// Every sink this saver knows, the default (`--sink file`) first. Registering a sink is one
 /// line here (and one `#[command(flatten)]` in [`SinkArgs`] if it has flags of its own).
-pub(crate) const SINKS: &[&dyn SinkKind] = &[&file::FILE, &postgres::POSTGRES];
+pub(crate) const SINKS: &[&dyn SinkKind] = &[&file::FILE, &postgres::POSTGRES, &object::OBJECT];
 
 /// A kind of sink: the `--sink` values that name it, and the configuration they make.
 pub trait SinkKind: Send + Sync {
@@ -87,14 +87,20 @@ pub trait SinkWriter: std::fmt::Debug + Send + Sync {
     }
     /// Where it writes, for logs (never a secret).
     fn describe(&self) -> String;
-    /// Run `run` is complete: each of its `chunks` chunks is saved here (its outputs, or its
-    /// dead-letter record). A sink whose saved chunks are not yet the run's result (parts
-    /// staged, a manifest and a `_SUCCESS` marker to write) makes them so here: idempotently,
-    /// since it may be asked again (by another saver, or after a crash half way). The file and
-    /// PostgreSQL sinks need no such step: a saved chunk is already part of the result.
-    fn commit_run<'a>(&'a self, run: &'a str, chunks: u64) -> BoxFuture<'a, Result<(), SinkError>> {
-        let _ = (run, chunks);
-        Box::pin(std::future::ready(Ok(())))
+    /// Whether a run saved here must be committed once complete ([`SinkWriter::commit_run`]):
+    /// the saver says so in its acks, and the fetcher then asks for the commit.
+    fn needs_commit(&self) -> bool {
+        false
+    }
+    /// The run is complete: each of its `request.chunks` chunks is saved here (its outputs, or
+    /// its dead-letter record). A sink whose saved chunks are not yet the run's result (parts
+    /// staged, a manifest and a `_SUCCESS` marker to write) makes them so, idempotently (it may
+    /// be asked again: by the fetcher until it hears `Committed`, by another saver, after a
+    /// crash half way), and may answer `Committing` while it works in the background. The file
+    /// and PostgreSQL sinks need no such step: a saved chunk is already part of the result.
+    fn commit_run<'a>(&'a self, request: &'a CommitRequest) -> BoxFuture<'a, Result<CommitStatus, SinkError>> {
+        let _ = request;
+        Box::pin(std::future::ready(Ok(CommitStatus::Committed)))
     }
 }
 
@@ -128,9 +134,19 @@ impl Sink {
         self.0.describe()
     }
 
-    /// See [`SinkWriter::commit_run`].
-    pub async fn commit_run(&self, run: &str, chunks: u64) -> Result<(), SinkError> {
-        self.0.commit_run(run, chunks).await
+    /// See [`SinkWriter::needs_commit`].
+    pub fn needs_commit(&self) -> bool {
+        self.0.needs_commit()
+    }
+
+    /// See [`SinkWriter::commit_run`]. A request for a run of another sink is `WrongSink`, from
+    /// every kind of sink: a file saver in the same queue group must never answer `Committed` for
+    /// an object-store run.
+    pub async fn commit_run(&self, request: &CommitRequest) -> Result<CommitStatus, SinkError> {
+        if request.sink != self.id() {
+            return Ok(CommitStatus::WrongSink);
+        }
+        self.0.commit_run(request).await
     }
 }
 
@@ -173,9 +189,21 @@ pub enum SinkError {
         /// What the user can do.
         hint: &'static str,
     },
+    /// An object store operation failed; the message names the object and the settings to check.
+    #[error("cannot {action} in the object store: {source}")]
+    Store {
+        /// What was being done.
+        action: &'static str,
+        /// The store's failure, explained.
+        source: input::SourceError,
+    },
     /// The sink's configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// The batch this chunk was saved with failed, for the reason given (one failure, told to
+    /// each of the batch's chunks).
+    #[error("{0}")]
+    Batch(String),
     /// A secret of the sink's configuration cannot be read.
     #[error(transparent)]
     Secret(#[from] common::config::SecretFileError),
@@ -306,4 +334,30 @@ pub enum ReadError {
         /// What is missing.
         why: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_request_for_another_sinks_run_is_wrong_sink_even_from_a_sink_without_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = file::FileConfig { out: dir.path().to_path_buf() };
+        let sink = config.open(&CancellationToken::new()).await.expect("opens").expect("a sink");
+        let mut request = CommitRequest {
+            v: common::protocol::VERSION,
+            run: "0123456789abcdef".into(),
+            sink: "obj-0123".into(),
+            job: "j".into(),
+            spec: serde_json::json!({}),
+            input: "in.jsonl".into(),
+            chunk_size: 100,
+            chunks: 1,
+            objects: 1,
+        };
+        assert_eq!(sink.commit_run(&request).await.expect("answers"), CommitStatus::WrongSink);
+        request.sink = sink.id().to_string();
+        assert_eq!(sink.commit_run(&request).await.expect("answers"), CommitStatus::Committed);
+    }
 }

@@ -1,0 +1,288 @@
+//! Committing a complete run: what a saver does when the fetcher asks (`P.commit`).
+//!
+//! 1. `_SUCCESS` there: committed already, nothing to do.
+//! 2. The plan: `_commit_plan.json` if a committer wrote it before (this one resumes it), else
+//!    made from the staged indexes ([`super::plan`]) and written create-only; if another
+//!    committer's plan got there first, that one is followed.
+//! 3. Each part of the plan, streamed from the staged ranges into one upload (nothing is visible
+//!    under the part's name until the upload completes, then all of it); its SHA-256 counted on
+//!    the way. A part written before by an earlier attempt is written again with the same bytes.
+//! 4. `_dead_letters.jsonl`, then `_manifest.json`, then `_SUCCESS`: the run is committed.
+//! 5. The staged objects and the plan are removed (what a late duplicate stages afterwards is
+//!    never read: readers read `part-*`, the committer never plans again).
+//!
+//! A commit runs in the background of the saver that took the request; it answers `committing`
+//! meanwhile and `committed` once `_SUCCESS` is there. Two committers at once (two savers asked)
+//! follow one plan and write the same bytes; a commit killed at any step is finished by the next.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use common::protocol::{CommitRequest, CommitStatus};
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+
+use super::config::ObjectConfig;
+use super::layout::{
+    is_index_name, BatchIndex, CommitPlan, DeadEntry, Format, Manifest, PartEntry, PartPlan, DEAD_OBJECT,
+    LAYOUT_VERSION, MANIFEST_OBJECT, PLAN_OBJECT, STAGING, SUCCESS_OBJECT,
+};
+use super::store::{Bucket, Created};
+use super::ObjectSink;
+use crate::sink::SinkError;
+
+/// Bytes read from a staged object at once while a part is written.
+const READ_PIECE: u64 = 8 << 20;
+/// Staged indexes read (or objects removed) at once.
+const AT_ONCE: usize = 16;
+
+/// A commit this saver runs or ran.
+#[derive(Debug, Clone)]
+pub(crate) struct Task {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Running,
+    Done,
+    Failed(String),
+}
+
+/// For logs: how parts are written.
+pub(crate) fn describe(config: &ObjectConfig) -> String {
+    let format = match (config.format, config.compression) {
+        (Format::Parquet, _) => "Parquet".to_string(),
+        (Format::Jsonl, compression) => format!("JSON Lines{}", compression.suffix()),
+    };
+    format!("{format}, parts of {} MiB", config.part_size >> 20)
+}
+
+/// Answers a commit request: starts the commit in the background if nobody here runs it and the
+/// run is not committed yet.
+pub(crate) async fn request(sink: Arc<ObjectSink>, request: &CommitRequest) -> Result<CommitStatus, SinkError> {
+    if request.sink != sink.id {
+        return Ok(CommitStatus::WrongSink);
+    }
+    let run = request.run.clone();
+    let known = sink.commits.lock().unwrap_or_else(|p| p.into_inner()).get(&run).cloned();
+    if let Some(task) = known {
+        let state = task.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match state {
+            State::Running => return Ok(CommitStatus::Committing),
+            State::Done => return Ok(CommitStatus::Committed),
+            State::Failed(why) => {
+                // Said once; the next request tries again.
+                sink.commits.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
+                return Err(SinkError::Batch(why));
+            }
+        }
+    }
+    if sink.bucket.exists(&format!("{run}/{SUCCESS_OBJECT}")).await? {
+        return Ok(CommitStatus::Committed);
+    }
+    let task = Task { state: Arc::new(Mutex::new(State::Running)) };
+    sink.commits.lock().unwrap_or_else(|p| p.into_inner()).insert(run.clone(), task.clone());
+    let request = request.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = commit(&sink, &request).await;
+        let state = match outcome {
+            Ok(manifest) => {
+                tracing::info!(
+                    run = %request.run,
+                    "run {} committed into {}: {} parts, {} values, {} dead-letter entries, in {:.1} s",
+                    request.run,
+                    sink.bucket.url(),
+                    manifest.parts.len(),
+                    manifest.values,
+                    manifest.dead_letters,
+                    started.elapsed().as_secs_f64()
+                );
+                State::Done
+            }
+            Err(e) => {
+                tracing::error!(run = %request.run, "committing run {} failed (the fetcher asks again): {e}", request.run);
+                State::Failed(e.to_string())
+            }
+        };
+        *task.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    });
+    Ok(CommitStatus::Committing)
+}
+
+/// The whole commit (see the module's steps).
+async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, SinkError> {
+    let (bucket, run) = (&sink.bucket, request.run.as_str());
+    let plan = load_or_make_plan(sink, request).await?;
+    let mut parts = Vec::with_capacity(plan.parts.len());
+    for part in &plan.parts {
+        parts.push(write_part(bucket, run, &plan, part).await?);
+        abort_after_parts_for_tests(parts.len());
+    }
+    let dead = write_dead(bucket, run, &plan).await?;
+    let manifest = Manifest {
+        v: LAYOUT_VERSION,
+        run: run.to_string(),
+        job: request.job.clone(),
+        spec: request.spec.clone(),
+        input: request.input.clone(),
+        chunk_size: request.chunk_size,
+        chunks: request.chunks,
+        objects: request.objects,
+        values: parts.iter().map(|p| p.values).sum(),
+        dead_letters: dead.entries,
+        format: plan.format,
+        compression: plan.compression,
+        parts,
+        dead,
+    };
+    let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises: plain fields");
+    bucket.put(&format!("{run}/{MANIFEST_OBJECT}"), Bytes::from(text)).await?;
+    bucket.put(&format!("{run}/{SUCCESS_OBJECT}"), Bytes::new()).await?;
+    clean_up(bucket, run, &plan).await;
+    Ok(manifest)
+}
+
+/// A test hook (tests/object_sink.rs): with `CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS=N` in its
+/// environment, a saver dies (abort, as a SIGKILL would leave things) right after writing the
+/// N-th part of a commit: after its plan, before its manifest and `_SUCCESS`. Never set it
+/// outside tests.
+fn abort_after_parts_for_tests(written: usize) {
+    let Ok(limit) = std::env::var("CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS") else { return };
+    if limit.trim().parse::<usize>().is_ok_and(|limit| limit == written) {
+        tracing::error!("test hook CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS={written}: aborting mid-commit");
+        std::process::abort();
+    }
+}
+
+/// The run's plan: the one written before, or a new one from the staged indexes, written
+/// create-only (another committer's, if it got there first, wins).
+async fn load_or_make_plan(sink: &ObjectSink, request: &CommitRequest) -> Result<CommitPlan, SinkError> {
+    let (bucket, run) = (&sink.bucket, request.run.as_str());
+    let name = format!("{run}/{PLAN_OBJECT}");
+    if let Some(plan) = read_plan(bucket, &name).await? {
+        return Ok(plan);
+    }
+    let batches = read_indexes(bucket, run).await?;
+    let config = &sink.config;
+    let plan = super::plan::plan(run, config.format, config.compression, request.chunks, batches, config.part_size)
+        .map_err(|e| SinkError::Invalid(format!("cannot commit run {run} in {}: {e}", bucket.url())))?;
+    let text = serde_json::to_vec(&plan).expect("a plan serialises: plain fields");
+    match bucket.put_new(&name, Bytes::from(text)).await? {
+        Created::New => Ok(plan),
+        Created::Existed => read_plan(bucket, &name)
+            .await?
+            .ok_or_else(|| SinkError::Invalid(format!("{}{name} was written and then removed", bucket.url()))),
+    }
+}
+
+async fn read_plan(bucket: &Bucket, name: &str) -> Result<Option<CommitPlan>, SinkError> {
+    let Some(bytes) = bucket.get(name).await? else { return Ok(None) };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| SinkError::Invalid(format!("{}{name} is not a commit plan chunkmill wrote: {e}", bucket.url())))
+}
+
+/// Every staged batch index of the run.
+async fn read_indexes(bucket: &Bucket, run: &str) -> Result<Vec<BatchIndex>, SinkError> {
+    let staged = bucket.list(&format!("{run}/{STAGING}")).await?;
+    let names: Vec<String> = staged
+        .into_iter()
+        .filter_map(|(name, _)| name.strip_prefix(&format!("{run}/")).map(str::to_string))
+        .filter(|name| is_index_name(name))
+        .collect();
+    futures::stream::iter(names)
+        .map(|name| async move {
+            let object = format!("{run}/{name}");
+            let bytes = bucket.get(&object).await?.unwrap_or_default();
+            serde_json::from_slice::<BatchIndex>(&bytes).map_err(|e| {
+                SinkError::Invalid(format!("{}{object} is not a batch index chunkmill wrote: {e}", bucket.url()))
+            })
+        })
+        .buffer_unordered(AT_ONCE)
+        .try_collect()
+        .await
+}
+
+/// Writes one part of the plan: JSON Lines are the staged ranges, in order.
+async fn write_part(bucket: &Bucket, run: &str, plan: &CommitPlan, part: &PartPlan) -> Result<PartEntry, SinkError> {
+    if plan.format == Format::Parquet {
+        return Err(SinkError::Config(format!("run {run}: Parquet parts are not written by this saver yet")));
+    }
+    let name = format!("{run}/{}", part.name);
+    let mut upload = bucket.upload(&name).await?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0;
+    for source in &part.sources {
+        let object = format!("{run}/{}", source.object);
+        let mut at = source.offset;
+        let end = source.offset + source.bytes;
+        while at < end {
+            let piece = bucket.get_range(&object, at..end.min(at + READ_PIECE)).await?;
+            hasher.update(&piece);
+            upload.write(bucket, &piece).await?;
+            at += piece.len() as u64;
+            bytes += piece.len() as u64;
+            if piece.is_empty() {
+                return Err(SinkError::Invalid(format!(
+                    "{}{object} is shorter than its index says ({at} of {end} bytes)",
+                    bucket.url()
+                )));
+            }
+        }
+    }
+    bucket.finish(upload).await?;
+    Ok(PartEntry {
+        name: part.name.clone(),
+        values: part.chunks.iter().map(|c| c.values).sum(),
+        bytes,
+        sha256: hex(&hasher.finalize()),
+        chunks: part.chunks.clone(),
+    })
+}
+
+/// Writes `_dead_letters.jsonl`: the plan's entries, one per line.
+async fn write_dead(bucket: &Bucket, run: &str, plan: &CommitPlan) -> Result<DeadEntry, SinkError> {
+    let mut text = Vec::new();
+    for line in &plan.dead {
+        serde_json::to_writer(&mut text, line).expect("a dead-letter line serialises: plain fields");
+        text.push(b'\n');
+    }
+    let entry = DeadEntry {
+        name: DEAD_OBJECT.to_string(),
+        entries: plan.dead.len() as u64,
+        bytes: text.len() as u64,
+        sha256: hex(&Sha256::digest(&text)),
+    };
+    bucket.put(&format!("{run}/{DEAD_OBJECT}"), Bytes::from(text)).await?;
+    Ok(entry)
+}
+
+/// Removes the staging area and the plan, best effort: what is left is never read.
+async fn clean_up(bucket: &Bucket, run: &str, plan: &CommitPlan) {
+    let mut names: Vec<String> = plan.staged.iter().map(|name| format!("{run}/{name}")).collect();
+    if let Ok(left) = bucket.list(&format!("{run}/{STAGING}")).await {
+        names.extend(left.into_iter().map(|(name, _)| name));
+    }
+    names.sort();
+    names.dedup();
+    names.push(format!("{run}/{PLAN_OBJECT}"));
+    let failed = futures::stream::iter(names)
+        .map(|name| async move { bucket.delete(&name).await.err() })
+        .buffer_unordered(AT_ONCE)
+        .filter_map(|e| async move { e })
+        .count()
+        .await;
+    if failed > 0 {
+        tracing::warn!(
+            "run {run}: {failed} staged objects could not be removed; they are never read (readers read part-*)"
+        );
+    }
+}
+
+/// Lower-case hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,300 @@
+//! End-to-end: the object-store sink (`saver --sink s3://BUCKET/PREFIX/`, `file:///DIR/`). Real
+//! processes around a real nats-server, a real S3-compatible server (moto) per test, and the
+//! committed parts read back by an independent reader, DuckDB (installed by `scripts/lib.sh`'s
+//! `ensure_duckdb` into ~/.cache/chunkmill): a run with `--exit-when-done` exits only after
+//! `_SUCCESS`, after which `part-*` holds every value exactly once (plain, gzip, zstd); `saver
+//! verify --sink s3://...` says OK and fails on a tampered part; a saver killed half way through
+//! the commit leaves it to the next saver, which finishes it with no duplicate part; a bad
+//! `--sink` or a missing bucket stops the saver at start naming the setting; two savers share a
+//! run; the store cut off from the saver for a while mid-run loses nothing.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::harness::Service;
+use support::s3::S3Server;
+use support::{finish, Pipeline};
+
+/// The python of the venv with DuckDB (`ensure_duckdb` in scripts/lib.sh exports it).
+fn duckdb_python() -> PathBuf {
+    if let Ok(python) = std::env::var("CHUNKMILL_DUCKDB_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let home = std::env::var("HOME").expect("HOME");
+    let cache = Path::new(&home).join(".cache/chunkmill");
+    let found = std::fs::read_dir(&cache).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("duckdb-")))
+            .find(|p| p.join(".installed").exists())
+    });
+    match found {
+        Some(venv) => venv.join("bin/python"),
+        None => panic!(
+            "no DuckDB venv under {}: run `. scripts/lib.sh; ensure_duckdb` (scripts/test.sh does)",
+            cache.display()
+        ),
+    }
+}
+
+/// The `id` of every value DuckDB reads from the files `glob` matches (JSON Lines; gzip and zstd
+/// by their extension), sorted.
+fn duckdb_ids(glob: &str) -> Vec<String> {
+    let script = "import duckdb, sys\n\
+        rows = duckdb.sql(\"SELECT id FROM read_json(?, format='newline_delimited', columns={'id': 'VARCHAR'}) ORDER BY id\", params=[sys.argv[1]]).fetchall()\n\
+        sys.stdout.write(''.join(r[0] + '\\n' for r in rows))\n";
+    let output = Command::new(duckdb_python()).args(["-c", script, glob]).output().expect("run DuckDB's python");
+    assert!(output.status.success(), "DuckDB could not read {glob}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("ids are text").lines().map(str::to_string).collect()
+}
+
+/// The input's `uuid`s, sorted: what the digest transform's `id`s must be, each once.
+fn input_ids(p: &Pipeline) -> Vec<String> {
+    let text = std::fs::read_to_string(&p.input).expect("input");
+    let mut ids: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("input JSON");
+            value["uuid"].as_str().expect("a uuid").to_string()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A saver writing to `sink`, with `env` (the store's settings) and extra flags.
+fn object_saver(p: &Pipeline, name: &str, sink: &str, env: &[(&'static str, String)], extra: &[&str]) -> Service {
+    let mut args: Vec<String> = vec!["--sink".into(), sink.into(), "--instance".into(), name.into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let env: Vec<(&'static str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    p.spawn_with_env(name, "saver", &args, &env).0
+}
+
+/// Copies the committed parts of `run` under `prefix` in `bucket` into `dir`, as a reader that
+/// lists `PREFIX/<run>/part-*` would see them; returns their names.
+fn download_parts(s3: &S3Server, bucket: &str, prefix: &str, run: &str, dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for key in s3.list(bucket, &format!("{prefix}/{run}")) {
+        let name = key.rsplit('/').next().expect("a name").to_string();
+        if name.starts_with("part-") && !key.contains("/_staging/") {
+            std::fs::write(dir.join(&name), s3.get(bucket, &key)).expect("write a part");
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// Files under `dir`, at any depth (a local store leaves empty directories behind).
+fn files_under(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.path().is_dir() { files_under(&e.path()) } else { 1 }).sum()
+}
+
+fn verify_sink(p: &Pipeline, sink: &str, env: &[(&'static str, String)]) -> (bool, String) {
+    verify_sink_with(p, sink, env, &[])
+}
+
+fn verify_sink_with(p: &Pipeline, sink: &str, env: &[(&'static str, String)], flags: &[&str]) -> (bool, String) {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut args = vec!["--sink".to_string(), sink.to_string()];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    p.verify_with(&args, &env)
+}
+
+#[test]
+fn a_run_into_a_directory_exits_after_success_and_duckdb_reads_every_value_once() {
+    let p = Pipeline::new(1500, 0);
+    let dir = p.dir.path().join("bucket");
+    let sink = format!("file://{}/out/", dir.display());
+    let _saver = object_saver(&p, "saver-1", &sink, &[], &["--part-size", "64KiB"]);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let run = dir.join("out").join(p.run_id());
+    // The fetcher exited: the commit is durable.
+    assert!(run.join("_SUCCESS").exists(), "no _SUCCESS after the fetcher exited:\n{}", fetcher.log());
+    assert!(fetcher.log().contains("is committed"), "{}", fetcher.log());
+    let parts: Vec<String> = std::fs::read_dir(&run)
+        .expect("run dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("part-"))
+        .collect();
+    assert!(parts.len() > 1, "--part-size 64KiB makes several parts: {parts:?}");
+    assert_eq!(files_under(&run.join("_staging")), 0, "the staging area is cleaned up at commit");
+    assert_eq!(duckdb_ids(&format!("{}/part-*", run.display())), input_ids(&p));
+    let (ok, report) = verify_sink(&p, &sink, &[]);
+    assert!(ok, "{report}");
+    assert!(report.contains("1500 expected, 1500 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+}
+
+#[test]
+fn runs_into_s3_gzip_and_zstd_are_read_back_by_duckdb_once_each_and_verify_catches_a_tampered_part() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    for compression in ["none", "gzip", "zstd"] {
+        let p = Pipeline::new(1200, 0);
+        let sink = format!("s3://results/{compression}/");
+        let _saver =
+            object_saver(&p, "saver-1", &sink, &s3.env(), &["--compression", compression, "--part-size", "4KiB"]);
+        let _mapper = p.mapper("mapper-1", &[]);
+        let mut fetcher = p.fetcher(&[]);
+        finish(&mut fetcher, Duration::from_secs(120));
+        let run = p.run_id();
+        let keys = s3.list("results", &format!("{compression}/{run}"));
+        assert!(keys.iter().any(|k| k.ends_with("/_SUCCESS")), "{compression}: no _SUCCESS: {keys:?}");
+        assert!(!keys.iter().any(|k| k.contains("/_staging/")), "{compression}: staging left: {keys:?}");
+        let local = p.dir.path().join("parts");
+        std::fs::create_dir_all(&local).expect("dir");
+        let parts = download_parts(&s3, "results", compression, &run, &local);
+        let suffix = match compression {
+            "gzip" => ".jsonl.gz",
+            "zstd" => ".jsonl.zst",
+            _ => ".jsonl",
+        };
+        assert!(parts.len() > 1 && parts.iter().all(|n| n.ends_with(suffix)), "{compression}: {parts:?}");
+        assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p), "{compression}");
+        let (ok, report) = verify_sink(&p, &sink, &s3.env());
+        assert!(ok, "{compression}: {report}");
+        assert!(report.contains("1200 expected, 1200 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+        if compression == "zstd" {
+            // A part changed after the commit: verify names it and its checksum.
+            let key = format!("{compression}/{run}/{}", parts[0]);
+            let mut bytes = s3.get("results", &key);
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            s3.put("results", &key, &bytes);
+            let (ok, report) = verify_sink(&p, &sink, &s3.env());
+            assert!(!ok, "a tampered part must fail verify: {report}");
+            assert!(report.contains(&parts[0]) && report.contains("SHA-256"), "{report}");
+        }
+    }
+}
+
+#[test]
+fn a_saver_and_fetcher_killed_during_the_commit_leave_it_to_the_next_which_finish_it_without_a_duplicate_part() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    let p = Pipeline::new(1500, 0);
+    let sink = "s3://results/out/";
+    let mut env = s3.env();
+    env.push(("CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS", "2".into()));
+    let mut dying = object_saver(&p, "saver-1", sink, &env, &["--part-size", "32KiB"]);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    dying.wait_for_log("aborting mid-commit", Duration::from_secs(120));
+    // Aborted by the hook (a SIGKILL too, in case it has not gone yet).
+    dying.kill();
+    let run = p.run_id();
+    let keys = s3.list("results", &format!("out/{run}"));
+    assert!(keys.iter().any(|k| k.ends_with("/_commit_plan.json")), "the plan was written first: {keys:?}");
+    assert!(!keys.iter().any(|k| k.ends_with("/_SUCCESS")), "not committed yet: {keys:?}");
+    assert_eq!(fetcher.wait_exit(Duration::from_secs(1)), None, "the fetcher waits for the commit");
+    // The fetcher dies too: the one restarted on the complete run knows from its ledger that the
+    // run still needs its commit, and asks for it.
+    fetcher.kill();
+    let (mut fetcher, _) = p.fetcher_named("fetcher-2", &["--exit-when-done"]);
+    fetcher.wait_for_log("asking a saver to commit it", Duration::from_secs(60));
+    let _saver = object_saver(&p, "saver-2", sink, &s3.env(), &["--part-size", "32KiB"]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let keys = s3.list("results", &format!("out/{run}"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&s3.get("results", &format!("out/{run}/_manifest.json"))).expect("a manifest");
+    let listed: Vec<String> = manifest["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .map(|part| format!("out/{run}/{}", part["name"].as_str().expect("a name")))
+        .collect();
+    let found: Vec<String> = keys.iter().filter(|k| k.contains("/part-")).cloned().collect();
+    assert_eq!(found, listed, "exactly the manifest's parts, none twice, none left over");
+    let local = p.dir.path().join("parts");
+    std::fs::create_dir_all(&local).expect("dir");
+    download_parts(&s3, "results", "out", &run, &local);
+    assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p));
+    let (ok, report) = verify_sink(&p, sink, &s3.env());
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn an_unknown_scheme_and_a_missing_bucket_stop_the_saver_at_start_naming_the_setting() {
+    let s3 = S3Server::start();
+    let p = Pipeline::new(10, 0);
+    let mut unknown = object_saver(&p, "saver-ftp", "ftp://host/dir/", &[], &[]);
+    assert!(unknown.wait_exit(Duration::from_secs(30)).is_some_and(|code| code != 0), "{}", unknown.log());
+    assert!(unknown.log().contains("--sink"), "{}", unknown.log());
+    let mut missing = object_saver(&p, "saver-nobucket", "s3://no-such-bucket/out/", &s3.env(), &[]);
+    assert!(missing.wait_exit(Duration::from_secs(60)).is_some_and(|code| code != 0), "{}", missing.log());
+    assert!(missing.log().contains("--sink s3://no-such-bucket/out/: the bucket does not exist"), "{}", missing.log());
+    let mut parquet = object_saver(&p, "saver-parquet", "s3://b/out/", &s3.env(), &["--format", "parquet"]);
+    assert!(parquet.wait_exit(Duration::from_secs(30)).is_some_and(|code| code != 0), "{}", parquet.log());
+    assert!(parquet.log().contains("--format parquet is not yet available"), "{}", parquet.log());
+}
+
+/// The staged batch indexes of `run` under `prefix` so far.
+fn staged_indexes(s3: &S3Server, bucket: &str, prefix: &str, run: &str) -> usize {
+    s3.list(bucket, &format!("{prefix}/{run}/_staging")).iter().filter(|k| k.ends_with(".index.json")).count()
+}
+
+#[test]
+fn two_savers_on_one_run_commit_every_value_once() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    let p = Pipeline::new(2000, 0);
+    let sink = "s3://results/two/";
+    let _a = object_saver(&p, "saver-a", sink, &s3.env(), &["--part-size", "16KiB"]);
+    let _b = object_saver(&p, "saver-b", sink, &s3.env(), &["--part-size", "16KiB"]);
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "50"]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let run = p.run_id_at(50);
+    let keys = s3.list("results", &format!("two/{run}"));
+    assert!(keys.iter().any(|k| k.ends_with("/_SUCCESS")), "no _SUCCESS: {keys:?}");
+    let local = p.dir.path().join("parts");
+    std::fs::create_dir_all(&local).expect("dir");
+    download_parts(&s3, "results", "two", &run, &local);
+    assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p));
+    let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "50"]);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn a_store_gone_for_seconds_mid_run_loses_nothing_and_the_run_commits() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    // The saver reaches moto through a proxy, cut for a while mid-run (moto keeps its objects).
+    let proxy = common::harness::TcpProxy::start(s3.port());
+    let p = Pipeline::new(600, 20_000);
+    let sink = "s3://results/outage/";
+    let env = s3.env_at(&format!("http://127.0.0.1:{}", proxy.port()));
+    let args: Vec<String> = ["--sink", sink, "--instance", "saver-1"].iter().map(|s| s.to_string()).collect();
+    let env_refs: Vec<(&'static str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (saver, port) = p.spawn_with_env("saver-1", "saver", &args, &env_refs);
+    let _mapper = p.mapper("slow-mapper", &["--threads", "1", "--concurrency", "1"]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "20"]);
+    let run = p.run_id_at(20);
+    support::wait_until("two staged batches", Duration::from_secs(60), || {
+        staged_indexes(&s3, "results", "outage", &run) >= 2
+    });
+    proxy.cut();
+    support::wait_until("the saver to count a failed save", Duration::from_secs(60), || {
+        support::metric(port, "chunkmill_saver_write_failures_total").is_some_and(|n| n >= 1.0)
+    });
+    proxy.restore();
+    finish(&mut fetcher, Duration::from_secs(180));
+    assert_eq!(p.summary_number("fetcher", "/dead"), 0, "{}", fetcher.log());
+    drop(saver);
+    let keys = s3.list("results", &format!("outage/{run}"));
+    assert!(keys.iter().any(|k| k.ends_with("/_SUCCESS")), "no _SUCCESS: {keys:?}");
+    let local = p.dir.path().join("parts");
+    std::fs::create_dir_all(&local).expect("dir");
+    download_parts(&s3, "results", "outage", &run, &local);
+    assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p));
+    let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "20"]);
+    assert!(ok, "{report}");
+}
