@@ -7,6 +7,7 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +25,10 @@ const STDERR_SETTLE: Duration = Duration::from_millis(200);
 
 /// How often a wait for a child's line checks whether the child has exited.
 const EXIT_POLL: Duration = Duration::from_millis(100);
+
+/// How long past its settling time a check for an extra line waits for the reader thread to
+/// catch up with what the child already wrote (a loaded machine may not run it for a while).
+const CATCH_UP: Duration = Duration::from_secs(2);
 
 /// Answers a child may write ahead of the mapper's reading before its stdout blocks.
 const LINES_AHEAD: usize = 1024;
@@ -61,6 +66,11 @@ pub(crate) struct Worker {
     stderr_drain: JoinHandle<()>,
     /// Lines it answered since it started: a child that fails before its first is "fresh".
     pub(crate) answered: u64,
+    /// Lines taken from `lines` so far.
+    received: u64,
+    /// How many lines the reader thread had sent when it last found nothing more written: once
+    /// `received` reaches it, every line the child wrote up to then has been seen.
+    drained: Arc<AtomicU64>,
 }
 
 /// Why the child gave no line.
@@ -98,15 +108,18 @@ impl Worker {
         let (input, to_write) = mpsc::channel();
         let (answers, lines) = mpsc::sync_channel(LINES_AHEAD);
         let name = spec.name.clone();
+        let drained = Arc::new(AtomicU64::new(0));
+        let reader_drained = Arc::clone(&drained);
         let threads = spawn_thread(&spec.name, "in", move || write_input(stdin, &to_write))
-            .and_then(|_| spawn_thread(&spec.name, "out", move || read_output(stdout, &answers)))
+            .and_then(|_| spawn_thread(&spec.name, "out", move || read_output(stdout, &answers, &reader_drained)))
             .and_then(|_| {
                 let kept = Arc::clone(&kept);
                 spawn_thread(&spec.name, "err", move || drain_stderr(stderr, &name, pid, &kept))
             });
         match threads {
             Ok(stderr_drain) => {
-                Ok(Worker { child, pid, input: Some(input), lines, stderr: kept, stderr_drain, answered: 0 })
+                let (input, answered, received) = (Some(input), 0, 0);
+                Ok(Worker { child, pid, input, lines, stderr: kept, stderr_drain, answered, received, drained })
             }
             Err(e) => {
                 stop_group(&mut child);
@@ -136,13 +149,18 @@ impl Worker {
         loop {
             let wait = deadline.saturating_duration_since(Instant::now()).min(EXIT_POLL);
             match self.lines.recv_timeout(wait) {
-                Ok(line) => return Ok(line),
+                Ok(line) => {
+                    self.received += 1;
+                    return Ok(line);
+                }
                 Err(RecvTimeoutError::Disconnected) => return Err(NoLine::Closed),
                 Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => return Err(NoLine::Timeout),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.exited().is_some() {
                         // What it wrote before exiting is in the pipe or on its way.
-                        return self.lines.recv_timeout(EXIT_POLL).map_err(|_| NoLine::Closed);
+                        let line = self.lines.recv_timeout(EXIT_POLL).map_err(|_| NoLine::Closed)?;
+                        self.received += 1;
+                        return Ok(line);
                     }
                 }
             }
@@ -153,15 +171,36 @@ impl Worker {
     /// stdout ended: `Some(false)`; nothing: `None`.
     pub(crate) fn unasked_line(&mut self) -> Option<bool> {
         match self.lines.try_recv() {
-            Ok(_) => Some(true),
+            Ok(_) => {
+                self.received += 1;
+                Some(true)
+            }
             Err(TryRecvError::Disconnected) => Some(false),
             Err(TryRecvError::Empty) => None,
         }
     }
 
-    /// Whether the child writes a line within `window` though it was asked for none.
+    /// Whether the child writes a line within `window` though it was asked for none. A line
+    /// it wrote before the window ended counts even if the reader thread, on a loaded machine,
+    /// passes it on later: past the window this waits (up to [`CATCH_UP`]) until the reader has
+    /// found nothing more to read.
     pub(crate) fn writes_more_within(&mut self, window: Duration) -> bool {
-        self.lines.recv_timeout(window).is_ok()
+        let start = Instant::now();
+        let mut wait = window;
+        loop {
+            match self.lines.recv_timeout(wait) {
+                Ok(_) => {
+                    self.received += 1;
+                    return true;
+                }
+                Err(RecvTimeoutError::Disconnected) => return false,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if self.drained.load(Ordering::Acquire) >= self.received || start.elapsed() > window + CATCH_UP {
+                return false;
+            }
+            wait = Duration::from_millis(1);
+        }
     }
 
     /// How the child ended once its stdout closed: `Ok(status)` if it exited by itself within
@@ -249,14 +288,19 @@ fn write_input(mut stdin: ChildStdin, blocks: &Receiver<Vec<u8>>) {
     }
 }
 
-fn read_output(stdout: ChildStdout, answers: &SyncSender<Line>) {
+fn read_output(stdout: ChildStdout, answers: &SyncSender<Line>, drained: &AtomicU64) {
     let mut reader = BufReader::with_capacity(64 << 10, stdout);
+    let mut sent = 0;
     loop {
         let mut line = Vec::new();
         match read_line(&mut reader, &mut line, MAX_LINE_BYTES, false) {
             Ok(Read::Line) => {
                 if answers.send(Line::Value(line)).is_err() {
                     return;
+                }
+                sent += 1;
+                if reader.buffer().is_empty() && !readable_now(reader.get_ref()) {
+                    drained.store(sent, Ordering::Release);
                 }
             }
             Ok(Read::TooLong) => {
@@ -266,6 +310,14 @@ fn read_output(stdout: ChildStdout, answers: &SyncSender<Line>) {
             Ok(Read::End) | Err(_) => return,
         }
     }
+}
+
+/// Whether `pipe` has bytes (or its end) to read at once.
+fn readable_now(pipe: &ChildStdout) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(pipe, PollFlags::IN)];
+    // An error of poll itself: say readable, so that a check waits for the reader to read.
+    poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).map_or(true, |ready| ready > 0)
 }
 
 fn drain_stderr(stderr: ChildStderr, name: &str, pid: u32, kept: &Mutex<Stderr>) {
