@@ -65,9 +65,10 @@ pub enum JobFileError {
     Parse {
         /// The file.
         path: PathBuf,
-        /// The parser's error, with the key and its line.
+        /// The parser's error, with the key and its line (boxed: it is large, and the error
+        /// travels through every `Result` of the job file).
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
     /// A key's value is refused by its flag's parser.
     #[error("job file {path}: `{key}`: {message}")]
@@ -93,7 +94,8 @@ impl JobFile {
         if text.trim().is_empty() {
             return Ok(JobFile::default());
         }
-        serde_saphyr::from_str(text).map_err(|source| JobFileError::Parse { path: path.into(), source })
+        serde_saphyr::from_str(text)
+            .map_err(|source| JobFileError::Parse { path: path.into(), source: Box::new(source) })
     }
 
     /// The file's settings: (key, the flag it sets, its value as that flag takes it).

@@ -52,7 +52,7 @@ pub(crate) struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Ready {
     /// Compiled, limits set: ready for runs.
-    Ready,
+    Compiled,
     /// The program does not compile: why.
     Invalid(String),
     /// The sandbox cannot run: why.
@@ -156,7 +156,7 @@ pub(crate) fn read_hello(r: &mut impl Read) -> io::Result<Hello> {
 
 pub(crate) fn write_ready(w: &mut impl Write, ready: &Ready) -> io::Result<()> {
     let (status, message) = match ready {
-        Ready::Ready => (0, ""),
+        Ready::Compiled => (0, ""),
         Ready::Invalid(why) => (1, why.as_str()),
         Ready::Failed(why) => (2, why.as_str()),
     };
@@ -181,7 +181,7 @@ pub(crate) fn read_ready(r: &mut impl BufRead, preamble: usize) -> io::Result<Re
     let status = read_u8(r)?;
     let message = read_text(r, 1 << 20)?;
     match status {
-        0 => Ok(Ready::Ready),
+        0 => Ok(Ready::Compiled),
         1 => Ok(Ready::Invalid(message)),
         _ => Ok(Ready::Failed(message)),
     }

@@ -157,7 +157,7 @@ impl std::fmt::Display for Memory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let bytes = self.0;
         for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if bytes >= size && bytes % size == 0 {
+            if bytes >= size && bytes.is_multiple_of(size) {
                 return write!(f, "{} {unit}", bytes / size);
             }
         }

@@ -319,7 +319,7 @@ impl Sandbox {
         let stderr = child.stderr.take().and_then(|pipe| drain_stderr(pipe, pid));
         let mut sandbox = Sandbox { child, pid, connection: BufReader::new(ours), stderr };
         match sandbox.greet(program, options) {
-            Ok(Ready::Ready) => Ok(sandbox),
+            Ok(Ready::Compiled) => Ok(sandbox),
             Ok(Ready::Invalid(why)) => Err(BuildError::Invalid(why)),
             Ok(Ready::Failed(why)) => Err(start(&why)),
             Err(e) => {

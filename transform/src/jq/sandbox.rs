@@ -180,7 +180,7 @@ fn evaluate(mut input: BufReader<File>, hello: Hello, shared: &Shared) -> io::Re
             Ok(program) => program,
             Err(why) => return shared.lock().ready(&Ready::Invalid(why)),
         };
-        shared.lock().ready(&Ready::Ready)?;
+        shared.lock().ready(&Ready::Compiled)?;
         while let Some(run) = frame::read_run(&mut input)? {
             for object in run.objects() {
                 shared.lock().started = Some(Instant::now());
