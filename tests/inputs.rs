@@ -296,6 +296,33 @@ fn an_s3_server_restarted_mid_run_is_ridden_out_and_the_run_verifies() {
     assert!(report.contains("300 expected, 300 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
 }
 
+#[test]
+fn a_store_down_longer_than_ten_quick_retries_at_start_is_waited_for_and_the_run_verifies() {
+    // The retries are bounded in time, not in count: ten jittered retries can all fall within
+    // about two seconds, and a fetcher that gave up then would fail its run on a store restart.
+    let s3 = S3Server::start();
+    let proxy = TcpProxy::start(s3.port());
+    let mut p = Pipeline::new(300, 0);
+    let users = lines(&p);
+    upload_sized(&s3, "inputs", &users, &[100, 100, 100]);
+    p.input = "s3://inputs/data/".into();
+    p.input_env = s3.env_at(&format!("http://127.0.0.1:{}", proxy.port()));
+    let _saver = p.saver("saver-1");
+    let _mapper = p.mapper("mapper-1", &[]);
+    proxy.cut();
+    let (mut fetcher, port) = p.fetcher_named("fetcher", &["--exit-when-done", "--chunk-size", "10"]);
+    // Ten retries of one request make eleven failures; the fetcher must still be waiting after more.
+    wait_until("the fetcher to count 14 failed store requests and still be waiting", Duration::from_secs(60), || {
+        assert!(fetcher.wait_exit(Duration::ZERO).is_none(), "the fetcher gave up on the store:\n{}", fetcher.log());
+        store_failures(port).is_some_and(|n| n >= 14.0)
+    });
+    proxy.restore();
+    finish(&mut fetcher, Duration::from_secs(120));
+    let (ok, report) = p.verify_with_flags(&["--chunk-size", "10"]);
+    assert!(ok, "{report}");
+    assert!(report.contains("300 expected, 300 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+}
+
 /// Runs a fetcher that must fail at once on `p`'s input; returns its log, checked for the secret.
 fn fails_fast(p: &Pipeline, secret: &str) -> String {
     let started = Instant::now();

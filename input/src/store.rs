@@ -25,11 +25,13 @@ use crate::error::SourceError;
 use crate::location::StoreKind;
 use crate::metrics::{FailureKind, Stats};
 
-/// How transient store failures are retried: exponential backoff with jitter, bounded both in
-/// count and in time (`object_store`'s retry loop, configured from this).
+/// How transient store failures are retried: exponential backoff with jitter, bounded in time
+/// (`object_store`'s retry loop, configured from this). The count is only a backstop: the
+/// backoff is jittered between `initial_backoff` and twice the last one, so ten retries can all
+/// land in about two seconds, too short to ride out a store restart.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Retries of one request at most.
+    /// Retries of one request at most: a backstop far above what `retry_timeout` allows.
     pub max_retries: usize,
     /// The first backoff.
     pub initial_backoff: Duration,
@@ -45,11 +47,11 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 10 retries from 100 ms up to 5 s apart, within 60 s: a store restart or a short network
-    /// cut is ridden out; a store that is really down is reported in about a minute.
+    /// Retries from 100 ms up to 5 s apart for 60 s: a store restart or a short network cut is
+    /// ridden out; a store that is really down is reported in about a minute.
     fn default() -> Self {
         RetryPolicy {
-            max_retries: 10,
+            max_retries: 1000,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             retry_timeout: Duration::from_secs(60),
