@@ -2,8 +2,9 @@
 //! restarts mappers, the saver and the fetcher, SIGSTOPs a mapper past its lease, restarts
 //! nats-server, and fills the fetcher's state disk and the file sink's disk (real size-limited
 //! tmpfs mounts: ENOSPC); with the PostgreSQL sink, it also stops and restarts the database. A
-//! third test runs a command job over an input in an S3 store: the store goes away (its
-//! connections cut) mid-run, a mapper living in a network namespace of its own is partitioned
+//! third test runs a command job over an input in an S3 store into the object-store sink (another
+//! bucket of the same store): the store goes away (its connections cut: the input's, the
+//! output's or both) mid-run, a mapper living in a network namespace of its own is partitioned
 //! from NATS (its veth down: packets dropped) for longer than a lease, and command children are
 //! crashed (SIGKILL), hung (SIGSTOP, past `--command-timeout`) and made to flood their stderr.
 //! Every run injects at least [`MIN_FAULTS`] faults (the work is heavy enough to leave room for
@@ -77,7 +78,8 @@ enum Mode {
     File,
     /// The digest job into PostgreSQL.
     Postgres,
-    /// A command job over an S3 input into the file sink, one mapper in a namespace of its own.
+    /// A command job over an S3 input into the object-store sink, one mapper in a namespace of
+    /// its own.
     Mixed,
 }
 
@@ -94,7 +96,7 @@ impl Mode {
         match self {
             Mode::File => "file",
             Mode::Postgres => "PostgreSQL",
-            Mode::Mixed => "command job, S3 input",
+            Mode::Mixed => "command job, S3 input and sink",
         }
     }
 }
@@ -105,7 +107,7 @@ struct Mixed {
     store_proxy: TcpProxy,
     nats_proxy: TcpProxy,
     netns: Netns,
-    _s3: S3Server,
+    s3: S3Server,
 }
 
 fn chaos_command() -> String {
@@ -142,6 +144,30 @@ enum Sink {
     /// `--out` on its own tmpfs.
     File(Tmpfs),
     Postgres(PgServer),
+    /// `--sink s3://chaos-out/results/` in the command job's store, reached through a proxy the
+    /// test cuts.
+    Object(ObjectSink),
+}
+
+struct ObjectSink {
+    url: String,
+    /// The store's settings, its endpoint the proxy.
+    env: Vec<(&'static str, String)>,
+    proxy: TcpProxy,
+}
+
+impl ObjectSink {
+    /// The output bucket in `s3`, reached through a proxy of its own.
+    fn new(s3: &S3Server) -> Self {
+        s3.create_bucket("chaos-out");
+        let proxy = TcpProxy::start(s3.port());
+        let env = s3.env_at(&format!("http://127.0.0.1:{}", proxy.port()));
+        ObjectSink { url: "s3://chaos-out/results/".into(), env, proxy }
+    }
+
+    fn env(&self) -> Vec<(&'static str, &str)> {
+        self.env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
 }
 
 /// What a fault left to wait for.
@@ -152,6 +178,9 @@ struct Injected {
     before: u64,
     /// Whether the recovery also needs the fetcher's ledger store working again.
     store: bool,
+    /// The name the report gives it, when more precise than its kind (which connections a
+    /// store outage cut).
+    label: Option<&'static str>,
 }
 
 /// One run under chaos. Fields drop in order: services first, then the tmpfs mounts and the
@@ -182,6 +211,12 @@ fn spawn_saver(p: &Pipeline, sink: &Sink, name: &str) -> (Service, u16) {
     match sink {
         Sink::File(_) => p.saver_with_metrics(name),
         Sink::Postgres(db) => p.saver_postgres(name, db),
+        Sink::Object(object) => {
+            // Small parts, so that the commit writes several.
+            let args: Vec<String> =
+                ["--sink", &object.url, "--instance", name, "--part-size", "256KiB"].map(String::from).to_vec();
+            p.spawn_with_env(name, "saver", &args, &object.env())
+        }
     }
 }
 
@@ -252,19 +287,19 @@ impl Chaos {
         // The ledger of 2 000 chunks is about 13 kB: 256 KiB leaves room for the lock and the
         // run's record, and fills at once.
         let state = Tmpfs::mount(p.state_dir(), 256);
-        let sink = if mode == Mode::Postgres {
-            Sink::Postgres(PgServer::start())
-        } else {
-            // 2 000 chunk files of one page each (8 MiB), with room to spare.
-            Sink::File(Tmpfs::mount(p.out.clone(), 32 << 10))
-        };
         let mixed = (mode == Mode::Mixed).then(|| {
             let (s3, store_proxy) = store_input(&mut p);
             p.job = vec!["--transform".into(), "command".into(), "--command".into(), "chaos".into()];
             let netns = Netns::create();
             let nats_proxy = TcpProxy::start_on(netns.host_addr(), p.nats.port());
-            Mixed { store_proxy, nats_proxy, netns, _s3: s3 }
+            Mixed { store_proxy, nats_proxy, netns, s3 }
         });
+        let sink = match &mixed {
+            Some(mixed) => Sink::Object(ObjectSink::new(&mixed.s3)),
+            None if mode == Mode::Postgres => Sink::Postgres(PgServer::start()),
+            // 2 000 chunk files of one page each (8 MiB), with room to spare.
+            None => Sink::File(Tmpfs::mount(p.out.clone(), 32 << 10)),
+        };
         // The ledger (for fill-state, not a fault of the command job's run, whose run id comes
         // from the store's listing).
         let ledger = if mode == Mode::Mixed {
@@ -297,11 +332,12 @@ impl Chaos {
         }
     }
 
-    /// The sink's size in chunks: the chunk files, or (PostgreSQL) what the savers' counters say.
+    /// The sink's size in chunks: the chunk files, or (PostgreSQL, object store) what the savers'
+    /// counters say.
     fn saved(&self) -> u64 {
         match &self.sink {
             Sink::File(_) => self.p.saved_chunks() as u64,
-            Sink::Postgres(_) => {
+            Sink::Postgres(_) | Sink::Object(_) => {
                 let now = metric(self.saver_port, "chunkmill_saver_chunks_saved_total").unwrap_or(0.0) as u64;
                 self.saver_seen.set(self.saver_seen.get().max(now));
                 self.saved_by_killed + self.saver_seen.get()
@@ -348,7 +384,7 @@ impl Chaos {
                 self.saver.kill();
                 self.saved_by_killed += self.saver_seen.replace(0);
                 (self.saver, self.saver_port) = spawn_saver(&self.p, &self.sink, &format!("saver-{}", self.generation));
-                // PostgreSQL: the new saver's counter starts from 0.
+                // PostgreSQL, object store: the new saver's counter starts from 0.
                 before = before.min(self.saved());
             }
             "kill-fetcher" => {
@@ -408,7 +444,7 @@ impl Chaos {
                 }
                 pause(Duration::from_millis(100 + self.below(800))); // the disk stays full
                 std::fs::remove_file(filler).expect("free the state disk");
-                return Some(Injected { at, before: self.saved(), store: true });
+                return Some(Injected { at, before: self.saved(), store: true, label: None });
             }
             "fill-sink" => {
                 let Sink::File(out) = &self.sink else { unreachable!("fill-sink is a file sink fault") };
@@ -428,7 +464,7 @@ impl Chaos {
                 }
                 pause(Duration::from_millis(100 + self.below(800))); // the disk stays full
                 std::fs::remove_file(filler).expect("free the sink disk");
-                return Some(Injected { at, before: self.saved(), store: false });
+                return Some(Injected { at, before: self.saved(), store: false, label: None });
             }
             "restart-postgres" => {
                 let crash = self.below(2) == 0;
@@ -443,22 +479,27 @@ impl Chaos {
                 pause(outage); // the outage itself
                 db.start_again();
             }
-            "partition-mapper" | "store-outage" => {
+            "partition-mapper" => {
                 let mixed = self.mixed.as_ref().expect("a fault of the command job's run");
-                let outage = if kind == "partition-mapper" {
-                    mixed.netns.cut();
-                    LEASE * 5 / 2 // past its leases: the fault itself
-                } else {
-                    mixed.store_proxy.cut();
-                    Duration::from_millis(1000 + self.below(2000))
+                mixed.netns.cut();
+                pause(LEASE * 5 / 2); // past its leases: the fault itself
+                mixed.netns.restore();
+            }
+            "store-outage" => {
+                // The input's connections, the sink's, or both (the whole store gone).
+                let which = self.below(3);
+                let outage = Duration::from_millis(1000 + self.below(2000));
+                let mixed = self.mixed.as_ref().expect("a fault of the command job's run");
+                let Sink::Object(sink) = &self.sink else { unreachable!("the command job saves to the store") };
+                let (proxies, label): (Vec<&TcpProxy>, _) = match which {
+                    0 => (vec![&mixed.store_proxy], "store-outage(input)"),
+                    1 => (vec![&sink.proxy], "store-outage(sink)"),
+                    _ => (vec![&mixed.store_proxy, &sink.proxy], "store-outage(both)"),
                 };
-                pause(outage);
-                let mixed = self.mixed.as_ref().expect("still there");
-                if kind == "partition-mapper" {
-                    mixed.netns.restore();
-                } else {
-                    mixed.store_proxy.restore();
-                }
+                proxies.iter().for_each(|proxy| proxy.cut());
+                pause(outage); // the outage itself
+                proxies.iter().for_each(|proxy| proxy.restore());
+                return Some(Injected { at, before, store: false, label: Some(label) });
             }
             "child-crash" | "child-hang" | "child-flood" => {
                 let mut children = Vec::new();
@@ -481,7 +522,7 @@ impl Chaos {
             }
             other => unreachable!("unknown fault {other}"),
         }
-        Some(Injected { at, before, store: false })
+        Some(Injected { at, before, store: false, label: None })
     }
 
     /// Waits until the sink grows past `before` (and the ledger store works, if asked), or the
@@ -512,6 +553,11 @@ impl Chaos {
         match &self.sink {
             Sink::File(_) => self.p.verify_with_flags(&flags),
             Sink::Postgres(db) => self.p.verify_postgres_with_flags(db, &flags),
+            Sink::Object(object) => {
+                let mut args = vec!["--sink".to_string(), object.url.clone()];
+                args.extend(flags.iter().map(|f| f.to_string()));
+                self.p.verify_with(&args, &object.env())
+            }
         }
     }
 }
@@ -543,9 +589,10 @@ fn run_once(seed: u64, mode: Mode) -> Report {
         let kind = deck.pop().expect("dealt a full deck");
         let Some(injected) = chaos.inject(kind) else { break };
         injected_faults += 1;
-        *report.faults.entry(kind).or_default() += 1;
-        let over = !chaos.recovered(kind, &injected);
-        let longest = report.longest_recovery.entry(kind).or_default();
+        let label = injected.label.unwrap_or(kind);
+        *report.faults.entry(label).or_default() += 1;
+        let over = !chaos.recovered(label, &injected);
+        let longest = report.longest_recovery.entry(label).or_default();
         *longest = (*longest).max(injected.at.elapsed());
         if over {
             break;
