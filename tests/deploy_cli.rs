@@ -673,7 +673,17 @@ fn compose() -> Vec<ComposeService> {
 // --------------------------------------------------------------------------------------------
 // The checks
 
-/// Every variable a container sets is a setting of its binary (or one of NON_CLAP_ENV), no
+/// Whether `name` is an object store's setting (`AWS_*`, `GOOGLE_*`, `AZURE_*`, or a secret's
+/// `_FILE` form), read by the input crate's environment: only the fetcher and the saver (its
+/// object-store sink, and verify) open stores; mappers never do.
+fn is_store_variable(binary: &str, name: &str) -> bool {
+    let store = ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|prefix| name.starts_with(prefix));
+    let file_of_other = name.strip_suffix("_FILE").is_some_and(|secret| !input::SECRET_VARIABLES.contains(&secret));
+    ["fetcher", "saver"].contains(&binary) && store && !(file_of_other && name != "AWS_WEB_IDENTITY_TOKEN_FILE")
+}
+
+/// Every variable a container sets is a setting of its binary (or one of NON_CLAP_ENV, or a
+/// store's setting: [`is_store_variable`]), no
 /// secret is set as a value, and the arguments and values parse with the binary's parser.
 fn check_invocation(source: &str, run: &Invocation, secrets_as_files: bool, p: &mut Problems) {
     let known = run.env_args();
@@ -688,6 +698,15 @@ fn check_invocation(source: &str, run: &Invocation, secrets_as_files: bool, p: &
                 var.name, var.from, var.name
             )),
             Some(_) => {}
+            None if is_store_variable(&run.binary, &var.name) => {
+                let secret = input::SECRET_VARIABLES.contains(&var.name.as_str());
+                p.check(!(secrets_as_files && secret), || {
+                    format!(
+                        "{source}: {} (from {}) puts a store's secret in the environment; mount the Secret and set {}_FILE instead",
+                        var.name, var.from, var.name
+                    )
+                });
+            }
             None if NON_CLAP_ENV.contains(&var.name.as_str()) => {
                 if var.name == "LOG_FORMAT" {
                     p.check(var.value.as_deref().is_none_or(|v| ["json", "text"].contains(&v)), || {
@@ -1111,22 +1130,45 @@ fn the_jobs_and_compose_agree_with_the_services() {
             p.add(format!("{}: no fetcher or saver that parses", rnd.name));
             continue;
         };
+        let mut verified = false;
         for (job, c) in m.job_containers() {
             let where_ = format!("{} vs {}", job.name, rnd.name);
             let Ok(jm) = c.run.parse() else { continue }; // reported by the parse test
             match c.run.subcommand() {
-                Some("generate") => report(&mut p, &where_, same("generate", &[("output", "input")], &jm, &fetcher)),
-                Some("verify") => {
-                    // A saver writing to PostgreSQL: this file-sink Job does not apply (verify with --sink).
-                    if raw(&saver, "sink").ok().flatten().as_deref() != Some("file") {
+                Some("generate") => {
+                    // An input in a bucket (overlays/production): the generate Job writes a volume
+                    // this render does not read.
+                    if raw(&fetcher, "input").ok().flatten().is_some_and(|input| input.contains("://")) {
                         continue;
                     }
+                    report(&mut p, &where_, same("generate", &[("output", "input")], &jm, &fetcher));
+                }
+                Some("verify") => {
+                    // A verify Job goes with the renders whose savers write its sink (the file-sink
+                    // Job not with overlays/postgres, jobs/verify-bucket with overlays/production):
+                    // then it must read the savers' sink and the fetcher's job.
+                    let sink = |m: &ArgMatches| raw(m, "sink").ok().flatten();
+                    if sink(&jm) != sink(&saver) {
+                        continue;
+                    }
+                    verified = true;
                     report(&mut p, &where_, same("verify", &job_ids, &jm, &fetcher));
-                    report(&mut p, &where_, same("verify", &[("out", "out")], &jm, &saver));
+                    if sink(&saver).as_deref() == Some("file") {
+                        report(&mut p, &where_, same("verify", &[("out", "out")], &jm, &saver));
+                    }
                 }
                 _ => {}
             }
         }
+        // The savers' sink and the job file's (which the verify Job reads) must be one: a render
+        // whose savers write an object store has a verify Job for exactly that sink.
+        let object_sink = raw(&saver, "sink").ok().flatten().filter(|s| !s.starts_with("postgres") && s != "file");
+        p.check(verified || object_sink.is_none(), || {
+            format!(
+                "{}: no verify Job reads the savers' sink {object_sink:?} (the job file's `sink` must name it)",
+                rnd.name
+            )
+        });
     }
     let services = compose();
     let parsed = |s: &ComposeService| s.run.as_ref().map(|r| r.parse());

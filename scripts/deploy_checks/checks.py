@@ -664,9 +664,10 @@ def check_network_policies(m: Manifests, r: Result) -> None:
     outside = netpol.External("the internet")
     # NodeLocal DNSCache: a hostNetwork pod on every node, answering on a link-local address.
     node_dns = netpol.External("NodeLocal DNS", "169.254.20.10")
-    # Who must reach what outside: the object-store input (443) the fetcher and verify read,
+    # Who must reach what outside: the object store (443) the fetcher and verify read and the
+    # savers write (an object-store sink),
     # PostgreSQL (5432) the savers write and verify reads, a chat webhook on any port.
-    may_443 = {"fetcher", "verify", "broadcaster"}
+    may_443 = {"fetcher", "saver", "verify", "broadcaster"}
     may_5432 = {"saver", "verify"}
     rendered_any = False
     for rnd in m.app_renders():
