@@ -221,6 +221,40 @@ fn a_saver_and_fetcher_killed_during_the_commit_leave_it_to_the_next_which_finis
 }
 
 #[test]
+fn with_the_kv_ledger_a_fetcher_on_a_fresh_pod_finishes_a_killed_commit_from_what_jetstream_holds() {
+    let p = Pipeline::new(1500, 0);
+    let dir = p.dir.path().join("bucket");
+    let sink = format!("file://{}/out/", dir.display());
+    let hook = [("CHUNKMILL_TEST_ABORT_COMMIT_AFTER_PARTS", "2".to_string())];
+    let mut dying = object_saver(&p, "saver-1", &sink, &hook, &["--part-size", "32KiB"]);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let kv = ["--exit-when-done", "--ledger", "kv", "--instance", "fetcher-main"];
+    let (mut fetcher, _) = p.fetcher_named("fetcher-1", &kv);
+    dying.wait_for_log("aborting mid-commit", Duration::from_secs(120));
+    dying.kill();
+    let run = dir.join("out").join(p.run_id());
+    assert!(run.join("_commit_plan.json").exists(), "the plan was written first");
+    assert!(!run.join("_SUCCESS").exists(), "not committed yet");
+    assert_eq!(fetcher.wait_exit(Duration::from_secs(1)), None, "the fetcher waits for the commit");
+    fetcher.kill();
+    // A fresh pod (the kv-ledger component's emptyDir): nothing on disk; that the run needs a
+    // commit, and has none yet, is known only from the ledger in JetStream.
+    if p.state_dir().exists() {
+        std::fs::remove_dir_all(p.state_dir()).expect("wipe the state directory");
+    }
+    let (mut fetcher, _) = p.fetcher_named("fetcher-2", &kv);
+    fetcher.wait_for_log("asking a saver to commit it", Duration::from_secs(60));
+    assert!(fetcher.log().contains("15 chunks already done, 0 dead-lettered, 0 to go"), "{}", fetcher.log());
+    let _saver = object_saver(&p, "saver-2", &sink, &[], &["--part-size", "32KiB"]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    assert!(run.join("_SUCCESS").exists(), "the fetcher exited before the commit:\n{}", fetcher.log());
+    assert_eq!(files_under(&run.join("_staging")), 0, "the staging area is cleaned up at commit");
+    assert_eq!(duckdb_ids(&format!("{}/part-*", run.display())), input_ids(&p));
+    let (ok, report) = verify_sink(&p, &sink, &[]);
+    assert!(ok, "{report}");
+}
+
+#[test]
 fn an_unknown_scheme_and_a_missing_bucket_stop_the_saver_at_start_naming_the_setting() {
     let s3 = S3Server::start();
     let p = Pipeline::new(10, 0);
