@@ -254,6 +254,54 @@ fn with_the_kv_ledger_a_fetcher_on_a_fresh_pod_finishes_a_killed_commit_from_wha
     assert!(ok, "{report}");
 }
 
+/// A run of 1 500 objects into `s3://results/<name>/` whose first saver aborts at `point`
+/// (`CHUNKMILL_TEST_ABORT_AT`, saver/src/sink/object/hooks.rs) and a second saver finishes;
+/// checks what the crash left, then that the committed run holds every value exactly once.
+fn a_saver_dies_at(s3: &S3Server, point: &str, name: &str) {
+    let p = Pipeline::new(1500, 0);
+    let sink = format!("s3://results/{name}/");
+    let mut env = s3.env();
+    env.push(("CHUNKMILL_TEST_ABORT_AT", point.into()));
+    let mut dying = object_saver(&p, "saver-1", &sink, &env, &["--part-size", "32KiB"]);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    dying.wait_for_log("aborting at", Duration::from_secs(120));
+    dying.kill();
+    let run = p.run_id();
+    let keys = s3.list("results", &format!("{name}/{run}"));
+    let count = |suffix: &str| keys.iter().filter(|k| k.contains("/_staging/") && k.ends_with(suffix)).count();
+    let (indexes, data) = (count(".index.json"), count(".jsonl"));
+    match point {
+        // The batch's data is there, its index not: a data object nobody reads (batches are
+        // staged 4 at a time, so others may be anywhere).
+        "staged-data:2" => assert!(data > indexes, "{point}: {keys:?}"),
+        // The second batch's index is there: its chunks are saved, though never acknowledged.
+        "staged-index:2" => assert!(indexes >= 2, "{point}: {keys:?}"),
+        // The commit's first part was being uploaded: no part is visible under its name.
+        _ => assert!(!keys.iter().any(|k| k.contains("/part-")), "{point}: a part is visible: {keys:?}"),
+    }
+    assert!(!keys.iter().any(|k| k.ends_with("/_SUCCESS")), "{point}: committed: {keys:?}");
+    let _saver = object_saver(&p, "saver-2", &sink, &s3.env(), &["--part-size", "32KiB"]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let keys = s3.list("results", &format!("{name}/{run}"));
+    assert!(!keys.iter().any(|k| k.contains("/_staging/")), "{point}: staging left behind: {keys:?}");
+    let local = p.dir.path().join("parts");
+    std::fs::create_dir_all(&local).expect("dir");
+    download_parts(s3, "results", name, &run, &local);
+    assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p), "{point}");
+    let (ok, report) = verify_sink(&p, &sink, &s3.env());
+    assert!(ok, "{point}: {report}");
+}
+
+#[test]
+fn a_saver_killed_after_staging_data_after_its_index_or_mid_upload_loses_and_doubles_nothing() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    a_saver_dies_at(&s3, "staged-data:2", "data");
+    a_saver_dies_at(&s3, "staged-index:2", "index");
+    a_saver_dies_at(&s3, "mid-upload:1", "upload");
+}
+
 #[test]
 fn an_unknown_scheme_and_a_missing_bucket_stop_the_saver_at_start_naming_the_setting() {
     let s3 = S3Server::start();

@@ -16,6 +16,7 @@
 
 mod commit;
 pub(crate) mod config;
+mod hooks;
 pub(crate) mod layout;
 pub(crate) mod plan;
 mod reader;
@@ -108,7 +109,10 @@ impl ObjectSink {
         let index_bytes = serde_json::to_vec(&index).expect("a batch index serialises: plain fields");
         // Data first: an index names only durable bytes.
         self.expect_new(&data_name, self.bucket.put_new(&data_name, data).await?)?;
-        self.expect_new(&index_name, self.bucket.put_new(&index_name, Bytes::from(index_bytes)).await?)
+        hooks::reached(hooks::Point::StagedData);
+        self.expect_new(&index_name, self.bucket.put_new(&index_name, Bytes::from(index_bytes)).await?)?;
+        hooks::reached(hooks::Point::StagedIndex);
+        Ok(())
     }
 
     /// A staged name is this session's alone: finding it written is a broken invariant, said

@@ -240,6 +240,7 @@ impl Upload {
         let name = self.name.clone();
         bucket.run("upload", &name, false, writer.wait_for_capacity(UPLOADS_IN_FLIGHT)).await?;
         writer.write(bytes);
+        super::hooks::reached(super::hooks::Point::MidUpload);
         Ok(())
     }
 }
