@@ -114,6 +114,33 @@ pub fn compact(json: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Why serialising one of chunkmill's own types cannot fail: they are derived structs and enums
+/// whose maps have string or integer keys, whose values are plain data or [`serde_json::Value`],
+/// and none has a hand-written `Serialize` that errors. Should one ever fail, that is a bug in
+/// the type, and a loud panic naming it beats writing an empty message, record or fingerprint.
+const OWN_TYPE: &str = "serialising one of chunkmill's own types to JSON cannot fail (derived \
+    Serialize, string or integer map keys): if it did, the type has a bug";
+
+/// `value` as compact JSON bytes. Only for chunkmill's own types: see [`OWN_TYPE`].
+pub fn to_vec_own<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect(OWN_TYPE)
+}
+
+/// `value` as compact JSON text. Only for chunkmill's own types: see [`OWN_TYPE`].
+pub fn to_string_own<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect(OWN_TYPE)
+}
+
+/// `value` as indented JSON text, for files people read. Only for chunkmill's own types.
+pub fn to_string_pretty_own<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string_pretty(value).expect(OWN_TYPE)
+}
+
+/// `value` as a [`serde_json::Value`]. Only for chunkmill's own types: see [`OWN_TYPE`].
+pub fn to_value_own<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect(OWN_TYPE)
+}
+
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
@@ -190,6 +217,28 @@ mod tests {
         assert_eq!(&*compact(b" {\"a b\": [1, \"x \\\" y\"],\n \"c\":\t2} "), b"{\"a b\":[1,\"x \\\" y\"],\"c\":2}");
         assert!(matches!(compact(b"{\"a\":1}"), std::borrow::Cow::Borrowed(_)));
         assert!(matches!(compact(b"{\"name\":\"Ada Lovelace\"}"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn our_own_types_serialise_as_serde_json_would() {
+        #[derive(serde::Serialize)]
+        struct Own<'a> {
+            run: &'a str,
+            chunks: std::collections::BTreeMap<u32, bool>,
+        }
+        let own = Own { run: "r1", chunks: [(7, true)].into() };
+        assert_eq!(to_vec_own(&own), br#"{"run":"r1","chunks":{"7":true}}"#);
+        assert_eq!(to_string_own(&own), r#"{"run":"r1","chunks":{"7":true}}"#);
+        assert_eq!(to_value_own(&own), serde_json::json!({"run": "r1", "chunks": {"7": true}}));
+        assert!(to_string_pretty_own(&own).contains("\n  \"run\": \"r1\""));
+    }
+
+    #[test]
+    #[should_panic(expected = "serialising one of chunkmill's own types to JSON cannot fail")]
+    fn a_type_that_cannot_serialise_panics_loudly_instead_of_giving_empty_bytes() {
+        // A map with non-string keys is the one way a derived type can fail in serde_json.
+        let bad: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        to_vec_own(&bad);
     }
 
     #[test]
