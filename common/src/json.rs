@@ -75,43 +75,45 @@ pub fn compact(json: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         &json[start..end]
     };
     // Where the first whitespace outside a string is, if anywhere: usually nowhere.
-    let (mut in_string, mut escaped) = (false, false);
-    let mut first = None;
-    for (i, &b) in trimmed.iter().enumerate() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if is_ws(b) {
-            first = Some(i);
-            break;
-        }
-    }
-    let Some(first) = first else { return std::borrow::Cow::Borrowed(trimmed) };
+    let mut strings = Strings::default();
+    let Some(first) = trimmed.iter().position(|&b| strings.outside(b) && is_ws(b)) else {
+        return std::borrow::Cow::Borrowed(trimmed);
+    };
     let mut out = Vec::with_capacity(trimmed.len());
     out.extend_from_slice(&trimmed[..first]);
-    for &b in &trimmed[first..] {
-        if in_string {
-            out.push(b);
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+    // Whitespace outside strings changes nothing in `strings`: feeding `first` again is harmless.
+    out.extend(trimmed[first..].iter().filter(|&&b| !(strings.outside(b) && is_ws(b))));
+    std::borrow::Cow::Owned(out)
+}
+
+/// Where a byte-by-byte walk over valid JSON is: inside a string or outside every string. The
+/// one copy of the walk that compacting, jq's input shape check and its `-0` marking share;
+/// a string's quotes count as inside it, and `\"` does not end a string, `\\"` does.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Strings {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// Takes the next byte; true when it is outside every string (structure, a number, a
+    /// literal, whitespace between tokens).
+    pub fn outside(&mut self, b: u8) -> bool {
+        if self.in_string {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
                 _ => {}
             }
+            false
         } else if b == b'"' {
-            in_string = true;
-            out.push(b);
-        } else if !is_ws(b) {
-            out.push(b);
+            self.in_string = true;
+            false
+        } else {
+            true
         }
     }
-    std::borrow::Cow::Owned(out)
 }
 
 /// Why serialising one of chunkmill's own types cannot fail: they are derived structs and enums
@@ -217,6 +219,14 @@ mod tests {
         assert_eq!(&*compact(b" {\"a b\": [1, \"x \\\" y\"],\n \"c\":\t2} "), b"{\"a b\":[1,\"x \\\" y\"],\"c\":2}");
         assert!(matches!(compact(b"{\"a\":1}"), std::borrow::Cow::Borrowed(_)));
         assert!(matches!(compact(b"{\"name\":\"Ada Lovelace\"}"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn the_string_walk_sees_quotes_escapes_and_backslashes_as_inside() {
+        let json = br#"{"a\"b":["x\\", -0 ,"\\\""],"c":1}"#;
+        let mut strings = Strings::default();
+        let outside: Vec<u8> = json.iter().copied().filter(|&b| strings.outside(b)).collect();
+        assert_eq!(outside, b"{:[, -0 ,],:1}");
     }
 
     #[test]
