@@ -345,7 +345,7 @@ fn drain_stderr(stderr: ChildStderr, name: &str, pid: u32, kept: &Mutex<Stderr>)
                     Budget::Dropped => {}
                 }
                 if !text.trim().is_empty() {
-                    let mut kept = common::sync::lock(&kept, "command stderr");
+                    let mut kept = common::sync::lock(kept, "command stderr");
                     kept.last.clear();
                     kept.last.push_str(text);
                 }
