@@ -179,7 +179,7 @@ impl Target {
                 None => json!({"text": text}),
             },
         };
-        serde_json::to_vec(&value).unwrap_or_default()
+        common::json::to_vec_own(&value)
     }
 }
 

@@ -340,7 +340,8 @@ impl TcpProxy {
                 Ok((client, _)) => {
                     let _ = client.set_nonblocking(false);
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
-                    if let Ok(mut sockets) = state.sockets.lock() {
+                    {
+                        let mut sockets = crate::sync::lock(&state.sockets, "proxy sockets");
                         sockets.extend(client.try_clone().ok());
                         sockets.extend(server.try_clone().ok());
                     }
@@ -363,10 +364,8 @@ impl TcpProxy {
         use std::sync::atomic::Ordering;
         self.state.cut.store(true, Ordering::SeqCst);
         self.state.generation.fetch_add(1, Ordering::SeqCst);
-        if let Ok(mut sockets) = self.state.sockets.lock() {
-            for socket in sockets.drain(..) {
-                let _ = socket.shutdown(std::net::Shutdown::Both);
-            }
+        for socket in crate::sync::lock(&self.state.sockets, "proxy sockets").drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
         }
         // Wait until the listener is gone, so the port refuses connections.
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -1293,17 +1293,17 @@ impl ChunkReader {
     /// else just the chunk (a re-lease, out of order).
     async fn read_ahead(&self, span: &ChunkSpan) -> Result<Vec<u8>, InputError> {
         let (object, range) = (span.object as usize, span.offset..span.offset + span.len);
-        let (cached, sequential) = match self.ahead.lock() {
+        let (cached, sequential) = {
+            let ahead = crate::sync::lock(&self.ahead, "read-ahead window");
             // Chunks follow each other with a newline (or blank lines, skipped records) between,
             // and the first chunk of an object follows the last of the one before.
-            Ok(ahead) => (
+            (
                 ahead.get(object, &range),
                 ahead.next.is_none_or(|(o, end)| {
                     (o == object && range.start >= end && range.start - end < READ_AHEAD)
                         || (o + 1 == object && range.start < READ_AHEAD)
                 }),
-            ),
-            Err(_) => (None, false),
+            )
         };
         let len = self.lens.get(object).copied().unwrap_or(range.end);
         let want =
@@ -1325,16 +1325,13 @@ impl ChunkReader {
                 // short read means the object changed, which the caller then reports).
                 let raw = bytes[..bytes.len().min(span.len as usize)].to_vec();
                 if want != range {
-                    if let Ok(mut ahead) = self.ahead.lock() {
-                        *ahead = ReadAhead { object, start: want.start, bytes, next: None };
-                    }
+                    *crate::sync::lock(&self.ahead, "read-ahead window") =
+                        ReadAhead { object, start: want.start, bytes, next: None };
                 }
                 raw
             }
         };
-        if let Ok(mut ahead) = self.ahead.lock() {
-            ahead.next = Some((object, range.end));
-        }
+        crate::sync::lock(&self.ahead, "read-ahead window").next = Some((object, range.end));
         Ok(raw)
     }
 

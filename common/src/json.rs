@@ -75,43 +75,72 @@ pub fn compact(json: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         &json[start..end]
     };
     // Where the first whitespace outside a string is, if anywhere: usually nowhere.
-    let (mut in_string, mut escaped) = (false, false);
-    let mut first = None;
-    for (i, &b) in trimmed.iter().enumerate() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if is_ws(b) {
-            first = Some(i);
-            break;
-        }
-    }
-    let Some(first) = first else { return std::borrow::Cow::Borrowed(trimmed) };
+    let mut strings = Strings::default();
+    let Some(first) = trimmed.iter().position(|&b| strings.outside(b) && is_ws(b)) else {
+        return std::borrow::Cow::Borrowed(trimmed);
+    };
     let mut out = Vec::with_capacity(trimmed.len());
     out.extend_from_slice(&trimmed[..first]);
-    for &b in &trimmed[first..] {
-        if in_string {
-            out.push(b);
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+    // Whitespace outside strings changes nothing in `strings`: feeding `first` again is harmless.
+    out.extend(trimmed[first..].iter().filter(|&&b| !(strings.outside(b) && is_ws(b))));
+    std::borrow::Cow::Owned(out)
+}
+
+/// Where a byte-by-byte walk over valid JSON is: inside a string or outside every string. The
+/// one copy of the walk that compacting, jq's input shape check and its `-0` marking share;
+/// a string's quotes count as inside it, and `\"` does not end a string, `\\"` does.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Strings {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// Takes the next byte; true when it is outside every string (structure, a number, a
+    /// literal, whitespace between tokens).
+    pub fn outside(&mut self, b: u8) -> bool {
+        if self.in_string {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
                 _ => {}
             }
+            false
         } else if b == b'"' {
-            in_string = true;
-            out.push(b);
-        } else if !is_ws(b) {
-            out.push(b);
+            self.in_string = true;
+            false
+        } else {
+            true
         }
     }
-    std::borrow::Cow::Owned(out)
+}
+
+/// Why serialising one of chunkmill's own types cannot fail: they are derived structs and enums
+/// whose maps have string or integer keys, whose values are plain data or [`serde_json::Value`],
+/// and none has a hand-written `Serialize` that errors. Should one ever fail, that is a bug in
+/// the type, and a loud panic naming it beats writing an empty message, record or fingerprint.
+const OWN_TYPE: &str = "serialising one of chunkmill's own types to JSON cannot fail (derived \
+    Serialize, string or integer map keys): if it did, the type has a bug";
+
+/// `value` as compact JSON bytes. Only for chunkmill's own types: see [`OWN_TYPE`].
+pub fn to_vec_own<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect(OWN_TYPE)
+}
+
+/// `value` as compact JSON text. Only for chunkmill's own types: see [`OWN_TYPE`].
+pub fn to_string_own<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect(OWN_TYPE)
+}
+
+/// `value` as indented JSON text, for files people read. Only for chunkmill's own types.
+pub fn to_string_pretty_own<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string_pretty(value).expect(OWN_TYPE)
+}
+
+/// `value` as a [`serde_json::Value`]. Only for chunkmill's own types: see [`OWN_TYPE`].
+pub fn to_value_own<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect(OWN_TYPE)
 }
 
 fn is_ws(b: u8) -> bool {
@@ -190,6 +219,36 @@ mod tests {
         assert_eq!(&*compact(b" {\"a b\": [1, \"x \\\" y\"],\n \"c\":\t2} "), b"{\"a b\":[1,\"x \\\" y\"],\"c\":2}");
         assert!(matches!(compact(b"{\"a\":1}"), std::borrow::Cow::Borrowed(_)));
         assert!(matches!(compact(b"{\"name\":\"Ada Lovelace\"}"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn the_string_walk_sees_quotes_escapes_and_backslashes_as_inside() {
+        let json = br#"{"a\"b":["x\\", -0 ,"\\\""],"c":1}"#;
+        let mut strings = Strings::default();
+        let outside: Vec<u8> = json.iter().copied().filter(|&b| strings.outside(b)).collect();
+        assert_eq!(outside, b"{:[, -0 ,],:1}");
+    }
+
+    #[test]
+    fn our_own_types_serialise_as_serde_json_would() {
+        #[derive(serde::Serialize)]
+        struct Own<'a> {
+            run: &'a str,
+            chunks: std::collections::BTreeMap<u32, bool>,
+        }
+        let own = Own { run: "r1", chunks: [(7, true)].into() };
+        assert_eq!(to_vec_own(&own), br#"{"run":"r1","chunks":{"7":true}}"#);
+        assert_eq!(to_string_own(&own), r#"{"run":"r1","chunks":{"7":true}}"#);
+        assert_eq!(to_value_own(&own), serde_json::json!({"run": "r1", "chunks": {"7": true}}));
+        assert!(to_string_pretty_own(&own).contains("\n  \"run\": \"r1\""));
+    }
+
+    #[test]
+    #[should_panic(expected = "serialising one of chunkmill's own types to JSON cannot fail")]
+    fn a_type_that_cannot_serialise_panics_loudly_instead_of_giving_empty_bytes() {
+        // A map with non-string keys is the one way a derived type can fail in serde_json.
+        let bad: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        to_vec_own(&bad);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod nats;
 pub mod protocol;
 pub mod service;
 pub mod shutdown;
+pub mod sync;
 pub mod telemetry;
 pub mod text;
 

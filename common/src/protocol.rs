@@ -205,9 +205,10 @@ pub fn decode_bounded<'a, T: Deserialize<'a> + Bounded>(payload: &'a [u8]) -> Re
     Ok(message)
 }
 
-/// Encodes a message. Serialising these plain structs cannot fail.
+/// Encodes a message. Serialising these plain structs cannot fail: a failure panics, naming the
+/// invariant, rather than sending empty bytes.
 pub fn encode<T: Serialize>(message: &T) -> bytes::Bytes {
-    serde_json::to_vec(message).map(bytes::Bytes::from).unwrap_or_default()
+    bytes::Bytes::from(crate::json::to_vec_own(message))
 }
 
 /// Cuts `text` to at most `max` bytes at a character boundary: what a sender does with its own
@@ -382,7 +383,7 @@ pub fn encode_chunks_reply(head: &ChunksHead<'_>, chunks: &[(ChunkHead, Vec<u8>)
         #[serde(flatten)]
         head: &'h ChunksHead<'h>,
     }
-    let mut out = serde_json::to_vec(&Head { v: VERSION, kind: WorkReplyKind::Chunks, head }).unwrap_or_default();
+    let mut out = crate::json::to_vec_own(&Head { v: VERSION, kind: WorkReplyKind::Chunks, head });
     out.pop(); // the closing brace: the chunks follow
     out.reserve(chunks.iter().map(|(_, objects)| objects.len() + 256).sum());
     out.extend_from_slice(b",\"chunks\":[");
@@ -390,7 +391,7 @@ pub fn encode_chunks_reply(head: &ChunksHead<'_>, chunks: &[(ChunkHead, Vec<u8>)
         if i > 0 {
             out.push(b',');
         }
-        let mut item = serde_json::to_vec(chunk).unwrap_or_default();
+        let mut item = crate::json::to_vec_own(chunk);
         item.pop();
         out.extend_from_slice(&item);
         out.extend_from_slice(b",\"objects\":[");
@@ -614,6 +615,22 @@ pub enum Cause {
     TooLarge,
 }
 
+impl Cause {
+    /// The protocol's name of the cause (`transform`, `too_large`...): what its serde form is,
+    /// for a sink's column or a report line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::Transform => "transform",
+            Cause::Crash => "crash",
+            Cause::Timeout => "timeout",
+            Cause::Killed => "killed",
+            Cause::Sink => "sink",
+            Cause::Chunk => "chunk",
+            Cause::TooLarge => "too_large",
+        }
+    }
+}
+
 /// An input object that has no outputs, and why.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeadObject {
@@ -770,7 +787,7 @@ where
         ids: Option<&'h [Option<String>]>,
         dead: &'h [DeadObject],
     }
-    let mut out = serde_json::to_vec(&Head { v: VERSION, head, ids, dead }).unwrap_or_default();
+    let mut out = crate::json::to_vec_own(&Head { v: VERSION, head, ids, dead });
     out.pop();
     out.extend_from_slice(b",\"outputs\":[");
     for (i, values) in objects.into_iter().enumerate() {
@@ -802,7 +819,7 @@ pub fn encode_chunk_dead(head: &ResultHead, objects: u32, ids: Option<&[Option<S
         ids: Option<&'h [Option<String>]>,
         chunk_dead: &'h str,
     }
-    let mut out = serde_json::to_vec(&Dead { v: VERSION, head, ids, chunk_dead: reason }).unwrap_or_default();
+    let mut out = crate::json::to_vec_own(&Dead { v: VERSION, head, ids, chunk_dead: reason });
     out.pop();
     out.extend_from_slice(b",\"outputs\":[");
     for i in 0..objects {
@@ -990,6 +1007,14 @@ pub struct CommitReply {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cause_is_named_as_it_is_spelt_on_the_wire() {
+        use super::Cause::*;
+        for cause in [Transform, Crash, Timeout, Killed, Sink, Chunk, TooLarge] {
+            assert_eq!(serde_json::to_value(cause).unwrap(), serde_json::json!(cause.name()), "{cause:?}");
+        }
+    }
+
     use super::*;
 
     fn head() -> ChunkHead {

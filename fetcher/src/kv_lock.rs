@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store};
+use common::sync::lock;
 use tokio_util::sync::CancellationToken;
 
 /// The key of the lock in its bucket.
@@ -53,7 +54,7 @@ pub struct LockStatus {
 impl LockStatus {
     /// True while the last successful write of the lock is younger than its TTL.
     pub fn held(&self, now: Instant) -> bool {
-        !self.lost.is_cancelled() && self.held_until.lock().map(|until| now < *until).unwrap_or(false)
+        !self.lost.is_cancelled() && now < *lock(&self.held_until, "run lock expiry")
     }
 
     /// Cancelled when the lock is lost for good.
@@ -63,7 +64,7 @@ impl LockStatus {
 
     /// Why it was lost.
     pub fn why(&self) -> String {
-        self.why.lock().map(|w| w.clone()).unwrap_or_default()
+        lock(&self.why, "run lock loss reason").clone()
     }
 
     /// Waits up to `timeout` until the keeper has released the lock (asked for when the
@@ -88,16 +89,12 @@ impl LockStatus {
     }
 
     fn refreshed(&self, until: Instant) {
-        if let Ok(mut held) = self.held_until.lock() {
-            *held = until;
-        }
+        *lock(&self.held_until, "run lock expiry") = until;
     }
 
     fn lose(&self, why: String) {
         tracing::error!("{why}");
-        if let Ok(mut w) = self.why.lock() {
-            *w = why;
-        }
+        *lock(&self.why, "run lock loss reason") = why;
         self.lost.cancel();
     }
 }

@@ -479,7 +479,7 @@ fn run_record(index: &InputIndex, job: &Job) -> RunRecord {
         chunk_size: index.chunk_size,
         chunks: index.chunks.len() as u64,
         objects: index.objects,
-        job: serde_json::to_value(job).unwrap_or_default(),
+        job: common::json::to_value_own(job),
         describe: job.describe(),
     }
 }

@@ -70,7 +70,7 @@ async fn status_json(requests: mpsc::Sender<oneshot::Sender<Status>>) -> Page {
 }
 
 fn error_body(message: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default()
+    common::json::to_vec_own(&serde_json::json!({ "error": message }))
 }
 
 #[cfg(test)]

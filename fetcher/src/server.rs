@@ -497,7 +497,7 @@ impl Server {
 
     /// Answers `fetcher status`.
     async fn on_status(&mut self, request: async_nats::service::Request) {
-        let body = serde_json::to_vec(&self.status()).unwrap_or_default();
+        let body = common::json::to_vec_own(&self.status());
         if let Err(e) = request.respond(Ok(body.into())).await {
             tracing::debug!("cannot answer a status request: {e}");
         }
@@ -907,7 +907,7 @@ impl Server {
             v: VERSION,
             run: self.index.run_id.clone(),
             job: self.fingerprint.clone(),
-            spec: serde_json::to_value(&self.job).unwrap_or_default(),
+            spec: common::json::to_value_own(&self.job),
             describe: self.job.describe(),
         };
         self.reply(reply, protocol::encode(&body)).await;

@@ -351,7 +351,7 @@ fn write_record(dir: &Path, record: &RunRecord) -> Result<(), StoreError> {
         return Ok(());
     }
     let tmp = dir.join(format!(".{}.job.json.tmp", record.run));
-    let text = serde_json::to_string_pretty(record).unwrap_or_default() + "\n";
+    let text = common::json::to_string_pretty_own(record) + "\n";
     (|| -> std::io::Result<()> {
         let mut file = File::create(&tmp)?;
         file.write_all(text.as_bytes())?;
@@ -546,7 +546,7 @@ impl KvStore {
         if self.kv.get(&key).await.map_err(|e| kv_error("read", name, e))?.is_some() {
             return Ok(());
         }
-        let value = serde_json::to_vec(record).unwrap_or_default();
+        let value = common::json::to_vec_own(record);
         self.kv.put(key, value.into()).await.map(|_| ()).map_err(|e| kv_error("write", name, e))
     }
 

@@ -793,7 +793,7 @@ impl Source {
         if path.exists() {
             return Ok(path.clone());
         }
-        let _guard = entry.spooling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = common::sync::lock(&entry.spooling, "spooling");
         if !path.exists() {
             let mut reader = self.reader(index)?;
             io::copy(&mut reader, &mut io::sink()).map_err(|e| {

@@ -38,6 +38,7 @@ use common::protocol::{
     Subjects, WorkReply, WorkReplyKind, WorkRequest, VERSION,
 };
 use common::service::Service;
+use common::sync::lock;
 use common::text::escaped;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -158,15 +159,13 @@ impl Shared {
     }
 
     fn hold(&self, lease: LeaseRef) {
-        if let Ok(mut held) = self.held.lock() {
-            held.insert(lease, Held { alive: true, confirmed: Instant::now() });
-        }
+        lock(&self.held, "held leases").insert(lease, Held { alive: true, confirmed: Instant::now() });
         self.metrics.in_flight.inc();
         self.new_lease.notify_one();
     }
 
     fn drop_lease(&self, lease: &LeaseRef) {
-        let removed = self.held.lock().map(|mut held| held.remove(lease).is_some()).unwrap_or(false);
+        let removed = lock(&self.held, "held leases").remove(lease).is_some();
         if removed {
             self.metrics.in_flight.dec();
         }
@@ -176,10 +175,9 @@ impl Shared {
     /// confirmed within the last lease period.
     fn still_ours(&self, lease: &LeaseRef) -> bool {
         let period = Duration::from_millis(self.lease_ms.load(Ordering::Relaxed));
-        let held = self.held.lock();
-        held.ok()
-            .and_then(|held| held.get(lease).map(|h| h.alive && h.confirmed.elapsed() < period + period / 2))
-            .unwrap_or(false)
+        lock(&self.held, "held leases")
+            .get(lease)
+            .is_some_and(|h| h.alive && h.confirmed.elapsed() < period + period / 2)
     }
 }
 
@@ -729,10 +727,12 @@ async fn heartbeat(shared: Arc<Shared>) {
         }
         let beat = period(&shared);
         next = tokio::time::Instant::now() + beat;
-        let leases: Vec<LeaseRef> = match shared.held.lock() {
-            Ok(held) => held.iter().filter(|(_, h)| h.alive).map(|(l, _)| *l).take(protocol::MAX_ITEMS).collect(),
-            Err(_) => continue,
-        };
+        let leases: Vec<LeaseRef> = lock(&shared.held, "held leases")
+            .iter()
+            .filter(|(_, h)| h.alive)
+            .map(|(l, _)| *l)
+            .take(protocol::MAX_ITEMS)
+            .collect();
         // Nothing held: nothing to say.
         if leases.is_empty() {
             continue;
@@ -744,7 +744,8 @@ async fn heartbeat(shared: Arc<Shared>) {
             Ok(message) => match protocol::decode::<ExtendReply>(&message.payload) {
                 Ok(reply) => {
                     shared.lease_ms.store(reply.lease_ms.max(100), Ordering::Relaxed);
-                    if let Ok(mut held) = shared.held.lock() {
+                    {
+                        let mut held = lock(&shared.held, "held leases");
                         for (lease, valid) in leases.iter().zip(reply.valid) {
                             if let Some(h) = held.get_mut(lease) {
                                 if valid {

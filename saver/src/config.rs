@@ -12,10 +12,7 @@ use crate::sink::{SinkConfig, SinkContext, SinkError, SinkKind, SINKS};
 /// settings are the defaults of verify's flags (transform::job_file). Exits as clap does on an
 /// error.
 pub fn parse_cli() -> Cli {
-    use clap::{CommandFactory, FromArgMatches};
-    let parsed = transform::job_file::parse(Cli::command(), std::env::args_os().collect())
-        .and_then(|matches| Cli::from_arg_matches(&matches));
-    parsed.unwrap_or_else(|e| e.exit())
+    transform::job_file::parse_cli()
 }
 
 /// Where the metrics endpoint listens when `--metrics-addr` is not given.

@@ -66,7 +66,7 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 impl Shared {
     /// Logs `line` at warn unless a line of this `key` was logged within [`WARN_INTERVAL`].
     fn warn_peer(&self, key: &str, line: impl FnOnce() -> String) {
-        let allowed = self.warnings.lock().ok().and_then(|mut w| w.allow(key, std::time::Instant::now()));
+        let allowed = common::sync::lock(&self.warnings, "peer warnings").allow(key, std::time::Instant::now());
         if let Some(held) = allowed {
             tracing::warn!("{}{}", line(), common::text::held_back(held, WARN_INTERVAL));
         }
@@ -285,7 +285,7 @@ fn decode(shared: &Shared, message: &Message) -> Result<Arc<Decoded>, Outcome> {
 /// dead-lettered in the sink (the mapper's, and any the sink refused).
 async fn save(shared: &Shared, result: Arc<Decoded>) -> Result<(SaveOutcome, u64), Outcome> {
     // A run whose fetcher said it saves elsewhere: do not write a stray copy into this sink.
-    if shared.refused_runs.lock().map(|runs| runs.contains(&result.head.run)).unwrap_or(false) {
+    if common::sync::lock(&shared.refused_runs, "refused runs").contains(&result.head.run) {
         return Err(Outcome::Failed(format!(
             "run {} saves into another sink than this saver's ({})",
             result.head.run, shared.sink_id
@@ -358,7 +358,8 @@ async fn ack(shared: &Shared, result: &Decoded, _saved: SaveOutcome, dead: u64) 
             Outcome::Rejected(error)
         }
         Some(AckVerdict::WrongSink) => {
-            if let Ok(mut runs) = shared.refused_runs.lock() {
+            {
+                let mut runs = common::sync::lock(&shared.refused_runs, "refused runs");
                 if runs.len() < 1024 && runs.insert(run.clone()) {
                     tracing::error!(
                         "the fetcher says run {run} saves into another sink, not this saver's ({}): this saver takes no more of its results. Give every saver the same --out (a shared volume) or --sink",

@@ -394,11 +394,11 @@ impl ChunkCheck<'_> {
                 None => String::new(),
                 Some(Ok(_)) => "; verify maps it".into(),
                 Some(Err(e)) if e.cause == entry.cause => "; verify: the same cause".into(),
-                Some(Err(e)) => format!("; verify: {}: {}", cause_name(e.cause), common::text::escaped(&e.message)),
+                Some(Err(e)) => format!("; verify: {}: {}", e.cause.name(), common::text::escaped(&e.message)),
             };
             report.dead_examples.push(format!(
                 "chunk {chunk} object {i} (line {line}{id}): {}: {}{recomputed}",
-                cause_name(entry.cause),
+                entry.cause.name(),
                 common::text::escaped(&entry.error)
             ));
         }
@@ -441,7 +441,7 @@ impl ChunkCheck<'_> {
                 report.found += u64::from(!saved.is_empty());
                 let why = format!(
                     "saved, but verify could not recompute it ({}: {}); give verify the mappers' limits",
-                    cause_name(error.cause),
+                    error.cause.name(),
                     common::text::escaped(&error.message)
                 );
                 wrong(report, why);
@@ -455,11 +455,6 @@ impl ChunkCheck<'_> {
             }
         }
     }
-}
-
-/// A cause as the protocol spells it (`transform`, `timeout`, ...).
-fn cause_name(cause: Cause) -> String {
-    serde_json::to_value(cause).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 /// The input, scanned as the fetcher scanned it, with its run id.

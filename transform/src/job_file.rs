@@ -158,6 +158,15 @@ impl JobFile {
 /// The id of the `--job` argument in [`crate::JobArgs`].
 const JOB_FILE_ID: &str = "job_file";
 
+/// The process's command line as `C`, after the job file of `--job` (its settings are the
+/// defaults of their flags, see [`parse`]): the fetcher's and `saver verify`'s. Exits as clap
+/// does on an error.
+pub fn parse_cli<C: clap::Parser>() -> C {
+    parse(<C as clap::CommandFactory>::command(), std::env::args_os().collect())
+        .and_then(|matches| <C as clap::FromArgMatches>::from_arg_matches(&matches))
+        .unwrap_or_else(|e| e.exit())
+}
+
 /// Parses `args` with `cmd` as clap would, after reading the job file that `--job` (or its
 /// environment variable) names, in `cmd` or in the subcommand given: the file's settings become
 /// the defaults of that (sub)command's flags. A job file error is a clap error (exit status 2).

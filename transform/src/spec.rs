@@ -249,7 +249,7 @@ impl Job {
     /// order, object keys of custom parameters sorted), so the same job always has the same
     /// fingerprint and any change makes another.
     pub fn fingerprint(&self) -> String {
-        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        let canonical = common::json::to_vec_own(self);
         let digest = Sha256::digest(&canonical);
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -233,7 +233,7 @@ impl Worker {
         while !self.stderr_drain.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
-        let kept = self.stderr.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let kept = common::sync::lock(&self.stderr, "command stderr");
         if kept.last.is_empty() {
             String::new()
         } else {
@@ -345,7 +345,7 @@ fn drain_stderr(stderr: ChildStderr, name: &str, pid: u32, kept: &Mutex<Stderr>)
                     Budget::Dropped => {}
                 }
                 if !text.trim().is_empty() {
-                    let mut kept = kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut kept = common::sync::lock(kept, "command stderr");
                     kept.last.clear();
                     kept.last.push_str(text);
                 }

@@ -291,8 +291,7 @@ impl CommandTransform {
     }
 
     fn lock_slots(&self) -> MutexGuard<'_, Vec<Option<Worker>>> {
-        // A panic while holding the lock cannot leave the list half-changed (push and pop).
-        self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        common::sync::lock(&self.slots, "command workers")
     }
 
     /// Takes a slot, waiting for one if every child is busy.

@@ -61,8 +61,7 @@ impl Pool {
     }
 
     fn idle(&self) -> MutexGuard<'_, Vec<Sandbox>> {
-        // Only pushes and pops happen under the lock: a panic cannot leave it half-changed.
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        common::sync::lock(&self.idle, "idle jq sandboxes")
     }
 
     pub(crate) fn pids(&self) -> Vec<u32> {

@@ -34,6 +34,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use common::json::Strings;
 use jaq_core::load::{self, Arena, File, Loader};
 use jaq_core::{compile, data, Compiler, Ctx, Vars};
 use jaq_json::{Num, Val};
@@ -331,19 +332,12 @@ struct Shape {
 impl Shape {
     /// One pass over `json` (valid JSON), outside strings.
     fn of(json: &[u8]) -> Shape {
-        let (mut shape, mut depth, mut in_string, mut escaped) = (Shape::default(), 0usize, false, false);
+        let (mut shape, mut depth, mut strings) = (Shape::default(), 0usize, Strings::default());
         for (i, &b) in json.iter().enumerate() {
-            if in_string {
-                match (escaped, b) {
-                    (true, _) => escaped = false,
-                    (false, b'\\') => escaped = true,
-                    (false, b'"') => in_string = false,
-                    _ => {}
-                }
+            if !strings.outside(b) {
                 continue;
             }
             match b {
-                b'"' => in_string = true,
                 b'[' | b'{' => {
                     depth += 1;
                     if depth > MAX_DEPTH {
@@ -372,18 +366,10 @@ const NEGATIVE_ZERO_MARK: &[u8] = b"\xff-0";
 /// `json` with every number `-0` (outside strings) written as the string [`NEGATIVE_ZERO_MARK`].
 fn mark_negative_zeros(json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(json.len() + 16);
-    let (mut in_string, mut escaped, mut i) = (false, false, 0);
+    let (mut strings, mut i) = (Strings::default(), 0);
     while let Some(&b) = json.get(i) {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if b == b'-' && is_negative_zero(json, i) {
+        // The `0` skipped after a `-` is outside strings too: `strings` need not see it.
+        if strings.outside(b) && b == b'-' && is_negative_zero(json, i) {
             out.push(b'"');
             out.extend_from_slice(NEGATIVE_ZERO_MARK);
             out.push(b'"');

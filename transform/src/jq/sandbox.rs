@@ -138,8 +138,7 @@ impl Shared {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Neither side panics while holding the lock (writes and pushes only).
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        common::sync::lock(&self.state, "sandbox state")
     }
 
     fn finish(&self) {
@@ -233,6 +232,6 @@ fn watch(shared: &Shared, timeout: Duration) {
             Some(started) => (started + timeout - now).min(PARENT_CHECK),
             None => PARENT_CHECK,
         };
-        state = shared.finished.wait_timeout(state, wait).map_or_else(|poisoned| poisoned.into_inner().0, |r| r.0);
+        state = common::sync::wait_timeout(&shared.finished, state, wait, "sandbox state").0;
     }
 }

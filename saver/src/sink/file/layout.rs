@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use common::protocol::{ChunkId, DeadObject};
 use serde::{Deserialize, Serialize};
 
+use crate::sink::ReadError;
+
 /// The index of a run directory.
 pub const INDEX_FILE: &str = "index.jsonl";
 /// The dead-letter entries of a run directory.
@@ -80,7 +82,7 @@ pub struct IndexEntry {
 impl IndexEntry {
     /// The index line, `\n` included.
     pub fn line(&self) -> String {
-        let mut line = serde_json::to_string(self).unwrap_or_default();
+        let mut line = common::json::to_string_own(self);
         line.push('\n');
         line
     }
@@ -96,35 +98,12 @@ struct DeadLine {
 
 /// A dead-letter line for `chunk`, `\n` included.
 pub fn dead_line(chunk: ChunkId, entry: &DeadObject) -> Vec<u8> {
-    let object = serde_json::to_vec(entry).unwrap_or_default();
+    let object = common::json::to_vec_own(entry);
     let mut line = format!("{{\"chunk\":{chunk},").into_bytes();
     // `object` is `{...}`: splice its fields in after the chunk.
     line.extend_from_slice(object.get(1..).unwrap_or_default());
     line.push(b'\n');
     line
-}
-
-/// Why a run directory could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    /// A file or directory cannot be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// Which.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A file holds something the sink does not write.
-    #[error("{path}, line {line}: {error}")]
-    Corrupt {
-        /// Which.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// Why.
-        error: String,
-    },
 }
 
 fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> ReadError + '_ {

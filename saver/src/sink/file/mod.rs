@@ -102,6 +102,9 @@ impl FileSink {
         let poisoned = || SinkError::Task("a batch of this run panicked earlier".into());
         let mut runs = self.runs.lock().map_err(|_| poisoned())?;
         if let Some(files) = runs.get(run) {
+            // Poisoning here is a designed recovery, not a skip: a batch that panicked may have
+            // left its RunFiles half-changed, so they are dropped and the run reopened from disk
+            // (what a restart would do); the batch itself failed, so its chunks come back.
             if files.lock().map(|f| f.is_current()).unwrap_or(false) {
                 return Ok(files.clone());
             }

@@ -1,6 +1,6 @@
 //! A run directory read back for `saver verify`: each chunk's first saved copy (its lines in
 //! order, its dead-letter entries), what later copies repeat, and the lines no index entry
-//! covers ([`layout::RunReader`] does the reading; this says it in the terms of
+//! covers ([`RunReader`](super::layout::RunReader) does the reading; this says it in the terms of
 //! [`SinkReader`]). The file sink keeps values as they were sent: [`as_written`].
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use common::protocol::ChunkId;
 use rayon::prelude::*;
 
-use super::layout::{self, RunReader};
+use super::layout::RunReader;
 use crate::sink::{as_written, Normalise, ReadError, SinkReader, StoredChunk, StoredChunks, StoredValues, Unaccounted};
 
 /// One run directory, opened for reading.
@@ -64,14 +64,5 @@ impl SinkReader for FileReader {
         rest.values += stray.values;
         rest.dead += stray.dead;
         Ok(rest)
-    }
-}
-
-impl From<layout::ReadError> for ReadError {
-    fn from(e: layout::ReadError) -> Self {
-        match e {
-            layout::ReadError::Io { path, source } => ReadError::Io { path, source },
-            layout::ReadError::Corrupt { path, line, error } => ReadError::Corrupt { path, line, error },
-        }
     }
 }

@@ -18,12 +18,11 @@ use std::path::{Path, PathBuf};
 use common::protocol::ChunkId;
 
 use super::layout::{
-    dead_line, legacy_chunk_number, parse_index, part_file_name, IndexEntry, ReadError, DEAD_FILE, INDEX_FILE,
-    LOCK_FILE,
+    dead_line, legacy_chunk_number, parse_index, part_file_name, IndexEntry, DEAD_FILE, INDEX_FILE, LOCK_FILE,
 };
 use super::{io, sync_dir};
 use crate::decoded::Decoded;
-use crate::sink::{SaveOutcome, SinkError};
+use crate::sink::{ReadError, SaveOutcome, SinkError};
 
 /// A run directory open for writing.
 #[derive(Debug)]
@@ -306,6 +305,8 @@ fn corrupt(e: ReadError) -> SinkError {
                 ),
             ),
         },
+        // A run directory's reader gives only the two above; the sink-wide type has more.
+        other @ (ReadError::Database(_) | ReadError::NotCommitted { .. }) => SinkError::Batch(other.to_string()),
     }
 }
 

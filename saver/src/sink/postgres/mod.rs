@@ -614,7 +614,7 @@ impl PgSink {
         let indexes: Vec<i32> = dead.iter().map(|d| d.index as i32).collect();
         let ids: Vec<Option<std::borrow::Cow<'_, str>>> = dead.iter().map(|d| d.id.as_deref().map(pg_text)).collect();
         let errors: Vec<std::borrow::Cow<'_, str>> = dead.iter().map(|d| pg_text(&d.error)).collect();
-        let causes: Vec<String> = dead.iter().map(|d| cause_name(d.cause)).collect();
+        let causes: Vec<String> = dead.iter().map(|d| d.cause.name().to_string()).collect();
         let lines: Vec<Option<i64>> = dead.iter().map(|d| d.line.map(|l| l as i64)).collect();
         tx.execute(&insert, &[&runs, &chunks, &indexes, &ids, &errors, &causes, &lines])
             .await
@@ -708,11 +708,6 @@ async fn insert_outputs(
     Ok(())
 }
 
-/// The protocol's name of a cause (`transform`, `crash`...), for the `cause` column.
-fn cause_name(cause: Cause) -> String {
-    serde_json::to_value(cause).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-}
-
 /// Saved or duplicate, for a chunk of a committed batch.
 fn claimed_outcome(claimed: &HashSet<(String, ChunkId)>, result: &Decoded) -> SaveOutcome {
     if claimed.contains(&(result.head.run.clone(), result.head.chunk)) {
@@ -766,11 +761,5 @@ mod tests {
         assert!(!auth.transient() && !newer.transient());
         assert!(down.transient() && starting.transient());
         assert!(auth.into_error("t").to_string().contains("SAVER_PG_PASSWORD_FILE"));
-    }
-
-    #[test]
-    fn causes_are_stored_by_their_protocol_names() {
-        assert_eq!(cause_name(Cause::Transform), "transform");
-        assert_eq!(cause_name(Cause::Sink), "sink");
     }
 }
