@@ -126,7 +126,8 @@ async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, 
             (Format::Parquet, schema) => {
                 // No value was ever staged (no schema recorded): a part of no columns and no rows.
                 let none = Schema { fields: Vec::new() };
-                super::parquet::write_part(bucket, run, schema.as_ref().unwrap_or(&none), plan.compression, part).await?
+                super::parquet::write_part(bucket, run, schema.as_ref().unwrap_or(&none), plan.compression, part)
+                    .await?
             }
         };
         parts.push(written);

@@ -193,7 +193,10 @@ fn read_schema(path: &std::path::Path) -> Result<Schema, SinkError> {
         SinkError::Config(format!("--schema {}: cannot read it: {e}; fix the path (SAVER_SCHEMA)", path.display()))
     })?;
     Schema::parse(&text).map_err(|why| {
-        SinkError::Config(format!("--schema {}: not a schema: {why}; see README (Parquet parts) for its form", path.display()))
+        SinkError::Config(format!(
+            "--schema {}: not a schema: {why}; see README (Parquet parts) for its form",
+            path.display()
+        ))
     })
 }
 
@@ -288,7 +291,10 @@ mod tests {
                 Ok(_) => assert!(ok, "{format} {compression} is refused"),
                 Err(err) => {
                     let text = err.to_string();
-                    assert!(!ok && text.contains("--compression") && text.contains("--format"), "{format} {compression}: {text}")
+                    assert!(
+                        !ok && text.contains("--compression") && text.contains("--format"),
+                        "{format} {compression}: {text}"
+                    )
                 }
             }
         }

@@ -116,7 +116,8 @@ impl ObjectSink {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let writer = self.writer.clone();
         // A Parquet run's batches are plain JSON Lines: the commit encodes them.
-        let compression = if self.config.format == Format::Parquet { Compression::None } else { self.config.compression };
+        let compression =
+            if self.config.format == Format::Parquet { Compression::None } else { self.config.compression };
         let run_owned = run.to_string();
         let (data, index, refused) = tokio::task::spawn_blocking(move || {
             encode_batch(&run_owned, &writer, seq, compression, &chunks, schema.as_deref())
@@ -174,9 +175,9 @@ impl ObjectSink {
 
     async fn read_schema(&self, name: &str) -> Result<Option<Schema>, SinkError> {
         let Some(bytes) = self.bucket.get(name).await? else { return Ok(None) };
-        Schema::parse(&bytes)
-            .map(Some)
-            .map_err(|why| SinkError::Config(format!("{}{name} is not a schema chunkmill wrote: {why}", self.bucket.url())))
+        Schema::parse(&bytes).map(Some).map_err(|why| {
+            SinkError::Config(format!("{}{name} is not a schema chunkmill wrote: {why}", self.bucket.url()))
+        })
     }
 
     /// A staged name is this session's alone: finding it written is a broken invariant, said
@@ -295,7 +296,9 @@ pub(crate) fn compress(lines: &[u8], compression: Compression, out: &mut Vec<u8>
         }
         Compression::Zstd => zstd::stream::copy_encode(lines, out, 3).map_err(failed)?,
         Compression::Snappy => {
-            return Err(SinkError::Invalid("snappy is a codec of Parquet parts; JSON Lines are never snappy-compressed".into()))
+            return Err(SinkError::Invalid(
+                "snappy is a codec of Parquet parts; JSON Lines are never snappy-compressed".into(),
+            ))
         }
     }
     Ok(())

@@ -5,12 +5,12 @@
 
 use std::borrow::Cow;
 
-use arrow_array::RecordBatch;
-use bytes::Bytes;
-use common::exact::{Decimal, Value};
 use ::parquet::arrow::ArrowWriter;
 use ::parquet::basic::{Compression as Codec, ZstdLevel};
 use ::parquet::file::properties::WriterProperties;
+use arrow_array::RecordBatch;
+use bytes::Bytes;
+use common::exact::{Decimal, Value};
 use sha2::{Digest, Sha256};
 
 use super::layout::{Compression, PartEntry, PartPlan};
@@ -93,7 +93,10 @@ impl Encoder {
     /// A staged line the run's schema does not decode: every value was checked when staged, so
     /// the staging area was changed, or the check and the decoder disagree.
     fn broken(&self, e: arrow_schema::ArrowError) -> SinkError {
-        invalid(&self.part, format!("a staged value does not decode with the run's schema, though it was checked when staged: {e}"))
+        invalid(
+            &self.part,
+            format!("a staged value does not decode with the run's schema, though it was checked when staged: {e}"),
+        )
     }
 }
 
@@ -121,7 +124,10 @@ pub(crate) async fn write_part(
         while at < end {
             let piece = bucket.get_range(&object, at..end.min(at + READ_PIECE)).await?;
             if piece.is_empty() {
-                return Err(SinkError::Invalid(format!("{}{object} is shorter than its index says ({at} of {end} bytes)", bucket.url())));
+                return Err(SinkError::Invalid(format!(
+                    "{}{object} is shorter than its index says ({at} of {end} bytes)",
+                    bucket.url()
+                )));
             }
             at += piece.len() as u64;
             let encoded = encoder.feed(&piece)?;

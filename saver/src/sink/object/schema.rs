@@ -72,7 +72,9 @@ pub(crate) enum Type {
 #[serde(untagged)]
 enum TypeText {
     Name(String),
-    List { list: Box<Type> },
+    List {
+        list: Box<Type>,
+    },
     Struct {
         #[serde(rename = "struct")]
         fields: Vec<FieldSpec>,
@@ -249,7 +251,9 @@ fn fit_members(members: &[(Cow<'_, str>, Value<'_>)], fields: &[FieldSpec], path
         let at = format!("{path}.{}", field.name);
         match members.iter().find(|(k, _)| *k == field.name.as_str()).map(|(_, v)| v) {
             None | Some(Value::Null) if field.nullable => {}
-            None => return Err(Misfit(format!("field {at} is missing, where the schema has a non-nullable {}", field.ty))),
+            None => {
+                return Err(Misfit(format!("field {at} is missing, where the schema has a non-nullable {}", field.ty)))
+            }
             Some(value) => fit_value(value, &field.ty, field.nullable, &at)?,
         }
     }
@@ -282,7 +286,9 @@ fn described(ty: &Type, nullable: bool) -> String {
 /// An int64: an integer written as one (no point, no exponent) within its range.
 fn fits_int64(text: &str) -> Result<(), String> {
     if text.contains(['.', 'e', 'E']) {
-        return Err(format!("the number {text} where the schema has int64 (an integer written without a point or exponent)"));
+        return Err(format!(
+            "the number {text} where the schema has int64 (an integer written without a point or exponent)"
+        ));
     }
     text.parse::<i64>().map(|_| ()).map_err(|_| format!("the number {text} is outside int64"))
 }
@@ -294,7 +300,9 @@ fn fits_float64(text: &str) -> Result<(), String> {
     let back = double.and_then(|f| Decimal::parse(&format!("{f:e}"))).map(|d| d.canonical());
     match (exact, back) {
         (Some(exact), Some(back)) if exact == back => Ok(()),
-        _ => Err(format!("the number {text} would lose digits in float64 (make the field a string upstream to keep it exactly)")),
+        _ => Err(format!(
+            "the number {text} would lose digits in float64 (make the field a string upstream to keep it exactly)"
+        )),
     }
 }
 
@@ -329,11 +337,8 @@ mod tests {
 
     #[test]
     fn inference_makes_structs_and_lists_in_name_order_and_strings_of_what_has_no_type() {
-        let values: Vec<&[u8]> = vec![
-            br#"{"b":1,"a":{"x":true},"l":[1.5,2],"n":null,"e":[]}"#,
-            br#"{"b":2,"m":"s"}"#,
-            b"[1,2]",
-        ];
+        let values: Vec<&[u8]> =
+            vec![br#"{"b":1,"a":{"x":true},"l":[1.5,2],"n":null,"e":[]}"#, br#"{"b":2,"m":"s"}"#, b"[1,2]"];
         let inferred = Schema::infer(values.into_iter()).expect("objects");
         let names: Vec<&str> = inferred.fields.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "e", "l", "m", "n"]);
