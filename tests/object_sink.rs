@@ -6,7 +6,9 @@
 //! verify --sink s3://...` says OK and fails on a tampered part; a saver killed half way through
 //! the commit leaves it to the next saver, which finishes it with no duplicate part; a bad
 //! `--sink` or a missing bucket stops the saver at start naming the setting; two savers share a
-//! run; the store cut off from the saver for a while mid-run loses nothing.
+//! run; the store cut off from the saver for a while mid-run loses nothing. Parquet runs: DuckDB
+//! reads every value once with nested values and numbers intact, a value that does not fit the
+//! run's schema is dead-lettered with the reason, two savers record and use one schema.
 
 mod support;
 
@@ -313,9 +315,10 @@ fn an_unknown_scheme_and_a_missing_bucket_stop_the_saver_at_start_naming_the_set
     let mut missing = object_saver(&p, "saver-nobucket", "s3://no-such-bucket/out/", &s3.env(), &[]);
     assert!(missing.wait_exit(Duration::from_secs(60)).is_some_and(|code| code != 0), "{}", missing.log());
     assert!(missing.log().contains("--sink s3://no-such-bucket/out/: the bucket does not exist"), "{}", missing.log());
-    let mut parquet = object_saver(&p, "saver-parquet", "s3://b/out/", &s3.env(), &["--format", "parquet"]);
+    let flags = ["--format", "parquet", "--compression", "gzip"];
+    let mut parquet = object_saver(&p, "saver-parquet", "s3://b/out/", &s3.env(), &flags);
     assert!(parquet.wait_exit(Duration::from_secs(30)).is_some_and(|code| code != 0), "{}", parquet.log());
-    assert!(parquet.log().contains("--format parquet is not yet available"), "{}", parquet.log());
+    assert!(parquet.log().contains("--compression gzip does not exist for --format parquet"), "{}", parquet.log());
 }
 
 /// The staged batch indexes of `run` under `prefix` so far.
@@ -379,5 +382,180 @@ fn a_store_gone_for_seconds_mid_run_loses_nothing_and_the_run_commits() {
     download_parts(&s3, "results", "outage", &run, &local);
     assert_eq!(duckdb_ids(&format!("{}/part-*", local.display())), input_ids(&p));
     let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "20"]);
+    assert!(ok, "{report}");
+}
+
+/// The rows DuckDB reads from the Parquet files `glob` matches, each a JSON object (keys sorted).
+fn duckdb_parquet_rows(glob: &str) -> Vec<serde_json::Value> {
+    let script = "import duckdb, json, sys\n\
+        rel = duckdb.sql('SELECT * FROM read_parquet(?)', params=[sys.argv[1]])\n\
+        names = rel.columns\n\
+        for row in rel.fetchall():\n    sys.stdout.write(json.dumps(dict(zip(names, row)), sort_keys=True) + '\\n')\n";
+    let output = Command::new(duckdb_python()).args(["-c", script, glob]).output().expect("run DuckDB's python");
+    assert!(output.status.success(), "DuckDB could not read {glob}: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).expect("rows are text");
+    text.lines().map(|line| serde_json::from_str(line).expect("a row as JSON")).collect()
+}
+
+/// The Parquet job: nested values (a struct, a list of structs) and numbers (integers, and a
+/// float that is whole for one order in four, so a batch holds both; quarters are exact in
+/// binary, so the expected double is the one jq prints).
+const PARQUET_FILTER: &str = "{order_id, customer, items, share: (.items[0].price / 4)}";
+
+/// What [`PARQUET_FILTER`] makes of each input order, by order id.
+fn parquet_expected(p: &Pipeline) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let text = std::fs::read_to_string(&p.input).expect("input");
+    text.lines()
+        .map(|line| {
+            let order: serde_json::Value = serde_json::from_str(line).expect("input JSON");
+            let price = order["items"][0]["price"].as_f64().expect("a price");
+            let id = order["order_id"].as_str().expect("an order id").to_string();
+            let value = serde_json::json!({
+                "order_id": id, "customer": order["customer"], "items": order["items"], "share": price / 4.0
+            });
+            (id, value)
+        })
+        .collect()
+}
+
+/// Downloads the committed Parquet parts of `run` and returns what DuckDB reads from them.
+fn parquet_rows(s3: &S3Server, p: &Pipeline, prefix: &str, run: &str) -> Vec<serde_json::Value> {
+    let local = p.dir.path().join(format!("parts-{}", prefix.replace('/', "-")));
+    std::fs::create_dir_all(&local).expect("dir");
+    let parts = download_parts(s3, "results", prefix, run, &local);
+    assert!(!parts.is_empty() && parts.iter().all(|n| n.ends_with(".parquet")), "{parts:?}");
+    duckdb_parquet_rows(&format!("{}/part-*.parquet", local.display()))
+}
+
+#[test]
+fn a_parquet_run_is_read_back_by_duckdb_with_every_value_once_nested_values_and_numbers_intact() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    let p = Pipeline::orders(1500, &["--transform", "jq", "--filter", PARQUET_FILTER, "--id-field", ".order_id"]);
+    let sink = "s3://results/pq/";
+    let flags = ["--format", "parquet", "--compression", "zstd", "--part-size", "64KiB"];
+    let _saver = object_saver(&p, "saver-1", sink, &s3.env(), &flags);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let run = p.run_id();
+    let keys = s3.list("results", &format!("pq/{run}"));
+    assert!(keys.iter().any(|k| k.ends_with("/_SUCCESS")), "no _SUCCESS: {keys:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&s3.get("results", &format!("pq/{run}/_manifest.json"))).expect("a manifest");
+    assert_eq!(manifest["format"], "parquet");
+    assert_eq!(manifest["schema"]["fields"][3]["name"], "share", "the schema is in the manifest: {manifest}");
+    assert_eq!(manifest["schema"]["fields"][3]["type"], "float64", "{manifest}");
+    let rows = parquet_rows(&s3, &p, "pq", &run);
+    assert!(manifest["parts"].as_array().expect("parts").len() > 1, "--part-size 64KiB makes several parts");
+    let expected = parquet_expected(&p);
+    assert_eq!(rows.len(), expected.len(), "every value once");
+    let mut seen = std::collections::BTreeSet::new();
+    for row in &rows {
+        let id = row["order_id"].as_str().expect("an order id");
+        assert!(seen.insert(id.to_string()), "{id} twice");
+        assert_eq!(Some(row), expected.get(id), "{id} as DuckDB reads it");
+    }
+    let (ok, report) = verify_sink(&p, sink, &s3.env());
+    assert!(ok, "{report}");
+    assert!(report.contains("1500 expected, 1500 found, 0 missing, 0 duplicated, 0 wrong"), "{report}");
+}
+
+#[test]
+fn a_value_that_does_not_fit_the_runs_schema_is_dead_lettered_with_the_field_and_both_types_and_the_rest_saved() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    // `n` is a string for an order of one item, a number otherwise: whichever the first staged
+    // batch makes the schema, the other kind does not fit.
+    let filter = r#"{order_id, n: (if (.items | length) == 1 then "one" else (.items | length) end)}"#;
+    let p = Pipeline::orders(1000, &["--transform", "jq", "--filter", filter, "--id-field", ".order_id"]);
+    let sink = "s3://results/misfit/";
+    let _saver = object_saver(&p, "saver-1", sink, &s3.env(), &["--format", "parquet"]);
+    let _mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&[]);
+    let code = fetcher.wait_exit(Duration::from_secs(120));
+    assert_eq!(code, Some(3), "the run completes with dead letters (exit status 3):\n{}", fetcher.log());
+    let run = p.run_id();
+    let schema: serde_json::Value =
+        serde_json::from_slice(&s3.get("results", &format!("misfit/{run}/_manifest.json"))).expect("a manifest");
+    let n_type = schema["schema"]["fields"][0]["type"].as_str().expect("n's type").to_string();
+    assert!(n_type == "int64" || n_type == "string", "{schema}");
+    let text = std::fs::read_to_string(&p.input).expect("input");
+    let (mut fits, mut misfits) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    for line in text.lines() {
+        let order: serde_json::Value = serde_json::from_str(line).expect("input JSON");
+        let one = order["items"].as_array().expect("items").len() == 1;
+        let id = order["order_id"].as_str().expect("an id").to_string();
+        if one == (n_type == "string") {
+            fits.insert(id)
+        } else {
+            misfits.insert(id)
+        };
+    }
+    assert!(!fits.is_empty() && !misfits.is_empty(), "the input has orders of one item and of more");
+    let dead = String::from_utf8(s3.get("results", &format!("misfit/{run}/_dead_letters.jsonl"))).expect("text");
+    let reason = match n_type.as_str() {
+        "int64" => "field .n: a string where the schema has int64",
+        _ => "where the schema has string",
+    };
+    let mut dead_ids = std::collections::BTreeSet::new();
+    for line in dead.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).expect("a dead-letter line");
+        assert_eq!(entry["cause"], "sink", "{line}");
+        assert!(entry["error"].as_str().is_some_and(|e| e.contains(reason)), "{line}");
+        dead_ids.insert(entry["id"].as_str().expect("an id").to_string());
+    }
+    assert_eq!(dead_ids, misfits, "exactly the objects whose value does not fit are dead-lettered");
+    let rows = parquet_rows(&s3, &p, "misfit", &run);
+    let saved: std::collections::BTreeSet<String> =
+        rows.iter().map(|r| r["order_id"].as_str().expect("an id").to_string()).collect();
+    assert_eq!((saved.len(), saved), (rows.len(), fits), "the rest saved, each once");
+    let (ok, report) = verify_sink(&p, sink, &s3.env());
+    assert!(ok, "{report}");
+    assert!(report.contains(&format!("{} dead-lettered", misfits.len())), "{report}");
+}
+
+#[test]
+fn two_savers_on_one_parquet_run_record_one_schema_and_write_every_part_with_it() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    let p = Pipeline::orders(2000, &["--transform", "jq", "--filter", PARQUET_FILTER, "--id-field", ".order_id"]);
+    let sink = "s3://results/two-pq/";
+    let flags = ["--format", "parquet", "--compression", "snappy", "--part-size", "32KiB"];
+    let spawn = |name: &str| {
+        let mut args: Vec<String> = vec!["--sink".into(), sink.into(), "--instance".into(), name.into()];
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let env = s3.env();
+        let env: Vec<(&'static str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        p.spawn_with_env(name, "saver", &args, &env)
+    };
+    let ((_a, port_a), (_b, port_b)) = (spawn("saver-a"), spawn("saver-b"));
+    let _m1 = p.mapper("mapper-1", &[]);
+    let _m2 = p.mapper("mapper-2", &[]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "50"]);
+    finish(&mut fetcher, Duration::from_secs(120));
+    let run = p.run_id_at(50);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&s3.get("results", &format!("two-pq/{run}/_manifest.json"))).expect("a manifest");
+    let chunks: std::collections::BTreeSet<String> = manifest["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .flat_map(|part| part["chunks"].as_array().expect("chunks").clone())
+        .map(|c| c["chunk"].to_string())
+        .collect();
+    assert_eq!(chunks.len(), 40, "every chunk in the manifest: {manifest}");
+    for port in [port_a, port_b] {
+        let saved = support::metric(port, "chunkmill_saver_chunks_saved_total").unwrap_or(0.0);
+        assert!(saved >= 1.0, "both savers staged chunks of the run (saver on port {port}: {saved})");
+    }
+    let rows = parquet_rows(&s3, &p, "two-pq", &run);
+    let expected = parquet_expected(&p);
+    assert_eq!(rows.len(), expected.len(), "every value once");
+    for row in &rows {
+        let id = row["order_id"].as_str().expect("an order id");
+        assert_eq!(Some(row), expected.get(id), "{id}: every part holds the one schema's columns");
+    }
+    let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "50"]);
     assert!(ok, "{report}");
 }

@@ -7,6 +7,8 @@
 //! 3. Each part of the plan, streamed from the staged ranges into one upload (nothing is visible
 //!    under the part's name until the upload completes, then all of it); its SHA-256 counted on
 //!    the way. A part written before by an earlier attempt is written again with the same bytes.
+//!    A Parquet part is the same staged lines decoded with the run's schema (`_schema.json`, put
+//!    in the plan and the manifest) and encoded row group by row group ([`super::parquet`]).
 //! 4. `_dead_letters.jsonl`, then `_manifest.json`, then `_SUCCESS`: the run is committed.
 //! 5. The staged objects and the plan are removed (what a late duplicate stages afterwards is
 //!    never read: readers read `part-*`, the committer never plans again).
@@ -26,8 +28,9 @@ use sha2::{Digest, Sha256};
 use super::config::ObjectConfig;
 use super::layout::{
     is_index_name, BatchIndex, CommitPlan, DeadEntry, Format, Manifest, PartEntry, PartPlan, DEAD_OBJECT,
-    LAYOUT_VERSION, MANIFEST_OBJECT, PLAN_OBJECT, STAGING, SUCCESS_OBJECT,
+    LAYOUT_VERSION, MANIFEST_OBJECT, PLAN_OBJECT, SCHEMA_OBJECT, STAGING, SUCCESS_OBJECT,
 };
+use super::schema::Schema;
 use super::store::{Bucket, Created};
 use super::ObjectSink;
 use crate::sink::SinkError;
@@ -53,7 +56,7 @@ enum State {
 /// For logs: how parts are written.
 pub(crate) fn describe(config: &ObjectConfig) -> String {
     let format = match (config.format, config.compression) {
-        (Format::Parquet, _) => "Parquet".to_string(),
+        (Format::Parquet, compression) => format!("Parquet ({compression:?})"),
         (Format::Jsonl, compression) => format!("JSON Lines{}", compression.suffix()),
     };
     format!("{format}, parts of {} MiB", config.part_size >> 20)
@@ -66,15 +69,15 @@ pub(crate) async fn request(sink: Arc<ObjectSink>, request: &CommitRequest) -> R
         return Ok(CommitStatus::WrongSink);
     }
     let run = request.run.clone();
-    let known = sink.commits.lock().unwrap_or_else(|p| p.into_inner()).get(&run).cloned();
+    let known = common::sync::lock(&sink.commits, "object sink commits").get(&run).cloned();
     if let Some(task) = known {
-        let state = task.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let state = common::sync::lock(&task.state, "commit task state").clone();
         match state {
             State::Running => return Ok(CommitStatus::Committing),
             State::Done => return Ok(CommitStatus::Committed),
             State::Failed(why) => {
                 // Said once; the next request tries again.
-                sink.commits.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
+                common::sync::lock(&sink.commits, "object sink commits").remove(&run);
                 return Err(SinkError::Batch(why));
             }
         }
@@ -83,7 +86,7 @@ pub(crate) async fn request(sink: Arc<ObjectSink>, request: &CommitRequest) -> R
         return Ok(CommitStatus::Committed);
     }
     let task = Task { state: Arc::new(Mutex::new(State::Running)) };
-    sink.commits.lock().unwrap_or_else(|p| p.into_inner()).insert(run.clone(), task.clone());
+    common::sync::lock(&sink.commits, "object sink commits").insert(run.clone(), task.clone());
     let request = request.clone();
     tokio::spawn(async move {
         let started = Instant::now();
@@ -107,7 +110,7 @@ pub(crate) async fn request(sink: Arc<ObjectSink>, request: &CommitRequest) -> R
                 State::Failed(e.to_string())
             }
         };
-        *task.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        *common::sync::lock(&task.state, "commit task state") = state;
     });
     Ok(CommitStatus::Committing)
 }
@@ -118,7 +121,16 @@ async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, 
     let plan = load_or_make_plan(sink, request).await?;
     let mut parts = Vec::with_capacity(plan.parts.len());
     for part in &plan.parts {
-        parts.push(write_part(bucket, run, &plan, part).await?);
+        let written = match (plan.format, &plan.schema) {
+            (Format::Jsonl, _) => write_part(bucket, run, part).await?,
+            (Format::Parquet, schema) => {
+                // No value was ever staged (no schema recorded): a part of no columns and no rows.
+                let none = Schema { fields: Vec::new() };
+                super::parquet::write_part(bucket, run, schema.as_ref().unwrap_or(&none), plan.compression, part)
+                    .await?
+            }
+        };
+        parts.push(written);
         abort_after_parts_for_tests(parts.len());
     }
     let dead = write_dead(bucket, run, &plan).await?;
@@ -137,6 +149,7 @@ async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, 
         compression: plan.compression,
         parts,
         dead,
+        schema: plan.schema.clone(),
     };
     let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises: plain fields");
     bucket.put(&format!("{run}/{MANIFEST_OBJECT}"), Bytes::from(text)).await?;
@@ -167,8 +180,17 @@ async fn load_or_make_plan(sink: &ObjectSink, request: &CommitRequest) -> Result
     }
     let batches = read_indexes(bucket, run).await?;
     let config = &sink.config;
-    let plan = super::plan::plan(run, config.format, config.compression, request.chunks, batches, config.part_size)
+    let mut plan = super::plan::plan(run, config.format, config.compression, request.chunks, batches, config.part_size)
         .map_err(|e| SinkError::Invalid(format!("cannot commit run {run} in {}: {e}", bucket.url())))?;
+    if config.format == Format::Parquet {
+        plan.schema = read_schema(bucket, &format!("{run}/{SCHEMA_OBJECT}")).await?;
+        if plan.schema.is_none() && plan.parts.iter().any(|p| p.chunks.iter().any(|c| c.values > 0)) {
+            return Err(SinkError::Invalid(format!(
+                "cannot commit Parquet run {run} in {}: values are staged but {SCHEMA_OBJECT} is missing (removed outside chunkmill?)",
+                bucket.url()
+            )));
+        }
+    }
     let text = serde_json::to_vec(&plan).expect("a plan serialises: plain fields");
     match bucket.put_new(&name, Bytes::from(text)).await? {
         Created::New => Ok(plan),
@@ -176,6 +198,13 @@ async fn load_or_make_plan(sink: &ObjectSink, request: &CommitRequest) -> Result
             .await?
             .ok_or_else(|| SinkError::Invalid(format!("{}{name} was written and then removed", bucket.url()))),
     }
+}
+
+async fn read_schema(bucket: &Bucket, name: &str) -> Result<Option<Schema>, SinkError> {
+    let Some(bytes) = bucket.get(name).await? else { return Ok(None) };
+    Schema::parse(&bytes)
+        .map(Some)
+        .map_err(|why| SinkError::Invalid(format!("{}{name} is not a schema chunkmill wrote: {why}", bucket.url())))
 }
 
 async fn read_plan(bucket: &Bucket, name: &str) -> Result<Option<CommitPlan>, SinkError> {
@@ -206,11 +235,8 @@ async fn read_indexes(bucket: &Bucket, run: &str) -> Result<Vec<BatchIndex>, Sin
         .await
 }
 
-/// Writes one part of the plan: JSON Lines are the staged ranges, in order.
-async fn write_part(bucket: &Bucket, run: &str, plan: &CommitPlan, part: &PartPlan) -> Result<PartEntry, SinkError> {
-    if plan.format == Format::Parquet {
-        return Err(SinkError::Config(format!("run {run}: Parquet parts are not written by this saver yet")));
-    }
+/// Writes one JSON Lines part of the plan: the staged ranges, in order.
+async fn write_part(bucket: &Bucket, run: &str, part: &PartPlan) -> Result<PartEntry, SinkError> {
     let name = format!("{run}/{}", part.name);
     let mut upload = bucket.upload(&name).await?;
     let mut hasher = Sha256::new();

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::layout::{Compression, Format};
 use super::reader::ObjectReader;
+use super::schema::Schema;
 use super::store::Bucket;
 use super::ObjectSink;
 use crate::sink::{ReadError, Sink, SinkConfig, SinkContext, SinkError, SinkKind, SinkReader};
@@ -20,13 +21,22 @@ use crate::sink::{ReadError, Sink, SinkConfig, SinkContext, SinkError, SinkKind,
 #[derive(Debug, Clone, clap::Args)]
 pub struct ObjectArgs {
     /// With an object-store --sink: how committed parts are written, `jsonl` (one value per
-    /// line). `parquet` is not yet available: it is refused at start.
+    /// line) or `parquet` (one row per value, with the run's schema: --schema, or inferred from
+    /// the run's first staged batch).
     #[arg(long, env = "SAVER_FORMAT", default_value = "jsonl", value_parser = ["jsonl", "parquet"])]
     pub format: String,
 
-    /// With an object-store --sink and --format jsonl: `none`, `gzip` or `zstd`.
-    #[arg(long, env = "SAVER_COMPRESSION", default_value = "none", value_parser = ["none", "gzip", "zstd"])]
+    /// With an object-store --sink: `none`, `gzip` or `zstd` for --format jsonl; `none`, `zstd`
+    /// or `snappy` for --format parquet.
+    #[arg(long, env = "SAVER_COMPRESSION", default_value = "none", value_parser = ["none", "gzip", "zstd", "snappy"])]
     pub compression: String,
+
+    /// With an object-store --sink and --format parquet: the run's schema, a JSON file
+    /// (`{"fields":[{"name":"price","type":"float64","nullable":true}, ...]}`, types boolean,
+    /// int64, float64, string, {"list": T}, {"struct": [fields]}). Without it, the schema is
+    /// inferred from the run's first staged batch.
+    #[arg(long, env = "SAVER_SCHEMA")]
+    pub schema: Option<PathBuf>,
 
     /// With an object-store --sink: the size a committed part grows to before the next one
     /// starts (of staged JSON Lines, so Parquet parts come out smaller): 128MiB, 1GiB, 500MB...
@@ -36,7 +46,7 @@ pub struct ObjectArgs {
 
 impl Default for ObjectArgs {
     fn default() -> Self {
-        ObjectArgs { format: "jsonl".into(), compression: "none".into(), part_size: 128 << 20 }
+        ObjectArgs { format: "jsonl".into(), compression: "none".into(), schema: None, part_size: 128 << 20 }
     }
 }
 
@@ -58,9 +68,6 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     };
     number.checked_mul(unit).filter(|n| *n > 0).ok_or_else(|| format!("`{text}` is not a size above 0 that fits"))
 }
-
-/// Why `--format parquet` is refused at start.
-pub(crate) const PARQUET_NOT_YET: &str = "--format parquet is not yet available: the object-store sink writes JSON Lines (--format jsonl, with --compression none, gzip or zstd); Parquet parts are planned (issue 31)";
 
 /// The object-store sink, as [`crate::sink::SINKS`] lists it.
 pub(crate) struct ObjectKind;
@@ -136,23 +143,61 @@ impl SinkKind for ObjectKind {
     fn configure(&self, sink: &str, context: &SinkContext<'_>) -> Result<Box<dyn SinkConfig>, SinkError> {
         let target = Target::parse(sink).map_err(|why| SinkError::Config(format!("--sink: {why}")))?;
         let args = &context.args.object;
-        if args.format == "parquet" {
-            return Err(SinkError::Config(PARQUET_NOT_YET.into()));
-        }
-        let format = Format::Jsonl;
-        let compression = match args.compression.as_str() {
-            "gzip" => Compression::Gzip,
-            "zstd" => Compression::Zstd,
-            _ => Compression::None,
+        let (format, compression) = format_and_compression(&args.format, &args.compression)?;
+        let schema = match (&args.schema, format) {
+            (None, _) => None,
+            (Some(path), Format::Parquet) => Some(read_schema(path)?),
+            (Some(path), Format::Jsonl) => {
+                return Err(SinkError::Config(format!(
+                    "--schema {} is for Parquet parts, and --format is jsonl: add --format parquet, or drop --schema (SAVER_SCHEMA)",
+                    path.display()
+                )))
+            }
         };
         Ok(Box::new(ObjectConfig {
             target,
             format,
             compression,
+            schema,
             part_size: args.part_size,
             saver: context.saver.to_string(),
         }))
     }
+}
+
+/// `--format` and `--compression`, refusing a combination that does not exist.
+fn format_and_compression(format: &str, compression: &str) -> Result<(Format, Compression), SinkError> {
+    let format = if format == "parquet" { Format::Parquet } else { Format::Jsonl };
+    let compression = match (format, compression) {
+        (_, "none") => Compression::None,
+        (_, "zstd") => Compression::Zstd,
+        (Format::Jsonl, "gzip") => Compression::Gzip,
+        (Format::Parquet, "snappy") => Compression::Snappy,
+        (Format::Jsonl, other) => {
+            return Err(SinkError::Config(format!(
+                "--compression {other} is for Parquet parts, and --format is jsonl: JSON Lines take --compression none, gzip or zstd"
+            )))
+        }
+        (Format::Parquet, other) => {
+            return Err(SinkError::Config(format!(
+                "--compression {other} does not exist for --format parquet: Parquet parts take --compression none, zstd or snappy"
+            )))
+        }
+    };
+    Ok((format, compression))
+}
+
+/// The schema file of `--schema`.
+fn read_schema(path: &std::path::Path) -> Result<Schema, SinkError> {
+    let text = std::fs::read(path).map_err(|e| {
+        SinkError::Config(format!("--schema {}: cannot read it: {e}; fix the path (SAVER_SCHEMA)", path.display()))
+    })?;
+    Schema::parse(&text).map_err(|why| {
+        SinkError::Config(format!(
+            "--schema {}: not a schema: {why}; see README (Parquet parts) for its form",
+            path.display()
+        ))
+    })
 }
 
 /// The object-store sink's configuration.
@@ -161,6 +206,8 @@ pub(crate) struct ObjectConfig {
     pub(crate) target: Target,
     pub(crate) format: Format,
     pub(crate) compression: Compression,
+    /// `--schema`, read (Parquet only).
+    pub(crate) schema: Option<Schema>,
     pub(crate) part_size: u64,
     /// The saver's instance name (part of the staging writer's name).
     pub(crate) saver: String,
@@ -222,16 +269,54 @@ mod tests {
         }
     }
 
+    fn configure(args: &crate::config::SinkArgs) -> Result<Box<dyn SinkConfig>, SinkError> {
+        let context = SinkContext { args, out: std::path::Path::new("out"), pool_size: 1, saver: "s" };
+        OBJECT.configure("s3://bucket/prefix/", &context)
+    }
+
     #[test]
-    fn parquet_is_refused_at_start_as_not_yet_available() {
+    fn a_format_and_compression_that_do_not_go_together_are_refused_naming_both_flags() {
+        let mut args = crate::config::SinkArgs::default();
+        for (format, compression, ok) in [
+            ("parquet", "zstd", true),
+            ("parquet", "snappy", true),
+            ("parquet", "none", true),
+            ("jsonl", "gzip", true),
+            ("parquet", "gzip", false),
+            ("jsonl", "snappy", false),
+        ] {
+            args.object.format = format.into();
+            args.object.compression = compression.into();
+            match configure(&args) {
+                Ok(_) => assert!(ok, "{format} {compression} is refused"),
+                Err(err) => {
+                    let text = err.to_string();
+                    assert!(
+                        !ok && text.contains("--compression") && text.contains("--format"),
+                        "{format} {compression}: {text}"
+                    )
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_schema_file_is_read_at_start_and_refused_with_jsonl_or_when_it_is_not_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (good, bad) = (dir.path().join("good.json"), dir.path().join("bad.json"));
+        std::fs::write(&good, r#"{"fields":[{"name":"a","type":"int64"}]}"#).expect("write");
+        std::fs::write(&bad, r#"{"fields":[{"name":"a","type":"int"}]}"#).expect("write");
         let mut args = crate::config::SinkArgs::default();
         args.object.format = "parquet".into();
-        let context = SinkContext { args: &args, out: std::path::Path::new("out"), pool_size: 1, saver: "s" };
-        let Err(err) = OBJECT.configure("s3://bucket/prefix/", &context) else { panic!("--format parquet is refused") };
-        assert!(err.to_string().contains("--format parquet is not yet available"), "{err}");
+        args.object.schema = Some(good.clone());
+        assert!(configure(&args).is_ok());
+        args.object.schema = Some(bad.clone());
+        let err = configure(&args).expect_err("a bad schema is refused").to_string();
+        assert!(err.contains("bad.json") && err.contains("`int` is not a type"), "{err}");
         args.object.format = "jsonl".into();
-        let context = SinkContext { args: &args, out: std::path::Path::new("out"), pool_size: 1, saver: "s" };
-        assert!(OBJECT.configure("s3://bucket/prefix/", &context).is_ok());
+        args.object.schema = Some(good);
+        let err = configure(&args).expect_err("--schema with jsonl is refused").to_string();
+        assert!(err.contains("--schema") && err.contains("--format parquet"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! PREFIX/.chunkmill-sink-id                     the sink's identity (made once)
 //! PREFIX/<run>/_staging/<writer>/<seq>.<ext>    a batch's values, as a saver wrote them
 //! PREFIX/<run>/_staging/<writer>/<seq>.index.json  what that batch holds (its commit record)
+//! PREFIX/<run>/_schema.json                    a Parquet run's schema, recorded once by the
+//!                                               first saver that stages a batch (create-only)
 //! PREFIX/<run>/_commit_plan.json                the commit, decided once: which copy of each
 //!                                               chunk, in which part (create-only)
 //! PREFIX/<run>/part-00000.<ext>                 the committed values, a few large parts
@@ -21,12 +23,16 @@
 use common::protocol::{ChunkId, DeadObject};
 use serde::{Deserialize, Serialize};
 
+use super::schema::Schema;
+
 /// The version of every record below.
 pub(crate) const LAYOUT_VERSION: u32 = 1;
 /// Where the sink's identity is, under the prefix.
 pub(crate) const SINK_ID_OBJECT: &str = ".chunkmill-sink-id";
 /// The staging area, under a run.
 pub(crate) const STAGING: &str = "_staging";
+/// A Parquet run's schema, under the run.
+pub(crate) const SCHEMA_OBJECT: &str = "_schema.json";
 /// The commit plan, under a run.
 pub(crate) const PLAN_OBJECT: &str = "_commit_plan.json";
 /// The manifest, under a run.
@@ -47,7 +53,8 @@ pub(crate) enum Format {
 }
 
 /// How JSON Lines are compressed: each chunk's lines are one gzip member or one zstd frame, so a
-/// chunk is readable on its own and any sequence of chunks is one valid file.
+/// chunk is readable on its own and any sequence of chunks is one valid file. Parquet parts take
+/// `none`, `zstd` or `snappy` (their pages' codec); their staged batches are plain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Compression {
@@ -57,13 +64,15 @@ pub(crate) enum Compression {
     Gzip,
     /// Zstandard.
     Zstd,
+    /// Snappy (Parquet parts only).
+    Snappy,
 }
 
 impl Compression {
     /// The file name's suffix after `.jsonl`.
     pub(crate) fn suffix(self) -> &'static str {
         match self {
-            Compression::None => "",
+            Compression::None | Compression::Snappy => "",
             Compression::Gzip => ".gz",
             Compression::Zstd => ".zst",
         }
@@ -202,6 +211,9 @@ pub(crate) struct CommitPlan {
     pub(crate) parts: Vec<PartPlan>,
     /// The run's dead-letter entries, in chunk order.
     pub(crate) dead: Vec<DeadLine>,
+    /// A Parquet run's schema (`_schema.json`); `None` for JSON Lines, or a run without values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) schema: Option<Schema>,
     /// Every staged object (data and index), removed once the run is committed.
     pub(crate) staged: Vec<String>,
 }
@@ -265,6 +277,9 @@ pub(crate) struct Manifest {
     pub(crate) parts: Vec<PartEntry>,
     /// The dead-letter file.
     pub(crate) dead: DeadEntry,
+    /// A Parquet run's schema, as `--schema` takes it; absent for JSON Lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) schema: Option<Schema>,
 }
 
 #[cfg(test)]

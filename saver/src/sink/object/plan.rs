@@ -80,6 +80,7 @@ pub(crate) fn plan(
         parts: builder.finish(),
         dead,
         staged,
+        schema: None,
     })
 }
 

@@ -133,7 +133,7 @@ impl ObjectReader {
 
     /// Part `part`'s values, in order.
     fn part(&self, part: usize) -> Result<PartValues, ReadError> {
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = common::sync::lock(&self.cached, "object reader cache");
         if let Some((at, values)) = cached.as_ref() {
             if *at == part {
                 return Ok(values.clone());
@@ -147,13 +147,11 @@ impl ObjectReader {
                 line: 0,
                 error: e.to_string(),
             })?,
-            Format::Parquet => {
-                return Err(ReadError::Corrupt {
-                    path: self.location(&entry.name),
-                    line: 0,
-                    error: "a Parquet part: this verify does not read Parquet yet".into(),
-                })
-            }
+            Format::Parquet => super::parquet::rows(bytes).map_err(|error| ReadError::Corrupt {
+                path: self.location(&entry.name),
+                line: 0,
+                error,
+            })?,
         };
         let listed = entry.chunks.iter().map(|c| c.values).sum::<u64>();
         if values.len() as u64 != entry.values || entry.values != listed {
@@ -180,6 +178,9 @@ fn lines(bytes: &[u8], compression: Compression) -> std::io::Result<Vec<Vec<u8>>
         Compression::Zstd => {
             zstd::stream::read::Decoder::new(bytes)?.read_to_end(&mut text)?;
         }
+        Compression::Snappy => {
+            return Err(std::io::Error::other("snappy is a codec of Parquet parts, not of JSON Lines"));
+        }
     }
     Ok(text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
 }
@@ -189,8 +190,12 @@ impl SinkReader for ObjectReader {
         format!("{}{}/", self.bucket.url(), self.run)
     }
 
+    /// JSON Lines keep values as written; Parquet cells as [`super::parquet::normalise`] says.
     fn normalise(&self) -> Normalise {
-        as_written
+        match self.manifest.format {
+            Format::Jsonl => as_written,
+            Format::Parquet => super::parquet::normalise,
+        }
     }
 
     fn read(&self, range: std::ops::Range<usize>) -> Result<StoredChunks, ReadError> {
