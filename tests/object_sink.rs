@@ -559,3 +559,60 @@ fn two_savers_on_one_parquet_run_record_one_schema_and_write_every_part_with_it(
     let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "50"]);
     assert!(ok, "{report}");
 }
+
+#[test]
+fn a_saver_given_another_schema_than_the_runs_saves_none_of_it_names_both_and_the_run_completes_through_the_other() {
+    let s3 = S3Server::start();
+    s3.create_bucket("results");
+    let p = Pipeline::orders(4000, &["--transform", "jq", "--filter", PARQUET_FILTER, "--id-field", ".order_id"]);
+    let sink = "s3://results/other-schema/";
+    let spawn = |name: &str, extra: &[&str]| {
+        let mut args: Vec<String> = vec!["--sink".into(), sink.into(), "--instance".into(), name.into()];
+        args.extend(["--format", "parquet"].iter().chain(extra).map(|s| s.to_string()));
+        let env = s3.env();
+        let env: Vec<(&'static str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        p.spawn_with_env(name, "saver", &args, &env)
+    };
+    // Saver a infers the run's schema from its first batch and records it.
+    let (_a, port_a) = spawn("saver-a", &[]);
+    let mapper = p.mapper("mapper-1", &[]);
+    let mut fetcher = p.fetcher(&["--chunk-size", "10"]);
+    support::wait_until("the run's schema is recorded", Duration::from_secs(60), || {
+        s3.list("results", "other-schema/").iter().any(|key| key.ends_with("/_schema.json"))
+    });
+    // Hold the results back while saver b, told another schema, joins the queue group.
+    mapper.signal("STOP");
+    let narrow = p.dir.path().join("narrow.json");
+    std::fs::write(&narrow, r#"{"fields":[{"name":"order_id","type":"string"}]}"#).expect("write a schema");
+    let (b, port_b) = spawn("saver-b", &["--schema", narrow.to_str().expect("a UTF-8 path")]);
+    support::wait_ready(port_b);
+    mapper.signal("CONT");
+    support::wait_until("saver b refuses a batch of the run", Duration::from_secs(60), || {
+        support::metric(port_b, "chunkmill_saver_write_failures_total").unwrap_or(0.0) >= 1.0
+    });
+    finish(&mut fetcher, Duration::from_secs(120));
+    assert_eq!(
+        support::metric(port_b, "chunkmill_saver_chunks_saved_total").unwrap_or(0.0),
+        0.0,
+        "saver b saved nothing"
+    );
+    let log = b.log();
+    assert!(
+        log.contains("but this saver's --schema is") && log.contains(r#""share""#),
+        "saver b names the run's schema and its own:\n{log}"
+    );
+    assert!(
+        support::metric(port_a, "chunkmill_saver_chunks_saved_total").unwrap_or(0.0) >= 400.0,
+        "saver a saved every chunk"
+    );
+    let run = p.run_id_at(10);
+    let rows = parquet_rows(&s3, &p, "other-schema", &run);
+    let expected = parquet_expected(&p);
+    assert_eq!(rows.len(), expected.len(), "every value once");
+    for row in &rows {
+        let id = row["order_id"].as_str().expect("an order id");
+        assert_eq!(Some(row), expected.get(id), "{id}: written with the run's schema, not saver b's");
+    }
+    let (ok, report) = verify_sink_with(&p, sink, &s3.env(), &["--chunk-size", "10"]);
+    assert!(ok, "{report}");
+}
