@@ -130,11 +130,12 @@ pub(crate) async fn write_part(
                 )));
             }
             at += piece.len() as u64;
-            let encoded = encoder.feed(&piece)?;
+            let (back, encoded) = off_runtime(encoder, move |encoder| encoder.feed(&piece)).await?;
+            encoder = back;
             bytes += send(bucket, &mut upload, &mut hasher, &encoded).await?;
         }
     }
-    let (rest, rows) = encoder.finish()?;
+    let (rest, rows) = tokio::task::spawn_blocking(move || encoder.finish()).await.map_err(stopped)??;
     bytes += send(bucket, &mut upload, &mut hasher, &rest).await?;
     let values: u64 = part.chunks.iter().map(|c| c.values).sum();
     if rows != values {
@@ -148,6 +149,20 @@ pub(crate) async fn write_part(
         sha256: super::commit::hex(&hasher.finalize()),
         chunks: part.chunks.clone(),
     })
+}
+
+/// Runs `work` on `encoder` in tokio's blocking pool and hands the encoder back: decoding and
+/// encoding a piece is CPU work (tens of milliseconds per piece) that would otherwise hold one of
+/// the runtime's threads, which the saves and acks of other runs need meanwhile.
+async fn off_runtime<T: Send + 'static>(
+    mut encoder: Encoder,
+    work: impl FnOnce(&mut Encoder) -> Result<T, SinkError> + Send + 'static,
+) -> Result<(Encoder, T), SinkError> {
+    tokio::task::spawn_blocking(move || work(&mut encoder).map(|done| (encoder, done))).await.map_err(stopped)?
+}
+
+fn stopped(e: tokio::task::JoinError) -> SinkError {
+    SinkError::Task(format!("encoding a Parquet part: {e}"))
 }
 
 async fn send(bucket: &Bucket, upload: &mut Upload, hasher: &mut Sha256, bytes: &[u8]) -> Result<u64, SinkError> {
