@@ -36,7 +36,11 @@ use super::ObjectSink;
 use crate::sink::SinkError;
 
 /// Bytes read from a staged object at once while a part is written.
-const READ_PIECE: u64 = 8 << 20;
+const READ_PIECE: u64 = 4 << 20;
+/// Pieces read ahead while a part is written: a part is the ranges of many small staged objects,
+/// and reading them one at a time made a commit the sum of its round trips (1.4 s of 100 000
+/// values on the S3 stand-in). At most this many pieces (32 MiB) are held per part.
+const PIECES_AHEAD: usize = 8;
 /// Staged indexes read (or objects removed) at once.
 const AT_ONCE: usize = 16;
 
@@ -241,23 +245,11 @@ async fn write_part(bucket: &Bucket, run: &str, part: &PartPlan) -> Result<PartE
     let mut upload = bucket.upload(&name).await?;
     let mut hasher = Sha256::new();
     let mut bytes = 0;
-    for source in &part.sources {
-        let object = format!("{run}/{}", source.object);
-        let mut at = source.offset;
-        let end = source.offset + source.bytes;
-        while at < end {
-            let piece = bucket.get_range(&object, at..end.min(at + READ_PIECE)).await?;
-            hasher.update(&piece);
-            upload.write(bucket, &piece).await?;
-            at += piece.len() as u64;
-            bytes += piece.len() as u64;
-            if piece.is_empty() {
-                return Err(SinkError::Invalid(format!(
-                    "{}{object} is shorter than its index says ({at} of {end} bytes)",
-                    bucket.url()
-                )));
-            }
-        }
+    let mut pieces = std::pin::pin!(staged_pieces(bucket, run, part));
+    while let Some(piece) = pieces.try_next().await? {
+        hasher.update(&piece);
+        upload.write(bucket, &piece).await?;
+        bytes += piece.len() as u64;
     }
     bucket.finish(upload).await?;
     Ok(PartEntry {
@@ -267,6 +259,38 @@ async fn write_part(bucket: &Bucket, run: &str, part: &PartPlan) -> Result<PartE
         sha256: hex(&hasher.finalize()),
         chunks: part.chunks.clone(),
     })
+}
+
+/// The staged bytes of `part` in the plan's order, piece by piece, [`PIECES_AHEAD`] reads in
+/// flight. A piece shorter than the range its index names is an error naming the object: the
+/// staging area was changed under the run.
+pub(super) fn staged_pieces<'a>(
+    bucket: &'a Bucket,
+    run: &'a str,
+    part: &'a PartPlan,
+) -> impl futures::Stream<Item = Result<Bytes, SinkError>> + 'a {
+    let ranges = part.sources.iter().flat_map(move |source| {
+        let object = format!("{run}/{}", source.object);
+        let end = source.offset + source.bytes;
+        (source.offset..end)
+            .step_by(READ_PIECE as usize)
+            .map(move |at| (object.clone(), at..end.min(at + READ_PIECE)))
+    });
+    futures::stream::iter(ranges)
+        .map(move |(object, range)| async move {
+            let piece = bucket.get_range(&object, range.clone()).await?;
+            if piece.len() as u64 != range.end - range.start {
+                return Err(SinkError::Invalid(format!(
+                    "{}{object} is shorter than its index says ({} bytes read of {}..{})",
+                    bucket.url(),
+                    piece.len(),
+                    range.start,
+                    range.end
+                )));
+            }
+            Ok(piece)
+        })
+        .buffered(PIECES_AHEAD)
 }
 
 /// Writes `_dead_letters.jsonl`: the plan's entries, one per line.

@@ -10,6 +10,7 @@ use ::parquet::basic::{Compression as Codec, ZstdLevel};
 use ::parquet::file::properties::WriterProperties;
 use arrow_array::RecordBatch;
 use bytes::Bytes;
+use futures::TryStreamExt;
 use common::exact::{Decimal, Value};
 use sha2::{Digest, Sha256};
 
@@ -22,8 +23,6 @@ use crate::sink::SinkError;
 const BATCH_ROWS: usize = 8192;
 /// Rows per row group.
 const ROW_GROUP_ROWS: usize = 128 * 1024;
-/// Bytes of staged JSON Lines read at once.
-const READ_PIECE: u64 = 8 << 20;
 
 /// The Parquet codec of `--compression` (zstd, snappy or none; gzip is refused at start).
 fn codec(compression: Compression) -> Codec {
@@ -118,22 +117,11 @@ pub(crate) async fn write_part(
     let mut encoder = Encoder::new(schema, compression, &location)?;
     let mut upload = bucket.upload(&name).await?;
     let (mut hasher, mut bytes) = (Sha256::new(), 0u64);
-    for source in &part.sources {
-        let object = format!("{run}/{}", source.object);
-        let (mut at, end) = (source.offset, source.offset + source.bytes);
-        while at < end {
-            let piece = bucket.get_range(&object, at..end.min(at + READ_PIECE)).await?;
-            if piece.is_empty() {
-                return Err(SinkError::Invalid(format!(
-                    "{}{object} is shorter than its index says ({at} of {end} bytes)",
-                    bucket.url()
-                )));
-            }
-            at += piece.len() as u64;
-            let (back, encoded) = off_runtime(encoder, move |encoder| encoder.feed(&piece)).await?;
-            encoder = back;
-            bytes += send(bucket, &mut upload, &mut hasher, &encoded).await?;
-        }
+    let mut pieces = std::pin::pin!(super::commit::staged_pieces(bucket, run, part));
+    while let Some(piece) = pieces.try_next().await? {
+        let (back, encoded) = off_runtime(encoder, move |encoder| encoder.feed(&piece)).await?;
+        encoder = back;
+        bytes += send(bucket, &mut upload, &mut hasher, &encoded).await?;
     }
     let (rest, rows) = tokio::task::spawn_blocking(move || encoder.finish()).await.map_err(stopped)??;
     bytes += send(bucket, &mut upload, &mut hasher, &rest).await?;
