@@ -8,6 +8,7 @@
 #   SINKS="file s3-jsonl" ROUNDS_LIST=0 ./scripts/bench-sinks.sh
 #   OBJECTS=10000000 DATA=/tmp/users-10m.jsonl SINKS="dir-jsonl dir-parquet" ROUNDS_LIST=0 \
 #     ./scripts/bench-sinks.sh                     # the saver's peak memory over a large run
+#   STEPS=1 ./scripts/bench-sinks.sh               # also each commit's steps, from the saver's log
 #
 # Sinks: file (--out DIR), s3-jsonl, s3-zstd, s3-parquet (--sink s3://... on moto, the S3 stand-in
 # of the tests, on 127.0.0.1; Parquet with zstd), dir-jsonl, dir-parquet (the object-store sink's
@@ -16,7 +17,9 @@
 #
 # Columns: wall time, objects/s, the wall time as a share of the file sink's in the same rounds
 # (a row before the file sink's shows "-"), the commit's own time as the saver logs it ("run ...
-# committed ... in N s"; object-store sinks only), the saver's CPU time, and its peak RSS (VmHWM).
+# committed ... in N s"; object-store sinks only), the saver's CPU time, its peak RSS (VmHWM), and
+# the CPU time of the S3 stand-in (moto, a Python server on the same cores as the mappers: a
+# real store's work is not on this machine) or of PostgreSQL (its processes' total) in the row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -55,7 +58,8 @@ case " $SINKS " in *" s3-"*)
   ensure_s3_server
   s3_port=$(free_port)
   moto_server -H 127.0.0.1 -p "$s3_port" >"$work/moto.log" 2>&1 &
-  pids+=($!)
+  moto=$!
+  pids+=($moto)
   for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$s3_port/" && break; sleep 0.1; done
   curl -sf -X PUT "http://127.0.0.1:$s3_port/bench" >/dev/null
   export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
@@ -91,12 +95,25 @@ sink_args() {
   esac
 }
 
+# CPU ticks of the store behind sink $1 so far: moto's for s3-*, PostgreSQL's processes' for
+# postgres (the postmaster and its live processes, plus what its exited children used), 0 else.
+store_ticks() {
+  case "$1" in
+    s3-*) ticks "$moto" ;;
+    postgres)
+      local main total=0
+      main=$(head -1 "$pg_data/postmaster.pid")
+      for pid in "$main" $(pgrep -P "$main"); do total=$(( total + $(ticks "$pid") )); done
+      echo $(( total + $(awk '{print $16 + $17}' "/proc/$main/stat") )) ;;
+    *) echo 0 ;;
+  esac
+}
 hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 hz=$(getconf CLK_TCK)
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(date -u +%F), commit $(git rev-parse --short HEAD), binaries in $BIN, $objects objects from $DATA, $MAPPERS mappers, load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '| rounds | sink | wall s | objects/s | of the file sink | commit s | saver CPU s | saver MB |\n'
-printf '|---:|---|---:|---:|---:|---:|---:|---:|\n'
+printf '| rounds | sink | wall s | objects/s | of the file sink | commit s | saver CPU s | saver MB | store CPU s |\n'
+printf '|---:|---|---:|---:|---:|---:|---:|---:|---:|\n'
 row=0
 for rounds in $ROUNDS_LIST; do
   file_secs=""
@@ -116,10 +133,12 @@ for rounds in $ROUNDS_LIST; do
       for _ in $(seq 1000); do grep -qs "connected to NATS" "$log" && break; sleep 0.01; done
     done
     grep -qs "connected to NATS" "$work/saver.log" || { echo "the saver for $sink did not start:"; tail "$work/saver.log"; exit 1; }
+    store_before=$(store_ticks "$sink")
     start=$(now_ms)
     $BIN/fetcher --input "$DATA" --rounds "$rounds" --state-dir "$work/state-$name" --exit-when-done \
       >"$work/fetcher.log" 2>&1 || { echo "fetcher failed ($sink):"; tail "$work/fetcher.log"; tail "$work/saver.log"; exit 1; }
     ms=$(( $(now_ms) - start ))
+    store_cpu=$(awk -v t="$(( $(store_ticks "$sink") - store_before ))" -v hz="$hz" 'BEGIN{printf "%.2f", t / hz}')
     saver_cpu=$(awk -v hz="$hz" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$saver/stat")
     saver_mb=$(hwm "$saver")
     kill "${mpids[@]}" "$saver" 2>/dev/null; wait "${mpids[@]}" "$saver" 2>/dev/null || true
@@ -127,8 +146,9 @@ for rounds in $ROUNDS_LIST; do
     [ "$sink" = file ] && file_secs=$secs
     share=$(awk -v s="$secs" -v f="$file_secs" 'BEGIN{if (f == "") print "-"; else printf "%.0f %%", 100*s/f}')
     commit=$(sed -n 's/.* committed into .* in \([0-9.]*\) s.*/\1/p' "$work/saver.log" | tail -1)
-    printf '| %s | %s | %s | %.0f | %s | %s | %s | %s |\n' "$rounds" "$sink" "$secs" \
-      "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$share" "${commit:--}" "$saver_cpu" "$saver_mb"
+    printf '| %s | %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$rounds" "$sink" "$secs" \
+      "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$share" "${commit:--}" "$saver_cpu" "$saver_mb" "$store_cpu"
+    [ -z "${STEPS:-}" ] || grep -h 'commit steps' "$work/saver.log" | sed 's/^.*commit steps/  commit steps/' >&2
     rm -rf "$work/out-b$row" "$work/dir-b$row" "$work/state-$name"
   done
 done

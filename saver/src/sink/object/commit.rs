@@ -122,7 +122,9 @@ pub(crate) async fn request(sink: Arc<ObjectSink>, request: &CommitRequest) -> R
 /// The whole commit (see the module's steps).
 async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, SinkError> {
     let (bucket, run) = (&sink.bucket, request.run.as_str());
+    let started = Instant::now();
     let plan = load_or_make_plan(sink, request).await?;
+    let planned = started.elapsed();
     let mut parts = Vec::with_capacity(plan.parts.len());
     for part in &plan.parts {
         let written = match (plan.format, &plan.schema) {
@@ -137,6 +139,7 @@ async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, 
         parts.push(written);
         abort_after_parts_for_tests(parts.len());
     }
+    let written = started.elapsed();
     let dead = write_dead(bucket, run, &plan).await?;
     let manifest = Manifest {
         v: LAYOUT_VERSION,
@@ -158,7 +161,17 @@ async fn commit(sink: &ObjectSink, request: &CommitRequest) -> Result<Manifest, 
     let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises: plain fields");
     bucket.put(&format!("{run}/{MANIFEST_OBJECT}"), Bytes::from(text)).await?;
     bucket.put(&format!("{run}/{SUCCESS_OBJECT}"), Bytes::new()).await?;
+    let succeeded = started.elapsed();
     clean_up(bucket, run, &plan).await;
+    tracing::info!(
+        run = %run,
+        "run {run}: commit steps: plan {:.2} s ({} staged objects), parts {:.2} s, manifest and {SUCCESS_OBJECT} {:.2} s, clean-up {:.2} s",
+        planned.as_secs_f64(),
+        plan.staged.len(),
+        (written - planned).as_secs_f64(),
+        (succeeded - written).as_secs_f64(),
+        (started.elapsed() - succeeded).as_secs_f64()
+    );
     Ok(manifest)
 }
 
@@ -272,9 +285,7 @@ pub(super) fn staged_pieces<'a>(
     let ranges = part.sources.iter().flat_map(move |source| {
         let object = format!("{run}/{}", source.object);
         let end = source.offset + source.bytes;
-        (source.offset..end)
-            .step_by(READ_PIECE as usize)
-            .map(move |at| (object.clone(), at..end.min(at + READ_PIECE)))
+        (source.offset..end).step_by(READ_PIECE as usize).map(move |at| (object.clone(), at..end.min(at + READ_PIECE)))
     });
     futures::stream::iter(ranges)
         .map(move |(object, range)| async move {
@@ -319,15 +330,17 @@ async fn clean_up(bucket: &Bucket, run: &str, plan: &CommitPlan) {
     names.sort();
     names.dedup();
     names.push(format!("{run}/{PLAN_OBJECT}"));
-    let failed = futures::stream::iter(names)
-        .map(|name| async move { bucket.delete(&name).await.err() })
-        .buffer_unordered(AT_ONCE)
-        .filter_map(|e| async move { e })
-        .count()
-        .await;
+    // The plan last: while it exists, a commit run again follows it, whatever else is gone.
+    let plan_name = names.pop().expect("the plan's name was just pushed");
+    let (mut failed, mut first) = bucket.delete_all(&names).await;
+    if failed == 0 {
+        let (plan_failed, plan_why) = bucket.delete_all(&[plan_name]).await;
+        (failed, first) = (plan_failed, plan_why);
+    }
     if failed > 0 {
         tracing::warn!(
-            "run {run}: {failed} staged objects could not be removed; they are never read (readers read part-*)"
+            "run {run}: {failed} staged objects could not be removed ({}); they are never read (readers read part-*)",
+            first.unwrap_or_default()
         );
     }
 }

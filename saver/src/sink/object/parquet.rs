@@ -10,8 +10,8 @@ use ::parquet::basic::{Compression as Codec, ZstdLevel};
 use ::parquet::file::properties::WriterProperties;
 use arrow_array::RecordBatch;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use common::exact::{Decimal, Value};
+use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
 
 use super::layout::{Compression, PartEntry, PartPlan};

@@ -188,16 +188,24 @@ impl Bucket {
         self.run("list", dir, true, list).await
     }
 
-    /// Removes `name` (nothing if it is gone already).
-    pub(crate) async fn delete(&self, name: &str) -> Result<(), SinkError> {
-        let path = self.path(name);
-        let delete = async {
-            match self.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(e),
+    /// Removes `names` in as few requests as the store takes (S3's DeleteObjects: up to 1 000
+    /// keys each, where one request per key made a commit's clean-up half its time); a name gone
+    /// already counts as removed. Best effort: how many could not be removed, and the first
+    /// reason.
+    pub(crate) async fn delete_all(&self, names: &[String]) -> (usize, Option<String>) {
+        let paths: Vec<object_store::Result<StorePath>> = names.iter().map(|name| Ok(self.path(name))).collect();
+        let mut results = self.store.delete_stream(futures::stream::iter(paths).boxed());
+        let (mut failed, mut first) = (0, None);
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert_with(|| format!("{}: {e}", self.url));
+                }
             }
-        };
-        self.run("delete", name, false, delete).await
+        }
+        (failed, first)
     }
 
     /// A streamed upload of `name` (a multipart upload: nothing is visible under the name until
