@@ -123,10 +123,8 @@ impl Server {
             let holder =
                 self.ledger.lease_of(ack.chunk).filter(|lease| lease.id == ack.lease).map(|lease| lease.mapper.clone());
             verdicts.push(self.ledger.ack(ack.chunk, ack.lease, ack.objects, ack.dead));
-            if let (Some(AckVerdict::Done), Some(seen)) =
-                (verdicts.last(), holder.and_then(|mapper| self.mappers.get_mut(&mapper)))
-            {
-                seen.done += 1;
+            if let (Some(AckVerdict::Done), Some(mapper)) = (verdicts.last(), holder) {
+                self.fleet.saved(&mapper);
             }
             if verdicts.last() != Some(&AckVerdict::Unknown) {
                 self.unmarked.remove(&ack.chunk);

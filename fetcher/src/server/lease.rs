@@ -14,7 +14,7 @@ use common::text::escaped;
 use crate::ledger::{Extension, ReleaseOutcome};
 use crate::poison::Verdict;
 
-use super::{Server, MAX_MAPPERS};
+use super::Server;
 
 impl Server {
     pub(super) async fn on_extend(&mut self, message: Message) {
@@ -57,7 +57,7 @@ impl Server {
                 )
             }
             (ReleaseOutcome::Requeued, ReleaseReason::CannotRun) => {
-                if self.cannot_run.len() < MAX_MAPPERS && self.cannot_run.insert(request.mapper.clone()) {
+                if self.fleet.said_cannot_run(&request.mapper) {
                     tracing::error!(
                         "mapper {mapper} cannot run this run's job ({}): {}; it gets no chunks of this run",
                         self.job.transform.describe(),

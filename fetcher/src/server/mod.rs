@@ -9,8 +9,10 @@
 
 mod ack;
 mod dead_letter;
+mod fleet;
 mod lease;
 mod status;
+mod waiters;
 mod work;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -37,7 +39,8 @@ use crate::poison::Suspects;
 use crate::progress::{milestone, Progress};
 use crate::store::{DeadLetter, Entry, LedgerStore, Recovered, StoreHealth};
 use crate::{FetcherError, RunSummary};
-use work::Waiter;
+use fleet::Fleet;
+use waiters::Waiters;
 
 /// Longest a work request is held when nothing is pending (the mapper asks again after that).
 const MAX_WAIT: Duration = Duration::from_secs(5);
@@ -73,15 +76,6 @@ pub struct Io {
     pub early: Option<crate::early::Held>,
 }
 
-/// What the fetcher knows about a mapper that asked for work.
-struct MapperSeen {
-    first: Instant,
-    last: Instant,
-    able: bool,
-    /// Chunks of its leases that were saved and confirmed.
-    done: u64,
-}
-
 /// The server of one run.
 pub struct Server {
     config: Config,
@@ -94,7 +88,8 @@ pub struct Server {
     index: InputIndex,
     reader: ChunkReader,
     ledger: Ledger,
-    waiters: VecDeque<Waiter>,
+    /// Work requests held until a chunk is pending or their wait is over.
+    waiters: Waiters,
     progress: Progress,
     completed_logged: bool,
     events: Publisher,
@@ -122,16 +117,14 @@ pub struct Server {
     /// Dead-lettered chunks whose record is not in the sink yet: the run completes once a saver
     /// has saved each (see [`Server::send_marker`]).
     unmarked: HashSet<ChunkId>,
-    /// Mappers that asked for work, and whether they can run the job.
-    mappers: HashMap<String, MapperSeen>,
+    /// Mappers that asked for work, whether they can run the job, which said they cannot.
+    fleet: Fleet,
     /// The `status` endpoint, taken by `serve`.
     status: Option<async_nats::service::endpoint::Endpoint>,
     /// The status page's requests.
     page: crate::page::StatusRequests,
     /// The latest dead letters, for the status (newest last).
     recent_dead: VecDeque<crate::status::DeadLetterStatus>,
-    /// Mappers that said they cannot run this run's job (release reason `cannot_run`).
-    cannot_run: HashSet<String>,
     /// Stops the dead-letter record senders.
     markers: CancellationToken,
     /// Chunks whose leases keep expiring: the search for the object that kills their mappers.
@@ -220,7 +213,7 @@ impl Server {
             index,
             reader,
             ledger,
-            waiters: VecDeque::new(),
+            waiters: Waiters::new(MAX_HELD),
             completed_logged: false,
             dying: Vec::new(),
             unwritten_records: VecDeque::new(),
@@ -230,8 +223,7 @@ impl Server {
             unserved: 0,
             sink: recovered.sink,
             unmarked,
-            mappers: HashMap::new(),
-            cannot_run: HashSet::new(),
+            fleet: Fleet::new(MAX_MAPPERS, ASKING),
             markers: CancellationToken::new(),
             suspects: Suspects::new(config.max_attempts),
             early,
@@ -547,15 +539,13 @@ impl Server {
         }
         self.drop_waiters_of(&silent).await;
         self.serve_waiters().await;
-        while self.waiters.front().is_some_and(|w| w.deadline <= now) {
-            if let Some(waiter) = self.waiters.pop_front() {
-                self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0, None)).await;
-            }
+        for waiter in self.waiters.expired(now) {
+            self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0, None)).await;
         }
         self.progress.observe(&self.ledger, now);
         let eta = self.progress.eta(&self.ledger, now);
         self.metrics.sync(&self.ledger, eta);
-        let (able, unable) = self.asking(now);
+        let (able, unable) = self.fleet.asking(now);
         self.metrics.mappers(able, unable);
         if self.commit.committing(self.is_complete()) && self.warnings.allow("committing", now).is_some() {
             tracing::info!(run = %self.index.run_id, "run {} is complete: committing (waiting for a saver to commit it)", self.index.run_id);
@@ -572,7 +562,7 @@ impl Server {
     }
 
     async fn on_complete(&mut self) {
-        while let Some(waiter) = self.waiters.pop_front() {
+        for waiter in self.waiters.take_all() {
             self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Done, 1000, None)).await;
         }
         if !self.completed_logged {

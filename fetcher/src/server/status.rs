@@ -20,7 +20,7 @@ impl Server {
         let now = Instant::now();
         let elapsed = self.progress.elapsed();
         let mut mappers: Vec<crate::status::MapperStatus> = self
-            .mappers
+            .fleet
             .iter()
             .map(|(name, seen)| crate::status::MapperStatus {
                 name: name.clone(),

@@ -3,25 +3,18 @@
 //! a chunk is pending or its wait is over; a mapper that cannot run the job is told why.
 //! Requests of mappers that went silent are dropped, never served.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use async_nats::{Message, Subject};
+use async_nats::Message;
 use common::input::{InputError, ReadErrorKind};
 use common::protocol::{
     self, ChunkHead, ChunksHead, JobReply, JobRequest, ProtocolError, WorkReplyKind, WorkRequest, VERSION,
 };
 use common::text::escaped;
 
-use super::{MapperSeen, Server, ASKING, CANNOT_RETRY_MS, MAX_HELD, MAX_MAPPERS, MAX_WAIT};
-
-/// A held work request.
-pub(super) struct Waiter {
-    pub(super) reply: Subject,
-    mapper: String,
-    max: u32,
-    pub(super) deadline: Instant,
-}
+use super::waiters::Waiter;
+use super::{Server, CANNOT_RETRY_MS, MAX_HELD, MAX_WAIT};
 
 /// What [`Server::lease_one`] came to.
 enum Leased {
@@ -36,35 +29,19 @@ enum Leased {
 impl Server {
     /// Remembers that `mapper` asked, and whether it can run the job; returns that.
     fn saw_mapper(&mut self, mapper: &str, can: &[String]) -> bool {
-        let able = can.iter().any(|c| *c == self.job.transform.capability()) && !self.cannot_run.contains(mapper);
-        let now = Instant::now();
-        if self.mappers.len() >= MAX_MAPPERS && !self.mappers.contains_key(mapper) {
-            if let Some(oldest) = self.mappers.iter().min_by_key(|(_, m)| m.last).map(|(n, _)| n.clone()) {
-                self.mappers.remove(&oldest);
-            }
-        }
-        let seen =
-            self.mappers.entry(mapper.to_string()).or_insert(MapperSeen { first: now, last: now, able, done: 0 });
-        (seen.last, seen.able) = (now, able);
-        able
-    }
-
-    /// Mappers that asked recently: (able to run the job, unable).
-    pub(super) fn asking(&self, now: Instant) -> (usize, usize) {
-        let recent = self.mappers.values().filter(|m| now.duration_since(m.last) < ASKING);
-        recent.fold((0, 0), |(able, unable), m| if m.able { (able + 1, unable) } else { (able, unable + 1) })
+        let offers = can.iter().any(|c| *c == self.job.transform.capability());
+        self.fleet.saw(mapper, offers, Instant::now())
     }
 
     /// The progress line's note when mappers ask but none can run the job: never a silent hang.
     pub(super) fn nobody_can(&self, now: Instant) -> Option<String> {
-        match self.asking(now) {
-            (0, unable) if unable > 0 => Some(format!(
+        self.fleet.nobody_can(now).map(|unable| {
+            format!(
                 "{unable} mapper{} asking, none offers {}",
                 if unable == 1 { "" } else { "s" },
                 self.job.transform.describe()
-            )),
-            _ => None,
-        }
+            )
+        })
     }
 
     /// A work request that came at `received` (earlier than now if it was held during the scan):
@@ -97,7 +74,7 @@ impl Server {
             return self.reply(&reply, protocol::encode_status_reply(WorkReplyKind::Done, 1000, None)).await;
         }
         if !self.saw_mapper(&request.mapper, &request.can) {
-            let why = if self.cannot_run.contains(&request.mapper) {
+            let why = if self.fleet.cannot_run(&request.mapper) {
                 format!("this run needs {}, which this mapper said it cannot run", self.job.transform.capability())
             } else {
                 format!(
@@ -115,14 +92,12 @@ impl Server {
         if !self.hand_out(&waiter).await {
             if wait.is_zero() {
                 self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200, None)).await;
-            } else if self.waiters.len() >= MAX_HELD {
+            } else if let Err(waiter) = self.waiters.hold(waiter) {
                 self.metrics.refused("held_requests_full");
                 self.warn_peer("held_requests_full", || {
                     format!("{MAX_HELD} work requests are held already; answering idle at once (a flood, or a fleet far larger than expected)")
                 });
                 self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 200, None)).await;
-            } else {
-                self.waiters.push_back(waiter);
             }
         }
     }
@@ -304,21 +279,15 @@ impl Server {
     /// and so looks like the ideal mapper to probe on) whose lease then expires in turn and is
     /// blamed on the chunk. A mapper that is alive after all just asks again.
     pub(super) async fn drop_waiters_of(&mut self, silent: &HashSet<String>) {
-        if silent.is_empty() {
-            return;
-        }
-        let (stale, live): (VecDeque<Waiter>, VecDeque<Waiter>) =
-            std::mem::take(&mut self.waiters).into_iter().partition(|w| silent.contains(&w.mapper));
-        self.waiters = live;
-        for waiter in stale {
+        for waiter in self.waiters.drop_of(silent) {
             self.reply(&waiter.reply, protocol::encode_status_reply(WorkReplyKind::Idle, 0, None)).await;
         }
     }
 
     pub(super) async fn serve_waiters(&mut self) {
-        while let Some(waiter) = self.waiters.pop_front() {
+        while let Some(waiter) = self.waiters.next() {
             if !self.hand_out(&waiter).await {
-                self.waiters.push_front(waiter);
+                self.waiters.put_back(waiter);
                 break;
             }
         }
