@@ -20,15 +20,12 @@ impl Server {
         };
         // One run, one sink: the first ack records which; acks from another sink (a saver with
         // another --out, on another volume) are refused loudly.
-        let mut new_sink = None;
-        match &self.sink {
-            Some(sink) if *sink != request.sink => {
-                return self.refuse_other_sink(&message, &request, sink.clone()).await
-            }
-            Some(_) => {}
-            None if request.sink.is_empty() => return self.malformed(&message, &"an ack without a sink id"),
-            None => new_sink = Some(request.sink.clone()),
-        }
+        let new_sink = match self.sink.check(&request.sink) {
+            SinkCheck::Other(ours) => return self.refuse_other_sink(&message, &request, ours).await,
+            SinkCheck::Missing => return self.malformed(&message, &"an ack without a sink id"),
+            SinkCheck::Ours => None,
+            SinkCheck::Unbound => Some(request.sink.clone()),
+        };
         // First what would become done, then make that durable, and only then change the ledger
         // and answer: a chunk is never done in memory before it is done on disk. If the write
         // fails nothing changes and nothing is answered; the saver resends the ack.
@@ -42,7 +39,7 @@ impl Server {
         }
         // A sink that commits runs says so on every ack: recorded once, before the answer, so
         // that a restarted fetcher asks for the commit too.
-        let commit_needed = self.commit.needs_recording(request.commit) && (self.sink.is_some() || new_sink.is_some());
+        let commit_needed = self.commit.needs_recording(request.commit) && (self.sink.is_bound() || new_sink.is_some());
         if commit_needed {
             entries.push(Entry::CommitNeeded);
         }
@@ -58,7 +55,7 @@ impl Server {
         }
         if let Some(sink) = new_sink {
             tracing::info!("run {} saves into sink {}", self.index.run_id, escaped(&sink));
-            self.sink = Some(sink);
+            self.sink.bind(sink);
         }
         let verdicts = self.apply_acks(&request);
         if let Some(reply) = &message.reply {
@@ -96,7 +93,7 @@ impl Server {
                     }
                 }
                 AckVerdict::AlreadyDone => {
-                    settles_a_record |= self.unmarked.contains(&ack.chunk);
+                    settles_a_record |= self.dead.waiting(ack.chunk);
                 }
                 _ => {}
             }
@@ -127,10 +124,93 @@ impl Server {
                 self.fleet.saved(&mapper);
             }
             if verdicts.last() != Some(&AckVerdict::Unknown) {
-                self.unmarked.remove(&ack.chunk);
+                self.dead.settled(ack.chunk);
                 self.suspects.settled(ack.chunk);
             }
         }
         verdicts
+    }
+}
+
+/// The sink this run saves into: one run, one sink. Unbound until the first ack that saves
+/// something of the run binds it (recorded in the store, so a restarted fetcher keeps it).
+#[derive(Debug)]
+pub(super) struct SinkBinding {
+    ours: Option<String>,
+}
+
+/// What an ack's sink is to the run.
+#[derive(Debug, PartialEq)]
+pub(super) enum SinkCheck {
+    /// The run's own sink.
+    Ours,
+    /// No sink is bound yet: this ack's may become it.
+    Unbound,
+    /// No sink is bound and the ack names none.
+    Missing,
+    /// Another sink than the run's, which is given.
+    Other(String),
+}
+
+impl SinkBinding {
+    /// The binding a run resumes with (`None` for a run no ack saved anything of yet).
+    pub(super) fn new(recovered: Option<String>) -> Self {
+        SinkBinding { ours: recovered }
+    }
+
+    /// What `theirs` (an ack's sink id) is to this run.
+    pub(super) fn check(&self, theirs: &str) -> SinkCheck {
+        match &self.ours {
+            Some(ours) if ours != theirs => SinkCheck::Other(ours.clone()),
+            Some(_) => SinkCheck::Ours,
+            None if theirs.is_empty() => SinkCheck::Missing,
+            None => SinkCheck::Unbound,
+        }
+    }
+
+    /// Binds the run to `sink` (once its entry is durable).
+    pub(super) fn bind(&mut self, sink: String) {
+        self.ours = Some(sink);
+    }
+
+    /// Whether a sink is bound.
+    pub(super) fn is_bound(&self) -> bool {
+        self.ours.is_some()
+    }
+
+    /// The bound sink, if any.
+    pub(super) fn ours(&self) -> Option<&str> {
+        self.ours.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unbound_run_refuses_an_ack_without_a_sink_and_lets_any_other_bind_it() {
+        let binding = SinkBinding::new(None);
+        assert!(!binding.is_bound());
+        assert_eq!(binding.check(""), SinkCheck::Missing);
+        assert_eq!(binding.check("dir-a"), SinkCheck::Unbound);
+    }
+
+    #[test]
+    fn a_bound_run_accepts_only_its_own_sink_and_names_it_to_the_others() {
+        let mut binding = SinkBinding::new(None);
+        binding.bind("dir-a".into());
+        assert!(binding.is_bound());
+        assert_eq!(binding.ours(), Some("dir-a"));
+        assert_eq!(binding.check("dir-a"), SinkCheck::Ours);
+        assert_eq!(binding.check("dir-b"), SinkCheck::Other("dir-a".into()));
+        assert_eq!(binding.check(""), SinkCheck::Other("dir-a".into()));
+    }
+
+    #[test]
+    fn a_resumed_run_keeps_the_sink_it_recorded() {
+        let binding = SinkBinding::new(Some("pg-x".into()));
+        assert_eq!(binding.check("pg-x"), SinkCheck::Ours);
+        assert_eq!(binding.check("dir-a"), SinkCheck::Other("pg-x".into()));
     }
 }

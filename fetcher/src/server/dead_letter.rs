@@ -3,6 +3,7 @@
 //! the savers like a mapper's result, so the sink alone tells what became of every object.
 //! The run completes only once a saver saved each (docs/PROTOCOL.md §6.6).
 
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use common::backoff::Backoff;
@@ -10,6 +11,7 @@ use common::events::{Event, EventBody};
 use common::protocol::{self, ChunkId, ResultHead, ResultReply, ResultStatus};
 use common::text::escaped;
 
+use crate::status::DeadLetterStatus;
 use crate::store::{DeadLetter, Entry};
 
 use super::Server;
@@ -44,7 +46,12 @@ impl Server {
         };
         self.unwritten_records.push_back(record);
         self.write_records().await;
-        self.unmarked.insert(chunk);
+        self.dead.died(crate::status::DeadLetterStatus {
+            chunk,
+            first_line: span.first_line,
+            objects: u64::from(span.objects),
+            reason: error.to_string(),
+        });
         self.send_marker(chunk, error.to_string());
         let body = EventBody::ChunkDead {
             chunk,
@@ -53,15 +60,6 @@ impl Server {
             objects: u64::from(span.objects),
         };
         self.events.emit(Event::new(&self.index.run_id, body));
-        if self.recent_dead.len() == crate::status::DEAD_LETTERS_SHOWN {
-            self.recent_dead.pop_front();
-        }
-        self.recent_dead.push_back(crate::status::DeadLetterStatus {
-            chunk,
-            first_line: span.first_line,
-            objects: u64::from(span.objects),
-            reason: error.to_string(),
-        });
     }
 
     /// The ids of a chunk's objects (the job's id field), for its dead-letter records; none for
@@ -166,6 +164,100 @@ impl Server {
             "the sink refused the record of dead-lettered chunk {chunk} ({}); the run does not wait for it, and verify will report its objects missing",
             escaped(error)
         );
-        self.unmarked.remove(&chunk);
+        self.dead.settled(chunk);
+    }
+}
+
+/// The chunks dead-lettered whose record is not in the sink yet (the run completes only once a
+/// saver saved each, or the sink refused it for good), and the latest dead letters the status
+/// shows, newest last.
+#[derive(Debug)]
+pub(super) struct DeadChunks {
+    unsettled: HashSet<ChunkId>,
+    recent: VecDeque<DeadLetterStatus>,
+    shown: usize,
+}
+
+impl DeadChunks {
+    /// Resumes with the dead chunks whose record must be sent again; shows the last `shown`.
+    pub(super) fn new(unsettled: HashSet<ChunkId>, shown: usize) -> Self {
+        DeadChunks { unsettled, recent: VecDeque::new(), shown }
+    }
+
+    /// A chunk was dead-lettered: its record is awaited, and it is shown.
+    pub(super) fn died(&mut self, dead: DeadLetterStatus) {
+        self.unsettled.insert(dead.chunk);
+        if self.recent.len() == self.shown {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(dead);
+    }
+
+    /// Whether `chunk`'s record is still awaited.
+    pub(super) fn waiting(&self, chunk: ChunkId) -> bool {
+        self.unsettled.contains(&chunk)
+    }
+
+    /// `chunk`'s record is in the sink, or never will be: the run no longer waits for it.
+    pub(super) fn settled(&mut self, chunk: ChunkId) {
+        self.unsettled.remove(&chunk);
+    }
+
+    /// Whether no record is awaited.
+    pub(super) fn all_settled(&self) -> bool {
+        self.unsettled.is_empty()
+    }
+
+    /// The chunks whose record is awaited, in no order.
+    pub(super) fn unsettled(&self) -> Vec<ChunkId> {
+        self.unsettled.iter().copied().collect()
+    }
+
+    /// The latest dead letters, newest last.
+    pub(super) fn recent(&self) -> Vec<DeadLetterStatus> {
+        self.recent.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead(chunk: u32) -> DeadLetterStatus {
+        DeadLetterStatus { chunk: ChunkId(chunk), first_line: 1, objects: 1, reason: format!("r{chunk}") }
+    }
+
+    #[test]
+    fn a_dead_chunk_is_awaited_until_its_record_is_settled() {
+        let mut dead_chunks = DeadChunks::new(HashSet::new(), 4);
+        assert!(dead_chunks.all_settled());
+        dead_chunks.died(dead(3));
+        assert!(dead_chunks.waiting(ChunkId(3)) && !dead_chunks.waiting(ChunkId(4)));
+        assert!(!dead_chunks.all_settled());
+        dead_chunks.settled(ChunkId(3));
+        assert!(dead_chunks.all_settled() && !dead_chunks.waiting(ChunkId(3)));
+    }
+
+    #[test]
+    fn a_resumed_run_awaits_the_records_of_the_chunks_it_was_given() {
+        let mut dead_chunks = DeadChunks::new([ChunkId(1), ChunkId(2)].into(), 4);
+        let mut unsettled = dead_chunks.unsettled();
+        unsettled.sort_by_key(|c| c.0);
+        assert_eq!(unsettled, [ChunkId(1), ChunkId(2)]);
+        assert!(dead_chunks.recent().is_empty(), "shown are only this fetcher's dead letters");
+        dead_chunks.settled(ChunkId(1));
+        dead_chunks.settled(ChunkId(2));
+        assert!(dead_chunks.all_settled());
+    }
+
+    #[test]
+    fn only_the_latest_dead_letters_are_shown_newest_last() {
+        let mut dead_chunks = DeadChunks::new(HashSet::new(), 2);
+        for chunk in 0..3 {
+            dead_chunks.died(dead(chunk));
+        }
+        assert_eq!(dead_chunks.recent(), [dead(1), dead(2)]);
+        dead_chunks.settled(ChunkId(0));
+        assert!(dead_chunks.waiting(ChunkId(1)), "shown or not, every record is awaited");
     }
 }

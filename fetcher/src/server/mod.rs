@@ -39,6 +39,8 @@ use crate::poison::Suspects;
 use crate::progress::{milestone, Progress};
 use crate::store::{DeadLetter, Entry, LedgerStore, Recovered, StoreHealth};
 use crate::{FetcherError, RunSummary};
+use ack::SinkBinding;
+use dead_letter::DeadChunks;
 use fleet::Fleet;
 use waiters::Waiters;
 
@@ -113,18 +115,16 @@ pub struct Server {
     /// Messages dropped because the lock was not held, for one log line per lapse.
     unserved: u64,
     /// The sink this run saves into (its first ack records it); acks from another are refused.
-    sink: Option<String>,
+    sink: SinkBinding,
     /// Dead-lettered chunks whose record is not in the sink yet: the run completes once a saver
-    /// has saved each (see [`Server::send_marker`]).
-    unmarked: HashSet<ChunkId>,
+    /// has saved each (see [`Server::send_marker`]); the latest dead letters, for the status.
+    dead: DeadChunks,
     /// Mappers that asked for work, whether they can run the job, which said they cannot.
     fleet: Fleet,
     /// The `status` endpoint, taken by `serve`.
     status: Option<async_nats::service::endpoint::Endpoint>,
     /// The status page's requests.
     page: crate::page::StatusRequests,
-    /// The latest dead letters, for the status (newest last).
-    recent_dead: VecDeque<crate::status::DeadLetterStatus>,
     /// Stops the dead-letter record senders.
     markers: CancellationToken,
     /// Chunks whose leases keep expiring: the search for the object that kills their mappers.
@@ -221,8 +221,8 @@ impl Server {
             warnings: RateLimit::new(WARN_INTERVAL),
             lock: store.lock(),
             unserved: 0,
-            sink: recovered.sink,
-            unmarked,
+            sink: SinkBinding::new(recovered.sink),
+            dead: DeadChunks::new(unmarked, crate::status::DEAD_LETTERS_SHOWN),
             fleet: Fleet::new(MAX_MAPPERS, ASKING),
             markers: CancellationToken::new(),
             suspects: Suspects::new(config.max_attempts),
@@ -231,7 +231,6 @@ impl Server {
             refused_markers: tokio::sync::mpsc::unbounded_channel(),
             status,
             page,
-            recent_dead: VecDeque::new(),
             store,
             config,
         })
@@ -304,7 +303,7 @@ impl Server {
 
     /// Every chunk done or dead-lettered, and each dead one's record in the sink.
     fn is_complete(&self) -> bool {
-        self.ledger.is_complete() && self.unmarked.is_empty()
+        self.ledger.is_complete() && self.dead.all_settled()
     }
 
     /// Announces the highest milestone passed since the last one, if any (several passed at once,
@@ -344,7 +343,7 @@ impl Server {
                 self.on_work(message, received).await;
             }
         }
-        for chunk in self.unmarked.clone() {
+        for chunk in self.dead.unsettled() {
             self.send_marker(chunk, "dead-lettered before this fetcher started (see the dead-letter record)".into());
         }
         let mut tick = tokio::time::interval(TICK);
@@ -419,7 +418,7 @@ impl Server {
         match self.commit.step(true) {
             CommitStep::Nothing => {}
             CommitStep::Ask => {
-                let sink = self.sink.clone().unwrap_or_default();
+                let sink = self.sink.ours().unwrap_or_default().to_string();
                 tracing::info!(run = %self.index.run_id, "run {} is complete: asking a saver to commit it into sink {}", self.index.run_id, escaped(&sink));
                 let request = CommitRequest {
                     v: VERSION,

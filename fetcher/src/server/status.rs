@@ -51,7 +51,7 @@ impl Server {
             complete,
             committing: self.commit.committing(chunks_complete),
             mappers,
-            dead_letters: self.recent_dead.iter().cloned().collect(),
+            dead_letters: self.dead.recent(),
         }
     }
 
