@@ -2,6 +2,7 @@
 //! heartbeat that extends them three times per lease period, whether one is still ours, and
 //! handing one back (release).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,12 +14,62 @@ use common::text::escaped;
 use crate::Shared;
 
 /// A lease this mapper holds.
-pub(crate) struct Held {
+#[derive(Debug)]
+struct Held {
     /// False once the fetcher said the lease is gone.
     alive: bool,
     /// When the fetcher last confirmed it (leased or extended): a lease not confirmed for one
     /// and a half lease periods is surely expired there, and its result not worth resending.
     confirmed: Instant,
+}
+
+/// The leases this mapper holds, and what the fetcher last said of each. Pure: time is passed in.
+#[derive(Debug, Default)]
+pub(crate) struct HeldLeases {
+    leases: HashMap<LeaseRef, Held>,
+}
+
+impl HeldLeases {
+    /// A lease granted at `now` (the fetcher's grant confirms it).
+    pub(crate) fn hold(&mut self, lease: LeaseRef, now: Instant) {
+        self.leases.insert(lease, Held { alive: true, confirmed: now });
+    }
+
+    /// Forgets a lease (its chunk is saved, lost or handed back); true if it was held.
+    pub(crate) fn forget(&mut self, lease: &LeaseRef) -> bool {
+        self.leases.remove(lease).is_some()
+    }
+
+    /// Whether `lease` is still ours at `now` as far as we know: held, not refused by the
+    /// fetcher, and confirmed within one and a half lease `period`s.
+    pub(crate) fn still_ours(&self, lease: &LeaseRef, period: Duration, now: Instant) -> bool {
+        self.leases.get(lease).is_some_and(|h| h.alive && now.duration_since(h.confirmed) < period + period / 2)
+    }
+
+    /// The leases to extend: every one the fetcher has not refused, at most `max` (one request).
+    pub(crate) fn to_extend(&self, max: usize) -> Vec<LeaseRef> {
+        self.leases.iter().filter(|(_, h)| h.alive).map(|(l, _)| *l).take(max).collect()
+    }
+
+    /// The fetcher's answer to an extend of `leases` sent at `sent`: each valid one is confirmed
+    /// as of then, each invalid one is no longer ours. Leases dropped meanwhile stay dropped.
+    pub(crate) fn extended(&mut self, leases: &[LeaseRef], valid: &[bool], sent: Instant) {
+        for (lease, valid) in leases.iter().zip(valid) {
+            if let Some(h) = self.leases.get_mut(lease) {
+                if *valid {
+                    h.confirmed = sent;
+                } else {
+                    h.alive = false;
+                }
+            }
+        }
+    }
+}
+
+/// How often the heartbeat beats for a lease of `lease_ms`: three times per lease period, and
+/// not more often than every 30 ms.
+fn beat_period(lease_ms: u64) -> Duration {
+    Duration::from_millis(lease_ms / 3).max(Duration::from_millis(30))
 }
 
 pub(crate) async fn release(shared: &Arc<Shared>, lease: LeaseRef, reason: ReleaseReason, error: String) {
@@ -43,9 +94,7 @@ pub(crate) async fn release(shared: &Arc<Shared>, lease: LeaseRef, reason: Relea
 /// next beat come sooner (its period may be shorter), never later: leases arriving all the time
 /// must not starve the ones already held.
 pub(crate) async fn heartbeat(shared: Arc<Shared>) {
-    let period = |shared: &Shared| {
-        Duration::from_millis(shared.lease_ms.load(Ordering::Relaxed) / 3).max(Duration::from_millis(30))
-    };
+    let period = |shared: &Shared| beat_period(shared.lease_ms.load(Ordering::Relaxed));
     let mut next = tokio::time::Instant::now() + period(&shared);
     loop {
         tokio::select! {
@@ -57,12 +106,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
         }
         let beat = period(&shared);
         next = tokio::time::Instant::now() + beat;
-        let leases: Vec<LeaseRef> = lock(&shared.held, "held leases")
-            .iter()
-            .filter(|(_, h)| h.alive)
-            .map(|(l, _)| *l)
-            .take(protocol::MAX_ITEMS)
-            .collect();
+        let leases = lock(&shared.held, "held leases").to_extend(protocol::MAX_ITEMS);
         // Nothing held: nothing to say.
         if leases.is_empty() {
             continue;
@@ -74,18 +118,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
             Ok(message) => match protocol::decode::<ExtendReply>(&message.payload) {
                 Ok(reply) => {
                     shared.lease_ms.store(reply.lease_ms.max(100), Ordering::Relaxed);
-                    {
-                        let mut held = lock(&shared.held, "held leases");
-                        for (lease, valid) in leases.iter().zip(reply.valid) {
-                            if let Some(h) = held.get_mut(lease) {
-                                if valid {
-                                    h.confirmed = sent;
-                                } else {
-                                    h.alive = false;
-                                }
-                            }
-                        }
-                    }
+                    lock(&shared.held, "held leases").extended(&leases, &reply.valid, sent);
                 }
                 Err(e) => tracing::warn!("ignoring an extend reply: {}", escaped(&e.to_string())),
             },
@@ -108,13 +141,13 @@ pub(crate) async fn give_back(shared: &Arc<Shared>, lease: LeaseRef, reason: Rel
 
 impl Shared {
     pub(crate) fn hold(&self, lease: LeaseRef) {
-        lock(&self.held, "held leases").insert(lease, Held { alive: true, confirmed: Instant::now() });
+        lock(&self.held, "held leases").hold(lease, Instant::now());
         self.metrics.in_flight.inc();
         self.new_lease.notify_one();
     }
 
     pub(crate) fn drop_lease(&self, lease: &LeaseRef) {
-        let removed = lock(&self.held, "held leases").remove(lease).is_some();
+        let removed = lock(&self.held, "held leases").forget(lease);
         if removed {
             self.metrics.in_flight.dec();
         }
@@ -124,8 +157,75 @@ impl Shared {
     /// confirmed within the last lease period.
     pub(crate) fn still_ours(&self, lease: &LeaseRef) -> bool {
         let period = Duration::from_millis(self.lease_ms.load(Ordering::Relaxed));
-        lock(&self.held, "held leases")
-            .get(lease)
-            .is_some_and(|h| h.alive && h.confirmed.elapsed() < period + period / 2)
+        lock(&self.held, "held leases").still_ours(lease, period, Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use common::protocol::ChunkId;
+
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_millis(300);
+
+    fn lease(chunk: u32) -> LeaseRef {
+        LeaseRef { chunk: ChunkId(chunk), lease: uuid::Uuid::from_u128(u128::from(chunk) + 1) }
+    }
+
+    #[test]
+    fn a_lease_is_ours_until_one_and_a_half_periods_pass_without_a_confirmation() {
+        let t0 = Instant::now();
+        let mut held = HeldLeases::default();
+        held.hold(lease(1), t0);
+        assert!(held.still_ours(&lease(1), PERIOD, t0 + PERIOD));
+        assert!(!held.still_ours(&lease(1), PERIOD, t0 + PERIOD + PERIOD / 2));
+        held.extended(&[lease(1)], &[true], t0 + PERIOD);
+        assert!(held.still_ours(&lease(1), PERIOD, t0 + 2 * PERIOD), "the extend confirmed it again");
+        assert!(!held.still_ours(&lease(2), PERIOD, t0), "never held");
+    }
+
+    #[test]
+    fn a_lease_the_fetcher_refused_is_no_longer_ours_nor_extended() {
+        let t0 = Instant::now();
+        let mut held = HeldLeases::default();
+        held.hold(lease(1), t0);
+        held.hold(lease(2), t0);
+        held.extended(&[lease(1), lease(2)], &[false, true], t0);
+        assert!(!held.still_ours(&lease(1), PERIOD, t0));
+        assert!(held.still_ours(&lease(2), PERIOD, t0));
+        assert_eq!(held.to_extend(10), [lease(2)]);
+        held.extended(&[lease(1)], &[true], t0);
+        assert!(!held.still_ours(&lease(1), PERIOD, t0), "a refused lease never comes back");
+    }
+
+    #[test]
+    fn a_dropped_lease_stays_dropped_whatever_a_late_extend_reply_says() {
+        let t0 = Instant::now();
+        let mut held = HeldLeases::default();
+        held.hold(lease(1), t0);
+        assert!(held.forget(&lease(1)));
+        assert!(!held.forget(&lease(1)), "dropped once");
+        held.extended(&[lease(1)], &[true], t0);
+        assert!(!held.still_ours(&lease(1), PERIOD, t0));
+        assert!(held.to_extend(10).is_empty());
+    }
+
+    #[test]
+    fn one_extend_carries_at_most_max_leases() {
+        let t0 = Instant::now();
+        let mut held = HeldLeases::default();
+        for chunk in 0..5 {
+            held.hold(lease(chunk), t0);
+        }
+        assert_eq!(held.to_extend(3).len(), 3);
+        assert_eq!(held.to_extend(10).len(), 5);
+    }
+
+    #[test]
+    fn the_heartbeat_beats_three_times_per_lease_period_and_at_most_every_30_ms() {
+        assert_eq!(beat_period(300), Duration::from_millis(100));
+        assert_eq!(beat_period(60), Duration::from_millis(30));
+        assert_eq!(beat_period(5000), Duration::from_millis(1666));
     }
 }

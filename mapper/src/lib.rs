@@ -31,14 +31,13 @@ mod lease;
 mod pump;
 mod transformer;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::Client;
 use bytes::Bytes;
-use common::protocol::{ChunkHead, LeaseRef, Subjects};
+use common::protocol::{ChunkHead, Subjects};
 use common::service::Service;
 use common::text::escaped;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -50,7 +49,7 @@ pub use config::Config;
 pub use transformer::on_rayon;
 
 use deliver::Deliveries;
-use lease::{heartbeat, Held};
+use lease::{heartbeat, HeldLeases};
 use pump::pump;
 use transformer::{transformer, TRANSFORMERS};
 
@@ -88,7 +87,7 @@ pub(crate) struct Shared {
     name: String,
     pool: rayon::ThreadPool,
     jobs: jobs::Jobs,
-    held: Mutex<HashMap<LeaseRef, Held>>,
+    held: Mutex<HeldLeases>,
     lease_ms: AtomicU64,
     chunks: AtomicU64,
     objects: AtomicU64,
