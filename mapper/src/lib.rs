@@ -5,7 +5,7 @@
 //! - the **pump** (`pump`) asks the fetcher for as many chunks as it has room for, in one
 //!   request (which is how a mapper says it is ready, and what it can run);
 //! - **transformers** (`transformer`) take them in order and run the job's transform on the
-//!   rayon pool ([`work`], [`on_rayon`]), never on tokio's thread;
+//!   rayon pool ([`work`], through `transformer::on_rayon`), never on tokio's thread;
 //! - each result is **delivered** (`deliver`) to a saver by its own task, resent until a saver
 //!   answers `saved`, while the pump and transformers go on: a transformed chunk frees its room
 //!   in `--concurrency` at once, so the next chunk is asked for while the saver's fsyncs and the
@@ -18,12 +18,17 @@
 //! On shutdown the pump stops, the chunks in hand are finished within the grace period, and
 //! whatever is left is handed back (released), so the fetcher re-leases it at once. This module
 //! is the wiring: [`run`], [`run_with`] and [`main_with`].
+//!
+//! The public surface is what the mapper binary, a user's own mapper binary (examples/), the
+//! benchmarks and the end-to-end tests use: [`run`], [`run_with`], [`main_with`], [`Config`],
+//! [`MapperSummary`] and [`MapperError`], [`config`] (its flags and metrics address), and
+//! [`work::map_chunk`] with [`jobs::Built`] for the benchmarks. Everything else is `pub(crate)`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
 pub mod jobs;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod work;
 
 mod deliver;
@@ -46,7 +51,6 @@ use tokio_util::task::TaskTracker;
 use transform::Registry;
 
 pub use config::Config;
-pub use transformer::on_rayon;
 
 use deliver::Deliveries;
 use lease::{heartbeat, HeldLeases};

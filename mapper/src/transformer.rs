@@ -68,7 +68,7 @@ pub(crate) async fn transformer(
 
 /// Runs `f` on the rayon pool and awaits its result without blocking tokio. A panic inside `f`
 /// becomes an error (rayon would otherwise abort the process).
-pub async fn on_rayon<T: Send + 'static>(
+pub(crate) async fn on_rayon<T: Send + 'static>(
     pool: &rayon::ThreadPool,
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {

@@ -61,25 +61,25 @@ const MAX_MAPPERS: usize = 4096;
 const CANNOT_RETRY_MS: u64 = 2000;
 
 /// What the fetcher talks through: NATS, its metrics, the events queue and its readiness flag.
-pub struct Io {
+pub(crate) struct Io {
     /// The NATS connection.
-    pub client: Client,
+    pub(crate) client: Client,
     /// The fetcher's metrics.
-    pub metrics: FetcherMetrics,
+    pub(crate) metrics: FetcherMetrics,
     /// Pipeline events.
-    pub events: Publisher,
+    pub(crate) events: Publisher,
     /// Readiness (`/readyz`).
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
     /// The `status` endpoint of the fetcher's NATS micro service (`fetcher status`).
-    pub status: Option<async_nats::service::endpoint::Endpoint>,
+    pub(crate) status: Option<async_nats::service::endpoint::Endpoint>,
     /// Status requests of the status page (`/status.json`, [`crate::page`]).
-    pub page: crate::page::StatusRequests,
+    pub(crate) page: crate::page::StatusRequests,
     /// The work subscription made before the scan, with the requests held meanwhile.
-    pub early: Option<crate::early::Held>,
+    pub(crate) early: Option<crate::early::Held>,
 }
 
 /// The server of one run.
-pub struct Server {
+pub(crate) struct Server {
     config: Config,
     job: Job,
     fingerprint: String,
@@ -174,7 +174,7 @@ type RefusedMarkers = tokio::sync::mpsc::UnboundedSender<(ChunkId, String)>;
 
 impl Server {
     /// A server for `index` under `job`, resuming from `recovered`.
-    pub fn new(
+    pub(crate) fn new(
         config: Config,
         job: Job,
         index: InputIndex,
@@ -237,7 +237,7 @@ impl Server {
     }
 
     /// Lists a fresh run's skipped input records in the dead-letter record.
-    pub async fn record_bad_records(&self) -> Result<(), FetcherError> {
+    pub(crate) async fn record_bad_records(&self) -> Result<(), FetcherError> {
         for bad in &self.index.bad {
             let several = self.index.parts.len() > 1;
             let record = DeadLetter::BadRecord {
@@ -256,7 +256,7 @@ impl Server {
     }
 
     /// Announces a fresh run as `started`, or an unfinished one picked up again as `resumed`.
-    pub fn announce(&mut self, fresh: bool, instance: &str) {
+    pub(crate) fn announce(&mut self, fresh: bool, instance: &str) {
         let run = &self.index.run_id;
         let body = if fresh {
             EventBody::Started {
@@ -334,7 +334,7 @@ impl Server {
     }
 
     /// Serves until the run is complete (with `--exit-when-done`) or `shutdown`.
-    pub async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
+    pub(crate) async fn serve(mut self, shutdown: CancellationToken) -> Result<RunSummary, FetcherError> {
         let (mut inbox, held) = self.inbox().await?;
         self.metrics.start(self.index.objects);
         self.health.ready.store(true, Ordering::Relaxed);
