@@ -93,12 +93,25 @@ async fn wait_after_failed_ask(
             _ => tracing::warn!("asking for work failed ({e}); retrying"),
         }
     }
-    // "No responders" is the NATS server's own instant answer and costs the fetcher nothing, so
-    // keep asking often: a fetcher that has just finished its scan gets its mappers within
-    // NO_FETCHER_RETRY, not after a long backoff. Anything else (a timeout: the fetcher may be
-    // overloaded) backs off to 2 s.
-    let cap = if e.kind() == RequestErrorKind::NoResponders { NO_FETCHER_RETRY } else { Duration::from_secs(2) };
-    backoff.wait_up_to(cap, shutdown).await;
+    backoff.wait_up_to(retry_cap(e.kind()), shutdown).await;
+}
+
+/// The longest pause before asking again after an ask failed with `kind`. "No responders" is the
+/// NATS server's own instant answer and costs the fetcher nothing, so keep asking often: a
+/// fetcher that has just finished its scan gets its mappers within [`NO_FETCHER_RETRY`], not
+/// after a long backoff. Anything else (a timeout: the fetcher may be overloaded) backs off to 2 s.
+fn retry_cap(kind: RequestErrorKind) -> Duration {
+    if kind == RequestErrorKind::NoResponders {
+        NO_FETCHER_RETRY
+    } else {
+        Duration::from_secs(2)
+    }
+}
+
+/// The pause after a reply without chunks: as long as the fetcher asks (`retry_ms`), 500 ms if
+/// it says nothing, and never more than 5 s whatever it says.
+fn no_work_pause(retry_ms: Option<u64>) -> Duration {
+    Duration::from_millis(retry_ms.unwrap_or(500).min(5000))
 }
 
 /// A work reply this mapper cannot decode. Chunks we cannot read are leased to us all the same:
@@ -128,7 +141,7 @@ async fn no_work(reply: WorkReply<'_>, kind: WorkReplyKind, told_why: &mut Strin
         tracing::warn!("the fetcher has no work for this mapper: {}", escaped(&why));
         *told_why = why;
     }
-    let retry = Duration::from_millis(reply.retry_ms.unwrap_or(500).min(5000));
+    let retry = no_work_pause(reply.retry_ms);
     if kind == WorkReplyKind::Idle || kind == WorkReplyKind::Done {
         pause(retry, shutdown).await;
     }
@@ -247,4 +260,24 @@ async fn give_back_failed(shared: &Arc<Shared>, lease: LeaseRef, error: String) 
     shared.metrics.failures.with_label_values(&["chunk"]).inc();
     shared.given_back.fetch_add(1, Ordering::Relaxed);
     release(shared, lease, ReleaseReason::Failed, error).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_no_fetcher_listening_the_mapper_asks_again_soon_and_after_other_failures_backs_off() {
+        assert_eq!(retry_cap(RequestErrorKind::NoResponders), NO_FETCHER_RETRY);
+        assert_eq!(retry_cap(RequestErrorKind::TimedOut), Duration::from_secs(2));
+        assert_eq!(retry_cap(RequestErrorKind::Other), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn after_a_reply_without_chunks_the_mapper_waits_what_the_fetcher_asks_at_most_five_seconds() {
+        assert_eq!(no_work_pause(Some(200)), Duration::from_millis(200));
+        assert_eq!(no_work_pause(Some(0)), Duration::ZERO);
+        assert_eq!(no_work_pause(None), Duration::from_millis(500));
+        assert_eq!(no_work_pause(Some(600_000)), Duration::from_secs(5));
+    }
 }
