@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Where the run's commit is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CommitState {
+pub(crate) struct CommitState {
     /// The savers' acks said the sink commits runs (recorded durably).
     needed: bool,
     /// A request task is running.
@@ -32,7 +32,7 @@ pub struct CommitState {
 
 /// What the server should do about the commit now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommitStep {
+pub(crate) enum CommitStep {
     /// Nothing (no commit needed, one is being asked for, or it is done).
     Nothing,
     /// Start asking the savers.
@@ -43,32 +43,32 @@ pub enum CommitStep {
 
 impl CommitState {
     /// The state a ledger recovered: whether a commit was needed, and whether it was recorded.
-    pub fn recovered(needed: bool, committed: bool) -> Self {
+    pub(crate) fn recovered(needed: bool, committed: bool) -> Self {
         CommitState { needed, committed, ..CommitState::default() }
     }
 
     /// Whether the commit is needed and not recorded yet as needed (an ack asks for it).
-    pub fn needs_recording(&self, ack_says_commit: bool) -> bool {
+    pub(crate) fn needs_recording(&self, ack_says_commit: bool) -> bool {
         ack_says_commit && !self.needed
     }
 
     /// The `c` entry is durable.
-    pub fn recorded_needed(&mut self) {
+    pub(crate) fn recorded_needed(&mut self) {
         self.needed = true;
     }
 
     /// Whether the run is settled as far as the commit goes: no commit needed, or it is durable.
-    pub fn settled(&self) -> bool {
+    pub(crate) fn settled(&self) -> bool {
         !self.needed || self.committed
     }
 
     /// Whether the run is complete but waits for its commit (for status and progress).
-    pub fn committing(&self, chunks_complete: bool) -> bool {
+    pub(crate) fn committing(&self, chunks_complete: bool) -> bool {
         chunks_complete && !self.settled()
     }
 
     /// The next step, given whether every chunk is done or dead.
-    pub fn step(&self, chunks_complete: bool) -> CommitStep {
+    pub(crate) fn step(&self, chunks_complete: bool) -> CommitStep {
         if !chunks_complete || self.settled() {
             CommitStep::Nothing
         } else if self.answered {
@@ -81,18 +81,18 @@ impl CommitState {
     }
 
     /// A request task was started.
-    pub fn asked(&mut self) {
+    pub(crate) fn asked(&mut self) {
         self.asking = true;
     }
 
     /// A saver answered `committed`: the task ended.
-    pub fn answered(&mut self) {
+    pub(crate) fn answered(&mut self) {
         self.asking = false;
         self.answered = true;
     }
 
     /// The `C` entry is durable: the run is committed.
-    pub fn recorded_committed(&mut self) {
+    pub(crate) fn recorded_committed(&mut self) {
         self.answered = false;
         self.committed = true;
     }
@@ -104,7 +104,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Asks the savers to commit (`request` on `subject`) until one answers `committed`, with the
 /// shared backoff while the answer is `committing`, `failed`, `wrong_sink` or none comes; then
 /// reports on `done`. Stops quietly on `stop`.
-pub async fn ask(
+pub(crate) async fn ask(
     client: Client,
     subject: String,
     request: CommitRequest,

@@ -239,7 +239,7 @@ impl Config {
     }
 
     /// When progress lines are due.
-    pub fn progress(&self) -> crate::progress::Settings {
+    pub(crate) fn progress(&self) -> crate::progress::Settings {
         crate::progress::Settings { interval: self.progress_interval, step_percent: self.progress_step }
     }
 

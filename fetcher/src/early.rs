@@ -23,22 +23,22 @@ const MAX_HELD: usize = 1024;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The work subscription and the requests held on it, handed to the server.
-pub struct Held {
+pub(crate) struct Held {
     /// The subscription to the work subject.
-    pub subscriber: Subscriber,
+    pub(crate) subscriber: Subscriber,
     /// Requests not answered yet, each with when it came.
-    pub requests: Vec<(Message, Instant)>,
+    pub(crate) requests: Vec<(Message, Instant)>,
 }
 
 /// The task holding work requests while the input is scanned.
-pub struct EarlyWork {
+pub(crate) struct EarlyWork {
     stop: CancellationToken,
     task: Option<JoinHandle<Held>>,
 }
 
 impl EarlyWork {
     /// Subscribes to the work subject and starts holding requests.
-    pub async fn start(client: &Client, subjects: &Subjects) -> Result<Self, FetcherError> {
+    pub(crate) async fn start(client: &Client, subjects: &Subjects) -> Result<Self, FetcherError> {
         let subject = subjects.work.clone();
         let subscriber =
             client.subscribe(subject.clone()).await.map_err(|source| FetcherError::Subscribe { subject, source })?;
@@ -59,7 +59,7 @@ impl EarlyWork {
     }
 
     /// Stops holding: the subscription and the requests still waiting (`None` if the task died).
-    pub async fn finish(mut self) -> Option<Held> {
+    pub(crate) async fn finish(mut self) -> Option<Held> {
         self.stop.cancel();
         self.task.take()?.await.ok()
     }

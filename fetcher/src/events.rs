@@ -22,7 +22,7 @@ const ATTEMPTS: u32 = 3;
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The handle the fetcher keeps: a queue into the publishing task.
-pub struct Publisher {
+pub(crate) struct Publisher {
     tx: Option<mpsc::Sender<Event>>,
     task: Option<tokio::task::JoinHandle<()>>,
     dropped: u64,
@@ -30,12 +30,12 @@ pub struct Publisher {
 
 impl Publisher {
     /// A publisher that drops every event (`--events off`).
-    pub fn off() -> Self {
+    pub(crate) fn off() -> Self {
         Publisher { tx: None, task: None, dropped: 0 }
     }
 
     /// Starts the publishing task for subjects under `prefix`.
-    pub fn start(client: async_nats::Client, prefix: String) -> Self {
+    pub(crate) fn start(client: async_nats::Client, prefix: String) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let js = async_nats::jetstream::ContextBuilder::new().timeout(ACK_TIMEOUT).build(client);
         let task = tokio::spawn(publish_all(js, prefix, rx));
@@ -43,7 +43,7 @@ impl Publisher {
     }
 
     /// Queues `event`; never waits. A full queue (JetStream far behind) drops it with a warning.
-    pub fn emit(&mut self, event: Event) {
+    pub(crate) fn emit(&mut self, event: Event) {
         let Some(tx) = &self.tx else { return };
         if let Err(e) = tx.try_send(event) {
             self.dropped += 1;
@@ -57,7 +57,7 @@ impl Publisher {
     }
 
     /// Publishes what is queued, for up to `grace`, then stops the task.
-    pub async fn close(mut self, grace: Duration) {
+    pub(crate) async fn close(mut self, grace: Duration) {
         drop(self.tx.take());
         if let Some(mut task) = self.task.take() {
             if tokio::time::timeout(grace, &mut task).await.is_err() {

@@ -40,7 +40,7 @@ const WAIT_POLL: Duration = Duration::from_millis(500);
 
 /// What the serving loop needs to know about the lock.
 #[derive(Debug)]
-pub struct LockStatus {
+pub(crate) struct LockStatus {
     held_until: Mutex<Instant>,
     lost: CancellationToken,
     why: Mutex<String>,
@@ -53,23 +53,23 @@ pub struct LockStatus {
 
 impl LockStatus {
     /// True while the last successful write of the lock is younger than its TTL.
-    pub fn held(&self, now: Instant) -> bool {
+    pub(crate) fn held(&self, now: Instant) -> bool {
         !self.lost.is_cancelled() && now < *lock(&self.held_until, "run lock expiry")
     }
 
     /// Cancelled when the lock is lost for good.
-    pub fn lost(&self) -> &CancellationToken {
+    pub(crate) fn lost(&self) -> &CancellationToken {
         &self.lost
     }
 
     /// Why it was lost.
-    pub fn why(&self) -> String {
+    pub(crate) fn why(&self) -> String {
         lock(&self.why, "run lock loss reason").clone()
     }
 
     /// Waits up to `timeout` until the keeper has released the lock (asked for when the
     /// [`LockKeeper`] is dropped) or ended otherwise, so that the process does not exit first.
-    pub async fn wait_released(&self, timeout: Duration) {
+    pub(crate) async fn wait_released(&self, timeout: Duration) {
         self.release.cancel();
         let ended = async {
             while !self.ended.load(Ordering::Acquire) {
@@ -101,7 +101,7 @@ impl LockStatus {
 
 /// Why the lock could not be taken.
 #[derive(Debug)]
-pub enum TakeError {
+pub(crate) enum TakeError {
     /// The fetcher was stopped while it waited for another fetcher's lock.
     Stopped {
         /// The holder's instance name.
@@ -153,7 +153,7 @@ async fn attempt(lock: &Store, owner: &str, mine: &str) -> Result<Attempt, TakeE
 /// Takes the lock as `owner` (see the module docs), waiting while another fetcher holds it
 /// (saying so once) until it is released or expires, or `shutdown`; keeps it in a background
 /// task until the returned keeper is dropped, which releases it.
-pub async fn take(
+pub(crate) async fn take(
     lock: Store,
     bucket: String,
     owner: &str,
@@ -199,7 +199,7 @@ pub async fn take(
 /// Keeps the lock while it lives; dropped, it asks its task to release (delete) the lock, which
 /// [`LockStatus::wait_released`] waits for. (A process killed outright leaves the lock to expire
 /// by its TTL.)
-pub struct LockKeeper {
+pub(crate) struct LockKeeper {
     status: Arc<LockStatus>,
     #[allow(dead_code)] // detached on drop: it finishes the release on its own
     task: tokio::task::JoinHandle<()>,
@@ -207,7 +207,7 @@ pub struct LockKeeper {
 
 impl LockKeeper {
     /// The lock's status, for the serving loop.
-    pub fn status(&self) -> Arc<LockStatus> {
+    pub(crate) fn status(&self) -> Arc<LockStatus> {
         self.status.clone()
     }
 }

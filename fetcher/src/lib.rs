@@ -4,25 +4,31 @@
 //! run the job, takes leases back when their mapper goes silent, and marks a chunk done only when
 //! a saver acknowledges it as durably saved.
 //!
-//! This module wires it up ([`run`]); [`server`] is the one task that owns the ledger.
+//! This module wires it up ([`run`]); `server` is the one task that owns the ledger.
+//!
+//! The public surface is what the fetcher binary, the benchmarks and the end-to-end tests use:
+//! [`run`] with its [`Config`], [`RunSummary`] and [`FetcherError`] (and [`StoreError`] in it),
+//! [`config`] (the command line and its helper commands), [`generate`] (the data sets of
+//! `fetcher generate`), [`status`] (what `fetcher status` answers and prints) and [`ledger`]
+//! (benchmarked). Every other module is `pub(crate)`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-pub mod commit;
+pub(crate) mod commit;
 pub mod config;
-pub mod early;
-pub mod events;
+pub(crate) mod early;
+pub(crate) mod events;
 pub mod generate;
-pub mod kv_lock;
+pub(crate) mod kv_lock;
 pub mod ledger;
-pub mod metrics;
-pub mod page;
-pub mod poison;
-pub mod progress;
-pub mod scan;
-pub mod server;
+pub(crate) mod metrics;
+pub(crate) mod page;
+pub(crate) mod poison;
+pub(crate) mod progress;
+pub(crate) mod scan;
+pub(crate) mod server;
 pub mod status;
-pub mod store;
+pub(crate) mod store;
 
 use std::time::Duration;
 
@@ -37,6 +43,7 @@ use events::Publisher;
 use ledger::LedgerStats;
 use metrics::FetcherMetrics;
 use server::{Io, Server};
+pub use store::StoreError;
 use store::{FileStore, KvStore, LedgerStore, OtherRun, Recovered, RunRecord};
 
 /// Why the fetcher stopped with an error.
@@ -189,7 +196,7 @@ impl std::fmt::Display for RunSummary {
 /// The job from the flags, checked, and the transform built from it when the scan checks
 /// records by its rules (the digest's users schema). A jq program is compiled here, so one that
 /// does not compile is refused before the fetcher connects anywhere; it is run only by mappers.
-pub fn load_job(config: &Config) -> Result<(Job, Option<std::sync::Arc<dyn Transform>>), FetcherError> {
+pub(crate) fn load_job(config: &Config) -> Result<(Job, Option<std::sync::Arc<dyn Transform>>), FetcherError> {
     let job = config.job.job()?;
     let built = match &job.transform {
         transform::TransformSpec::Digest { .. } => {
@@ -207,7 +214,7 @@ pub fn load_job(config: &Config) -> Result<(Job, Option<std::sync::Arc<dyn Trans
 
 /// Opens the input (see [`scan::open`]) and scans it under `job`, reporting progress into
 /// `metrics`; applies the bad-records policy.
-pub async fn load_input(
+pub(crate) async fn load_input(
     config: &Config,
     job: &Job,
     transform: Option<std::sync::Arc<dyn Transform>>,
@@ -536,6 +543,6 @@ fn write_summary(path: &std::path::Path, summary: &RunSummary) -> Result<(), Fet
 }
 
 /// How long a run took, for the summary.
-pub fn seconds(d: Duration) -> f64 {
+pub(crate) fn seconds(d: Duration) -> f64 {
     d.as_secs_f64().max(1e-6)
 }

@@ -9,9 +9,9 @@ use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use crate::ledger::{Ledger, LedgerStats};
 
 /// The fetcher's metrics.
-pub struct FetcherMetrics {
+pub(crate) struct FetcherMetrics {
     /// Shared metrics and the registry.
-    pub common: CommonMetrics,
+    pub(crate) common: CommonMetrics,
     chunks: IntGaugeVec,
     run_objects: IntGauge,
     run_objects_done: IntGauge,
@@ -38,7 +38,7 @@ fn unix_now() -> f64 {
 
 impl FetcherMetrics {
     /// Registers the fetcher's metrics.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let common = CommonMetrics::new("fetcher");
         let m = common.maker();
         let metrics = FetcherMetrics {
@@ -98,35 +98,35 @@ impl FetcherMetrics {
     }
 
     /// Marks the run started with `objects` objects.
-    pub fn start(&self, objects: u64) {
+    pub(crate) fn start(&self, objects: u64) {
         self.started.set(unix_now());
         self.run_objects.set(objects as i64);
     }
 
     /// Mappers asking for work: able to run the job, and not.
-    pub fn mappers(&self, able: usize, unable: usize) {
+    pub(crate) fn mappers(&self, able: usize, unable: usize) {
         self.mappers.with_label_values(&["true"]).set(able as i64);
         self.mappers.with_label_values(&["false"]).set(unable as i64);
     }
 
     /// Counts a request refused for `reason`.
-    pub fn refused(&self, reason: &str) {
+    pub(crate) fn refused(&self, reason: &str) {
         self.refused.with_label_values(&[reason]).inc();
     }
 
     /// Counts a failed write to the durable ledger.
-    pub fn store_failed(&self) {
+    pub(crate) fn store_failed(&self) {
         self.store_errors.inc();
         self.store_ok.set(0);
     }
 
     /// The durable ledger can be written again.
-    pub fn store_recovered(&self) {
+    pub(crate) fn store_recovered(&self) {
         self.store_ok.set(1);
     }
 
     /// Marks the run complete.
-    pub fn complete(&self) {
+    pub(crate) fn complete(&self) {
         if self.completed.get() == 0.0 {
             self.completed.set(unix_now());
         }
@@ -135,7 +135,7 @@ impl FetcherMetrics {
 
     /// Copies the ledger's state; `eta` in seconds if known (over recent progress: see
     /// [`crate::progress::Rate`]).
-    pub fn sync(&mut self, ledger: &Ledger, eta: Option<f64>) {
+    pub(crate) fn sync(&mut self, ledger: &Ledger, eta: Option<f64>) {
         self.chunks.with_label_values(&["pending"]).set(ledger.pending() as i64);
         self.chunks.with_label_values(&["leased"]).set(ledger.leased() as i64);
         self.chunks.with_label_values(&["done"]).set(ledger.done() as i64);

@@ -17,7 +17,7 @@ use crate::status::Status;
 const HTML: &str = include_str!("page/status.html");
 
 /// Requests for a status, answered by the fetcher's server loop.
-pub type StatusRequests = mpsc::Receiver<oneshot::Sender<Status>>;
+pub(crate) type StatusRequests = mpsc::Receiver<oneshot::Sender<Status>>;
 
 /// How long a page request waits for the server loop (busy with a long store write, or still
 /// scanning the input) before it answers 503.
@@ -28,13 +28,13 @@ const WAIT: Duration = Duration::from_secs(2);
 const QUEUE: usize = 16;
 
 /// The fetcher's pages, and the requests the server loop answers.
-pub fn pages() -> (Arc<StatusPages>, StatusRequests) {
+pub(crate) fn pages() -> (Arc<StatusPages>, StatusRequests) {
     let (requests, receiver) = mpsc::channel(QUEUE);
     (Arc::new(StatusPages { requests }), receiver)
 }
 
 /// `/` and `/status.json`.
-pub struct StatusPages {
+pub(crate) struct StatusPages {
     requests: mpsc::Sender<oneshot::Sender<Status>>,
 }
 

@@ -73,7 +73,7 @@ struct Suspect {
 
 /// What the server is to do after an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Nothing to do.
     Nothing,
     /// A search began (or went on) among these many candidates.
@@ -88,34 +88,34 @@ pub enum Verdict {
 
 /// How to lease a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeasePlan {
+pub(crate) struct LeasePlan {
     /// A probe (nothing is delivered).
-    pub probe: bool,
+    pub(crate) probe: bool,
     /// Objects the mapper must not run.
-    pub skip: Vec<Skip>,
+    pub(crate) skip: Vec<Skip>,
 }
 
 /// The chunks under suspicion.
 #[derive(Debug)]
-pub struct Suspects {
+pub(crate) struct Suspects {
     chunks: HashMap<ChunkId, Suspect>,
     max_deaths: u32,
 }
 
 impl Suspects {
     /// Searches start after `max_deaths` expiries (`--max-attempts`), and confirm with as many.
-    pub fn new(max_deaths: u32) -> Self {
+    pub(crate) fn new(max_deaths: u32) -> Self {
         Suspects { chunks: HashMap::new(), max_deaths: max_deaths.max(1) }
     }
 
     /// Whether the chunk is being searched (leased only as a probe, alone).
-    pub fn searching(&self, chunk: ChunkId) -> bool {
+    pub(crate) fn searching(&self, chunk: ChunkId) -> bool {
         self.chunks.get(&chunk).is_some_and(|s| s.search.is_some())
     }
 
     /// How to lease `chunk` of `objects` objects, as lease `lease`: a probe while searching,
     /// else a normal lease with the killers found so far skipped.
-    pub fn plan(&mut self, chunk: ChunkId, objects: u32, lease: Uuid) -> LeasePlan {
+    pub(crate) fn plan(&mut self, chunk: ChunkId, objects: u32, lease: Uuid) -> LeasePlan {
         let Some(suspect) = self.chunks.get_mut(&chunk) else { return LeasePlan { probe: false, skip: vec![] } };
         let killers = |s: &Suspect| -> Vec<Skip> {
             s.killers.iter().map(|(&index, error)| Skip { index, error: error.clone() }).collect()
@@ -135,7 +135,7 @@ impl Suspects {
     }
 
     /// A lease of `chunk` expired; `deaths` is the chunk's count of expiries.
-    pub fn expired(&mut self, chunk: ChunkId, lease: Uuid, deaths: u32, objects: u32) -> Verdict {
+    pub(crate) fn expired(&mut self, chunk: ChunkId, lease: Uuid, deaths: u32, objects: u32) -> Verdict {
         let max = self.max_deaths;
         let suspect = self.chunks.entry(chunk).or_default();
         match &mut suspect.search {
@@ -174,7 +174,7 @@ impl Suspects {
     }
 
     /// A probe of `chunk` came back: the objects it ran do not kill.
-    pub fn probed(&mut self, chunk: ChunkId, lease: Uuid) -> Verdict {
+    pub(crate) fn probed(&mut self, chunk: ChunkId, lease: Uuid) -> Verdict {
         let Some(suspect) = self.chunks.get_mut(&chunk) else { return Verdict::Nothing };
         let Some(search) = suspect.search.as_mut().filter(|s| s.probe == Some(lease)) else { return Verdict::Nothing };
         search.probe = None;
@@ -194,7 +194,7 @@ impl Suspects {
     }
 
     /// The chunk is done or dead: nothing to find any more.
-    pub fn settled(&mut self, chunk: ChunkId) {
+    pub(crate) fn settled(&mut self, chunk: ChunkId) {
         self.chunks.remove(&chunk);
     }
 }

@@ -20,9 +20,9 @@ use crate::ledger::Ledger;
 
 /// How far back the rate looks: long enough to smooth over chunk-sized steps, short enough to
 /// follow a fleet that grew or shrank.
-pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Mappers silent this long make the fleet "gone": said once, then on every progress line.
-pub const FLEET_GONE: Duration = Duration::from_secs(30);
+pub(crate) const FLEET_GONE: Duration = Duration::from_secs(30);
 /// The shortest gap between two progress lines, however fast the run.
 const MIN_GAP: Duration = Duration::from_secs(1);
 /// Chunks and mappers named in a lease-expiry line; the rest are counted.
@@ -30,7 +30,7 @@ const NAMED: usize = 8;
 
 /// The progress milestone (0, 10, ... 90) that `finished` of `total` chunks has passed; 100 % is
 /// not a milestone (the run's completion is announced instead).
-pub fn milestone(finished: u64, total: u64) -> u32 {
+pub(crate) fn milestone(finished: u64, total: u64) -> u32 {
     if total == 0 {
         return 0;
     }
@@ -38,7 +38,7 @@ pub fn milestone(finished: u64, total: u64) -> u32 {
 }
 
 /// A duration for people: `42s`, `25m10s`, `3h25m`, `2d3h`.
-pub fn human(duration: Duration) -> String {
+pub(crate) fn human(duration: Duration) -> String {
     let s = duration.as_secs();
     match s {
         0..60 => format!("{s}s"),
@@ -50,12 +50,12 @@ pub fn human(duration: Duration) -> String {
 
 /// When progress lines are due: `--progress-interval` and `--progress-step`.
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// A line at least this often while the run is not complete.
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     /// And a line each time this many percent more of the run's chunks are finished (0: only
     /// by time).
-    pub step_percent: f64,
+    pub(crate) step_percent: f64,
 }
 
 impl Default for Settings {
@@ -66,20 +66,20 @@ impl Default for Settings {
 
 /// Decides when a progress line is due (pure: the caller gives the time and the percentage).
 #[derive(Debug)]
-pub struct Pace {
+pub(crate) struct Pace {
     settings: Settings,
     last: Option<(Instant, f64)>,
 }
 
 impl Pace {
     /// Nothing said yet.
-    pub fn new(settings: Settings) -> Self {
+    pub(crate) fn new(settings: Settings) -> Self {
         Pace { settings, last: None }
     }
 
     /// Whether a line is due at `now` with `percent` of the run finished; if so, it counts as
     /// said.
-    pub fn due(&mut self, now: Instant, percent: f64) -> bool {
+    pub(crate) fn due(&mut self, now: Instant, percent: f64) -> bool {
         let due = match self.last {
             None => true,
             Some((at, said)) => {
@@ -98,14 +98,14 @@ impl Pace {
 /// The rate of recent progress: objects done, sampled at most once a second, over the last
 /// [`RATE_WINDOW`].
 #[derive(Debug, Default)]
-pub struct Rate {
+pub(crate) struct Rate {
     samples: VecDeque<(Instant, u64)>,
 }
 
 impl Rate {
     /// Records that `done` objects are done at `now` (the first call is the baseline: what a
     /// resumed fetcher recovered counts as no progress).
-    pub fn record(&mut self, now: Instant, done: u64) {
+    pub(crate) fn record(&mut self, now: Instant, done: u64) {
         if self.samples.back().is_some_and(|(at, _)| now.saturating_duration_since(*at) < MIN_GAP) {
             if let Some(last) = self.samples.back_mut() {
                 last.1 = last.1.max(done);
@@ -121,7 +121,7 @@ impl Rate {
 
     /// Objects a second from the oldest sample in the window to `now`: `None` until a second of
     /// samples exists, 0 when nothing moved.
-    pub fn per_second(&self, now: Instant) -> Option<f64> {
+    pub(crate) fn per_second(&self, now: Instant) -> Option<f64> {
         let (first, last) = (self.samples.front()?, self.samples.back()?);
         let span = now.saturating_duration_since(first.0).as_secs_f64();
         (span >= 1.0).then(|| last.1.saturating_sub(first.1) as f64 / span)
@@ -129,14 +129,14 @@ impl Rate {
 
     /// Seconds until `remaining` objects are done at the recent rate; `None` while it is unknown
     /// or zero.
-    pub fn eta(&self, now: Instant, remaining: u64) -> Option<f64> {
+    pub(crate) fn eta(&self, now: Instant, remaining: u64) -> Option<f64> {
         self.per_second(now).filter(|rate| *rate > 0.0).map(|rate| remaining as f64 / rate)
     }
 }
 
 /// Lease expiries since the last summary: how many, which chunks and whose leases.
 #[derive(Debug, Default)]
-pub struct Expiries {
+pub(crate) struct Expiries {
     count: u64,
     chunks: Vec<u32>,
     mappers: BTreeSet<String>,
@@ -145,7 +145,7 @@ pub struct Expiries {
 
 impl Expiries {
     /// A lease of `chunk` held by `mapper` expired.
-    pub fn add(&mut self, chunk: u32, mapper: &str) {
+    pub(crate) fn add(&mut self, chunk: u32, mapper: &str) {
         self.count += 1;
         if self.chunks.len() < NAMED {
             self.chunks.push(chunk);
@@ -157,7 +157,7 @@ impl Expiries {
 
     /// The summary of the expiries since the last one, once `interval` has passed since then
     /// (the first at once).
-    pub fn summary(&mut self, now: Instant, interval: Duration) -> Option<String> {
+    pub(crate) fn summary(&mut self, now: Instant, interval: Duration) -> Option<String> {
         if self.count == 0 || self.last.is_some_and(|at| now.saturating_duration_since(at) < interval) {
             return None;
         }
@@ -180,25 +180,25 @@ impl Expiries {
 
 /// One progress line's numbers.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Line {
+pub(crate) struct Line {
     /// Chunks done.
-    pub done: u64,
+    pub(crate) done: u64,
     /// Chunks in the run.
-    pub chunks: u64,
+    pub(crate) chunks: u64,
     /// Percent of the chunks finished (done or dead-lettered).
-    pub percent: f64,
+    pub(crate) percent: f64,
     /// Objects saved.
-    pub objects_done: u64,
+    pub(crate) objects_done: u64,
     /// Objects a second over the last minute, if known.
-    pub rate: Option<f64>,
+    pub(crate) rate: Option<f64>,
     /// Seconds to completion at that rate, if known.
-    pub eta: Option<f64>,
+    pub(crate) eta: Option<f64>,
     /// Chunks leased now.
-    pub leased: u64,
+    pub(crate) leased: u64,
     /// Leases granted for chunks leased before.
-    pub re_leased: u64,
+    pub(crate) re_leased: u64,
     /// Chunks dead-lettered.
-    pub dead: u64,
+    pub(crate) dead: u64,
 }
 
 impl std::fmt::Display for Line {
@@ -215,7 +215,7 @@ impl std::fmt::Display for Line {
 
 /// The progress of one run, as the fetcher reports it.
 #[derive(Debug)]
-pub struct Progress {
+pub(crate) struct Progress {
     started: Instant,
     total_objects: u64,
     pace: Pace,
@@ -230,7 +230,7 @@ pub struct Progress {
 
 impl Progress {
     /// Starts the clock.
-    pub fn new(total_objects: u64, settings: Settings) -> Self {
+    pub(crate) fn new(total_objects: u64, settings: Settings) -> Self {
         let now = Instant::now();
         Progress {
             started: now,
@@ -246,7 +246,7 @@ impl Progress {
 
     /// Shows a progress bar over `chunks` instead of progress lines when stderr is a terminal and
     /// logs are for people (not `LOG_FORMAT=json`).
-    pub fn with_bar_on_terminal(mut self, chunks: u64) -> Self {
+    pub(crate) fn with_bar_on_terminal(mut self, chunks: u64) -> Self {
         if std::io::stderr().is_terminal() && !common::telemetry::json_logs() {
             let bar = ProgressBar::new(chunks);
             if let Ok(style) = ProgressStyle::with_template(
@@ -261,34 +261,34 @@ impl Progress {
     }
 
     /// Removes the bar (before the summary is logged).
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish();
         }
     }
 
     /// Time since start.
-    pub fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
 
     /// Takes in the ledger's state at `now` (every tick).
-    pub fn observe(&mut self, ledger: &Ledger, now: Instant) {
+    pub(crate) fn observe(&mut self, ledger: &Ledger, now: Instant) {
         self.rate.record(now, ledger.objects_done());
     }
 
     /// Objects a second over the last minute, if known.
-    pub fn rate(&self, now: Instant) -> Option<f64> {
+    pub(crate) fn rate(&self, now: Instant) -> Option<f64> {
         self.rate.per_second(now)
     }
 
     /// Seconds to completion at the recent rate, if known.
-    pub fn eta(&self, ledger: &Ledger, now: Instant) -> Option<f64> {
+    pub(crate) fn eta(&self, ledger: &Ledger, now: Instant) -> Option<f64> {
         self.rate.eta(now, self.total_objects.saturating_sub(ledger.objects_done()))
     }
 
     /// A mapper asked for work at `now`.
-    pub fn asked(&mut self, now: Instant) {
+    pub(crate) fn asked(&mut self, now: Instant) {
         if self.asked.1 {
             tracing::info!("a mapper asks for work again");
         }
@@ -296,12 +296,12 @@ impl Progress {
     }
 
     /// A lease of `chunk` held by `mapper` expired (summed into one line per interval).
-    pub fn expired(&mut self, chunk: u32, mapper: &str) {
+    pub(crate) fn expired(&mut self, chunk: u32, mapper: &str) {
         self.expiries.add(chunk, mapper);
     }
 
     /// "no mapper has asked for work for 45s" once mappers have been silent for [`FLEET_GONE`].
-    pub fn fleet_gone(&self, now: Instant) -> Option<String> {
+    pub(crate) fn fleet_gone(&self, now: Instant) -> Option<String> {
         let silent = now.saturating_duration_since(self.asked.0);
         (silent >= FLEET_GONE).then(|| format!("no mapper has asked for work for {}", human(silent)))
     }
@@ -309,7 +309,7 @@ impl Progress {
     /// What is due at `now` on a tick of an unfinished run: the expiry summary, the fleet's
     /// absence (once per lapse), and the progress line, each logged; `note` is appended to the
     /// line (e.g. that the mappers asking cannot run the job).
-    pub fn tick(&mut self, run: &str, ledger: &Ledger, now: Instant, note: Option<&str>) {
+    pub(crate) fn tick(&mut self, run: &str, ledger: &Ledger, now: Instant, note: Option<&str>) {
         if let Some(line) = self.expiries.summary(now, self.interval) {
             tracing::warn!(run, "{line}");
         }
@@ -323,7 +323,7 @@ impl Progress {
     }
 
     /// Logs the progress line if it is due (or `force`d, for the last one).
-    pub fn report(&mut self, run: &str, ledger: &Ledger, now: Instant, force: bool, note: Option<&str>) {
+    pub(crate) fn report(&mut self, run: &str, ledger: &Ledger, now: Instant, force: bool, note: Option<&str>) {
         let line = self.line(ledger, now);
         if let Some(bar) = &self.bar {
             bar.set_position(ledger.done() + ledger.dead());
@@ -350,7 +350,7 @@ impl Progress {
     }
 
     /// The numbers of a progress line at `now`.
-    pub fn line(&self, ledger: &Ledger, now: Instant) -> Line {
+    pub(crate) fn line(&self, ledger: &Ledger, now: Instant) -> Line {
         let finished = ledger.done() + ledger.dead();
         Line {
             done: ledger.done(),

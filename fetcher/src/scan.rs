@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The input's metrics.
 #[derive(Clone)]
-pub struct InputMetrics {
+pub(crate) struct InputMetrics {
     scanned: IntGauge,
     total: IntGauge,
     objects: IntGauge,
@@ -25,7 +25,7 @@ pub struct InputMetrics {
 
 impl InputMetrics {
     /// Registers them with `m`.
-    pub fn new(m: common::metrics::Maker<'_>) -> Self {
+    pub(crate) fn new(m: common::metrics::Maker<'_>) -> Self {
         let failures = m.counter_vec(
             "chunkmill_fetcher_input_store_failures_total",
             "Transient input store failures (retried with backoff), by kind",
@@ -53,7 +53,12 @@ impl InputMetrics {
 /// missing object or bucket and on refused credentials, with the setting to fix. Compressed
 /// objects are spooled to `state_dir/spool`, within `spool`; spool files of other inputs are
 /// removed.
-pub fn open(input: &str, state_dir: &Path, spool: SpoolLimits, metrics: &InputMetrics) -> Result<Source, SourceError> {
+pub(crate) fn open(
+    input: &str,
+    state_dir: &Path,
+    spool: SpoolLimits,
+    metrics: &InputMetrics,
+) -> Result<Source, SourceError> {
     let location = Location::parse(input)?;
     let options = SourceOptions {
         spool_dir: Some(state_dir.join("spool")),
@@ -78,7 +83,7 @@ fn mb(bytes: u64) -> f64 {
 
 /// Reports the scan's progress until `done` is cancelled: the metric every half second, a line
 /// every 5 s (a bar on a terminal), so that a scan of several GB does not look like a hang.
-pub async fn report(source: Source, metrics: InputMetrics, done: CancellationToken) {
+pub(crate) async fn report(source: Source, metrics: InputMetrics, done: CancellationToken) {
     let progress = source.progress();
     let total = progress.total_bytes();
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));

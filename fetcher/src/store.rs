@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 /// A terminal state change to record.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
+pub(crate) enum Entry {
     /// The chunk is saved.
     Done(ChunkId),
     /// The chunk is dead-lettered.
@@ -45,29 +45,29 @@ impl Entry {
 /// so that a fetcher started on the same input with another job can see the unfinished run it
 /// would leave behind, and people can see what a ledger belongs to.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RunRecord {
+pub(crate) struct RunRecord {
     /// Run id.
-    pub run: String,
+    pub(crate) run: String,
     /// The input, as given.
-    pub input: String,
+    pub(crate) input: String,
     /// SHA-256 of the input's content (hex).
-    pub content: String,
+    pub(crate) content: String,
     /// Objects per chunk.
-    pub chunk_size: u32,
+    pub(crate) chunk_size: u32,
     /// Chunks in the run.
-    pub chunks: u64,
+    pub(crate) chunks: u64,
     /// Valid objects.
-    pub objects: u64,
+    pub(crate) objects: u64,
     /// The job (transform and id field).
-    pub job: serde_json::Value,
+    pub(crate) job: serde_json::Value,
     /// The job in a few words.
-    pub describe: String,
+    pub(crate) describe: String,
 }
 
 impl RunRecord {
     /// Whether `other` is another run of the same data at the same chunk size (another job),
     /// or a run of the same input (as given), job and chunk size whose content has changed since.
-    pub fn is_related(&self, other: &RunRecord) -> bool {
+    pub(crate) fn is_related(&self, other: &RunRecord) -> bool {
         self.chunk_size == other.chunk_size
             && (self.content == other.content || (self.input == other.input && self.job == other.job))
     }
@@ -78,7 +78,7 @@ impl RunRecord {
 /// docs/PROTOCOL.md describes the format.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum DeadLetter {
+pub(crate) enum DeadLetter {
     /// An input record that is not valid, skipped (`--bad-records skip`).
     BadRecord {
         /// The run.
@@ -120,11 +120,11 @@ impl std::fmt::Display for DeadLetter {
 
 /// Another run of the same input in the store, and how far it got.
 #[derive(Debug, Clone, PartialEq)]
-pub struct OtherRun {
+pub(crate) struct OtherRun {
     /// Its record.
-    pub record: RunRecord,
+    pub(crate) record: RunRecord,
     /// Its chunks done or dead-lettered.
-    pub finished: u64,
+    pub(crate) finished: u64,
 }
 
 /// Parses one ledger entry (`d17` / `d 17` forms), or `None`.
@@ -155,7 +155,7 @@ impl Recovered {
     }
 
     /// Distinct chunks done or dead-lettered.
-    pub fn finished(&self) -> u64 {
+    pub(crate) fn finished(&self) -> u64 {
         let all: std::collections::HashSet<ChunkId> = self.done.iter().chain(&self.dead).copied().collect();
         all.len() as u64
     }
@@ -163,22 +163,22 @@ impl Recovered {
 
 /// What a previous incarnation recorded.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Recovered {
+pub(crate) struct Recovered {
     /// Chunks done.
-    pub done: Vec<ChunkId>,
+    pub(crate) done: Vec<ChunkId>,
     /// Chunks dead-lettered.
-    pub dead: Vec<ChunkId>,
+    pub(crate) dead: Vec<ChunkId>,
     /// The run's sink, once its first ack was recorded.
-    pub sink: Option<String>,
+    pub(crate) sink: Option<String>,
     /// The run's sink needs it committed once complete.
-    pub commit_needed: bool,
+    pub(crate) commit_needed: bool,
     /// The run was committed.
-    pub committed: bool,
+    pub(crate) committed: bool,
 }
 
 impl Recovered {
     /// Nothing of the run was finished before: a fresh run, not a resumed one.
-    pub fn is_fresh(&self) -> bool {
+    pub(crate) fn is_fresh(&self) -> bool {
         self.done.is_empty() && self.dead.is_empty()
     }
 }
@@ -230,7 +230,7 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 
 /// The file store of one run.
 #[derive(Debug)]
-pub struct FileStore {
+pub(crate) struct FileStore {
     log: File,
     log_path: PathBuf,
     /// Bytes of the log known to be durable: a failed append is cut back to this, so a torn
@@ -247,7 +247,7 @@ impl FileStore {
     /// holds, and the other runs of the same input. The run is recorded (`<run>.job.json`) only
     /// by [`LedgerStore::record_run`], once the caller has accepted it: a run refused for an
     /// unfinished other one must not in turn block that one.
-    pub fn open(dir: &Path, record: &RunRecord) -> Result<(Self, Recovered, Vec<OtherRun>), StoreError> {
+    pub(crate) fn open(dir: &Path, record: &RunRecord) -> Result<(Self, Recovered, Vec<OtherRun>), StoreError> {
         let run = record.run.as_str();
         fs::create_dir_all(dir).map_err(io("create directory", dir))?;
         let lock_path = dir.join("fetcher.lock");
@@ -293,12 +293,12 @@ impl FileStore {
     }
 
     /// Records the run in `<run>.job.json` unless it is recorded already.
-    pub fn record_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+    pub(crate) fn record_run(&self, record: &RunRecord) -> Result<(), StoreError> {
         write_record(&self.dir, record)
     }
 
     /// Appends `entries` and makes them durable before returning.
-    pub fn record(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+    pub(crate) fn record(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -327,7 +327,7 @@ impl FileStore {
     }
 
     /// Appends one JSON record to the run's dead-letter file (for people; made durable).
-    pub fn dead_letter(&self, record: &DeadLetter) -> Result<(), StoreError> {
+    pub(crate) fn dead_letter(&self, record: &DeadLetter) -> Result<(), StoreError> {
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -338,7 +338,7 @@ impl FileStore {
     }
 
     /// The dead-letter file's path.
-    pub fn dead_letter_path(&self) -> &Path {
+    pub(crate) fn dead_letter_path(&self) -> &Path {
         &self.dead_letter
     }
 }
@@ -422,14 +422,14 @@ fn read_log(path: &Path) -> Result<(Recovered, u64), StoreError> {
 /// JetStream before the fetcher answers the saver; dead-letter records are `<run>.dl.<id>`. The
 /// single-fetcher lock is [`crate::kv_lock`]. Note: JetStream acknowledges before it fsyncs
 /// unless the server sets `sync_interval: always` (deploy/nats/values.yaml explains).
-pub struct KvStore {
+pub(crate) struct KvStore {
     kv: async_nats::jetstream::kv::Store,
     run: String,
     lock: crate::kv_lock::LockKeeper,
 }
 
 /// How long the KV lock outlives its last refresh, by default (`--lock-ttl`).
-pub const KV_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+pub(crate) const KV_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn kv_error(action: &'static str, bucket: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Io {
@@ -495,7 +495,7 @@ impl KvStore {
     /// Takes the lock (entries expiring after `lock_ttl`; waiting while another fetcher holds
     /// it, until `shutdown`) and reads the run's entries from bucket `name`; both buckets keep
     /// `replicas` copies.
-    pub async fn open(
+    pub(crate) async fn open(
         client: &async_nats::Client,
         name: &str,
         record: &RunRecord,
@@ -574,7 +574,7 @@ impl KvStore {
 }
 
 /// The ledger store chosen by `--ledger`.
-pub enum LedgerStore {
+pub(crate) enum LedgerStore {
     /// A file in `--state-dir`.
     File(FileStore),
     /// A JetStream key-value bucket.
@@ -584,7 +584,7 @@ pub enum LedgerStore {
 impl LedgerStore {
     /// Records the run (its job, for `fetcher status`, verify and the other-run check) unless
     /// it is recorded already.
-    pub async fn record_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+    pub(crate) async fn record_run(&self, record: &RunRecord) -> Result<(), StoreError> {
         match self {
             LedgerStore::File(store) => store.record_run(record),
             LedgerStore::Kv(store) => store.record_run(record).await,
@@ -592,7 +592,7 @@ impl LedgerStore {
     }
 
     /// Makes `entries` durable before returning.
-    pub async fn record(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+    pub(crate) async fn record(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         match self {
             LedgerStore::File(store) => store.record(entries),
             LedgerStore::Kv(store) => store.record_entries(entries).await,
@@ -600,7 +600,7 @@ impl LedgerStore {
     }
 
     /// Adds a record for people to the dead-letter list.
-    pub async fn dead_letter(&self, record: &DeadLetter) -> Result<(), StoreError> {
+    pub(crate) async fn dead_letter(&self, record: &DeadLetter) -> Result<(), StoreError> {
         match self {
             LedgerStore::File(store) => store.dead_letter(record),
             LedgerStore::Kv(store) => store.dead_letter(record).await,
@@ -609,7 +609,7 @@ impl LedgerStore {
 
     /// The single-fetcher lock's status when it can be lost (`--ledger kv`); a file lock is
     /// held as long as the process lives.
-    pub fn lock(&self) -> Option<std::sync::Arc<crate::kv_lock::LockStatus>> {
+    pub(crate) fn lock(&self) -> Option<std::sync::Arc<crate::kv_lock::LockStatus>> {
         match self {
             LedgerStore::File(_) => None,
             LedgerStore::Kv(store) => Some(store.lock.status()),
@@ -617,7 +617,7 @@ impl LedgerStore {
     }
 
     /// Where dead-letter records go, for logs.
-    pub fn dead_letters(&self) -> String {
+    pub(crate) fn dead_letters(&self) -> String {
         match self {
             LedgerStore::File(store) => store.dead_letter_path().display().to_string(),
             LedgerStore::Kv(store) => format!("JetStream bucket {}, keys {}.dl.*", store.kv.name, store.run),
@@ -628,9 +628,9 @@ impl LedgerStore {
 /// Tracks failures of the durable store. While it fails, the fetcher answers no ack (the savers
 /// resend), reports not-ready, and says so once, then every 30 s with a count; it resumes by
 /// itself when a write succeeds again (space freed, say).
-pub struct StoreHealth {
+pub(crate) struct StoreHealth {
     /// The service's readiness flag (`/readyz`).
-    pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     failing_since: Option<std::time::Instant>,
     failures: u64,
     last_reminder: std::time::Instant,
@@ -638,17 +638,17 @@ pub struct StoreHealth {
 
 impl StoreHealth {
     /// Healthy, reporting through `ready`.
-    pub fn new(ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+    pub(crate) fn new(ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
         StoreHealth { ready, failing_since: None, failures: 0, last_reminder: std::time::Instant::now() }
     }
 
     /// The last write succeeded.
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.failing_since.is_none()
     }
 
     /// A write failed with `error`; `what` says what waits for it.
-    pub fn failed(&mut self, error: &StoreError, metrics: &crate::metrics::FetcherMetrics, what: &str) {
+    pub(crate) fn failed(&mut self, error: &StoreError, metrics: &crate::metrics::FetcherMetrics, what: &str) {
         metrics.store_failed();
         self.failures += 1;
         self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -674,7 +674,7 @@ impl StoreHealth {
     }
 
     /// A write succeeded.
-    pub fn succeeded(&mut self, metrics: &crate::metrics::FetcherMetrics) {
+    pub(crate) fn succeeded(&mut self, metrics: &crate::metrics::FetcherMetrics) {
         if let Some(since) = self.failing_since.take() {
             tracing::info!(
                 "the ledger store works again after {} failed writes in {:.1} s; serving acks again",

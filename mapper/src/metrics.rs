@@ -5,30 +5,30 @@ use prometheus::{Counter, Histogram, IntCounter, IntCounterVec, IntGauge};
 
 /// The mapper's metrics.
 #[derive(Clone)]
-pub struct MapperMetrics {
+pub(crate) struct MapperMetrics {
     /// Shared metrics and the registry.
-    pub common: CommonMetrics,
+    pub(crate) common: CommonMetrics,
     /// Chunks whose result a saver confirmed.
-    pub chunks: IntCounter,
+    pub(crate) chunks: IntCounter,
     /// Objects in them.
-    pub objects: IntCounter,
+    pub(crate) objects: IntCounter,
     /// Transform time per chunk.
-    pub transform: Histogram,
+    pub(crate) transform: Histogram,
     /// Seconds spent transforming (summed over chunks in hand).
-    pub busy: Counter,
+    pub(crate) busy: Counter,
     /// Seconds workers spent waiting for work.
-    pub idle: Counter,
+    pub(crate) idle: Counter,
     /// Failures by kind: a whole chunk, or one object (dead-lettered).
-    pub failures: IntCounterVec,
+    pub(crate) failures: IntCounterVec,
     /// Chunks in hand.
-    pub in_flight: IntGauge,
+    pub(crate) in_flight: IntGauge,
     /// jq sandboxes killed and started again, by why (timeout, memory, stack, died).
-    pub jq_restarts: IntCounterVec,
+    pub(crate) jq_restarts: IntCounterVec,
 }
 
 impl MapperMetrics {
     /// Registers the mapper's metrics.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let common = CommonMetrics::new("mapper");
         let m = common.maker();
         let metrics = MapperMetrics {

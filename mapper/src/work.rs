@@ -14,7 +14,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use transform::{ObjectError, Outputs, Transform};
 
 use crate::jobs::{Built, Unusable};
-use crate::{on_rayon, InHand, Shared};
+use crate::transformer::on_rayon;
+use crate::{InHand, Shared};
 
 /// What to do with a chunk once it went through the transform.
 pub(crate) enum Transformed {
