@@ -148,7 +148,7 @@ for rounds in $ROUNDS_LIST; do
     commit=$(sed -n 's/.* committed into .* in \([0-9.]*\) s.*/\1/p' "$work/saver.log" | tail -1)
     printf '| %s | %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$rounds" "$sink" "$secs" \
       "$(awk -v n="$objects" -v s="$secs" 'BEGIN{print n/s}')" "$share" "${commit:--}" "$saver_cpu" "$saver_mb" "$store_cpu"
-    [ -z "${STEPS:-}" ] || grep -h 'commit steps' "$work/saver.log" | sed 's/^.*commit steps/  commit steps/' >&2
+    [ -z "${STEPS:-}" ] || grep -h 'commit steps' "$work/saver.log" | sed 's/^.*commit steps/  commit steps/' >&2 || true
     rm -rf "$work/out-b$row" "$work/dir-b$row" "$work/state-$name"
   done
 done
