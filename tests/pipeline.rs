@@ -43,12 +43,13 @@ fn killing_a_mapper_and_the_saver_mid_run_loses_and_doubles_nothing() {
 #[test]
 fn a_slow_mapper_that_extends_its_lease_is_not_duplicated() {
     // One transform thread and one chunk at a time: each 100-object chunk takes longer than the
-    // 300 ms lease, so only the heartbeat keeps it.
-    let p = Pipeline::new(400, 40_000);
+    // 1 s lease, so only the heartbeat (a third of the lease) keeps it. A shorter lease made a
+    // scheduling stall of a few hundred milliseconds on a loaded 2-core machine an expiry.
+    let p = Pipeline::new(400, 150_000);
     let _saver = p.saver("saver-1");
     let _mapper = p.mapper("slow-mapper", &["--threads", "1", "--concurrency", "1"]);
-    let lease = Duration::from_millis(300);
-    let mut fetcher = p.fetcher(&["--lease-timeout", "300ms"]);
+    let lease = Duration::from_secs(1);
+    let mut fetcher = p.fetcher(&["--lease-timeout", "1s"]);
     finish(&mut fetcher, Duration::from_secs(240));
     let log = fetcher.log();
     let summary: serde_json::Value =
