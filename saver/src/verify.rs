@@ -182,7 +182,7 @@ impl Expectation {
 /// Whether the saved value `saved` is the `expected` one once `normalise`d as its sink keeps it:
 /// the same bytes, or the same value exactly ([`exact::Value::same`]: numbers by their text,
 /// repeated keys kept; another mapper may still write keys in another order).
-fn same_value(expected: &[u8], saved: &[u8], normalise: Normalise) -> bool {
+fn same_value(expected: &[u8], saved: &[u8], normalise: &Normalise) -> bool {
     if expected == saved {
         return true;
     }
@@ -191,7 +191,7 @@ fn same_value(expected: &[u8], saved: &[u8], normalise: Normalise) -> bool {
 }
 
 /// Why object values differ, for people: the first value that differs, both sides cut short.
-fn difference(expected: &[&[u8]], saved: &[Vec<u8>], normalise: Normalise) -> String {
+fn difference(expected: &[&[u8]], saved: &[Vec<u8>], normalise: &Normalise) -> String {
     if expected.len() != saved.len() {
         return format!("{} value(s) saved, the transform gives {}", saved.len(), expected.len());
     }
@@ -211,7 +211,7 @@ fn check_chunk(
     lines: Option<&[u64]>,
     saved: Option<StoredChunk>,
     expectation: &Expectation,
-    normalise: Normalise,
+    normalise: &Normalise,
 ) -> VerifyReport {
     let n = span.objects as usize;
     let mut report = VerifyReport { duplicated: saved.as_ref().map_or(0, |s| s.duplicates), ..Default::default() };
@@ -256,7 +256,7 @@ fn check_unread_chunk(
     span: &ChunkSpan,
     saved: &StoredChunk,
     expectation: &Expectation,
-    normalise: Normalise,
+    normalise: &Normalise,
     report: &mut VerifyReport,
 ) {
     let n = span.objects as usize;
@@ -345,7 +345,7 @@ struct ChunkCheck<'a> {
     expectation: &'a Expectation,
     line: &'a dyn Fn(usize) -> u64,
     /// What the sink does to a value it keeps.
-    normalise: Normalise,
+    normalise: &'a Normalise,
 }
 
 impl ChunkCheck<'_> {
@@ -533,7 +533,7 @@ fn check_all(
     expectation: &Expectation,
     mut stored: HashMap<u64, StoredChunk>,
     range: std::ops::Range<usize>,
-    normalise: Normalise,
+    normalise: &Normalise,
 ) -> VerifyReport {
     let chunks: Vec<(usize, Option<StoredChunk>)> = range.map(|c| (c, stored.remove(&(c as u64)))).collect();
     let reports: Vec<VerifyReport> = chunks
@@ -577,11 +577,12 @@ pub fn verify_sink(
     let mut report = base_report(&input, expectation, reader.location());
     let chunks = input.index.chunks.len();
     let step = reader.chunks_per_read().max(1);
+    let normalise = reader.normalise();
     for first in (0..chunks).step_by(step) {
         let last = (first + step).min(chunks);
         let stored = reader.read(first..last)?;
         count_unaccounted(&mut report, stored.unaccounted);
-        let part = check_all(&input, expectation, stored.chunks, first..last, reader.normalise());
+        let part = check_all(&input, expectation, stored.chunks, first..last, &normalise);
         report.add(part, expectation.examples);
     }
     count_unaccounted(&mut report, reader.rest(chunks)?);
@@ -745,7 +746,7 @@ mod tests {
         assert!(inputs.is_none(), "the chunk is unreadable now");
         let saved =
             StoredChunk { values: StoredValues::InOrder(vec![b"{}".to_vec(); 10]), dead: vec![], duplicates: 0 };
-        let report = check_chunk(1, &span, None, None, Some(saved), &expectation, crate::sink::as_written);
+        let report = check_chunk(1, &span, None, None, Some(saved), &expectation, &crate::sink::as_written());
         assert_eq!((report.found, report.missing), (0, 10), "{report}");
     }
 

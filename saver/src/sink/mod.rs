@@ -236,11 +236,15 @@ pub trait SinkReader: Send + Sync {
 /// expects before comparing it with the saved one (each sink documents it: the file sink keeps
 /// values as written, [`as_written`]; PostgreSQL's `jsonb` has its own rules). `None`: the sink
 /// cannot keep this value at all.
-pub type Normalise = for<'a> fn(common::exact::Value<'a>) -> Option<common::exact::Value<'a>>;
+pub type Normalise =
+    std::sync::Arc<dyn for<'a> Fn(common::exact::Value<'a>) -> Option<common::exact::Value<'a>> + Send + Sync>;
 
 /// A sink that keeps every value as it was sent (whitespace aside, which parsing ignores).
-pub fn as_written(value: common::exact::Value<'_>) -> Option<common::exact::Value<'_>> {
-    Some(value)
+pub fn as_written() -> Normalise {
+    fn kept(value: common::exact::Value<'_>) -> Option<common::exact::Value<'_>> {
+        Some(value)
+    }
+    std::sync::Arc::new(kept)
 }
 
 /// Chunks as a sink holds them, by chunk index.

@@ -40,7 +40,7 @@ impl SinkReader for FileReader {
     }
 
     fn normalise(&self) -> Normalise {
-        as_written
+        as_written()
     }
 
     /// Read in parallel: a chunk is a few ranged reads of a part file.

@@ -46,6 +46,9 @@ impl Encoder {
         let arrow = schema.arrow();
         let decoder = arrow_json::ReaderBuilder::new(arrow.clone())
             .with_strict_mode(true)
+            // A number in a string field is kept as its text, exactly as written (the fit check
+            // lets only numbers and strings into a string field).
+            .with_coerce_primitive(true)
             .with_batch_size(BATCH_ROWS)
             .build_decoder()
             .map_err(|e| invalid(part, format!("cannot decode with the run's schema: {e}")))?;
@@ -181,6 +184,38 @@ pub(crate) fn rows(part: Bytes) -> Result<Vec<Vec<u8>>, String> {
     Ok(rows)
 }
 
+/// What a Parquet part of a run with `schema` does to a value: [`normalise`], after a number in
+/// a string field became the string of its text, exactly as written (`12.50` is "12.50").
+pub(crate) fn normalise_as(schema: Option<Schema>) -> crate::sink::Normalise {
+    let row = schema.map(|schema| super::schema::Type::Struct(schema.fields));
+    std::sync::Arc::new(move |value: Value<'_>| match &row {
+        Some(row) => normalise(as_typed(value, row)),
+        None => normalise(value),
+    })
+}
+
+/// `value` with each number where `ty` has a string turned into that string.
+fn as_typed<'a>(value: Value<'a>, ty: &super::schema::Type) -> Value<'a> {
+    use super::schema::Type;
+    match (value, ty) {
+        (Value::Number(text), Type::String) => Value::String(text),
+        (Value::Array(items), Type::List(item)) => Value::Array(items.into_iter().map(|v| as_typed(v, item)).collect()),
+        (Value::Object(members), Type::Struct(fields)) => Value::Object(
+            members
+                .into_iter()
+                .map(|(k, v)| match fields.iter().find(|f| f.name == *k) {
+                    Some(field) => {
+                        let typed = as_typed(v, &field.ty);
+                        (k, typed)
+                    }
+                    None => (k, v),
+                })
+                .collect(),
+        ),
+        (other, _) => other,
+    }
+}
+
 /// What a Parquet part does to a value: a member that is null is as if missing (both are a null
 /// cell), and a number is its exact value whatever way it is written (`3`, `3.0`, `30e-1`: a
 /// float64 cell holds it once). `None`: a number that is not one.
@@ -272,6 +307,28 @@ mod tests {
                 assert!(expected.same(&read), "{line} read back as {}", String::from_utf8_lossy(row));
             }
         }
+    }
+
+    #[test]
+    fn a_number_in_a_string_field_is_kept_as_its_exact_text_and_verify_expects_that() {
+        let schema = Schema::parse(
+            br#"{"fields":[{"name":"amount","type":"string"},{"name":"big","type":{"list":"string"}},{"name":"n","type":"int64"}]}"#,
+        )
+        .expect("a schema");
+        let line = r#"{"amount":12.50,"big":[92233720368547758070,"x",1e400],"n":7}"#;
+        let mut encoder = Encoder::new(&schema, Compression::Zstd, "p").expect("an encoder");
+        let mut bytes = encoder.feed(format!("{line}\n").as_bytes()).expect("encodes");
+        let (rest, rows) = encoder.finish().expect("finishes");
+        bytes.extend(rest);
+        assert_eq!(rows, 1);
+        let back = super::rows(Bytes::from(bytes)).expect("reads back");
+        let read = String::from_utf8(back[0].clone()).expect("text");
+        assert_eq!(read, r#"{"amount":"12.50","big":["92233720368547758070","x","1e400"],"n":7}"#);
+        let expected =
+            normalise_as(Some(schema.clone()))(common::exact::parse(line.as_bytes()).expect("JSON")).expect("numbers");
+        assert!(expected.same(&common::exact::parse(read.as_bytes()).expect("JSON")), "verify expects what was kept");
+        let untyped = normalise_as(None)(common::exact::parse(line.as_bytes()).expect("JSON")).expect("numbers");
+        assert!(!untyped.same(&common::exact::parse(read.as_bytes()).expect("JSON")), "the schema is what says so");
     }
 
     #[test]

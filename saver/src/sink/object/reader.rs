@@ -190,11 +190,12 @@ impl SinkReader for ObjectReader {
         format!("{}{}/", self.bucket.url(), self.run)
     }
 
-    /// JSON Lines keep values as written; Parquet cells as [`super::parquet::normalise`] says.
+    /// JSON Lines keep values as written; Parquet cells as [`super::parquet::normalise_as`] says
+    /// with the run's schema.
     fn normalise(&self) -> Normalise {
         match self.manifest.format {
-            Format::Jsonl => as_written,
-            Format::Parquet => super::parquet::normalise,
+            Format::Jsonl => as_written(),
+            Format::Parquet => super::parquet::normalise_as(self.manifest.schema.clone()),
         }
     }
 

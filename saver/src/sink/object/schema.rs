@@ -265,6 +265,8 @@ fn fit_value(value: &Value<'_>, ty: &Type, nullable: bool, at: &str) -> Result<(
     match (value, ty) {
         (Value::Null, _) if nullable => Ok(()),
         (Value::Bool(_), Type::Boolean) | (Value::String(_), Type::String) => Ok(()),
+        // Kept as its text, exactly: the way to keep a number int64 or float64 cannot hold.
+        (Value::Number(_), Type::String) => Ok(()),
         (Value::Number(text), Type::Int64) => fits_int64(text).map_err(|why| Misfit(format!("field {at}: {why}"))),
         (Value::Number(text), Type::Float64) => fits_float64(text).map_err(|why| Misfit(format!("field {at}: {why}"))),
         (Value::Array(items), Type::List(item)) => {
@@ -363,17 +365,20 @@ mod tests {
             r#"{"id":"a","price":3,"n":-9223372036854775808,"tags":["x",null],"shop":{"city":"Oslo"}}"#,
             r#"{"id":"a","price":0.1,"n":null,"shop":null}"#,
             r#"{"id":"a","price":1e300}"#,
+            // A number where the schema has a string is kept as its text: how a number int64 or
+            // float64 cannot hold is kept exactly.
+            r#"{"id":12.50,"tags":[2,92233720368547758070,0.1000000000000000000001]}"#,
         ] {
             assert_eq!(s.fit(fits.as_bytes()), Ok(()), "{fits}");
         }
         for (bad, says) in [
             (r#"{"id":"a","price":"1.5"}"#, "field .price: a string where the schema has float64"),
-            (r#"{"id":1}"#, "field .id: the number 1 where the schema has a non-nullable string"),
+            (r#"{"id":true}"#, "field .id: a boolean where the schema has a non-nullable string"),
             (r#"{"price":1}"#, "field .id is missing, where the schema has a non-nullable string"),
             (r#"{"id":"a","n":1.5}"#, "field .n: the number 1.5 where the schema has int64"),
             (r#"{"id":"a","n":9223372036854775808}"#, "field .n: the number 9223372036854775808 is outside int64"),
             (r#"{"id":"a","price":0.1000000000000000000001}"#, "would lose digits in float64"),
-            (r#"{"id":"a","tags":["x",2]}"#, "field .tags[1]: the number 2 where the schema has string"),
+            (r#"{"id":"a","tags":["x",{}]}"#, "field .tags[1]: an object where the schema has string"),
             (r#"{"id":"a","shop":{"city":"x","zip":1}}"#, "field .shop.zip is not in the schema"),
             (r#"{"id":"a","id":"b"}"#, "field .id appears twice"),
             (r#"{"id":"a","extra":1}"#, "field .extra is not in the schema"),

@@ -144,7 +144,7 @@ impl SinkReader for PgReader {
     }
 
     fn normalise(&self) -> Normalise {
-        super::jsonb::normalise
+        std::sync::Arc::new(super::jsonb::normalise)
     }
 
     fn chunks_per_read(&self) -> usize {
