@@ -203,12 +203,12 @@ fn as_typed<'a>(value: Value<'a>, ty: &super::schema::Type) -> Value<'a> {
         (Value::Object(members), Type::Struct(fields)) => Value::Object(
             members
                 .into_iter()
-                .map(|(k, v)| match fields.iter().find(|f| f.name == *k) {
-                    Some(field) => {
-                        let typed = as_typed(v, &field.ty);
-                        (k, typed)
-                    }
-                    None => (k, v),
+                .map(|(k, v)| {
+                    let typed = match fields.iter().find(|f| f.name == *k) {
+                        Some(field) => as_typed(v, &field.ty),
+                        None => v,
+                    };
+                    (k, typed)
                 })
                 .collect(),
         ),
