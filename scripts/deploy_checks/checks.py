@@ -877,7 +877,9 @@ def check_compose_profiles(r: Result) -> None:
         if not pg_savers:
             r.fail("compose.yaml: a postgres service but no saver with SAVER_SINK=postgres://...")
         db = env("postgres")
-        for n in pg_savers + [x for x in svc if "--sink" in (svc[x].get("command") or [])]:
+        # Every saver or verify whose sink is the database (the parquet profile's is file://).
+        pg_verifies = [x for x in svc if (flag([interpolate_compose(a) for a in svc[x].get("command") or []], "--sink") or "").startswith("postgres")]
+        for n in pg_savers + pg_verifies:
             url = env(n).get("SAVER_SINK") or flag([interpolate_compose(a) for a in svc[n]["command"]], "--sink") or ""
             um = re.match(r"^postgres(?:ql)?://([^@:/]+)@([^:/]+)(?::(\d+))?/([^?]+)", url)
             if not um:
